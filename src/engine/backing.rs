@@ -1,0 +1,112 @@
+//! Backing files: a read-only qcow2 image (with its own chain) or a raw file.
+
+use super::{Image, MAX_BACKING_DEPTH};
+use crate::error::{Error, Result};
+use crate::format::header::MAGIC;
+use crate::options::{BackingFormat, OpenOptions};
+use crate::storage::{HostFile, PosixFile};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// An open backing file, always read-only.
+pub enum Backing {
+    /// A qcow2 image.
+    Qcow2(Box<Image>),
+    /// A raw file and its size.
+    Raw(HostFile, u64),
+}
+
+/// Resolves a backing name stored in `overlay`'s header: relative names are relative to the
+/// overlay's directory.
+pub fn resolve(overlay: &Path, name: &[u8]) -> PathBuf {
+    let p = Path::new(OsStr::from_bytes(name));
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    match overlay.parent() {
+        Some(dir) => dir.join(p),
+        None => p.to_path_buf(),
+    }
+}
+
+impl Backing {
+    /// Opens the backing file of `overlay` (at chain depth `depth` of the overlay).
+    pub fn open(overlay: &Path, name: &[u8], format: Option<&str>, depth: u32) -> Result<Backing> {
+        if depth + 1 >= MAX_BACKING_DEPTH {
+            return Err(Error::Unsupported(format!(
+                "{}: backing chain deeper than {MAX_BACKING_DEPTH} images",
+                overlay.display()
+            )));
+        }
+        let path = resolve(overlay, name);
+        let fmt = match format {
+            Some(f) => BackingFormat::from_name(f).ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{}: backing file format '{f}' is not supported",
+                    overlay.display()
+                ))
+            })?,
+            None => probe(&path)?,
+        };
+        match fmt {
+            BackingFormat::Qcow2 => {
+                let opts = OpenOptions::default();
+                let img = Image::open_at_depth(&path, &opts, depth + 1)
+                    .map_err(|e| chain_error(e, &path))?;
+                Ok(Backing::Qcow2(Box::new(img)))
+            }
+            BackingFormat::Raw => {
+                let name = path.display().to_string();
+                let f = PosixFile::open(&path, false)
+                    .map_err(|e| Error::io(format!("opening backing file {name}"), e))?;
+                let file = HostFile::new(Arc::new(f), name);
+                let size = file.len()?;
+                Ok(Backing::Raw(file, size))
+            }
+        }
+    }
+
+    /// Reads guest bytes of the backing image; bytes past its end read as zeros.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = match self {
+            Backing::Qcow2(img) => img.virtual_size(),
+            Backing::Raw(_, size) => *size,
+        };
+        if offset >= size {
+            buf.fill(0);
+            return Ok(());
+        }
+        let have = ((size - offset).min(buf.len() as u64)) as usize;
+        let (inside, past) = buf.split_at_mut(have);
+        past.fill(0);
+        match self {
+            Backing::Qcow2(img) => img.read_at(inside, offset),
+            Backing::Raw(file, _) => file.read_zero_padded(inside, offset, "backing data"),
+        }
+    }
+}
+
+fn probe(path: &Path) -> Result<BackingFormat> {
+    let f = PosixFile::open(path, false)
+        .map_err(|e| Error::io(format!("opening backing file {}", path.display()), e))?;
+    let file = HostFile::new(Arc::new(f), path.display().to_string());
+    let mut m = [0u8; 4];
+    let n = file.read_some(&mut m, 0, "backing file magic")?;
+    Ok(if n == 4 && u32::from_be_bytes(m) == MAGIC {
+        BackingFormat::Qcow2
+    } else {
+        BackingFormat::Raw
+    })
+}
+
+fn chain_error(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Io { context, source } => Error::Io {
+            context: format!("opening backing file {}: {context}", path.display()),
+            source,
+        },
+        other => other,
+    }
+}

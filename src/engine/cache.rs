@@ -1,0 +1,147 @@
+//! A small write-back cache of metadata tables keyed by host offset, with LRU eviction of
+//! clean entries. Dirty entries are never evicted: the owner writes them back in crash-safe
+//! order first (see `Meta::writeback`).
+
+use std::collections::HashMap;
+
+struct Slot<T> {
+    data: T,
+    dirty: bool,
+    last_use: u64,
+}
+
+/// Cached tables of type `T` (decoded L2 words, raw refcount block bytes).
+pub struct TableCache<T> {
+    slots: HashMap<u64, Slot<T>>,
+    capacity: usize,
+    clock: u64,
+}
+
+impl<T> TableCache<T> {
+    /// A cache holding at most `capacity` tables (at least 4).
+    pub fn new(capacity: usize) -> TableCache<T> {
+        TableCache {
+            slots: HashMap::new(),
+            capacity: capacity.max(4),
+            clock: 0,
+        }
+    }
+
+    /// Whether the table at `offset` is cached.
+    pub fn contains(&self, offset: u64) -> bool {
+        self.slots.contains_key(&offset)
+    }
+
+    /// The cached table, marked as recently used.
+    pub fn get(&mut self, offset: u64) -> Option<&T> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.slots.get_mut(&offset).map(|s| {
+            s.last_use = clock;
+            &s.data
+        })
+    }
+
+    /// The cached table for modification; marks it dirty.
+    pub fn get_mut(&mut self, offset: u64) -> Option<&mut T> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.slots.get_mut(&offset).map(|s| {
+            s.last_use = clock;
+            s.dirty = true;
+            &mut s.data
+        })
+    }
+
+    /// Whether inserting another table needs an eviction first.
+    pub fn is_full(&self) -> bool {
+        self.slots.len() >= self.capacity
+    }
+
+    /// Evicts the least recently used clean table. Returns false if every table is dirty.
+    pub fn evict_one_clean(&mut self) -> bool {
+        let victim = self
+            .slots
+            .iter()
+            .filter(|(_, s)| !s.dirty)
+            .min_by_key(|(_, s)| s.last_use)
+            .map(|(k, _)| *k);
+        match victim {
+            Some(k) => {
+                self.slots.remove(&k);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Inserts a table (replacing any cached one at the same offset).
+    pub fn insert(&mut self, offset: u64, data: T, dirty: bool) {
+        self.clock += 1;
+        self.slots.insert(
+            offset,
+            Slot {
+                data,
+                dirty,
+                last_use: self.clock,
+            },
+        );
+    }
+
+    /// Drops a table from the cache without writing it.
+    pub fn remove(&mut self, offset: u64) {
+        self.slots.remove(&offset);
+    }
+
+    /// Offsets of the dirty tables, in ascending order (sequential write-back).
+    pub fn dirty_offsets(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(k, _)| *k)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Whether any table is dirty.
+    pub fn has_dirty(&self) -> bool {
+        self.slots.values().any(|s| s.dirty)
+    }
+
+    /// The table at `offset` without touching LRU state or dirtiness.
+    pub fn peek(&self, offset: u64) -> Option<&T> {
+        self.slots.get(&offset).map(|s| &s.data)
+    }
+
+    /// Marks a table clean after it was written.
+    pub fn mark_clean(&mut self, offset: u64) {
+        if let Some(s) = self.slots.get_mut(&offset) {
+            s.dirty = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_takes_the_least_recent_clean_table_and_never_a_dirty_one() {
+        let mut c = TableCache::new(4);
+        c.insert(1, 1, false);
+        c.insert(2, 2, true);
+        c.insert(3, 3, false);
+        c.insert(4, 4, false);
+        c.get(1);
+        assert!(c.is_full());
+        assert!(c.evict_one_clean());
+        assert!(!c.contains(3));
+        assert!(c.evict_one_clean());
+        assert!(c.evict_one_clean());
+        assert!(!c.evict_one_clean());
+        assert!(c.contains(2));
+        assert_eq!(c.dirty_offsets(), vec![2]);
+    }
+}

@@ -1,0 +1,258 @@
+//! Creating new images, laid out the way `qemu-img create` lays them out: header, refcount
+//! table, refcount block(s), L1 table.
+
+use super::Image;
+use crate::error::{invalid, Error, Result};
+use crate::format::be::u64_table_bytes;
+use crate::format::header::{self, Header};
+use crate::format::refcount;
+use crate::format::Geometry;
+use crate::options::{CompressionType, CreateOptions, OpenOptions, Preallocation};
+use crate::storage::{Backend, PosixFile};
+use std::path::Path;
+
+fn validate(virtual_size: u64, o: &CreateOptions) -> Result<Geometry> {
+    let cs = o.cluster_size;
+    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+        return invalid!(
+            "cluster size must be a power of two between 512 and 2097152 bytes, not {cs}"
+        );
+    }
+    if o.version != 2 && o.version != 3 {
+        return invalid!("qcow2 version must be 2 or 3, not {}", o.version);
+    }
+    let rb = o.refcount_bits;
+    if !rb.is_power_of_two() || rb > 64 {
+        return invalid!("refcount width must be a power of two up to 64, not {rb}");
+    }
+    if o.version == 2 {
+        if rb != 16 {
+            return invalid!(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version 3)"
+            );
+        }
+        if o.lazy_refcounts {
+            return invalid!(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+            );
+        }
+        if o.extended_l2 {
+            return invalid!(
+                "Extended L2 entries are only supported with compatibility level 1.1 and above"
+            );
+        }
+        if o.compression == CompressionType::Zstd {
+            return invalid!("zstd compression requires compatibility level 1.1 or above");
+        }
+    }
+    if o.extended_l2 && cs < 16384 {
+        return invalid!("Extended L2 entries need a cluster size of at least 16 KiB, not {cs}");
+    }
+    match (&o.backing_file, o.backing_format) {
+        (Some(_), None) => return invalid!("Use of backing file requires explicit backing format"),
+        (None, Some(_)) => return invalid!("backing format given without a backing file"),
+        _ => {}
+    }
+    if o.backing_file.is_some() && o.preallocation != Preallocation::Off {
+        return invalid!(
+            "Backing file and preallocation can only be used at the same time if preallocation=off"
+        );
+    }
+    let geo = Geometry {
+        cluster_bits: cs.trailing_zeros(),
+        extended_l2: o.extended_l2,
+        refcount_order: rb.trailing_zeros(),
+    };
+    let l1 = geo.l1_entries_for(virtual_size);
+    if l1 * 8 > header::MAX_L1_BYTES || l1 > i32::MAX as u64 / 8 {
+        return invalid!(
+            "Image is too big for a {cs}-byte cluster size (L1 table would need {l1} entries)"
+        );
+    }
+    Ok(geo)
+}
+
+/// Creates a new image at `path` (replacing any file there) with the given virtual size.
+/// A size of 0 with a backing file takes the backing file's size, like `qemu-img create`.
+pub fn create(path: impl AsRef<Path>, virtual_size: u64, opts: &CreateOptions) -> Result<()> {
+    let path = path.as_ref();
+    let mut size = virtual_size;
+    if size == 0 {
+        if let Some(b) = &opts.backing_file {
+            let p = super::backing::resolve(path, b.as_bytes());
+            let f = opts.backing_format.ok_or_else(|| {
+                Error::InvalidArgument(
+                    "Use of backing file requires explicit backing format".into(),
+                )
+            })?;
+            size = match f {
+                crate::BackingFormat::Qcow2 => {
+                    Image::open(&p, &OpenOptions::default())?.virtual_size()
+                }
+                crate::BackingFormat::Raw => std::fs::metadata(&p)
+                    .map_err(|e| Error::io(format!("opening backing file {}", p.display()), e))?
+                    .len(),
+            };
+        }
+    }
+    let geo = validate(size, opts)?;
+    let cs = geo.cluster_size();
+    let l1_entries = geo.l1_entries_for(size);
+    let l1_clusters = geo.clusters_for(l1_entries * 8).max(1);
+
+    // Metadata clusters: header, refcount table, refcount blocks, L1. Grow the refcount
+    // structures until they cover all of it.
+    let per_block = geo.refblock_entries();
+    let mut rt_clusters = 1u64;
+    let mut blocks = 1u64;
+    loop {
+        let total = 1 + rt_clusters + blocks + l1_clusters;
+        let need_blocks = total.div_ceil(per_block);
+        let need_rt = geo.clusters_for(need_blocks * 8).max(1);
+        if need_blocks == blocks && need_rt == rt_clusters {
+            break;
+        }
+        blocks = need_blocks;
+        rt_clusters = need_rt;
+    }
+    let rt_off = cs;
+    let blocks_off = rt_off + rt_clusters * cs;
+    let l1_off = blocks_off + blocks * cs;
+    let total = 1 + rt_clusters + blocks + l1_clusters;
+
+    let mut h = Header {
+        version: opts.version,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits: geo.cluster_bits,
+        size,
+        crypt_method: 0,
+        l1_size: l1_entries as u32,
+        l1_table_offset: l1_off,
+        refcount_table_offset: rt_off,
+        refcount_table_clusters: rt_clusters as u32,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: 0,
+        compatible_features: 0,
+        autoclear_features: 0,
+        refcount_order: geo.refcount_order,
+        header_length: 0,
+        compression_type: 0,
+        backing_file: opts.backing_file.as_ref().map(|b| b.as_bytes().to_vec()),
+        backing_format: opts.backing_format.map(|f| f.name().to_string()),
+        feature_names: Vec::new(),
+        bitmaps: None,
+        crypto: None,
+        data_file: None,
+        unknown_extensions: Vec::new(),
+        extra_header_bytes: Vec::new(),
+    };
+    if opts.version == 3 {
+        if opts.extended_l2 {
+            h.incompatible_features |= header::INCOMPAT_EXTL2;
+        }
+        if opts.compression == CompressionType::Zstd {
+            h.incompatible_features |= header::INCOMPAT_COMPRESSION;
+            h.compression_type = 1;
+        }
+        if opts.lazy_refcounts {
+            h.compatible_features |= header::COMPAT_LAZY_REFCOUNTS;
+        }
+        if cs > 4096 {
+            h.feature_names = Header::qemu_feature_table();
+        }
+    }
+    let cluster0 = h.to_cluster0()?;
+    // Refuse to write something we would not accept ourselves.
+    Header::parse(&cluster0)?;
+
+    let name = path.display().to_string();
+    let file = PosixFile::create(path).map_err(|e| Error::io(format!("creating {name}"), e))?;
+    let w = |buf: &[u8], off: u64| {
+        file.write_at(buf, off)
+            .map_err(|e| Error::io(format!("writing {name} at {off:#x}"), e))
+    };
+    w(&cluster0, 0)?;
+    let mut rt = vec![0u64; (rt_clusters * cs / 8) as usize];
+    for b in 0..blocks {
+        rt[b as usize] = blocks_off + b * cs;
+    }
+    w(&u64_table_bytes(&rt), rt_off)?;
+    for b in 0..blocks {
+        let mut block = vec![0u8; cs as usize];
+        for i in 0..per_block {
+            let c = b * per_block + i;
+            if c < total {
+                refcount::set(&mut block, geo.refcount_order, i as usize, 1);
+            }
+        }
+        w(&block, blocks_off + b * cs)?;
+    }
+    w(&vec![0u8; (l1_clusters * cs) as usize], l1_off)?;
+    file.sync()
+        .map_err(|e| Error::io(format!("syncing {name}"), e))?;
+    drop(file);
+
+    if opts.preallocation == Preallocation::Metadata {
+        preallocate_metadata(path, size)?;
+    }
+    Ok(())
+}
+
+/// Allocates every L2 table and data cluster of a fresh image; the data reads as zeros
+/// because the file is extended sparsely past the last cluster.
+fn preallocate_metadata(path: &Path, size: u64) -> Result<()> {
+    let img = Image::open(
+        path,
+        &OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    let geo = img.geo;
+    let entries = geo.l2_entries();
+    {
+        let mut m = img.lock_meta();
+        let total_clusters = geo.clusters_for(size);
+        let l1_count = geo.l1_entries_for(size);
+        for l1 in 0..l1_count {
+            let table = m.l2_for_write(&img.file, l1)?;
+            let first = l1 * entries;
+            let n = (total_clusters - first).min(entries);
+            let data = m.rc.alloc(&img.file, n)?;
+            for i in 0..n {
+                let host = data + (i << geo.cluster_bits);
+                m.set_mapping(
+                    &img.file,
+                    table,
+                    i,
+                    crate::format::entry::Mapping::Data {
+                        host,
+                        copied: true,
+                        alloc: u32::MAX,
+                        zero: 0,
+                    },
+                )?;
+            }
+        }
+        m.writeback(&img.file)?;
+    }
+    // Make the data clusters exist as (sparse) file space.
+    let mut end = 0u64;
+    {
+        let mut m = img.lock_meta();
+        let total_clusters = geo.clusters_for(size);
+        if total_clusters > 0 {
+            if let crate::format::entry::Mapping::Data { host, .. } =
+                m.lookup(&img.file, (total_clusters - 1) << geo.cluster_bits)?
+            {
+                end = host + geo.cluster_size();
+            }
+        }
+    }
+    if end > img.file.len()? {
+        img.file.set_len(end)?;
+    }
+    img.close()
+}

@@ -1,0 +1,291 @@
+//! The mutable metadata of an open image (L1, cached L2 tables, refcounts, in-flight
+//! allocations, deferred frees) and its crash-safe write-back.
+//!
+//! Everything here runs under the image's metadata mutex; no guest data I/O happens here.
+
+use super::cache::TableCache;
+use super::refcount::Refcounts;
+use crate::error::{corrupt, Error, Result};
+use crate::format::be::u64_table_bytes;
+use crate::format::entry::{self, decode_l2, encode_l2, EntryError, Mapping, COPIED};
+use crate::format::{Geometry, Header};
+use crate::storage::{HostFile, WriteKind};
+use std::collections::{BTreeSet, HashSet};
+
+/// Mutable metadata state, guarded by the image's mutex.
+pub struct Meta {
+    /// The header as last written.
+    pub header: Header,
+    /// Active L1 table entries.
+    pub l1: Vec<u64>,
+    l1_dirty: BTreeSet<u64>,
+    l2: TableCache<Vec<u64>>,
+    /// Refcount structures and allocator.
+    pub rc: Refcounts,
+    /// Guest cluster indices with an allocation in flight (allocated, data being written,
+    /// not yet linked). Writers of those clusters wait.
+    pub inflight: HashSet<u64>,
+    /// Host byte ranges whose clusters lose one reference once the metadata change that
+    /// dropped the reference is durable (start, length).
+    pub deferred_frees: Vec<(u64, u64)>,
+    geo: Geometry,
+}
+
+/// Where a guest cluster's L2 entry lives.
+#[derive(Debug, Clone, Copy)]
+pub struct Slot {
+    /// Host offset of the L2 table (0 = no table).
+    pub table: u64,
+    /// Entry index in the table.
+    pub index: u64,
+}
+
+impl Meta {
+    /// Loads the L1 and refcount tables of a validated header.
+    pub fn load(file: &HostFile, header: Header, cache_bytes: u64) -> Result<Meta> {
+        let geo = header.geometry();
+        let mut raw = vec![0u8; header.l1_size as usize * 8];
+        file.read_zero_padded(&mut raw, header.l1_table_offset, "L1 table")?;
+        let l1 = crate::format::be::u64_table(&raw);
+        let tables = (cache_bytes / geo.cluster_size()).clamp(16, 65536) as usize;
+        let rc = Refcounts::load(
+            file,
+            geo,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            tables / 4,
+        )?;
+        Ok(Meta {
+            header,
+            l1,
+            l1_dirty: BTreeSet::new(),
+            l2: TableCache::new(tables),
+            rc,
+            inflight: HashSet::new(),
+            deferred_frees: Vec::new(),
+            geo,
+        })
+    }
+
+    /// Geometry of the image.
+    pub fn geo(&self) -> &Geometry {
+        &self.geo
+    }
+
+    /// The L2 table offset an L1 entry points at, validated.
+    fn l2_offset(&self, l1_index: u64) -> Result<u64> {
+        let Some(&e) = self.l1.get(l1_index as usize) else {
+            return Ok(0);
+        };
+        let off = entry::l1_l2_offset(e);
+        if off != 0 && !self.geo.is_aligned(off) {
+            return corrupt!("L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})");
+        }
+        Ok(off)
+    }
+
+    /// Makes sure the L2 table at `off` is cached, evicting (after write-back if needed).
+    fn ensure_l2(&mut self, file: &HostFile, off: u64) -> Result<()> {
+        if self.l2.contains(off) {
+            return Ok(());
+        }
+        while self.l2.is_full() {
+            if !self.l2.evict_one_clean() {
+                self.writeback(file)?;
+            }
+        }
+        let mut raw = vec![0u8; self.geo.cluster_size() as usize];
+        file.read_zero_padded(&mut raw, off, "L2 table")?;
+        self.l2
+            .insert(off, crate::format::be::u64_table(&raw), false);
+        Ok(())
+    }
+
+    /// The L2 slot of a guest offset (table 0 when the L1 entry is empty).
+    pub fn slot(&self, guest: u64) -> Result<Slot> {
+        Ok(Slot {
+            table: self.l2_offset(self.geo.l1_index(guest))?,
+            index: self.geo.l2_index(guest),
+        })
+    }
+
+    /// Decoded mapping of the guest cluster containing `guest`.
+    pub fn lookup(&mut self, file: &HostFile, guest: u64) -> Result<Mapping> {
+        let slot = self.slot(guest)?;
+        if slot.table == 0 {
+            return Ok(Mapping::Unallocated { zero: 0 });
+        }
+        self.ensure_l2(file, slot.table)?;
+        let (w0, w1) = self.raw_entry(slot)?;
+        self.decode(w0, w1, slot)
+    }
+
+    fn raw_entry(&mut self, slot: Slot) -> Result<(u64, u64)> {
+        let ext = self.geo.extended_l2;
+        let t = self
+            .l2
+            .get(slot.table)
+            .ok_or_else(|| Error::Corrupt("L2 table vanished from cache".into()))?;
+        Ok(if ext {
+            (t[slot.index as usize * 2], t[slot.index as usize * 2 + 1])
+        } else {
+            (t[slot.index as usize], 0)
+        })
+    }
+
+    fn decode(&self, w0: u64, w1: u64, slot: Slot) -> Result<Mapping> {
+        decode_l2(&self.geo, self.header.version, w0, w1).map_err(|e| {
+            let msg = match e {
+                EntryError::Unaligned(off) => format!(
+                    "Cluster allocation offset {off:#x} unaligned (L2 offset: {:#x}, L2 index: {:#x})",
+                    slot.table, slot.index
+                ),
+                EntryError::ZeroInV2 => format!(
+                    "Zero cluster entry found in pre-v3 image (L2 offset: {:#x}, L2 index: {:#x})",
+                    slot.table, slot.index
+                ),
+                EntryError::InvalidBitmap => format!(
+                    "Invalid cluster entry found (L2 offset: {:#x}, L2 index: {:#x})",
+                    slot.table, slot.index
+                ),
+            };
+            Error::Corrupt(msg)
+        })
+    }
+
+    /// Returns an L2 table for `l1_index` that this image owns exclusively: allocates an
+    /// empty one when there is none, copies a table shared with a snapshot. The old shared
+    /// table loses its reference once the new L1 entry is durable.
+    pub fn l2_for_write(&mut self, file: &HostFile, l1_index: u64) -> Result<u64> {
+        let e = *self
+            .l1
+            .get(l1_index as usize)
+            .ok_or_else(|| Error::InvalidArgument(format!("L1 index {l1_index} out of range")))?;
+        let old = self.l2_offset(l1_index)?;
+        if old != 0 && e & COPIED != 0 {
+            return Ok(old);
+        }
+        let words = (self.geo.cluster_size() / 8) as usize;
+        let table = if old == 0 {
+            vec![0u64; words]
+        } else {
+            self.ensure_l2(file, old)?;
+            self.l2
+                .get(old)
+                .cloned()
+                .ok_or_else(|| Error::Corrupt("L2 table vanished from cache".into()))?
+        };
+        let new = self.rc.alloc(file, 1)?;
+        while self.l2.is_full() {
+            if !self.l2.evict_one_clean() {
+                self.writeback(file)?;
+            }
+        }
+        self.l2.insert(new, table, true);
+        self.l1[l1_index as usize] = new | COPIED;
+        self.l1_dirty.insert(l1_index * 8 / self.geo.cluster_size());
+        if old != 0 {
+            self.deferred_frees.push((old, self.geo.cluster_size()));
+        }
+        Ok(new)
+    }
+
+    /// Writes a mapping into an owned L2 table (from [`Self::l2_for_write`]).
+    pub fn set_mapping(
+        &mut self,
+        file: &HostFile,
+        table: u64,
+        index: u64,
+        m: Mapping,
+    ) -> Result<()> {
+        self.ensure_l2(file, table)?;
+        let (w0, w1) = encode_l2(&self.geo, m);
+        let ext = self.geo.extended_l2;
+        let t = self
+            .l2
+            .get_mut(table)
+            .ok_or_else(|| Error::Corrupt("L2 table vanished from cache".into()))?;
+        if ext {
+            t[index as usize * 2] = w0;
+            t[index as usize * 2 + 1] = w1;
+        } else {
+            t[index as usize] = w0;
+        }
+        Ok(())
+    }
+
+    /// Queues the release of every host cluster a mapping references.
+    pub fn release(&mut self, m: Mapping) {
+        match m {
+            Mapping::Data { host, .. } | Mapping::Zero { host, .. } if host != 0 => {
+                self.deferred_frees.push((host, self.geo.cluster_size()));
+            }
+            Mapping::Compressed { host, csize } => {
+                let start = host & !511;
+                self.deferred_frees.push((start, host + csize - start));
+            }
+            _ => {}
+        }
+    }
+
+    /// Writes back all dirty metadata in crash-safe order, syncing between the stages, then
+    /// applies the deferred frees (now safe) and writes those back too.
+    ///
+    /// Order: (data and) refcount blocks, sync; refcount table, sync; L2 tables, sync;
+    /// L1 table, sync. Refcounts are durable before any table that uses the clusters, data
+    /// before the L2 entries that point at it, new tables before the pointers to them.
+    pub fn writeback(&mut self, file: &HostFile) -> Result<()> {
+        self.rc.write_dirty_blocks(file)?;
+        file.sync()?;
+        if self.rc.write_dirty_table(file)? {
+            file.sync()?;
+        }
+        let dirty = self.l2.dirty_offsets();
+        for off in &dirty {
+            if let Some(t) = self.l2.peek(*off) {
+                file.write(&u64_table_bytes(t), *off, WriteKind::L2)?;
+            }
+            self.l2.mark_clean(*off);
+        }
+        if !dirty.is_empty() {
+            file.sync()?;
+        }
+        if !self.l1_dirty.is_empty() {
+            let per = self.geo.u64_per_cluster() as usize;
+            let cs = self.geo.cluster_size();
+            for idx in std::mem::take(&mut self.l1_dirty) {
+                let start = idx as usize * per;
+                let end = (start + per).min(self.l1.len());
+                let bytes = u64_table_bytes(&self.l1[start..end]);
+                file.write(
+                    &bytes,
+                    self.header.l1_table_offset + idx * cs,
+                    WriteKind::L1,
+                )?;
+            }
+            file.sync()?;
+        }
+        if !self.deferred_frees.is_empty() {
+            let cb = self.geo.cluster_bits;
+            for (start, len) in std::mem::take(&mut self.deferred_frees) {
+                let first = start >> cb;
+                let last = (start + len - 1) >> cb;
+                for c in first..=last {
+                    self.rc.update(file, c, -1)?;
+                }
+            }
+            self.rc.write_dirty_blocks(file)?;
+            file.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Whether anything is waiting to be written back.
+    pub fn is_dirty(&self) -> bool {
+        self.rc.has_dirty_blocks()
+            || self.rc.has_dirty_table()
+            || self.l2.has_dirty()
+            || !self.l1_dirty.is_empty()
+            || !self.deferred_frees.is_empty()
+    }
+}

@@ -1,0 +1,322 @@
+//! The live image: open, the read and write paths, zeroing and discard, flush, backing chain.
+
+mod backing;
+mod cache;
+pub mod compress;
+pub mod create;
+mod meta;
+mod read;
+mod refcount;
+mod snapshot;
+mod write;
+mod zero;
+
+use crate::error::{corrupt, invalid, Error, Result};
+use crate::format::header::{self, field, Header};
+use crate::format::snapshot::Snapshot;
+use crate::format::Geometry;
+use crate::options::{CompressionType, Extent, ImageInfo, OpenOptions};
+use crate::storage::{HostFile, PosixFile, WriteKind};
+use backing::Backing;
+use meta::Meta;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// Deepest backing chain oxcow opens.
+pub const MAX_BACKING_DEPTH: u32 = 64;
+/// Default metadata cache budget per image, in bytes of L2 tables.
+const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
+
+/// An open qcow2 image. All methods take `&self` and may be called from many threads at once.
+pub struct Image {
+    path: PathBuf,
+    file: HostFile,
+    geo: Geometry,
+    version: u32,
+    virtual_size: u64,
+    compression: CompressionType,
+    read_only: bool,
+    writethrough: bool,
+    backing: Option<Backing>,
+    snapshots: Vec<Snapshot>,
+    meta: Mutex<Meta>,
+    /// Signalled whenever in-flight allocations are linked or abandoned.
+    inflight_done: Condvar,
+    /// Set after a fatal inconsistency or a panic: no more I/O is accepted.
+    fenced: AtomicBool,
+}
+
+impl Image {
+    /// Opens an image file. A read-only open never writes to any file.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        Self::open_at_depth(path.as_ref(), opts, 0)
+    }
+
+    fn open_at_depth(path: &Path, opts: &OpenOptions, depth: u32) -> Result<Image> {
+        if opts.force_share && opts.writable {
+            return invalid!("force-share can only be used with read-only images");
+        }
+        if opts.direct {
+            return Err(Error::Unsupported(
+                "O_DIRECT opens are not supported yet".into(),
+            ));
+        }
+        let name = path.display().to_string();
+        let posix = PosixFile::open(path, opts.writable)
+            .map_err(|e| Error::io(format!("opening {name}"), e))?;
+        let file = HostFile::new(Arc::new(posix), name.clone());
+        let mut probe = [0u8; Header::PROBE_LEN];
+        let n = file.read_some(&mut probe, 0, "image header")?;
+        let cluster_size = Header::probe_cluster_size(&probe[..n]).unwrap_or(n as u64);
+        let mut c0 = vec![0u8; cluster_size as usize];
+        let n = file.read_some(&mut c0, 0, "image header")?;
+        c0.truncate(n);
+        let mut header = Header::parse(&c0).map_err(|e| prefix(e, &name))?;
+        let geo = header.geometry();
+        if opts.writable {
+            if header.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
+                return corrupt!(
+                    "{name}: image is corrupt; cannot be opened read/write (run 'qemu-img check -r all')"
+                );
+            }
+            if header.incompatible_features & header::INCOMPAT_DIRTY != 0 {
+                return corrupt!(
+                    "{name}: image is dirty (lazy refcounts were not written back); repair it with 'qemu-img check -r all' before opening read/write"
+                );
+            }
+        }
+        let snapshots = snapshot::read_table(&file, &header).map_err(|e| prefix(e, &name))?;
+        let backing = match (&header.backing_file, opts.no_backing) {
+            (Some(b), false) => Some(Backing::open(
+                path,
+                b,
+                header.backing_format.as_deref(),
+                depth,
+            )?),
+            _ => None,
+        };
+        if opts.writable && header.autoclear_features != 0 {
+            // oxcow maintains no autoclear feature: clearing the bits before the first write
+            // tells QEMU not to trust bitmaps (or anything else) we will not keep in sync.
+            file.write(&0u64.to_be_bytes(), field::AUTOCLEAR, WriteKind::Header)?;
+            file.sync()?;
+            header.autoclear_features = 0;
+        }
+        let meta = Meta::load(&file, header.clone(), DEFAULT_CACHE_BYTES)?;
+        Ok(Image {
+            path: path.to_path_buf(),
+            file,
+            geo,
+            version: header.version,
+            virtual_size: header.size,
+            compression: if header.compression_type == 1 {
+                CompressionType::Zstd
+            } else {
+                CompressionType::Deflate
+            },
+            read_only: !opts.writable,
+            writethrough: opts.writethrough,
+            backing,
+            snapshots,
+            meta: Mutex::new(meta),
+            inflight_done: Condvar::new(),
+            fenced: AtomicBool::new(false),
+        })
+    }
+
+    /// Guest-visible size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+
+    /// The path the image was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Static facts about the image.
+    pub fn info(&self) -> Result<ImageInfo> {
+        let m = self.lock_meta();
+        let h = &m.header;
+        Ok(ImageInfo {
+            virtual_size: self.virtual_size,
+            cluster_size: self.geo.cluster_size() as u32,
+            version: self.version,
+            refcount_bits: self.geo.refcount_bits(),
+            extended_l2: self.geo.extended_l2,
+            compression: self.compression,
+            lazy_refcounts: h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
+            dirty: h.incompatible_features & header::INCOMPAT_DIRTY != 0,
+            corrupt: h.incompatible_features & header::INCOMPAT_CORRUPT != 0,
+            read_only: self.read_only,
+            snapshot_count: self.snapshots.len() as u32,
+            backing_file: h
+                .backing_file
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned()),
+            backing_format: h.backing_format.clone(),
+            file_size: self.file.len()?,
+        })
+    }
+
+    /// Makes every write that completed before this call durable, writing cached metadata
+    /// back in crash-safe order.
+    pub fn flush(&self) -> Result<()> {
+        self.check_usable()?;
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.lock_meta();
+        m.writeback(&self.file)
+    }
+
+    /// Flushes and closes the image. Resources are released even when the flush fails.
+    pub fn close(self) -> Result<()> {
+        if self.read_only || self.fenced.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.flush()
+    }
+
+    /// Allocation status of the guest range starting at `offset`: the returned extent starts
+    /// at `offset` and extends as far as the status stays the same, at most `count` bytes.
+    pub fn block_status(&self, offset: u64, count: u64) -> Result<Extent> {
+        self.check_usable()?;
+        self.check_range(offset, count)?;
+        if count == 0 {
+            return invalid!("block_status of 0 bytes");
+        }
+        read::block_status(self, offset, count)
+    }
+
+    fn lock_meta(&self) -> MutexGuard<'_, Meta> {
+        // A panic while holding the lock fences the image (see capi), so a poisoned lock
+        // only guards state nobody will write again; reading it is still sound.
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(Error::Fenced(format!(
+                "{}: image was fenced after a fatal error; no further I/O is accepted",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        self.check_usable()?;
+        if self.read_only {
+            return Err(Error::ReadOnly(format!(
+                "{}: image is open read-only",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, count: u64) -> Result<()> {
+        match offset.checked_add(count) {
+            Some(end) if end <= self.virtual_size => Ok(()),
+            _ => invalid!(
+                "request [{offset:#x}, +{count:#x}) is beyond the virtual size {:#x}",
+                self.virtual_size
+            ),
+        }
+    }
+
+    /// Marks the handle unusable; used by the C ABI when a panic was caught.
+    pub fn fence(&self) {
+        self.fenced.store(true, Ordering::Release);
+    }
+
+    /// Reads exactly `buf.len()` bytes of guest data at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_usable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        read::read(self, buf, offset)
+    }
+
+    /// Reads guest data into several buffers, filled in order starting at `offset`.
+    pub fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> Result<()> {
+        let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
+        self.check_usable()?;
+        self.check_range(offset, total)?;
+        let mut off = offset;
+        for b in bufs.iter_mut() {
+            read::read(self, b, off)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf` at guest `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        write::write(self, buf, offset)?;
+        self.after_write()
+    }
+
+    /// Writes several buffers, in order, starting at guest `offset`.
+    pub fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
+        let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
+        self.check_writable()?;
+        self.check_range(offset, total)?;
+        let mut off = offset;
+        for b in bufs {
+            write::write(self, b, off)?;
+            off += b.len() as u64;
+        }
+        self.after_write()
+    }
+
+    /// Makes `[offset, offset+count)` read as zeros. With `may_unmap` the clusters may be
+    /// deallocated; otherwise fully covered allocated clusters stay allocated.
+    pub fn write_zeroes(&self, offset: u64, count: u64, flags: crate::ZeroFlags) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, count)?;
+        zero::write_zeroes(self, offset, count, flags.may_unmap)?;
+        self.after_write()
+    }
+
+    /// Releases the clusters fully inside `[offset, offset+count)`. Discarded clusters read as
+    /// zeros, except in v2 images with a backing file, where they read the backing data.
+    /// Partial clusters at the edges are left unchanged.
+    pub fn discard(&self, offset: u64, count: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, count)?;
+        zero::discard(self, offset, count)?;
+        self.after_write()
+    }
+
+    fn after_write(&self) -> Result<()> {
+        if self.writethrough {
+            self.flush()
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if !self.read_only && !self.fenced.load(Ordering::Acquire) {
+            let mut m = self.lock_meta();
+            if m.is_dirty() {
+                let _ = m.writeback(&self.file);
+            }
+        }
+    }
+}
+
+fn prefix(e: Error, name: &str) -> Error {
+    match e {
+        Error::Corrupt(m) => Error::Corrupt(format!("{name}: {m}")),
+        Error::Unsupported(m) => Error::Unsupported(format!("{name}: {m}")),
+        Error::NotQcow2(m) => Error::NotQcow2(format!("{name}: {m}")),
+        other => other,
+    }
+}

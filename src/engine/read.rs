@@ -1,0 +1,200 @@
+//! The read path: map a guest range to host segments under the metadata lock, then do the
+//! I/O with no lock held.
+
+use super::{compress, meta::Meta, Image};
+use crate::error::Result;
+use crate::format::entry::{Mapping, SubclusterState};
+use crate::options::{Extent, EXTENT_ALLOCATED, EXTENT_BACKING, EXTENT_COMPRESSED, EXTENT_ZERO};
+use crate::storage::HostFile;
+
+/// Where the bytes of one guest segment come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Host data at this offset.
+    Data(u64),
+    /// Zeros.
+    Zero,
+    /// The backing file (zeros without one).
+    Backing,
+    /// A compressed cluster; `skip` bytes into the decompressed cluster.
+    Compressed { host: u64, csize: u64, skip: u64 },
+}
+
+/// A run of guest bytes with one source.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    len: u64,
+    source: Source,
+}
+
+/// Appends the segments covering `[offset, end)` (which lies within one L2 table's range).
+fn map_range(
+    m: &mut Meta,
+    file: &HostFile,
+    offset: u64,
+    end: u64,
+    out: &mut Vec<Segment>,
+) -> Result<()> {
+    let geo = *m.geo();
+    let sub = geo.subcluster_size();
+    let mut pos = offset;
+    while pos < end {
+        let mapping = m.lookup(file, pos)?;
+        let cluster_end = geo.cluster_start(pos) + geo.cluster_size();
+        while pos < end.min(cluster_end) {
+            let sc = geo.subcluster_index(pos);
+            let run = mapping.run_from(&geo, sc) as u64;
+            let run_end = (geo.cluster_start(pos) + (sc as u64 + run) * sub).min(end);
+            let len = run_end - pos;
+            let source = match mapping.subcluster(&geo, sc) {
+                SubclusterState::Data(h) => Source::Data(h + (pos - geo.cluster_start(pos)) % sub),
+                SubclusterState::Zero => Source::Zero,
+                SubclusterState::Unallocated => Source::Backing,
+                SubclusterState::Compressed => match mapping {
+                    Mapping::Compressed { host, csize } => Source::Compressed {
+                        host,
+                        csize,
+                        skip: geo.offset_in_cluster(pos),
+                    },
+                    _ => Source::Zero,
+                },
+            };
+            push(out, len, source);
+            pos = run_end;
+        }
+    }
+    Ok(())
+}
+
+fn push(out: &mut Vec<Segment>, len: u64, source: Source) {
+    if let Some(last) = out.last_mut() {
+        let merge = match (last.source, source) {
+            (Source::Data(a), Source::Data(b)) => a + last.len == b,
+            (Source::Zero, Source::Zero) | (Source::Backing, Source::Backing) => true,
+            _ => false,
+        };
+        if merge {
+            last.len += len;
+            return;
+        }
+    }
+    out.push(Segment { len, source });
+}
+
+/// Reads `buf.len()` guest bytes at `offset` (range already checked).
+pub fn read(img: &Image, buf: &mut [u8], offset: u64) -> Result<()> {
+    let coverage = img.geo.l2_coverage();
+    let mut segments = Vec::new();
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + done as u64;
+        let table_end = (pos / coverage + 1) * coverage;
+        let end = table_end.min(offset + buf.len() as u64);
+        segments.clear();
+        {
+            let mut m = img.lock_meta();
+            map_range(&mut m, &img.file, pos, end, &mut segments)?;
+        }
+        for seg in &segments {
+            let out = &mut buf[done..done + seg.len as usize];
+            read_segment(img, out, offset + done as u64, seg.source)?;
+            done += seg.len as usize;
+        }
+    }
+    Ok(())
+}
+
+fn read_segment(img: &Image, out: &mut [u8], guest: u64, source: Source) -> Result<()> {
+    match source {
+        Source::Data(host) => img.file.read_zero_padded(out, host, "guest data"),
+        Source::Zero => {
+            out.fill(0);
+            Ok(())
+        }
+        Source::Backing => match &img.backing {
+            Some(b) => b.read(out, guest),
+            None => {
+                out.fill(0);
+                Ok(())
+            }
+        },
+        Source::Compressed { host, csize, skip } => {
+            let cluster = read_compressed(img, host, csize)?;
+            out.copy_from_slice(&cluster[skip as usize..skip as usize + out.len()]);
+            Ok(())
+        }
+    }
+}
+
+/// Reads and decompresses one compressed cluster.
+pub(super) fn read_compressed(img: &Image, host: u64, csize: u64) -> Result<Vec<u8>> {
+    // csize is bounded by the descriptor's sector field: at most two clusters.
+    let mut raw = vec![0u8; csize as usize];
+    let n = img.file.read_some(&mut raw, host, "compressed cluster")?;
+    raw.truncate(n);
+    let mut cluster = vec![0u8; img.geo.cluster_size() as usize];
+    compress::decompress(img.compression, &raw, &mut cluster).map_err(|e| {
+        crate::Error::Corrupt(format!(
+            "{}: compressed cluster at {host:#x}: {e}",
+            img.path.display()
+        ))
+    })?;
+    Ok(cluster)
+}
+
+fn status_of(source: Source, has_backing: bool) -> (u32, u64) {
+    match source {
+        Source::Data(h) => (EXTENT_ALLOCATED, h),
+        Source::Zero => (EXTENT_ZERO, 0),
+        Source::Backing if has_backing => (EXTENT_BACKING, 0),
+        Source::Backing => (EXTENT_ZERO, 0),
+        Source::Compressed { .. } => (EXTENT_ALLOCATED | EXTENT_COMPRESSED, 0),
+    }
+}
+
+/// Allocation status from `offset`, as far as it stays the same (at most `count` bytes).
+pub fn block_status(img: &Image, offset: u64, count: u64) -> Result<Extent> {
+    let coverage = img.geo.l2_coverage();
+    let has_backing = img.backing.is_some();
+    let mut first: Option<(u32, u64)> = None;
+    let mut len = 0u64;
+    let mut segments = Vec::new();
+    while len < count {
+        let pos = offset + len;
+        let end = ((pos / coverage + 1) * coverage).min(offset + count);
+        segments.clear();
+        {
+            let mut m = img.lock_meta();
+            map_range(&mut m, &img.file, pos, end, &mut segments)?;
+        }
+        for seg in &segments {
+            let (flags, host) = status_of(seg.source, has_backing);
+            match first {
+                None => first = Some((flags, host)),
+                Some((f, h)) => {
+                    let contiguous =
+                        f & EXTENT_ALLOCATED == 0 || f & EXTENT_COMPRESSED != 0 || h + len == host;
+                    if f != flags || !contiguous || f & EXTENT_COMPRESSED != 0 {
+                        return Ok(extent(offset, len, f, h));
+                    }
+                }
+            }
+            len += seg.len;
+        }
+    }
+    let (f, h) = first.unwrap_or((EXTENT_ZERO, 0));
+    Ok(extent(offset, len.min(count), f, h))
+}
+
+fn extent(offset: u64, length: u64, flags: u32, host: u64) -> Extent {
+    Extent {
+        offset,
+        length,
+        flags,
+        host_offset: if flags & EXTENT_COMPRESSED != 0 {
+            0
+        } else {
+            host
+        },
+    }
+}

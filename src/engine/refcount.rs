@@ -1,0 +1,355 @@
+//! Live refcount structures: lookups, increments and decrements through a block cache, cluster
+//! allocation, and growth of the refcount table.
+//!
+//! Crash safety rules kept here: a new refcount block describes itself and is written before
+//! the table entry that points at it (the caller's write-back order); a grown refcount table is
+//! written and synced before the header points at it, and the old table is freed only after.
+
+use super::cache::TableCache;
+use crate::error::{corrupt, Error, Result};
+use crate::format::be::{put_u64, u64_table, u64_table_bytes};
+use crate::format::header::{field, MAX_REFTABLE_BYTES};
+use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
+use crate::format::Geometry;
+use crate::storage::{HostFile, WriteKind};
+use std::collections::BTreeSet;
+
+/// The refcount table and a cache of refcount blocks.
+pub struct Refcounts {
+    geo: Geometry,
+    /// Refcount table entries (block offsets, reserved bits kept).
+    table: Vec<u64>,
+    table_offset: u64,
+    /// Indices of refcount-table clusters that differ from disk.
+    table_dirty: BTreeSet<u64>,
+    blocks: TableCache<Vec<u8>>,
+    /// Cluster index where the search for free clusters starts.
+    free_hint: u64,
+}
+
+impl Refcounts {
+    /// Loads the refcount table described by the header.
+    pub fn load(
+        file: &HostFile,
+        geo: Geometry,
+        table_offset: u64,
+        table_clusters: u32,
+        cache_tables: usize,
+    ) -> Result<Refcounts> {
+        let bytes = (table_clusters as u64) << geo.cluster_bits;
+        let mut raw = vec![0u8; bytes as usize];
+        file.read_zero_padded(&mut raw, table_offset, "refcount table")?;
+        Ok(Refcounts {
+            geo,
+            table: u64_table(&raw),
+            table_offset,
+            table_dirty: BTreeSet::new(),
+            blocks: TableCache::new(cache_tables),
+            free_hint: 0,
+        })
+    }
+
+    /// Host offset of the refcount table.
+    pub fn table_offset(&self) -> u64 {
+        self.table_offset
+    }
+
+    /// Number of entries in the refcount table.
+    pub fn table_len(&self) -> u64 {
+        self.table.len() as u64
+    }
+
+    /// Offset of refcount block `idx` (0 when absent), with its alignment checked.
+    pub fn block_offset(&self, idx: u64) -> Result<u64> {
+        let Some(&e) = self.table.get(idx as usize) else {
+            return Ok(0);
+        };
+        let off = e & REFTABLE_OFFSET_MASK;
+        if off != 0 && !self.geo.is_aligned(off) {
+            return corrupt!("Refblock offset {off:#x} unaligned (reftable index: {idx:#x})");
+        }
+        Ok(off)
+    }
+
+    fn ensure_block(&mut self, file: &HostFile, off: u64) -> Result<()> {
+        if self.blocks.contains(off) {
+            return Ok(());
+        }
+        while self.blocks.is_full() {
+            if !self.blocks.evict_one_clean() {
+                // Every cached block is dirty: write them back (blocks have no ordering
+                // dependency among themselves) and sync before dropping any.
+                self.write_dirty_blocks(file)?;
+                file.sync()?;
+            }
+        }
+        let mut data = vec![0u8; self.geo.cluster_size() as usize];
+        file.read_zero_padded(&mut data, off, "refcount block")?;
+        self.blocks.insert(off, data, false);
+        Ok(())
+    }
+
+    /// Refcount of the host cluster with index `cluster`.
+    pub fn get(&mut self, file: &HostFile, cluster: u64) -> Result<u64> {
+        let per = self.geo.refblock_entries();
+        let block = self.block_offset(cluster / per)?;
+        if block == 0 {
+            return Ok(0);
+        }
+        self.ensure_block(file, block)?;
+        let data = self
+            .blocks
+            .get(block)
+            .ok_or_else(|| Error::Corrupt("refcount block vanished from cache".into()))?;
+        Ok(refcount::get(
+            data,
+            self.geo.refcount_order,
+            (cluster % per) as usize,
+        ))
+    }
+
+    /// Adds `delta` to the refcount of `cluster`. The block covering it must exist when
+    /// `delta > 0` (allocation creates it first).
+    pub fn update(&mut self, file: &HostFile, cluster: u64, delta: i64) -> Result<()> {
+        let per = self.geo.refblock_entries();
+        let block = self.block_offset(cluster / per)?;
+        if block == 0 {
+            return corrupt!(
+                "Refcount update for cluster {cluster:#x} which no refcount block covers"
+            );
+        }
+        self.ensure_block(file, block)?;
+        let order = self.geo.refcount_order;
+        let max = self.geo.refcount_max();
+        let data = self
+            .blocks
+            .get_mut(block)
+            .ok_or_else(|| Error::Corrupt("refcount block vanished from cache".into()))?;
+        let idx = (cluster % per) as usize;
+        let old = refcount::get(data, order, idx);
+        let new = if delta >= 0 {
+            match old.checked_add(delta as u64) {
+                Some(n) if n <= max => n,
+                _ => {
+                    return corrupt!("Refcount overflow for cluster {cluster:#x} (refcount {old})")
+                }
+            }
+        } else {
+            match old.checked_sub(delta.unsigned_abs()) {
+                Some(n) => n,
+                None => {
+                    return corrupt!("Refcount underflow for cluster {cluster:#x} (refcount {old})")
+                }
+            }
+        };
+        refcount::set(data, order, idx, new);
+        if new == 0 && cluster < self.free_hint {
+            self.free_hint = cluster;
+        }
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous free clusters (refcount set to 1) and returns the host offset
+    /// of the first.
+    pub fn alloc(&mut self, file: &HostFile, n: u64) -> Result<u64> {
+        if n == 0 {
+            return Err(Error::InvalidArgument("allocation of 0 clusters".into()));
+        }
+        loop {
+            let start = self.find_free_run(file, n)?;
+            if let Some(b) = self.first_uncovered_block(start, n)? {
+                self.create_block(file, b)?;
+                continue;
+            }
+            for c in start..start + n {
+                self.update(file, c, 1)?;
+            }
+            if start == self.free_hint {
+                self.free_hint = start + n;
+            }
+            return Ok(start << self.geo.cluster_bits);
+        }
+    }
+
+    fn find_free_run(&mut self, file: &HostFile, n: u64) -> Result<u64> {
+        // Host offsets are below 2^56; the search cannot run past that.
+        let limit = (1u64 << 56) >> self.geo.cluster_bits;
+        let mut start = self.free_hint.max(1);
+        let mut len = 0;
+        let per = self.geo.refblock_entries();
+        let mut c = start;
+        while len < n {
+            if c >= limit {
+                return Err(Error::NoSpace("image address space exhausted".into()));
+            }
+            // Skip whole uncovered blocks in one step: everything there is free.
+            if c % per == 0 && self.block_offset(c / per)? == 0 {
+                len += per;
+                c += per;
+                continue;
+            }
+            if self.get(file, c)? == 0 {
+                len += 1;
+            } else {
+                len = 0;
+                start = c + 1;
+            }
+            c += 1;
+        }
+        Ok(start)
+    }
+
+    fn first_uncovered_block(&self, start: u64, n: u64) -> Result<Option<u64>> {
+        let per = self.geo.refblock_entries();
+        for b in start / per..=(start + n - 1) / per {
+            if self.block_offset(b)? == 0 {
+                return Ok(Some(b));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Creates refcount block `b` inside the range it covers (its first cluster, free by
+    /// construction because no block counts anything there), growing the table if needed.
+    fn create_block(&mut self, file: &HostFile, b: u64) -> Result<()> {
+        if b >= self.table.len() as u64 {
+            self.grow_table(file, b + 1)?;
+            if self.block_offset(b)? != 0 {
+                return Ok(());
+            }
+        }
+        let per = self.geo.refblock_entries();
+        let cluster = b * per;
+        let off = cluster << self.geo.cluster_bits;
+        let mut data = vec![0u8; self.geo.cluster_size() as usize];
+        refcount::set(&mut data, self.geo.refcount_order, 0, 1);
+        while self.blocks.is_full() {
+            if !self.blocks.evict_one_clean() {
+                self.write_dirty_blocks(file)?;
+                file.sync()?;
+            }
+        }
+        self.blocks.insert(off, data, true);
+        self.table[b as usize] = off;
+        self.table_dirty.insert(b * 8 / self.geo.cluster_size());
+        Ok(())
+    }
+
+    /// Replaces the refcount table with a larger one holding at least `min_entries`.
+    ///
+    /// The new table and the blocks that count it go into a fresh region past everything the
+    /// old table covers; they are written and synced, then the header is switched with one
+    /// synced write, then the old table's clusters are freed.
+    fn grow_table(&mut self, file: &HostFile, min_entries: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let per = self.geo.refblock_entries();
+        let old_len = self.table.len() as u64;
+        // The region starts at the first block the old table cannot describe.
+        let region_block = old_len;
+        let mut new_entries = min_entries.max(old_len + old_len / 2).max(old_len + 1);
+        let (blocks_needed, table_clusters) = loop {
+            let table_clusters = (new_entries * 8).div_ceil(cs);
+            // k blocks at the start of the region, then the table: they must all be counted
+            // by those k blocks and covered by the new table.
+            let k = (table_clusters + 1).div_ceil(per).max(1);
+            let k = if k * per < k + table_clusters {
+                k + 1
+            } else {
+                k
+            };
+            if region_block + k <= new_entries {
+                break (k, table_clusters);
+            }
+            new_entries = region_block + k;
+        };
+        if table_clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(Error::NoSpace(
+                "refcount table would exceed 8 MiB; image too large for its cluster size".into(),
+            ));
+        }
+        // Dirty blocks must be on disk before a table that points at them is.
+        self.write_dirty_blocks(file)?;
+
+        let region = region_block * per; // first cluster of the region
+        let order = self.geo.refcount_order;
+        let mut new_table = self.table.clone();
+        new_table.resize(new_entries as usize, 0);
+        let used = blocks_needed + table_clusters;
+        for i in 0..blocks_needed {
+            let mut data = vec![0u8; cs as usize];
+            for j in 0..per {
+                let c = (region_block + i) * per + j;
+                if c < region + used {
+                    refcount::set(&mut data, order, j as usize, 1);
+                }
+            }
+            let off = (region + i) << self.geo.cluster_bits;
+            file.write(&data, off, WriteKind::RefcountBlock)?;
+            new_table[(region_block + i) as usize] = off;
+            self.blocks.remove(off);
+        }
+        let table_off = (region + blocks_needed) << self.geo.cluster_bits;
+        let mut bytes = u64_table_bytes(&new_table);
+        bytes.resize((table_clusters * cs) as usize, 0);
+        file.write(&bytes, table_off, WriteKind::RefcountTable)?;
+        file.sync()?;
+        let mut hdr = [0u8; 12];
+        put_u64(&mut hdr, 0, table_off);
+        hdr[8..12].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        file.write(&hdr, field::REFCOUNT_TABLE, WriteKind::Header)?;
+        file.sync()?;
+
+        let old_off = self.table_offset;
+        let old_clusters = (old_len * 8).div_ceil(cs);
+        self.table = new_table;
+        self.table_offset = table_off;
+        self.table_dirty.clear();
+        // The old table is no longer referenced by the durable header: free it now.
+        for c in 0..old_clusters {
+            self.update(file, (old_off >> self.geo.cluster_bits) + c, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty refcount block. Returns whether anything was written.
+    pub fn write_dirty_blocks(&mut self, file: &HostFile) -> Result<bool> {
+        let dirty = self.blocks.dirty_offsets();
+        for off in &dirty {
+            if let Some(data) = self.blocks.peek(*off) {
+                file.write(data, *off, WriteKind::RefcountBlock)?;
+            }
+            self.blocks.mark_clean(*off);
+        }
+        Ok(!dirty.is_empty())
+    }
+
+    /// Whether any refcount block is dirty.
+    pub fn has_dirty_blocks(&self) -> bool {
+        self.blocks.has_dirty()
+    }
+
+    /// Writes the dirty clusters of the refcount table. Returns whether anything was written.
+    pub fn write_dirty_table(&mut self, file: &HostFile) -> Result<bool> {
+        if self.table_dirty.is_empty() {
+            return Ok(false);
+        }
+        let per_cluster = self.geo.u64_per_cluster() as usize;
+        let cs = self.geo.cluster_size();
+        for idx in std::mem::take(&mut self.table_dirty) {
+            let start = idx as usize * per_cluster;
+            let end = (start + per_cluster).min(self.table.len());
+            let bytes = u64_table_bytes(&self.table[start..end]);
+            file.write(
+                &bytes,
+                self.table_offset + idx * cs,
+                WriteKind::RefcountTable,
+            )?;
+        }
+        Ok(true)
+    }
+
+    /// Whether the table has unwritten entries.
+    pub fn has_dirty_table(&self) -> bool {
+        !self.table_dirty.is_empty()
+    }
+}

@@ -1,0 +1,467 @@
+//! The write path.
+//!
+//! A write is cut into batches that stay within one L2 table. For each batch:
+//! 1. plan (metadata lock held): look up every cluster; overwrites of clusters the image owns
+//!    go in place; everything else gets a target cluster (newly allocated, or the existing one
+//!    for preallocated zero clusters and partially allocated extended-L2 clusters) and is
+//!    registered in flight so that no other writer touches that guest cluster meanwhile;
+//! 2. I/O (no lock): copy-on-write fill from the old contents, data writes;
+//! 3. link (lock held): point the L2 entries at the new clusters and queue the old clusters
+//!    for release once that change is durable.
+//!
+//! On an I/O error before linking, newly allocated clusters are given back.
+
+use super::{read, Image};
+use crate::error::Result;
+use crate::format::entry::{Mapping, SubclusterState};
+use crate::format::geometry::SUBCLUSTERS;
+use crate::format::Geometry;
+use crate::storage::WriteKind;
+
+/// What to do for one guest cluster of a batch.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    /// Overwrite data the image owns: write the request bytes at `host + start`.
+    InPlace { host: u64 },
+    /// Write into `host` and link `new` when done.
+    Link {
+        /// Target host cluster.
+        host: u64,
+        /// Allocated by this batch (give back on error).
+        fresh: bool,
+        /// Mapping before the write (fill source, references to drop).
+        old: Mapping,
+        /// Subclusters written in full, filled from `old` where the request does not cover.
+        fill_mask: u32,
+        /// Mapping after the write.
+        new: Mapping,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    /// Guest offset of the cluster.
+    guest: u64,
+    /// First byte of the request inside the cluster.
+    start: u64,
+    /// Request bytes inside the cluster.
+    len: u64,
+    /// Offset of those bytes in the caller's buffer.
+    buf_off: usize,
+    action: Action,
+}
+
+/// Writes `buf` at guest `offset` (range already checked).
+pub fn write(img: &Image, buf: &[u8], offset: u64) -> Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        done += write_batch(img, &buf[done..], offset + done as u64)?;
+    }
+    Ok(())
+}
+
+fn all_subclusters(geo: &Geometry) -> u32 {
+    if geo.extended_l2 {
+        u32::MAX
+    } else {
+        1
+    }
+}
+
+/// Subclusters touched by `[start, start+len)` inside a cluster.
+fn touched_mask(geo: &Geometry, start: u64, len: u64) -> u32 {
+    if !geo.extended_l2 {
+        return 1;
+    }
+    let sub = geo.subcluster_size();
+    let first = (start / sub) as u32;
+    let last = ((start + len - 1) / sub) as u32;
+    Geometry::subcluster_mask(first, last)
+}
+
+/// Decides the action for one cluster given its current mapping. `alloc` is called when a
+/// fresh cluster is needed.
+fn decide(
+    geo: &Geometry,
+    old: Mapping,
+    start: u64,
+    len: u64,
+    alloc: &mut dyn FnMut() -> Result<u64>,
+) -> Result<Action> {
+    let touched = touched_mask(geo, start, len);
+    let all = all_subclusters(geo);
+    Ok(match old {
+        Mapping::Data {
+            host,
+            copied: true,
+            alloc: a,
+            zero: z,
+        } => {
+            if touched & !a == 0 {
+                Action::InPlace { host }
+            } else {
+                Action::Link {
+                    host,
+                    fresh: false,
+                    old,
+                    fill_mask: touched & !a,
+                    new: Mapping::Data {
+                        host,
+                        copied: true,
+                        alloc: a | touched,
+                        zero: z & !touched,
+                    },
+                }
+            }
+        }
+        Mapping::Zero { host, copied: true } if host != 0 => Action::Link {
+            host,
+            fresh: false,
+            old,
+            fill_mask: all,
+            new: Mapping::Data {
+                host,
+                copied: true,
+                alloc: all,
+                zero: 0,
+            },
+        },
+        _ => {
+            let host = alloc()?;
+            let (fill_mask, new_alloc, new_zero) = match old {
+                Mapping::Unallocated { zero } => (touched, touched, zero & !touched),
+                Mapping::Data {
+                    alloc: a, zero: z, ..
+                } => (touched | a, a | touched, z & !touched),
+                _ => (all, all, 0),
+            };
+            let (fill_mask, new_alloc) = if geo.extended_l2 {
+                (fill_mask, new_alloc)
+            } else {
+                (1, u32::MAX)
+            };
+            Action::Link {
+                host,
+                fresh: true,
+                old,
+                fill_mask,
+                new: Mapping::Data {
+                    host,
+                    copied: true,
+                    alloc: new_alloc,
+                    zero: new_zero,
+                },
+            }
+        }
+    })
+}
+
+fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
+    let geo = img.geo;
+    let cs = geo.cluster_size();
+    let coverage = geo.l2_coverage();
+    let end = ((offset / coverage + 1) * coverage).min(offset + buf.len() as u64);
+    let mut ops: Vec<Op> = Vec::new();
+
+    // 1. Plan.
+    {
+        let mut m = img.lock_meta();
+        let mut pos = offset;
+        while pos < end {
+            let cluster = geo.cluster_start(pos);
+            let gidx = geo.cluster_index(pos);
+            if m.inflight.contains(&gidx) {
+                if !ops.is_empty() {
+                    break;
+                }
+                m = img.inflight_done.wait(m).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            let start = pos - cluster;
+            let len = (cs - start).min(end - pos);
+            let old = match m.lookup(&img.file, pos) {
+                Ok(o) => o,
+                Err(e) => {
+                    abandon(img, &mut m, &ops);
+                    return Err(e);
+                }
+            };
+            let file = &img.file;
+            let mut alloc = || m.rc.alloc(file, 1);
+            let action = match decide(&geo, old, start, len, &mut alloc) {
+                Ok(a) => a,
+                Err(e) => {
+                    abandon(img, &mut m, &ops);
+                    return Err(e);
+                }
+            };
+            if let Action::Link { .. } = action {
+                m.inflight.insert(gidx);
+            }
+            ops.push(Op {
+                guest: cluster,
+                start,
+                len,
+                buf_off: (pos - offset) as usize,
+                action,
+            });
+            pos += len;
+        }
+    }
+    let written: u64 = ops.iter().map(|o| o.len).sum();
+
+    // 2. I/O.
+    if let Err(e) = do_io(img, buf, &ops) {
+        let mut m = img.lock_meta();
+        abandon(img, &mut m, &ops);
+        return Err(e);
+    }
+
+    // 3. Link.
+    if ops.iter().any(|o| matches!(o.action, Action::Link { .. })) {
+        let mut m = img.lock_meta();
+        let res = link(img, &mut m, &ops);
+        if let Err(e) = res {
+            abandon(img, &mut m, &ops);
+            return Err(e);
+        }
+        for op in &ops {
+            m.inflight.remove(&geo.cluster_index(op.guest));
+        }
+        drop(m);
+        img.inflight_done.notify_all();
+    }
+    Ok(written as usize)
+}
+
+fn link(img: &Image, m: &mut super::meta::Meta, ops: &[Op]) -> Result<()> {
+    let geo = img.geo;
+    let Some(first) = ops.first() else {
+        return Ok(());
+    };
+    let table = m.l2_for_write(&img.file, geo.l1_index(first.guest))?;
+    for op in ops {
+        if let Action::Link {
+            fresh, old, new, ..
+        } = op.action
+        {
+            m.set_mapping(&img.file, table, geo.l2_index(op.guest), new)?;
+            if fresh {
+                m.release(old);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gives back the fresh clusters of a failed batch and clears its in-flight marks. Clusters
+/// that were already linked are not given back (their L2 entries may be written).
+fn abandon(img: &Image, m: &mut super::meta::Meta, ops: &[Op]) {
+    let geo = img.geo;
+    for op in ops {
+        if let Action::Link { host, fresh, .. } = op.action {
+            let gidx = geo.cluster_index(op.guest);
+            if m.inflight.remove(&gidx) && fresh {
+                let still_unlinked = match m.lookup(&img.file, op.guest) {
+                    Ok(cur) => cur.host_cluster() != Some(host),
+                    Err(_) => false,
+                };
+                if still_unlinked {
+                    let _ = m.rc.update(&img.file, host >> geo.cluster_bits, -1);
+                }
+            }
+        }
+    }
+    img.inflight_done.notify_all();
+}
+
+/// A pending host write: either a slice of the caller's buffer or a bounce buffer.
+enum Piece<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Piece<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Borrowed(b) => b,
+            Piece::Owned(v) => v,
+        }
+    }
+}
+
+fn do_io(img: &Image, buf: &[u8], ops: &[Op]) -> Result<()> {
+    let mut pending: Vec<(u64, Piece)> = Vec::new();
+    for op in ops {
+        let req = &buf[op.buf_off..op.buf_off + op.len as usize];
+        match op.action {
+            Action::InPlace { host } => pending.push((host + op.start, Piece::Borrowed(req))),
+            Action::Link {
+                host,
+                old,
+                fill_mask,
+                ..
+            } => cluster_pieces(img, op, req, host, old, fill_mask, &mut pending)?,
+        }
+    }
+    // Merge host-contiguous slices of the caller's buffer into single writes.
+    let mut i = 0;
+    while i < pending.len() {
+        let (host, ref piece) = pending[i];
+        if let Piece::Borrowed(first) = piece {
+            let mut len = first.len();
+            let mut j = i + 1;
+            while j < pending.len() {
+                match &pending[j] {
+                    (h, Piece::Borrowed(b))
+                        if *h == host + len as u64 && adjacent(first, len, b) =>
+                    {
+                        len += b.len();
+                        j += 1;
+                    }
+                    _ => break,
+                }
+            }
+            // SAFETY-free re-slicing: all merged pieces are consecutive parts of `buf`.
+            let start = first.as_ptr() as usize - buf.as_ptr() as usize;
+            img.file
+                .write(&buf[start..start + len], host, WriteKind::Data)?;
+            i = j;
+        } else {
+            img.file.write(piece.bytes(), host, WriteKind::Data)?;
+            i += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Whether slice `b` starts right where a run of `len` bytes starting at `first` ends.
+fn adjacent(first: &[u8], len: usize, b: &[u8]) -> bool {
+    first.as_ptr() as usize + len == b.as_ptr() as usize
+}
+
+/// Produces the host writes of one cluster being written into `host`: runs of subclusters in
+/// `fill_mask` are written in full (request bytes plus fill from `old`), and request bytes in
+/// subclusters outside it (already allocated in place) are written as they are.
+fn cluster_pieces<'a>(
+    img: &Image,
+    op: &Op,
+    req: &'a [u8],
+    host: u64,
+    old: Mapping,
+    fill_mask: u32,
+    out: &mut Vec<(u64, Piece<'a>)>,
+) -> Result<()> {
+    let geo = img.geo;
+    let sub = geo.subcluster_size();
+    let n = if geo.extended_l2 { SUBCLUSTERS } else { 1 };
+    let touched = touched_mask(&geo, op.start, op.len);
+    let (rs, re) = (op.start, op.start + op.len);
+    let mut decompressed: Option<Vec<u8>> = None;
+    let mut sc = 0;
+    while sc < n {
+        let bit = 1u32 << sc;
+        if fill_mask & bit == 0 {
+            if touched & bit != 0 {
+                // Allocated in place: only the request bytes of this subcluster.
+                let a = (sc as u64 * sub).max(rs);
+                let b = ((sc as u64 + 1) * sub).min(re);
+                out.push((
+                    host + a,
+                    Piece::Borrowed(&req[(a - rs) as usize..(b - rs) as usize]),
+                ));
+            }
+            sc += 1;
+            continue;
+        }
+        // A run of subclusters written in full.
+        let mut last = sc;
+        while last + 1 < n && fill_mask & (1u32 << (last + 1)) != 0 {
+            last += 1;
+        }
+        let a = sc as u64 * sub;
+        let b = (last as u64 + 1) * sub;
+        if rs <= a && b <= re {
+            out.push((
+                host + a,
+                Piece::Borrowed(&req[(a - rs) as usize..(b - rs) as usize]),
+            ));
+        } else {
+            let mut bounce = vec![0u8; (b - a) as usize];
+            for s in sc..=last {
+                let sa = s as u64 * sub;
+                let sb = sa + sub;
+                // Fill the parts of this subcluster outside the request.
+                for (fa, fb) in [(sa, sb.min(rs).max(sa)), (sa.max(re).min(sb), sb)] {
+                    if fa < fb {
+                        fill(
+                            img,
+                            op.guest,
+                            old,
+                            s,
+                            fa,
+                            &mut bounce[(fa - a) as usize..(fb - a) as usize],
+                            &mut decompressed,
+                        )?;
+                    }
+                }
+            }
+            let ca = rs.max(a);
+            let cb = re.min(b);
+            if ca < cb {
+                bounce[(ca - a) as usize..(cb - a) as usize]
+                    .copy_from_slice(&req[(ca - rs) as usize..(cb - rs) as usize]);
+            }
+            out.push((host + a, Piece::Owned(bounce)));
+        }
+        sc = last + 1;
+    }
+    Ok(())
+}
+
+/// Fills `out` with the old contents of bytes `[at, at+out.len())` of the cluster at guest
+/// offset `guest`, all within subcluster `sc`.
+fn fill(
+    img: &Image,
+    guest: u64,
+    old: Mapping,
+    sc: u32,
+    at: u64,
+    out: &mut [u8],
+    decompressed: &mut Option<Vec<u8>>,
+) -> Result<()> {
+    let geo = img.geo;
+    match old.subcluster(&geo, sc) {
+        SubclusterState::Zero => {
+            out.fill(0);
+            Ok(())
+        }
+        SubclusterState::Unallocated => match &img.backing {
+            Some(b) => b.read(out, guest + at),
+            None => {
+                out.fill(0);
+                Ok(())
+            }
+        },
+        SubclusterState::Data(_) => {
+            let Some(h) = old.host_cluster() else {
+                out.fill(0);
+                return Ok(());
+            };
+            img.file
+                .read_zero_padded(out, h + at, "copy-on-write source")
+        }
+        SubclusterState::Compressed => {
+            if decompressed.is_none() {
+                if let Mapping::Compressed { host, csize } = old {
+                    *decompressed = Some(read::read_compressed(img, host, csize)?);
+                }
+            }
+            match decompressed {
+                Some(c) => out.copy_from_slice(&c[at as usize..at as usize + out.len()]),
+                None => out.fill(0),
+            }
+            Ok(())
+        }
+    }
+}

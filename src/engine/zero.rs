@@ -1,0 +1,200 @@
+//! write_zeroes and discard: metadata-only updates where the format allows, explicit zero
+//! writes through the write path where it does not.
+
+use super::{write, Image};
+use crate::error::Result;
+use crate::format::entry::Mapping;
+use crate::format::Geometry;
+
+/// What to do with one cluster.
+enum Decision {
+    /// Nothing: it already reads as required.
+    Skip,
+    /// Replace the mapping; release the old references when `release`.
+    Set { new: Mapping, release: bool },
+    /// Write explicit zeros over the given bytes of the cluster.
+    WriteZeros,
+}
+
+/// Applies `decide(old_mapping, start_in_cluster, end_in_cluster)` to every cluster touched by
+/// `[offset, end)`, collecting the ranges that need explicit zero writes.
+fn update_clusters(
+    img: &Image,
+    offset: u64,
+    end: u64,
+    decide: &mut dyn FnMut(Mapping, u64, u64) -> Decision,
+) -> Result<Vec<(u64, u64)>> {
+    let geo = img.geo;
+    let cs = geo.cluster_size();
+    let mut fallback = Vec::new();
+    let mut pos = offset;
+    let mut m = img.lock_meta();
+    while pos < end {
+        let cluster = geo.cluster_start(pos);
+        let gidx = geo.cluster_index(pos);
+        if m.inflight.contains(&gidx) {
+            m = img.inflight_done.wait(m).unwrap_or_else(|p| p.into_inner());
+            continue;
+        }
+        let a = pos - cluster;
+        let b = (end - cluster).min(cs);
+        let old = m.lookup(&img.file, pos)?;
+        match decide(old, a, b) {
+            Decision::Skip => {}
+            Decision::WriteZeros => fallback.push((pos, b - a)),
+            Decision::Set { new, release } => {
+                let table = m.l2_for_write(&img.file, geo.l1_index(pos))?;
+                m.set_mapping(&img.file, table, geo.l2_index(pos), new)?;
+                if release {
+                    m.release(old);
+                }
+            }
+        }
+        pos = cluster + b;
+    }
+    drop(m);
+    Ok(fallback)
+}
+
+fn write_explicit_zeros(img: &Image, ranges: &[(u64, u64)]) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(ranges.iter().map(|r| r.1).max().unwrap_or(0)) as usize];
+    for &(mut off, mut len) in ranges {
+        while len > 0 {
+            let n = len.min(CHUNK);
+            write::write(img, &zeros[..n as usize], off)?;
+            off += n;
+            len -= n;
+        }
+    }
+    Ok(())
+}
+
+/// Makes `[offset, offset+count)` read as zeros.
+pub fn write_zeroes(img: &Image, offset: u64, count: u64, may_unmap: bool) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    let geo = img.geo;
+    let end = offset + count;
+    let gran = geo.subcluster_size();
+    let cs = geo.cluster_size();
+    let has_backing = img.backing.is_some();
+    let v3 = img.version >= 3;
+    let all = if geo.extended_l2 { u32::MAX } else { 1 };
+    // Unaligned head and tail (below the metadata granularity) are written as data.
+    let mid_start = offset.div_ceil(gran) * gran;
+    let mid_end = (end / gran) * gran;
+    let mut explicit = Vec::new();
+    if mid_start >= mid_end {
+        explicit.push((offset, count));
+    } else {
+        if offset < mid_start {
+            explicit.push((offset, mid_start - offset));
+        }
+        let mut decide = |old: Mapping, a: u64, b: u64| -> Decision {
+            let full = a == 0 && b == cs;
+            let reads_zero_already = !has_backing && matches!(old, Mapping::Unallocated { .. });
+            if geo.extended_l2 {
+                let mask = Geometry::subcluster_mask((a / gran) as u32, ((b - 1) / gran) as u32);
+                match old {
+                    _ if reads_zero_already => Decision::Skip,
+                    Mapping::Unallocated { zero } => Decision::Set {
+                        new: Mapping::Unallocated { zero: zero | mask },
+                        release: false,
+                    },
+                    Mapping::Data {
+                        host,
+                        copied: true,
+                        alloc,
+                        zero,
+                    } if !(full && may_unmap) => Decision::Set {
+                        new: Mapping::Data {
+                            host,
+                            copied: true,
+                            alloc: alloc & !mask,
+                            zero: zero | mask,
+                        },
+                        release: false,
+                    },
+                    _ if full => Decision::Set {
+                        new: Mapping::Unallocated { zero: all },
+                        release: true,
+                    },
+                    _ => Decision::WriteZeros,
+                }
+            } else if v3 {
+                match old {
+                    _ if reads_zero_already => Decision::Skip,
+                    Mapping::Zero { host: 0, .. } => Decision::Skip,
+                    Mapping::Zero { copied: true, .. } if !may_unmap => Decision::Skip,
+                    Mapping::Data {
+                        host, copied: true, ..
+                    } if !may_unmap => Decision::Set {
+                        new: Mapping::Zero { host, copied: true },
+                        release: false,
+                    },
+                    _ => Decision::Set {
+                        new: Mapping::Zero {
+                            host: 0,
+                            copied: false,
+                        },
+                        release: true,
+                    },
+                }
+            } else if !has_backing {
+                match old {
+                    Mapping::Unallocated { .. } => Decision::Skip,
+                    _ => Decision::Set {
+                        new: Mapping::Unallocated { zero: 0 },
+                        release: true,
+                    },
+                }
+            } else {
+                Decision::WriteZeros
+            }
+        };
+        explicit.extend(update_clusters(img, mid_start, mid_end, &mut decide)?);
+        if mid_end < end {
+            explicit.push((mid_end, end - mid_end));
+        }
+    }
+    write_explicit_zeros(img, &explicit)
+}
+
+/// Releases every cluster fully inside `[offset, offset+count)`.
+pub fn discard(img: &Image, offset: u64, count: u64) -> Result<()> {
+    let geo = img.geo;
+    let cs = geo.cluster_size();
+    let start = offset.div_ceil(cs) * cs;
+    let end = ((offset + count) / cs) * cs;
+    if start >= end {
+        return Ok(());
+    }
+    let has_backing = img.backing.is_some();
+    let target = if has_backing && img.version >= 3 {
+        if geo.extended_l2 {
+            Mapping::Unallocated { zero: u32::MAX }
+        } else {
+            Mapping::Zero {
+                host: 0,
+                copied: false,
+            }
+        }
+    } else {
+        Mapping::Unallocated { zero: 0 }
+    };
+    let mut decide = |old: Mapping, _a: u64, _b: u64| -> Decision {
+        if old == target || (!has_backing && matches!(old, Mapping::Unallocated { .. })) {
+            Decision::Skip
+        } else {
+            Decision::Set {
+                new: target,
+                release: true,
+            }
+        }
+    };
+    let explicit = update_clusters(img, start, end, &mut decide)?;
+    debug_assert!(explicit.is_empty());
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! The on-disk layout of qcow2: bytes to typed structures and back, with validation.
+//!
+//! Nothing in here does I/O or takes locks; the engine reads bytes and hands them over.
+
+pub mod be;
+pub mod entry;
+pub mod geometry;
+pub mod header;
+pub mod refcount;
+pub mod snapshot;
+
+pub use geometry::Geometry;
+pub use header::Header;

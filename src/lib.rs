@@ -1,0 +1,28 @@
+//! oxcow: a qcow2 disk-image engine with a stable C ABI.
+//!
+//! The Rust API is [`Image`] (open, read, write, zero, discard, flush, info, block status) and
+//! [`create`]. The C ABI in `capi` wraps exactly this API; see `include/oxcow.h`.
+//!
+//! Threads: an [`Image`] is `Send + Sync`; every method may be called from any number of threads
+//! at once, except that closing (dropping) races nothing by construction in Rust.
+//!
+//! Durability: like a disk with a volatile write cache. Data and metadata written before a
+//! successful [`Image::flush`] survive a crash; later writes may or may not. A crash never
+//! leaves worse than leaked clusters.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod capi;
+mod engine;
+pub mod error;
+pub mod format;
+mod options;
+pub mod storage;
+
+pub use engine::create::create;
+pub use engine::Image;
+pub use error::{Error, Result};
+pub use options::{
+    BackingFormat, CompressionType, CreateOptions, Extent, ImageInfo, OpenOptions, Preallocation,
+    ZeroFlags, EXTENT_ALLOCATED, EXTENT_BACKING, EXTENT_COMPRESSED, EXTENT_ZERO,
+};

@@ -1,0 +1,167 @@
+//! Options for creating and opening images, and the descriptive types the API returns.
+
+/// Compression algorithm recorded in the image header (qcow2 `compression_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CompressionType {
+    /// Raw deflate, called "zlib" by QEMU (header value 0).
+    #[default]
+    Deflate,
+    /// Zstandard (header value 1, sets incompatible bit 3).
+    Zstd,
+}
+
+/// How much of the image `create` allocates up front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Only the header, refcount structures and L1 table.
+    #[default]
+    Off,
+    /// Also every L2 table and every data cluster (the file is extended sparsely).
+    Metadata,
+}
+
+/// Format of a backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingFormat {
+    /// A qcow2 image (which may have its own backing file).
+    Qcow2,
+    /// A raw image.
+    Raw,
+}
+
+impl BackingFormat {
+    /// The name used in the backing-format header extension ("qcow2" or "raw").
+    pub fn name(self) -> &'static str {
+        match self {
+            BackingFormat::Qcow2 => "qcow2",
+            BackingFormat::Raw => "raw",
+        }
+    }
+
+    /// Parses a backing-format name; `None` for formats oxcow cannot read.
+    pub fn from_name(name: &str) -> Option<BackingFormat> {
+        match name {
+            "qcow2" => Some(BackingFormat::Qcow2),
+            "raw" | "file" => Some(BackingFormat::Raw),
+            _ => None,
+        }
+    }
+}
+
+/// Parameters of [`crate::create`]. `Default` gives what `qemu-img create -f qcow2` gives.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Cluster size in bytes: a power of two from 512 to 2 MiB. Default 64 KiB.
+    pub cluster_size: u32,
+    /// qcow2 version: 2 (compat 0.10) or 3 (compat 1.1). Default 3.
+    pub version: u32,
+    /// Refcount entry width in bits: 1, 2, 4, 8, 16, 32 or 64 (v2 only allows 16). Default 16.
+    pub refcount_bits: u32,
+    /// Set the lazy-refcounts compatible bit (v3 only).
+    pub lazy_refcounts: bool,
+    /// Use extended L2 entries with 32 subclusters (v3 only, cluster size >= 16 KiB).
+    pub extended_l2: bool,
+    /// Compression type recorded in the header (zstd needs v3).
+    pub compression: CompressionType,
+    /// Backing file name stored in the header, as given (relative names resolve against the
+    /// directory of the new image).
+    pub backing_file: Option<String>,
+    /// Format of the backing file; required when `backing_file` is set, like qemu-img's `-F`.
+    pub backing_format: Option<BackingFormat>,
+    /// Preallocation mode.
+    pub preallocation: Preallocation,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            cluster_size: 65536,
+            version: 3,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            extended_l2: false,
+            compression: CompressionType::Deflate,
+            backing_file: None,
+            backing_format: None,
+            preallocation: Preallocation::Off,
+        }
+    }
+}
+
+/// Parameters of [`crate::Image::open`]. `Default` is a read-only open with the backing chain.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Open read-write. Without it the open never writes a byte to any file.
+    pub writable: bool,
+    /// Do not open the backing file: unallocated clusters read as zeros.
+    pub no_backing: bool,
+    /// Read-only open that ignores other writers' locks (like `qemu-img -U`).
+    pub force_share: bool,
+    /// Open the image file with O_DIRECT.
+    pub direct: bool,
+    /// Make every write durable before it returns (flush after each write).
+    pub writethrough: bool,
+}
+
+/// Flags of [`crate::Image::write_zeroes`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The engine may deallocate the clusters instead of keeping them allocated.
+    pub may_unmap: bool,
+}
+
+/// Static facts about an open image, as `qemu-img info` would report them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u32,
+    /// qcow2 version (2 or 3).
+    pub version: u32,
+    /// Refcount entry width in bits.
+    pub refcount_bits: u32,
+    /// Extended L2 entries (subclusters) in use.
+    pub extended_l2: bool,
+    /// Compression type in the header.
+    pub compression: CompressionType,
+    /// Lazy refcounts compatible bit.
+    pub lazy_refcounts: bool,
+    /// Dirty bit (refcounts may be stale).
+    pub dirty: bool,
+    /// Corrupt bit.
+    pub corrupt: bool,
+    /// The handle is read-only.
+    pub read_only: bool,
+    /// Number of internal snapshots.
+    pub snapshot_count: u32,
+    /// Backing file name as stored in the header.
+    pub backing_file: Option<String>,
+    /// Backing format as stored in the header extension.
+    pub backing_format: Option<String>,
+    /// Size of the image file in bytes.
+    pub file_size: u64,
+}
+
+/// Allocation status of a guest range, returned by [`crate::Image::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Guest offset where the extent starts (the requested offset).
+    pub offset: u64,
+    /// Length in bytes over which the status below holds (>= 1, <= the requested count).
+    pub length: u64,
+    /// `EXTENT_*` flags.
+    pub flags: u32,
+    /// Host offset of the data in this image's file, when `EXTENT_ALLOCATED` is set and
+    /// `EXTENT_COMPRESSED` is not; 0 otherwise.
+    pub host_offset: u64,
+}
+
+/// The range is backed by clusters in this image's file (data, compressed or preallocated).
+pub const EXTENT_ALLOCATED: u32 = 1;
+/// The range is known to read as zeros.
+pub const EXTENT_ZERO: u32 = 2;
+/// The range reads from the backing chain.
+pub const EXTENT_BACKING: u32 = 4;
+/// The range is stored compressed.
+pub const EXTENT_COMPRESSED: u32 = 8;

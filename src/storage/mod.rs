@@ -1,0 +1,151 @@
+//! The host file: positioned I/O, durability, growth, and the one choke point every write to
+//! an image file passes through.
+//!
+//! [`Backend`] is the raw device (a POSIX file here; tests can plug in a fault-injecting one).
+//! [`HostFile`] wraps it with the image's name for error messages and funnels every write
+//! through [`HostFile::write`], where the metadata-overlap guard and fault injection hang.
+
+mod posix;
+
+pub use posix::PosixFile;
+
+use crate::error::{Error, Result};
+use std::io;
+use std::sync::Arc;
+
+/// A positioned-I/O device holding one image file.
+pub trait Backend: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `offset`; returns the count read (short only at EOF).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes all of `buf` at `offset`, growing the file if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Current size of the file in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends the file.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+/// What a host write is for; the overlap guard exempts the structure being updated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    /// Guest data or copy-on-write of guest data.
+    Data,
+    /// The image header (cluster 0).
+    Header,
+    /// The active L1 table.
+    L1,
+    /// An active L2 table.
+    L2,
+    /// The refcount table.
+    RefcountTable,
+    /// A refcount block.
+    RefcountBlock,
+}
+
+/// One image file: a backend plus its name, with every write funnelled through [`Self::write`].
+pub struct HostFile {
+    backend: Arc<dyn Backend>,
+    name: String,
+}
+
+impl HostFile {
+    /// Wraps a backend; `name` appears in error messages.
+    pub fn new(backend: Arc<dyn Backend>, name: impl Into<String>) -> HostFile {
+        HostFile {
+            backend,
+            name: name.into(),
+        }
+    }
+
+    /// The name used in messages (normally the path).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the file read as
+    /// zeros, like a sparse file.
+    pub fn read_zero_padded(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self
+                .backend
+                .read_at(&mut buf[done..], offset + done as u64)
+                .map_err(|e| {
+                    Error::io(
+                        format!(
+                            "reading {what} at {:#x} of {}",
+                            offset + done as u64,
+                            self.name
+                        ),
+                        e,
+                    )
+                })?;
+            if n == 0 {
+                buf[done..].fill(0);
+                break;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads up to `buf.len()` bytes and returns how many the file had.
+    pub fn read_some(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self
+                .backend
+                .read_at(&mut buf[done..], offset + done as u64)
+                .map_err(|e| {
+                    Error::io(format!("reading {what} at {offset:#x} of {}", self.name), e)
+                })?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+
+    /// The choke point for every write to the image file.
+    pub fn write(&self, buf: &[u8], offset: u64, kind: WriteKind) -> Result<()> {
+        self.backend.write_at(buf, offset).map_err(|e| {
+            Error::io(
+                format!(
+                    "writing {} bytes of {kind:?} at {offset:#x} of {}",
+                    buf.len(),
+                    self.name
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Makes every completed write durable.
+    pub fn sync(&self) -> Result<()> {
+        self.backend
+            .sync()
+            .map_err(|e| Error::io(format!("syncing {}", self.name), e))
+    }
+
+    /// Size of the file.
+    pub fn len(&self) -> Result<u64> {
+        self.backend
+            .len()
+            .map_err(|e| Error::io(format!("getting the size of {}", self.name), e))
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Truncates or extends the file.
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        self.backend
+            .set_len(len)
+            .map_err(|e| Error::io(format!("resizing {} to {len}", self.name), e))
+    }
+}
