@@ -1,1 +1,96 @@
-//! The C ABI (see include/oxcow.h).
+//! The C ABI (see include/oxcow.h, generated from this module by build.rs with cbindgen).
+//!
+//! This module only adapts: null and argument checks, the panic boundary
+//! ([`error::boundary`]), and the errno mapping ([`crate::Error::errno`], negated). All the
+//! work is done by [`crate::Image`] and [`crate::create`].
+//!
+//! Conventions: functions return 0 or a negative errno; outputs are written only on success;
+//! NULL handles and pointers give -EINVAL; `*err` is set only on failure and only when `err` is
+//! not NULL; option structs smaller than their version-1 size and unknown flag bits give -EINVAL.
+
+// The C names (oxcow_image, oxcow_info, ...) are the ABI; keep them as they are.
+#![allow(non_camel_case_types)]
+
+pub mod create;
+pub mod error;
+pub mod image;
+pub mod types;
+pub mod version;
+
+pub use create::oxcow_create;
+pub use error::{oxcow_error, oxcow_error_errno, oxcow_error_free, oxcow_error_message};
+pub use image::{
+    oxcow_block_status, oxcow_check, oxcow_close, oxcow_discard, oxcow_flush, oxcow_get_info,
+    oxcow_image, oxcow_open, oxcow_pread, oxcow_preadv, oxcow_pwrite, oxcow_pwritev, oxcow_reopen,
+    oxcow_write_zeroes,
+};
+pub use types::*;
+pub use version::{oxcow_version_number, oxcow_version_string};
+
+/// Writes `value` to `*p` inside the panic boundary; NULL is a no-op. Used by the `_init`
+/// functions.
+///
+/// # Safety
+/// `p` is NULL or valid (and aligned) for writing one `T`.
+unsafe fn init_struct<T>(p: *mut T, value: T) {
+    error::boundary(
+        None,
+        || {
+            if !p.is_null() {
+                // SAFETY: non-NULL, and the caller guarantees it is valid for one write;
+                // write() neither reads nor drops the old (possibly uninitialised) contents.
+                unsafe { p.write(value) }
+            }
+        },
+        |_| (),
+    )
+}
+
+/// Reads the version-1 prefix of a caller's option struct after checking `struct_size`.
+/// NULL gives `None`.
+///
+/// # Safety
+/// `p` is NULL or points to a readable `T` whose first field is a `u32` struct size; when that
+/// size is at least `size_of::<T>()`, the whole `T` is readable.
+unsafe fn read_options<T: Copy>(p: *const T, name: &str) -> error::CResult<Option<T>> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: every option struct starts with `uint32_t struct_size`, readable per contract.
+    let size = unsafe { p.cast::<u32>().read() };
+    let need = std::mem::size_of::<T>();
+    if (size as usize) < need {
+        return error::einval(format!(
+            "{name}.struct_size is {size}, smaller than the {need} bytes of version 1; \
+             initialise the struct with its _init function"
+        ));
+    }
+    // SAFETY: the caller's struct is at least as large as T (checked above) and aligned for T.
+    Ok(Some(unsafe { p.read() }))
+}
+
+/// Checks the output struct's `struct_size` before it is written.
+///
+/// # Safety
+/// `p` is non-NULL and points to a readable `u32` (the struct's first field).
+unsafe fn check_out_size<T>(p: *const T, name: &str) -> error::CResult<()> {
+    // SAFETY: forwarded from this function's contract.
+    let size = unsafe { p.cast::<u32>().read() };
+    let need = std::mem::size_of::<T>();
+    if (size as usize) < need {
+        return error::einval(format!(
+            "{name}.struct_size is {size}, smaller than the {need} bytes of version 1; \
+             initialise the struct with its _init function"
+        ));
+    }
+    Ok(())
+}
+
+/// Rejects flag bits outside `known`.
+fn check_flags(flags: u32, known: u32, what: &str) -> error::CResult<()> {
+    let unknown = flags & !known;
+    if unknown != 0 {
+        return error::einval(format!("unknown {what} flag bits {unknown:#x}"));
+    }
+    Ok(())
+}

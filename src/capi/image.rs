@@ -1,0 +1,534 @@
+//! The image handle and every call on it: open, close, I/O, zero/discard, flush, info, block
+//! status, and the not-yet-implemented reopen and check.
+
+use super::create::c_path;
+use super::error::{call, einval, oxcow_error, CResult};
+use super::types::*;
+use crate::{Error, Image, OpenOptions, ZeroFlags};
+use std::ffi::{c_char, c_int, c_void};
+use std::ptr;
+
+/// The most buffers one vectored call accepts (Linux's IOV_MAX / UIO_MAXIOV).
+const IOV_MAX: c_int = 1024;
+
+/// All open flags this library knows.
+const OPEN_FLAGS: u32 = OXCOW_OPEN_RDWR
+    | OXCOW_OPEN_NO_BACKING
+    | OXCOW_OPEN_FORCE_SHARE
+    | OXCOW_OPEN_DIRECT
+    | OXCOW_OPEN_WRITETHROUGH;
+
+/// An open image (opaque). Created by oxcow_open(), destroyed by oxcow_close(). Any number of
+/// threads may use one handle at once, except that oxcow_close() must not race other calls.
+pub struct oxcow_image {
+    inner: Image,
+}
+
+/// Resolves a caller's handle to the image (`None` for NULL), before the panic boundary so
+/// that a panic can fence it.
+///
+/// # Safety
+/// `img` is NULL or a live handle from oxcow_open() that stays open for `'a`.
+unsafe fn resolve<'a>(img: *const oxcow_image) -> Option<&'a Image> {
+    // SAFETY: NULL or a live handle per the contract; only shared access is created, which is
+    // sound because Image is Sync and every method takes &self.
+    unsafe { img.as_ref() }.map(|h| &h.inner)
+}
+
+/// Runs `f` on the image inside the panic boundary; NULL handles give -EINVAL.
+///
+/// # Safety
+/// `img` is NULL or a live handle; `err` is NULL or valid for writing one pointer.
+unsafe fn with_image(
+    img: *const oxcow_image,
+    err: *mut *mut oxcow_error,
+    f: impl FnOnce(&Image) -> CResult<()>,
+) -> c_int {
+    // SAFETY: forwarded from this function's contract.
+    let image = unsafe { resolve(img) };
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        call(image, err, || match image {
+            Some(image) => f(image),
+            None => einval("image handle is NULL"),
+        })
+    }
+}
+
+/// Checks that `count` bytes can form one Rust slice.
+fn check_len(count: usize) -> CResult<()> {
+    if count > isize::MAX as usize {
+        return einval(format!("buffer of {count} bytes is too large"));
+    }
+    Ok(())
+}
+
+/// Checks an iovec array's count and pointer; returns it as a slice (empty for 0 entries).
+///
+/// # Safety
+/// When `iovcnt` is in range and `iov` is not NULL, `iov` points to `iovcnt` readable iovecs
+/// that outlive `'a`.
+unsafe fn iov_slice<'a>(iov: *const libc::iovec, iovcnt: c_int) -> CResult<&'a [libc::iovec]> {
+    if !(0..=IOV_MAX).contains(&iovcnt) {
+        return einval(format!("iovcnt {iovcnt} is outside 0..={IOV_MAX}"));
+    }
+    if iovcnt == 0 {
+        return Ok(&[]);
+    }
+    if iov.is_null() {
+        return einval("iov is NULL");
+    }
+    // SAFETY: non-NULL, 0 < iovcnt <= IOV_MAX, and readable for iovcnt entries per contract.
+    Ok(unsafe { std::slice::from_raw_parts(iov, iovcnt as usize) })
+}
+
+/// Checks each iovec (NULL base only with length 0) and the total length.
+fn check_iov(iov: &[libc::iovec]) -> CResult<()> {
+    let mut total: usize = 0;
+    for (i, v) in iov.iter().enumerate() {
+        if v.iov_base.is_null() && v.iov_len > 0 {
+            return einval(format!(
+                "iov[{i}].iov_base is NULL with iov_len {}",
+                v.iov_len
+            ));
+        }
+        total = match total.checked_add(v.iov_len) {
+            Some(t) => t,
+            None => return einval("total iovec length overflows"),
+        };
+        check_len(total)?;
+    }
+    Ok(())
+}
+
+/// Opens the image at `path`. `flags` is a combination of OXCOW_OPEN_* (without
+/// OXCOW_OPEN_RDWR the image is read-only and no byte is ever written to any file). `opts` may
+/// be NULL; otherwise it must have been initialised with oxcow_open_options_init(). On success
+/// `*out` receives the new handle, to be released with oxcow_close().
+///
+/// Returns 0, or a negative errno: -EINVAL (NULL path or out, unknown flag bits, short
+/// struct_size, not a qcow2 file, RDWR with FORCE_SHARE), -ENOENT/-EACCES (file), -ENOTSUP
+/// (unsupported feature or version), -EUCLEAN (corrupt image), -EAGAIN (locked by another
+/// process), -EIO. `*out` is untouched on failure; `*err` receives an error object on failure
+/// when `err` is not NULL.
+///
+/// # Safety
+/// `path` is NULL or NUL-terminated; `opts` is NULL or an initialised `oxcow_open_options`;
+/// `out` is NULL or valid for writing one pointer; `err` is NULL or valid for writing one
+/// pointer.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_open(
+    path: *const c_char,
+    flags: u32,
+    opts: *const oxcow_open_options,
+    out: *mut *mut oxcow_image,
+    err: *mut *mut oxcow_error,
+) -> c_int {
+    let body = || {
+        // SAFETY: `path` is NULL or NUL-terminated per the contract.
+        let path = unsafe { c_path(path, "path") }?;
+        if out.is_null() {
+            return einval("out is NULL");
+        }
+        super::check_flags(flags, OPEN_FLAGS, "open")?;
+        // SAFETY: `opts` is NULL or an initialised struct per the contract.
+        if let Some(o) = unsafe { super::read_options(opts, "oxcow_open_options") }? {
+            if o.reserved != 0 {
+                return einval("oxcow_open_options.reserved must be 0");
+            }
+            // cache_size is accepted; the engine does not take a budget yet.
+        }
+        let ropts = OpenOptions {
+            writable: flags & OXCOW_OPEN_RDWR != 0,
+            no_backing: flags & OXCOW_OPEN_NO_BACKING != 0,
+            force_share: flags & OXCOW_OPEN_FORCE_SHARE != 0,
+            direct: flags & OXCOW_OPEN_DIRECT != 0,
+            writethrough: flags & OXCOW_OPEN_WRITETHROUGH != 0,
+        };
+        let image = Image::open(path, &ropts)?;
+        let handle = Box::into_raw(Box::new(oxcow_image { inner: image }));
+        // SAFETY: `out` is non-NULL (checked) and writable per the contract.
+        unsafe { out.write(handle) };
+        Ok(())
+    };
+    // SAFETY: `err` is NULL or writable per the contract.
+    unsafe { call(None, err, body) }
+}
+
+/// Flushes and closes the image and frees the handle. The handle is freed even when the flush
+/// fails (the error is returned). NULL is a no-op returning 0.
+///
+/// # Safety
+/// `img` is NULL or a live handle from oxcow_open() that no other thread is using; it must not
+/// be used after this call.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_close(img: *mut oxcow_image) -> c_int {
+    if img.is_null() {
+        return 0;
+    }
+    // SAFETY: `img` came from Box::into_raw in oxcow_open and is closed only once, with no
+    // concurrent users, per the contract.
+    let handle = unsafe { Box::from_raw(img) };
+    // SAFETY: NULL `err`. A panic inside close() drops (frees) the image while unwinding.
+    unsafe { call(None, ptr::null_mut(), move || handle.inner.close()) }
+}
+
+/// Reads `count` bytes of guest data at `offset` into `buf`. Zero-length reads succeed (`buf`
+/// may then be NULL).
+///
+/// Returns 0, or -EINVAL (NULL handle, NULL buf with count > 0, range beyond the virtual
+/// size), -EIO, -EUCLEAN, -ENOMEDIUM (handle fenced).
+///
+/// # Safety
+/// `img` is NULL or a live handle; `buf` is NULL or valid for writing `count` bytes and is not
+/// accessed by anyone else during the call.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_pread(
+    img: *mut oxcow_image,
+    buf: *mut c_void,
+    count: usize,
+    offset: u64,
+) -> c_int {
+    let body = |image: &Image| {
+        check_len(count)?;
+        let slice: &mut [u8] = if count == 0 {
+            &mut []
+        } else if buf.is_null() {
+            return einval("buf is NULL");
+        } else {
+            // SAFETY: non-NULL, count <= isize::MAX, writable and unaliased per contract.
+            unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), count) }
+        };
+        image.read_at(slice, offset)
+    };
+    // SAFETY: `img` is NULL or live per the contract; NULL `err`.
+    unsafe { with_image(img, ptr::null_mut(), body) }
+}
+
+/// Writes `count` bytes from `buf` at guest `offset`. Zero-length writes succeed (`buf` may
+/// then be NULL) on a writable handle.
+///
+/// Returns 0, or -EINVAL (NULL handle, NULL buf with count > 0, range beyond the virtual
+/// size; nothing is written), -EROFS (read-only handle), -ENOSPC, -EIO, -ENOMEDIUM.
+///
+/// # Safety
+/// `img` is NULL or a live handle; `buf` is NULL or valid for reading `count` bytes, not
+/// modified during the call.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_pwrite(
+    img: *mut oxcow_image,
+    buf: *const c_void,
+    count: usize,
+    offset: u64,
+) -> c_int {
+    let body = |image: &Image| {
+        check_len(count)?;
+        let slice: &[u8] = if count == 0 {
+            &[]
+        } else if buf.is_null() {
+            return einval("buf is NULL");
+        } else {
+            // SAFETY: non-NULL, count <= isize::MAX, readable and unmodified per contract.
+            unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), count) }
+        };
+        image.write_at(slice, offset)
+    };
+    // SAFETY: `img` is NULL or live per the contract; NULL `err`.
+    unsafe { with_image(img, ptr::null_mut(), body) }
+}
+
+/// Reads guest data at `offset` into `iovcnt` buffers, filled in order. `iovcnt` 0 is a
+/// zero-length read (`iov` may then be NULL).
+///
+/// Returns 0, or -EINVAL (NULL handle, iovcnt < 0 or > 1024, NULL iov with iovcnt > 0, an
+/// entry with NULL iov_base and non-zero iov_len, range beyond the virtual size), -EIO, ...
+///
+/// # Safety
+/// `img` is NULL or a live handle; `iov` is NULL or points to `iovcnt` readable iovecs, each
+/// naming memory writable for iov_len bytes; the buffers do not overlap each other and are not
+/// accessed by anyone else during the call.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_preadv(
+    img: *mut oxcow_image,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+    offset: u64,
+) -> c_int {
+    let body = |image: &Image| {
+        // SAFETY: `iov` is NULL or readable for `iovcnt` entries per the contract.
+        let iov = unsafe { iov_slice(iov, iovcnt) }?;
+        check_iov(iov)?;
+        let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(iov.len());
+        for v in iov {
+            bufs.push(if v.iov_len == 0 {
+                &mut []
+            } else {
+                // SAFETY: non-NULL (check_iov), total <= isize::MAX, writable and not
+                // overlapping any other buffer per the contract.
+                unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }
+            });
+        }
+        image.read_vectored_at(&mut bufs, offset)
+    };
+    // SAFETY: `img` is NULL or live per the contract; NULL `err`.
+    unsafe { with_image(img, ptr::null_mut(), body) }
+}
+
+/// Writes `iovcnt` buffers, in order, at guest `offset`. `iovcnt` 0 is a zero-length write
+/// (`iov` may then be NULL).
+///
+/// Returns 0, or -EINVAL (as for oxcow_preadv(); nothing is written), -EROFS, -ENOSPC, -EIO,
+/// ...
+///
+/// # Safety
+/// `img` is NULL or a live handle; `iov` is NULL or points to `iovcnt` readable iovecs, each
+/// naming memory readable for iov_len bytes and not modified during the call.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_pwritev(
+    img: *mut oxcow_image,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+    offset: u64,
+) -> c_int {
+    let body = |image: &Image| {
+        // SAFETY: `iov` is NULL or readable for `iovcnt` entries per the contract.
+        let iov = unsafe { iov_slice(iov, iovcnt) }?;
+        check_iov(iov)?;
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(iov.len());
+        for v in iov {
+            bufs.push(if v.iov_len == 0 {
+                &[]
+            } else {
+                // SAFETY: non-NULL (check_iov), total <= isize::MAX, readable and
+                // unmodified per the contract.
+                unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) }
+            });
+        }
+        image.write_vectored_at(&bufs, offset)
+    };
+    // SAFETY: `img` is NULL or live per the contract; NULL `err`.
+    unsafe { with_image(img, ptr::null_mut(), body) }
+}
+
+/// Makes `[offset, offset + count)` read as zeros. `flags` is 0 or OXCOW_ZERO_MAY_UNMAP (the
+/// clusters may then be deallocated; otherwise fully covered allocated clusters stay
+/// allocated).
+///
+/// Returns 0, or -EINVAL (NULL handle, unknown flag bits, range beyond the virtual size),
+/// -EROFS, -ENOSPC, -EIO, -ENOMEDIUM.
+///
+/// # Safety
+/// `img` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_write_zeroes(
+    img: *mut oxcow_image,
+    offset: u64,
+    count: u64,
+    flags: u32,
+) -> c_int {
+    let body = |image: &Image| {
+        super::check_flags(flags, OXCOW_ZERO_MAY_UNMAP, "write_zeroes")?;
+        let zf = ZeroFlags {
+            may_unmap: flags & OXCOW_ZERO_MAY_UNMAP != 0,
+        };
+        image.write_zeroes(offset, count, zf)
+    };
+    // SAFETY: `img` is NULL or live per the contract; NULL `err`.
+    unsafe { with_image(img, ptr::null_mut(), body) }
+}
+
+/// Releases the clusters fully inside `[offset, offset + count)`; they then read as zeros
+/// (in version-2 images with a backing file: as the backing data). Partial clusters at the
+/// edges are left unchanged.
+///
+/// Returns 0, or -EINVAL (NULL handle, range beyond the virtual size), -EROFS, -EIO,
+/// -ENOMEDIUM.
+///
+/// # Safety
+/// `img` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_discard(img: *mut oxcow_image, offset: u64, count: u64) -> c_int {
+    // SAFETY: `img` is NULL or live per the contract; NULL `err`.
+    unsafe { with_image(img, ptr::null_mut(), |image| image.discard(offset, count)) }
+}
+
+/// Makes every write that completed before this call durable. A no-op on read-only handles.
+///
+/// Returns 0, or -EINVAL (NULL handle), -EIO, -ENOSPC, -ENOMEDIUM.
+///
+/// # Safety
+/// `img` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_flush(img: *mut oxcow_image) -> c_int {
+    // SAFETY: `img` is NULL or live per the contract; NULL `err`.
+    unsafe { with_image(img, ptr::null_mut(), |image| image.flush()) }
+}
+
+/// Changes the open flags of a live handle. Not implemented yet: after validating the
+/// arguments it returns -ENOTSUP (with a message in `*err`).
+///
+/// Returns -EINVAL (NULL handle, unknown flag bits) or -ENOTSUP.
+///
+/// # Safety
+/// `img` is NULL or a live handle; `err` is NULL or valid for writing one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_reopen(
+    img: *mut oxcow_image,
+    flags: u32,
+    err: *mut *mut oxcow_error,
+) -> c_int {
+    let body = |_: &Image| {
+        super::check_flags(flags, OPEN_FLAGS, "open")?;
+        Err(Error::Unsupported(
+            "oxcow_reopen is not implemented yet".into(),
+        ))
+    };
+    // SAFETY: `img` is NULL or live; `err` is NULL or writable, per the contract.
+    unsafe { with_image(img, err, body) }
+}
+
+/// Checks the image's metadata consistency (like `qemu-img check`), repairing leaks and/or
+/// errors as `fix` (OXCOW_CHECK_FIX_*) asks, and fills `*out` (initialised with
+/// oxcow_check_result_init()). Not implemented yet: after validating the arguments it returns
+/// -ENOTSUP (with a message in `*err`) and leaves `*out` untouched.
+///
+/// Returns -EINVAL (NULL handle or out, short struct_size, unknown fix bits) or -ENOTSUP.
+///
+/// # Safety
+/// `img` is NULL or a live handle; `out` is NULL or points to an initialised
+/// `oxcow_check_result`; `err` is NULL or valid for writing one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_check(
+    img: *mut oxcow_image,
+    fix: u32,
+    out: *mut oxcow_check_result,
+    err: *mut *mut oxcow_error,
+) -> c_int {
+    let body = |_: &Image| {
+        if out.is_null() {
+            return einval("out is NULL");
+        }
+        // SAFETY: non-NULL and initialised per the contract.
+        unsafe { super::check_out_size(out, "oxcow_check_result") }?;
+        super::check_flags(
+            fix,
+            OXCOW_CHECK_FIX_LEAKS | OXCOW_CHECK_FIX_ERRORS,
+            "check fix",
+        )?;
+        Err(Error::Unsupported(
+            "oxcow_check is not implemented yet (use 'qemu-img check')".into(),
+        ))
+    };
+    // SAFETY: `img` is NULL or live; `err` is NULL or writable, per the contract.
+    unsafe { with_image(img, err, body) }
+}
+
+/// Copies `s` into a fixed C char array, NUL-terminated; -ERANGE when it does not fit.
+fn copy_c_string(dst: &mut [c_char], s: &str, what: &str) -> CResult<()> {
+    let b = s.as_bytes();
+    if b.len() >= dst.len() || b.contains(&0) {
+        return Err(Error::io(
+            format!("{what} ({} bytes) does not fit in oxcow_info", b.len()),
+            std::io::Error::from_raw_os_error(libc::ERANGE),
+        ));
+    }
+    for (d, &c) in dst.iter_mut().zip(b) {
+        *d = c as c_char;
+    }
+    dst[b.len()] = 0;
+    Ok(())
+}
+
+/// Fills `*out` (initialised with oxcow_info_init()) with static facts about the image: sizes,
+/// version, refcount width, compression type, OXCOW_INFO_* flags, snapshot count, backing file
+/// name and format. On success `out->struct_size` is set to the number of bytes filled.
+///
+/// Returns 0, or -EINVAL (NULL handle or out, short struct_size), -ERANGE (backing name too
+/// long for the struct), -EIO.
+///
+/// # Safety
+/// `img` is NULL or a live handle; `out` is NULL or points to an initialised `oxcow_info`.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_get_info(img: *mut oxcow_image, out: *mut oxcow_info) -> c_int {
+    let body = |image: &Image| {
+        if out.is_null() {
+            return einval("out is NULL");
+        }
+        // SAFETY: non-NULL and initialised per the contract.
+        unsafe { super::check_out_size(out, "oxcow_info") }?;
+        let i = image.info()?;
+        let mut r = oxcow_info::empty();
+        r.cluster_size = i.cluster_size;
+        r.virtual_size = i.virtual_size;
+        r.file_size = i.file_size;
+        r.version = i.version;
+        r.refcount_bits = i.refcount_bits;
+        r.compression_type = match i.compression {
+            crate::CompressionType::Deflate => OXCOW_COMPRESSION_DEFLATE,
+            crate::CompressionType::Zstd => OXCOW_COMPRESSION_ZSTD,
+        };
+        let bit = |on: bool, f: u32| if on { f } else { 0 };
+        r.flags = bit(i.extended_l2, OXCOW_INFO_EXTENDED_L2)
+            | bit(i.lazy_refcounts, OXCOW_INFO_LAZY_REFCOUNTS)
+            | bit(i.dirty, OXCOW_INFO_DIRTY)
+            | bit(i.corrupt, OXCOW_INFO_CORRUPT)
+            | bit(i.read_only, OXCOW_INFO_READ_ONLY)
+            | bit(i.backing_file.is_some(), OXCOW_INFO_HAS_BACKING);
+        r.snapshot_count = i.snapshot_count;
+        if let Some(b) = &i.backing_file {
+            copy_c_string(&mut r.backing_file, b, "backing file name")?;
+        }
+        if let Some(f) = &i.backing_format {
+            copy_c_string(&mut r.backing_format, f, "backing format")?;
+        }
+        // SAFETY: non-NULL, and at least INFO_V1_SIZE bytes writable (checked above).
+        unsafe { out.write(r) };
+        Ok(())
+    };
+    // SAFETY: `img` is NULL or live per the contract; NULL `err`.
+    unsafe { with_image(img, ptr::null_mut(), body) }
+}
+
+/// Describes the allocation status of the guest range starting at `offset`: `*out` receives
+/// one extent that starts at `offset` and extends as far as the status stays the same (at
+/// least 1 byte, at most `count`). Call again from `offset + out->length` for the rest.
+///
+/// Returns 0, or -EINVAL (NULL handle or out, count 0, range beyond the virtual size), -EIO,
+/// -EUCLEAN, -ENOMEDIUM.
+///
+/// # Safety
+/// `img` is NULL or a live handle; `out` is NULL or valid for writing one `oxcow_extent`.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_block_status(
+    img: *mut oxcow_image,
+    offset: u64,
+    count: u64,
+    out: *mut oxcow_extent,
+) -> c_int {
+    let body = |image: &Image| {
+        if out.is_null() {
+            return einval("out is NULL");
+        }
+        let e = image.block_status(offset, count)?;
+        let r = oxcow_extent {
+            offset: e.offset,
+            length: e.length,
+            host_offset: e.host_offset,
+            flags: e.flags,
+            reserved: 0,
+        };
+        // SAFETY: non-NULL and writable for one extent per the contract.
+        unsafe { out.write(r) };
+        Ok(())
+    };
+    // SAFETY: `img` is NULL or live per the contract; NULL `err`.
+    unsafe { with_image(img, ptr::null_mut(), body) }
+}
+
+// The engine's extent flags are passed through unchanged; keep the values in lockstep.
+const _: () = assert!(
+    crate::EXTENT_ALLOCATED == OXCOW_EXTENT_ALLOCATED
+        && crate::EXTENT_ZERO == OXCOW_EXTENT_ZERO
+        && crate::EXTENT_BACKING == OXCOW_EXTENT_BACKING
+        && crate::EXTENT_COMPRESSED == OXCOW_EXTENT_COMPRESSED
+);

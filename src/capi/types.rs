@@ -1,0 +1,296 @@
+//! Flag constants and the option/result structs of the C ABI, with their `_init` functions.
+//!
+//! Every struct the caller passes in or out starts with `struct_size` so it can grow without
+//! breaking the ABI: the library reads (or fills) only the version-1 prefix and rejects a
+//! `struct_size` smaller than that prefix.
+
+use std::ffi::c_char;
+use std::mem::size_of;
+
+/// Open flag: open read-write. Without it the image is read-only and no byte is ever written.
+pub const OXCOW_OPEN_RDWR: u32 = 1u32;
+/// Open flag: do not open the backing file; unallocated clusters read as zeros.
+pub const OXCOW_OPEN_NO_BACKING: u32 = 2u32;
+/// Open flag: read-only open that ignores other processes' locks (like `qemu-img -U`).
+pub const OXCOW_OPEN_FORCE_SHARE: u32 = 4u32;
+/// Open flag: open the image file with O_DIRECT.
+pub const OXCOW_OPEN_DIRECT: u32 = 8u32;
+/// Open flag: every write is durable when it returns.
+pub const OXCOW_OPEN_WRITETHROUGH: u32 = 16u32;
+
+/// oxcow_write_zeroes() flag: the clusters may be deallocated instead of kept allocated.
+pub const OXCOW_ZERO_MAY_UNMAP: u32 = 1u32;
+
+/// oxcow_create_options flag: set the lazy-refcounts compatible bit (version 3 only).
+pub const OXCOW_CREATE_LAZY_REFCOUNTS: u32 = 1u32;
+/// oxcow_create_options flag: extended L2 entries with 32 subclusters (version 3 only,
+/// cluster size at least 16 KiB).
+pub const OXCOW_CREATE_EXTENDED_L2: u32 = 2u32;
+
+/// Compression type "deflate" (QEMU's "zlib"), header value 0.
+pub const OXCOW_COMPRESSION_DEFLATE: u32 = 0u32;
+/// Compression type zstd, header value 1 (version 3 only).
+pub const OXCOW_COMPRESSION_ZSTD: u32 = 1u32;
+
+/// Preallocation: only header, refcount structures and L1 table.
+pub const OXCOW_PREALLOC_OFF: u32 = 0u32;
+/// Preallocation: also every L2 table and every data cluster (the file grows sparsely).
+pub const OXCOW_PREALLOC_METADATA: u32 = 1u32;
+
+/// Extent flag: the range's contents are determined by this image (data, compressed data or a
+/// zero cluster), not by the backing chain. Without OXCOW_EXTENT_ZERO the range holds data.
+pub const OXCOW_EXTENT_ALLOCATED: u32 = 1u32;
+/// Extent flag: the range is known to read as zeros.
+pub const OXCOW_EXTENT_ZERO: u32 = 2u32;
+/// Extent flag: the range reads from the backing chain.
+pub const OXCOW_EXTENT_BACKING: u32 = 4u32;
+/// Extent flag: the range is stored compressed.
+pub const OXCOW_EXTENT_COMPRESSED: u32 = 8u32;
+
+/// oxcow_info flag: extended L2 entries (subclusters) are in use.
+pub const OXCOW_INFO_EXTENDED_L2: u32 = 1u32;
+/// oxcow_info flag: the lazy-refcounts compatible bit is set.
+pub const OXCOW_INFO_LAZY_REFCOUNTS: u32 = 2u32;
+/// oxcow_info flag: the dirty bit is set (refcounts may be stale).
+pub const OXCOW_INFO_DIRTY: u32 = 4u32;
+/// oxcow_info flag: the corrupt bit is set.
+pub const OXCOW_INFO_CORRUPT: u32 = 8u32;
+/// oxcow_info flag: the handle is read-only.
+pub const OXCOW_INFO_READ_ONLY: u32 = 16u32;
+/// oxcow_info flag: the image names a backing file (see oxcow_info.backing_file).
+pub const OXCOW_INFO_HAS_BACKING: u32 = 32u32;
+
+/// oxcow_check() flag: repair leaked clusters.
+pub const OXCOW_CHECK_FIX_LEAKS: u32 = 1u32;
+/// oxcow_check() flag: repair corruptions.
+pub const OXCOW_CHECK_FIX_ERRORS: u32 = 2u32;
+
+/// Size of oxcow_info.backing_file, including the terminating NUL.
+pub const OXCOW_INFO_BACKING_FILE_LEN: usize = 1024;
+/// Size of oxcow_info.backing_format, including the terminating NUL.
+pub const OXCOW_INFO_BACKING_FORMAT_LEN: usize = 32;
+
+/// Parameters of oxcow_create(). Initialise with oxcow_create_options_init(), then change the
+/// fields you need. Zero in a numeric field means "the default".
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct oxcow_create_options {
+    /// sizeof(oxcow_create_options) as the caller knows it; set by the _init function.
+    pub struct_size: u32,
+    /// Cluster size in bytes, a power of two from 512 to 2097152; 0 means 65536.
+    pub cluster_size: u32,
+    /// qcow2 version, 2 or 3; 0 means 3.
+    pub version: u32,
+    /// Refcount width in bits, a power of two up to 64 (version 2: only 16); 0 means 16.
+    pub refcount_bits: u32,
+    /// OXCOW_CREATE_* flags.
+    pub flags: u32,
+    /// OXCOW_COMPRESSION_* value.
+    pub compression_type: u32,
+    /// OXCOW_PREALLOC_* value (must be OXCOW_PREALLOC_OFF with a backing file).
+    pub preallocation: u32,
+    /// Must be 0.
+    pub reserved: u32,
+    /// Backing file name stored in the header, or NULL for none. Relative names resolve
+    /// against the directory of the new image. Must be valid UTF-8.
+    pub backing_file: *const c_char,
+    /// Format of the backing file, "qcow2" or "raw"; required with backing_file, NULL without.
+    pub backing_format: *const c_char,
+}
+
+/// Parameters of oxcow_open(). Initialise with oxcow_open_options_init().
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct oxcow_open_options {
+    /// sizeof(oxcow_open_options) as the caller knows it; set by the _init function.
+    pub struct_size: u32,
+    /// Must be 0.
+    pub reserved: u32,
+    /// Metadata cache budget in bytes; 0 means the default. Accepted, currently ignored.
+    pub cache_size: u64,
+}
+
+/// Static facts about an open image, filled by oxcow_get_info(). Initialise with
+/// oxcow_info_init() before the call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct oxcow_info {
+    /// sizeof(oxcow_info) as the caller knows it; on success, the number of bytes filled.
+    pub struct_size: u32,
+    /// Cluster size in bytes.
+    pub cluster_size: u32,
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Size of the image file in bytes.
+    pub file_size: u64,
+    /// qcow2 version (2 or 3).
+    pub version: u32,
+    /// Refcount entry width in bits.
+    pub refcount_bits: u32,
+    /// OXCOW_COMPRESSION_* value from the header.
+    pub compression_type: u32,
+    /// OXCOW_INFO_* flags.
+    pub flags: u32,
+    /// Number of internal snapshots.
+    pub snapshot_count: u32,
+    /// Always 0.
+    pub reserved: u32,
+    /// Backing file name as stored in the header, NUL-terminated; empty without one.
+    pub backing_file: [c_char; OXCOW_INFO_BACKING_FILE_LEN],
+    /// Backing format as stored in the header extension, NUL-terminated; empty if absent.
+    pub backing_format: [c_char; OXCOW_INFO_BACKING_FORMAT_LEN],
+}
+
+/// Allocation status of a guest range, filled by oxcow_block_status().
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct oxcow_extent {
+    /// Guest offset where the extent starts (the requested offset).
+    pub offset: u64,
+    /// Length in bytes over which the status holds: at least 1, at most the requested count.
+    pub length: u64,
+    /// Host offset of the data in the image file when the range holds uncompressed data of
+    /// this image (OXCOW_EXTENT_ALLOCATED without ZERO or COMPRESSED); 0 otherwise.
+    pub host_offset: u64,
+    /// OXCOW_EXTENT_* flags.
+    pub flags: u32,
+    /// Always 0.
+    pub reserved: u32,
+}
+
+/// Result of oxcow_check(). Initialise with oxcow_check_result_init() before the call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct oxcow_check_result {
+    /// sizeof(oxcow_check_result) as the caller knows it; on success, the bytes filled.
+    pub struct_size: u32,
+    /// Always 0.
+    pub reserved: u32,
+    /// Corruptions found (and not fixed).
+    pub corruptions: u64,
+    /// Leaked clusters found (and not fixed).
+    pub leaks: u64,
+    /// Errors that prevented checking part of the image.
+    pub check_errors: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Leaked clusters repaired.
+    pub leaks_fixed: u64,
+    /// Guest clusters in the image.
+    pub total_clusters: u64,
+    /// Guest clusters allocated in this image.
+    pub allocated_clusters: u64,
+    /// Allocated guest clusters not contiguous with their predecessor on the host.
+    pub fragmented_clusters: u64,
+    /// Compressed guest clusters.
+    pub compressed_clusters: u64,
+    /// Offset of the end of the last used host cluster.
+    pub image_end_offset: u64,
+}
+
+pub(crate) const CREATE_OPTIONS_V1_SIZE: u32 = size_of::<oxcow_create_options>() as u32;
+pub(crate) const OPEN_OPTIONS_V1_SIZE: u32 = size_of::<oxcow_open_options>() as u32;
+pub(crate) const INFO_V1_SIZE: u32 = size_of::<oxcow_info>() as u32;
+pub(crate) const CHECK_RESULT_V1_SIZE: u32 = size_of::<oxcow_check_result>() as u32;
+
+impl oxcow_create_options {
+    /// The defaults oxcow_create_options_init() writes.
+    pub(crate) fn defaults() -> oxcow_create_options {
+        oxcow_create_options {
+            struct_size: CREATE_OPTIONS_V1_SIZE,
+            cluster_size: 65536,
+            version: 3,
+            refcount_bits: 16,
+            flags: 0,
+            compression_type: OXCOW_COMPRESSION_DEFLATE,
+            preallocation: OXCOW_PREALLOC_OFF,
+            reserved: 0,
+            backing_file: std::ptr::null(),
+            backing_format: std::ptr::null(),
+        }
+    }
+}
+
+impl oxcow_open_options {
+    /// The defaults oxcow_open_options_init() writes.
+    pub(crate) fn defaults() -> oxcow_open_options {
+        oxcow_open_options {
+            struct_size: OPEN_OPTIONS_V1_SIZE,
+            reserved: 0,
+            cache_size: 0,
+        }
+    }
+}
+
+impl oxcow_info {
+    /// An all-zero info with `struct_size` set, as oxcow_info_init() writes it.
+    pub(crate) fn empty() -> oxcow_info {
+        oxcow_info {
+            struct_size: INFO_V1_SIZE,
+            cluster_size: 0,
+            virtual_size: 0,
+            file_size: 0,
+            version: 0,
+            refcount_bits: 0,
+            compression_type: 0,
+            flags: 0,
+            snapshot_count: 0,
+            reserved: 0,
+            backing_file: [0; OXCOW_INFO_BACKING_FILE_LEN],
+            backing_format: [0; OXCOW_INFO_BACKING_FORMAT_LEN],
+        }
+    }
+}
+
+impl oxcow_check_result {
+    /// An all-zero result with `struct_size` set, as oxcow_check_result_init() writes it.
+    pub(crate) fn empty() -> oxcow_check_result {
+        oxcow_check_result {
+            struct_size: CHECK_RESULT_V1_SIZE,
+            ..oxcow_check_result::default()
+        }
+    }
+}
+
+/// Fills `*opts` with the defaults (64 KiB clusters, version 3, 16-bit refcounts, no flags,
+/// deflate, no preallocation, no backing file) and sets `struct_size`. NULL is a no-op.
+///
+/// # Safety
+/// `opts` is NULL or points to writable memory for one `oxcow_create_options`.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_create_options_init(opts: *mut oxcow_create_options) {
+    // SAFETY: the caller guarantees `opts` is NULL or valid for writing one struct; write()
+    // does not read the (possibly uninitialised) old contents.
+    unsafe { super::init_struct(opts, oxcow_create_options::defaults()) }
+}
+
+/// Fills `*opts` with the defaults (cache_size 0 = library default) and sets `struct_size`.
+/// NULL is a no-op.
+///
+/// # Safety
+/// `opts` is NULL or points to writable memory for one `oxcow_open_options`.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_open_options_init(opts: *mut oxcow_open_options) {
+    // SAFETY: the caller guarantees `opts` is NULL or valid for writing one struct.
+    unsafe { super::init_struct(opts, oxcow_open_options::defaults()) }
+}
+
+/// Zeroes `*info` and sets `struct_size`. NULL is a no-op.
+///
+/// # Safety
+/// `info` is NULL or points to writable memory for one `oxcow_info`.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_info_init(info: *mut oxcow_info) {
+    // SAFETY: the caller guarantees `info` is NULL or valid for writing one struct.
+    unsafe { super::init_struct(info, oxcow_info::empty()) }
+}
+
+/// Zeroes `*r` and sets `struct_size`. NULL is a no-op.
+///
+/// # Safety
+/// `r` is NULL or points to writable memory for one `oxcow_check_result`.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_check_result_init(r: *mut oxcow_check_result) {
+    // SAFETY: the caller guarantees `r` is NULL or valid for writing one struct.
+    unsafe { super::init_struct(r, oxcow_check_result::empty()) }
+}
