@@ -1,0 +1,753 @@
+//! oxcow writes, QEMU checks: seeded random workloads are applied to an oxcow image and to a raw
+//! reference model; then `qemu-img check` must be clean, `qemu-img compare` must report the
+//! image identical to the reference, oxcow must read the reference back, and after qemu-io
+//! writes more data oxcow (re-opened) must read everything correctly.
+
+mod common;
+
+use common::*;
+use oxcow::{BackingFormat, CompressionType, CreateOptions, Image, OpenOptions, Preallocation, ZeroFlags};
+use std::path::{Path, PathBuf};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Workload
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { off: u64, len: u64, tag: u8, random: bool },
+    WriteV { off: u64, lens: Vec<u64>, tag: u8 },
+    Zero { off: u64, len: u64, unmap: bool },
+    Discard { off: u64, len: u64 },
+    Flush,
+    Reopen,
+}
+
+struct Geometry {
+    vsize: u64,
+    cs: u64,
+    l2cov: u64,
+}
+
+fn gen_offset(rng: &mut Rng, g: &Geometry) -> u64 {
+    let v = match rng.below(7) {
+        0 | 1 => rng.below(g.vsize),
+        2 => {
+            // Near a cluster boundary.
+            let c = rng.below(g.vsize / g.cs + 1) * g.cs;
+            (c + rng.below(64)).saturating_sub(32)
+        }
+        3 => {
+            // Near an L2-table boundary.
+            let n = (g.vsize / g.l2cov).max(1);
+            let b = rng.range(1, n) * g.l2cov;
+            (b + rng.below(2 * g.cs)).saturating_sub(g.cs)
+        }
+        4 => rng.below(g.vsize / g.cs) * g.cs,
+        _ => rng.below((16 * g.cs).min(g.vsize)), // a hot area: many overwrites
+    };
+    v.min(g.vsize - 1)
+}
+
+fn gen_len(rng: &mut Rng, g: &Geometry) -> u64 {
+    match rng.below(7) {
+        0 => rng.range(1, 16),
+        1 => rng.range(1, g.cs),
+        2 => g.cs,
+        3 => rng.range(1, 4 * g.cs),
+        4 => rng.range(1, 4) * g.cs,
+        5 => rng.range(1, (64 * g.cs).min(512 * KIB)),
+        _ => rng.range(g.cs / 2, 2 * g.cs + 1),
+    }
+}
+
+fn clamp(off: u64, len: u64, g: &Geometry) -> u64 {
+    len.min(g.vsize - off).max(1)
+}
+
+fn gen_ops(seed: u64, n: usize, g: &Geometry, allow_reopen: bool) -> Vec<Op> {
+    let mut rng = Rng::new(seed);
+    let mut ops = Vec::with_capacity(n);
+    for i in 0..n {
+        let tag = (i % 250 + 1) as u8;
+        let r = rng.below(100);
+        let off = gen_offset(&mut rng, g);
+        let len = clamp(off, gen_len(&mut rng, g), g);
+        let op = match r {
+            0..=49 => Op::Write { off, len, tag, random: rng.chance(30) },
+            50..=59 => {
+                let mut lens = Vec::new();
+                let mut left = len;
+                while left > 0 {
+                    let l = rng.range(1, left.min(g.cs + 7));
+                    lens.push(l);
+                    left -= l;
+                }
+                Op::WriteV { off, lens, tag }
+            }
+            60..=74 => {
+                // Zeroes: sometimes cluster-aligned so whole clusters can be unmapped.
+                let (off, len) = if rng.chance(50) {
+                    let o = off / g.cs * g.cs;
+                    (o, clamp(o, len.div_ceil(g.cs) * g.cs, g))
+                } else {
+                    (off, len)
+                };
+                Op::Zero { off, len, unmap: rng.chance(50) }
+            }
+            75..=88 => {
+                let (off, len) = if rng.chance(50) {
+                    let o = off / g.cs * g.cs;
+                    (o, clamp(o, len.div_ceil(g.cs) * g.cs, g))
+                } else {
+                    (off, len)
+                };
+                Op::Discard { off, len }
+            }
+            89..=95 => Op::Flush,
+            _ => {
+                if allow_reopen {
+                    Op::Reopen
+                } else {
+                    Op::Flush
+                }
+            }
+        };
+        ops.push(op);
+    }
+    ops
+}
+
+fn op_data(op_off: u64, len: u64, tag: u8, random: bool) -> Vec<u8> {
+    if random {
+        Rng::new(op_off ^ ((tag as u64) << 40) ^ len).bytes(len as usize)
+    } else {
+        tagged_data(tag, op_off, len as usize)
+    }
+}
+
+/// Applies `ops` to the image at `path` (opened read-write, re-opened on `Reopen`) and to
+/// `model`, spot-checking reads after each reopen.
+fn apply_ops(path: &Path, model: &mut RawModel, ops: &[Op], seed: u64, open: &OpenOptions) {
+    let mut img = Image::open(path, open).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut rng = Rng::new(seed ^ 0xabcdef);
+    for (i, op) in ops.iter().enumerate() {
+        let ctx = || format!("op #{i} {op:?} on {}", path.display());
+        match op {
+            Op::Write { off, len, tag, random } => {
+                let d = op_data(*off, *len, *tag, *random);
+                img.write_at(&d, *off).unwrap_or_else(|e| panic!("{}: {e}", ctx()));
+                model.write(*off, &d);
+            }
+            Op::WriteV { off, lens, tag } => {
+                let total: u64 = lens.iter().sum();
+                let d = op_data(*off, total, *tag, false);
+                let mut bufs: Vec<&[u8]> = Vec::new();
+                let mut p = 0usize;
+                for l in lens {
+                    bufs.push(&d[p..p + *l as usize]);
+                    p += *l as usize;
+                }
+                img.write_vectored_at(&bufs, *off).unwrap_or_else(|e| panic!("{}: {e}", ctx()));
+                model.write(*off, &d);
+            }
+            Op::Zero { off, len, unmap } => {
+                img.write_zeroes(*off, *len, ZeroFlags { may_unmap: *unmap })
+                    .unwrap_or_else(|e| panic!("{}: {e}", ctx()));
+                model.zero(*off, *len);
+            }
+            Op::Discard { off, len } => {
+                img.discard(*off, *len).unwrap_or_else(|e| panic!("{}: {e}", ctx()));
+                model.discard(*off, *len);
+            }
+            Op::Flush => img.flush().unwrap_or_else(|e| panic!("{}: {e}", ctx())),
+            Op::Reopen => {
+                img.close().unwrap_or_else(|e| panic!("{}: close: {e}", ctx()));
+                img = Image::open(path, open).unwrap_or_else(|e| panic!("{}: reopen: {e}", ctx()));
+                spot_check_reads(&img, &model.data, &mut rng, 8);
+            }
+        }
+        // Occasionally read back the range just touched.
+        if i % 7 == 3 {
+            if let Op::Write { off, len, .. } | Op::Zero { off, len, .. } | Op::Discard { off, len } = op {
+                let a = off.saturating_sub(100);
+                let b = (off + len + 100).min(model.data.len() as u64);
+                let mut buf = vec![0xeeu8; (b - a) as usize];
+                img.read_at(&mut buf, a).unwrap_or_else(|e| panic!("{}: read back: {e}", ctx()));
+                assert_same_bytes(&buf, &model.data[a as usize..b as usize], &format!("read back after {}", ctx()));
+            }
+        }
+    }
+    img.close().unwrap_or_else(|e| panic!("final close of {}: {e}", path.display()));
+}
+
+/// The checks every workload ends with: qemu-img check, qemu-img compare against the raw
+/// model, and oxcow's own full read.
+fn verify_all(dir: &TempDir, path: &Path, model: &RawModel, what: &str) {
+    let (code, out) = qemu_img_check(path);
+    if code != 0 {
+        panic!("{what}: qemu-img check {} exited {code}:\n{out}", path.display());
+    }
+    let raw = dir.join("reference.raw");
+    model.save(&raw);
+    let (code, out) = qemu_compare(path, &raw);
+    assert_eq!(code, 0, "{what}: qemu-img compare against the reference: exit {code}\n{out}");
+    let img = open_ro(path);
+    let got = oxcow_read_all(&img);
+    assert_same_bytes(&got, &model.data, &format!("{what}: oxcow read-back"));
+}
+
+/// qemu-io writes more data (data, zeroes, unmapped zeroes, discards of whole clusters), then
+/// oxcow re-opens and must read everything; then a second oxcow round on top.
+fn qemu_then_oxcow_round(dir: &TempDir, path: &Path, model: &mut RawModel, g: &Geometry, seed: u64) {
+    let mut rng = Rng::new(seed ^ 0x5151);
+    let mut cmds = Vec::new();
+    for i in 0..24 {
+        let off = gen_offset(&mut rng, g);
+        let len = clamp(off, gen_len(&mut rng, g), g);
+        let p = ((i * 41 + 7) % 254 + 1) as u8;
+        match rng.below(5) {
+            0 => {
+                cmds.push(format!("write -z {off} {len}"));
+                model.zero(off, len);
+            }
+            1 => {
+                cmds.push(format!("write -z -u {off} {len}"));
+                model.zero(off, len);
+            }
+            _ => {
+                cmds.push(format!("write -P {p:#x} {off} {len}"));
+                model.data[off as usize..(off + len) as usize].fill(p);
+            }
+        }
+    }
+    qemu_io(path, &cmds);
+    {
+        let img = open_ro(path);
+        let got = oxcow_read_all(&img);
+        assert_same_bytes(&got, &model.data, "oxcow read after qemu-io writes");
+    }
+    let ops = gen_ops(seed ^ 0x7777, 60, g, true);
+    apply_ops(path, model, &ops, seed, &rw());
+    verify_all(dir, path, model, "second oxcow round after qemu-io");
+}
+
+fn rw() -> OpenOptions {
+    OpenOptions { writable: true, ..Default::default() }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Variants
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct Variant {
+    cs: u64,
+    vsize: u64,
+    version: u32,
+    refcount_bits: u32,
+    extended_l2: bool,
+    lazy: bool,
+    by_qemu: bool,
+    backing: Option<BackingFormat>,
+    /// Backing file shorter than the overlay.
+    short_backing: bool,
+    prealloc: bool,
+    writethrough: bool,
+}
+
+impl Default for Variant {
+    fn default() -> Self {
+        Variant {
+            cs: 64 * KIB,
+            vsize: 8 * MIB,
+            version: 3,
+            refcount_bits: 16,
+            extended_l2: false,
+            lazy: false,
+            by_qemu: false,
+            backing: None,
+            short_backing: false,
+            prealloc: false,
+            writethrough: false,
+        }
+    }
+}
+
+impl Variant {
+    fn geometry(&self) -> Geometry {
+        let per = if self.extended_l2 { 16 } else { 8 };
+        Geometry { vsize: self.vsize, cs: self.cs, l2cov: self.cs * (self.cs / per) }
+    }
+    fn name(&self) -> String {
+        format!(
+            "cs{}-v{}-rb{}{}{}{}{}{}",
+            self.cs,
+            self.version,
+            self.refcount_bits,
+            if self.extended_l2 { "-extl2" } else { "" },
+            if self.by_qemu { "-qemu" } else { "-oxcow" },
+            match self.backing {
+                Some(BackingFormat::Raw) => "-rawbacking",
+                Some(BackingFormat::Qcow2) => "-qcow2backing",
+                None => "",
+            },
+            if self.prealloc { "-prealloc" } else { "" },
+            if self.lazy { "-lazy" } else { "" },
+        )
+    }
+}
+
+/// Creates the image (and its backing file) for a variant and the matching model.
+fn setup(dir: &TempDir, v: &Variant) -> (PathBuf, RawModel) {
+    let p = dir.join("img.qcow2");
+    let mut backing_name = None;
+    let mut model = RawModel::new(v.vsize, v.cs);
+    if let Some(fmt) = v.backing {
+        let blen = if v.short_backing { v.vsize / 2 + 777 } else { v.vsize };
+        let content = tagged_data(0xb5, 0, blen as usize);
+        let name = match fmt {
+            BackingFormat::Raw => {
+                std::fs::write(dir.join("base.raw"), &content).unwrap();
+                "base.raw"
+            }
+            BackingFormat::Qcow2 => {
+                let raw = dir.join("base-src.raw");
+                std::fs::write(&raw, &content).unwrap();
+                qemu_img(&[
+                    "convert", "-q", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096",
+                    path_str(&raw), path_str(&dir.join("base.qcow2")),
+                ]);
+                std::fs::remove_file(&raw).unwrap();
+                "base.qcow2"
+            }
+        };
+        backing_name = Some(name);
+        model = RawModel::with_backing(v.vsize, v.cs, &content, v.version);
+    }
+    if v.by_qemu {
+        let mut o = format!(
+            "cluster_size={},compat={},refcount_bits={}",
+            v.cs,
+            if v.version == 2 { "0.10" } else { "1.1" },
+            v.refcount_bits
+        );
+        if v.extended_l2 {
+            o.push_str(",extended_l2=on");
+        }
+        if v.lazy {
+            o.push_str(",lazy_refcounts=on");
+        }
+        if v.prealloc {
+            o.push_str(",preallocation=metadata");
+        }
+        let size = v.vsize.to_string();
+        let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &o];
+        let fmt_name;
+        if let (Some(b), Some(f)) = (backing_name, v.backing) {
+            fmt_name = f.name();
+            args.extend(["-b", b, "-F", fmt_name]);
+        }
+        args.push(path_str(&p));
+        args.push(&size);
+        qemu_img(&args);
+    } else {
+        let o = CreateOptions {
+            cluster_size: v.cs as u32,
+            version: v.version,
+            refcount_bits: v.refcount_bits,
+            lazy_refcounts: v.lazy,
+            extended_l2: v.extended_l2,
+            compression: CompressionType::Deflate,
+            backing_file: backing_name.map(String::from),
+            backing_format: v.backing,
+            preallocation: if v.prealloc { Preallocation::Metadata } else { Preallocation::Off },
+        };
+        oxcow::create(&p, v.vsize, &o).unwrap_or_else(|e| panic!("oxcow::create {}: {e}", v.name()));
+        // The fresh image is already valid for QEMU.
+        assert_check_clean(&p);
+    }
+    (p, model)
+}
+
+fn run_variant(v: Variant, seed: u64, nops: usize) {
+    let name = v.name();
+    let dir = TempDir::new(&name);
+    let (p, mut model) = setup(&dir, &v);
+    let g = v.geometry();
+    let open = OpenOptions { writable: true, writethrough: v.writethrough, ..Default::default() };
+    let ops = gen_ops(seed, nops, &g, true);
+    apply_ops(&p, &mut model, &ops, seed, &open);
+    verify_all(&dir, &p, &model, &name);
+    let info = open_ro(&p).info().unwrap();
+    assert!(!info.dirty, "{name}: dirty bit left set after a clean close");
+    qemu_then_oxcow_round(&dir, &p, &mut model, &g, seed);
+}
+
+// --- images created by oxcow::create -----------------------------------------------------------
+
+#[test]
+fn oxcow_created_512_byte_clusters_random_workload_passes_qemu_check_and_compare() {
+    run_variant(Variant { cs: 512, vsize: 2 * MIB, ..Default::default() }, 101, 250);
+}
+
+#[test]
+fn oxcow_created_4k_clusters_refcount_bits_1_random_workload_passes_qemu_check_and_compare() {
+    run_variant(Variant { cs: 4 * KIB, vsize: 6 * MIB, refcount_bits: 1, ..Default::default() }, 102, 250);
+}
+
+#[test]
+fn oxcow_created_4k_clusters_refcount_bits_64_random_workload_passes_qemu_check_and_compare() {
+    run_variant(Variant { cs: 4 * KIB, vsize: 6 * MIB, refcount_bits: 64, ..Default::default() }, 103, 200);
+}
+
+#[test]
+fn oxcow_created_64k_clusters_random_workload_passes_qemu_check_and_compare() {
+    run_variant(Variant { cs: 64 * KIB, vsize: 8 * MIB, ..Default::default() }, 104, 200);
+}
+
+#[test]
+fn oxcow_created_v2_images_random_workload_passes_qemu_check_and_compare() {
+    run_variant(Variant { cs: 4 * KIB, vsize: 4 * MIB, version: 2, ..Default::default() }, 105, 200);
+    run_variant(Variant { cs: 64 * KIB, vsize: 8 * MIB, version: 2, ..Default::default() }, 106, 150);
+}
+
+#[test]
+fn oxcow_created_extended_l2_random_workload_passes_qemu_check_and_compare() {
+    // 16 KiB clusters with extended L2: one L2 table covers 16 MiB, so 20 MiB crosses it.
+    run_variant(Variant { cs: 16 * KIB, vsize: 20 * MIB, extended_l2: true, ..Default::default() }, 107, 200);
+    run_variant(Variant { cs: 64 * KIB, vsize: 8 * MIB, extended_l2: true, ..Default::default() }, 108, 150);
+}
+
+#[test]
+fn oxcow_created_lazy_refcounts_random_workload_passes_qemu_check_and_compare() {
+    run_variant(Variant { cs: 4 * KIB, vsize: 4 * MIB, lazy: true, ..Default::default() }, 109, 150);
+}
+
+#[test]
+fn oxcow_created_preallocated_metadata_random_workload_passes_qemu_check_and_compare() {
+    run_variant(Variant { cs: 4 * KIB, vsize: 4 * MIB, prealloc: true, ..Default::default() }, 110, 150);
+}
+
+#[test]
+fn oxcow_writethrough_open_random_workload_passes_qemu_check_and_compare() {
+    run_variant(Variant { cs: 4 * KIB, vsize: 3 * MIB, writethrough: true, ..Default::default() }, 111, 120);
+}
+
+// --- images created by qemu-img ----------------------------------------------------------------
+
+#[test]
+fn qemu_created_images_random_workload_passes_qemu_check_and_compare() {
+    let base = Variant { by_qemu: true, ..Default::default() };
+    run_variant(Variant { cs: 512, vsize: 2 * MIB, ..base.clone() }, 201, 200);
+    run_variant(Variant { cs: 4 * KIB, vsize: 6 * MIB, refcount_bits: 1, ..base.clone() }, 202, 150);
+    run_variant(Variant { cs: 64 * KIB, vsize: 8 * MIB, refcount_bits: 64, ..base.clone() }, 203, 150);
+}
+
+#[test]
+fn qemu_created_v2_and_extended_l2_images_random_workload_passes_qemu_check_and_compare() {
+    let base = Variant { by_qemu: true, ..Default::default() };
+    run_variant(Variant { cs: 4 * KIB, vsize: 4 * MIB, version: 2, ..base.clone() }, 204, 150);
+    run_variant(Variant { cs: 64 * KIB, vsize: 8 * MIB, extended_l2: true, ..base.clone() }, 205, 150);
+}
+
+#[test]
+fn qemu_created_preallocated_metadata_random_workload_passes_qemu_check_and_compare() {
+    let base = Variant { by_qemu: true, prealloc: true, ..Default::default() };
+    run_variant(Variant { cs: 512, vsize: MIB, ..base.clone() }, 206, 150);
+    run_variant(Variant { cs: 64 * KIB, vsize: 8 * MIB, ..base.clone() }, 207, 100);
+}
+
+// --- with a backing file -----------------------------------------------------------------------
+
+#[test]
+fn v3_overlay_over_raw_backing_random_workload_passes_qemu_check_and_compare() {
+    run_variant(
+        Variant { cs: 4 * KIB, vsize: 4 * MIB, backing: Some(BackingFormat::Raw), short_backing: true, ..Default::default() },
+        301,
+        200,
+    );
+    run_variant(
+        Variant { cs: 512, vsize: MIB, backing: Some(BackingFormat::Raw), by_qemu: true, ..Default::default() },
+        302,
+        150,
+    );
+}
+
+#[test]
+fn v2_overlay_discard_reveals_backing_random_workload_passes_qemu_check_and_compare() {
+    run_variant(
+        Variant { cs: 4 * KIB, vsize: 4 * MIB, version: 2, backing: Some(BackingFormat::Qcow2), ..Default::default() },
+        303,
+        200,
+    );
+    run_variant(
+        Variant {
+            cs: 64 * KIB,
+            vsize: 4 * MIB,
+            version: 2,
+            backing: Some(BackingFormat::Raw),
+            short_backing: true,
+            by_qemu: true,
+            ..Default::default()
+        },
+        304,
+        120,
+    );
+}
+
+#[test]
+fn extended_l2_overlay_over_qcow2_backing_random_workload_passes_qemu_check_and_compare() {
+    run_variant(
+        Variant { cs: 64 * KIB, vsize: 8 * MIB, extended_l2: true, backing: Some(BackingFormat::Qcow2), ..Default::default() },
+        305,
+        200,
+    );
+}
+
+// --- COW of shared and compressed clusters -----------------------------------------------------
+
+fn compressed_base_case(cs: u64, vsize: u64, ctype: &str, seed: u64) {
+    let dir = TempDir::new(&format!("compressed-{ctype}-{cs}"));
+    // Mixed content: random, patterned, zero, half-zero clusters.
+    let mut rng = Rng::new(seed);
+    let mut data = vec![0u8; vsize as usize];
+    for (i, c) in data.chunks_mut(cs as usize).enumerate() {
+        match rng.below(4) {
+            0 => rng.fill(c),
+            1 => c.copy_from_slice(&tagged_data(0x21, i as u64 * cs, c.len())),
+            2 => {}
+            _ => {
+                let h = c.len() / 2;
+                c[h..].fill(0x5e)
+            }
+        }
+    }
+    let src = dir.join("src.raw");
+    std::fs::write(&src, &data).unwrap();
+    let p = dir.join("img.qcow2");
+    qemu_img(&[
+        "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o",
+        &format!("cluster_size={cs},compression_type={ctype}"), path_str(&src), path_str(&p),
+    ]);
+    assert!(qemu_map(&p).iter().any(|e| e.compressed), "setup: no compressed clusters");
+    let mut model = RawModel::new(vsize, cs);
+    model.data = data;
+    let g = Geometry { vsize, cs, l2cov: cs * cs / 8 };
+    let ops = gen_ops(seed, 200, &g, true);
+    apply_ops(&p, &mut model, &ops, seed, &rw());
+    verify_all(&dir, &p, &model, &format!("writes over {ctype} compressed clusters"));
+    qemu_then_oxcow_round(&dir, &p, &mut model, &g, seed);
+}
+
+#[test]
+fn writes_over_zlib_compressed_clusters_pass_qemu_check_and_compare() {
+    compressed_base_case(4 * KIB, 4 * MIB, "zlib", 401);
+    compressed_base_case(512, MIB, "zlib", 402);
+}
+
+#[test]
+fn writes_over_zstd_compressed_clusters_pass_qemu_check_and_compare() {
+    compressed_base_case(64 * KIB, 8 * MIB, "zstd", 403);
+}
+
+#[test]
+fn writes_over_clusters_shared_with_internal_snapshot_pass_qemu_check_and_keep_snapshot_intact() {
+    for (cs, vsize, rb, seed) in [(4 * KIB, 4 * MIB, 16, 501u64), (512, MIB, 64, 502), (64 * KIB, 8 * MIB, 2, 503)] {
+        let dir = TempDir::new("snapshot-cow");
+        let p = dir.join("img.qcow2");
+        qemu_create(&p, vsize, &format!("cluster_size={cs},refcount_bits={rb}"));
+        let g = Geometry { vsize, cs, l2cov: cs * cs / 8 };
+        // Fill with qemu-io so that many clusters are allocated, then snapshot.
+        let mut model = RawModel::new(vsize, cs);
+        let mut cmds = Vec::new();
+        let mut rng = Rng::new(seed);
+        for i in 0..40 {
+            let off = gen_offset(&mut rng, &g);
+            let len = clamp(off, gen_len(&mut rng, &g), &g);
+            let pt = (i * 13 % 250 + 3) as u8;
+            cmds.push(format!("write -P {pt:#x} {off} {len}"));
+            model.data[off as usize..(off + len) as usize].fill(pt);
+        }
+        qemu_io(&p, &cmds);
+        qemu_img(&["snapshot", "-c", "snap1", path_str(&p)]);
+        let snap_data = model.data.clone();
+        let ops = gen_ops(seed, 200, &g, true);
+        apply_ops(&p, &mut model, &ops, seed, &rw());
+        verify_all(&dir, &p, &model, &format!("writes over snapshot-shared clusters cs={cs}"));
+        // The snapshot still holds the old data.
+        let snap_raw = dir.join("snap.raw");
+        std::fs::write(&snap_raw, &snap_data).unwrap();
+        let copy = dir.join("copy.qcow2");
+        std::fs::copy(&p, &copy).unwrap();
+        qemu_img(&["snapshot", "-a", "snap1", path_str(&copy)]);
+        assert_check_clean(&copy);
+        assert_compare_identical(&copy, &snap_raw);
+        let img = open_ro(&copy);
+        assert_same_bytes(&oxcow_read_all(&img), &snap_data, "oxcow read of reverted snapshot");
+        drop(img);
+        // Deleting the snapshot after oxcow's writes leaves a clean image.
+        qemu_img(&["snapshot", "-d", "snap1", path_str(&p)]);
+        verify_all(&dir, &p, &model, "after deleting the snapshot");
+    }
+}
+
+// --- refcount-table growth ---------------------------------------------------------------------
+
+fn refcount_growth_case(by_qemu: bool, seed: u64) {
+    let v = Variant { cs: 512, vsize: 6 * MIB, refcount_bits: 64, by_qemu, ..Default::default() };
+    let dir = TempDir::new("reftable-growth");
+    let (p, mut model) = setup(&dir, &v);
+    let g = v.geometry();
+    // Sequential writes of odd sizes covering > 4 MiB, then random ones.
+    let mut ops = Vec::new();
+    let mut off = 0u64;
+    let mut rng = Rng::new(seed);
+    let mut i = 0u64;
+    while off < 5 * MIB {
+        let len = rng.range(1, 200 * KIB);
+        ops.push(Op::Write { off, len, tag: (i % 250 + 1) as u8, random: i % 3 == 0 });
+        off += len;
+        i += 1;
+        if i % 10 == 0 {
+            ops.push(Op::Flush);
+        }
+        if i % 25 == 0 {
+            ops.push(Op::Reopen);
+        }
+    }
+    ops.extend(gen_ops(seed, 100, &g, true));
+    apply_ops(&p, &mut model, &ops, seed, &rw());
+    let reftable_clusters = be32(&p, 56);
+    assert!(reftable_clusters >= 3, "refcount table did not grow: {reftable_clusters} clusters");
+    verify_all(&dir, &p, &model, "refcount-table growth");
+    qemu_then_oxcow_round(&dir, &p, &mut model, &g, seed);
+}
+
+#[test]
+fn refcount_table_growth_with_512_byte_clusters_and_64_bit_refcounts_passes_qemu_check() {
+    refcount_growth_case(false, 601);
+}
+
+#[test]
+fn refcount_table_growth_on_qemu_created_image_passes_qemu_check() {
+    refcount_growth_case(true, 602);
+}
+
+// --- concurrency -------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum TOp {
+    Write(u64, Vec<u8>),
+    Zero(u64, u64),
+    Discard(u64, u64),
+}
+
+fn concurrent_case(cs: u64, seed: u64, with_backing: bool) {
+    let dir = TempDir::new("concurrent");
+    const T: u64 = 4;
+    let vsize = 8 * MIB;
+    let v = Variant {
+        cs,
+        vsize,
+        backing: if with_backing { Some(BackingFormat::Raw) } else { None },
+        ..Default::default()
+    };
+    let (p, mut model) = setup(&dir, &v);
+    // Zones: [0, shared) is written by every thread (disjoint bytes within the same clusters);
+    // the rest is split into one private zone per thread.
+    let shared = 2 * MIB;
+    let zone = (vsize - shared) / T;
+    let img = open_rw(&p);
+    let logs: Vec<Vec<TOp>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..T)
+            .map(|t| {
+                let img = &img;
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed * 100 + t);
+                    let mut log = Vec::new();
+                    let quarter = cs / T;
+                    for i in 0..150u64 {
+                        match rng.below(10) {
+                            0..=3 => {
+                                // Shared zone: this thread's quarter of a few consecutive clusters.
+                                let c = rng.below(shared / cs - 4);
+                                for k in 0..rng.range(1, 4) {
+                                    let off = (c + k) * cs + t * quarter;
+                                    let d = tagged_data((t * 50 + i % 50 + 1) as u8, off, quarter as usize);
+                                    img.write_at(&d, off).expect("shared write");
+                                    log.push(TOp::Write(off, d));
+                                }
+                            }
+                            4..=6 => {
+                                let base = shared + t * zone;
+                                let off = base + rng.below(zone - 1);
+                                let len = rng.range(1, 3 * cs).min(base + zone - off);
+                                let d = if rng.chance(50) {
+                                    rng.bytes(len as usize)
+                                } else {
+                                    tagged_data((t * 50 + i % 50 + 1) as u8, off, len as usize)
+                                };
+                                img.write_at(&d, off).expect("private write");
+                                log.push(TOp::Write(off, d));
+                            }
+                            7 => {
+                                let base = shared + t * zone;
+                                let off = base + rng.below(zone - 1);
+                                let len = rng.range(1, 4 * cs).min(base + zone - off);
+                                let unmap = rng.chance(50);
+                                img.write_zeroes(off, len, ZeroFlags { may_unmap: unmap }).expect("zeroes");
+                                log.push(TOp::Zero(off, len));
+                            }
+                            8 => {
+                                let base = shared + t * zone;
+                                let off = base + rng.below(zone - 1);
+                                let len = rng.range(1, 4 * cs).min(base + zone - off);
+                                img.discard(off, len).expect("discard");
+                                log.push(TOp::Discard(off, len));
+                            }
+                            _ => {
+                                if rng.chance(50) {
+                                    img.flush().expect("flush");
+                                } else {
+                                    // Read back this thread's own quarter of a shared cluster:
+                                    // must be what this thread last wrote there (or older).
+                                    let mut b = vec![0u8; 64];
+                                    let off = rng.below(shared / cs) * cs + t * quarter;
+                                    img.read_at(&mut b, off).expect("read");
+                                }
+                            }
+                        }
+                    }
+                    log
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("worker thread panicked")).collect()
+    });
+    img.close().expect("close after concurrent writes");
+    for log in &logs {
+        for op in log {
+            match op {
+                TOp::Write(off, d) => model.write(*off, d),
+                TOp::Zero(off, len) => model.zero(*off, *len),
+                TOp::Discard(off, len) => model.discard(*off, *len),
+            }
+        }
+    }
+    verify_all(&dir, &p, &model, &format!("concurrent writers cs={cs} backing={with_backing}"));
+}
+
+#[test]
+fn concurrent_threads_writing_disjoint_and_shared_clusters_pass_qemu_check_and_compare() {
+    concurrent_case(64 * KIB, 701, false);
+    concurrent_case(4 * KIB, 702, false);
+}
+
+#[test]
+fn concurrent_threads_over_backing_file_pass_qemu_check_and_compare() {
+    concurrent_case(64 * KIB, 703, true);
+}
