@@ -167,3 +167,84 @@ pub unsafe extern "C" fn oxcow_error_free(err: *mut oxcow_error) {
         |_| (),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CreateOptions, OpenOptions};
+    use std::ffi::CStr;
+    use std::ptr;
+
+    fn scratch_image(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("oxcow-capi-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let path = dir.join("img.qcow2");
+        crate::create(&path, 1 << 20, &CreateOptions::default()).expect("create");
+        path
+    }
+
+    #[test]
+    fn a_panic_becomes_eio_and_fences_the_image() {
+        let path = scratch_image("panic");
+        let opts = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        let img = Image::open(&path, &opts).expect("open");
+        let mut err: *mut oxcow_error = ptr::null_mut();
+        // SAFETY: `err` is a valid place for one pointer.
+        let rc = unsafe { call(Some(&img), &mut err, || panic!("boom at 0x1234")) };
+        assert_eq!(rc, -libc::EIO);
+        assert!(!err.is_null());
+        // SAFETY: `err` was just produced by `call` and is freed below.
+        let (errno, msg) = unsafe {
+            (
+                oxcow_error_errno(err),
+                CStr::from_ptr(oxcow_error_message(err))
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        };
+        assert_eq!(errno, libc::EIO);
+        assert!(msg.contains("boom at 0x1234"), "{msg}");
+        // SAFETY: freed exactly once.
+        unsafe { oxcow_error_free(err) };
+        // No more writes (or reads) are accepted.
+        let e = img.write_at(&[1u8; 512], 0).expect_err("fenced");
+        assert_eq!(e.errno(), libc::ENOMEDIUM);
+        drop(img);
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    #[test]
+    fn errors_map_to_negative_errno_and_success_leaves_err_alone() {
+        let mut err: *mut oxcow_error = ptr::null_mut();
+        // SAFETY: `err` is a valid place for one pointer.
+        let rc = unsafe { call(None, &mut err, || einval("bad thing")) };
+        assert_eq!(rc, -libc::EINVAL);
+        // SAFETY: produced by `call`, freed once.
+        unsafe {
+            assert_eq!(oxcow_error_errno(err), libc::EINVAL);
+            assert_eq!(
+                CStr::from_ptr(oxcow_error_message(err)).to_bytes(),
+                b"bad thing"
+            );
+            oxcow_error_free(err);
+        }
+        let mut err: *mut oxcow_error = ptr::null_mut();
+        // SAFETY: `err` is a valid place for one pointer.
+        let rc = unsafe { call(None, &mut err, || Ok(())) };
+        assert_eq!(rc, 0);
+        assert!(err.is_null());
+        // A NULL err is fine on failure.
+        // SAFETY: NULL `err` is allowed.
+        let rc = unsafe { call(None, ptr::null_mut(), || einval("x")) };
+        assert_eq!(rc, -libc::EINVAL);
+    }
+
+    #[test]
+    fn interior_nul_in_a_message_is_kept_visible() {
+        let e = oxcow_error::new(libc::EIO, "a\0b");
+        assert_eq!(e.message.to_bytes(), b"a\\0b");
+    }
+}

@@ -294,3 +294,21 @@ pub unsafe extern "C" fn oxcow_check_result_init(r: *mut oxcow_check_result) {
     // SAFETY: the caller guarantees `r` is NULL or valid for writing one struct.
     unsafe { super::init_struct(r, oxcow_check_result::empty()) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::offset_of;
+
+    /// These sizes and offsets are ABI (ctests/header_twice.c pins the same values from C).
+    #[test]
+    fn struct_layout_is_stable() {
+        assert_eq!(size_of::<oxcow_create_options>(), 48);
+        assert_eq!(offset_of!(oxcow_create_options, backing_file), 32);
+        assert_eq!(size_of::<oxcow_open_options>(), 16);
+        assert_eq!(size_of::<oxcow_info>(), 48 + 1024 + 32);
+        assert_eq!(offset_of!(oxcow_info, backing_file), 48);
+        assert_eq!(size_of::<oxcow_extent>(), 32);
+        assert_eq!(size_of::<oxcow_check_result>(), 88);
+    }
+}
