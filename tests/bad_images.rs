@@ -78,23 +78,33 @@ fn kind(e: &Error) -> &'static str {
 /// Opens (read-only, or writable) and reads the whole disk, in a thread with a timeout.
 fn open_and_read(path: &Path, writable: bool) -> Result<Outcome, String> {
     let p = path.to_path_buf();
-    with_timeout(Duration::from_secs(30), &format!("open+read {}", path.display()), move || {
-        let img = match Image::open(&p, &OpenOptions { writable, ..Default::default() }) {
-            Ok(i) => i,
-            Err(e) => return Outcome::OpenErr(e.errno(), e.to_string(), kind(&e)),
-        };
-        let size = img.virtual_size();
-        let mut off = 0;
-        let mut buf = vec![0u8; MIB as usize];
-        while off < size {
-            let n = (size - off).min(MIB) as usize;
-            if let Err(e) = img.read_at(&mut buf[..n], off) {
-                return Outcome::ReadErr(e.errno(), e.to_string(), kind(&e));
+    with_timeout(
+        Duration::from_secs(30),
+        &format!("open+read {}", path.display()),
+        move || {
+            let img = match Image::open(
+                &p,
+                &OpenOptions {
+                    writable,
+                    ..Default::default()
+                },
+            ) {
+                Ok(i) => i,
+                Err(e) => return Outcome::OpenErr(e.errno(), e.to_string(), kind(&e)),
+            };
+            let size = img.virtual_size();
+            let mut off = 0;
+            let mut buf = vec![0u8; MIB as usize];
+            while off < size {
+                let n = (size - off).min(MIB) as usize;
+                if let Err(e) = img.read_at(&mut buf[..n], off) {
+                    return Outcome::ReadErr(e.errno(), e.to_string(), kind(&e));
+                }
+                off += n as u64;
             }
-            off += n as u64;
-        }
-        Outcome::Ok
-    })
+            Outcome::Ok
+        },
+    )
 }
 
 fn put_be32(path: &Path, off: u64, v: u32) {
@@ -126,7 +136,13 @@ fn find_ext(path: &Path, typ: u32) -> Option<(u64, u32)> {
 fn base_image(dir: &TempDir, name: &str) -> PathBuf {
     let p = dir.join(name);
     qemu_create(&p, 4 * MIB, "cluster_size=65536");
-    qemu_io(&p, &["write -P 0x5a 0 200000".to_string(), "write -P 0x6b 3000000 70000".to_string()]);
+    qemu_io(
+        &p,
+        &[
+            "write -P 0x5a 0 200000".to_string(),
+            "write -P 0x6b 3000000 70000".to_string(),
+        ],
+    );
     p
 }
 
@@ -151,7 +167,14 @@ fn case(
     words: &'static [&'static str],
     mutate: impl Fn(&Path) + 'static,
 ) -> Case {
-    Case { name, mutate: Box::new(mutate), errnos, words, read_time_ok: false, allow_ok: false }
+    Case {
+        name,
+        mutate: Box::new(mutate),
+        errnos,
+        words,
+        read_time_ok: false,
+        allow_ok: false,
+    }
 }
 
 fn run_cases(dir: &TempDir, base: &Path, cases: Vec<Case>) {
@@ -197,7 +220,12 @@ fn run_cases(dir: &TempDir, base: &Path, cases: Vec<Case>) {
             failures.push(format!("[{}] a failed open modified the file", c.name));
         }
     }
-    assert!(failures.is_empty(), "{} malformed-image failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} malformed-image failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -215,89 +243,217 @@ fn malformed_headers_give_clean_errors() {
     let base = base_image(&dir, "base.qcow2");
     let cs = 65536u64;
     let cases = vec![
-        case("magic", &[EINVAL], &["qcow2", "magic", "format"], |p| poke(p, H_MAGIC, b"QFIX")),
-        case("magic-zero", &[EINVAL], &["qcow2", "magic", "format"], |p| put_be32(p, H_MAGIC, 0)),
-        case("version-1", &[ENOTSUP], &["version"], |p| put_be32(p, H_VERSION, 1)),
-        case("version-4", &[ENOTSUP], &["version"], |p| put_be32(p, H_VERSION, 4)),
-        case("version-huge", &[ENOTSUP], &["version"], |p| put_be32(p, H_VERSION, 0xffff_ffff)),
-        case("cluster-bits-8", &[ENOTSUP, EUCLEAN], &["cluster"], |p| put_be32(p, H_CLUSTER_BITS, 8)),
-        case("cluster-bits-0", &[ENOTSUP, EUCLEAN], &["cluster"], |p| put_be32(p, H_CLUSTER_BITS, 0)),
-        case("cluster-bits-22", &[ENOTSUP, EUCLEAN], &["cluster"], |p| put_be32(p, H_CLUSTER_BITS, 22)),
-        case("cluster-bits-64", &[ENOTSUP, EUCLEAN], &["cluster"], |p| put_be32(p, H_CLUSTER_BITS, 64)),
-        case("cluster-bits-huge", &[ENOTSUP, EUCLEAN], &["cluster"], |p| {
-            put_be32(p, H_CLUSTER_BITS, 0xffff_fff0)
+        case("magic", &[EINVAL], &["qcow2", "magic", "format"], |p| {
+            poke(p, H_MAGIC, b"QFIX")
         }),
-        case("header-length-short", &[EUCLEAN], &["header"], |p| put_be32(p, H_HEADER_LEN, 72)),
-        case("header-length-zero", &[EUCLEAN], &["header"], |p| put_be32(p, H_HEADER_LEN, 0)),
-        case("header-length-beyond-cluster", &[EUCLEAN], &["header"], move |p| {
-            put_be32(p, H_HEADER_LEN, cs as u32 + 8)
+        case(
+            "magic-zero",
+            &[EINVAL],
+            &["qcow2", "magic", "format"],
+            |p| put_be32(p, H_MAGIC, 0),
+        ),
+        case("version-1", &[ENOTSUP], &["version"], |p| {
+            put_be32(p, H_VERSION, 1)
         }),
-        case("header-length-huge", &[EUCLEAN], &["header"], |p| put_be32(p, H_HEADER_LEN, 0xffff_fff8)),
-        case("l1-size-too-small", &[EUCLEAN], &["l1"], |p| put_be32(p, H_L1_SIZE, 0)),
-        case("l1-size-huge", &[EUCLEAN], &["l1"], |p| put_be32(p, H_L1_SIZE, 0x7fff_ffff)),
-        case("l1-offset-unaligned", &[EUCLEAN], &["l1"], |p| put_be64(p, H_L1_OFF, 0x30200)),
-        case("l1-offset-overflow", &[EUCLEAN], &["l1"], |p| put_be64(p, H_L1_OFF, 0xffff_ffff_ffff_0000)),
-        case("l1-offset-zero", &[EUCLEAN], &["l1"], |p| put_be64(p, H_L1_OFF, 0)),
-        case("reftable-offset-zero", &[EUCLEAN], &["refcount", "reference count"], |p| {
-            put_be64(p, H_RT_OFF, 0)
+        case("version-4", &[ENOTSUP], &["version"], |p| {
+            put_be32(p, H_VERSION, 4)
         }),
-        case("reftable-offset-unaligned", &[EUCLEAN], &["refcount", "reference count"], |p| {
-            put_be64(p, H_RT_OFF, 0x10008)
+        case("version-huge", &[ENOTSUP], &["version"], |p| {
+            put_be32(p, H_VERSION, 0xffff_ffff)
         }),
-        case("reftable-offset-overflow", &[EUCLEAN], &["refcount", "reference count"], |p| {
-            put_be64(p, H_RT_OFF, 0xffff_ffff_ffff_0000)
+        case("cluster-bits-8", &[ENOTSUP, EUCLEAN], &["cluster"], |p| {
+            put_be32(p, H_CLUSTER_BITS, 8)
         }),
-        case("reftable-clusters-zero", &[EUCLEAN], &["refcount", "reference count"], |p| {
-            put_be32(p, H_RT_CLUSTERS, 0)
+        case("cluster-bits-0", &[ENOTSUP, EUCLEAN], &["cluster"], |p| {
+            put_be32(p, H_CLUSTER_BITS, 0)
         }),
-        case("reftable-clusters-huge", &[EUCLEAN], &["refcount", "reference count"], |p| {
-            put_be32(p, H_RT_CLUSTERS, 0xffff_ffff)
+        case("cluster-bits-22", &[ENOTSUP, EUCLEAN], &["cluster"], |p| {
+            put_be32(p, H_CLUSTER_BITS, 22)
         }),
-        case("nb-snapshots-huge", &[EUCLEAN], &["snapshot"], |p| put_be32(p, H_NB_SNAP, 0xffff_ffff)),
-        case("nb-snapshots-65537", &[EUCLEAN], &["snapshot"], |p| put_be32(p, H_NB_SNAP, 65537)),
-        case("snapshots-offset-unaligned", &[EUCLEAN], &["snapshot"], |p| put_be64(p, H_SNAP_OFF, 0x1234)),
-        case("snapshot-table-past-eof", &[EUCLEAN, EIO], &["snapshot"], |p| {
-            put_be32(p, H_NB_SNAP, 3);
-            put_be64(p, H_SNAP_OFF, 0x10_0000_0000);
+        case("cluster-bits-64", &[ENOTSUP, EUCLEAN], &["cluster"], |p| {
+            put_be32(p, H_CLUSTER_BITS, 64)
         }),
-        case("unknown-incompat-bit-unnamed", &[ENOTSUP], &["feature", "incompatible"], |p| {
-            put_be64(p, H_INCOMPAT, 1 << 40)
+        case(
+            "cluster-bits-huge",
+            &[ENOTSUP, EUCLEAN],
+            &["cluster"],
+            |p| put_be32(p, H_CLUSTER_BITS, 0xffff_fff0),
+        ),
+        case("header-length-short", &[EUCLEAN], &["header"], |p| {
+            put_be32(p, H_HEADER_LEN, 72)
         }),
-        case("unknown-incompat-bit-named", &[ENOTSUP], &["frobnicate"], |p| {
-            // Rename the last feature-table entry to describe incompatible bit 5.
-            let (off, len) = find_ext(p, EXT_FEATURE_TABLE).expect("feature table");
-            let last = off + 8 + (len as u64 / 48 - 1) * 48;
-            let mut e = vec![0u8; 48];
-            e[0] = 0; // incompatible
-            e[1] = 5;
-            e[2..2 + 18].copy_from_slice(b"frobnicate widgets");
-            poke(p, last, &e);
-            put_be64(p, H_INCOMPAT, 1 << 5);
+        case("header-length-zero", &[EUCLEAN], &["header"], |p| {
+            put_be32(p, H_HEADER_LEN, 0)
         }),
-        case("external-data-file-bit", &[ENOTSUP, EUCLEAN], &["data file", "data-file", "data_file"], |p| {
-            put_be64(p, H_INCOMPAT, 1 << 2)
+        case(
+            "header-length-beyond-cluster",
+            &[EUCLEAN],
+            &["header"],
+            move |p| put_be32(p, H_HEADER_LEN, cs as u32 + 8),
+        ),
+        case("header-length-huge", &[EUCLEAN], &["header"], |p| {
+            put_be32(p, H_HEADER_LEN, 0xffff_fff8)
         }),
-        case("crypt-method-aes", &[ENOTSUP], &["encrypt", "crypt", "aes"], |p| put_be32(p, H_CRYPT, 1)),
-        case("crypt-method-luks", &[ENOTSUP], &["encrypt", "crypt", "luks"], |p| put_be32(p, H_CRYPT, 2)),
-        case("crypt-method-unknown", &[ENOTSUP, EUCLEAN], &["encrypt", "crypt"], |p| put_be32(p, H_CRYPT, 7)),
-        case("compression-type-without-bit", &[EUCLEAN], &["compression"], |p| poke(p, H_COMPRESSION, &[1])),
-        case("compression-bit-without-type", &[EUCLEAN], &["compression"], |p| put_be64(p, H_INCOMPAT, 1 << 3)),
-        case("compression-type-unknown", &[ENOTSUP], &["compression"], |p| {
-            poke(p, H_COMPRESSION, &[2]);
-            put_be64(p, H_INCOMPAT, 1 << 3);
+        case("l1-size-too-small", &[EUCLEAN], &["l1"], |p| {
+            put_be32(p, H_L1_SIZE, 0)
         }),
-        case("extension-length-overflow", &[EUCLEAN], &["extension"], |p| {
-            let (off, _) = find_ext(p, EXT_FEATURE_TABLE).expect("feature table");
-            put_be32(p, off + 4, 0xffff_fff0);
+        case("l1-size-huge", &[EUCLEAN], &["l1"], |p| {
+            put_be32(p, H_L1_SIZE, 0x7fff_ffff)
         }),
-        case("extension-length-past-cluster", &[EUCLEAN], &["extension"], |p| {
-            let (off, _) = find_ext(p, EXT_FEATURE_TABLE).expect("feature table");
-            put_be32(p, off + 4, 65536);
+        case("l1-offset-unaligned", &[EUCLEAN], &["l1"], |p| {
+            put_be64(p, H_L1_OFF, 0x30200)
         }),
-        case("backing-offset-past-cluster", &[EUCLEAN], &["backing"], |p| {
-            put_be64(p, H_BACKING_OFF, 0x2_0000);
-            put_be32(p, H_BACKING_SIZE, 8);
+        case("l1-offset-overflow", &[EUCLEAN], &["l1"], |p| {
+            put_be64(p, H_L1_OFF, 0xffff_ffff_ffff_0000)
         }),
+        case("l1-offset-zero", &[EUCLEAN], &["l1"], |p| {
+            put_be64(p, H_L1_OFF, 0)
+        }),
+        case(
+            "reftable-offset-zero",
+            &[EUCLEAN],
+            &["refcount", "reference count"],
+            |p| put_be64(p, H_RT_OFF, 0),
+        ),
+        case(
+            "reftable-offset-unaligned",
+            &[EUCLEAN],
+            &["refcount", "reference count"],
+            |p| put_be64(p, H_RT_OFF, 0x10008),
+        ),
+        case(
+            "reftable-offset-overflow",
+            &[EUCLEAN],
+            &["refcount", "reference count"],
+            |p| put_be64(p, H_RT_OFF, 0xffff_ffff_ffff_0000),
+        ),
+        case(
+            "reftable-clusters-zero",
+            &[EUCLEAN],
+            &["refcount", "reference count"],
+            |p| put_be32(p, H_RT_CLUSTERS, 0),
+        ),
+        case(
+            "reftable-clusters-huge",
+            &[EUCLEAN],
+            &["refcount", "reference count"],
+            |p| put_be32(p, H_RT_CLUSTERS, 0xffff_ffff),
+        ),
+        case("nb-snapshots-huge", &[EUCLEAN], &["snapshot"], |p| {
+            put_be32(p, H_NB_SNAP, 0xffff_ffff)
+        }),
+        case("nb-snapshots-65537", &[EUCLEAN], &["snapshot"], |p| {
+            put_be32(p, H_NB_SNAP, 65537)
+        }),
+        case(
+            "snapshots-offset-unaligned",
+            &[EUCLEAN],
+            &["snapshot"],
+            |p| put_be64(p, H_SNAP_OFF, 0x1234),
+        ),
+        case(
+            "snapshot-table-past-eof",
+            &[EUCLEAN, EIO],
+            &["snapshot"],
+            |p| {
+                put_be32(p, H_NB_SNAP, 3);
+                put_be64(p, H_SNAP_OFF, 0x10_0000_0000);
+            },
+        ),
+        case(
+            "unknown-incompat-bit-unnamed",
+            &[ENOTSUP],
+            &["feature", "incompatible"],
+            |p| put_be64(p, H_INCOMPAT, 1 << 40),
+        ),
+        case(
+            "unknown-incompat-bit-named",
+            &[ENOTSUP],
+            &["frobnicate"],
+            |p| {
+                // Rename the last feature-table entry to describe incompatible bit 5.
+                let (off, len) = find_ext(p, EXT_FEATURE_TABLE).expect("feature table");
+                let last = off + 8 + (len as u64 / 48 - 1) * 48;
+                let mut e = vec![0u8; 48];
+                e[0] = 0; // incompatible
+                e[1] = 5;
+                e[2..2 + 18].copy_from_slice(b"frobnicate widgets");
+                poke(p, last, &e);
+                put_be64(p, H_INCOMPAT, 1 << 5);
+            },
+        ),
+        case(
+            "external-data-file-bit",
+            &[ENOTSUP, EUCLEAN],
+            &["data file", "data-file", "data_file"],
+            |p| put_be64(p, H_INCOMPAT, 1 << 2),
+        ),
+        case(
+            "crypt-method-aes",
+            &[ENOTSUP],
+            &["encrypt", "crypt", "aes"],
+            |p| put_be32(p, H_CRYPT, 1),
+        ),
+        case(
+            "crypt-method-luks",
+            &[ENOTSUP],
+            &["encrypt", "crypt", "luks"],
+            |p| put_be32(p, H_CRYPT, 2),
+        ),
+        case(
+            "crypt-method-unknown",
+            &[ENOTSUP, EUCLEAN],
+            &["encrypt", "crypt"],
+            |p| put_be32(p, H_CRYPT, 7),
+        ),
+        case(
+            "compression-type-without-bit",
+            &[EUCLEAN],
+            &["compression"],
+            |p| poke(p, H_COMPRESSION, &[1]),
+        ),
+        case(
+            "compression-bit-without-type",
+            &[EUCLEAN],
+            &["compression"],
+            |p| put_be64(p, H_INCOMPAT, 1 << 3),
+        ),
+        case(
+            "compression-type-unknown",
+            &[ENOTSUP],
+            &["compression"],
+            |p| {
+                poke(p, H_COMPRESSION, &[2]);
+                put_be64(p, H_INCOMPAT, 1 << 3);
+            },
+        ),
+        case(
+            "extension-length-overflow",
+            &[EUCLEAN],
+            &["extension"],
+            |p| {
+                let (off, _) = find_ext(p, EXT_FEATURE_TABLE).expect("feature table");
+                put_be32(p, off + 4, 0xffff_fff0);
+            },
+        ),
+        case(
+            "extension-length-past-cluster",
+            &[EUCLEAN],
+            &["extension"],
+            |p| {
+                let (off, _) = find_ext(p, EXT_FEATURE_TABLE).expect("feature table");
+                put_be32(p, off + 4, 65536);
+            },
+        ),
+        case(
+            "backing-offset-past-cluster",
+            &[EUCLEAN],
+            &["backing"],
+            |p| {
+                put_be64(p, H_BACKING_OFF, 0x2_0000);
+                put_be32(p, H_BACKING_SIZE, 8);
+            },
+        ),
         case("backing-offset-huge", &[EUCLEAN], &["backing"], |p| {
             put_be64(p, H_BACKING_OFF, u64::MAX - 3);
             put_be32(p, H_BACKING_SIZE, 8);
@@ -306,18 +462,39 @@ fn malformed_headers_give_clean_errors() {
             put_be64(p, H_BACKING_OFF, 0x1000);
             put_be32(p, H_BACKING_SIZE, 2000);
         }),
-        case("backing-name-crosses-cluster-end", &[EUCLEAN], &["backing"], |p| {
-            put_be64(p, H_BACKING_OFF, 0xfff0);
-            put_be32(p, H_BACKING_SIZE, 0x100);
-        }),
-        case("refcount-order-7", &[ENOTSUP, EUCLEAN], &["refcount", "reference count"], |p| {
-            put_be32(p, H_REFCOUNT_ORDER, 7)
-        }),
-        case("refcount-order-huge", &[ENOTSUP, EUCLEAN], &["refcount", "reference count"], |p| {
-            put_be32(p, H_REFCOUNT_ORDER, 0xffff_ffff)
-        }),
-        case("virtual-size-huge", &[EUCLEAN, ENOTSUP], &["size", "big", "l1"], |p| put_be64(p, H_SIZE, 1 << 62)),
-        case("virtual-size-max", &[EUCLEAN, ENOTSUP], &["size", "big", "l1"], |p| put_be64(p, H_SIZE, u64::MAX)),
+        case(
+            "backing-name-crosses-cluster-end",
+            &[EUCLEAN],
+            &["backing"],
+            |p| {
+                put_be64(p, H_BACKING_OFF, 0xfff0);
+                put_be32(p, H_BACKING_SIZE, 0x100);
+            },
+        ),
+        case(
+            "refcount-order-7",
+            &[ENOTSUP, EUCLEAN],
+            &["refcount", "reference count"],
+            |p| put_be32(p, H_REFCOUNT_ORDER, 7),
+        ),
+        case(
+            "refcount-order-huge",
+            &[ENOTSUP, EUCLEAN],
+            &["refcount", "reference count"],
+            |p| put_be32(p, H_REFCOUNT_ORDER, 0xffff_ffff),
+        ),
+        case(
+            "virtual-size-huge",
+            &[EUCLEAN, ENOTSUP],
+            &["size", "big", "l1"],
+            |p| put_be64(p, H_SIZE, 1 << 62),
+        ),
+        case(
+            "virtual-size-max",
+            &[EUCLEAN, ENOTSUP],
+            &["size", "big", "l1"],
+            |p| put_be64(p, H_SIZE, u64::MAX),
+        ),
     ];
     run_cases(&dir, &base, cases);
 }
@@ -328,14 +505,39 @@ fn unknown_backing_format_is_rejected_with_its_name() {
     let base = dir.join("base.raw");
     std::fs::write(&base, vec![0x11u8; MIB as usize]).unwrap();
     let top = dir.join("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", path_str(&top)]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        path_str(&top),
+    ]);
     let (off, len) = find_ext(&top, EXT_BACKING_FORMAT).expect("backing format extension");
     assert_eq!(len, 3);
-    let mut c = case("backing-format-unknown", &[ENOTSUP, EINVAL], &["xyz"], |_| {});
+    let mut c = case(
+        "backing-format-unknown",
+        &[ENOTSUP, EINVAL],
+        &["xyz"],
+        |_| {},
+    );
     c.mutate = Box::new(move |p| poke(p, off + 8, b"xyz"));
-    let mut c2 = case("backing-format-too-long", &[EUCLEAN], &["format", "ext_backing_format", "backing"], |_| {});
+    let mut c2 = case(
+        "backing-format-too-long",
+        &[EUCLEAN],
+        &["format", "ext_backing_format", "backing"],
+        |_| {},
+    );
     c2.mutate = Box::new(move |p| put_be32(p, off + 4, 40));
-    let mut c3 = case("backing-file-missing", &[2 /* ENOENT */], &["nonexist", "backing"], |_| {});
+    let mut c3 = case(
+        "backing-file-missing",
+        &[2 /* ENOENT */],
+        &["nonexist", "backing"],
+        |_| {},
+    );
     c3.mutate = Box::new(|p| {
         // The backing name "base.raw" becomes "nonexist" (same length).
         let off = be64(p, H_BACKING_OFF);
@@ -357,18 +559,30 @@ fn malformed_tables_give_clean_errors_on_read() {
         case("l1-entry-unaligned", &[EUCLEAN], &["l2", "l1"], move |p| {
             put_be64(p, l1, (1 << 63) | (l2 + 0x200))
         }),
-        case("l1-entry-past-eof", &[EUCLEAN, EIO], &["l2", "l1", "eof", "end of file", "beyond"], move |p| {
-            put_be64(p, l1, (1 << 63) | 0x00ff_ffff_fff0_0000)
-        }),
-        case("l2-entry-unaligned", &[EUCLEAN], &["cluster", "l2", "unaligned"], move |p| {
-            put_be64(p, l2, (1 << 63) | (data0 + 0x200))
-        }),
-        case("l2-entry-reserved-bits", &[EUCLEAN], &["l2", "reserved", "cluster"], move |p| {
-            put_be64(p, l2, (1 << 63) | data0 | (1 << 60))
-        }),
-        case("l1-entry-reserved-bits", &[EUCLEAN], &["l1", "reserved", "l2"], move |p| {
-            put_be64(p, l1, (1 << 63) | l2 | (1 << 58))
-        }),
+        case(
+            "l1-entry-past-eof",
+            &[EUCLEAN, EIO],
+            &["l2", "l1", "eof", "end of file", "beyond"],
+            move |p| put_be64(p, l1, (1 << 63) | 0x00ff_ffff_fff0_0000),
+        ),
+        case(
+            "l2-entry-unaligned",
+            &[EUCLEAN],
+            &["cluster", "l2", "unaligned"],
+            move |p| put_be64(p, l2, (1 << 63) | (data0 + 0x200)),
+        ),
+        case(
+            "l2-entry-reserved-bits",
+            &[EUCLEAN],
+            &["l2", "reserved", "cluster"],
+            move |p| put_be64(p, l2, (1 << 63) | data0 | (1 << 60)),
+        ),
+        case(
+            "l1-entry-reserved-bits",
+            &[EUCLEAN],
+            &["l1", "reserved", "l2"],
+            move |p| put_be64(p, l1, (1 << 63) | l2 | (1 << 58)),
+        ),
     ];
     for c in cases.iter_mut() {
         c.read_time_ok = true;
@@ -388,27 +602,59 @@ fn compressed_descriptor_past_eof_gives_clean_error() {
     }
     std::fs::write(&src, &data).unwrap();
     let base = dir.join("comp.qcow2");
-    qemu_img(&["convert", "-q", "-c", "-f", "raw", "-O", "qcow2", path_str(&src), path_str(&base)]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        path_str(&src),
+        path_str(&base),
+    ]);
     let l1 = be64(&base, H_L1_OFF);
     let l2 = be64(&base, l1) & 0x00ff_ffff_ffff_fe00;
     let e = be64(&base, l2);
-    assert!(e & (1 << 62) != 0, "setup: first cluster is not compressed ({e:#x})");
+    assert!(
+        e & (1 << 62) != 0,
+        "setup: first cluster is not compressed ({e:#x})"
+    );
     // 64 KiB clusters: x = 62 - (16 - 8) = 54 offset bits.
     let x = 54;
     let sectors_mask = ((1u64 << 62) - 1) & !((1u64 << x) - 1);
     let file_len = std::fs::metadata(&base).unwrap().len();
     let mut cases = vec![
-        case("compressed-offset-past-eof", &[EUCLEAN, EIO], &["compress"], move |p| {
-            put_be64(p, l2, (1 << 62) | (e & sectors_mask) | (file_len + 10 * MIB))
-        }),
-        case("compressed-length-past-eof", &[EUCLEAN, EIO], &["compress"], move |p| {
-            // Starts 100 bytes before EOF with the maximum sector count.
-            put_be64(p, l2, (1 << 62) | sectors_mask | (file_len - 100))
-        }),
-        case("compressed-garbage", &[EUCLEAN, EIO], &["compress", "decompress", "inflate"], move |p| {
-            // Point the descriptor at the L1 table: not a deflate stream for a full cluster.
-            put_be64(p, l2, (1 << 62) | (e & sectors_mask) | l1)
-        }),
+        case(
+            "compressed-offset-past-eof",
+            &[EUCLEAN, EIO],
+            &["compress"],
+            move |p| {
+                put_be64(
+                    p,
+                    l2,
+                    (1 << 62) | (e & sectors_mask) | (file_len + 10 * MIB),
+                )
+            },
+        ),
+        case(
+            "compressed-length-past-eof",
+            &[EUCLEAN, EIO],
+            &["compress"],
+            move |p| {
+                // Starts 100 bytes before EOF with the maximum sector count.
+                put_be64(p, l2, (1 << 62) | sectors_mask | (file_len - 100))
+            },
+        ),
+        case(
+            "compressed-garbage",
+            &[EUCLEAN, EIO],
+            &["compress", "decompress", "inflate"],
+            move |p| {
+                // Point the descriptor at the L1 table: not a deflate stream for a full cluster.
+                put_be64(p, l2, (1 << 62) | (e & sectors_mask) | l1)
+            },
+        ),
     ];
     for c in cases.iter_mut() {
         c.read_time_ok = true;
@@ -422,14 +668,60 @@ fn truncated_files_give_clean_errors() {
     let base = base_image(&dir, "base.qcow2");
     let l1 = be64(&base, H_L1_OFF);
     let l2 = be64(&base, l1) & 0x00ff_ffff_ffff_fe00;
-    let trunc = |n: u64| move |p: &Path| std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(n).unwrap();
+    let trunc = |n: u64| {
+        move |p: &Path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_len(n)
+                .unwrap()
+        }
+    };
     let mut cases = vec![
-        case("truncated-empty", &[EINVAL], &["qcow2", "short", "format", "header"], trunc(0)),
-        case("truncated-in-magic", &[EINVAL], &["qcow2", "short", "format", "header"], trunc(3)),
-        case("truncated-in-header", &[EINVAL, EUCLEAN], &["qcow2", "short", "header", "truncated"], trunc(50)),
-        case("truncated-before-reftable", &[EUCLEAN, EIO], &["refcount", "reference", "eof", "end of file", "truncated", "short"], trunc(0x10000)),
-        case("truncated-in-l1", &[EUCLEAN, EIO], &["l1", "eof", "end of file", "truncated", "short"], trunc(l1 + 4)),
-        case("truncated-before-l2", &[EUCLEAN, EIO], &["l2", "eof", "end of file", "truncated", "short"], trunc(l2)),
+        case(
+            "truncated-empty",
+            &[EINVAL],
+            &["qcow2", "short", "format", "header"],
+            trunc(0),
+        ),
+        case(
+            "truncated-in-magic",
+            &[EINVAL],
+            &["qcow2", "short", "format", "header"],
+            trunc(3),
+        ),
+        case(
+            "truncated-in-header",
+            &[EINVAL, EUCLEAN],
+            &["qcow2", "short", "header", "truncated"],
+            trunc(50),
+        ),
+        case(
+            "truncated-before-reftable",
+            &[EUCLEAN, EIO],
+            &[
+                "refcount",
+                "reference",
+                "eof",
+                "end of file",
+                "truncated",
+                "short",
+            ],
+            trunc(0x10000),
+        ),
+        case(
+            "truncated-in-l1",
+            &[EUCLEAN, EIO],
+            &["l1", "eof", "end of file", "truncated", "short"],
+            trunc(l1 + 4),
+        ),
+        case(
+            "truncated-before-l2",
+            &[EUCLEAN, EIO],
+            &["l2", "eof", "end of file", "truncated", "short"],
+            trunc(l2),
+        ),
     ];
     for c in cases.iter_mut() {
         c.read_time_ok = true;
@@ -451,15 +743,26 @@ fn random_metadata_corruption_never_panics_or_hangs() {
         let n = rng.range(1, 6);
         let mut what = Vec::new();
         for _ in 0..n {
-            let off = if rng.chance(60) { rng.below(200) } else { rng.below(meta_len) };
+            let off = if rng.chance(60) {
+                rng.below(200)
+            } else {
+                rng.below(meta_len)
+            };
             let off = off / 8 * 8 + rng.below(8);
-            let byte = if rng.chance(50) { rng.below(256) as u8 } else { 1u8 << rng.below(8) };
+            let byte = if rng.chance(50) {
+                rng.below(256) as u8
+            } else {
+                1u8 << rng.below(8)
+            };
             poke(&p, off, &[byte]);
             what.push(format!("{off:#x}={byte:#04x}"));
         }
         for writable in [false, true] {
             if let Err(msg) = open_and_read(&p, writable) {
-                failures.push(format!("fuzz #{i} ({}) rw={writable}: {msg}", what.join(",")));
+                failures.push(format!(
+                    "fuzz #{i} ({}) rw={writable}: {msg}",
+                    what.join(",")
+                ));
             }
         }
         let _ = std::fs::remove_file(&p);
@@ -484,7 +787,13 @@ fn out_of_range_requests_are_rejected_and_change_nothing() {
     let p = dir.join("img.qcow2");
     let vsize = 4 * MIB;
     qemu_create(&p, vsize, "cluster_size=4096");
-    qemu_io(&p, &["write -P 0x5a 0 100000".to_string(), format!("write -P 0x6b {} 4096", vsize - 4096)]);
+    qemu_io(
+        &p,
+        &[
+            "write -P 0x5a 0 100000".to_string(),
+            format!("write -P 0x6b {} 4096", vsize - 4096),
+        ],
+    );
     let before = read_file(&p);
     let img = open_rw(&p);
     let buf = vec![0x77u8; 8192];
@@ -505,25 +814,43 @@ fn out_of_range_requests_are_rejected_and_change_nothing() {
         let l = len.min(8192) as usize;
         assert_einval(img.read_at(&mut rbuf[..l], off), &format!("read {what}"));
         assert_einval(img.write_at(&buf[..l], off), &format!("write {what}"));
-        assert_einval(img.write_vectored_at(&[&buf[..l / 2], &buf[l / 2..l]], off), &format!("writev {what}"));
+        assert_einval(
+            img.write_vectored_at(&[&buf[..l / 2], &buf[l / 2..l]], off),
+            &format!("writev {what}"),
+        );
         {
             let (a, b) = rbuf[..l].split_at_mut(l / 2);
             let mut v: Vec<&mut [u8]> = vec![a, b];
             assert_einval(img.read_vectored_at(&mut v, off), &format!("readv {what}"));
         }
-        assert_einval(img.write_zeroes(off, len, ZeroFlags::default()), &format!("zeroes {what}"));
-        assert_einval(img.write_zeroes(off, len, ZeroFlags { may_unmap: true }), &format!("zeroes unmap {what}"));
+        assert_einval(
+            img.write_zeroes(off, len, ZeroFlags::default()),
+            &format!("zeroes {what}"),
+        );
+        assert_einval(
+            img.write_zeroes(off, len, ZeroFlags { may_unmap: true }),
+            &format!("zeroes unmap {what}"),
+        );
         assert_einval(img.discard(off, len), &format!("discard {what}"));
         assert_einval(img.block_status(off, len), &format!("block_status {what}"));
     }
     // Huge counts from a valid offset.
-    assert_einval(img.write_zeroes(4096, u64::MAX, ZeroFlags::default()), "zeroes u64::MAX");
+    assert_einval(
+        img.write_zeroes(4096, u64::MAX, ZeroFlags::default()),
+        "zeroes u64::MAX",
+    );
     assert_einval(img.discard(4096, u64::MAX - 4095), "discard overflow");
-    assert_einval(img.write_zeroes(0, vsize + 1, ZeroFlags { may_unmap: true }), "zeroes whole+1");
+    assert_einval(
+        img.write_zeroes(0, vsize + 1, ZeroFlags { may_unmap: true }),
+        "zeroes whole+1",
+    );
     assert_einval(img.discard(0, vsize + 512), "discard whole+512");
     img.flush().unwrap();
     img.close().unwrap();
-    assert!(read_file(&p) == before, "rejected requests modified the image file");
+    assert!(
+        read_file(&p) == before,
+        "rejected requests modified the image file"
+    );
     assert_check_clean(&p);
 }
 
@@ -537,17 +864,28 @@ fn zero_length_requests_succeed_and_change_nothing() {
     let before = read_file(&p);
     let img = open_rw(&p);
     for off in [0, 1, 4096, 12345, vsize - 1, vsize] {
-        img.read_at(&mut [], off).unwrap_or_else(|e| panic!("empty read at {off}: {e}"));
-        img.write_at(&[], off).unwrap_or_else(|e| panic!("empty write at {off}: {e}"));
-        img.write_vectored_at(&[], off).unwrap_or_else(|e| panic!("empty writev at {off}: {e}"));
-        img.write_vectored_at(&[&[], &[]], off).unwrap_or_else(|e| panic!("writev of empty bufs at {off}: {e}"));
-        img.read_vectored_at(&mut [], off).unwrap_or_else(|e| panic!("empty readv at {off}: {e}"));
-        img.write_zeroes(off, 0, ZeroFlags::default()).unwrap_or_else(|e| panic!("empty zeroes at {off}: {e}"));
-        img.write_zeroes(off, 0, ZeroFlags { may_unmap: true }).unwrap_or_else(|e| panic!("empty zeroes at {off}: {e}"));
-        img.discard(off, 0).unwrap_or_else(|e| panic!("empty discard at {off}: {e}"));
+        img.read_at(&mut [], off)
+            .unwrap_or_else(|e| panic!("empty read at {off}: {e}"));
+        img.write_at(&[], off)
+            .unwrap_or_else(|e| panic!("empty write at {off}: {e}"));
+        img.write_vectored_at(&[], off)
+            .unwrap_or_else(|e| panic!("empty writev at {off}: {e}"));
+        img.write_vectored_at(&[&[], &[]], off)
+            .unwrap_or_else(|e| panic!("writev of empty bufs at {off}: {e}"));
+        img.read_vectored_at(&mut [], off)
+            .unwrap_or_else(|e| panic!("empty readv at {off}: {e}"));
+        img.write_zeroes(off, 0, ZeroFlags::default())
+            .unwrap_or_else(|e| panic!("empty zeroes at {off}: {e}"));
+        img.write_zeroes(off, 0, ZeroFlags { may_unmap: true })
+            .unwrap_or_else(|e| panic!("empty zeroes at {off}: {e}"));
+        img.discard(off, 0)
+            .unwrap_or_else(|e| panic!("empty discard at {off}: {e}"));
     }
     img.close().unwrap();
-    assert!(read_file(&p) == before, "zero-length requests modified the image file");
+    assert!(
+        read_file(&p) == before,
+        "zero-length requests modified the image file"
+    );
 }
 
 #[test]
@@ -565,9 +903,18 @@ fn writes_on_read_only_open_fail_with_read_only() {
     };
     check(img.write_at(&[1, 2, 3], 0), "write_at");
     check(img.write_at(&[1; 4096], 4096), "write_at aligned");
-    check(img.write_vectored_at(&[&[1, 2], &[3]], 100), "write_vectored_at");
-    check(img.write_zeroes(0, 4096, ZeroFlags::default()), "write_zeroes");
-    check(img.write_zeroes(0, 8192, ZeroFlags { may_unmap: true }), "write_zeroes unmap");
+    check(
+        img.write_vectored_at(&[&[1, 2], &[3]], 100),
+        "write_vectored_at",
+    );
+    check(
+        img.write_zeroes(0, 4096, ZeroFlags::default()),
+        "write_zeroes",
+    );
+    check(
+        img.write_zeroes(0, 8192, ZeroFlags { may_unmap: true }),
+        "write_zeroes unmap",
+    );
     check(img.discard(0, 8192), "discard");
     img.flush().expect("flush of a read-only image is a no-op");
     let mut b = vec![0u8; 100];
@@ -588,8 +935,26 @@ fn read_only_open_never_modifies_the_file() {
     qemu_create(&base, 4 * MIB, "cluster_size=4096");
     qemu_io(&base, &["write -P 0x11 0 300000".to_string()]);
     let top = dir.join("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "base.qcow2", "-F", "qcow2", path_str(&top)]);
-    qemu_io(&top, &["write -P 0x22 1000 5000".to_string(), "write -z 100000 5000".to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        path_str(&top),
+    ]);
+    qemu_io(
+        &top,
+        &[
+            "write -P 0x22 1000 5000".to_string(),
+            "write -z 100000 5000".to_string(),
+        ],
+    );
     // Unknown autoclear and compatible bits must not be cleared by a read-only open.
     put_be64(&top, H_AUTOCLEAR, 1 << 20);
     put_be64(&top, 80, 1 << 33);
@@ -612,13 +977,29 @@ fn read_only_open_never_modifies_the_file() {
         img.read_at(&mut b, 0).unwrap();
     }
     {
-        let img = Image::open(&top, &OpenOptions { force_share: true, ..Default::default() }).unwrap();
+        let img = Image::open(
+            &top,
+            &OpenOptions {
+                force_share: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut b = vec![0u8; 4096];
         img.read_at(&mut b, 0).unwrap();
     }
     for (f, (bytes, mt)) in files.iter().zip(before) {
-        assert!(read_file(f) == bytes, "read-only open modified {}", f.display());
-        assert_eq!(mtime(f), mt, "read-only open changed the mtime of {}", f.display());
+        assert!(
+            read_file(f) == bytes,
+            "read-only open modified {}",
+            f.display()
+        );
+        assert_eq!(
+            mtime(f),
+            mt,
+            "read-only open changed the mtime of {}",
+            f.display()
+        );
     }
 }
 
@@ -632,7 +1013,11 @@ fn writable_open_clears_unknown_autoclear_bits() {
     {
         let img = open_ro(&p);
         drop(img);
-        assert_eq!(be64(&p, H_AUTOCLEAR), (1 << 7) | (1 << 40), "read-only open touched autoclear bits");
+        assert_eq!(
+            be64(&p, H_AUTOCLEAR),
+            (1 << 7) | (1 << 40),
+            "read-only open touched autoclear bits"
+        );
     }
     let img = open_rw(&p);
     let mut b = vec![0u8; 70000];
@@ -640,7 +1025,11 @@ fn writable_open_clears_unknown_autoclear_bits() {
     assert!(b.iter().all(|&x| x == 0x33));
     img.write_at(&[0x44; 100], 5).unwrap();
     img.close().unwrap();
-    assert_eq!(be64(&p, H_AUTOCLEAR), 0, "unknown autoclear bits not cleared by a writable open");
+    assert_eq!(
+        be64(&p, H_AUTOCLEAR),
+        0,
+        "unknown autoclear bits not cleared by a writable open"
+    );
     assert_check_clean(&p);
     let o = qemu_io(&p, &["read -P 0x44 5 100".to_string()]);
     assert!(o.stdout.contains("read 100/100"), "{}", o.stdout);
@@ -654,10 +1043,19 @@ fn corrupt_bit_refuses_writable_open_but_allows_reads() {
     qemu_io(&p, &["write -P 0x33 0 7000".to_string()]);
     put_be64(&p, H_INCOMPAT, 1 << 1);
     let before = read_file(&p);
-    match Image::open(&p, &OpenOptions { writable: true, ..Default::default() }) {
+    match Image::open(
+        &p,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    ) {
         Ok(_) => panic!("writable open of an image with the corrupt bit succeeded"),
         Err(e) => {
-            assert!(matches!(e, Error::Corrupt(_)), "unexpected error kind: {e:?}");
+            assert!(
+                matches!(e, Error::Corrupt(_)),
+                "unexpected error kind: {e:?}"
+            );
             assert!(e.to_string().to_lowercase().contains("corrupt"), "{e}");
         }
     }
@@ -667,7 +1065,10 @@ fn corrupt_bit_refuses_writable_open_but_allows_reads() {
     img.read_at(&mut b, 0).unwrap();
     assert!(b.iter().all(|&x| x == 0x33));
     drop(img);
-    assert!(read_file(&p) == before, "opens of a corrupt image modified it");
+    assert!(
+        read_file(&p) == before,
+        "opens of a corrupt image modified it"
+    );
 }
 
 #[test]
@@ -679,9 +1080,22 @@ fn rejected_writable_open_changes_nothing() {
     put_be64(&p, H_INCOMPAT, 1 << 9);
     put_be64(&p, H_AUTOCLEAR, 1 << 9);
     let before = read_file(&p);
-    let r = Image::open(&p, &OpenOptions { writable: true, ..Default::default() });
-    assert!(matches!(r, Err(Error::Unsupported(_))), "expected Unsupported, got {:?}", r.err());
-    assert!(read_file(&p) == before, "a rejected writable open modified the file");
+    let r = Image::open(
+        &p,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    );
+    assert!(
+        matches!(r, Err(Error::Unsupported(_))),
+        "expected Unsupported, got {:?}",
+        r.err()
+    );
+    assert!(
+        read_file(&p) == before,
+        "a rejected writable open modified the file"
+    );
 }
 
 #[test]
@@ -693,7 +1107,8 @@ fn small_cluster_and_tail_edge_requests_are_accepted() {
     qemu_create(&p, vsize, "cluster_size=4096");
     let img = open_rw(&p);
     img.write_at(&[0x42; 1000], vsize - 1000).unwrap();
-    img.write_zeroes(vsize - 100, 100, ZeroFlags::default()).unwrap();
+    img.write_zeroes(vsize - 100, 100, ZeroFlags::default())
+        .unwrap();
     img.discard(vsize - 3 * 512, 3 * 512).unwrap();
     let mut b = vec![0u8; 1];
     img.read_at(&mut b, vsize - 1).unwrap();
@@ -735,16 +1150,27 @@ fn stale_refcounts_never_let_writes_clobber_metadata_or_data() {
         std::fs::copy(&base, &p).unwrap();
         mutate(&p);
         let q = p.clone();
-        let r = with_timeout(Duration::from_secs(30), name, move || -> Result<(), (i32, String)> {
-            let img = Image::open(&q, &OpenOptions { writable: true, ..Default::default() })
+        let r = with_timeout(
+            Duration::from_secs(30),
+            name,
+            move || -> Result<(), (i32, String)> {
+                let img = Image::open(
+                    &q,
+                    &OpenOptions {
+                        writable: true,
+                        ..Default::default()
+                    },
+                )
                 .map_err(|e| (e.errno(), e.to_string()))?;
-            for i in 0..16u64 {
-                let off = MIB + i * 70_000;
-                img.write_at(&vec![0xc3u8; 70_000], off).map_err(|e| (e.errno(), e.to_string()))?;
-            }
-            img.flush().map_err(|e| (e.errno(), e.to_string()))?;
-            Ok(())
-        });
+                for i in 0..16u64 {
+                    let off = MIB + i * 70_000;
+                    img.write_at(&vec![0xc3u8; 70_000], off)
+                        .map_err(|e| (e.errno(), e.to_string()))?;
+                }
+                img.flush().map_err(|e| (e.errno(), e.to_string()))?;
+                Ok(())
+            },
+        );
         match r {
             Err(m) => failures.push(format!("[{name}] {m}")),
             Ok(Err((errno, msg))) if ![EUCLEAN, EIO, 123 /* ENOMEDIUM */].contains(&errno) => {
@@ -761,7 +1187,13 @@ fn stale_refcounts_never_let_writes_clobber_metadata_or_data() {
             failures.push(format!("[{name}] L1 table was overwritten"));
             continue;
         }
-        match Image::open(&p, &OpenOptions { no_backing: true, ..Default::default() }) {
+        match Image::open(
+            &p,
+            &OpenOptions {
+                no_backing: true,
+                ..Default::default()
+            },
+        ) {
             Err(e) => failures.push(format!("[{name}] cannot reopen read-only: {e}")),
             Ok(img) => {
                 let mut b = vec![0u8; 200_000];

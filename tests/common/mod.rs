@@ -820,3 +820,79 @@ pub fn assert_oxcow_matches_raw_file(img: &Image, raw: &Path, seed: u64) {
         assert_same_bytes(&got, &want, &format!("spot read at {off:#x}+{len}"));
     }
 }
+
+/// Walks oxcow's block_status across every `qemu-img map` entry and checks the flags agree.
+pub fn check_block_status(p: &Path, has_backing: bool) {
+    let map = qemu_map(p);
+    let img = open_ro(p);
+    let mut expected_next = 0;
+    for e in &map {
+        assert_eq!(e.start, expected_next, "qemu map not contiguous");
+        expected_next = e.start + e.length;
+        let mut pos = e.start;
+        while pos < e.start + e.length {
+            let want_len = e.start + e.length - pos;
+            let x = img
+                .block_status(pos, want_len)
+                .unwrap_or_else(|err| panic!("block_status({pos:#x}, {want_len:#x}): {err}"));
+            assert_eq!(x.offset, pos);
+            assert!(
+                x.length >= 1 && x.length <= want_len,
+                "extent length {x:?} for request {want_len:#x}"
+            );
+            let ctx = format!("{}: oxcow {x:?} vs qemu {e:?}", p.display());
+            if e.depth == 0 && e.present {
+                assert!(
+                    x.flags & oxcow::EXTENT_ALLOCATED != 0,
+                    "not allocated: {ctx}"
+                );
+                assert!(
+                    x.flags & oxcow::EXTENT_BACKING == 0,
+                    "backing flag on allocated range: {ctx}"
+                );
+                if e.compressed {
+                    assert!(
+                        x.flags & oxcow::EXTENT_COMPRESSED != 0,
+                        "compressed flag missing: {ctx}"
+                    );
+                } else {
+                    assert!(
+                        x.flags & oxcow::EXTENT_COMPRESSED == 0,
+                        "compressed flag set: {ctx}"
+                    );
+                }
+                if e.zero && !e.data {
+                    assert!(
+                        x.flags & oxcow::EXTENT_ZERO != 0,
+                        "zero flag missing: {ctx}"
+                    );
+                } else {
+                    assert!(
+                        x.flags & oxcow::EXTENT_ZERO == 0,
+                        "zero flag set on data: {ctx}"
+                    );
+                    if let Some(o) = e.offset {
+                        assert_eq!(x.host_offset, o + (pos - e.start), "host offset: {ctx}");
+                    }
+                }
+            } else if has_backing {
+                assert_eq!(
+                    x.flags & (oxcow::EXTENT_ALLOCATED | oxcow::EXTENT_BACKING),
+                    oxcow::EXTENT_BACKING,
+                    "expected backing: {ctx}"
+                );
+            } else {
+                assert!(
+                    x.flags & oxcow::EXTENT_ALLOCATED == 0,
+                    "unallocated range reported allocated: {ctx}"
+                );
+                assert!(
+                    x.flags & oxcow::EXTENT_ZERO != 0,
+                    "unallocated range without backing not zero: {ctx}"
+                );
+            }
+            pos += x.length;
+        }
+    }
+    assert_eq!(expected_next, img.virtual_size());
+}
