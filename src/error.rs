@@ -123,7 +123,7 @@ mod tests {
     fn os_errors_keep_their_errno() {
         let e = Error::io("reading", io::Error::from_raw_os_error(libc::EBADF));
         assert_eq!(e.errno(), libc::EBADF);
-        let e = Error::io("reading", io::Error::new(io::ErrorKind::Other, "x"));
+        let e = Error::io("reading", io::Error::other("x"));
         assert_eq!(e.errno(), libc::EIO);
     }
 }

@@ -152,12 +152,13 @@ pub struct Extent {
     pub length: u64,
     /// `EXTENT_*` flags.
     pub flags: u32,
-    /// Host offset of the data in this image's file, when `EXTENT_ALLOCATED` is set and
-    /// `EXTENT_COMPRESSED` is not; 0 otherwise.
+    /// Host offset of the data in this image's file when the range holds uncompressed data
+    /// (`EXTENT_ALLOCATED` without `EXTENT_ZERO` or `EXTENT_COMPRESSED`); 0 otherwise.
     pub host_offset: u64,
 }
 
-/// The range is backed by clusters in this image's file (data, compressed or preallocated).
+/// The range's contents are determined by this image (data, compressed data or a zero
+/// cluster), not by the backing chain. Without `EXTENT_ZERO` the range holds data.
 pub const EXTENT_ALLOCATED: u32 = 1;
 /// The range is known to read as zeros.
 pub const EXTENT_ZERO: u32 = 2;

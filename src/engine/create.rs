@@ -95,10 +95,15 @@ pub fn create(path: impl AsRef<Path>, virtual_size: u64, opts: &CreateOptions) -
             };
         }
     }
+    // qemu-img rounds the size up to whole 512-byte sectors; QEMU would not see a tail.
+    let size = size
+        .checked_add(511)
+        .ok_or_else(|| Error::InvalidArgument(format!("virtual size {size} is too large")))?
+        & !511;
     let geo = validate(size, opts)?;
     let cs = geo.cluster_size();
     let l1_entries = geo.l1_entries_for(size);
-    let l1_clusters = geo.clusters_for(l1_entries * 8).max(1);
+    let l1_clusters = geo.clusters_for(l1_entries * 8);
 
     // Metadata clusters: header, refcount table, refcount blocks, L1. Grow the refcount
     // structures until they cover all of it.
@@ -189,7 +194,9 @@ pub fn create(path: impl AsRef<Path>, virtual_size: u64, opts: &CreateOptions) -
         }
         w(&block, blocks_off + b * cs)?;
     }
-    w(&vec![0u8; (l1_clusters * cs) as usize], l1_off)?;
+    if l1_clusters > 0 {
+        w(&vec![0u8; (l1_clusters * cs) as usize], l1_off)?;
+    }
     file.sync()
         .map_err(|e| Error::io(format!("syncing {name}"), e))?;
     drop(file);
@@ -212,6 +219,7 @@ fn preallocate_metadata(path: &Path, size: u64) -> Result<()> {
     )?;
     let geo = img.geo;
     let entries = geo.l2_entries();
+    let mut end = 0u64;
     {
         let mut m = img.lock_meta();
         let total_clusters = geo.clusters_for(size);
@@ -221,6 +229,7 @@ fn preallocate_metadata(path: &Path, size: u64) -> Result<()> {
             let first = l1 * entries;
             let n = (total_clusters - first).min(entries);
             let data = m.rc.alloc(&img.file, n)?;
+            end = end.max(data + (n << geo.cluster_bits));
             for i in 0..n {
                 let host = data + (i << geo.cluster_bits);
                 m.set_mapping(
@@ -238,19 +247,7 @@ fn preallocate_metadata(path: &Path, size: u64) -> Result<()> {
         }
         m.writeback(&img.file)?;
     }
-    // Make the data clusters exist as (sparse) file space.
-    let mut end = 0u64;
-    {
-        let mut m = img.lock_meta();
-        let total_clusters = geo.clusters_for(size);
-        if total_clusters > 0 {
-            if let crate::format::entry::Mapping::Data { host, .. } =
-                m.lookup(&img.file, (total_clusters - 1) << geo.cluster_bits)?
-            {
-                end = host + geo.cluster_size();
-            }
-        }
-    }
+    // The data clusters are never written: extend the file (sparsely) so that they exist.
     if end > img.file.len()? {
         img.file.set_len(end)?;
     }

@@ -145,7 +145,7 @@ pub(super) fn read_compressed(img: &Image, host: u64, csize: u64) -> Result<Vec<
 fn status_of(source: Source, has_backing: bool) -> (u32, u64) {
     match source {
         Source::Data(h) => (EXTENT_ALLOCATED, h),
-        Source::Zero => (EXTENT_ZERO, 0),
+        Source::Zero => (EXTENT_ALLOCATED | EXTENT_ZERO, 0),
         Source::Backing if has_backing => (EXTENT_BACKING, 0),
         Source::Backing => (EXTENT_ZERO, 0),
         Source::Compressed { .. } => (EXTENT_ALLOCATED | EXTENT_COMPRESSED, 0),

@@ -23,8 +23,12 @@ pub struct Refcounts {
     /// Indices of refcount-table clusters that differ from disk.
     table_dirty: BTreeSet<u64>,
     blocks: TableCache<Vec<u8>>,
-    /// Cluster index where the search for free clusters starts.
-    free_hint: u64,
+    /// Every cluster below this index has been examined by the allocator: the free ones are
+    /// in `free_set` (or were allocated since).
+    cursor: u64,
+    /// Known free clusters below `cursor`: holes skipped by the scan and clusters whose
+    /// refcount dropped to zero.
+    free_set: BTreeSet<u64>,
 }
 
 impl Refcounts {
@@ -45,18 +49,9 @@ impl Refcounts {
             table_offset,
             table_dirty: BTreeSet::new(),
             blocks: TableCache::new(cache_tables),
-            free_hint: 0,
+            cursor: 1,
+            free_set: BTreeSet::new(),
         })
-    }
-
-    /// Host offset of the refcount table.
-    pub fn table_offset(&self) -> u64 {
-        self.table_offset
-    }
-
-    /// Number of entries in the refcount table.
-    pub fn table_len(&self) -> u64 {
-        self.table.len() as u64
     }
 
     /// Offset of refcount block `idx` (0 when absent), with its alignment checked.
@@ -143,20 +138,24 @@ impl Refcounts {
             }
         };
         refcount::set(data, order, idx, new);
-        if new == 0 && cluster < self.free_hint {
-            self.free_hint = cluster;
+        if new == 0 && cluster < self.cursor {
+            self.free_set.insert(cluster);
         }
         Ok(())
     }
 
     /// Allocates `n` contiguous free clusters (refcount set to 1) and returns the host offset
-    /// of the first.
+    /// of the first. Single clusters reuse known holes first; runs are taken from the scan
+    /// frontier. Each cluster is examined by the scan at most once over the image's life.
     pub fn alloc(&mut self, file: &HostFile, n: u64) -> Result<u64> {
         if n == 0 {
             return Err(Error::InvalidArgument("allocation of 0 clusters".into()));
         }
         loop {
-            let start = self.find_free_run(file, n)?;
+            let start = match if n == 1 { self.pop_free(file)? } else { None } {
+                Some(c) => c,
+                None => self.scan_run(file, n)?,
+            };
             if let Some(b) = self.first_uncovered_block(start, n)? {
                 self.create_block(file, b)?;
                 continue;
@@ -164,37 +163,47 @@ impl Refcounts {
             for c in start..start + n {
                 self.update(file, c, 1)?;
             }
-            if start == self.free_hint {
-                self.free_hint = start + n;
-            }
+            self.cursor = self.cursor.max(start + n);
             return Ok(start << self.geo.cluster_bits);
         }
     }
 
-    fn find_free_run(&mut self, file: &HostFile, n: u64) -> Result<u64> {
+    /// The lowest known hole that is still free.
+    fn pop_free(&mut self, file: &HostFile) -> Result<Option<u64>> {
+        while let Some(c) = self.free_set.pop_first() {
+            if self.get(file, c)? == 0 {
+                return Ok(Some(c));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Finds `n` free clusters in a row at or after the cursor, remembering the holes it
+    /// passes. Does not move the cursor (the caller commits the allocation).
+    fn scan_run(&mut self, file: &HostFile, n: u64) -> Result<u64> {
         // Host offsets are below 2^56; the search cannot run past that.
         let limit = (1u64 << 56) >> self.geo.cluster_bits;
-        let mut start = self.free_hint.max(1);
-        let mut len = 0;
         let per = self.geo.refblock_entries();
+        let mut start = self.cursor;
         let mut c = start;
-        while len < n {
+        while c - start < n {
             if c >= limit {
                 return Err(Error::NoSpace("image address space exhausted".into()));
             }
             // Skip whole uncovered blocks in one step: everything there is free.
             if c % per == 0 && self.block_offset(c / per)? == 0 {
-                len += per;
                 c += per;
                 continue;
             }
             if self.get(file, c)? == 0 {
-                len += 1;
+                c += 1;
             } else {
-                len = 0;
-                start = c + 1;
+                for hole in start..c {
+                    self.free_set.insert(hole);
+                }
+                c += 1;
+                start = c;
             }
-            c += 1;
         }
         Ok(start)
     }

@@ -265,7 +265,7 @@ mod tests {
         match decode_l2(&g, 3, w, 0).unwrap() {
             Mapping::Compressed { host, csize } => {
                 assert_eq!(host, 0x5_0123);
-                assert!(csize >= 3000 && csize < 3000 + 512);
+                assert!((3000..3000 + 512).contains(&csize));
             }
             m => panic!("{m:?}"),
         }

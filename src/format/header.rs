@@ -4,7 +4,7 @@
 //! names the field. Unknown header extensions and the bytes past the fields oxcow knows are kept
 //! so that a rewrite preserves them.
 
-use super::be::{put_u32, put_u64, u16_at, u32_at, u64_at};
+use super::be::{put_u32, put_u64, u32_at, u64_at};
 use super::geometry::Geometry;
 use crate::error::{corrupt, unsupported, Error, Result};
 
@@ -682,7 +682,8 @@ mod tests {
 
     #[test]
     fn each_out_of_range_field_is_rejected_with_its_name() {
-        let cases: Vec<(fn(&mut Header), &str)> = vec![
+        type Poke = fn(&mut Header);
+        let cases: Vec<(Poke, &str)> = vec![
             (|h| h.l1_size = 0, "L1 table is too small"),
             (
                 |h| h.l1_table_offset = 0x30001,

@@ -23,6 +23,10 @@ pub trait Backend: Send + Sync {
     fn sync(&self) -> io::Result<()>;
     /// Current size of the file in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Truncates or extends the file.
     fn set_len(&self, len: u64) -> io::Result<()>;
 }
