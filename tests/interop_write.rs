@@ -148,7 +148,40 @@ fn gen_ops(seed: u64, n: usize, g: &Geometry, allow_reopen: bool) -> Vec<Op> {
                     Op::Discard { off, len }
                 }
             }
-            89..=95 => Op::Flush,
+            89..=93 => Op::Flush,
+            94 | 95 => {
+                // Rare huge requests: a large part of (or the whole) disk at once.
+                let off = if rng.chance(50) { 0 } else { off / g.cs * g.cs };
+                let len = if rng.chance(50) {
+                    g.vsize - off
+                } else {
+                    clamp(off, g.vsize / 2, g)
+                };
+                match rng.below(3) {
+                    0 => Op::Zero {
+                        off,
+                        len,
+                        unmap: rng.chance(50),
+                    },
+                    1 => {
+                        let tail = g.vsize / g.cs * g.cs;
+                        if off >= tail {
+                            Op::Flush
+                        } else {
+                            Op::Discard {
+                                off,
+                                len: len.min(tail - off),
+                            }
+                        }
+                    }
+                    _ => Op::Write {
+                        off,
+                        len: len.min(3 * MIB),
+                        tag,
+                        random: false,
+                    },
+                }
+            }
             _ => {
                 if allow_reopen {
                     Op::Reopen
@@ -597,6 +630,41 @@ fn oxcow_created_extended_l2_random_workload_passes_qemu_check_and_compare() {
 }
 
 #[test]
+fn oxcow_created_other_refcount_widths_and_2m_clusters_random_workload_passes_qemu_check() {
+    for (rb, seed) in [(2u32, 121u64), (4, 122), (8, 123), (32, 124)] {
+        run_variant(
+            Variant {
+                cs: 512,
+                vsize: MIB,
+                refcount_bits: rb,
+                ..Default::default()
+            },
+            seed,
+            100,
+        );
+    }
+    run_variant(
+        Variant {
+            cs: 2 * MIB,
+            vsize: 16 * MIB,
+            ..Default::default()
+        },
+        125,
+        80,
+    );
+    run_variant(
+        Variant {
+            cs: 2 * MIB,
+            vsize: 16 * MIB,
+            extended_l2: true,
+            ..Default::default()
+        },
+        126,
+        80,
+    );
+}
+
+#[test]
 fn oxcow_created_lazy_refcounts_random_workload_passes_qemu_check_and_compare() {
     run_variant(
         Variant {
@@ -993,27 +1061,63 @@ enum TOp {
     Discard(u64, u64),
 }
 
-fn concurrent_case(cs: u64, seed: u64, with_backing: bool) {
+#[derive(Clone, Copy, PartialEq)]
+enum ConcBase {
+    Plain,
+    Backing,
+    /// Every cluster shared with an internal snapshot: concurrent writes to different parts
+    /// of one cluster all need COW of the same shared cluster.
+    Snapshot,
+    /// Every cluster compressed: concurrent partial writes all need the same decompress+COW.
+    Compressed,
+}
+
+fn concurrent_case(cs: u64, seed: u64, base: ConcBase) {
     let dir = TempDir::new("concurrent");
     const T: u64 = 4;
     let vsize = 8 * MIB;
-    let v = Variant {
-        cs,
-        vsize,
-        backing: if with_backing {
-            Some(BackingFormat::Raw)
-        } else {
-            None
-        },
-        ..Default::default()
+    let (p, mut model) = match base {
+        ConcBase::Plain | ConcBase::Backing => {
+            let v = Variant {
+                cs,
+                vsize,
+                backing: if base == ConcBase::Backing {
+                    Some(BackingFormat::Raw)
+                } else {
+                    None
+                },
+                ..Default::default()
+            };
+            setup(&dir, &v)
+        }
+        ConcBase::Snapshot | ConcBase::Compressed => {
+            let data = tagged_data(0x3e, 0, vsize as usize);
+            let src = dir.join("src.raw");
+            std::fs::write(&src, &data).unwrap();
+            let p = dir.join("img.qcow2");
+            let mut args = vec!["convert", "-q", "-f", "raw", "-O", "qcow2"];
+            if base == ConcBase::Compressed {
+                args.push("-c");
+            }
+            let o = format!("cluster_size={cs}");
+            args.extend(["-o", &o, path_str(&src), path_str(&p)]);
+            qemu_img(&args);
+            if base == ConcBase::Snapshot {
+                qemu_img(&["snapshot", "-c", "s1", path_str(&p)]);
+            }
+            let mut m = RawModel::new(vsize, cs);
+            m.data = data;
+            (p, m)
+        }
     };
-    let (p, mut model) = setup(&dir, &v);
+    let initial = model.data.clone();
     // Zones: [0, shared) is written by every thread (disjoint bytes within the same clusters);
     // the rest is split into one private zone per thread.
     let shared = 2 * MIB;
     let zone = (vsize - shared) / T;
     let backing0 = model.backing.clone();
     let backing0 = &backing0;
+    let initial = &initial;
     let img = open_rw(&p);
     let logs: Vec<Vec<TOp>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..T)
@@ -1023,9 +1127,11 @@ fn concurrent_case(cs: u64, seed: u64, with_backing: bool) {
                     let mut rng = Rng::new(seed * 100 + t);
                     let mut log = Vec::new();
                     // This thread's view of the bytes only it touches.
-                    let mut own = match &backing0 {
-                        Some(b) => RawModel::with_backing(vsize, cs, b, 3),
-                        None => RawModel::new(vsize, cs),
+                    let mut own = RawModel {
+                        data: initial.clone(),
+                        cluster_size: cs,
+                        discard_reveals_backing: false,
+                        backing: backing0.clone(),
                     };
                     let quarter = cs / T;
                     for i in 0..250u64 {
@@ -1124,23 +1230,32 @@ fn concurrent_case(cs: u64, seed: u64, with_backing: bool) {
             }
         }
     }
-    verify_all(
-        &dir,
-        &p,
-        &model,
-        &format!("concurrent writers cs={cs} backing={with_backing}"),
-    );
+    verify_all(&dir, &p, &model, &format!("concurrent writers cs={cs}"));
 }
 
 #[test]
 fn concurrent_threads_writing_disjoint_and_shared_clusters_pass_qemu_check_and_compare() {
-    concurrent_case(64 * KIB, 701, false);
-    concurrent_case(4 * KIB, 702, false);
+    concurrent_case(64 * KIB, 701, ConcBase::Plain);
+    concurrent_case(4 * KIB, 702, ConcBase::Plain);
+    // 512-byte clusters: an L2 table covers 32 KiB and a refblock 64 clusters (16-bit: 256),
+    // so threads race on L2-table and refblock allocation too.
+    concurrent_case(512, 704, ConcBase::Plain);
 }
 
 #[test]
 fn concurrent_threads_over_backing_file_pass_qemu_check_and_compare() {
-    concurrent_case(64 * KIB, 703, true);
+    concurrent_case(64 * KIB, 703, ConcBase::Backing);
+}
+
+#[test]
+fn concurrent_threads_writing_parts_of_snapshot_shared_clusters_keep_every_write() {
+    concurrent_case(64 * KIB, 705, ConcBase::Snapshot);
+    concurrent_case(4 * KIB, 706, ConcBase::Snapshot);
+}
+
+#[test]
+fn concurrent_threads_writing_parts_of_compressed_clusters_keep_every_write() {
+    concurrent_case(64 * KIB, 707, ConcBase::Compressed);
 }
 
 // --- odd sizes, allocation semantics, create options -------------------------------------------
@@ -1382,4 +1497,44 @@ fn oxcow_create_options_are_what_qemu_img_info_reports() {
     assert_eq!(j.get("backing-filename-format").as_str(), "raw");
     assert_check_clean(&top);
     assert_compare_identical(&top, &base);
+}
+
+/// DESIGN: "a read-write open of a dirty image repairs the refcounts first". QEMU leaves the
+/// dirty bit set when a writer with lazy refcounts dies.
+#[test]
+fn dirty_lazy_refcounts_image_left_by_crashed_qemu_is_repaired_on_writable_open() {
+    let dir = TempDir::new("dirty");
+    let p = dir.join("img.qcow2");
+    qemu_create(&p, 4 * MIB, "cluster_size=4096,lazy_refcounts=on");
+    // qemu-io aborts after writing: the image keeps the dirty bit and stale refcounts.
+    let o = run(
+        "sh",
+        &["-c", &format!("ulimit -c 0; qemu-io -f qcow2 -c 'write -P 0x5a 0 300000' -c 'write -P 0x6b 1000000 5000' -c abort {}", path_str(&p))],
+    );
+    assert_ne!(o.code, 0, "qemu-io abort did not abort");
+    let mut model = RawModel::new(4 * MIB, 4096);
+    model.data[..300000].fill(0x5a);
+    model.data[1000000..1005000].fill(0x6b);
+    {
+        let img = open_ro(&p);
+        assert!(img.info().unwrap().dirty, "setup: image is not dirty");
+        assert_same_bytes(
+            &oxcow_read_all(&img),
+            &model.data,
+            "read-only read of a dirty image",
+        );
+    }
+    let (code, _) = qemu_img_check(&p);
+    assert_eq!(code, 2, "setup: dirty image should have stale refcounts");
+    let img =
+        Image::open(&p, &rw()).unwrap_or_else(|e| panic!("writable open of a dirty image: {e}"));
+    img.write_at(&[0x77; 10000], 2 * MIB).unwrap();
+    model.write(2 * MIB, &[0x77; 10000]);
+    img.close().unwrap();
+    let info = open_ro(&p).info().unwrap();
+    assert!(
+        !info.dirty,
+        "dirty bit still set after a writable open and close"
+    );
+    verify_all(&dir, &p, &model, "repaired dirty image");
 }
