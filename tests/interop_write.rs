@@ -1538,3 +1538,248 @@ fn dirty_lazy_refcounts_image_left_by_crashed_qemu_is_repaired_on_writable_open(
     );
     verify_all(&dir, &p, &model, "repaired dirty image");
 }
+
+/// A process that dies after a flush loses at most leaked clusters: simulate it by leaking the
+/// handle (no close, no Drop write-back) after more unflushed writes, including writes that
+/// grow the refcount table. `qemu-img check` must exit 0 or 3 (never 2), and every byte written
+/// before the last flush, in the range not written afterwards, must read back.
+#[test]
+fn handle_lost_after_flush_leaves_at_most_leaks_and_keeps_flushed_data() {
+    for (cs, rb, by_qemu, seed) in [
+        (512u64, 64u32, false, 901u64),
+        (4 * KIB, 16, true, 902),
+        (64 * KIB, 1, false, 903),
+    ] {
+        let v = Variant {
+            cs,
+            vsize: 8 * MIB,
+            refcount_bits: rb,
+            by_qemu,
+            ..Default::default()
+        };
+        let dir = TempDir::new("lost-handle");
+        let (p, mut model) = setup(&dir, &v);
+        let half = 4 * MIB;
+        let g = Geometry {
+            vsize: half,
+            cs,
+            l2cov: v.geometry().l2cov,
+        };
+        // Phase 1: random workload confined to the lower half, then flush.
+        let ops = gen_ops(seed, 150, &g, false);
+        let img = open_rw(&p);
+        for op in &ops {
+            match op {
+                Op::Write {
+                    off,
+                    len,
+                    tag,
+                    random,
+                } => {
+                    let d = op_data(*off, *len, *tag, *random);
+                    img.write_at(&d, *off).unwrap();
+                    model.write(*off, &d);
+                }
+                Op::WriteV { off, lens, tag } => {
+                    let d = op_data(*off, lens.iter().sum(), *tag, false);
+                    img.write_at(&d, *off).unwrap();
+                    model.write(*off, &d);
+                }
+                Op::Zero { off, len, unmap } => {
+                    img.write_zeroes(*off, *len, ZeroFlags { may_unmap: *unmap })
+                        .unwrap();
+                    model.zero(*off, *len);
+                }
+                Op::Discard { off, len } => {
+                    img.discard(*off, *len).unwrap();
+                    model.discard(*off, *len);
+                }
+                Op::Flush | Op::Reopen => img.flush().unwrap(),
+            }
+        }
+        img.flush().unwrap();
+        // Phase 2: unflushed writes to the upper half only (4 MiB: with 512-byte clusters and
+        // 64-bit refcounts this grows the refcount table), then the handle is lost.
+        let mut rng = Rng::new(seed);
+        let mut off = half;
+        while off < 8 * MIB {
+            let len = rng.range(1, 300 * KIB).min(8 * MIB - off);
+            img.write_at(&tagged_data(0xee, off, len as usize), off)
+                .unwrap();
+            off += len;
+        }
+        std::mem::forget(img);
+        let (code, out) = qemu_img_check(&p);
+        assert!(
+            code == 0 || code == 3,
+            "cs={cs}: check after a lost handle exited {code} (corruption):\n{out}"
+        );
+        let img = open_ro(&p);
+        let mut got = vec![0u8; half as usize];
+        img.read_at(&mut got, 0).unwrap();
+        assert_same_bytes(
+            &got,
+            &model.data[..half as usize],
+            &format!("cs={cs}: flushed data after a lost handle"),
+        );
+    }
+}
+
+/// oxcow does not maintain persistent bitmaps, so a writable open must clear autoclear bit 0
+/// before writing (otherwise QEMU would trust stale bitmaps); the result stays consistent.
+#[test]
+fn writing_an_image_with_persistent_bitmaps_invalidates_them_and_stays_consistent() {
+    let dir = TempDir::new("bitmaps");
+    let p = dir.join("img.qcow2");
+    qemu_create(&p, 4 * MIB, "cluster_size=65536");
+    qemu_img(&["bitmap", "--add", path_str(&p), "b0"]);
+    qemu_io(&p, &["write -P 0x11 0 100000".into()]);
+    assert_eq!(be64(&p, 88) & 1, 1, "setup: bitmaps autoclear bit not set");
+    {
+        let img = open_ro(&p);
+        let mut b = vec![0u8; 100000];
+        img.read_at(&mut b, 0).unwrap();
+        assert!(b.iter().all(|&x| x == 0x11));
+    }
+    assert_eq!(
+        be64(&p, 88) & 1,
+        1,
+        "read-only open cleared the bitmaps bit"
+    );
+    let img = open_rw(&p);
+    img.write_at(&[0x22; 5000], 200_000).unwrap();
+    img.close().unwrap();
+    assert_eq!(
+        be64(&p, 88) & 1,
+        0,
+        "bitmaps autoclear bit still set after oxcow wrote the image"
+    );
+    let (code, out) = qemu_img_check(&p);
+    assert!(code == 0 || code == 3, "check exited {code}:\n{out}");
+    let mut model = RawModel::new(4 * MIB, 65536);
+    model.data[..100000].fill(0x11);
+    model.data[200_000..205_000].fill(0x22);
+    let raw = dir.join("ref.raw");
+    model.save(&raw);
+    assert_compare_identical(&p, &raw);
+}
+
+/// Unknown header extensions are kept when oxcow updates the header (here: refcount-table
+/// growth rewrites the header's table pointer).
+#[test]
+fn unknown_header_extensions_survive_oxcow_writes() {
+    let dir = TempDir::new("unknown-ext");
+    let p = dir.join("img.qcow2");
+    oxcow::create(
+        &p,
+        8 * MIB,
+        &CreateOptions {
+            cluster_size: 512,
+            refcount_bits: 64,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // Append an unknown extension in place of the end marker (cluster 0 is 512 bytes here).
+    let hl = be32(&p, 100) as u64;
+    let mut off = hl;
+    loop {
+        let t = be32(&p, off);
+        if t == 0 {
+            break;
+        }
+        off += 8 + (be32(&p, off + 4) as u64).div_ceil(8) * 8;
+    }
+    assert!(off + 8 + 16 + 8 <= 512, "no room for an extension");
+    let mut ext = Vec::new();
+    ext.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    ext.extend_from_slice(&13u32.to_be_bytes());
+    ext.extend_from_slice(b"hello, qcow2!\0\0\0");
+    ext.extend_from_slice(&[0u8; 8]);
+    poke(&p, off, &ext);
+    assert_check_clean(&p);
+    let img = open_rw(&p);
+    let data = tagged_data(0x31, 0, (6 * MIB) as usize);
+    for (i, c) in data.chunks(100_000).enumerate() {
+        img.write_at(c, i as u64 * 100_000).unwrap();
+    }
+    img.close().unwrap();
+    assert!(be32(&p, 56) > 1, "setup: refcount table did not grow");
+    assert_eq!(
+        peek(&p, off, ext.len()),
+        ext,
+        "unknown header extension was lost or changed"
+    );
+    assert_check_clean(&p);
+    let mut model = RawModel::new(8 * MIB, 512);
+    model.write(0, &data);
+    let raw = dir.join("ref.raw");
+    model.save(&raw);
+    assert_compare_identical(&p, &raw);
+}
+
+/// Writes to an overlay whose backing file itself has a backing file (qcow2 -> qcow2 -> raw)
+/// copy the right data on COW.
+#[test]
+fn writes_over_a_two_level_backing_chain_pass_qemu_check_and_compare() {
+    let dir = TempDir::new("chain-write");
+    let vsize = 4 * MIB;
+    let base = dir.join("base.raw");
+    let base_data = tagged_data(0x71, 0, (3 * MIB) as usize);
+    std::fs::write(&base, &base_data).unwrap();
+    let mid = dir.join("mid.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        path_str(&mid),
+        &vsize.to_string(),
+    ]);
+    qemu_io(
+        &mid,
+        &[
+            "write -P 0x72 100000 300000".into(),
+            "write -z 600000 100000".into(),
+        ],
+    );
+    let top = dir.join("top.qcow2");
+    oxcow::create(
+        &top,
+        vsize,
+        &CreateOptions {
+            cluster_size: 65536,
+            backing_file: Some("mid.qcow2".into()),
+            backing_format: Some(BackingFormat::Qcow2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mid_view = qemu_to_raw(&mid, "qcow2", &dir);
+    let mut model = RawModel::with_backing(vsize, 65536, &mid_view, 3);
+    let g = Geometry {
+        vsize,
+        cs: 65536,
+        l2cov: 65536 * 8192,
+    };
+    let ops = gen_ops(904, 150, &g, true);
+    apply_ops(&top, &mut model, &ops, 904, &rw());
+    verify_all(&dir, &top, &model, "overlay over a two-level chain");
+    // The backing files were not modified.
+    assert_same_bytes(
+        &read_file(&base),
+        &base_data,
+        "raw base after writes to the overlay",
+    );
+    assert_same_bytes(
+        &qemu_to_raw(&mid, "qcow2", &dir),
+        &mid_view,
+        "mid image after writes to the overlay",
+    );
+}
