@@ -9,6 +9,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Every failure oxcow reports. Each variant maps to one negative errno in the C ABI
 /// (see [`Error::errno`]) and carries a message naming what failed (field, offset, path).
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// The caller passed a bad argument or an out-of-range request (EINVAL).
     InvalidArgument(String),
@@ -28,6 +29,9 @@ pub enum Error {
     Fenced(String),
     /// An allocation the request needs could not be satisfied (ENOMEM).
     NoMemory(String),
+    /// A write or allocation was stopped because it would have overwritten metadata (or the
+    /// engine met another runtime inconsistency); the image was marked corrupt and fenced (EIO).
+    CorruptionPrevented(String),
     /// An operating-system I/O call failed.
     Io {
         /// What oxcow was doing, e.g. "reading L2 table at 0x50000 of a.qcow2".
@@ -60,6 +64,7 @@ impl Error {
             Error::Locked(_) => libc::EAGAIN,
             Error::Fenced(_) => libc::ENOMEDIUM,
             Error::NoMemory(_) => libc::ENOMEM,
+            Error::CorruptionPrevented(_) => libc::EIO,
             Error::Io { source, .. } => match source.raw_os_error() {
                 Some(e) if e > 0 => e,
                 _ => libc::EIO,
@@ -79,7 +84,8 @@ impl fmt::Display for Error {
             | Error::NoSpace(m)
             | Error::Locked(m)
             | Error::Fenced(m)
-            | Error::NoMemory(m) => f.write_str(m),
+            | Error::NoMemory(m)
+            | Error::CorruptionPrevented(m) => f.write_str(m),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }
     }

@@ -4,6 +4,7 @@
 //! Everything here runs under the image's metadata mutex; no guest data I/O happens here.
 
 use super::cache::TableCache;
+use super::overlap::MetaKind;
 use super::refcount::Refcounts;
 use crate::error::{corrupt, Error, Result};
 use crate::format::be::u64_table_bytes;
@@ -42,19 +43,55 @@ pub struct Slot {
 
 impl Meta {
     /// Loads the L1 and refcount tables of a validated header.
-    pub fn load(file: &HostFile, header: Header, cache_bytes: u64) -> Result<Meta> {
+    pub fn load(
+        file: &HostFile,
+        header: Header,
+        snapshots: &[crate::format::snapshot::Snapshot],
+        snapshot_table_len: u64,
+        cache_bytes: u64,
+    ) -> Result<Meta> {
         let geo = header.geometry();
         let mut raw = vec![0u8; header.l1_size as usize * 8];
         file.read_zero_padded(&mut raw, header.l1_table_offset, "L1 table")?;
         let l1 = crate::format::be::u64_table(&raw);
         let tables = (cache_bytes / geo.cluster_size()).clamp(16, 65536) as usize;
-        let rc = Refcounts::load(
+        let mut rc = Refcounts::load(
             file,
             geo,
             header.refcount_table_offset,
             header.refcount_table_clusters,
             tables / 4,
         )?;
+        let cb = geo.cluster_bits;
+        let ix = &mut rc.index;
+        ix.insert(0, 1, MetaKind::Header);
+        ix.insert(
+            header.l1_table_offset >> cb,
+            geo.clusters_for(l1.len() as u64 * 8),
+            MetaKind::ActiveL1,
+        );
+        for (i, &e) in l1.iter().enumerate() {
+            let off = entry::l1_l2_offset(e);
+            if off != 0 && geo.is_aligned(off) {
+                ix.insert(off >> cb, 1, MetaKind::ActiveL2);
+            } else if off != 0 {
+                return corrupt!("L2 table offset {off:#x} unaligned (L1 index: {i:#x})");
+            }
+        }
+        if snapshot_table_len > 0 {
+            ix.insert(
+                header.snapshots_offset >> cb,
+                geo.clusters_for(snapshot_table_len),
+                MetaKind::SnapshotTable,
+            );
+        }
+        for s in snapshots {
+            ix.insert(
+                s.l1_table_offset >> cb,
+                geo.clusters_for(s.l1_size as u64 * 8),
+                MetaKind::InactiveL1,
+            );
+        }
         Ok(Meta {
             header,
             l1,
@@ -93,6 +130,9 @@ impl Meta {
             if !self.l2.evict_one_clean() {
                 self.writeback(file)?;
             }
+        }
+        if off >= file.len()? {
+            return corrupt!("L2 table at {off:#x} is beyond the end of the file");
         }
         let mut raw = vec![0u8; self.geo.cluster_size() as usize];
         file.read_zero_padded(&mut raw, off, "L2 table")?;
@@ -182,6 +222,9 @@ impl Meta {
             }
         }
         self.l2.insert(new, table, true);
+        self.rc
+            .index
+            .insert(new >> self.geo.cluster_bits, 1, MetaKind::ActiveL2);
         self.l1[l1_index as usize] = new | COPIED;
         self.l1_dirty.insert(l1_index * 8 / self.geo.cluster_size());
         if old != 0 {

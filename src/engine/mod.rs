@@ -5,6 +5,7 @@ mod cache;
 pub mod compress;
 pub mod create;
 mod meta;
+mod overlap;
 mod read;
 mod refcount;
 mod snapshot;
@@ -86,7 +87,23 @@ impl Image {
                 );
             }
         }
-        let snapshots = snapshot::read_table(&file, &header).map_err(|e| prefix(e, &name))?;
+        // Tables that lie (partly) past the end of the file mean a truncated image: refuse it
+        // rather than serve a blank disk.
+        let file_len = file.len()?;
+        if header.l1_table_offset + header.l1_size as u64 * 8 > file_len {
+            return corrupt!(
+                "{name}: Active L1 table at {:#x} extends beyond the end of the file ({file_len} bytes); the image is truncated",
+                header.l1_table_offset
+            );
+        }
+        if header.refcount_table_offset >= file_len {
+            return corrupt!(
+                "{name}: Reference count table at {:#x} is beyond the end of the file ({file_len} bytes); the image is truncated",
+                header.refcount_table_offset
+            );
+        }
+        let (snapshots, snapshot_table_len) =
+            snapshot::read_table(&file, &header).map_err(|e| prefix(e, &name))?;
         let backing = match (&header.backing_file, opts.no_backing) {
             (Some(b), false) => Some(Backing::open(
                 path,
@@ -103,7 +120,14 @@ impl Image {
             file.sync()?;
             header.autoclear_features = 0;
         }
-        let meta = Meta::load(&file, header.clone(), DEFAULT_CACHE_BYTES)?;
+        let meta = Meta::load(
+            &file,
+            header.clone(),
+            &snapshots,
+            snapshot_table_len,
+            DEFAULT_CACHE_BYTES,
+        )
+        .map_err(|e| prefix(e, &name))?;
         Ok(Image {
             path: path.to_path_buf(),
             file,
@@ -225,6 +249,33 @@ impl Image {
                 self.virtual_size
             ),
         }
+    }
+
+    /// Handles an error met while the metadata lock is held: a prevented corruption marks a
+    /// writable image corrupt on disk (incompatible bit 1) and fences the handle, so nothing
+    /// more is written. Returns the error for the caller.
+    fn on_error(&self, m: &mut Meta, e: Error) -> Error {
+        if let Error::CorruptionPrevented(msg) = &e {
+            if !self.read_only && !self.fenced.load(Ordering::Acquire) {
+                self.fence();
+                m.header.incompatible_features |= header::INCOMPAT_CORRUPT;
+                let bits = m.header.incompatible_features.to_be_bytes();
+                let marked = self
+                    .file
+                    .write(&bits, field::INCOMPATIBLE, WriteKind::Header)
+                    .and_then(|_| self.file.sync());
+                let note = match marked {
+                    Ok(()) => "the image was marked corrupt",
+                    Err(_) => "marking the image corrupt failed too",
+                };
+                return Error::CorruptionPrevented(format!(
+                    "{}: {msg}; {note} and no further writes are accepted (repair with 'qemu-img check -r all')",
+                    self.path.display()
+                ));
+            }
+            return Error::CorruptionPrevented(format!("{}: {msg}", self.path.display()));
+        }
+        e
     }
 
     /// Marks the handle unusable; used by the C ABI when a panic was caught.

@@ -6,6 +6,7 @@
 //! written and synced before the header points at it, and the old table is freed only after.
 
 use super::cache::TableCache;
+use super::overlap::{MetaKind, MetadataIndex};
 use crate::error::{corrupt, Error, Result};
 use crate::format::be::{put_u64, u64_table, u64_table_bytes};
 use crate::format::header::{field, MAX_REFTABLE_BYTES};
@@ -29,6 +30,8 @@ pub struct Refcounts {
     /// Known free clusters below `cursor`: holes skipped by the scan and clusters whose
     /// refcount dropped to zero.
     free_set: BTreeSet<u64>,
+    /// Host clusters holding metadata: never handed out, never written as data.
+    pub index: MetadataIndex,
 }
 
 impl Refcounts {
@@ -43,7 +46,7 @@ impl Refcounts {
         let bytes = (table_clusters as u64) << geo.cluster_bits;
         let mut raw = vec![0u8; bytes as usize];
         file.read_zero_padded(&mut raw, table_offset, "refcount table")?;
-        Ok(Refcounts {
+        let mut rc = Refcounts {
             geo,
             table: u64_table(&raw),
             table_offset,
@@ -51,7 +54,21 @@ impl Refcounts {
             blocks: TableCache::new(cache_tables),
             cursor: 1,
             free_set: BTreeSet::new(),
-        })
+            index: MetadataIndex::default(),
+        };
+        rc.index.insert(
+            table_offset >> geo.cluster_bits,
+            table_clusters as u64,
+            MetaKind::RefcountTable,
+        );
+        for i in 0..rc.table.len() as u64 {
+            let off = rc.block_offset(i)?;
+            if off != 0 {
+                rc.index
+                    .insert(off >> geo.cluster_bits, 1, MetaKind::RefcountBlock);
+            }
+        }
+        Ok(rc)
     }
 
     /// Offset of refcount block `idx` (0 when absent), with its alignment checked.
@@ -77,6 +94,9 @@ impl Refcounts {
                 self.write_dirty_blocks(file)?;
                 file.sync()?;
             }
+        }
+        if off >= file.len()? {
+            return corrupt!("Refcount block at {off:#x} is beyond the end of the file");
         }
         let mut data = vec![0u8; self.geo.cluster_size() as usize];
         file.read_zero_padded(&mut data, off, "refcount block")?;
@@ -161,6 +181,15 @@ impl Refcounts {
                 continue;
             }
             for c in start..start + n {
+                if let Some(kind) = self.index.get(c) {
+                    return Err(Error::CorruptionPrevented(format!(
+                        "Preventing invalid allocation of host cluster {:#x}: it holds the {} but its refcount is 0",
+                        c << self.geo.cluster_bits,
+                        kind.name()
+                    )));
+                }
+            }
+            for c in start..start + n {
                 self.update(file, c, 1)?;
             }
             self.cursor = self.cursor.max(start + n);
@@ -239,6 +268,7 @@ impl Refcounts {
             }
         }
         self.blocks.insert(off, data, true);
+        self.index.insert(cluster, 1, MetaKind::RefcountBlock);
         self.table[b as usize] = off;
         self.table_dirty.insert(b * 8 / self.geo.cluster_size());
         Ok(())
@@ -296,6 +326,7 @@ impl Refcounts {
             file.write(&data, off, WriteKind::RefcountBlock)?;
             new_table[(region_block + i) as usize] = off;
             self.blocks.remove(off);
+            self.index.insert(region + i, 1, MetaKind::RefcountBlock);
         }
         let table_off = (region + blocks_needed) << self.geo.cluster_bits;
         let mut bytes = u64_table_bytes(&new_table);
@@ -313,6 +344,13 @@ impl Refcounts {
         self.table = new_table;
         self.table_offset = table_off;
         self.table_dirty.clear();
+        self.index
+            .remove(old_off >> self.geo.cluster_bits, old_clusters);
+        self.index.insert(
+            region + blocks_needed,
+            table_clusters,
+            MetaKind::RefcountTable,
+        );
         // The old table is no longer referenced by the durable header: free it now.
         for c in 0..old_clusters {
             self.update(file, (old_off >> self.geo.cluster_bits) + c, -1)?;

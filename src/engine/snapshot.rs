@@ -5,8 +5,9 @@ use crate::format::snapshot::{self, Snapshot, FIXED_LEN, MAX_TABLE_BYTES};
 use crate::format::Header;
 use crate::storage::HostFile;
 
-/// Reads every snapshot table entry, bounding the table to QEMU's 64 MiB limit.
-pub fn read_table(file: &HostFile, header: &Header) -> Result<Vec<Snapshot>> {
+/// Reads every snapshot table entry, bounding the table to QEMU's 64 MiB limit. Returns the
+/// entries and the table's length in bytes.
+pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u64)> {
     let mut out = Vec::new();
     let mut off = header.snapshots_offset;
     let mut total = 0u64;
@@ -28,5 +29,5 @@ pub fn read_table(file: &HostFile, header: &Header) -> Result<Vec<Snapshot>> {
         )?);
         off += len;
     }
-    Ok(out)
+    Ok((out, total))
 }

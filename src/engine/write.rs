@@ -183,16 +183,18 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
                 Ok(o) => o,
                 Err(e) => {
                     abandon(img, &mut m, &ops);
-                    return Err(e);
+                    return Err(img.on_error(&mut m, e));
                 }
             };
             let file = &img.file;
             let mut alloc = || m.rc.alloc(file, 1);
-            let action = match decide(&geo, old, start, len, &mut alloc) {
+            let action = match decide(&geo, old, start, len, &mut alloc)
+                .and_then(|a| not_metadata(&m, &geo, a))
+            {
                 Ok(a) => a,
                 Err(e) => {
                     abandon(img, &mut m, &ops);
-                    return Err(e);
+                    return Err(img.on_error(&mut m, e));
                 }
             };
             if let Action::Link { .. } = action {
@@ -223,7 +225,7 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
         let res = link(img, &mut m, &ops);
         if let Err(e) = res {
             abandon(img, &mut m, &ops);
-            return Err(e);
+            return Err(img.on_error(&mut m, e));
         }
         for op in &ops {
             m.inflight.remove(&geo.cluster_index(op.guest));
@@ -232,6 +234,20 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
         img.inflight_done.notify_all();
     }
     Ok(written as usize)
+}
+
+/// Refuses a write whose target cluster holds metadata.
+fn not_metadata(m: &super::meta::Meta, geo: &Geometry, a: Action) -> Result<Action> {
+    let host = match a {
+        Action::InPlace { host } | Action::Link { host, .. } => host,
+    };
+    match m.rc.index.get(host >> geo.cluster_bits) {
+        Some(kind) => Err(crate::Error::CorruptionPrevented(format!(
+            "Preventing invalid write on metadata (overlaps with {}) at host offset {host:#x}",
+            kind.name()
+        ))),
+        None => Ok(a),
+    }
 }
 
 fn link(img: &Image, m: &mut super::meta::Meta, ops: &[Op]) -> Result<()> {

@@ -38,17 +38,25 @@ fn update_clusters(
         }
         let a = pos - cluster;
         let b = (end - cluster).min(cs);
-        let old = m.lookup(&img.file, pos)?;
-        match decide(old, a, b) {
-            Decision::Skip => {}
-            Decision::WriteZeros => fallback.push((pos, b - a)),
-            Decision::Set { new, release } => {
-                let table = m.l2_for_write(&img.file, geo.l1_index(pos))?;
-                m.set_mapping(&img.file, table, geo.l2_index(pos), new)?;
-                if release {
-                    m.release(old);
+        let step = m
+            .lookup(&img.file, pos)
+            .and_then(|old| match decide(old, a, b) {
+                Decision::Skip => Ok(()),
+                Decision::WriteZeros => {
+                    fallback.push((pos, b - a));
+                    Ok(())
                 }
-            }
+                Decision::Set { new, release } => {
+                    let table = m.l2_for_write(&img.file, geo.l1_index(pos))?;
+                    m.set_mapping(&img.file, table, geo.l2_index(pos), new)?;
+                    if release {
+                        m.release(old);
+                    }
+                    Ok(())
+                }
+            });
+        if let Err(e) = step {
+            return Err(img.on_error(&mut m, e));
         }
         pos = cluster + b;
     }

@@ -347,6 +347,9 @@ impl Header {
             MAX_L1_BYTES,
             cluster_size,
         )?;
+        if h.l1_size > 0 && h.l1_table_offset == 0 {
+            return corrupt!("Active L1 table offset invalid (0: overlaps the header)");
+        }
         if h.refcount_table_clusters == 0 {
             return corrupt!("Image does not contain a reference count table");
         }
