@@ -72,6 +72,7 @@ fn kind(e: &Error) -> &'static str {
         Error::Fenced(_) => "Fenced",
         Error::NoMemory(_) => "NoMemory",
         Error::Io { .. } => "Io",
+        _ => "Other",
     }
 }
 

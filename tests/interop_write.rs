@@ -1783,3 +1783,69 @@ fn writes_over_a_two_level_backing_chain_pass_qemu_check_and_compare() {
         "mid image after writes to the overlay",
     );
 }
+
+/// Soak test over many seeds and variants (run with `--ignored`; `OXCOW_SOAK_SEEDS=N`).
+#[test]
+#[ignore]
+fn soak_random_workloads_over_many_seeds() {
+    let n: u64 = std::env::var("OXCOW_SOAK_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    for seed in 0..n {
+        let mut rng = Rng::new(seed ^ 0x50a4);
+        let cs = [512, 4 * KIB, 16 * KIB, 64 * KIB][rng.below(4) as usize];
+        let version = if rng.chance(25) { 2 } else { 3 };
+        let extended_l2 = version == 3 && cs >= 16 * KIB && rng.chance(40);
+        let refcount_bits = if version == 2 {
+            16
+        } else {
+            [1, 2, 16, 64][rng.below(4) as usize]
+        };
+        let backing = match rng.below(3) {
+            0 => Some(BackingFormat::Raw),
+            1 => Some(BackingFormat::Qcow2),
+            _ => None,
+        };
+        let v = Variant {
+            cs,
+            vsize: (rng.range(1, 8) * MIB
+                + if rng.chance(30) {
+                    512 * rng.range(1, 7)
+                } else {
+                    0
+                })
+            .max(cs),
+            version,
+            refcount_bits,
+            extended_l2,
+            by_qemu: rng.chance(40),
+            backing,
+            short_backing: rng.chance(50),
+            ..Default::default()
+        };
+        eprintln!("soak seed {seed}: {}", v.name());
+        run_variant(v, seed * 7919 + 1, 200);
+    }
+}
+
+/// Soak of the concurrent workloads (run with `--ignored`; `OXCOW_SOAK_SEEDS=N`).
+#[test]
+#[ignore]
+fn soak_concurrent_workloads_over_many_seeds() {
+    let n: u64 = std::env::var("OXCOW_SOAK_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    for seed in 0..n {
+        let cs = [512, 4 * KIB, 64 * KIB][(seed % 3) as usize];
+        let base = [
+            ConcBase::Plain,
+            ConcBase::Backing,
+            ConcBase::Snapshot,
+            ConcBase::Compressed,
+        ][(seed / 3 % 4) as usize];
+        eprintln!("concurrent soak seed {seed}: cs={cs}");
+        concurrent_case(cs, 10_000 + seed, base);
+    }
+}
