@@ -1849,3 +1849,79 @@ fn soak_concurrent_workloads_over_many_seeds() {
         concurrent_case(cs, 10_000 + seed, base);
     }
 }
+
+/// DESIGN: "Images written by oxcow interoperate with QEMU's image locking (OFD locks on the
+/// same bytes)". While oxcow holds an image read-write, QEMU's read-only openers without -U
+/// must be refused, -U must still work; while qemu-nbd serves an image read-write, a writable
+/// oxcow open must fail with Locked (EAGAIN).
+#[test]
+fn image_locking_interoperates_with_qemu() {
+    let dir = TempDir::new("locking");
+    let p = dir.join("img.qcow2");
+    qemu_create(&p, 4 * MIB, "cluster_size=65536");
+    {
+        let img = open_rw(&p);
+        img.write_at(&[1; 1000], 0).unwrap();
+        let o = run("qemu-img", &["info", path_str(&p)]);
+        assert_ne!(
+            o.code, 0,
+            "qemu-img info (no -U) succeeded while oxcow holds the image read-write"
+        );
+        assert!(
+            o.stderr.contains("lock"),
+            "unexpected qemu-img error: {}",
+            o.stderr
+        );
+        let o = run("qemu-img", &["info", "-U", path_str(&p)]);
+        assert_eq!(o.code, 0, "qemu-img info -U failed: {}", o.stderr);
+        let o = run(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write 0 512", path_str(&p)],
+        );
+        assert_ne!(
+            o.code, 0,
+            "qemu-io wrote to an image oxcow holds read-write"
+        );
+        img.close().unwrap();
+    }
+    // qemu-nbd holding the image read-write.
+    let sock = dir.join("nbd.sock");
+    let mut child = std::process::Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "-k", path_str(&sock), path_str(&p)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn qemu-nbd");
+    let t0 = std::time::Instant::now();
+    while !sock.exists() && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let rw_result = Image::open(&p, &rw());
+    let ro_result = Image::open(&p, &OpenOptions::default());
+    let fs_result = Image::open(
+        &p,
+        &OpenOptions {
+            force_share: true,
+            ..Default::default()
+        },
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(sock.exists(), "setup: qemu-nbd did not start");
+    match rw_result {
+        Err(e) => assert_eq!(
+            e.errno(),
+            11,
+            "writable open while qemu-nbd holds the image: {e}"
+        ),
+        Ok(_) => panic!("writable open succeeded while qemu-nbd holds the image read-write"),
+    }
+    match ro_result {
+        Err(e) => assert_eq!(e.errno(), 11, "read-only open while qemu-nbd writes: {e}"),
+        Ok(_) => panic!(
+            "read-only open (no force_share) succeeded while qemu-nbd holds the image read-write"
+        ),
+    }
+    fs_result
+        .unwrap_or_else(|e| panic!("force_share open failed while qemu-nbd holds the image: {e}"));
+}
