@@ -328,7 +328,7 @@ fn cmd_map(args: &[String]) -> Result<(), String> {
             rows.push(row);
         } else if e.flags & EXTENT_ALLOCATED != 0 && e.flags & EXTENT_ZERO == 0 {
             rows.push(format!(
-                "{:#<18x} {:#<18x} {:#<18x} {}",
+                "{:<#18x} {:<#18x} {:<#18x} {}",
                 e.offset, e.length, e.host_offset, c.file
             ));
         }
@@ -409,8 +409,12 @@ fn cmd_convert(args: &[String]) -> Result<(), String> {
                 let n = chunk.min(size - off);
                 let b = &mut buf[..n as usize];
                 img.read_at(b, off).map_err(|e| e.to_string())?;
-                if b.iter().any(|&x| x != 0) {
-                    out.write_at(b, off).map_err(|e| e.to_string())?;
+                // Skip all-zero 64 KiB pieces so the copy stays sparse.
+                for (i, piece) in b.chunks(65536).enumerate() {
+                    if piece.iter().any(|&x| x != 0) {
+                        out.write_at(piece, off + i as u64 * 65536)
+                            .map_err(|e| e.to_string())?;
+                    }
                 }
                 off += n;
             }
