@@ -6,6 +6,7 @@
 //! through [`HostFile::write`], where the metadata-overlap guard and fault injection hang.
 
 mod posix;
+pub mod lock;
 
 pub use posix::PosixFile;
 
