@@ -4,7 +4,7 @@ use super::{Image, MAX_BACKING_DEPTH};
 use crate::error::{Error, Result};
 use crate::format::header::MAGIC;
 use crate::options::{BackingFormat, OpenOptions};
-use crate::storage::{HostFile, PosixFile};
+use crate::storage::{HostFile, ImageLock, LockMode, PosixFile};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,15 @@ pub enum Backing {
     /// A qcow2 image.
     Qcow2(Box<Image>),
     /// A raw file and its size.
-    Raw(HostFile, u64),
+    Raw {
+        /// The read-only lock on `file`; declared first so it is released before the file
+        /// is closed.
+        _lock: ImageLock,
+        /// The file.
+        file: HostFile,
+        /// Its size in bytes.
+        size: u64,
+    },
 }
 
 /// Resolves a backing name stored in `overlay`'s header: relative names are relative to the
@@ -33,7 +41,13 @@ pub fn resolve(overlay: &Path, name: &[u8]) -> PathBuf {
 
 impl Backing {
     /// Opens the backing file of `overlay` (at chain depth `depth` of the overlay).
-    pub fn open(overlay: &Path, name: &[u8], format: Option<&str>, depth: u32) -> Result<Backing> {
+    pub fn open(
+        overlay: &Path,
+        name: &[u8],
+        format: Option<&str>,
+        depth: u32,
+        force_share: bool,
+    ) -> Result<Backing> {
         if depth + 1 >= MAX_BACKING_DEPTH {
             return Err(Error::Unsupported(format!(
                 "{}: backing chain deeper than {MAX_BACKING_DEPTH} images",
@@ -52,7 +66,10 @@ impl Backing {
         };
         match fmt {
             BackingFormat::Qcow2 => {
-                let opts = OpenOptions::default();
+                let opts = OpenOptions {
+                    force_share,
+                    ..OpenOptions::default()
+                };
                 let img = Image::open_at_depth(&path, &opts, depth + 1)
                     .map_err(|e| chain_error(e, &path))?;
                 Ok(Backing::Qcow2(Box::new(img)))
@@ -61,9 +78,19 @@ impl Backing {
                 let name = path.display().to_string();
                 let f = PosixFile::open(&path, false)
                     .map_err(|e| Error::io(format!("opening backing file {name}"), e))?;
+                let mode = if force_share {
+                    LockMode::ForceShare
+                } else {
+                    LockMode::ReadOnly
+                };
+                let lock = ImageLock::acquire(f.file(), &name, mode)?;
                 let file = HostFile::new(Arc::new(f), name);
                 let size = file.len()?;
-                Ok(Backing::Raw(file, size))
+                Ok(Backing::Raw {
+                    _lock: lock,
+                    file,
+                    size,
+                })
             }
         }
     }
@@ -72,7 +99,7 @@ impl Backing {
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let size = match self {
             Backing::Qcow2(img) => img.virtual_size(),
-            Backing::Raw(_, size) => *size,
+            Backing::Raw { size, .. } => *size,
         };
         if offset >= size {
             buf.fill(0);
@@ -83,7 +110,7 @@ impl Backing {
         past.fill(0);
         match self {
             Backing::Qcow2(img) => img.read_at(inside, offset),
-            Backing::Raw(file, _) => file.read_zero_padded(inside, offset, "backing data"),
+            Backing::Raw { file, .. } => file.read_zero_padded(inside, offset, "backing data"),
         }
     }
 }

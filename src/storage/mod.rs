@@ -5,9 +5,10 @@
 //! [`HostFile`] wraps it with the image's name for error messages and funnels every write
 //! through [`HostFile::write`], where the metadata-overlap guard and fault injection hang.
 
-mod posix;
 pub mod lock;
+mod posix;
 
+pub use lock::{ImageLock, LockMode};
 pub use posix::PosixFile;
 
 use crate::error::{Error, Result};
