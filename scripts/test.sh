@@ -10,15 +10,14 @@ echo "== cargo fmt / clippy"
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 
-echo "== build (debug + release library)"
-cargo build --all-targets
+echo "== build (release library, CLI and tests; ctests/run.sh builds the debug library)"
 cargo build --release --lib --bins
 
 echo "== header is fresh"
 git diff --exit-code -- include/oxcow.h || { echo "include/oxcow.h is stale: commit the regenerated header"; exit 1; }
 
 echo "== cargo test"
-cargo test --no-fail-fast
+cargo test --release --no-fail-fast
 
 for stage in ctests/run.sh go/run.sh scripts/check-package.sh; do
   if [ -f "$stage" ]; then
