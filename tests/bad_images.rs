@@ -1132,7 +1132,8 @@ fn stale_refcounts_never_let_writes_clobber_metadata_or_data() {
     let refblock = be64(&base, reftable);
     let l1 = be64(&base, H_L1_OFF);
     let l2 = be64(&base, l1) & 0x00ff_ffff_ffff_fe00;
-    let scenarios: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    type Mutation = Box<dyn Fn(&Path)>;
+    let scenarios: Vec<(&str, Mutation)> = vec![
         (
             "metadata-refcounts-zero",
             Box::new(move |p: &Path| {
