@@ -4,7 +4,7 @@ use super::{Image, MAX_BACKING_DEPTH};
 use crate::error::{Error, Result};
 use crate::format::header::MAGIC;
 use crate::options::{BackingFormat, OpenOptions};
-use crate::storage::{HostFile, ImageLock, LockMode, PosixFile};
+use crate::storage::{HostFile, LockMode, PosixFile};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -16,10 +16,7 @@ pub enum Backing {
     Qcow2(Box<Image>),
     /// A raw file and its size.
     Raw {
-        /// The read-only lock on `file`; declared first so it is released before the file
-        /// is closed.
-        _lock: ImageLock,
-        /// The file.
+        /// The file (holding its read-only lock).
         file: HostFile,
         /// Its size in bytes.
         size: u64,
@@ -76,21 +73,17 @@ impl Backing {
             }
             BackingFormat::Raw => {
                 let name = path.display().to_string();
-                let f = PosixFile::open(&path, false)
+                let mut f = PosixFile::open(&path, false)
                     .map_err(|e| Error::io(format!("opening backing file {name}"), e))?;
                 let mode = if force_share {
                     LockMode::ForceShare
                 } else {
                     LockMode::ReadOnly
                 };
-                let lock = ImageLock::acquire(f.file(), &name, mode)?;
+                f.lock(&name, mode)?;
                 let file = HostFile::new(Arc::new(f), name);
                 let size = file.len()?;
-                Ok(Backing::Raw {
-                    _lock: lock,
-                    file,
-                    size,
-                })
+                Ok(Backing::Raw { file, size })
             }
         }
     }

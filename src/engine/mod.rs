@@ -17,7 +17,7 @@ use crate::format::header::{self, field, Header};
 use crate::format::snapshot::Snapshot;
 use crate::format::Geometry;
 use crate::options::{CompressionType, Extent, ImageInfo, OpenOptions};
-use crate::storage::{HostFile, ImageLock, LockMode, PosixFile, WriteKind};
+use crate::storage::{HostFile, LockMode, PosixFile, WriteKind};
 use backing::Backing;
 use meta::Meta;
 use std::path::{Path, PathBuf};
@@ -32,9 +32,6 @@ const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 /// An open qcow2 image. All methods take `&self` and may be called from many threads at once.
 pub struct Image {
     path: PathBuf,
-    /// QEMU-compatible OFD locks on `file`'s descriptor. Declared before `file` so that it is
-    /// dropped (unlocked) while the descriptor is still open.
-    _lock: ImageLock,
     file: HostFile,
     geo: Geometry,
     version: u32,
@@ -67,7 +64,7 @@ impl Image {
             ));
         }
         let name = path.display().to_string();
-        let posix = PosixFile::open(path, opts.writable)
+        let mut posix = PosixFile::open(path, opts.writable)
             .map_err(|e| Error::io(format!("opening {name}"), e))?;
         let mode = if opts.writable {
             LockMode::ReadWrite
@@ -76,7 +73,7 @@ impl Image {
         } else {
             LockMode::ReadOnly
         };
-        let lock = ImageLock::acquire(posix.file(), &name, mode)?;
+        posix.lock(&name, mode)?;
         let file = HostFile::new(Arc::new(posix), name.clone());
         let mut probe = [0u8; Header::PROBE_LEN];
         let n = file.read_some(&mut probe, 0, "image header")?;
@@ -142,7 +139,6 @@ impl Image {
         .map_err(|e| prefix(e, &name))?;
         Ok(Image {
             path: path.to_path_buf(),
-            _lock: lock,
             file,
             geo,
             version: header.version,

@@ -1,14 +1,19 @@
 //! POSIX file backend: pread/pwrite/fdatasync on a regular file or block device.
 
-use super::Backend;
+use super::{Backend, ImageLock, LockMode};
+use crate::error::Result;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// A file opened for positioned I/O.
+/// A file opened for positioned I/O, with the image locks held on its descriptor.
 pub struct PosixFile {
+    /// Declared before `file` so that the locks are released explicitly while the descriptor
+    /// is still open: a forked child that briefly shares the descriptor must not keep them, and
+    /// a closed descriptor number may already belong to another file.
+    lock: Option<ImageLock>,
     file: File,
 }
 
@@ -20,7 +25,7 @@ impl PosixFile {
             .write(writable)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)?;
-        Ok(PosixFile { file })
+        Ok(PosixFile { lock: None, file })
     }
 
     /// Creates (or truncates) a file for writing a new image.
@@ -32,12 +37,15 @@ impl PosixFile {
             .truncate(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)?;
-        Ok(PosixFile { file })
+        Ok(PosixFile { lock: None, file })
     }
 
-    /// The underlying file (for locking and identity checks).
-    pub fn file(&self) -> &File {
-        &self.file
+    /// Takes QEMU-compatible locks for `mode` on this file's descriptor (see
+    /// [`ImageLock::acquire`]); they are held until the file is dropped.
+    pub fn lock(&mut self, name: &str, mode: LockMode) -> Result<()> {
+        self.lock = None;
+        self.lock = Some(ImageLock::acquire(&self.file, name, mode)?);
+        Ok(())
     }
 }
 
