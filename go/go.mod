@@ -1,0 +1,3 @@
+module oxcow.dev/oxcow
+
+go 1.19
