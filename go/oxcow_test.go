@@ -3,6 +3,7 @@ package oxcow_test
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"os"
@@ -593,5 +594,49 @@ func TestFinalizer(t *testing.T) {
 	got := make([]byte, 6)
 	if _, err := img.ReadAt(got, 0); err != nil || string(got) != "leaked" {
 		t.Fatalf("data written through the leaked image: %q, %v", got, err)
+	}
+}
+
+// TestDirectWritethrough: O_DIRECT and writethrough opens work with ordinary (unaligned) Go
+// buffers and offsets. The library may not support O_DIRECT yet (ENOTSUP).
+func TestDirectWritethrough(t *testing.T) {
+	for _, opts := range []oxcow.OpenOptions{
+		{Writable: true, Writethrough: true},
+		{Writable: true, Direct: true},
+		{Writable: true, Direct: true, Writethrough: true},
+	} {
+		opts := opts
+		t.Run(fmt.Sprintf("direct=%v,writethrough=%v", opts.Direct, opts.Writethrough), func(t *testing.T) {
+			path := newImage(t, 4*miB, nil)
+			img, err := oxcow.Open(path, &opts)
+			if opts.Direct && errors.Is(err, syscall.ENOTSUP) {
+				t.Skipf("library without O_DIRECT support: %v", err)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 100001)
+			data := pattern(9, 777, len(buf)-1)
+			copy(buf[1:], data) // buf[1:] is not aligned
+			if _, err := img.WriteAt(buf[1:], 777); err != nil {
+				t.Fatalf("WriteAt: %v", err)
+			}
+			got := make([]byte, len(buf))
+			if _, err := img.ReadAt(got[1:], 777); err != nil {
+				t.Fatalf("ReadAt: %v", err)
+			}
+			if d := firstDiff(got[1:], data); d != "" {
+				t.Fatal(d)
+			}
+			if err := img.Close(); err != nil {
+				t.Fatal(err)
+			}
+			qemuCheck(t, path)
+			ref := make([]byte, 4*miB)
+			copy(ref[777:], data)
+			if d := firstDiff(qemuToRaw(t, path), ref); d != "" {
+				t.Fatalf("qemu reads: %s", d)
+			}
+		})
 	}
 }
