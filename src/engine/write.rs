@@ -338,7 +338,7 @@ fn do_io(img: &Image, buf: &[u8], ops: &[Op]) -> Result<()> {
                     _ => break,
                 }
             }
-            // SAFETY-free re-slicing: all merged pieces are consecutive parts of `buf`.
+            // The merged pieces are consecutive sub-slices of `buf`: re-slice it once for one write.
             let start = first.as_ptr() as usize - buf.as_ptr() as usize;
             img.file
                 .write(&buf[start..start + len], host, WriteKind::Data)?;
