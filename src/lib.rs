@@ -19,6 +19,7 @@ pub mod format;
 mod options;
 pub mod storage;
 
+pub use engine::check::{CheckFix, CheckReport};
 pub use engine::create::create;
 pub use engine::Image;
 pub use error::{Error, Result};

@@ -2,6 +2,7 @@
 
 mod backing;
 mod cache;
+pub mod check;
 pub mod compress;
 pub mod create;
 mod meta;

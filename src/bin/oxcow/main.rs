@@ -8,6 +8,8 @@ use oxcow::{
 };
 use std::process::ExitCode;
 
+mod check;
+
 const USAGE: &str = "\
 oxcow - qcow2 disk images without QEMU
 
@@ -34,19 +36,21 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     };
     let rest = &args[1..];
+    let ok = |r: Result<(), String>| r.map(|()| 0u8);
     let result = match cmd.as_str() {
-        "create" => cmd_create(rest),
-        "info" => cmd_info(rest),
-        "map" => cmd_map(rest),
-        "convert" => cmd_convert(rest),
+        "create" => ok(cmd_create(rest)),
+        "info" => ok(cmd_info(rest)),
+        "map" => ok(cmd_map(rest)),
+        "convert" => ok(cmd_convert(rest)),
+        "check" => check::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
-            Ok(())
+            Ok(0)
         }
         other => Err(format!("unknown command '{other}' (see 'oxcow --help')")),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("oxcow: {e}");
             ExitCode::from(1)
