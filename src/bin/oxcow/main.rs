@@ -9,6 +9,8 @@ use oxcow::{
 use std::process::ExitCode;
 
 mod check;
+#[allow(dead_code)] // used by convert and check as they gain -p
+mod progress;
 
 const USAGE: &str = "\
 oxcow - qcow2 disk images without QEMU
