@@ -67,9 +67,6 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
 
 /// Compresses one cluster. Returns `None` when the result would not be smaller than the
 /// input (the caller then stores the cluster uncompressed).
-///
-/// Used by the tests now and by compressed writes (`convert -c`) next.
-#[cfg_attr(not(test), allow(dead_code))]
 pub fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> {
     let out = match kind {
         CompressionType::Deflate => {

@@ -29,6 +29,9 @@ pub struct Meta {
     /// Host byte ranges whose clusters lose one reference once the metadata change that
     /// dropped the reference is durable (start, length).
     pub deferred_frees: Vec<(u64, u64)>,
+    /// Next free byte for packing compressed clusters, inside a host cluster this image holds
+    /// a reference on; `None` when the next compressed cluster starts a fresh host cluster.
+    compressed_tail: Option<u64>,
     geo: Geometry,
 }
 
@@ -100,6 +103,7 @@ impl Meta {
             rc,
             inflight: HashSet::new(),
             deferred_frees: Vec::new(),
+            compressed_tail: None,
             geo,
         })
     }
@@ -309,6 +313,9 @@ impl Meta {
             file.sync()?;
         }
         if !self.deferred_frees.is_empty() {
+            // The packing cluster may lose its last reference below and be reused as anything:
+            // never pack into it again.
+            self.compressed_tail = None;
             let cb = self.geo.cluster_bits;
             for (start, len) in std::mem::take(&mut self.deferred_frees) {
                 let first = start >> cb;
@@ -321,6 +328,45 @@ impl Meta {
             file.sync()?;
         }
         Ok(())
+    }
+
+    /// Reserves `len` bytes (at most one cluster) for compressed data and returns their host
+    /// offset. The bytes share the packing cluster when they fit and its refcount can take
+    /// one more reference; otherwise a fresh cluster is allocated. Either way the host
+    /// cluster gains one reference for the new compressed cluster.
+    pub fn alloc_compressed_bytes(&mut self, file: &HostFile, len: u64) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        if len == 0 || len > cs {
+            return Err(Error::InvalidArgument(format!(
+                "compressed cluster of {len} bytes does not fit a {cs}-byte cluster"
+            )));
+        }
+        if let Some(tail) = self.compressed_tail {
+            let cluster = tail >> self.geo.cluster_bits;
+            let room = cs - (tail & (cs - 1));
+            let max = self.geo.refcount_max();
+            if len <= room && self.rc.get(file, cluster)? < max {
+                self.rc.update(file, cluster, 1)?;
+                self.compressed_tail = (len < room).then_some(tail + len);
+                return Ok(tail);
+            }
+        }
+        let host = self.rc.alloc(file, 1)?;
+        self.compressed_tail = (len < cs).then_some(host + len);
+        Ok(host)
+    }
+
+    /// Drops the reference a failed compressed write took on the cluster holding `host`.
+    /// Best effort: a failure here leaves a leak, never a corruption.
+    pub fn give_back_compressed_bytes(&mut self, file: &HostFile, host: u64) {
+        let cluster = host >> self.geo.cluster_bits;
+        if self
+            .compressed_tail
+            .is_some_and(|t| t >> self.geo.cluster_bits == cluster)
+        {
+            self.compressed_tail = None;
+        }
+        let _ = self.rc.update(file, cluster, -1);
     }
 
     /// Whether anything is waiting to be written back.

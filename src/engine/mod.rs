@@ -11,6 +11,7 @@ mod read;
 mod refcount;
 mod snapshot;
 mod write;
+mod write_compressed;
 mod zero;
 
 use crate::error::{corrupt, invalid, Error, Result};
