@@ -1212,3 +1212,84 @@ fn stale_refcounts_never_let_writes_clobber_metadata_or_data() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The base image plus two persistent bitmaps added by qemu-img (one enabled, one disabled).
+fn bitmap_image(dir: &TempDir, name: &str) -> PathBuf {
+    let p = base_image(dir, name);
+    let ps = path_str(&p).to_string();
+    run_ok("qemu-img", &["bitmap", "--add", &ps, "b0"]);
+    run_ok(
+        "qemu-img",
+        &["bitmap", "--add", "--disable", &ps, "backup-1"],
+    );
+    p
+}
+
+/// Offset of the first bitmap directory entry (from the bitmaps header extension).
+fn bitmap_dir(path: &Path) -> u64 {
+    let (ext, _) = find_ext(path, 0x2385_2875).expect("bitmaps extension");
+    be64(path, ext + 8 + 16)
+}
+
+#[test]
+fn bitmap_directory_violations_fail_the_open_like_qemu() {
+    let dir = TempDir::new("bad-bitmaps");
+    let base = bitmap_image(&dir, "base.qcow2");
+    assert!(matches!(open_and_read(&base, false), Ok(Outcome::Ok)));
+    const WORDS: &[&str] = &["bitmap 'b0'", "bitmap directory"];
+    const EUC: &[i32] = &[EUCLEAN];
+    let mutations: Vec<(&'static str, Box<dyn Fn(&Path)>)> = vec![
+        (
+            "bm-reserved-flag",
+            Box::new(|p| put_be32(p, bitmap_dir(p) + 12, 0b110)),
+        ),
+        (
+            "bm-granularity",
+            Box::new(|p| poke(p, bitmap_dir(p) + 17, &[8])),
+        ),
+        ("bm-type", Box::new(|p| poke(p, bitmap_dir(p) + 16, &[2]))),
+        (
+            "bm-table-size-0",
+            Box::new(|p| put_be32(p, bitmap_dir(p) + 8, 0)),
+        ),
+        (
+            "bm-table-unaligned",
+            Box::new(|p| {
+                let d = bitmap_dir(p);
+                put_be64(p, d, be64(p, d) + 512)
+            }),
+        ),
+        (
+            "bm-name-overrun",
+            Box::new(|p| poke(p, bitmap_dir(p) + 18, &[0xff, 0xff])),
+        ),
+    ];
+    // QEMU is the oracle: it must refuse each mutated image too.
+    let mut cases = Vec::new();
+    for (name, m) in mutations {
+        let probe = dir.join(&format!("qemu-{name}.qcow2"));
+        std::fs::copy(&base, &probe).unwrap();
+        m(&probe);
+        let out = run("qemu-img", &["info", path_str(&probe)]);
+        assert_ne!(out.code, 0, "{name}: qemu-img info accepted the image");
+        cases.push(case(name, EUC, WORDS, m));
+    }
+    run_cases(&dir, &base, cases);
+}
+
+#[test]
+fn bitmap_directory_is_ignored_when_the_bitmaps_autoclear_bit_is_clear() {
+    // A program without bitmap support wrote the image: QEMU ignores the extension, so a
+    // broken directory must not fail the open either.
+    let dir = TempDir::new("bm-stale");
+    let p = bitmap_image(&dir, "stale.qcow2");
+    put_be32(&p, bitmap_dir(&p) + 12, 0b100);
+    let autoclear = be64(&p, 88);
+    put_be64(&p, 88, autoclear & !1);
+    assert_eq!(
+        qemu_img(&["info", path_str(&p)]).code,
+        0,
+        "qemu-img info refused it"
+    );
+    assert!(matches!(open_and_read(&p, false), Ok(Outcome::Ok)));
+}

@@ -112,6 +112,7 @@ impl Image {
                 header.refcount_table_offset
             );
         }
+        validate_bitmaps(&file, &header).map_err(|e| prefix(e, &name))?;
         let (snapshots, snapshot_table_len) =
             snapshot::read_table(&file, &header).map_err(|e| prefix(e, &name))?;
         let backing = match (&header.backing_file, opts.no_backing) {
@@ -372,6 +373,29 @@ impl Drop for Image {
             }
         }
     }
+}
+
+/// Validates the bitmap directory the way QEMU does on every open (read-only included): an
+/// image QEMU refuses to open is refused here too. Without autoclear bit 0 the extension is
+/// stale (a program without bitmap support wrote the image) and, like QEMU, ignored.
+fn validate_bitmaps(file: &HostFile, header: &Header) -> Result<()> {
+    let Some(ext) = header.bitmaps else {
+        return Ok(());
+    };
+    if header.autoclear_features & header::AUTOCLEAR_BITMAPS == 0 {
+        return Ok(());
+    }
+    // The header parser bounds directory_size (at most 64 MiB), so this allocation is bounded.
+    let mut dir = vec![0u8; ext.directory_size as usize];
+    let got = file.read_some(&mut dir, ext.directory_offset, "bitmap directory")?;
+    if got < dir.len() {
+        return corrupt!(
+            "bitmap directory at {:#x} extends beyond the end of the file",
+            ext.directory_offset
+        );
+    }
+    crate::format::bitmap::parse_directory(&dir, ext.nb_bitmaps, &header.geometry(), header.size)?;
+    Ok(())
 }
 
 fn prefix(e: Error, name: &str) -> Error {

@@ -3,6 +3,7 @@
 //! Nothing in here does I/O or takes locks; the engine reads bytes and hands them over.
 
 pub mod be;
+pub mod bitmap;
 pub mod entry;
 pub mod geometry;
 pub mod header;
