@@ -1238,7 +1238,8 @@ fn bitmap_directory_violations_fail_the_open_like_qemu() {
     assert!(matches!(open_and_read(&base, false), Ok(Outcome::Ok)));
     const WORDS: &[&str] = &["bitmap 'b0'", "bitmap directory"];
     const EUC: &[i32] = &[EUCLEAN];
-    let mutations: Vec<(&'static str, Box<dyn Fn(&Path)>)> = vec![
+    type Mutation = (&'static str, Box<dyn Fn(&Path)>);
+    let mutations: Vec<Mutation> = vec![
         (
             "bm-reserved-flag",
             Box::new(|p| put_be32(p, bitmap_dir(p) + 12, 0b110)),
