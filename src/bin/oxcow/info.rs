@@ -1,0 +1,391 @@
+//! `oxcow info`: what `qemu-img info` prints, human or JSON, from the library's facts.
+
+use crate::args::opt;
+use crate::args::{human_size, scan, Arg, CliError, CliResult, OptSpec};
+use crate::json::Obj;
+use oxcow::format::snapshot as snap;
+use oxcow::{CompressionType, Image, ImageInfo, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+/// `oxcow info --help`.
+pub const HELP: &str = "\
+Usage: oxcow info [-f qcow2] [--output human|json] [-U] [--backing-chain] FILE
+
+Describe a qcow2 image the way 'qemu-img info' does: virtual size, space used on the host,
+cluster size, backing file, internal snapshots and the qcow2 header features.
+
+Options:
+  -f FMT              image format; only qcow2 is accepted
+  --output FMT        'human' (default) or 'json' (same keys and value types as qemu-img)
+  -U, --force-share   open even if another process (e.g. a running VM) holds the image
+  --backing-chain     also describe every image of the backing chain
+  -h, --help          this text
+
+Examples:
+  oxcow info disk.qcow2
+  oxcow info --output json disk.qcow2 | jq '.\"virtual-size\"'
+  oxcow info -U --backing-chain overlay.qcow2
+";
+
+const SPECS: &[OptSpec] = &[
+    opt(&["-f", "--format"], true),
+    opt(&["--output"], true),
+    opt(&["-U", "--force-share"], false),
+    opt(&["--backing-chain"], false),
+];
+
+/// One internal snapshot, as qemu-img lists it.
+struct SnapInfo {
+    s: snap::Snapshot,
+    icount: Option<u64>,
+}
+
+/// Everything printed for one image of the chain.
+struct Described {
+    filename: String,
+    info: ImageInfo,
+    actual_size: u64,
+    file_length: u64,
+    full_backing: Option<String>,
+    snapshots: Vec<SnapInfo>,
+}
+
+/// Runs `oxcow info ARGS`.
+pub fn run(args: &[String]) -> CliResult<()> {
+    let mut json = false;
+    let mut force_share = false;
+    let mut chain = false;
+    let mut files = Vec::new();
+    for a in scan("info", args, SPECS)? {
+        match a {
+            Arg::Opt("-f", Some(f)) => crate::require_qcow2("info", &f)?,
+            Arg::Opt("--output", Some(o)) => json = crate::parse_output("info", &o)?,
+            Arg::Opt("-U", _) => force_share = true,
+            Arg::Opt("--backing-chain", _) => chain = true,
+            Arg::Pos(p) => files.push(p),
+            Arg::Opt(..) => unreachable!("every spec is handled"),
+        }
+    }
+    let [file] = files.as_slice() else {
+        return Err(CliError::usage("info needs exactly one FILE"));
+    };
+    let mut list = vec![describe(file, force_share)?];
+    while chain && list.len() < 1024 {
+        let Some(next) = list.last().and_then(|d| d.full_backing.clone()) else {
+            break;
+        };
+        if list.last().and_then(|d| d.info.backing_format.as_deref()) == Some("raw") {
+            // The library reads raw backing files but does not describe them as images.
+            break;
+        }
+        list.push(describe(&next, true)?);
+    }
+    if json {
+        let objs: Vec<String> = list.iter().map(|d| to_json(d).render(1)).collect();
+        if chain {
+            println!("[\n    {}\n]", objs.join(",\n    "));
+        } else {
+            println!("{}", to_json(&list[0]).render(0));
+        }
+    } else {
+        for (i, d) in list.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            print_human(d);
+        }
+    }
+    Ok(())
+}
+
+/// Opens `file` read-only and gathers what qemu-img would print about it.
+fn describe(file: &str, force_share: bool) -> CliResult<Described> {
+    let img = Image::open(
+        file,
+        &OpenOptions {
+            force_share,
+            no_backing: true,
+            ..OpenOptions::default()
+        },
+    )
+    .map_err(|e| CliError::op(format!("could not open '{file}': {e}")))?;
+    let info = img.info()?;
+    drop(img);
+    let meta = std::fs::metadata(file).map_err(|e| CliError::op(format!("{file}: {e}")))?;
+    let full_backing = info
+        .backing_file
+        .as_deref()
+        .map(|b| crate::resolve_backing(file, b));
+    let snapshots = if info.snapshot_count > 0 {
+        read_snapshots(file)?
+    } else {
+        Vec::new()
+    };
+    Ok(Described {
+        filename: file.to_string(),
+        // qemu-img reports allocated host blocks, not the file length.
+        actual_size: meta.blocks() * 512,
+        // qemu-img reports the file length in whole 512-byte sectors.
+        file_length: meta.len().div_ceil(512) * 512,
+        info,
+        full_backing,
+        snapshots,
+    })
+}
+
+/// Reads the snapshot table with the library's on-disk parsers. The image API only exposes the
+/// count, and `qemu-img info` lists each entry.
+fn read_snapshots(file: &str) -> CliResult<Vec<SnapInfo>> {
+    let err = |e: String| CliError::op(format!("{file}: snapshot table: {e}"));
+    let f = std::fs::File::open(file).map_err(|e| err(e.to_string()))?;
+    let read = |buf: &mut [u8], off: u64| -> CliResult<()> {
+        // Short reads past EOF leave zeros, as the engine does for a truncated table.
+        let mut done = 0;
+        while done < buf.len() {
+            match f.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) => return Err(err(e.to_string())),
+            }
+        }
+        Ok(())
+    };
+    let mut first = vec![0u8; 64 << 10];
+    read(&mut first, 0)?;
+    let cs = oxcow::format::Header::probe_cluster_size(&first).unwrap_or(65536) as usize;
+    if cs > first.len() {
+        first.resize(cs, 0);
+        read(&mut first, 0)?;
+    } else {
+        first.truncate(cs);
+    }
+    let h = oxcow::format::Header::parse(&first).map_err(|e| err(e.to_string()))?;
+    let mut out = Vec::new();
+    let mut off = h.snapshots_offset;
+    let mut total = 0u64;
+    for i in 0..h.nb_snapshots as usize {
+        let mut fixed = [0u8; snap::FIXED_LEN];
+        read(&mut fixed, off)?;
+        let len = snap::entry_len(&fixed);
+        total += len;
+        if total > snap::MAX_TABLE_BYTES {
+            return Err(err("table is too big".into()));
+        }
+        let mut entry = vec![0u8; len as usize];
+        read(&mut entry, off)?;
+        let s =
+            snap::parse(&entry, i, h.version, h.cluster_size()).map_err(|e| err(e.to_string()))?;
+        // The instruction counter lives in the third 8-byte word of the extra data; -1 (or a
+        // shorter extra area) means "not recorded" and qemu-img then omits it.
+        let (extra, _, _) = snap::variable_sizes(&fixed);
+        let icount = if extra >= 24 {
+            let v = oxcow::format::be::u64_at(&entry, snap::FIXED_LEN + 16);
+            (v != u64::MAX).then_some(v)
+        } else {
+            None
+        };
+        out.push(SnapInfo { s, icount });
+        off += len;
+    }
+    Ok(out)
+}
+
+fn compat(i: &ImageInfo) -> &'static str {
+    if i.version >= 3 {
+        "1.1"
+    } else {
+        "0.10"
+    }
+}
+
+fn ctype(i: &ImageInfo) -> &'static str {
+    match i.compression {
+        CompressionType::Deflate => "zlib",
+        CompressionType::Zstd => "zstd",
+    }
+}
+
+/// The JSON object `qemu-img info --output=json` prints, keys in qemu-img's order.
+fn to_json(d: &Described) -> Obj {
+    let i = &d.info;
+    let mut file_child = Obj::new();
+    file_child.list("children", Vec::new());
+    file_child.num("virtual-size", d.file_length);
+    file_child.str("filename", &d.filename);
+    file_child.str("format", "file");
+    file_child.num("actual-size", d.actual_size);
+    let mut fs = Obj::new();
+    fs.str("type", "file");
+    fs.obj("data", Obj::new());
+    file_child.obj("format-specific", fs);
+    file_child.bool("dirty-flag", false);
+    let mut child = Obj::new();
+    child.str("name", "file");
+    child.obj("info", file_child);
+
+    let mut o = Obj::new();
+    o.list("children", vec![child]);
+    if !d.snapshots.is_empty() {
+        let snaps = d
+            .snapshots
+            .iter()
+            .map(|s| {
+                let mut j = Obj::new();
+                if let Some(ic) = s.icount {
+                    j.num("icount", ic);
+                }
+                j.num("vm-clock-nsec", s.s.vm_clock_nsec % 1_000_000_000);
+                j.str("name", &s.s.name);
+                j.num("date-sec", s.s.date_sec as u64);
+                j.num("date-nsec", s.s.date_nsec as u64);
+                j.num("vm-clock-sec", s.s.vm_clock_nsec / 1_000_000_000);
+                j.str("id", &s.s.id);
+                j.num("vm-state-size", s.s.vm_state_size);
+                j
+            })
+            .collect();
+        o.list("snapshots", snaps);
+    }
+    if let Some(f) = &i.backing_format {
+        o.str("backing-filename-format", f);
+    }
+    o.num("virtual-size", i.virtual_size);
+    o.str("filename", &d.filename);
+    o.num("cluster-size", i.cluster_size as u64);
+    o.str("format", "qcow2");
+    o.num("actual-size", d.actual_size);
+    let mut data = Obj::new();
+    data.str("compat", compat(i));
+    data.str("compression-type", ctype(i));
+    if i.version >= 3 {
+        data.bool("lazy-refcounts", i.lazy_refcounts);
+    }
+    data.num("refcount-bits", i.refcount_bits as u64);
+    if i.version >= 3 {
+        data.bool("corrupt", i.corrupt);
+        data.bool("extended-l2", i.extended_l2);
+    }
+    let mut spec = Obj::new();
+    spec.str("type", "qcow2");
+    spec.obj("data", data);
+    o.obj("format-specific", spec);
+    if let Some(full) = &d.full_backing {
+        o.str("full-backing-filename", full);
+    }
+    if let Some(b) = &i.backing_file {
+        o.str("backing-filename", b);
+    }
+    o.bool("dirty-flag", i.dirty);
+    o
+}
+
+/// Formats a guest clock value as qemu-img does: hours:minutes:seconds.milliseconds.
+fn vm_clock(nsec: u64) -> String {
+    let ms = nsec / 1_000_000;
+    format!(
+        "{:04}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC for a Unix time (qemu-img uses local time; oxcow avoids the C
+/// time zone machinery, so on hosts with TZ=UTC both agree).
+fn utc_date(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian), by 400-year eras.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn print_human(d: &Described) {
+    let i = &d.info;
+    println!("image: {}", d.filename);
+    println!("file format: qcow2");
+    println!(
+        "virtual size: {} ({} bytes)",
+        human_size(i.virtual_size),
+        i.virtual_size
+    );
+    println!("disk size: {}", human_size(d.actual_size));
+    println!("cluster_size: {}", i.cluster_size);
+    if let Some(b) = &i.backing_file {
+        match &d.full_backing {
+            Some(full) if full != b => println!("backing file: {b} (actual path: {full})"),
+            _ => println!("backing file: {b}"),
+        }
+    }
+    if let Some(f) = &i.backing_format {
+        println!("backing file format: {f}");
+    }
+    if i.dirty {
+        println!("cleanly shut down: no");
+    }
+    if !d.snapshots.is_empty() {
+        println!("Snapshot list:");
+        println!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        );
+        for s in &d.snapshots {
+            println!(
+                "{:<7} {:<16} {:>8} {} {:>15} {:>10}",
+                s.s.id,
+                s.s.name,
+                human_size(s.s.vm_state_size),
+                utc_date(s.s.date_sec as u64),
+                vm_clock(s.s.vm_clock_nsec),
+                s.icount.map(|v| v.to_string()).unwrap_or_default()
+            );
+        }
+    }
+    println!("Format specific information:");
+    println!("    compat: {}", compat(i));
+    println!("    compression type: {}", ctype(i));
+    if i.version >= 3 {
+        println!("    lazy refcounts: {}", i.lazy_refcounts);
+    }
+    println!("    refcount bits: {}", i.refcount_bits);
+    if i.version >= 3 {
+        println!("    corrupt: {}", i.corrupt);
+        println!("    extended l2: {}", i.extended_l2);
+    }
+    println!("Child node '/file':");
+    println!("    filename: {}", d.filename);
+    println!("    protocol type: file");
+    println!(
+        "    file length: {} ({} bytes)",
+        human_size(d.file_length),
+        d.file_length
+    );
+    println!("    disk size: {}", human_size(d.actual_size));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_clocks() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date(1_795_898_961), "2026-11-28 20:49:21");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(vm_clock(3_723_004_000_000), "0001:02:03.004");
+    }
+}
