@@ -45,7 +45,9 @@
 #define OXCOW_OPEN_FORCE_SHARE 4u
 
 /**
- * Open flag: open the image file with O_DIRECT.
+ * Open flag: open the image file with O_DIRECT. Buffers, offsets and lengths of any
+ * alignment are accepted (oxcow bounces them); 4 KiB-aligned requests are the fast path.
+ * -ENOTSUP when the file system refuses O_DIRECT.
  */
 #define OXCOW_OPEN_DIRECT 8u
 

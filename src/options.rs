@@ -97,7 +97,11 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Read-only open that ignores other writers' locks (like `qemu-img -U`).
     pub force_share: bool,
-    /// Open the image file with O_DIRECT.
+    /// Open the image file with O_DIRECT (bypass the host page cache). Requests of any
+    /// alignment are accepted: transfers are bounced through 4 KiB-aligned buffers and
+    /// unaligned writes become read-modify-write of whole 4 KiB blocks, so aligned 4 KiB
+    /// requests are the fast path. The file may grow to a 4 KiB multiple. Backing files stay
+    /// buffered. Fails with `Unsupported` (-ENOTSUP) where the file system refuses O_DIRECT.
     pub direct: bool,
     /// Make every write durable before it returns (flush after each write).
     pub writethrough: bool,

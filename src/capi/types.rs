@@ -13,7 +13,9 @@ pub const OXCOW_OPEN_RDWR: u32 = 1u32;
 pub const OXCOW_OPEN_NO_BACKING: u32 = 2u32;
 /// Open flag: read-only open that ignores other processes' locks (like `qemu-img -U`).
 pub const OXCOW_OPEN_FORCE_SHARE: u32 = 4u32;
-/// Open flag: open the image file with O_DIRECT.
+/// Open flag: open the image file with O_DIRECT. Buffers, offsets and lengths of any
+/// alignment are accepted (oxcow bounces them); 4 KiB-aligned requests are the fast path.
+/// -ENOTSUP when the file system refuses O_DIRECT.
 pub const OXCOW_OPEN_DIRECT: u32 = 8u32;
 /// Open flag: every write is durable when it returns.
 pub const OXCOW_OPEN_WRITETHROUGH: u32 = 16u32;

@@ -73,7 +73,7 @@ impl Backing {
             }
             BackingFormat::Raw => {
                 let name = path.display().to_string();
-                let mut f = PosixFile::open(&path, false)
+                let mut f = PosixFile::open(&path, false, false)
                     .map_err(|e| Error::io(format!("opening backing file {name}"), e))?;
                 let mode = if force_share {
                     LockMode::ForceShare
@@ -109,7 +109,7 @@ impl Backing {
 }
 
 fn probe(path: &Path) -> Result<BackingFormat> {
-    let f = PosixFile::open(path, false)
+    let f = PosixFile::open(path, false, false)
         .map_err(|e| Error::io(format!("opening backing file {}", path.display()), e))?;
     let file = HostFile::new(Arc::new(f), path.display().to_string());
     let mut m = [0u8; 4];

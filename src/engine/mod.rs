@@ -60,14 +60,16 @@ impl Image {
         if opts.force_share && opts.writable {
             return invalid!("force-share can only be used with read-only images");
         }
-        if opts.direct {
-            return Err(Error::Unsupported(
-                "O_DIRECT opens are not supported yet".into(),
-            ));
-        }
         let name = path.display().to_string();
-        let mut posix = PosixFile::open(path, opts.writable)
-            .map_err(|e| Error::io(format!("opening {name}"), e))?;
+        let mut posix = PosixFile::open(path, opts.writable, opts.direct).map_err(|e| {
+            if opts.direct && e.raw_os_error() == Some(libc::EINVAL) {
+                Error::Unsupported(format!(
+                    "opening {name}: the file system does not support O_DIRECT"
+                ))
+            } else {
+                Error::io(format!("opening {name}"), e)
+            }
+        })?;
         let mode = if opts.writable {
             LockMode::ReadWrite
         } else if opts.force_share {

@@ -6,6 +6,7 @@
 //! through [`HostFile::write`], where the metadata-overlap guard and fault injection hang.
 
 pub mod lock;
+mod aligned;
 mod posix;
 
 pub use lock::{ImageLock, LockMode};
