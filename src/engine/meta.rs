@@ -300,7 +300,8 @@ impl Meta {
         if !self.l1_dirty.is_empty() {
             let per = self.geo.u64_per_cluster() as usize;
             let cs = self.geo.cluster_size();
-            for idx in std::mem::take(&mut self.l1_dirty) {
+            // Indices leave the dirty set only once written: a failed write-back is retried.
+            while let Some(&idx) = self.l1_dirty.first() {
                 let start = idx as usize * per;
                 let end = (start + per).min(self.l1.len());
                 let bytes = u64_table_bytes(&self.l1[start..end]);
@@ -309,6 +310,7 @@ impl Meta {
                     self.header.l1_table_offset + idx * cs,
                     WriteKind::L1,
                 )?;
+                self.l1_dirty.remove(&idx);
             }
             file.sync()?;
         }
@@ -317,12 +319,21 @@ impl Meta {
             // never pack into it again.
             self.compressed_tail = None;
             let cb = self.geo.cluster_bits;
-            for (start, len) in std::mem::take(&mut self.deferred_frees) {
+            // A range leaves the queue only once all its decrements are applied; an error
+            // keeps the rest queued (at worst a leak, never a double free).
+            while let Some(&(start, len)) = self.deferred_frees.last() {
                 let first = start >> cb;
                 let last = (start + len - 1) >> cb;
                 for c in first..=last {
-                    self.rc.update(file, c, -1)?;
+                    if let Err(e) = self.rc.update(file, c, -1) {
+                        // Clusters before `c` were released: keep only the remainder.
+                        if let Some(r) = self.deferred_frees.last_mut() {
+                            *r = (c << cb, start + len - (c << cb));
+                        }
+                        return Err(e);
+                    }
                 }
+                self.deferred_frees.pop();
             }
             self.rc.write_dirty_blocks(file)?;
             file.sync()?;

@@ -382,7 +382,9 @@ impl Refcounts {
         }
         let per_cluster = self.geo.u64_per_cluster() as usize;
         let cs = self.geo.cluster_size();
-        for idx in std::mem::take(&mut self.table_dirty) {
+        // An index leaves the dirty set only once written, so a failed write-back (full
+        // disk) is retried by the next flush instead of being forgotten.
+        while let Some(&idx) = self.table_dirty.first() {
             let start = idx as usize * per_cluster;
             let end = (start + per_cluster).min(self.table.len());
             let bytes = u64_table_bytes(&self.table[start..end]);
@@ -391,6 +393,7 @@ impl Refcounts {
                 self.table_offset + idx * cs,
                 WriteKind::RefcountTable,
             )?;
+            self.table_dirty.remove(&idx);
         }
         Ok(true)
     }

@@ -14,6 +14,7 @@ pub use posix::PosixFile;
 
 use crate::error::{Error, Result};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// A positioned-I/O device holding one image file.
@@ -55,6 +56,10 @@ pub enum WriteKind {
 pub struct HostFile {
     backend: Arc<dyn Backend>,
     name: String,
+    /// Set when a sync failed. The kernel may have dropped the failed dirty pages and
+    /// marked them clean, so a later successful fsync would prove nothing: every later sync
+    /// fails too (the PostgreSQL/QEMU lesson), and the caller must treat unflushed data as lost.
+    sync_failed: AtomicBool,
 }
 
 impl HostFile {
@@ -63,6 +68,7 @@ impl HostFile {
         HostFile {
             backend,
             name: name.into(),
+            sync_failed: AtomicBool::new(false),
         }
     }
 
@@ -130,11 +136,22 @@ impl HostFile {
         })
     }
 
-    /// Makes every completed write durable.
+    /// Makes every completed write durable. Once a sync has failed, every later sync fails
+    /// with EIO: durability can no longer be promised for this handle.
     pub fn sync(&self) -> Result<()> {
-        self.backend
-            .sync()
-            .map_err(|e| Error::io(format!("syncing {}", self.name), e))
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(Error::io(
+                format!(
+                    "syncing {}: an earlier sync failed, so writes since the last successful flush may be lost",
+                    self.name
+                ),
+                io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        self.backend.sync().map_err(|e| {
+            self.sync_failed.store(true, Ordering::Release);
+            Error::io(format!("syncing {}", self.name), e)
+        })
     }
 
     /// Size of the file.
@@ -154,5 +171,52 @@ impl HostFile {
         self.backend
             .set_len(len)
             .map_err(|e| Error::io(format!("resizing {} to {len}", self.name), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// A device whose first sync fails (as after a lost write-back), later ones succeed.
+    struct FlakySync {
+        syncs: AtomicU32,
+    }
+
+    impl Backend for FlakySync {
+        fn read_at(&self, _buf: &mut [u8], _offset: u64) -> io::Result<usize> {
+            Ok(0)
+        }
+        fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn sync(&self) -> io::Result<()> {
+            if self.syncs.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                Ok(())
+            }
+        }
+        fn len(&self) -> io::Result<u64> {
+            Ok(0)
+        }
+        fn set_len(&self, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn after_a_failed_sync_every_later_sync_fails_too() {
+        let f = HostFile::new(
+            Arc::new(FlakySync {
+                syncs: AtomicU32::new(0),
+            }),
+            "flaky",
+        );
+        assert!(f.sync().is_err());
+        let e = f.sync().expect_err("a later sync must not pretend durability");
+        assert_eq!(e.errno(), libc::EIO);
+        assert!(e.to_string().contains("earlier sync failed"), "{e}");
     }
 }
