@@ -149,11 +149,15 @@ fn open_chain(file: &str, force_share: bool) -> CliResult<Vec<Layer>> {
 /// the start decides the row; the row ends where any consulted layer's status changes.
 fn row_at(layers: &[Layer], off: u64, len: u64) -> CliResult<Row> {
     let mut len = len;
+    // The deepest layer consulted: an unallocated range is reported at that depth.
+    let mut bottom = 0;
     for (depth, layer) in layers.iter().enumerate() {
         if off >= layer.size() {
-            // Past the end of a shorter backing file the guest reads zeros.
-            continue;
+            // Past the end of a shorter backing file the guest reads zeros; the chain ends
+            // there for this range (qemu-img reports it at the depth above).
+            break;
         }
+        bottom = depth;
         len = len.min(layer.size() - off);
         match layer {
             Layer::Raw { .. } => {
@@ -191,7 +195,7 @@ fn row_at(layers: &[Layer], off: u64, len: u64) -> CliResult<Row> {
     Ok(Row {
         start: off,
         length: len,
-        depth: layers.len() - 1,
+        depth: bottom,
         present: false,
         zero: true,
         data: false,
@@ -270,6 +274,13 @@ pub fn run(args: &[String]) -> CliResult<()> {
     } else {
         println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
         for r in rows.iter().filter(|r| r.data) {
+            if r.compressed {
+                // The human format has no column for a compressed location; qemu-img stops
+                // here with this message and exit code 1, and so does oxcow (use --output json).
+                return Err(CliError::op(
+                    "File contains external, encrypted or compressed clusters.",
+                ));
+            }
             if let Some(o) = r.offset {
                 println!(
                     "{}{}{}{}",

@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Compare oxcow (qcow2 through the engine), the same harness on a raw file (the physical limit),
+# and qemu-img bench (QEMU's qcow2 driver) on the same files and the same request streams, on
+# tmpfs and on the work disk. Prints medians of interleaved runs and the ratios
+# qcow2/raw and oxcow/qemu-img. Benchmarks never gate CI: scripts/test.sh does not run this.
+#
+# Usage: scripts/bench.sh [--quick] [--reps N] [--dirs "DIR1 DIR2"] [--keep]
+#   --quick   smoke run: small image, one repetition (well under 30 s)
+#   --reps N  repetitions per measurement (default 5; the median is reported)
+#   --dirs    where the image files live (default: /dev/shm and ${TMPDIR:-/var/tmp})
+#   --keep    keep the raw measurements file (its path is printed)
+#
+# Throughput is MiB/s of guest data; every run is a separate process on a warm page cache
+# (cache mode writeback, like qemu-img bench's default). Write workloads that allocate start
+# from a fresh image every run and time the final flush (--flush-interval COUNT).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+QUICK=0
+REPS=5
+DIRS=""
+KEEP=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1; REPS=1 ;;
+        --reps) REPS="$2"; shift ;;
+        --dirs) DIRS="$2"; shift ;;
+        --keep) KEEP=1 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "bench.sh: unknown argument '$1' (try --help)" >&2; exit 1 ;;
+    esac
+    shift
+done
+[ -n "$DIRS" ] || DIRS="/dev/shm ${TMPDIR:-/var/tmp}"
+
+command -v qemu-img >/dev/null || { echo "bench.sh: qemu-img is required" >&2; exit 1; }
+cargo build --release --quiet --bin oxcow
+OX="$PWD/target/release/oxcow"
+
+if [ "$QUICK" = 1 ]; then
+    SIZE_MB=32; N4=4096; N1=32
+else
+    SIZE_MB=256; N4=65536; N1=256
+fi
+NCOW=$((SIZE_MB * 16)) # one 4 KiB write into every 64 KiB cluster
+
+RESULTS=$(mktemp "${TMPDIR:-/tmp}/oxcow-bench.XXXXXX")
+WORKDIRS=()
+cleanup() {
+    for d in "${WORKDIRS[@]}"; do rm -rf "$d"; done
+    [ "$KEEP" = 1 ] && echo "raw measurements: $RESULTS" || rm -f "$RESULTS"
+}
+trap cleanup EXIT
+
+# Workloads: name | bench options (shared by all three tools) | image kind
+#   data  = the fully allocated image/file (reads and overwrites)
+#   fresh = a new empty image/sparse file for every run (allocating writes)
+#   cow   = a new overlay over the data image for every run (raw: a new sparse file)
+WORKLOADS=(
+    "read-4k-seq|-c $N4 -s 4k|data"
+    "read-4k-rand|-c $N4 -s 4k --random|data"
+    "overwrite-4k|-w -c $N4 -s 4k|data"
+    "alloc-4k-seq|-w -c $N4 -s 4k --flush-interval $N4|fresh"
+    "cow-4k|-w -c $NCOW -s 4k -S 64k --flush-interval $NCOW|cow"
+    "read-1m-seq|-c $N1 -s 1M|data"
+    "write-1m-seq|-w -c $N1 -s 1M --flush-interval $N1|fresh"
+)
+
+# Prepares the shared files in $1: data.raw (random bytes) and data.qcow2 (same contents, every
+# cluster allocated, as qemu-img convert writes it).
+prepare() {
+    local d=$1
+    head -c $((SIZE_MB << 20)) /dev/urandom >"$d/data.raw"
+    qemu-img convert -f raw -O qcow2 "$d/data.raw" "$d/data.qcow2"
+}
+
+# Runs one measurement and appends "fs workload depth tool seconds bytes" to $RESULTS.
+measure() {
+    local dir=$1 fs=$2 name=$3 opts=$4 kind=$5 depth=$6 tool=$7
+    local img fmt out secs
+    case "$tool" in
+        raw) fmt=raw ;;
+        *) fmt=qcow2 ;;
+    esac
+    case "$kind" in
+        data) img="$dir/data.$fmt" ;;
+        fresh)
+            img="$dir/fresh.$fmt"
+            rm -f "$img"
+            if [ "$fmt" = raw ]; then truncate -s "${SIZE_MB}M" "$img"; else qemu-img create -q -f qcow2 "$img" "${SIZE_MB}M"; fi ;;
+        cow)
+            img="$dir/cow.$fmt"
+            rm -f "$img"
+            if [ "$fmt" = raw ]; then truncate -s "${SIZE_MB}M" "$img"; else qemu-img create -q -f qcow2 -b data.qcow2 -F qcow2 "$img"; fi ;;
+    esac
+    # shellcheck disable=SC2086
+    if [ "$tool" = qemu ]; then
+        case "$opts" in *--random*) return 0 ;; esac # qemu-img bench has no random mode
+        out=$(qemu-img bench -f qcow2 -t writeback -d "$depth" $opts "$img")
+        secs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' <<<"$out")
+    else
+        out=$("$OX" bench -f "$fmt" -t writeback -d "$depth" $opts --output json "$img")
+        secs=$(sed -n 's/.*"seconds": \([0-9.]*\).*/\1/p' <<<"$out")
+    fi
+    [ -n "$secs" ] || { echo "bench.sh: no timing from $tool $name: $out" >&2; exit 1; }
+    local count size
+    count=$(sed -n 's/.*-c \([0-9]*\).*/\1/p' <<<"$opts")
+    size=$(sed -n 's/.*-s \([0-9]*[kM]\).*/\1/p' <<<"$opts")
+    case "$size" in *k) size=$((${size%k} << 10)) ;; *M) size=$((${size%M} << 20)) ;; esac
+    echo "$fs $name $depth $tool $secs $((count * size))" >>"$RESULTS"
+}
+
+echo "oxcow bench: $(nproc) CPUs, image ${SIZE_MB} MiB, $REPS repetition(s), dirs: $DIRS"
+start=$(date +%s)
+for dir in $DIRS; do
+    w=$(mktemp -d "$dir/oxcow-bench.XXXXXX")
+    WORKDIRS+=("$w")
+    prepare "$w"
+done
+for rep in $(seq "$REPS"); do
+    i=0
+    for dir in $DIRS; do
+        w=${WORKDIRS[$i]}
+        i=$((i + 1))
+        fs=$(df --output=fstype "$w" | tail -1)
+        [ "$fs" = tmpfs ] || fs="$fs($(basename "$dir"))"
+        # cow overlays name their backing file relatively.
+        pushd "$w" >/dev/null
+        for wl in "${WORKLOADS[@]}"; do
+            IFS='|' read -r name opts kind <<<"$wl"
+            for depth in 1 2; do
+                # Interleave the tools so drift (thermal, page cache) hits all of them alike.
+                for tool in oxcow raw qemu; do
+                    measure "$w" "$fs" "$name" "$opts" "$kind" "$depth" "$tool"
+                done
+            done
+        done
+        popd >/dev/null
+    done
+    echo "  repetition $rep/$REPS done ($(($(date +%s) - start)) s)"
+done
+
+python3 - "$RESULTS" <<'EOF'
+import sys, collections, statistics
+runs = collections.defaultdict(list)
+order = []
+for line in open(sys.argv[1]):
+    fs, name, depth, tool, secs, nbytes = line.split()
+    key = (fs, name, int(depth))
+    if key not in order:
+        order.append(key)
+    runs[key + (tool,)].append(int(nbytes) / (1 << 20) / max(float(secs), 1e-6))
+
+def med(key, tool):
+    v = runs.get(key + (tool,))
+    return statistics.median(v) if v else None
+
+def f(x, fmt="{:9.0f}"):
+    return fmt.format(x) if x is not None else "      n/a"
+
+print()
+print("Throughput in MiB/s (median); qcow2/raw and oxcow/qemu-img are ratios of throughput.")
+print(f"{'fs':<14}{'workload':<15}{'d':>2} {'oxcow':>9} {'raw':>9} {'qemu-img':>9} {'qcow2/raw':>10} {'ox/qemu':>8}")
+for key in order:
+    ox, raw, qm = med(key, "oxcow"), med(key, "raw"), med(key, "qemu")
+    r1 = f"{ox / raw:10.2f}" if ox and raw else "       n/a"
+    r2 = f"{ox / qm:8.2f}" if ox and qm else "     n/a"
+    print(f"{key[0]:<14}{key[1]:<15}{key[2]:>2} {f(ox)} {f(raw)} {f(qm)} {r1} {r2}")
+
+print()
+print("Scaling 1 -> 2 threads: throughput gain of oxcow relative to raw's gain (target >= 0.90).")
+print(f"{'fs':<14}{'workload':<15} {'oxcow d2/d1':>11} {'raw d2/d1':>10} {'gain ratio':>11}")
+for key in order:
+    if key[2] != 1:
+        continue
+    k2 = (key[0], key[1], 2)
+    o1, o2, r1, r2 = med(key, "oxcow"), med(k2, "oxcow"), med(key, "raw"), med(k2, "raw")
+    if None in (o1, o2, r1, r2):
+        continue
+    og, rg = o2 / o1, r2 / r1
+    ratio = f"{(og - 1) / (rg - 1):11.2f}" if rg - 1 > 0.05 else "  (raw flat)"
+    print(f"{key[0]:<14}{key[1]:<15} {og:11.2f} {rg:10.2f} {ratio}")
+EOF
+echo
+echo "total time: $(($(date +%s) - start)) s"
