@@ -57,6 +57,12 @@
 #define OXCOW_OPEN_WRITETHROUGH 16u
 
 /**
+ * Open flag (read-only opens): the handle will never be reopened read-write; oxcow_reopen()
+ * with OXCOW_OPEN_RDWR then fails with -EROFS.
+ */
+#define OXCOW_OPEN_KEEP_READ_ONLY 32u
+
+/**
  * oxcow_write_zeroes() flag: the clusters may be deallocated instead of kept allocated.
  */
 #define OXCOW_ZERO_MAY_UNMAP 1u
@@ -177,6 +183,60 @@ typedef struct oxcow_error oxcow_error;
 typedef struct oxcow_image oxcow_image;
 
 /**
+ * Result of oxcow_check(). Initialise with oxcow_check_result_init() before the call.
+ */
+typedef struct oxcow_check_result {
+    /**
+     * sizeof(oxcow_check_result) as the caller knows it; on success, the bytes filled.
+     */
+    uint32_t struct_size;
+    /**
+     * Always 0.
+     */
+    uint32_t reserved;
+    /**
+     * Corruptions found (and not fixed).
+     */
+    uint64_t corruptions;
+    /**
+     * Leaked clusters found (and not fixed).
+     */
+    uint64_t leaks;
+    /**
+     * Errors that prevented checking part of the image.
+     */
+    uint64_t check_errors;
+    /**
+     * Corruptions repaired.
+     */
+    uint64_t corruptions_fixed;
+    /**
+     * Leaked clusters repaired.
+     */
+    uint64_t leaks_fixed;
+    /**
+     * Guest clusters in the image.
+     */
+    uint64_t total_clusters;
+    /**
+     * Guest clusters allocated in this image.
+     */
+    uint64_t allocated_clusters;
+    /**
+     * Allocated guest clusters not contiguous with their predecessor on the host.
+     */
+    uint64_t fragmented_clusters;
+    /**
+     * Compressed guest clusters.
+     */
+    uint64_t compressed_clusters;
+    /**
+     * Offset of the end of the last used host cluster.
+     */
+    uint64_t image_end_offset;
+} oxcow_check_result;
+
+/**
  * Parameters of oxcow_create(). Initialise with oxcow_create_options_init(), then change the
  * fields you need. Zero in a numeric field means "the default".
  */
@@ -241,60 +301,6 @@ typedef struct oxcow_open_options {
      */
     uint64_t cache_size;
 } oxcow_open_options;
-
-/**
- * Result of oxcow_check(). Initialise with oxcow_check_result_init() before the call.
- */
-typedef struct oxcow_check_result {
-    /**
-     * sizeof(oxcow_check_result) as the caller knows it; on success, the bytes filled.
-     */
-    uint32_t struct_size;
-    /**
-     * Always 0.
-     */
-    uint32_t reserved;
-    /**
-     * Corruptions found (and not fixed).
-     */
-    uint64_t corruptions;
-    /**
-     * Leaked clusters found (and not fixed).
-     */
-    uint64_t leaks;
-    /**
-     * Errors that prevented checking part of the image.
-     */
-    uint64_t check_errors;
-    /**
-     * Corruptions repaired.
-     */
-    uint64_t corruptions_fixed;
-    /**
-     * Leaked clusters repaired.
-     */
-    uint64_t leaks_fixed;
-    /**
-     * Guest clusters in the image.
-     */
-    uint64_t total_clusters;
-    /**
-     * Guest clusters allocated in this image.
-     */
-    uint64_t allocated_clusters;
-    /**
-     * Allocated guest clusters not contiguous with their predecessor on the host.
-     */
-    uint64_t fragmented_clusters;
-    /**
-     * Compressed guest clusters.
-     */
-    uint64_t compressed_clusters;
-    /**
-     * Offset of the end of the last used host cluster.
-     */
-    uint64_t image_end_offset;
-} oxcow_check_result;
 
 /**
  * Static facts about an open image, filled by oxcow_get_info(). Initialise with
@@ -381,6 +387,37 @@ typedef struct oxcow_extent {
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * Checks the image's metadata consistency like `qemu-img check` and fills `*out`
+ * (initialised with oxcow_check_result_init()) with qemu-img's counters.
+ *
+ * `fix` is 0 (report only; nothing is written), OXCOW_CHECK_FIX_LEAKS (lower over-counted
+ * refcounts, like `qemu-img check -r leaks`) or OXCOW_CHECK_FIX_ERRORS, alone or with LEAKS
+ * (also raise under-counted refcounts, rebuild the refcount structure when needed, fix
+ * COPIED flags and clear the dirty and corrupt bits once clean, like `-r all`). After a
+ * repair that fixed something a second, plain check runs: the counters are the re-check's,
+ * `corruptions_fixed`/`leaks_fixed` come from the repair.
+ *
+ * The check waits for in-flight writes and holds the metadata lock, so other calls on the
+ * handle wait for it. A result with `check_errors > 0` (for example "need to rebuild refcount
+ * structures" under LEAKS alone) still returns 0: inspect the counters (qemu-img's exit codes
+ * are 1 for check_errors, 2 for corruptions, 3 for leaks only). On success
+ * `out->struct_size` is set to the bytes filled.
+ *
+ * Returns 0, or -EINVAL (NULL handle or out, short struct_size, unknown fix bits), -EROFS (a
+ * repair on a read-only handle), -ENOMEDIUM (fenced handle), -EIO and other I/O errors,
+ * -ENOMEM (an image file too large to check), -EUCLEAN (the metadata could not be reloaded
+ * after a repair; the handle is fenced).
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `out` is NULL or points to an initialised
+ * `oxcow_check_result`; `err` is NULL or valid for writing one pointer.
+ */
+int oxcow_check(struct oxcow_image *img,
+                uint32_t fix,
+                struct oxcow_check_result *out,
+                struct oxcow_error **err);
 
 /**
  * Creates a new qcow2 image at `path` (replacing any existing file) with `virtual_size`
@@ -554,32 +591,25 @@ int oxcow_discard(struct oxcow_image *img, uint64_t offset, uint64_t count);
 int oxcow_flush(struct oxcow_image *img);
 
 /**
- * Changes the open flags of a live handle. Not implemented yet: after validating the
- * arguments it returns -ENOTSUP (with a message in `*err`).
+ * Changes the open flags of a live handle without closing it (QEMU's reopen): `flags` are
+ * the complete new OXCOW_OPEN_* set. Switching OXCOW_OPEN_RDWR off flushes everything and
+ * drops the write locks; switching it on takes the write locks and re-validates the image.
+ * OXCOW_OPEN_WRITETHROUGH and (read-only) OXCOW_OPEN_FORCE_SHARE may change too;
+ * OXCOW_OPEN_DIRECT and OXCOW_OPEN_NO_BACKING must stay as they were. The path must still
+ * name the file that was opened.
  *
- * Returns -EINVAL (NULL handle, unknown flag bits) or -ENOTSUP.
+ * Waits for in-flight writes (reads continue) and may be called while other threads do I/O.
+ * A failed reopen changes nothing: the handle keeps its descriptor, locks, caches and mode.
+ *
+ * Returns 0, or -EINVAL (NULL handle, unknown flags, DIRECT/NO_BACKING changed, RDWR with
+ * FORCE_SHARE or KEEP_READ_ONLY), -EAGAIN (another process uses the image), -EROFS (handle
+ * opened with OXCOW_OPEN_KEEP_READ_ONLY or FORCE_SHARE asked for RDWR), -ESTALE (the path
+ * names another file now), -EUCLEAN (image corrupt or dirty), -EIO, -ENOMEDIUM.
  *
  * # Safety
  * `img` is NULL or a live handle; `err` is NULL or valid for writing one pointer.
  */
 int oxcow_reopen(struct oxcow_image *img, uint32_t flags, struct oxcow_error **err);
-
-/**
- * Checks the image's metadata consistency (like `qemu-img check`), repairing leaks and/or
- * errors as `fix` (OXCOW_CHECK_FIX_*) asks, and fills `*out` (initialised with
- * oxcow_check_result_init()). Not implemented yet: after validating the arguments it returns
- * -ENOTSUP (with a message in `*err`) and leaves `*out` untouched.
- *
- * Returns -EINVAL (NULL handle or out, short struct_size, unknown fix bits) or -ENOTSUP.
- *
- * # Safety
- * `img` is NULL or a live handle; `out` is NULL or points to an initialised
- * `oxcow_check_result`; `err` is NULL or valid for writing one pointer.
- */
-int oxcow_check(struct oxcow_image *img,
-                uint32_t fix,
-                struct oxcow_check_result *out,
-                struct oxcow_error **err);
 
 /**
  * Fills `*out` (initialised with oxcow_info_init()) with static facts about the image: sizes,

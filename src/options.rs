@@ -105,6 +105,9 @@ pub struct OpenOptions {
     pub direct: bool,
     /// Make every write durable before it returns (flush after each write).
     pub writethrough: bool,
+    /// Read-only open that will never be reopened read-write: [`crate::Image::reopen`] to
+    /// read-write fails with `ReadOnly` (-EROFS).
+    pub keep_read_only: bool,
 }
 
 /// Flags of [`crate::Image::write_zeroes`].

@@ -1,5 +1,5 @@
 //! The image handle and every call on it: open, close, I/O, zero/discard, flush, info, block
-//! status, and the not-yet-implemented reopen and check.
+//! status, and the not-yet-implemented reopen (oxcow_check lives in check.rs).
 
 use super::create::c_path;
 use super::error::{call, einval, oxcow_error, CResult};
@@ -16,7 +16,20 @@ const OPEN_FLAGS: u32 = OXCOW_OPEN_RDWR
     | OXCOW_OPEN_NO_BACKING
     | OXCOW_OPEN_FORCE_SHARE
     | OXCOW_OPEN_DIRECT
-    | OXCOW_OPEN_WRITETHROUGH;
+    | OXCOW_OPEN_WRITETHROUGH
+    | OXCOW_OPEN_KEEP_READ_ONLY;
+
+/// The engine's options for OXCOW_OPEN_* `flags` (already checked against OPEN_FLAGS).
+fn options_from_flags(flags: u32) -> OpenOptions {
+    OpenOptions {
+        writable: flags & OXCOW_OPEN_RDWR != 0,
+        no_backing: flags & OXCOW_OPEN_NO_BACKING != 0,
+        force_share: flags & OXCOW_OPEN_FORCE_SHARE != 0,
+        direct: flags & OXCOW_OPEN_DIRECT != 0,
+        writethrough: flags & OXCOW_OPEN_WRITETHROUGH != 0,
+        keep_read_only: flags & OXCOW_OPEN_KEEP_READ_ONLY != 0,
+    }
+}
 
 /// An open image (opaque). Created by oxcow_open(), destroyed by oxcow_close(). Any number of
 /// threads may use one handle at once, except that oxcow_close() must not race other calls.
@@ -39,7 +52,7 @@ unsafe fn resolve<'a>(img: *const oxcow_image) -> Option<&'a Image> {
 ///
 /// # Safety
 /// `img` is NULL or a live handle; `err` is NULL or valid for writing one pointer.
-unsafe fn with_image(
+pub(super) unsafe fn with_image(
     img: *const oxcow_image,
     err: *mut *mut oxcow_error,
     f: impl FnOnce(&Image) -> CResult<()>,
@@ -138,14 +151,10 @@ pub unsafe extern "C" fn oxcow_open(
             }
             // cache_size is accepted; the engine does not take a budget yet.
         }
-        let ropts = OpenOptions {
-            writable: flags & OXCOW_OPEN_RDWR != 0,
-            no_backing: flags & OXCOW_OPEN_NO_BACKING != 0,
-            force_share: flags & OXCOW_OPEN_FORCE_SHARE != 0,
-            direct: flags & OXCOW_OPEN_DIRECT != 0,
-            writethrough: flags & OXCOW_OPEN_WRITETHROUGH != 0,
-        };
-        let image = Image::open(path, &ropts)?;
+        if flags & OXCOW_OPEN_KEEP_READ_ONLY != 0 && flags & OXCOW_OPEN_RDWR != 0 {
+            return einval("OXCOW_OPEN_KEEP_READ_ONLY is for read-only opens");
+        }
+        let image = Image::open(path, &options_from_flags(flags))?;
         let handle = Box::into_raw(Box::new(oxcow_image { inner: image }));
         // SAFETY: `out` is non-NULL (checked) and writable per the contract.
         unsafe { out.write(handle) };
@@ -364,10 +373,20 @@ pub unsafe extern "C" fn oxcow_flush(img: *mut oxcow_image) -> c_int {
     unsafe { with_image(img, ptr::null_mut(), |image| image.flush()) }
 }
 
-/// Changes the open flags of a live handle. Not implemented yet: after validating the
-/// arguments it returns -ENOTSUP (with a message in `*err`).
+/// Changes the open flags of a live handle without closing it (QEMU's reopen): `flags` are
+/// the complete new OXCOW_OPEN_* set. Switching OXCOW_OPEN_RDWR off flushes everything and
+/// drops the write locks; switching it on takes the write locks and re-validates the image.
+/// OXCOW_OPEN_WRITETHROUGH and (read-only) OXCOW_OPEN_FORCE_SHARE may change too;
+/// OXCOW_OPEN_DIRECT and OXCOW_OPEN_NO_BACKING must stay as they were. The path must still
+/// name the file that was opened.
 ///
-/// Returns -EINVAL (NULL handle, unknown flag bits) or -ENOTSUP.
+/// Waits for in-flight writes (reads continue) and may be called while other threads do I/O.
+/// A failed reopen changes nothing: the handle keeps its descriptor, locks, caches and mode.
+///
+/// Returns 0, or -EINVAL (NULL handle, unknown flags, DIRECT/NO_BACKING changed, RDWR with
+/// FORCE_SHARE or KEEP_READ_ONLY), -EAGAIN (another process uses the image), -EROFS (handle
+/// opened with OXCOW_OPEN_KEEP_READ_ONLY or FORCE_SHARE asked for RDWR), -ESTALE (the path
+/// names another file now), -EUCLEAN (image corrupt or dirty), -EIO, -ENOMEDIUM.
 ///
 /// # Safety
 /// `img` is NULL or a live handle; `err` is NULL or valid for writing one pointer.
@@ -377,47 +396,12 @@ pub unsafe extern "C" fn oxcow_reopen(
     flags: u32,
     err: *mut *mut oxcow_error,
 ) -> c_int {
-    let body = |_: &Image| {
+    let body = |image: &Image| {
         super::check_flags(flags, OPEN_FLAGS, "open")?;
-        Err(Error::Unsupported(
-            "oxcow_reopen is not implemented yet".into(),
-        ))
-    };
-    // SAFETY: `img` is NULL or live; `err` is NULL or writable, per the contract.
-    unsafe { with_image(img, err, body) }
-}
-
-/// Checks the image's metadata consistency (like `qemu-img check`), repairing leaks and/or
-/// errors as `fix` (OXCOW_CHECK_FIX_*) asks, and fills `*out` (initialised with
-/// oxcow_check_result_init()). Not implemented yet: after validating the arguments it returns
-/// -ENOTSUP (with a message in `*err`) and leaves `*out` untouched.
-///
-/// Returns -EINVAL (NULL handle or out, short struct_size, unknown fix bits) or -ENOTSUP.
-///
-/// # Safety
-/// `img` is NULL or a live handle; `out` is NULL or points to an initialised
-/// `oxcow_check_result`; `err` is NULL or valid for writing one pointer.
-#[no_mangle]
-pub unsafe extern "C" fn oxcow_check(
-    img: *mut oxcow_image,
-    fix: u32,
-    out: *mut oxcow_check_result,
-    err: *mut *mut oxcow_error,
-) -> c_int {
-    let body = |_: &Image| {
-        if out.is_null() {
-            return einval("out is NULL");
+        if flags & OXCOW_OPEN_KEEP_READ_ONLY != 0 && flags & OXCOW_OPEN_RDWR != 0 {
+            return einval("OXCOW_OPEN_KEEP_READ_ONLY is for read-only handles");
         }
-        // SAFETY: non-NULL and initialised per the contract.
-        unsafe { super::check_out_size(out, "oxcow_check_result") }?;
-        super::check_flags(
-            fix,
-            OXCOW_CHECK_FIX_LEAKS | OXCOW_CHECK_FIX_ERRORS,
-            "check fix",
-        )?;
-        Err(Error::Unsupported(
-            "oxcow_check is not implemented yet (use 'qemu-img check')".into(),
-        ))
+        image.reopen(&options_from_flags(flags))
     };
     // SAFETY: `img` is NULL or live; `err` is NULL or writable, per the contract.
     unsafe { with_image(img, err, body) }

@@ -11,17 +11,19 @@
 // The C names (oxcow_image, oxcow_info, ...) are the ABI; keep them as they are.
 #![allow(non_camel_case_types)]
 
+pub mod check;
 pub mod create;
 pub mod error;
 pub mod image;
 pub mod types;
 pub mod version;
 
+pub use check::oxcow_check;
 pub use create::oxcow_create;
 pub use error::{oxcow_error, oxcow_error_errno, oxcow_error_free, oxcow_error_message};
 pub use image::{
-    oxcow_block_status, oxcow_check, oxcow_close, oxcow_discard, oxcow_flush, oxcow_get_info,
-    oxcow_image, oxcow_open, oxcow_pread, oxcow_preadv, oxcow_pwrite, oxcow_pwritev, oxcow_reopen,
+    oxcow_block_status, oxcow_close, oxcow_discard, oxcow_flush, oxcow_get_info, oxcow_image,
+    oxcow_open, oxcow_pread, oxcow_preadv, oxcow_pwrite, oxcow_pwritev, oxcow_reopen,
     oxcow_write_zeroes,
 };
 pub use types::*;

@@ -19,6 +19,9 @@ pub const OXCOW_OPEN_FORCE_SHARE: u32 = 4u32;
 pub const OXCOW_OPEN_DIRECT: u32 = 8u32;
 /// Open flag: every write is durable when it returns.
 pub const OXCOW_OPEN_WRITETHROUGH: u32 = 16u32;
+/// Open flag (read-only opens): the handle will never be reopened read-write; oxcow_reopen()
+/// with OXCOW_OPEN_RDWR then fails with -EROFS.
+pub const OXCOW_OPEN_KEEP_READ_ONLY: u32 = 32u32;
 
 /// oxcow_write_zeroes() flag: the clusters may be deallocated instead of kept allocated.
 pub const OXCOW_ZERO_MAY_UNMAP: u32 = 1u32;

@@ -9,6 +9,7 @@ mod meta;
 mod overlap;
 mod read;
 mod refcount;
+mod reopen;
 mod snapshot;
 mod write;
 mod write_compressed;
@@ -24,7 +25,7 @@ use backing::Backing;
 use meta::Meta;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 /// Deepest backing chain oxcow opens.
 pub const MAX_BACKING_DEPTH: u32 = 64;
@@ -39,8 +40,20 @@ pub struct Image {
     version: u32,
     virtual_size: u64,
     compression: CompressionType,
-    read_only: bool,
-    writethrough: bool,
+    /// Changes only in [`Image::reopen`], with every mutating request drained.
+    read_only: AtomicBool,
+    writethrough: AtomicBool,
+    /// The caller promised never to need write access (OXCOW_OPEN_KEEP_READ_ONLY).
+    keep_read_only: bool,
+    /// Options fixed at open that reopen may not change.
+    direct: bool,
+    no_backing: bool,
+    /// Held shared by every request that may write (write, zeroes, discard, compressed
+    /// writes, flush) for its whole duration, and exclusively by control operations
+    /// (reopen) that must see no write in flight. Reads never take it.
+    gate: RwLock<()>,
+    /// The current open ignores other writers (read-only, like `qemu-img -U`).
+    force_share: AtomicBool,
     backing: Option<Backing>,
     snapshots: Vec<Snapshot>,
     meta: Mutex<Meta>,
@@ -70,34 +83,12 @@ impl Image {
                 Error::io(format!("opening {name}"), e)
             }
         })?;
-        let mode = if opts.writable {
-            LockMode::ReadWrite
-        } else if opts.force_share {
-            LockMode::ForceShare
-        } else {
-            LockMode::ReadOnly
-        };
-        posix.lock(&name, mode)?;
+        posix.lock(&name, lock_mode(opts))?;
         let file = HostFile::new(Arc::new(posix), name.clone());
-        let mut probe = [0u8; Header::PROBE_LEN];
-        let n = file.read_some(&mut probe, 0, "image header")?;
-        let cluster_size = Header::probe_cluster_size(&probe[..n]).unwrap_or(n as u64);
-        let mut c0 = vec![0u8; cluster_size as usize];
-        let n = file.read_some(&mut c0, 0, "image header")?;
-        c0.truncate(n);
-        let mut header = Header::parse(&c0).map_err(|e| prefix(e, &name))?;
+        let mut header = read_header(&file, &name)?;
         let geo = header.geometry();
         if opts.writable {
-            if header.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
-                return corrupt!(
-                    "{name}: image is corrupt; cannot be opened read/write (run 'qemu-img check -r all')"
-                );
-            }
-            if header.incompatible_features & header::INCOMPAT_DIRTY != 0 {
-                return corrupt!(
-                    "{name}: image is dirty (lazy refcounts were not written back); repair it with 'qemu-img check -r all' before opening read/write"
-                );
-            }
+            refuse_unwritable(&header, &name)?;
         }
         // Tables that lie (partly) past the end of the file mean a truncated image: refuse it
         // rather than serve a blank disk.
@@ -127,12 +118,8 @@ impl Image {
             )?),
             _ => None,
         };
-        if opts.writable && header.autoclear_features != 0 {
-            // oxcow maintains no autoclear feature: clearing the bits before the first write
-            // tells QEMU not to trust bitmaps (or anything else) we will not keep in sync.
-            file.write(&0u64.to_be_bytes(), field::AUTOCLEAR, WriteKind::Header)?;
-            file.sync()?;
-            header.autoclear_features = 0;
+        if opts.writable {
+            clear_autoclear(&file, &mut header)?;
         }
         let meta = Meta::load(
             &file,
@@ -153,8 +140,13 @@ impl Image {
             } else {
                 CompressionType::Deflate
             },
-            read_only: !opts.writable,
-            writethrough: opts.writethrough,
+            read_only: AtomicBool::new(!opts.writable),
+            writethrough: AtomicBool::new(opts.writethrough),
+            keep_read_only: opts.keep_read_only,
+            direct: opts.direct,
+            no_backing: opts.no_backing,
+            gate: RwLock::new(()),
+            force_share: AtomicBool::new(opts.force_share),
             backing,
             snapshots,
             meta: Mutex::new(meta),
@@ -187,7 +179,7 @@ impl Image {
             lazy_refcounts: h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
             dirty: h.incompatible_features & header::INCOMPAT_DIRTY != 0,
             corrupt: h.incompatible_features & header::INCOMPAT_CORRUPT != 0,
-            read_only: self.read_only,
+            read_only: self.is_read_only(),
             snapshot_count: self.snapshots.len() as u32,
             backing_file: h
                 .backing_file
@@ -202,7 +194,8 @@ impl Image {
     /// back in crash-safe order.
     pub fn flush(&self) -> Result<()> {
         self.check_usable()?;
-        if self.read_only {
+        let _gate = self.enter_write_gate();
+        if self.is_read_only() {
             return Ok(());
         }
         let mut m = self.lock_meta();
@@ -211,10 +204,21 @@ impl Image {
 
     /// Flushes and closes the image. Resources are released even when the flush fails.
     pub fn close(self) -> Result<()> {
-        if self.read_only || self.fenced.load(Ordering::Acquire) {
+        if self.is_read_only() || self.fenced.load(Ordering::Acquire) {
             return Ok(());
         }
         self.flush()
+    }
+
+    /// Whether the image is currently open read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// Enters the shared side of the write gate (see the `gate` field).
+    fn enter_write_gate(&self) -> RwLockReadGuard<'_, ()> {
+        // Poisoning means a panic elsewhere; the gate guards no data.
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Allocation status of the guest range starting at `offset`: the returned extent starts
@@ -246,7 +250,7 @@ impl Image {
 
     fn check_writable(&self) -> Result<()> {
         self.check_usable()?;
-        if self.read_only {
+        if self.is_read_only() {
             return Err(Error::ReadOnly(format!(
                 "{}: image is open read-only",
                 self.path.display()
@@ -270,7 +274,7 @@ impl Image {
     /// more is written. Returns the error for the caller.
     fn on_error(&self, m: &mut Meta, e: Error) -> Error {
         if let Error::CorruptionPrevented(msg) = &e {
-            if !self.read_only && !self.fenced.load(Ordering::Acquire) {
+            if !self.is_read_only() && !self.fenced.load(Ordering::Acquire) {
                 self.fence();
                 m.header.incompatible_features |= header::INCOMPAT_CORRUPT;
                 let bits = m.header.incompatible_features.to_be_bytes();
@@ -319,6 +323,7 @@ impl Image {
 
     /// Writes all of `buf` at guest `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _gate = self.enter_write_gate();
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         write::write(self, buf, offset)?;
@@ -328,6 +333,7 @@ impl Image {
     /// Writes several buffers, in order, starting at guest `offset`.
     pub fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
         let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
+        let _gate = self.enter_write_gate();
         self.check_writable()?;
         self.check_range(offset, total)?;
         let mut off = offset;
@@ -341,6 +347,7 @@ impl Image {
     /// Makes `[offset, offset+count)` read as zeros. With `may_unmap` the clusters may be
     /// deallocated; otherwise fully covered allocated clusters stay allocated.
     pub fn write_zeroes(&self, offset: u64, count: u64, flags: crate::ZeroFlags) -> Result<()> {
+        let _gate = self.enter_write_gate();
         self.check_writable()?;
         self.check_range(offset, count)?;
         zero::write_zeroes(self, offset, count, flags.may_unmap)?;
@@ -351,15 +358,19 @@ impl Image {
     /// zeros, except in v2 images with a backing file, where they read the backing data.
     /// Partial clusters at the edges are left unchanged.
     pub fn discard(&self, offset: u64, count: u64) -> Result<()> {
+        let _gate = self.enter_write_gate();
         self.check_writable()?;
         self.check_range(offset, count)?;
         zero::discard(self, offset, count)?;
         self.after_write()
     }
 
+    /// Writethrough: makes the write just done durable before it returns. Called with the
+    /// gate held, so it flushes directly rather than through [`Self::flush`].
     fn after_write(&self) -> Result<()> {
-        if self.writethrough {
-            self.flush()
+        if self.writethrough.load(Ordering::Acquire) {
+            let mut m = self.lock_meta();
+            m.writeback(&self.file)
         } else {
             Ok(())
         }
@@ -368,13 +379,62 @@ impl Image {
 
 impl Drop for Image {
     fn drop(&mut self) {
-        if !self.read_only && !self.fenced.load(Ordering::Acquire) {
+        if !self.is_read_only() && !self.fenced.load(Ordering::Acquire) {
             let mut m = self.lock_meta();
             if m.is_dirty() {
                 let _ = m.writeback(&self.file);
             }
         }
     }
+}
+
+/// The lock mode an open with `opts` takes.
+fn lock_mode(opts: &OpenOptions) -> LockMode {
+    if opts.writable {
+        LockMode::ReadWrite
+    } else if opts.force_share {
+        LockMode::ForceShare
+    } else {
+        LockMode::ReadOnly
+    }
+}
+
+/// Reads and validates the header in cluster 0.
+fn read_header(file: &HostFile, name: &str) -> Result<Header> {
+    let mut probe = [0u8; Header::PROBE_LEN];
+    let n = file.read_some(&mut probe, 0, "image header")?;
+    let cluster_size = Header::probe_cluster_size(&probe[..n]).unwrap_or(n as u64);
+    let mut c0 = vec![0u8; cluster_size as usize];
+    let n = file.read_some(&mut c0, 0, "image header")?;
+    c0.truncate(n);
+    Header::parse(&c0).map_err(|e| prefix(e, name))
+}
+
+/// Refuses write access to an image marked corrupt or dirty.
+fn refuse_unwritable(header: &Header, name: &str) -> Result<()> {
+    if header.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
+        return corrupt!(
+            "{name}: image is corrupt; cannot be opened read/write (run 'qemu-img check -r all')"
+        );
+    }
+    if header.incompatible_features & header::INCOMPAT_DIRTY != 0 {
+        return corrupt!(
+            "{name}: image is dirty (lazy refcounts were not written back); repair it with 'qemu-img check -r all' before opening read/write"
+        );
+    }
+    Ok(())
+}
+
+/// Clears every autoclear bit before the first write: oxcow maintains no autoclear feature,
+/// and clearing them tells QEMU not to trust bitmaps (or anything else) we will not keep in
+/// sync.
+fn clear_autoclear(file: &HostFile, header: &mut Header) -> Result<()> {
+    if header.autoclear_features != 0 {
+        file.write(&0u64.to_be_bytes(), field::AUTOCLEAR, WriteKind::Header)?;
+        file.sync()?;
+        header.autoclear_features = 0;
+    }
+    Ok(())
 }
 
 /// Validates the bitmap directory the way QEMU does on every open (read-only included): an

@@ -19,6 +19,7 @@ impl Image {
     /// not compress is written uncompressed, like QEMU does. Replaces whatever the cluster
     /// held; the old clusters are released once the change is durable.
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _gate = self.enter_write_gate();
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         let geo = self.geo;
@@ -43,9 +44,9 @@ impl Image {
             &padded[..]
         };
         let Some(data) = super::compress::compress(self.compression, input)? else {
-            // Not compressible: store as a normal cluster.
-            self.write_at(buf, offset)?;
-            return Ok(());
+            // Not compressible: store as a normal cluster (the gate is already held).
+            super::write::write(self, buf, offset)?;
+            return self.after_write();
         };
         let gidx = geo.cluster_index(offset);
 

@@ -237,6 +237,34 @@ impl ImageLock {
         Ok(lock)
     }
 
+    /// Takes the read locks of `mode` on `file` **without** the conflict tests, for a second
+    /// open file description of a file on which the caller already holds `mode` through
+    /// another description (the tests would find the caller's own bytes and fail). Setting
+    /// shared read locks cannot conflict with QEMU, which only ever takes read locks. Used by
+    /// reopen to move the locks to a new description without a window where none are held.
+    pub fn adopt(file: &File, path: &str, mode: LockMode, active: bool) -> Result<ImageLock> {
+        let mut lock = ImageLock {
+            fd: file.as_raw_fd(),
+            path: path.to_owned(),
+            mode,
+            held: ByteSet::default(),
+            active,
+        };
+        if active {
+            if let Err(e) = lock.apply(mode.bytes(), false) {
+                let _ = lock.apply(ByteSet::default(), true);
+                return Err(e);
+            }
+        }
+        Ok(lock)
+    }
+
+    /// Points the lock at `file`, whose descriptor now refers to the open file description
+    /// the locks were taken on (after `dup3` moved that description onto it).
+    pub fn rebind(&mut self, file: &File) {
+        self.fd = file.as_raw_fd();
+    }
+
     /// Moves the locks to `mode` transactionally.
     ///
     /// PREPARE locks the union of the old and the new bytes, then the new mode's conflict tests

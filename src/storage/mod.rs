@@ -5,8 +5,8 @@
 //! [`HostFile`] wraps it with the image's name for error messages and funnels every write
 //! through [`HostFile::write`], where the metadata-overlap guard and fault injection hang.
 
-pub mod lock;
 mod aligned;
+pub mod lock;
 mod posix;
 
 pub use lock::{ImageLock, LockMode};
@@ -33,6 +33,14 @@ pub trait Backend: Send + Sync {
     }
     /// Truncates or extends the file.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reopens the same file with new access and lock mode, atomically for concurrent I/O
+    /// (see [`PosixFile::reopen_in_place`]). Backends that cannot do that refuse.
+    fn reopen(&self, name: &str, writable: bool, mode: LockMode) -> Result<()> {
+        let _ = (writable, mode);
+        Err(Error::Unsupported(format!(
+            "{name}: this backend cannot be reopened"
+        )))
+    }
 }
 
 /// What a host write is for; the overlap guard exempts the structure being updated.
@@ -166,6 +174,11 @@ impl HostFile {
         Ok(self.len()? == 0)
     }
 
+    /// Reopens the file in place with new access and lock mode (see [`Backend::reopen`]).
+    pub fn reopen(&self, writable: bool, mode: LockMode) -> Result<()> {
+        self.backend.reopen(&self.name, writable, mode)
+    }
+
     /// Truncates or extends the file.
     pub fn set_len(&self, len: u64) -> Result<()> {
         self.backend
@@ -215,7 +228,9 @@ mod tests {
             "flaky",
         );
         assert!(f.sync().is_err());
-        let e = f.sync().expect_err("a later sync must not pretend durability");
+        let e = f
+            .sync()
+            .expect_err("a later sync must not pretend durability");
         assert_eq!(e.errno(), libc::EIO);
         assert!(e.to_string().contains("earlier sync failed"), "{e}");
     }

@@ -12,10 +12,12 @@ use super::{Backend, ImageLock, LockMode};
 use crate::error::Result;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
-use std::sync::RwLock;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
 
 /// Alignment used for O_DIRECT transfers (memory address, offset and length).
 pub const DIRECT_ALIGN: u64 = 4096;
@@ -25,10 +27,12 @@ pub struct PosixFile {
     /// Declared before `file` so that the locks are released explicitly while the descriptor
     /// is still open: a forked child that briefly shares the descriptor must not keep them, and
     /// a closed descriptor number may already belong to another file.
-    lock: Option<ImageLock>,
+    lock: Mutex<Option<ImageLock>>,
     file: File,
     /// Present when the file was opened with O_DIRECT.
     direct: Option<DirectState>,
+    /// The path opened, for reopening the same file.
+    path: PathBuf,
 }
 
 /// Serialises read-modify-write cycles against every other write in direct mode: two
@@ -48,11 +52,12 @@ impl PosixFile {
             .custom_flags(flags)
             .open(path)?;
         Ok(PosixFile {
-            lock: None,
+            lock: Mutex::new(None),
             file,
             direct: direct.then(|| DirectState {
                 rmw: RwLock::new(()),
             }),
+            path: path.to_path_buf(),
         })
     }
 
@@ -66,18 +71,114 @@ impl PosixFile {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)?;
         Ok(PosixFile {
-            lock: None,
+            lock: Mutex::new(None),
             file,
             direct: None,
+            path: path.to_path_buf(),
         })
     }
 
     /// Takes QEMU-compatible locks for `mode` on this file's descriptor (see
     /// [`ImageLock::acquire`]); they are held until the file is dropped.
     pub fn lock(&mut self, name: &str, mode: LockMode) -> Result<()> {
-        self.lock = None;
-        self.lock = Some(ImageLock::acquire(&self.file, name, mode)?);
+        let slot = self.lock.get_mut().unwrap_or_else(|p| p.into_inner());
+        *slot = None;
+        *slot = Some(ImageLock::acquire(&self.file, name, mode)?);
         Ok(())
+    }
+
+    /// Reopens the same file in place with new access (`writable`) and lock `mode`; the
+    /// descriptor number stays the same, so concurrent readers never see a closed fd.
+    ///
+    /// Transactional: the locks move to `mode` on the current description first (with the
+    /// conflict tests; -EAGAIN leaves everything as it was), a new description is opened and
+    /// must be the same file (same device and inode; a renamed or replaced path fails with
+    /// ESTALE), it takes the same locks, the old description's locks are released, and the
+    /// new description is moved onto the descriptor with `dup3`, which closes the old one. Any failure before the `dup2` restores the
+    /// old lock mode and leaves the old descriptor in use.
+    pub fn reopen_in_place(&self, name: &str, writable: bool, mode: LockMode) -> Result<()> {
+        let mut slot = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let old_mode = slot.as_ref().map(|l| l.mode());
+        let active = slot.as_ref().is_some_and(|l| l.is_active());
+        if let Some(l) = slot.as_mut() {
+            l.change_mode(mode)?;
+        }
+        let restore = |slot: &mut Option<ImageLock>| {
+            if let (Some(l), Some(m)) = (slot.as_mut(), old_mode) {
+                let _ = l.change_mode(m);
+            }
+        };
+        let new = match self.open_same_file(name, writable) {
+            Ok(f) => f,
+            Err(e) => {
+                restore(&mut slot);
+                return Err(e);
+            }
+        };
+        let new_lock = match slot.as_ref() {
+            Some(_) => match ImageLock::adopt(&new, name, mode, active) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    restore(&mut slot);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        // The new description holds the locks now: release the old one's explicitly rather
+        // than rely on closing it, because a child forked meanwhile may still share the old
+        // description (until its exec) and would keep its locks alive.
+        drop(slot.take());
+        // SAFETY: both descriptors are open and owned by `File`s alive across the call; dup3
+        // atomically makes `self.file`'s fd number refer to the new description (closing the
+        // old one) and keeps it close-on-exec, so `self.file` still owns exactly one valid
+        // descriptor that no exec'd child inherits.
+        let rc = unsafe { libc::dup3(new.as_raw_fd(), self.file.as_raw_fd(), libc::O_CLOEXEC) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            drop(new_lock);
+            // Put the old mode's locks back on the old description (no conflict test: we held
+            // them a moment ago and QEMU only takes read locks).
+            if let Some(m) = old_mode {
+                *slot = ImageLock::adopt(&self.file, name, m, active).ok();
+            }
+            return Err(crate::Error::io(format!("reopening {name}"), e));
+        }
+        *slot = new_lock.map(|mut l| {
+            l.rebind(&self.file);
+            l
+        });
+        drop(new); // closes only the temporary fd; the description lives on in self.file
+        Ok(())
+    }
+
+    fn open_same_file(&self, name: &str, writable: bool) -> Result<File> {
+        let flags = libc::O_CLOEXEC
+            | if self.direct.is_some() {
+                libc::O_DIRECT
+            } else {
+                0
+            };
+        let new = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(flags)
+            .open(&self.path)
+            .map_err(|e| crate::Error::io(format!("reopening {name}"), e))?;
+        let stat = |f: &File| {
+            f.metadata()
+                .map(|m| (m.dev(), m.ino()))
+                .map_err(|e| crate::Error::io(format!("reopening {name}"), e))
+        };
+        if stat(&new)? != stat(&self.file)? {
+            return Err(crate::Error::io(
+                format!(
+                    "reopening {name}: the path now names a different file (renamed or replaced since the open)"
+                ),
+                io::Error::from_raw_os_error(libc::ESTALE),
+            ));
+        }
+        Ok(new)
     }
 }
 
@@ -173,6 +274,10 @@ impl Backend for PosixFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    fn reopen(&self, name: &str, writable: bool, mode: LockMode) -> Result<()> {
+        self.reopen_in_place(name, writable, mode)
     }
 }
 

@@ -108,7 +108,7 @@ impl Image {
                 .wait(m)
                 .unwrap_or_else(|p| p.into_inner());
         }
-        if !self.read_only {
+        if !self.is_read_only() {
             m.writeback(&self.file)?;
         }
         let header = m.header.clone();
