@@ -309,7 +309,7 @@ static void test_unknown_flags_and_iovcnt(void) {
     path = scratch_path("flags.qcow2");
     REQUIRE_OK(create_default(path, MiB));
 
-    rc = oxcow_open(path, 1u << 5, NULL, &out, &err);
+    rc = oxcow_open(path, 1u << 6, NULL, &out, &err);
     CHECK_ERR(rc, err, EINVAL);
     err = NULL;
     rc = oxcow_open(path, OXCOW_OPEN_RDWR | 0x80000000u, NULL, &out, &err);
@@ -408,10 +408,6 @@ static void test_unimplemented_calls(void) {
     REQUIRE_OK(create_default(path, MiB));
     img = open_image(path, OXCOW_OPEN_RDWR);
     REQUIRE(img != NULL);
-
-    rc = oxcow_reopen(img, 0, &err);
-    CHECK_ERR(rc, err, ENOTSUP);
-    CHECK_EQ(oxcow_reopen(img, OXCOW_OPEN_RDWR, NULL), -ENOTSUP);
 
     oxcow_check_result_init(&cr);
     cr_before = cr;
