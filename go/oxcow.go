@@ -320,7 +320,8 @@ func (img *Image) Flush() error {
 func (img *Image) Sync() error { return img.Flush() }
 
 // Reopen switches the open image between read-only and read-write, keeping the other open
-// options. The library does not implement it yet and returns ENOTSUP.
+// options: going read-only flushes and drops the write locks; going read-write takes them
+// (EAGAIN while another process uses the image). A failed Reopen changes nothing.
 func (img *Image) Reopen(writable bool) error {
 	h, err := img.acquire("reopen")
 	if err != nil {
