@@ -116,17 +116,11 @@ pub fn probe(path: &str) -> CliResult<&'static str> {
     })
 }
 
-/// Whether the library can write compressed clusters (`Image::write_compressed`).
-const COMPRESSED_WRITES: bool = false;
-
-/// Writes one whole cluster compressed. Kept in one place so the engine's compressed-write
-/// entry point is wired in exactly here.
+/// Writes one whole cluster (or the short last cluster) compressed; the library stores data
+/// that does not compress as a normal cluster, as qemu-img does.
 fn write_compressed(img: &Image, buf: &[u8], off: u64) -> CliResult<()> {
-    let _ = (img, buf);
-    Err(CliError::op(format!(
-        "compressed output (-c) is not available yet: this oxcow library has no compressed \
-         write (cluster at {off:#x})"
-    )))
+    img.write_compressed(buf, off)
+        .map_err(|e| CliError::op(format!("compressed write at {off:#x}: {e}")))
 }
 
 /// Runs `oxcow convert ARGS`.
@@ -167,11 +161,6 @@ pub fn run(args: &[String]) -> CliResult<()> {
     if compress && out_fmt != "qcow2" {
         return Err(CliError::usage(
             "-c (compressed output) needs -O qcow2: raw images cannot store compressed data",
-        ));
-    }
-    if compress && !COMPRESSED_WRITES {
-        return Err(CliError::op(
-            "compressed output (-c) is not available yet: this oxcow library has no compressed write",
         ));
     }
     if out_fmt == "raw" && o.backing_file.is_some() {
