@@ -1526,7 +1526,6 @@ fn oxcow_create_options_are_what_qemu_img_info_reports() {
 /// DESIGN: "a read-write open of a dirty image repairs the refcounts first". QEMU leaves the
 /// dirty bit set when a writer with lazy refcounts dies.
 #[test]
-#[ignore = "issue 3: a writable open of a dirty lazy-refcounts image must rebuild the refcounts; not implemented yet"]
 fn dirty_lazy_refcounts_image_left_by_crashed_qemu_is_repaired_on_writable_open() {
     let dir = TempDir::new("dirty");
     let p = dir.join("img.qcow2");

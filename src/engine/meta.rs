@@ -282,9 +282,14 @@ impl Meta {
     /// L1 table, sync. Refcounts are durable before any table that uses the clusters, data
     /// before the L2 entries that point at it, new tables before the pointers to them.
     pub fn writeback(&mut self, file: &HostFile) -> Result<()> {
+        // With lazy refcounts and the dirty bit on disk, a crash is repaired from the tables,
+        // so the stages need no syncs between them: one at the end makes the flush durable.
+        let lazy = self.rc.lazy_dirty();
         self.rc.write_dirty_blocks(file)?;
-        file.sync()?;
-        if self.rc.write_dirty_table(file)? {
+        if !lazy {
+            file.sync()?;
+        }
+        if self.rc.write_dirty_table(file)? && !lazy {
             file.sync()?;
         }
         let dirty = self.l2.dirty_offsets();
@@ -294,7 +299,7 @@ impl Meta {
             }
             self.l2.mark_clean(*off);
         }
-        if !dirty.is_empty() {
+        if !dirty.is_empty() && !lazy {
             file.sync()?;
         }
         if !self.l1_dirty.is_empty() {
@@ -312,6 +317,13 @@ impl Meta {
                 )?;
                 self.l1_dirty.remove(&idx);
             }
+            if !lazy {
+                file.sync()?;
+            }
+        }
+        if lazy {
+            // Everything above becomes durable at once; the deferred frees below must not
+            // run before the tables that dropped those references are on disk.
             file.sync()?;
         }
         if !self.deferred_frees.is_empty() {
@@ -336,9 +348,46 @@ impl Meta {
                 self.deferred_frees.pop();
             }
             self.rc.write_dirty_blocks(file)?;
-            file.sync()?;
+            // Lazy: the dirty bit covers these until the image is marked clean.
+            if !self.rc.lazy_dirty() {
+                file.sync()?;
+            }
         }
         Ok(())
+    }
+
+    /// Turns lazy refcounts on when the header asks for them (for writable images).
+    pub fn enable_lazy_refcounts(&mut self) {
+        if self.header.compatible_features & crate::format::header::COMPAT_LAZY_REFCOUNTS != 0
+            && self.header.incompatible_features & crate::format::header::INCOMPAT_DIRTY == 0
+        {
+            self.rc.enable_lazy(self.header.incompatible_features);
+        }
+    }
+
+    /// Writes everything back and, on a lazy-refcounts image, clears the dirty bit once the
+    /// refcounts are durable (clean close, reopen read-only). A plain flush leaves it set,
+    /// like QEMU.
+    pub fn writeback_and_mark_clean(&mut self, file: &HostFile) -> Result<()> {
+        self.writeback(file)?;
+        if let Some(word) = self.rc.lazy_clean_word() {
+            file.sync()?;
+            file.write(
+                &word.to_be_bytes(),
+                crate::format::header::field::INCOMPATIBLE,
+                WriteKind::Header,
+            )?;
+            file.sync()?;
+            self.header.incompatible_features = word;
+            self.rc.lazy_clean_done();
+        }
+        Ok(())
+    }
+
+    /// Whether the image is dirty on disk (lazy refcounts not yet written back).
+    pub fn dirty_on_disk(&self) -> bool {
+        self.rc.lazy_dirty()
+            || self.header.incompatible_features & crate::format::header::INCOMPAT_DIRTY != 0
     }
 
     /// Reserves `len` bytes (at most one cluster) for compressed data and returns their host
@@ -382,7 +431,8 @@ impl Meta {
 
     /// Whether anything is waiting to be written back.
     pub fn is_dirty(&self) -> bool {
-        self.rc.has_dirty_blocks()
+        self.rc.lazy_dirty()
+            || self.rc.has_dirty_blocks()
             || self.rc.has_dirty_table()
             || self.l2.has_dirty()
             || !self.l1_dirty.is_empty()

@@ -88,6 +88,7 @@ impl Image {
         let mut header = read_header(&file, &name)?;
         let geo = header.geometry();
         if opts.writable {
+            repair_if_dirty(&file, &mut header, &name)?;
             refuse_unwritable(&header, &name)?;
         }
         // Tables that lie (partly) past the end of the file mean a truncated image: refuse it
@@ -121,7 +122,7 @@ impl Image {
         if opts.writable {
             clear_autoclear(&file, &mut header)?;
         }
-        let meta = Meta::load(
+        let mut meta = Meta::load(
             &file,
             header.clone(),
             &snapshots,
@@ -129,6 +130,9 @@ impl Image {
             DEFAULT_CACHE_BYTES,
         )
         .map_err(|e| prefix(e, &name))?;
+        if opts.writable {
+            meta.enable_lazy_refcounts();
+        }
         Ok(Image {
             path: path.to_path_buf(),
             file,
@@ -177,7 +181,7 @@ impl Image {
             extended_l2: self.geo.extended_l2,
             compression: self.compression,
             lazy_refcounts: h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
-            dirty: h.incompatible_features & header::INCOMPAT_DIRTY != 0,
+            dirty: m.dirty_on_disk(),
             corrupt: h.incompatible_features & header::INCOMPAT_CORRUPT != 0,
             read_only: self.is_read_only(),
             snapshot_count: self.snapshots.len() as u32,
@@ -207,7 +211,9 @@ impl Image {
         if self.is_read_only() || self.fenced.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.flush()
+        let _gate = self.enter_write_gate();
+        let mut m = self.lock_meta();
+        m.writeback_and_mark_clean(&self.file)
     }
 
     /// Whether the image is currently open read-only.
@@ -382,7 +388,7 @@ impl Drop for Image {
         if !self.is_read_only() && !self.fenced.load(Ordering::Acquire) {
             let mut m = self.lock_meta();
             if m.is_dirty() {
-                let _ = m.writeback(&self.file);
+                let _ = m.writeback_and_mark_clean(&self.file);
             }
         }
     }
@@ -408,6 +414,31 @@ fn read_header(file: &HostFile, name: &str) -> Result<Header> {
     let n = file.read_some(&mut c0, 0, "image header")?;
     c0.truncate(n);
     Header::parse(&c0).map_err(|e| prefix(e, name))
+}
+
+/// A read-write open of a dirty image (lazy refcounts not written back before a crash)
+/// repairs the refcounts first, like QEMU; `header` is re-read afterwards. A corrupt image is
+/// left alone (see [`refuse_unwritable`]).
+fn repair_if_dirty(file: &HostFile, header: &mut Header, name: &str) -> Result<()> {
+    let dirty = header.incompatible_features & header::INCOMPAT_DIRTY != 0;
+    let corrupt = header.incompatible_features & header::INCOMPAT_CORRUPT != 0;
+    if !dirty || corrupt {
+        return Ok(());
+    }
+    let report = check::check_file(file, header.clone(), check::CheckFix::All, None).0;
+    match report {
+        Ok(r) if r.corruptions == 0 && r.check_errors == 0 => {}
+        Ok(r) => {
+            return corrupt!(
+                "{name}: Could not repair dirty image: {} corruptions and {} check errors remain",
+                r.corruptions,
+                r.check_errors
+            )
+        }
+        Err(e) => return corrupt!("{name}: Could not repair dirty image: {e}"),
+    }
+    *header = read_header(file, name)?;
+    Ok(())
 }
 
 /// Refuses write access to an image marked corrupt or dirty.

@@ -9,7 +9,7 @@ use super::cache::TableCache;
 use super::overlap::{MetaKind, MetadataIndex};
 use crate::error::{corrupt, Error, Result};
 use crate::format::be::{put_u64, u64_table, u64_table_bytes};
-use crate::format::header::{field, MAX_REFTABLE_BYTES};
+use crate::format::header::{field, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
 use crate::format::Geometry;
 use crate::storage::{HostFile, WriteKind};
@@ -32,6 +32,21 @@ pub struct Refcounts {
     free_set: BTreeSet<u64>,
     /// Host clusters holding metadata: never handed out, never written as data.
     pub index: MetadataIndex,
+    /// Lazy refcounts (compatible bit 0) on a writable image.
+    lazy: Lazy,
+}
+
+/// Where a lazy-refcounts image stands with its dirty bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lazy {
+    /// Refcounts are written back in crash-safe order (not lazy, or a read-only image).
+    Off,
+    /// Lazy, and the on-disk header is clean: the next refcount change must first set the
+    /// dirty bit durably. Holds the on-disk incompatible-features word.
+    Clean { incompatible: u64 },
+    /// The dirty bit is set on disk: refcount write-back needs no ordering until
+    /// [`Refcounts::lazy_clean_done`].
+    Dirty { incompatible: u64 },
 }
 
 impl Refcounts {
@@ -55,6 +70,7 @@ impl Refcounts {
             cursor: 1,
             free_set: BTreeSet::new(),
             index: MetadataIndex::default(),
+            lazy: Lazy::Off,
         };
         rc.index.insert(
             table_offset >> geo.cluster_bits,
@@ -123,9 +139,50 @@ impl Refcounts {
         ))
     }
 
+    /// Turns lazy refcounts on for a writable image whose header has the lazy-refcounts bit
+    /// and is clean; `incompatible` is the header's incompatible-features word on disk.
+    pub fn enable_lazy(&mut self, incompatible: u64) {
+        self.lazy = Lazy::Clean { incompatible };
+    }
+
+    /// Whether the dirty bit has been set on disk for lazily counted changes.
+    pub fn lazy_dirty(&self) -> bool {
+        matches!(self.lazy, Lazy::Dirty { .. })
+    }
+
+    /// After the caller made every refcount durable and cleared the dirty bit on disk: the
+    /// next refcount change sets it again.
+    pub fn lazy_clean_done(&mut self) {
+        if let Lazy::Dirty { incompatible } = self.lazy {
+            self.lazy = Lazy::Clean { incompatible };
+        }
+    }
+
+    /// The incompatible-features word to write when clearing the dirty bit.
+    pub fn lazy_clean_word(&self) -> Option<u64> {
+        match self.lazy {
+            Lazy::Dirty { incompatible } => Some(incompatible & !INCOMPAT_DIRTY),
+            _ => None,
+        }
+    }
+
+    /// Called before any refcount changes: on a clean lazy image, sets the dirty bit and
+    /// makes it durable first, so that a crash with stale refcounts on disk is always
+    /// detected and repaired.
+    fn before_change(&mut self, file: &HostFile) -> Result<()> {
+        if let Lazy::Clean { incompatible } = self.lazy {
+            let word = incompatible | INCOMPAT_DIRTY;
+            file.write(&word.to_be_bytes(), field::INCOMPATIBLE, WriteKind::Header)?;
+            file.sync()?;
+            self.lazy = Lazy::Dirty { incompatible: word };
+        }
+        Ok(())
+    }
+
     /// Adds `delta` to the refcount of `cluster`. The block covering it must exist when
     /// `delta > 0` (allocation creates it first).
     pub fn update(&mut self, file: &HostFile, cluster: u64, delta: i64) -> Result<()> {
+        self.before_change(file)?;
         let per = self.geo.refblock_entries();
         let block = self.block_offset(cluster / per)?;
         if block == 0 {
@@ -250,6 +307,7 @@ impl Refcounts {
     /// Creates refcount block `b` inside the range it covers (its first cluster, free by
     /// construction because no block counts anything there), growing the table if needed.
     fn create_block(&mut self, file: &HostFile, b: u64) -> Result<()> {
+        self.before_change(file)?;
         if b >= self.table.len() as u64 {
             self.grow_table(file, b + 1)?;
             if self.block_offset(b)? != 0 {

@@ -7,7 +7,7 @@
 
 use super::meta::Meta;
 use super::{
-    clear_autoclear, lock_mode, read_header, refuse_unwritable, snapshot, Image,
+    clear_autoclear, lock_mode, read_header, refuse_unwritable, repair_if_dirty, snapshot, Image,
     DEFAULT_CACHE_BYTES,
 };
 use crate::error::{invalid, Error, Result};
@@ -62,8 +62,9 @@ impl Image {
         let new_mode = lock_mode(opts);
         match (was_read_only, opts.writable) {
             (false, false) => {
-                // Everything written so far becomes durable before write access goes away.
-                m.writeback(&self.file)?;
+                // Everything written so far becomes durable (and a lazy-refcounts image clean)
+                // before write access goes away.
+                m.writeback_and_mark_clean(&self.file)?;
                 self.file.reopen(false, new_mode)?;
                 self.read_only.store(true, Ordering::Release);
             }
@@ -105,6 +106,7 @@ impl Image {
                 "{name}: the image header changed while it was open read-only"
             )));
         }
+        repair_if_dirty(&self.file, &mut header, name)?;
         refuse_unwritable(&header, name)?;
         let (snapshots, table_len) = snapshot::read_table(&self.file, &header)?;
         if snapshots != self.snapshots {
@@ -122,6 +124,7 @@ impl Image {
         clear_autoclear(&self.file, &mut header)?;
         *m = fresh;
         m.header = header;
+        m.enable_lazy_refcounts();
         Ok(())
     }
 }

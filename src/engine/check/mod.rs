@@ -190,7 +190,7 @@ fn read_header(file: &HostFile) -> Result<Header> {
 
 /// Checks (and repairs) the image in `file` described by `header`. Returns the report and
 /// whether anything was written (also when the check then failed).
-fn check_file(
+pub(super) fn check_file(
     file: &HostFile,
     header: Header,
     fix: CheckFix,
