@@ -289,6 +289,8 @@ struct Damage {
     opts: &'static str,
     at: u64,
     bytes: Vec<u8>,
+    /// Extra qemu-io commands run on the base image before the damage.
+    extra: &'static [&'static str],
     /// Guest data is untouched by the damage: after a repair the image must read like the
     /// pre-damage copy.
     data_intact: bool,
@@ -311,8 +313,13 @@ fn damages() -> Vec<Damage> {
         opts: "",
         at,
         bytes,
+        extra: &[],
         data_intact,
         after_repair,
+    };
+    let ext = |name, at, bytes, data_intact, after_repair| Damage {
+        opts: "extended_l2=on",
+        ..d(name, at, bytes, data_intact, after_repair)
     };
     vec![
         d("refcount-down", rb + 2 * 5, vec![0, 0], true, 0),
@@ -351,6 +358,7 @@ fn damages() -> Vec<Damage> {
             // 1-bit entries, LSB first: clusters 0..7 in byte 0; drop cluster 5.
             at: rb,
             bytes: vec![0b1101_1111],
+            extra: &[],
             data_intact: true,
             after_repair: 0,
         },
@@ -359,8 +367,34 @@ fn damages() -> Vec<Damage> {
             opts: "refcount_bits=64",
             at: rb + 8 * 6,
             bytes: be(3),
+            extra: &[],
             data_intact: true,
             after_repair: 0,
+        },
+        // Extended L2: 16-byte entries (descriptor, subcluster bitmap).
+        ext(
+            "ext-unallocated-alloc-bits",
+            l2 + 16 * 30 + 8,
+            be(1),
+            false,
+            2,
+        ),
+        ext(
+            "ext-alloc-and-zero",
+            l2 + 16 + 8,
+            be(0x1_ffff_ffff),
+            false,
+            2,
+        ),
+        Damage {
+            bytes: [be(copied | 0x60200), be(0)].concat(),
+            ..ext("ext-unaligned-no-data", l2 + 16 * 30, vec![], true, 0)
+        },
+        // COPIED on a compressed cluster (guest cluster 32); the bytes are computed from the
+        // entry on disk.
+        Damage {
+            extra: &["write -c -P 8 2M 64k"],
+            ..d("compressed-copied", l2 + 8 * 32, vec![], true, 2)
         },
     ]
 }
@@ -370,11 +404,19 @@ fn damaged_images_match_qemu_and_repair() {
     for dmg in damages() {
         let dir = TempDir::new(&format!("check-dmg-{}", dmg.name));
         let base = base_image(&dir, dmg.opts);
+        if !dmg.extra.is_empty() {
+            let cmds: Vec<String> = dmg.extra.iter().map(|c| c.to_string()).collect();
+            qemu_io(&base, &cmds);
+        }
         let orig = dir.join("orig.qcow2");
         fs::copy(&base, &orig).unwrap();
         if dmg.name == "refcount-table-lost" {
             // Point the header at an all-zero cluster: every refcount reads 0.
             poke(&base, 48, &be(20 * CS));
+        } else if dmg.name == "compressed-copied" {
+            let old = be64(&base, dmg.at);
+            assert!(old & (1 << 62) != 0, "not a compressed entry: {old:#x}");
+            poke(&base, dmg.at, &be(old | (1 << 63)));
         } else {
             poke(&base, dmg.at, &dmg.bytes);
         }
@@ -694,4 +736,57 @@ fn cli_json_human_and_exit_codes() {
     fs::write(&raw, vec![0u8; 4096]).unwrap();
     assert_eq!(oxcow_cli(&["check", path_str(&raw)]).code, 1);
     assert_eq!(oxcow_cli(&["check", "-r", "bogus", path_str(&p)]).code, 1);
+}
+
+#[test]
+fn lost_refcount_table_is_rebuilt_for_every_geometry() {
+    let geometries = [
+        "cluster_size=512",
+        "cluster_size=512,refcount_bits=1",
+        "cluster_size=1k,refcount_bits=64",
+        "cluster_size=4k,refcount_bits=8",
+        "cluster_size=2M",
+        "compat=0.10,cluster_size=4k",
+        "extended_l2=on,refcount_bits=32",
+    ];
+    for g in geometries {
+        let dir = TempDir::new("check-rebuild");
+        let p = dir.join("img.qcow2");
+        qemu_create(&p, 64 << 20, g);
+        qemu_io(
+            &p,
+            &[
+                "write -P 3 0 3M".into(),
+                "write -c -P 4 8M 2M".into(),
+                "write -P 5 20M 1M".into(),
+            ],
+        );
+        // Narrow refcounts cannot take the snapshot's extra references (compressed clusters
+        // share host clusters).
+        let snap = !(g.ends_with("refcount_bits=1") || g.ends_with("refcount_bits=8"));
+        if snap {
+            qemu_img(&["snapshot", "-c", "s1", path_str(&p)]);
+            qemu_io(&p, &["write -P 6 1M 64k".into()]);
+        }
+        let orig = dir.join("orig.qcow2");
+        fs::copy(&p, &orig).unwrap();
+        // Zero the whole refcount table.
+        let rt = be64(&p, 48);
+        let rt_clusters = be32(&p, 56) as u64;
+        let cs = 1u64 << be32(&p, 20);
+        poke(&p, rt, &vec![0u8; (rt_clusters * cs) as usize]);
+        let r = compare_with_qemu(g, &p, CheckFix::None, &dir);
+        assert_eq!(r.exit_code(), 2);
+        let r = compare_with_qemu(g, &p, CheckFix::All, &dir);
+        assert_eq!(r.exit_code(), 0);
+        let fixed = dir.join("all-oxcow.qcow2");
+        assert_check_clean(&fixed);
+        let o = run(
+            "qemu-img",
+            &["compare", "-q", path_str(&orig), path_str(&fixed)],
+        );
+        assert_eq!(o.code, 0, "{g}: {}", o.all());
+        let snaps = run("qemu-img", &["snapshot", "-l", path_str(&fixed)]);
+        assert_eq!(snaps.stdout.contains("s1"), snap, "{g}: {}", snaps.all());
+    }
 }
