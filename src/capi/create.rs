@@ -96,7 +96,8 @@ unsafe fn convert(o: &oxcow_create_options) -> CResult<CreateOptions> {
 }
 
 /// Creates a new qcow2 image at `path` (replacing any existing file) with `virtual_size`
-/// bytes of guest space. `opts` may be NULL for the defaults (64 KiB clusters, version 3,
+/// bytes of guest space, rounded up to a multiple of 512 like `qemu-img create` (read the
+/// size back with oxcow_get_info()). `opts` may be NULL for the defaults (64 KiB clusters, version 3,
 /// 16-bit refcounts, no backing file); otherwise it must have been initialised with
 /// oxcow_create_options_init(). With a backing file, a `virtual_size` of 0 takes the backing
 /// file's size.

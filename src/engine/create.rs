@@ -72,8 +72,9 @@ fn validate(virtual_size: u64, o: &CreateOptions) -> Result<Geometry> {
     Ok(geo)
 }
 
-/// Creates a new image at `path` (replacing any file there) with the given virtual size.
-/// A size of 0 with a backing file takes the backing file's size, like `qemu-img create`.
+/// Creates a new image at `path` (replacing any file there) with the given virtual size,
+/// rounded up to a multiple of 512 bytes like `qemu-img create` (QEMU sees disks in whole
+/// sectors). A size of 0 with a backing file takes the backing file's size.
 pub fn create(path: impl AsRef<Path>, virtual_size: u64, opts: &CreateOptions) -> Result<()> {
     let path = path.as_ref();
     let mut size = virtual_size;
