@@ -130,6 +130,9 @@ measure() {
             if [ "$fmt" = raw ]; then truncate -s "${SIZE_MB}M" "$img"; else qemu-img create -q -f qcow2 -b data.qcow2 -F qcow2 "$img"; fi ;;
     esac
     case "$tool$opts" in qemu*--random*) return 0 ;; esac # qemu-img bench has no random mode
+    # Write runs start with no dirty pages left over from the previous run, so one tool's
+    # write-back does not land in the next tool's timing.
+    case "$opts" in -w*) sync ;; esac
     local t0 t1
     t0=$(date +%s%N)
     out=$(run_tool "$tool" "$fmt" "$depth" "$opts" "$img")
@@ -157,6 +160,7 @@ measure() {
 }
 
 echo "oxcow bench: $(nproc) CPUs, image ${SIZE_MB} MiB, $REPS repetition(s), dirs: $DIRS"
+echo "  load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other processes skew the numbers)"
 start=$(date +%s)
 fs_name() {
     local fs
@@ -233,4 +237,4 @@ for key in order:
     print(f"{key[0]:<14}{key[1]:<15} {og:11.2f} {rg:10.2f} {ratio}")
 EOF
 echo
-echo "total time: $(($(date +%s) - start)) s"
+echo "total time: $(($(date +%s) - start)) s; load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
