@@ -458,7 +458,11 @@ impl<'a> Checker<'a> {
             let mut done = 0u64;
             while done < entries {
                 let n = chunk.min(entries - done);
-                let t = read_u64_table(self.file, bm.table_offset + done * 8, n, "bitmap table")?;
+                let Some(at) = bm.table_offset.checked_add(done * 8) else {
+                    res.corruptions += 1;
+                    break;
+                };
+                let t = read_u64_table(self.file, at, n, "bitmap table")?;
                 for e in t {
                     let off = e & TABLE_ENTRY_OFFSET;
                     let bad = e & TABLE_ENTRY_RESERVED != 0
@@ -515,14 +519,21 @@ impl<'a> Checker<'a> {
                     if repair { "Repairing" } else { "ERROR" }
                 ));
                 if repair {
-                    // Grow the file so that the block exists (reading as zeros).
-                    let new_len = off.checked_add(cs).filter(|&l| l <= 1u64 << 56);
-                    let Some(new_len) = new_len else {
-                        self.msg("ERROR could not resize image: Invalid argument".into());
+                    // Grow the file so that the block exists (reading as zeros), unless the
+                    // entry points absurdly far away: then the refcount structure is rebuilt
+                    // without it instead of growing a huge sparse file.
+                    let limit = (self.file_len.saturating_mul(2))
+                        .max(self.file_len.saturating_add(1 << 30))
+                        .min(MAX_CHECK_CLUSTERS << self.geo.cluster_bits);
+                    let grown = match off.checked_add(cs).filter(|&l| l <= limit) {
+                        None => Err("the block is too far beyond the end of the file".to_string()),
+                        Some(l) => self.file.set_len(l).map_err(|e| e.to_string()),
+                    };
+                    if let Err(e) = grown {
+                        self.msg(format!("ERROR could not resize image: {e}"));
                         self.rebuild = true;
                         continue;
-                    };
-                    self.file.set_len(new_len)?;
+                    }
                     self.wrote = true;
                     self.file_len = self.file.len()?;
                     self.refs.grow(self.geo.clusters_for(self.file_len))?;
