@@ -4,13 +4,12 @@
 //! Everything here runs under the image's metadata mutex; no guest data I/O happens here.
 
 use super::cache::TableCache;
-use super::overlap::MetaKind;
 use super::refcount::Refcounts;
 use crate::error::{corrupt, Error, Result};
 use crate::format::be::u64_table_bytes;
 use crate::format::entry::{self, decode_l2, encode_l2, EntryError, Mapping, COPIED};
 use crate::format::{Geometry, Header};
-use crate::storage::{HostFile, WriteKind};
+use crate::storage::{HostFile, MetaKind, WriteKind};
 use std::collections::{BTreeSet, HashSet};
 
 /// Mutable metadata state, guarded by the image's mutex.
@@ -35,6 +34,38 @@ pub struct Meta {
     geo: Geometry,
 }
 
+/// Adds the bitmap directory and every bitmap table to the overlap guard's index. Bitmaps
+/// whose extension QEMU would ignore (autoclear bit clear) still own their clusters until a
+/// repair frees them, so they are protected too; a directory that does not parse is skipped
+/// (open already refused it when it matters).
+fn index_bitmaps(file: &HostFile, header: &Header) -> Result<()> {
+    let Some(ext) = header.bitmaps else {
+        return Ok(());
+    };
+    let geo = header.geometry();
+    let cb = geo.cluster_bits;
+    file.guard().insert(
+        ext.directory_offset >> cb,
+        geo.clusters_for(ext.directory_size),
+        MetaKind::BitmapDirectory,
+    );
+    // directory_size is bounded by the header parser (64 MiB).
+    let mut dir = vec![0u8; ext.directory_size as usize];
+    file.read_zero_padded(&mut dir, ext.directory_offset, "bitmap directory")?;
+    if let Ok(entries) =
+        crate::format::bitmap::parse_directory(&dir, ext.nb_bitmaps, &geo, header.size)
+    {
+        for e in entries {
+            file.guard().insert(
+                e.table_offset >> cb,
+                geo.clusters_for(e.table_size as u64 * 8),
+                MetaKind::BitmapTable,
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Where a guest cluster's L2 entry lives.
 #[derive(Debug, Clone, Copy)]
 pub struct Slot {
@@ -54,11 +85,13 @@ impl Meta {
         cache_bytes: u64,
     ) -> Result<Meta> {
         let geo = header.geometry();
+        // The overlap guard's index is rebuilt from scratch along with the tables.
+        file.guard().reset(geo.cluster_bits);
         let mut raw = vec![0u8; header.l1_size as usize * 8];
         file.read_zero_padded(&mut raw, header.l1_table_offset, "L1 table")?;
         let l1 = crate::format::be::u64_table(&raw);
         let tables = (cache_bytes / geo.cluster_size()).clamp(16, 65536) as usize;
-        let mut rc = Refcounts::load(
+        let rc = Refcounts::load(
             file,
             geo,
             header.refcount_table_offset,
@@ -66,7 +99,7 @@ impl Meta {
             tables / 4,
         )?;
         let cb = geo.cluster_bits;
-        let ix = &mut rc.index;
+        let ix = file.guard();
         ix.insert(0, 1, MetaKind::Header);
         ix.insert(
             header.l1_table_offset >> cb,
@@ -94,7 +127,18 @@ impl Meta {
                 geo.clusters_for(s.l1_size as u64 * 8),
                 MetaKind::InactiveL1,
             );
+            // The snapshot's L2 tables: nothing may write there while it exists. (The
+            // snapshot L1 size is bounded by the snapshot table validation.)
+            let mut raw = vec![0u8; s.l1_size as usize * 8];
+            file.read_zero_padded(&mut raw, s.l1_table_offset, "snapshot L1 table")?;
+            for e in crate::format::be::u64_table(&raw) {
+                let off = entry::l1_l2_offset(e);
+                if off != 0 && geo.is_aligned(off) {
+                    ix.insert(off >> cb, 1, MetaKind::InactiveL2);
+                }
+            }
         }
+        index_bitmaps(file, &header)?;
         Ok(Meta {
             header,
             l1,
@@ -226,9 +270,12 @@ impl Meta {
             }
         }
         self.l2.insert(new, table, true);
-        self.rc
-            .index
-            .insert(new >> self.geo.cluster_bits, 1, MetaKind::ActiveL2);
+        let cb = self.geo.cluster_bits;
+        file.guard().insert(new >> cb, 1, MetaKind::ActiveL2);
+        if old != 0 {
+            // The old table stays a snapshot's (inactive) L2 table, if it is one.
+            file.guard().remove(old >> cb, 1, MetaKind::ActiveL2);
+        }
         self.l1[l1_index as usize] = new | COPIED;
         self.l1_dirty.insert(l1_index * 8 / self.geo.cluster_size());
         if old != 0 {

@@ -6,7 +6,6 @@ pub mod check;
 pub mod compress;
 pub mod create;
 mod meta;
-mod overlap;
 mod read;
 mod refcount;
 mod reopen;

@@ -6,13 +6,12 @@
 //! written and synced before the header points at it, and the old table is freed only after.
 
 use super::cache::TableCache;
-use super::overlap::{MetaKind, MetadataIndex};
 use crate::error::{corrupt, Error, Result};
 use crate::format::be::{put_u64, u64_table, u64_table_bytes};
 use crate::format::header::{field, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
 use crate::format::Geometry;
-use crate::storage::{HostFile, WriteKind};
+use crate::storage::{HostFile, MetaKind, WriteKind};
 use std::collections::BTreeSet;
 
 /// The refcount table and a cache of refcount blocks.
@@ -30,8 +29,6 @@ pub struct Refcounts {
     /// Known free clusters below `cursor`: holes skipped by the scan and clusters whose
     /// refcount dropped to zero.
     free_set: BTreeSet<u64>,
-    /// Host clusters holding metadata: never handed out, never written as data.
-    pub index: MetadataIndex,
     /// Lazy refcounts (compatible bit 0) on a writable image.
     lazy: Lazy,
 }
@@ -61,7 +58,7 @@ impl Refcounts {
         let bytes = (table_clusters as u64) << geo.cluster_bits;
         let mut raw = vec![0u8; bytes as usize];
         file.read_zero_padded(&mut raw, table_offset, "refcount table")?;
-        let mut rc = Refcounts {
+        let rc = Refcounts {
             geo,
             table: u64_table(&raw),
             table_offset,
@@ -69,10 +66,9 @@ impl Refcounts {
             blocks: TableCache::new(cache_tables),
             cursor: 1,
             free_set: BTreeSet::new(),
-            index: MetadataIndex::default(),
             lazy: Lazy::Off,
         };
-        rc.index.insert(
+        file.guard().insert(
             table_offset >> geo.cluster_bits,
             table_clusters as u64,
             MetaKind::RefcountTable,
@@ -80,7 +76,7 @@ impl Refcounts {
         for i in 0..rc.table.len() as u64 {
             let off = rc.block_offset(i)?;
             if off != 0 {
-                rc.index
+                file.guard()
                     .insert(off >> geo.cluster_bits, 1, MetaKind::RefcountBlock);
             }
         }
@@ -238,12 +234,14 @@ impl Refcounts {
                 continue;
             }
             for c in start..start + n {
-                if let Some(kind) = self.index.get(c) {
-                    return Err(Error::CorruptionPrevented(format!(
-                        "Preventing invalid allocation of host cluster {:#x}: it holds the {} but its refcount is 0",
+                if let Some(kind) = file.guard().kind_of(c) {
+                    let cs = self.geo.cluster_size();
+                    return Err(file.guard().refuse(
                         c << self.geo.cluster_bits,
-                        kind.name()
-                    )));
+                        cs,
+                        kind,
+                        "allocation of a cluster with refcount 0 that holds",
+                    ));
                 }
             }
             for c in start..start + n {
@@ -326,7 +324,7 @@ impl Refcounts {
             }
         }
         self.blocks.insert(off, data, true);
-        self.index.insert(cluster, 1, MetaKind::RefcountBlock);
+        file.guard().insert(cluster, 1, MetaKind::RefcountBlock);
         self.table[b as usize] = off;
         self.table_dirty.insert(b * 8 / self.geo.cluster_size());
         Ok(())
@@ -384,7 +382,7 @@ impl Refcounts {
             file.write(&data, off, WriteKind::RefcountBlock)?;
             new_table[(region_block + i) as usize] = off;
             self.blocks.remove(off);
-            self.index.insert(region + i, 1, MetaKind::RefcountBlock);
+            file.guard().insert(region + i, 1, MetaKind::RefcountBlock);
         }
         let table_off = (region + blocks_needed) << self.geo.cluster_bits;
         let mut bytes = u64_table_bytes(&new_table);
@@ -402,9 +400,12 @@ impl Refcounts {
         self.table = new_table;
         self.table_offset = table_off;
         self.table_dirty.clear();
-        self.index
-            .remove(old_off >> self.geo.cluster_bits, old_clusters);
-        self.index.insert(
+        file.guard().remove(
+            old_off >> self.geo.cluster_bits,
+            old_clusters,
+            MetaKind::RefcountTable,
+        );
+        file.guard().insert(
             region + blocks_needed,
             table_clusters,
             MetaKind::RefcountTable,

@@ -189,7 +189,7 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
             let file = &img.file;
             let mut alloc = || m.rc.alloc(file, 1);
             let action = match decide(&geo, old, start, len, &mut alloc)
-                .and_then(|a| not_metadata(&m, &geo, a))
+                .and_then(|a| not_metadata(img, &geo, a))
             {
                 Ok(a) => a,
                 Err(e) => {
@@ -236,18 +236,16 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
     Ok(written as usize)
 }
 
-/// Refuses a write whose target cluster holds metadata.
-fn not_metadata(m: &super::meta::Meta, geo: &Geometry, a: Action) -> Result<Action> {
+/// Refuses, before any I/O, a write whose target cluster holds metadata (the host file's
+/// guard would stop the write itself; failing at plan time keeps the batch clean).
+fn not_metadata(img: &Image, geo: &Geometry, a: Action) -> Result<Action> {
     let host = match a {
         Action::InPlace { host } | Action::Link { host, .. } => host,
     };
-    match m.rc.index.get(host >> geo.cluster_bits) {
-        Some(kind) => Err(crate::Error::CorruptionPrevented(format!(
-            "Preventing invalid write on metadata (overlaps with {}) at host offset {host:#x}",
-            kind.name()
-        ))),
-        None => Ok(a),
-    }
+    img.file
+        .guard()
+        .check_write(host, geo.cluster_size(), None)
+        .map(|()| a)
 }
 
 fn link(img: &Image, m: &mut super::meta::Meta, ops: &[Op]) -> Result<()> {

@@ -63,11 +63,8 @@ impl Image {
                 Ok(h) => h,
                 Err(e) => return Err(self.on_error(&mut m, e)),
             };
-            if let Some(kind) = m.rc.index.get(host >> geo.cluster_bits) {
-                let e = crate::Error::CorruptionPrevented(format!(
-                    "Preventing invalid write on metadata (overlaps with {}) at host offset {host:#x}",
-                    kind.name()
-                ));
+            if let Err(e) = self.file.guard().check_write(host, data.len() as u64, None) {
+                m.give_back_compressed_bytes(&self.file, host);
                 return Err(self.on_error(&mut m, e));
             }
             m.inflight.insert(gidx);

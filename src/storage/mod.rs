@@ -6,9 +6,11 @@
 //! through [`HostFile::write`], where the metadata-overlap guard and fault injection hang.
 
 mod aligned;
+pub mod guard;
 pub mod lock;
 mod posix;
 
+pub use guard::{MetaKind, OverlapCheck, OverlapGuard, OverlapHit};
 pub use lock::{ImageLock, LockMode};
 pub use posix::PosixFile;
 
@@ -60,10 +62,26 @@ pub enum WriteKind {
     RefcountBlock,
 }
 
+impl WriteKind {
+    /// The structure a write of this kind legitimately updates (the guard's ignore mask).
+    pub fn updates(self) -> Option<MetaKind> {
+        match self {
+            WriteKind::Data => None,
+            WriteKind::Header => Some(MetaKind::Header),
+            WriteKind::L1 => Some(MetaKind::ActiveL1),
+            WriteKind::L2 => Some(MetaKind::ActiveL2),
+            WriteKind::RefcountTable => Some(MetaKind::RefcountTable),
+            WriteKind::RefcountBlock => Some(MetaKind::RefcountBlock),
+        }
+    }
+}
+
 /// One image file: a backend plus its name, with every write funnelled through [`Self::write`].
 pub struct HostFile {
     backend: Arc<dyn Backend>,
     name: String,
+    /// Checked before every write; the engine keeps its index current.
+    guard: Arc<OverlapGuard>,
     /// Set when a sync failed. The kernel may have dropped the failed dirty pages and
     /// marked them clean, so a later successful fsync would prove nothing: every later sync
     /// fails too (the PostgreSQL/QEMU lesson), and the caller must treat unflushed data as lost.
@@ -76,8 +94,15 @@ impl HostFile {
         HostFile {
             backend,
             name: name.into(),
+            guard: Arc::new(OverlapGuard::default()),
             sync_failed: AtomicBool::new(false),
         }
+    }
+
+    /// The metadata-overlap guard consulted by [`Self::write`] (empty until the engine fills
+    /// it).
+    pub fn guard(&self) -> &OverlapGuard {
+        &self.guard
     }
 
     /// The name used in messages (normally the path).
@@ -130,8 +155,12 @@ impl HostFile {
         Ok(done)
     }
 
-    /// The choke point for every write to the image file.
+    /// The choke point for every write to the image file: the metadata-overlap guard checks
+    /// the target range first (a write may overlap only the structure its `kind` updates),
+    /// then the bytes go to the backend.
     pub fn write(&self, buf: &[u8], offset: u64, kind: WriteKind) -> Result<()> {
+        self.guard
+            .check_write(offset, buf.len() as u64, kind.updates())?;
         self.backend.write_at(buf, offset).map_err(|e| {
             Error::io(
                 format!(

@@ -1,0 +1,319 @@
+//! The metadata-overlap guard: every write to an image file is checked here against an index
+//! of the host clusters that hold qcow2 metadata, so that no bug and no bad image can make
+//! the engine write guest data (or the wrong table) over the header, an L1/L2 table, the
+//! refcount structures, the snapshot table and its tables, or the bitmap directory/tables.
+//!
+//! The index maps a host cluster to the set of structures it belongs to (a cluster can be an
+//! active and a snapshot L2 table at once). A write of kind K may overlap only the structure
+//! K updates (QEMU's ignore mask). Lookups are O(1) per cluster touched, under a read lock
+//! that writers of the index (allocation of new tables, under the metadata mutex) rarely hold.
+//!
+//! The engine builds the index at open and keeps it current; the guard itself only answers
+//! "may this write happen" and remembers the hit for the event it causes.
+
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, RwLock};
+
+/// Which metadata structure a cluster belongs to (names as in QEMU's messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum MetaKind {
+    /// Cluster 0.
+    Header = 0,
+    /// The active L1 table.
+    ActiveL1 = 1,
+    /// An L2 table of the active L1.
+    ActiveL2 = 2,
+    /// The refcount table.
+    RefcountTable = 3,
+    /// A refcount block.
+    RefcountBlock = 4,
+    /// The snapshot table.
+    SnapshotTable = 5,
+    /// A snapshot's L1 table.
+    InactiveL1 = 6,
+    /// An L2 table of a snapshot's L1.
+    InactiveL2 = 7,
+    /// The persistent-bitmap directory.
+    BitmapDirectory = 8,
+    /// A persistent bitmap's table.
+    BitmapTable = 9,
+}
+
+const ALL_KINDS: [MetaKind; 10] = [
+    MetaKind::Header,
+    MetaKind::ActiveL1,
+    MetaKind::ActiveL2,
+    MetaKind::RefcountTable,
+    MetaKind::RefcountBlock,
+    MetaKind::SnapshotTable,
+    MetaKind::InactiveL1,
+    MetaKind::InactiveL2,
+    MetaKind::BitmapDirectory,
+    MetaKind::BitmapTable,
+];
+
+impl MetaKind {
+    /// The structure's name as QEMU prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MetaKind::Header => "qcow2_header",
+            MetaKind::ActiveL1 => "active L1 table",
+            MetaKind::ActiveL2 => "active L2 table",
+            MetaKind::RefcountTable => "refcount table",
+            MetaKind::RefcountBlock => "refcount block",
+            MetaKind::SnapshotTable => "snapshot table",
+            MetaKind::InactiveL1 => "inactive L1 table",
+            MetaKind::InactiveL2 => "inactive L2 table",
+            MetaKind::BitmapDirectory => "bitmap directory",
+            MetaKind::BitmapTable => "bitmap table",
+        }
+    }
+
+    fn bit(self) -> u16 {
+        1 << self as u8
+    }
+}
+
+/// How much the guard checks, as QEMU's `overlap-check` option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OverlapCheck {
+    /// No checks.
+    None,
+    /// The structures that never move while the image is open: header, active L1, refcount
+    /// table, snapshot table, bitmap directory.
+    Constant,
+    /// Constant plus active L2 tables, refcount blocks, snapshot L1 tables, bitmap tables.
+    Cached,
+    /// Everything, snapshot L2 tables included. The default: the index makes it cheap.
+    #[default]
+    All,
+}
+
+impl OverlapCheck {
+    fn mask(self) -> u16 {
+        let constant = MetaKind::Header.bit()
+            | MetaKind::ActiveL1.bit()
+            | MetaKind::RefcountTable.bit()
+            | MetaKind::SnapshotTable.bit()
+            | MetaKind::BitmapDirectory.bit();
+        let cached = constant
+            | MetaKind::ActiveL2.bit()
+            | MetaKind::RefcountBlock.bit()
+            | MetaKind::InactiveL1.bit()
+            | MetaKind::BitmapTable.bit();
+        match self {
+            OverlapCheck::None => 0,
+            OverlapCheck::Constant => constant,
+            OverlapCheck::Cached => cached,
+            OverlapCheck::All => cached | MetaKind::InactiveL2.bit(),
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        self as u8
+    }
+
+    fn from_u8(v: u8) -> OverlapCheck {
+        match v {
+            0 => OverlapCheck::None,
+            1 => OverlapCheck::Constant,
+            2 => OverlapCheck::Cached,
+            _ => OverlapCheck::All,
+        }
+    }
+}
+
+/// A prevented write: what it would have hit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlapHit {
+    /// Host offset of the refused write (or allocation).
+    pub offset: u64,
+    /// Its length in bytes.
+    pub size: u64,
+    /// The structure it overlaps.
+    pub kind: MetaKind,
+}
+
+/// The index of metadata clusters plus the check mode; shared by the engine (which
+/// maintains it) and the host file (which consults it on every write).
+#[derive(Debug)]
+pub struct OverlapGuard {
+    cluster_bits: AtomicU8,
+    mode: AtomicU8,
+    clusters: RwLock<HashMap<u64, u16>>,
+    last_hit: Mutex<Option<OverlapHit>>,
+}
+
+impl Default for OverlapGuard {
+    fn default() -> Self {
+        OverlapGuard {
+            cluster_bits: AtomicU8::new(16),
+            mode: AtomicU8::new(OverlapCheck::All.to_u8()),
+            clusters: RwLock::new(HashMap::new()),
+            last_hit: Mutex::new(None),
+        }
+    }
+}
+
+impl OverlapGuard {
+    /// Forgets every entry and sets the cluster size (log2) for a fresh build of the index.
+    pub fn reset(&self, cluster_bits: u32) {
+        self.cluster_bits
+            .store(cluster_bits as u8, Ordering::Release);
+        self.write_index().clear();
+    }
+
+    /// Selects how much is checked.
+    pub fn set_mode(&self, mode: OverlapCheck) {
+        self.mode.store(mode.to_u8(), Ordering::Release);
+    }
+
+    /// The current check mode.
+    pub fn mode(&self) -> OverlapCheck {
+        OverlapCheck::from_u8(self.mode.load(Ordering::Acquire))
+    }
+
+    /// Records clusters `[first, first+count)` as (also) holding `kind`.
+    pub fn insert(&self, first: u64, count: u64, kind: MetaKind) {
+        let mut ix = self.write_index();
+        for c in first..first.saturating_add(count) {
+            *ix.entry(c).or_insert(0) |= kind.bit();
+        }
+    }
+
+    /// Records that clusters `[first, first+count)` no longer hold `kind`.
+    pub fn remove(&self, first: u64, count: u64, kind: MetaKind) {
+        let mut ix = self.write_index();
+        for c in first..first.saturating_add(count) {
+            if let Some(bits) = ix.get_mut(&c) {
+                *bits &= !kind.bit();
+                if *bits == 0 {
+                    ix.remove(&c);
+                }
+            }
+        }
+    }
+
+    /// The first structure (in a fixed order) a host cluster belongs to, whatever the mode.
+    pub fn kind_of(&self, cluster: u64) -> Option<MetaKind> {
+        let bits = *self.read_index().get(&cluster)?;
+        ALL_KINDS.into_iter().find(|k| bits & k.bit() != 0)
+    }
+
+    /// Refuses a write of `len` bytes at `offset` that would overlap metadata other than
+    /// `exempt` (checked per the mode). On a hit, remembers it and returns
+    /// [`Error::CorruptionPrevented`] with QEMU's wording.
+    pub fn check_write(&self, offset: u64, len: u64, exempt: Option<MetaKind>) -> Result<()> {
+        let mask = self.mode().mask() & !exempt.map_or(0, MetaKind::bit);
+        if mask == 0 || len == 0 {
+            return Ok(());
+        }
+        let cb = self.cluster_bits.load(Ordering::Acquire) as u32;
+        let first = offset >> cb;
+        let last = (offset + len - 1) >> cb;
+        let ix = self.read_index();
+        if ix.is_empty() {
+            return Ok(());
+        }
+        for c in first..=last {
+            if let Some(&bits) = ix.get(&c) {
+                if let Some(kind) = ALL_KINDS.into_iter().find(|k| bits & mask & k.bit() != 0) {
+                    drop(ix);
+                    return Err(self.refuse(offset, len, kind, "write on"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a prevented action on `kind` and builds its error (also used by the
+    /// allocator when it finds metadata with refcount 0).
+    pub fn refuse(&self, offset: u64, len: u64, kind: MetaKind, action: &str) -> Error {
+        *self.last_hit.lock().unwrap_or_else(|p| p.into_inner()) = Some(OverlapHit {
+            offset,
+            size: len,
+            kind,
+        });
+        Error::CorruptionPrevented(format!(
+            "Preventing invalid {action} metadata (overlaps with {}) at host offset {offset:#x}, {len} bytes",
+            kind.name()
+        ))
+    }
+
+    /// Takes the last recorded hit (for the event that reports it).
+    pub fn take_hit(&self) -> Option<OverlapHit> {
+        self.last_hit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    fn read_index(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, u16>> {
+        // A panic while holding the lock fences the image; the map itself stays consistent.
+        self.clusters.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, u16>> {
+        self.clusters.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard() -> OverlapGuard {
+        let g = OverlapGuard::default();
+        g.reset(16);
+        g
+    }
+
+    #[test]
+    fn writes_are_refused_on_metadata_except_the_structure_they_update() {
+        let g = guard();
+        g.insert(0, 1, MetaKind::Header);
+        g.insert(3, 2, MetaKind::ActiveL1);
+        g.insert(7, 1, MetaKind::ActiveL2);
+        let cs = 1u64 << 16;
+        assert!(g.check_write(5 * cs, cs, None).is_ok());
+        let e = g.check_write(4 * cs + 100, 10, None).expect_err("hit L1");
+        assert!(e.to_string().contains("active L1 table"), "{e}");
+        assert_eq!(g.take_hit().map(|h| h.kind), Some(MetaKind::ActiveL1));
+        assert!(g
+            .check_write(3 * cs, 2 * cs, Some(MetaKind::ActiveL1))
+            .is_ok());
+        assert!(g.check_write(7 * cs, cs, Some(MetaKind::ActiveL1)).is_err());
+        // A write spanning several clusters is refused when any of them is metadata.
+        assert!(g.check_write(5 * cs, 3 * cs, None).is_err());
+        assert!(g.check_write(0, 8, Some(MetaKind::Header)).is_ok());
+    }
+
+    #[test]
+    fn shared_clusters_keep_their_other_kinds_and_modes_select_what_is_checked() {
+        let g = guard();
+        let cs = 1u64 << 16;
+        g.insert(9, 1, MetaKind::ActiveL2);
+        g.insert(9, 1, MetaKind::InactiveL2);
+        g.remove(9, 1, MetaKind::ActiveL2);
+        assert_eq!(g.kind_of(9), Some(MetaKind::InactiveL2));
+        assert!(g.check_write(9 * cs, 1, Some(MetaKind::ActiveL2)).is_err());
+        g.set_mode(OverlapCheck::Cached);
+        assert!(
+            g.check_write(9 * cs, 1, None).is_ok(),
+            "cached skips inactive L2"
+        );
+        g.insert(2, 1, MetaKind::ActiveL2);
+        assert!(g.check_write(2 * cs, 1, None).is_err());
+        g.set_mode(OverlapCheck::Constant);
+        assert!(g.check_write(2 * cs, 1, None).is_ok());
+        g.insert(0, 1, MetaKind::Header);
+        assert!(g.check_write(0, 1, None).is_err());
+        g.set_mode(OverlapCheck::None);
+        assert!(g.check_write(0, 1, None).is_ok());
+        g.remove(9, 1, MetaKind::InactiveL2);
+        assert_eq!(g.kind_of(9), None);
+    }
+}
