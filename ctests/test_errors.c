@@ -397,37 +397,6 @@ static void test_struct_sizes(void) {
     CHECK_EQ(oxcow_close(img), 0);
 }
 
-static void test_unimplemented_calls(void) {
-    const char *path;
-    oxcow_image *img;
-    oxcow_error *err = NULL;
-    oxcow_check_result cr, cr_before;
-    int rc;
-    scratch_dir();
-    path = scratch_path("notsup.qcow2");
-    REQUIRE_OK(create_default(path, MiB));
-    img = open_image(path, OXCOW_OPEN_RDWR);
-    REQUIRE(img != NULL);
-
-    oxcow_check_result_init(&cr);
-    cr_before = cr;
-    err = NULL;
-    rc = oxcow_check(img, 0, &cr, &err);
-    CHECK_ERR(rc, err, ENOTSUP);
-    CHECK_EQ(oxcow_check(img, OXCOW_CHECK_FIX_LEAKS | OXCOW_CHECK_FIX_ERRORS, &cr, NULL),
-             -ENOTSUP);
-    CHECK(memcmp(&cr, &cr_before, sizeof cr) == 0);
-
-    /* The handle still works afterwards. */
-    {
-        unsigned char b[512];
-        memset(b, 9, sizeof b);
-        CHECK_EQ(oxcow_pwrite(img, b, sizeof b, 0), 0);
-    }
-    CHECK_EQ(oxcow_close(img), 0);
-    CHECK_EQ(qemu_check(path), 0);
-}
-
 static void test_version(void) {
     char expect[64];
     const char *s = oxcow_version_string();
@@ -474,7 +443,6 @@ int main(int argc, char **argv) {
         {"null_pointers", test_null_pointers},
         {"unknown_flags_and_iovcnt", test_unknown_flags_and_iovcnt},
         {"struct_sizes", test_struct_sizes},
-        {"unimplemented_calls", test_unimplemented_calls},
         {"version", test_version},
         {"error_objects_independent", test_error_objects_independent},
     };

@@ -5,6 +5,7 @@ mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod events;
 mod meta;
 mod read;
 mod refcount;
@@ -60,6 +61,14 @@ pub struct Image {
     inflight_done: Condvar,
     /// Set after a fatal inconsistency or a panic: no more I/O is accepted.
     fenced: AtomicBool,
+    /// The first runtime corruption has been handled (marked, fenced, reported).
+    corruption_handled: AtomicBool,
+    /// The corrupt bit was set on disk by this handle.
+    marked_corrupt: AtomicBool,
+    /// The caller's corruption-event handler.
+    event_handler: RwLock<Option<events::EventHandler>>,
+    /// Events found but not yet delivered (delivery happens at the API boundary).
+    pending_events: Mutex<Vec<events::CorruptionEvent>>,
 }
 
 impl Image {
@@ -155,6 +164,10 @@ impl Image {
             meta: Mutex::new(meta),
             inflight_done: Condvar::new(),
             fenced: AtomicBool::new(false),
+            corruption_handled: AtomicBool::new(false),
+            marked_corrupt: AtomicBool::new(false),
+            event_handler: RwLock::new(None),
+            pending_events: Mutex::new(Vec::new()),
         })
     }
 
@@ -181,7 +194,8 @@ impl Image {
             compression: self.compression,
             lazy_refcounts: h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
             dirty: m.dirty_on_disk(),
-            corrupt: h.incompatible_features & header::INCOMPAT_CORRUPT != 0,
+            corrupt: h.incompatible_features & header::INCOMPAT_CORRUPT != 0
+                || self.marked_corrupt.load(Ordering::Acquire),
             read_only: self.is_read_only(),
             snapshot_count: self.snapshots.len() as u32,
             backing_file: h
@@ -197,12 +211,15 @@ impl Image {
     /// back in crash-safe order.
     pub fn flush(&self) -> Result<()> {
         self.check_usable()?;
-        let _gate = self.enter_write_gate();
-        if self.is_read_only() {
-            return Ok(());
-        }
-        let mut m = self.lock_meta();
-        m.writeback(&self.file)
+        let r = {
+            let _gate = self.enter_write_gate();
+            if self.is_read_only() {
+                return Ok(());
+            }
+            let mut m = self.lock_meta();
+            m.writeback(&self.file)
+        };
+        self.finish(r)
     }
 
     /// Flushes and closes the image. Resources are released even when the flush fails.
@@ -234,7 +251,7 @@ impl Image {
         if count == 0 {
             return invalid!("block_status of 0 bytes");
         }
-        read::block_status(self, offset, count)
+        self.finish(read::block_status(self, offset, count))
     }
 
     fn lock_meta(&self) -> MutexGuard<'_, Meta> {
@@ -274,33 +291,6 @@ impl Image {
         }
     }
 
-    /// Handles an error met while the metadata lock is held: a prevented corruption marks a
-    /// writable image corrupt on disk (incompatible bit 1) and fences the handle, so nothing
-    /// more is written. Returns the error for the caller.
-    fn on_error(&self, m: &mut Meta, e: Error) -> Error {
-        if let Error::CorruptionPrevented(msg) = &e {
-            if !self.is_read_only() && !self.fenced.load(Ordering::Acquire) {
-                self.fence();
-                m.header.incompatible_features |= header::INCOMPAT_CORRUPT;
-                let bits = m.header.incompatible_features.to_be_bytes();
-                let marked = self
-                    .file
-                    .write(&bits, field::INCOMPATIBLE, WriteKind::Header)
-                    .and_then(|_| self.file.sync());
-                let note = match marked {
-                    Ok(()) => "the image was marked corrupt",
-                    Err(_) => "marking the image corrupt failed too",
-                };
-                return Error::CorruptionPrevented(format!(
-                    "{}: {msg}; {note} and no further writes are accepted (repair with 'qemu-img check -r all')",
-                    self.path.display()
-                ));
-            }
-            return Error::CorruptionPrevented(format!("{}: {msg}", self.path.display()));
-        }
-        e
-    }
-
     /// Marks the handle unusable; used by the C ABI when a panic was caught.
     pub fn fence(&self) {
         self.fenced.store(true, Ordering::Release);
@@ -310,7 +300,7 @@ impl Image {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_usable()?;
         self.check_range(offset, buf.len() as u64)?;
-        read::read(self, buf, offset)
+        self.finish(read::read(self, buf, offset))
     }
 
     /// Reads guest data into several buffers, filled in order starting at `offset`.
@@ -319,55 +309,68 @@ impl Image {
         self.check_usable()?;
         self.check_range(offset, total)?;
         let mut off = offset;
-        for b in bufs.iter_mut() {
+        let r = bufs.iter_mut().try_for_each(|b| {
             read::read(self, b, off)?;
             off += b.len() as u64;
-        }
-        Ok(())
+            Ok(())
+        });
+        self.finish(r)
     }
 
     /// Writes all of `buf` at guest `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let _gate = self.enter_write_gate();
-        self.check_writable()?;
-        self.check_range(offset, buf.len() as u64)?;
-        write::write(self, buf, offset)?;
-        self.after_write()
+        let r = {
+            let _gate = self.enter_write_gate();
+            self.check_writable()?;
+            self.check_range(offset, buf.len() as u64)?;
+            write::write(self, buf, offset).and_then(|()| self.after_write())
+        };
+        self.finish(r)
     }
 
     /// Writes several buffers, in order, starting at guest `offset`.
     pub fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
         let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
-        let _gate = self.enter_write_gate();
-        self.check_writable()?;
-        self.check_range(offset, total)?;
-        let mut off = offset;
-        for b in bufs {
-            write::write(self, b, off)?;
-            off += b.len() as u64;
-        }
-        self.after_write()
+        let r = {
+            let _gate = self.enter_write_gate();
+            self.check_writable()?;
+            self.check_range(offset, total)?;
+            let mut off = offset;
+            bufs.iter()
+                .try_for_each(|b| {
+                    write::write(self, b, off)?;
+                    off += b.len() as u64;
+                    Ok(())
+                })
+                .and_then(|()| self.after_write())
+        };
+        self.finish(r)
     }
 
     /// Makes `[offset, offset+count)` read as zeros. With `may_unmap` the clusters may be
     /// deallocated; otherwise fully covered allocated clusters stay allocated.
     pub fn write_zeroes(&self, offset: u64, count: u64, flags: crate::ZeroFlags) -> Result<()> {
-        let _gate = self.enter_write_gate();
-        self.check_writable()?;
-        self.check_range(offset, count)?;
-        zero::write_zeroes(self, offset, count, flags.may_unmap)?;
-        self.after_write()
+        let r = {
+            let _gate = self.enter_write_gate();
+            self.check_writable()?;
+            self.check_range(offset, count)?;
+            zero::write_zeroes(self, offset, count, flags.may_unmap)
+                .and_then(|()| self.after_write())
+        };
+        self.finish(r)
     }
 
     /// Releases the clusters fully inside `[offset, offset+count)`. Discarded clusters read as
     /// zeros, except in v2 images with a backing file, where they read the backing data.
     /// Partial clusters at the edges are left unchanged.
     pub fn discard(&self, offset: u64, count: u64) -> Result<()> {
-        let _gate = self.enter_write_gate();
-        self.check_writable()?;
-        self.check_range(offset, count)?;
-        zero::discard(self, offset, count)?;
-        self.after_write()
+        let r = {
+            let _gate = self.enter_write_gate();
+            self.check_writable()?;
+            self.check_range(offset, count)?;
+            zero::discard(self, offset, count).and_then(|()| self.after_write())
+        };
+        self.finish(r)
     }
 
     /// Writethrough: makes the write just done durable before it returns. Called with the

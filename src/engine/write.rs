@@ -183,7 +183,7 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
                 Ok(o) => o,
                 Err(e) => {
                     abandon(img, &mut m, &ops);
-                    return Err(img.on_error(&mut m, e));
+                    return Err(img.on_error(e));
                 }
             };
             let file = &img.file;
@@ -194,7 +194,7 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
                 Ok(a) => a,
                 Err(e) => {
                     abandon(img, &mut m, &ops);
-                    return Err(img.on_error(&mut m, e));
+                    return Err(img.on_error(e));
                 }
             };
             if let Action::Link { .. } = action {
@@ -225,7 +225,7 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
         let res = link(img, &mut m, &ops);
         if let Err(e) = res {
             abandon(img, &mut m, &ops);
-            return Err(img.on_error(&mut m, e));
+            return Err(img.on_error(e));
         }
         for op in &ops {
             m.inflight.remove(&geo.cluster_index(op.guest));

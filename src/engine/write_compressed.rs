@@ -19,7 +19,14 @@ impl Image {
     /// not compress is written uncompressed, like QEMU does. Replaces whatever the cluster
     /// held; the old clusters are released once the change is durable.
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let _gate = self.enter_write_gate();
+        let r = {
+            let _gate = self.enter_write_gate();
+            self.write_compressed_gated(buf, offset)
+        };
+        self.finish(r)
+    }
+
+    fn write_compressed_gated(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         let geo = self.geo;
@@ -61,11 +68,11 @@ impl Image {
             }
             let host = match m.alloc_compressed_bytes(&self.file, data.len() as u64) {
                 Ok(h) => h,
-                Err(e) => return Err(self.on_error(&mut m, e)),
+                Err(e) => return Err(self.on_error(e)),
             };
             if let Err(e) = self.file.guard().check_write(host, data.len() as u64, None) {
                 m.give_back_compressed_bytes(&self.file, host);
-                return Err(self.on_error(&mut m, e));
+                return Err(self.on_error(e));
             }
             m.inflight.insert(gidx);
             host
@@ -99,7 +106,7 @@ impl Image {
                 if !matches!(current, Some(Mapping::Compressed { host: h, .. }) if h == host) {
                     m.give_back_compressed_bytes(&self.file, host);
                 }
-                Err(self.on_error(&mut m, e))
+                Err(self.on_error(e))
             }
         };
         drop(m);

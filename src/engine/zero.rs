@@ -56,7 +56,7 @@ fn update_clusters(
                 }
             });
         if let Err(e) = step {
-            return Err(img.on_error(&mut m, e));
+            return Err(img.on_error(e));
         }
         pos = cluster + b;
     }

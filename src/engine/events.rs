@@ -1,0 +1,141 @@
+//! Corruption handling at runtime: a prevented write or an inconsistency met during I/O marks
+//! a writable image corrupt on disk, fences the handle and reports a structured event to the
+//! caller's handler; a read-only image reports one non-fatal event and writes nothing.
+//!
+//! Events are queued where the problem is found (possibly with engine locks held) and
+//! delivered at the API boundary, on the caller's thread, after every lock is released, so a
+//! handler may call back into the image.
+
+use super::Image;
+use crate::error::Error;
+use crate::format::header::{field, INCOMPAT_CORRUPT};
+use crate::storage::WriteKind;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// A corruption event: what was prevented or found, where, and whether the image is now
+/// fenced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptionEvent {
+    /// Human-readable description naming the structure, in the spirit of QEMU's messages.
+    pub message: String,
+    /// Host offset of the prevented write or of the inconsistent entry, when known.
+    pub host_offset: Option<u64>,
+    /// Size in bytes of the prevented write, when known.
+    pub size: Option<u64>,
+    /// True when the image was marked corrupt and fenced (writable images); false for the
+    /// single report a read-only image gives.
+    pub fatal: bool,
+}
+
+/// A caller's corruption-event handler. Called on the thread whose request found the
+/// problem, with no oxcow lock held.
+pub type EventHandler = Arc<dyn Fn(&CorruptionEvent) + Send + Sync>;
+
+impl Image {
+    /// Installs (or with `None` removes) the handler that receives corruption events.
+    pub fn set_event_handler(&self, handler: Option<EventHandler>) {
+        *self
+            .event_handler
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = handler;
+    }
+
+    /// Turns a runtime corruption (a prevented write, or an inconsistency such as an
+    /// unaligned table offset found during I/O) into -EIO and its consequences: on a writable
+    /// image the corrupt bit is set on disk and the handle fenced; the event is queued for
+    /// delivery. Other errors pass through. Idempotent: only the first corruption acts.
+    pub(super) fn on_error(&self, e: Error) -> Error {
+        let msg = match e {
+            Error::CorruptionPrevented(m) | Error::Corrupt(m) => m,
+            other => return other,
+        };
+        let name = self.path.display().to_string();
+        if self.corruption_handled.swap(true, Ordering::AcqRel) {
+            // Already handled (this error on its way out, or a later one): no second mark,
+            // no second event.
+            if msg.starts_with(&name) {
+                return Error::CorruptionPrevented(msg);
+            }
+            return Error::CorruptionPrevented(format!("{name}: {msg}"));
+        }
+        let hit = self.file.guard().take_hit();
+        let (host_offset, size) = match &hit {
+            Some(h) => (Some(h.offset), Some(h.size)),
+            None => (None, None),
+        };
+        if self.is_read_only() {
+            // QEMU reports once and suppresses further events; the image is left alone.
+            self.queue_event(CorruptionEvent {
+                message: format!(
+                    "{name}: {msg}; further non-fatal corruption events will be suppressed"
+                ),
+                host_offset,
+                size,
+                fatal: false,
+            });
+            return Error::CorruptionPrevented(format!("{name}: {msg}"));
+        }
+        self.fence();
+        let note = match self.mark_corrupt_on_disk() {
+            Ok(()) => "the image was marked corrupt",
+            Err(_) => "marking the image corrupt failed too",
+        };
+        let full = format!(
+            "{name}: {msg}; {note} and no further writes are accepted (repair with 'oxcow check -r all')"
+        );
+        self.queue_event(CorruptionEvent {
+            message: full.clone(),
+            host_offset,
+            size,
+            fatal: true,
+        });
+        Error::CorruptionPrevented(full)
+    }
+
+    /// Sets incompatible bit 1 on disk, starting from the word on disk so that no other bit
+    /// changes, and syncs.
+    fn mark_corrupt_on_disk(&self) -> crate::Result<()> {
+        let mut word = [0u8; 8];
+        self.file
+            .read_zero_padded(&mut word, field::INCOMPATIBLE, "image header")?;
+        let bits = u64::from_be_bytes(word) | INCOMPAT_CORRUPT;
+        self.file
+            .write(&bits.to_be_bytes(), field::INCOMPATIBLE, WriteKind::Header)?;
+        self.file.sync()?;
+        self.marked_corrupt.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn queue_event(&self, ev: CorruptionEvent) {
+        self.pending_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ev);
+    }
+
+    /// The API boundary: maps a runtime corruption to its consequences and delivers queued
+    /// events. Must be called with no engine lock held.
+    pub(super) fn finish<T>(&self, r: crate::Result<T>) -> crate::Result<T> {
+        let r = r.map_err(|e| self.on_error(e));
+        let events = std::mem::take(
+            &mut *self
+                .pending_events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if !events.is_empty() {
+            let handler = self
+                .event_handler
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(h) = handler {
+                for ev in &events {
+                    h(ev);
+                }
+            }
+        }
+        r
+    }
+}
