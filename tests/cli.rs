@@ -243,6 +243,17 @@ fn build_zoo(dir: &Path) -> Vec<&'static str> {
     q(&["snapshot", "-c", "first", "snap.qcow2"]);
     qio(dir, "snap.qcow2", &["write -P 11 0 4k"]);
     q(&["snapshot", "-c", "second one", "snap.qcow2"]);
+    // Persistent bitmaps: one enabled, one disabled with another granularity.
+    q(&["bitmap", "--add", "snap.qcow2", "b0"]);
+    q(&[
+        "bitmap",
+        "--add",
+        "-g",
+        "128k",
+        "--disable",
+        "snap.qcow2",
+        "b1",
+    ]);
     // A three-level chain: base <- mid <- top, each writing some ranges, plus a zero cluster
     // hiding backing data and a top smaller than nothing (same size).
     q(&["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);

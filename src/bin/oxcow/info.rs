@@ -3,7 +3,7 @@
 use crate::args::opt;
 use crate::args::{human_size, scan, Arg, CliError, CliResult, OptSpec};
 use crate::json::Obj;
-use oxcow::format::snapshot as snap;
+use oxcow::format::{bitmap, snapshot as snap};
 use oxcow::{CompressionType, Image, ImageInfo, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 
@@ -48,6 +48,7 @@ struct Described {
     file_length: u64,
     full_backing: Option<String>,
     snapshots: Vec<SnapInfo>,
+    bitmaps: Vec<bitmap::BitmapEntry>,
 }
 
 /// Runs `oxcow info ARGS`.
@@ -116,10 +117,12 @@ fn describe(file: &str, force_share: bool) -> CliResult<Described> {
         .backing_file
         .as_deref()
         .map(|b| crate::resolve_backing(file, b));
-    let snapshots = if info.snapshot_count > 0 {
-        read_snapshots(file)?
+    // The image API only exposes counts; qemu-img lists snapshots and bitmaps, so the CLI
+    // reads those tables itself with the library's on-disk parsers.
+    let (snapshots, bitmaps) = if info.snapshot_count > 0 || info.version >= 3 {
+        read_tables(file)?
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     Ok(Described {
         filename: file.to_string(),
@@ -130,13 +133,14 @@ fn describe(file: &str, force_share: bool) -> CliResult<Described> {
         info,
         full_backing,
         snapshots,
+        bitmaps,
     })
 }
 
-/// Reads the snapshot table with the library's on-disk parsers. The image API only exposes the
-/// count, and `qemu-img info` lists each entry.
-fn read_snapshots(file: &str) -> CliResult<Vec<SnapInfo>> {
-    let err = |e: String| CliError::op(format!("{file}: snapshot table: {e}"));
+/// Reads the snapshot table and the bitmap directory with the library's on-disk parsers
+/// (the open already validated both).
+fn read_tables(file: &str) -> CliResult<(Vec<SnapInfo>, Vec<bitmap::BitmapEntry>)> {
+    let err = |e: String| CliError::op(format!("{file}: {e}"));
     let f = std::fs::File::open(file).map_err(|e| err(e.to_string()))?;
     let read = |buf: &mut [u8], off: u64| -> CliResult<()> {
         // Short reads past EOF leave zeros, as the engine does for a truncated table.
@@ -169,7 +173,7 @@ fn read_snapshots(file: &str) -> CliResult<Vec<SnapInfo>> {
         let len = snap::entry_len(&fixed);
         total += len;
         if total > snap::MAX_TABLE_BYTES {
-            return Err(err("table is too big".into()));
+            return Err(err("snapshot table is too big".into()));
         }
         let mut entry = vec![0u8; len as usize];
         read(&mut entry, off)?;
@@ -187,7 +191,33 @@ fn read_snapshots(file: &str) -> CliResult<Vec<SnapInfo>> {
         out.push(SnapInfo { s, icount });
         off += len;
     }
-    Ok(out)
+    // Bitmaps count only while the autoclear bit says the extension is valid (an older writer
+    // clears it), as in qemu-img.
+    let mut bitmaps = Vec::new();
+    if let Some(b) = &h.bitmaps {
+        if h.autoclear_features & oxcow::format::header::AUTOCLEAR_BITMAPS != 0 {
+            if b.directory_size > 64 << 20 {
+                return Err(err("bitmap directory is too big".into()));
+            }
+            let mut dir = vec![0u8; b.directory_size as usize];
+            read(&mut dir, b.directory_offset)?;
+            bitmaps = bitmap::parse_directory(&dir, b.nb_bitmaps, &h.geometry(), h.size)
+                .map_err(|e| err(e.to_string()))?;
+        }
+    }
+    Ok((out, bitmaps))
+}
+
+/// qemu-img's names of a bitmap's flags.
+fn bitmap_flags(b: &bitmap::BitmapEntry) -> Vec<String> {
+    let mut f = Vec::new();
+    if b.flags & bitmap::FLAG_IN_USE != 0 {
+        f.push("in-use".to_string());
+    }
+    if b.flags & bitmap::FLAG_AUTO != 0 {
+        f.push("auto".to_string());
+    }
+    f
 }
 
 fn compat(i: &ImageInfo) -> &'static str {
@@ -259,6 +289,20 @@ fn to_json(d: &Described) -> Obj {
     data.str("compression-type", ctype(i));
     if i.version >= 3 {
         data.bool("lazy-refcounts", i.lazy_refcounts);
+    }
+    if !d.bitmaps.is_empty() {
+        let list = d
+            .bitmaps
+            .iter()
+            .map(|b| {
+                let mut j = Obj::new();
+                j.strs("flags", bitmap_flags(b));
+                j.str("name", &b.display_name());
+                j.num("granularity", 1u64 << b.granularity_bits);
+                j
+            })
+            .collect();
+        data.list("bitmaps", list);
     }
     data.num("refcount-bits", i.refcount_bits as u64);
     if i.version >= 3 {
@@ -360,6 +404,18 @@ fn print_human(d: &Described) {
     println!("    compression type: {}", ctype(i));
     if i.version >= 3 {
         println!("    lazy refcounts: {}", i.lazy_refcounts);
+    }
+    if !d.bitmaps.is_empty() {
+        println!("    bitmaps:");
+        for (n, b) in d.bitmaps.iter().enumerate() {
+            println!("        [{n}]:");
+            println!("            flags:");
+            for (k, f) in bitmap_flags(b).iter().enumerate() {
+                println!("                [{k}]: {f}");
+            }
+            println!("            name: {}", b.display_name());
+            println!("            granularity: {}", 1u64 << b.granularity_bits);
+        }
     }
     println!("    refcount bits: {}", i.refcount_bits);
     if i.version >= 3 {

@@ -14,6 +14,7 @@ enum Value {
     Raw(String),
     Obj(Obj),
     List(Vec<Obj>),
+    Strs(Vec<String>),
 }
 
 impl Obj {
@@ -52,6 +53,11 @@ impl Obj {
         self.fields.push((k.to_string(), Value::List(v)));
     }
 
+    /// Adds a list of strings.
+    pub fn strs(&mut self, k: &str, v: Vec<String>) {
+        self.fields.push((k.to_string(), Value::Strs(v)));
+    }
+
     /// Renders the object; `level` is the indentation depth of its opening brace.
     pub fn render(&self, level: usize) -> String {
         let pad = "    ".repeat(level + 1);
@@ -63,6 +69,20 @@ impl Obj {
             match v {
                 Value::Raw(r) => s.push_str(r),
                 Value::Obj(o) => s.push_str(&o.render(level + 1)),
+                Value::Strs(l) => {
+                    s.push_str("[\n");
+                    let inner = "    ".repeat(level + 2);
+                    for (j, v) in l.iter().enumerate() {
+                        s.push_str(&inner);
+                        s.push_str(&json_str(v));
+                        if j + 1 < l.len() {
+                            s.push(',');
+                        }
+                        s.push('\n');
+                    }
+                    s.push_str(&pad);
+                    s.push(']');
+                }
                 Value::List(l) => {
                     s.push_str("[\n");
                     let inner = "    ".repeat(level + 2);
