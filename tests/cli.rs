@@ -676,6 +676,18 @@ fn bad_command_lines_fail_with_a_message() {
             "needs -O qcow2",
         ),
         (&["convert", "x.qcow2", "x.qcow2"], "same file"),
+        (
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                "backing_file=x.qcow2,backing_fmt=qcow2",
+                "x.qcow2",
+                "z",
+            ],
+            "self-contained",
+        ),
         (&["bench", "-c", "lots", "x.qcow2"], "-c must be"),
         (&["bench", "-s", "2M", "x.qcow2"], "does not fit"),
         (

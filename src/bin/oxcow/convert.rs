@@ -163,8 +163,11 @@ pub fn run(args: &[String]) -> CliResult<()> {
             "-c (compressed output) needs -O qcow2: raw images cannot store compressed data",
         ));
     }
-    if out_fmt == "raw" && o.backing_file.is_some() {
-        return Err(CliError::usage("-o backing_file needs -O qcow2"));
+    if o.backing_file.is_some() || o.backing_format.is_some() {
+        // Zero ranges are skipped, so a backing file under DST would show through them.
+        return Err(CliError::usage(
+            "convert writes a self-contained image: -o backing_file/backing_fmt are not supported",
+        ));
     }
     let same = match (std::fs::canonicalize(src), std::fs::canonicalize(dst)) {
         (Ok(a), Ok(b)) => a == b,
