@@ -72,7 +72,7 @@ static void test_options_init(void) {
     memset(&oo, 0xa5, sizeof oo);
     oxcow_open_options_init(&oo);
     CHECK_EQ(oo.struct_size, sizeof oo);
-    CHECK_EQ(oo.reserved, 0);
+    CHECK_EQ(oo.overlap_check, OXCOW_OVERLAP_DEFAULT);
     CHECK_EQ(oo.cache_size, 0);
 
     memset(&info, 0xa5, sizeof info);

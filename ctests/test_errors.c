@@ -362,7 +362,7 @@ static void test_struct_sizes(void) {
     CHECK_EQ(oxcow_open(path, 0, &oo, &out, NULL), -EINVAL);
     CHECK(out == IMG_SENTINEL);
     oxcow_open_options_init(&oo);
-    oo.reserved = 1;
+    oo.overlap_check = 5; /* not an OXCOW_OVERLAP_* value */
     CHECK_EQ(oxcow_open(path, 0, &oo, &out, NULL), -EINVAL);
     CHECK(out == IMG_SENTINEL);
 

@@ -170,6 +170,43 @@
 #define OXCOW_INFO_BACKING_FORMAT_LEN 32
 
 /**
+ * Overlap-check mode: the default (OXCOW_OVERLAP_ALL).
+ */
+#define OXCOW_OVERLAP_DEFAULT 0u
+
+/**
+ * Overlap-check mode: no checks.
+ */
+#define OXCOW_OVERLAP_NONE 1u
+
+/**
+ * Overlap-check mode: header, active L1, refcount table, snapshot table, bitmap directory.
+ */
+#define OXCOW_OVERLAP_CONSTANT 2u
+
+/**
+ * Overlap-check mode: constant plus active L2 tables, refcount blocks, snapshot L1 tables and
+ * bitmap tables.
+ */
+#define OXCOW_OVERLAP_CACHED 3u
+
+/**
+ * Overlap-check mode: every structure, snapshot L2 tables included.
+ */
+#define OXCOW_OVERLAP_ALL 4u
+
+/**
+ * oxcow_event flag: the image was marked corrupt and the handle fenced (every later request
+ * fails with -ENOMEDIUM). Without it the event is the single report of a read-only image.
+ */
+#define OXCOW_EVENT_FATAL 1u
+
+/**
+ * oxcow_event flag: `host_offset` and `size` are meaningful.
+ */
+#define OXCOW_EVENT_HAS_LOCATION 2u
+
+/**
  * An error: a positive errno and a human-readable message naming what failed. Created by the
  * library on failure when the caller passes a non-NULL `oxcow_error **err`; read it with
  * oxcow_error_message() / oxcow_error_errno() and free it with oxcow_error_free().
@@ -293,9 +330,10 @@ typedef struct oxcow_open_options {
      */
     uint32_t struct_size;
     /**
-     * Must be 0.
+     * Which metadata the overlap guard protects from writes: OXCOW_OVERLAP_* (0, the
+     * default, means OXCOW_OVERLAP_ALL).
      */
-    uint32_t reserved;
+    uint32_t overlap_check;
     /**
      * Metadata cache budget in bytes; 0 means the default. Accepted, currently ignored.
      */
@@ -383,6 +421,41 @@ typedef struct oxcow_extent {
      */
     uint32_t reserved;
 } oxcow_extent;
+
+/**
+ * A corruption event, passed to the callback set with oxcow_set_event_callback(). Valid only
+ * during the callback.
+ */
+typedef struct oxcow_event {
+    /**
+     * sizeof(oxcow_event) as this library knows it.
+     */
+    uint32_t struct_size;
+    /**
+     * OXCOW_EVENT_* flags.
+     */
+    uint32_t flags;
+    /**
+     * Host offset of the prevented write or inconsistent entry (see OXCOW_EVENT_HAS_LOCATION).
+     */
+    uint64_t host_offset;
+    /**
+     * Size in bytes of the prevented write (see OXCOW_EVENT_HAS_LOCATION).
+     */
+    uint64_t size;
+    /**
+     * NUL-terminated description naming the structure, e.g. "Preventing invalid write on
+     * metadata (overlaps with active L2 table) ...".
+     */
+    const char *message;
+} oxcow_event;
+
+/**
+ * Receives corruption events: `opaque` as given to oxcow_set_event_callback(), and the event.
+ * Called on the thread whose request found the problem, with no oxcow lock held (the
+ * callback may call oxcow functions on the image, except oxcow_close()).
+ */
+typedef void (*oxcow_event_fn)(void *opaque, const struct oxcow_event *event);
 
 #ifdef __cplusplus
 extern "C" {
@@ -640,6 +713,34 @@ int oxcow_block_status(struct oxcow_image *img,
                        uint64_t offset,
                        uint64_t count,
                        struct oxcow_extent *out);
+
+/**
+ * Selects which metadata structures the overlap guard protects from writes (OXCOW_OVERLAP_*;
+ * takes effect for the next request). Like QEMU's `overlap-check` option; the default
+ * (OXCOW_OVERLAP_ALL) costs nothing measurable thanks to the index.
+ *
+ * Returns 0, or -EINVAL (NULL handle, unknown mode), -ENOMEDIUM (fenced handle).
+ *
+ * # Safety
+ * `img` is NULL or a live handle.
+ */
+int oxcow_set_overlap_check(struct oxcow_image *img, uint32_t mode);
+
+/**
+ * Registers `cb` to receive corruption events of this image (NULL removes it): a prevented
+ * write on metadata or an inconsistency met during I/O. On a writable image the event is
+ * fatal (OXCOW_EVENT_FATAL): the image was marked corrupt and the handle fenced. A read-only
+ * image reports the first such problem once, non-fatally. `cb` runs on the thread whose
+ * request found the problem, after oxcow released its locks, before that request returns;
+ * `opaque` is passed through unchanged.
+ *
+ * Returns 0, or -EINVAL (NULL handle).
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `cb`, when not NULL, must be safe to call from any thread
+ * with `opaque` until it is replaced or the image is closed.
+ */
+int oxcow_set_event_callback(struct oxcow_image *img, oxcow_event_fn cb, void *opaque);
 
 /**
  * Fills `*opts` with the defaults (64 KiB clusters, version 3, 16-bit refcounts, no flags,

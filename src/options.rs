@@ -108,6 +108,8 @@ pub struct OpenOptions {
     /// Read-only open that will never be reopened read-write: [`crate::Image::reopen`] to
     /// read-write fails with `ReadOnly` (-EROFS).
     pub keep_read_only: bool,
+    /// Which metadata structures the overlap guard protects from writes (default: all).
+    pub overlap_check: crate::storage::OverlapCheck,
 }
 
 /// Flags of [`crate::Image::write_zeroes`].

@@ -1,12 +1,14 @@
 //! The image handle and every call on it: open, close, I/O, zero/discard, flush, info, block
-//! status, and the not-yet-implemented reopen (oxcow_check lives in check.rs).
+//! status, reopen, the overlap-check mode and the corruption-event callback (oxcow_check
+//! lives in check.rs).
 
 use super::create::c_path;
 use super::error::{call, einval, oxcow_error, CResult};
 use super::types::*;
-use crate::{Error, Image, OpenOptions, ZeroFlags};
-use std::ffi::{c_char, c_int, c_void};
+use crate::{CorruptionEvent, Error, EventHandler, Image, OpenOptions, OverlapCheck, ZeroFlags};
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::ptr;
+use std::sync::Arc;
 
 /// The most buffers one vectored call accepts (Linux's IOV_MAX / UIO_MAXIOV).
 const IOV_MAX: c_int = 1024;
@@ -28,7 +30,19 @@ fn options_from_flags(flags: u32) -> OpenOptions {
         direct: flags & OXCOW_OPEN_DIRECT != 0,
         writethrough: flags & OXCOW_OPEN_WRITETHROUGH != 0,
         keep_read_only: flags & OXCOW_OPEN_KEEP_READ_ONLY != 0,
+        overlap_check: OverlapCheck::All,
     }
+}
+
+/// The engine's overlap-check mode for an OXCOW_OVERLAP_* value.
+fn overlap_mode(v: u32) -> CResult<OverlapCheck> {
+    Ok(match v {
+        OXCOW_OVERLAP_DEFAULT | OXCOW_OVERLAP_ALL => OverlapCheck::All,
+        OXCOW_OVERLAP_NONE => OverlapCheck::None,
+        OXCOW_OVERLAP_CONSTANT => OverlapCheck::Constant,
+        OXCOW_OVERLAP_CACHED => OverlapCheck::Cached,
+        other => return einval(format!("unknown overlap-check mode {other}")),
+    })
 }
 
 /// An open image (opaque). Created by oxcow_open(), destroyed by oxcow_close(). Any number of
@@ -145,16 +159,15 @@ pub unsafe extern "C" fn oxcow_open(
         }
         super::check_flags(flags, OPEN_FLAGS, "open")?;
         // SAFETY: `opts` is NULL or an initialised struct per the contract.
+        let mut ropts = options_from_flags(flags);
         if let Some(o) = unsafe { super::read_options(opts, "oxcow_open_options") }? {
-            if o.reserved != 0 {
-                return einval("oxcow_open_options.reserved must be 0");
-            }
+            ropts.overlap_check = overlap_mode(o.overlap_check)?;
             // cache_size is accepted; the engine does not take a budget yet.
         }
         if flags & OXCOW_OPEN_KEEP_READ_ONLY != 0 && flags & OXCOW_OPEN_RDWR != 0 {
             return einval("OXCOW_OPEN_KEEP_READ_ONLY is for read-only opens");
         }
-        let image = Image::open(path, &options_from_flags(flags))?;
+        let image = Image::open(path, &ropts)?;
         let handle = Box::into_raw(Box::new(oxcow_image { inner: image }));
         // SAFETY: `out` is non-NULL (checked) and writable per the contract.
         unsafe { out.write(handle) };
@@ -401,7 +414,9 @@ pub unsafe extern "C" fn oxcow_reopen(
         if flags & OXCOW_OPEN_KEEP_READ_ONLY != 0 && flags & OXCOW_OPEN_RDWR != 0 {
             return einval("OXCOW_OPEN_KEEP_READ_ONLY is for read-only handles");
         }
-        image.reopen(&options_from_flags(flags))
+        let mut opts = options_from_flags(flags);
+        opts.overlap_check = image.overlap_check();
+        image.reopen(&opts)
     };
     // SAFETY: `img` is NULL or live; `err` is NULL or writable, per the contract.
     unsafe { with_image(img, err, body) }
@@ -516,3 +531,85 @@ const _: () = assert!(
         && crate::EXTENT_BACKING == OXCOW_EXTENT_BACKING
         && crate::EXTENT_COMPRESSED == OXCOW_EXTENT_COMPRESSED
 );
+
+/// Selects which metadata structures the overlap guard protects from writes (OXCOW_OVERLAP_*;
+/// takes effect for the next request). Like QEMU's `overlap-check` option; the default
+/// (OXCOW_OVERLAP_ALL) costs nothing measurable thanks to the index.
+///
+/// Returns 0, or -EINVAL (NULL handle, unknown mode), -ENOMEDIUM (fenced handle).
+///
+/// # Safety
+/// `img` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_set_overlap_check(img: *mut oxcow_image, mode: u32) -> c_int {
+    let body = |image: &Image| {
+        let m = overlap_mode(mode)?;
+        image.set_overlap_check(m);
+        Ok(())
+    };
+    // SAFETY: `img` is NULL or live per the contract; NULL `err`.
+    unsafe { with_image(img, ptr::null_mut(), body) }
+}
+
+/// The caller's callback and its opaque pointer, callable from any thread.
+struct EventSink {
+    cb: unsafe extern "C" fn(*mut c_void, *const oxcow_event),
+    opaque: *mut c_void,
+}
+
+// SAFETY: the contract of oxcow_set_event_callback() makes the callback and its opaque
+// pointer usable from any thread; oxcow only passes them back to the callback.
+unsafe impl Send for EventSink {}
+// SAFETY: as above; the sink is never mutated after creation.
+unsafe impl Sync for EventSink {}
+
+impl EventSink {
+    fn deliver(&self, ev: &CorruptionEvent) {
+        // Interior NUL bytes cannot occur in our messages; replace them defensively.
+        let msg = CString::new(ev.message.replace('\0', " ")).unwrap_or_default();
+        let mut flags = if ev.fatal { OXCOW_EVENT_FATAL } else { 0 };
+        if ev.host_offset.is_some() {
+            flags |= OXCOW_EVENT_HAS_LOCATION;
+        }
+        let c = oxcow_event {
+            struct_size: std::mem::size_of::<oxcow_event>() as u32,
+            flags,
+            host_offset: ev.host_offset.unwrap_or(0),
+            size: ev.size.unwrap_or(0),
+            message: msg.as_ptr(),
+        };
+        // SAFETY: the caller registered `cb` for exactly this call shape; `c` and `msg` live
+        // across the call, as the contract promises.
+        unsafe { (self.cb)(self.opaque, &c) };
+    }
+}
+
+/// Registers `cb` to receive corruption events of this image (NULL removes it): a prevented
+/// write on metadata or an inconsistency met during I/O. On a writable image the event is
+/// fatal (OXCOW_EVENT_FATAL): the image was marked corrupt and the handle fenced. A read-only
+/// image reports the first such problem once, non-fatally. `cb` runs on the thread whose
+/// request found the problem, after oxcow released its locks, before that request returns;
+/// `opaque` is passed through unchanged.
+///
+/// Returns 0, or -EINVAL (NULL handle).
+///
+/// # Safety
+/// `img` is NULL or a live handle; `cb`, when not NULL, must be safe to call from any thread
+/// with `opaque` until it is replaced or the image is closed.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_set_event_callback(
+    img: *mut oxcow_image,
+    cb: oxcow_event_fn,
+    opaque: *mut c_void,
+) -> c_int {
+    let body = |image: &Image| {
+        let handler: Option<EventHandler> = cb.map(|cb| {
+            let sink = EventSink { cb, opaque };
+            Arc::new(move |ev: &CorruptionEvent| sink.deliver(ev)) as EventHandler
+        });
+        image.set_event_handler(handler);
+        Ok(())
+    };
+    // SAFETY: `img` is NULL or live per the contract; NULL `err`.
+    unsafe { with_image(img, ptr::null_mut(), body) }
+}

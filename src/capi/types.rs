@@ -109,11 +109,54 @@ pub struct oxcow_create_options {
 pub struct oxcow_open_options {
     /// sizeof(oxcow_open_options) as the caller knows it; set by the _init function.
     pub struct_size: u32,
-    /// Must be 0.
-    pub reserved: u32,
+    /// Which metadata the overlap guard protects from writes: OXCOW_OVERLAP_* (0, the
+    /// default, means OXCOW_OVERLAP_ALL).
+    pub overlap_check: u32,
     /// Metadata cache budget in bytes; 0 means the default. Accepted, currently ignored.
     pub cache_size: u64,
 }
+
+/// Overlap-check mode: the default (OXCOW_OVERLAP_ALL).
+pub const OXCOW_OVERLAP_DEFAULT: u32 = 0u32;
+/// Overlap-check mode: no checks.
+pub const OXCOW_OVERLAP_NONE: u32 = 1u32;
+/// Overlap-check mode: header, active L1, refcount table, snapshot table, bitmap directory.
+pub const OXCOW_OVERLAP_CONSTANT: u32 = 2u32;
+/// Overlap-check mode: constant plus active L2 tables, refcount blocks, snapshot L1 tables and
+/// bitmap tables.
+pub const OXCOW_OVERLAP_CACHED: u32 = 3u32;
+/// Overlap-check mode: every structure, snapshot L2 tables included.
+pub const OXCOW_OVERLAP_ALL: u32 = 4u32;
+
+/// oxcow_event flag: the image was marked corrupt and the handle fenced (every later request
+/// fails with -ENOMEDIUM). Without it the event is the single report of a read-only image.
+pub const OXCOW_EVENT_FATAL: u32 = 1u32;
+/// oxcow_event flag: `host_offset` and `size` are meaningful.
+pub const OXCOW_EVENT_HAS_LOCATION: u32 = 2u32;
+
+/// A corruption event, passed to the callback set with oxcow_set_event_callback(). Valid only
+/// during the callback.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct oxcow_event {
+    /// sizeof(oxcow_event) as this library knows it.
+    pub struct_size: u32,
+    /// OXCOW_EVENT_* flags.
+    pub flags: u32,
+    /// Host offset of the prevented write or inconsistent entry (see OXCOW_EVENT_HAS_LOCATION).
+    pub host_offset: u64,
+    /// Size in bytes of the prevented write (see OXCOW_EVENT_HAS_LOCATION).
+    pub size: u64,
+    /// NUL-terminated description naming the structure, e.g. "Preventing invalid write on
+    /// metadata (overlaps with active L2 table) ...".
+    pub message: *const std::ffi::c_char,
+}
+
+/// Receives corruption events: `opaque` as given to oxcow_set_event_callback(), and the event.
+/// Called on the thread whose request found the problem, with no oxcow lock held (the
+/// callback may call oxcow functions on the image, except oxcow_close()).
+pub type oxcow_event_fn =
+    Option<unsafe extern "C" fn(opaque: *mut std::ffi::c_void, event: *const oxcow_event)>;
 
 /// Static facts about an open image, filled by oxcow_get_info(). Initialise with
 /// oxcow_info_init() before the call.
@@ -221,7 +264,7 @@ impl oxcow_open_options {
     pub(crate) fn defaults() -> oxcow_open_options {
         oxcow_open_options {
             struct_size: OPEN_OPTIONS_V1_SIZE,
-            reserved: 0,
+            overlap_check: OXCOW_OVERLAP_DEFAULT,
             cache_size: 0,
         }
     }

@@ -130,6 +130,7 @@ impl Image {
         if opts.writable {
             clear_autoclear(&file, &mut header)?;
         }
+        file.guard().set_mode(opts.overlap_check);
         let mut meta = Meta::load(
             &file,
             header.clone(),
@@ -289,6 +290,17 @@ impl Image {
                 self.virtual_size
             ),
         }
+    }
+
+    /// Selects which metadata structures the overlap guard protects (takes effect for the
+    /// next write).
+    pub fn set_overlap_check(&self, mode: crate::storage::OverlapCheck) {
+        self.file.guard().set_mode(mode);
+    }
+
+    /// The current overlap-check mode.
+    pub fn overlap_check(&self) -> crate::storage::OverlapCheck {
+        self.file.guard().mode()
     }
 
     /// Marks the handle unusable; used by the C ABI when a panic was caught.

@@ -22,7 +22,7 @@ impl Image {
     /// * read-only -> read-write: takes the write locks (-EAGAIN while another process uses
     ///   the image), re-reads and re-validates the header (a corrupt or dirty image is
     ///   refused) and reloads the metadata;
-    /// * `writethrough` and `force_share` (read-only only) may change too.
+    /// * `writethrough`, `overlap_check` and `force_share` (read-only only) may change too.
     ///
     /// The file must still be the one opened: if its path now names another file (renamed or
     /// replaced), the reopen fails with ESTALE. `direct` and `no_backing` cannot change
@@ -82,6 +82,7 @@ impl Image {
             _ => {}
         }
         self.force_share.store(opts.force_share, Ordering::Release);
+        self.file.guard().set_mode(opts.overlap_check);
         self.writethrough
             .store(opts.writethrough, Ordering::Release);
         Ok(())
