@@ -75,6 +75,7 @@ fn rw_with_events(p: &Path, mode: OverlapCheck) -> (Image, Arc<Mutex<Vec<Corrupt
 /// Checks the consequences of one prevented write: -EIO, one fatal event naming `structure`
 /// at `target`, fenced handle, corrupt bit on disk (and in `qemu-img info`), and the bytes of
 /// every protected cluster in `keep` unchanged.
+#[allow(clippy::too_many_arguments)] // one call per scenario; a struct would only rename them
 fn assert_prevented(
     name: &str,
     p: &Path,
