@@ -24,8 +24,8 @@ pub use engine::create::create;
 pub use engine::events::{CorruptionEvent, EventHandler};
 pub use engine::Image;
 pub use error::{Error, Result};
-pub use storage::OverlapCheck;
 pub use options::{
     BackingFormat, CompressionType, CreateOptions, Extent, ImageInfo, OpenOptions, Preallocation,
     ZeroFlags, EXTENT_ALLOCATED, EXTENT_BACKING, EXTENT_COMPRESSED, EXTENT_ZERO,
 };
+pub use storage::OverlapCheck;

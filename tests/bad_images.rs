@@ -203,7 +203,10 @@ fn run_cases(dir: &TempDir, base: &Path, cases: Vec<Case>) {
         for writable in [false, true] {
             let mode = if writable { "rw" } else { "ro" };
             if writable && read_file(&p) != before {
-                failures.push(format!("[{}/ro] a read-only open modified the file", c.name));
+                failures.push(format!(
+                    "[{}/ro] a read-only open modified the file",
+                    c.name
+                ));
             }
             match open_and_read(&p, writable) {
                 Err(msg) => failures.push(format!("[{}/{mode}] {msg}", c.name)),
