@@ -459,7 +459,7 @@ fn repair_if_dirty(file: &HostFile, header: &mut Header, name: &str) -> Result<(
 fn refuse_unwritable(header: &Header, name: &str) -> Result<()> {
     if header.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
         return corrupt!(
-            "{name}: image is corrupt; cannot be opened read/write (run 'qemu-img check -r all')"
+            "{name}: image is corrupt; cannot be opened read/write (repair it with 'oxcow check -r all' or 'qemu-img check -r all')"
         );
     }
     if header.incompatible_features & header::INCOMPAT_DIRTY != 0 {

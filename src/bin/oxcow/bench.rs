@@ -18,7 +18,8 @@ use std::time::Instant;
 pub const HELP: &str = "\
 Usage: oxcow bench [-f qcow2|raw] [-c COUNT] [-s SIZE] [-S STEP] [-d DEPTH] [-w]
                    [--pattern BYTE] [-t CACHE] [-o OFFSET] [--random] [--seed N]
-                   [--flush-interval N] [--no-drain] [-U] [-q] [--output human|json] FILE
+                   [--flush-interval N] [--no-drain] [-U] [-q] [--output human|json]
+                   [--overlap-check none|constant|cached|all] FILE
 
 Run COUNT read (or, with -w, write) requests of SIZE bytes against FILE and report the time,
 throughput and IOPS. Options mirror 'qemu-img bench', so the same request stream can be sent
@@ -44,6 +45,7 @@ Options:
   -U, --force-share   open even if another process holds the image (read runs only)
   -q                  quiet: print only the result
   --output FMT        human (default) or json (one machine-readable line)
+  --overlap-check M   metadata-overlap guard: none, constant, cached or all (default all)
   -h, --help          this text
 
 Offsets wrap around to OFFSET when a request would pass the end of the image.
@@ -72,6 +74,7 @@ const SPECS: &[OptSpec] = &[
     opt(&["-U", "--force-share"], false),
     opt(&["-q", "--quiet"], false),
     opt(&["--output"], true),
+    opt(&["--overlap-check"], true),
 ];
 
 /// The parsed request stream and run options.
@@ -95,6 +98,7 @@ struct Params {
     force_share: bool,
     quiet: bool,
     json: bool,
+    overlap_check: oxcow::OverlapCheck,
 }
 
 /// The device under test: the qcow2 engine or the raw file with the same harness.
@@ -199,6 +203,7 @@ fn parse(args: &[String]) -> CliResult<Params> {
         force_share: false,
         quiet: false,
         json: false,
+        overlap_check: oxcow::OverlapCheck::All,
     };
     let mut fmt = None;
     let mut files = Vec::new();
@@ -239,6 +244,19 @@ fn parse(args: &[String]) -> CliResult<Params> {
             Arg::Opt("-U", _) => p.force_share = true,
             Arg::Opt("-q", _) => p.quiet = true,
             Arg::Opt("--output", Some(o)) => p.json = crate::parse_output("bench", &o)?,
+            Arg::Opt("--overlap-check", Some(v)) => {
+                p.overlap_check = match v.as_str() {
+                    "none" => oxcow::OverlapCheck::None,
+                    "constant" => oxcow::OverlapCheck::Constant,
+                    "cached" => oxcow::OverlapCheck::Cached,
+                    "all" => oxcow::OverlapCheck::All,
+                    _ => {
+                        return Err(CliError::usage(
+                            "--overlap-check must be none, constant, cached or all",
+                        ))
+                    }
+                }
+            }
             Arg::Pos(f) => files.push(f),
             Arg::Opt(..) => unreachable!("every spec is handled"),
         }
@@ -305,6 +323,7 @@ fn open(p: &Params) -> CliResult<Target> {
                 force_share: p.force_share,
                 direct: p.direct,
                 writethrough: p.writethrough,
+                overlap_check: p.overlap_check,
                 ..OpenOptions::default()
             },
         )
