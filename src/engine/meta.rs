@@ -384,7 +384,7 @@ impl Meta {
                 let first = start >> cb;
                 let last = (start + len - 1) >> cb;
                 for c in first..=last {
-                    if let Err(e) = self.rc.update(file, c, -1) {
+                    if let Err(e) = self.rc.retire(file, c) {
                         // Clusters before `c` were released: keep only the remainder.
                         if let Some(r) = self.deferred_frees.last_mut() {
                             *r = (c << cb, start + len - (c << cb));

@@ -310,6 +310,8 @@ impl Image {
 
     /// Reads exactly `buf.len()` bytes of guest data at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        // Mapped host clusters stay reserved for this request until it returns.
+        let _pin = self.file.grace().pin();
         self.check_usable()?;
         self.check_range(offset, buf.len() as u64)?;
         self.finish(read::read(self, buf, offset))
@@ -317,6 +319,8 @@ impl Image {
 
     /// Reads guest data into several buffers, filled in order starting at `offset`.
     pub fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> Result<()> {
+        // Mapped host clusters stay reserved for this request until it returns.
+        let _pin = self.file.grace().pin();
         let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
         self.check_usable()?;
         self.check_range(offset, total)?;
@@ -331,6 +335,8 @@ impl Image {
 
     /// Writes all of `buf` at guest `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        // Mapped host clusters stay reserved for this request until it returns.
+        let _pin = self.file.grace().pin();
         let r = {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
@@ -342,6 +348,8 @@ impl Image {
 
     /// Writes several buffers, in order, starting at guest `offset`.
     pub fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
+        // Mapped host clusters stay reserved for this request until it returns.
+        let _pin = self.file.grace().pin();
         let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
         let r = {
             let _gate = self.enter_write_gate();
@@ -362,6 +370,8 @@ impl Image {
     /// Makes `[offset, offset+count)` read as zeros. With `may_unmap` the clusters may be
     /// deallocated; otherwise fully covered allocated clusters stay allocated.
     pub fn write_zeroes(&self, offset: u64, count: u64, flags: crate::ZeroFlags) -> Result<()> {
+        // Mapped host clusters stay reserved for this request until it returns.
+        let _pin = self.file.grace().pin();
         let r = {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
@@ -376,6 +386,8 @@ impl Image {
     /// zeros, except in v2 images with a backing file, where they read the backing data.
     /// Partial clusters at the edges are left unchanged.
     pub fn discard(&self, offset: u64, count: u64) -> Result<()> {
+        // Mapped host clusters stay reserved for this request until it returns.
+        let _pin = self.file.grace().pin();
         let r = {
             let _gate = self.enter_write_gate();
             self.check_writable()?;

@@ -12,7 +12,7 @@ use crate::format::header::{field, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
 use crate::format::Geometry;
 use crate::storage::{HostFile, MetaKind, WriteKind};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet, VecDeque};
 
 /// The refcount table and a cache of refcount blocks.
 pub struct Refcounts {
@@ -29,6 +29,11 @@ pub struct Refcounts {
     /// Known free clusters below `cursor`: holes skipped by the scan and clusters whose
     /// refcount dropped to zero.
     free_set: BTreeSet<u64>,
+    /// Clusters freed while requests that may still touch them run (see
+    /// [`crate::storage::Grace`]): tagged with the epoch of the free, in order.
+    quarantine: VecDeque<(u64, u64)>,
+    /// The clusters in `quarantine`: free on disk, but not to be handed out yet.
+    held: HashSet<u64>,
     /// Lazy refcounts (compatible bit 0) on a writable image.
     lazy: Lazy,
 }
@@ -66,6 +71,8 @@ impl Refcounts {
             blocks: TableCache::new(cache_tables),
             cursor: 1,
             free_set: BTreeSet::new(),
+            quarantine: VecDeque::new(),
+            held: HashSet::new(),
             lazy: Lazy::Off,
         };
         file.guard().insert(
@@ -178,6 +185,16 @@ impl Refcounts {
     /// Adds `delta` to the refcount of `cluster`. The block covering it must exist when
     /// `delta > 0` (allocation creates it first).
     pub fn update(&mut self, file: &HostFile, cluster: u64, delta: i64) -> Result<()> {
+        self.change(file, cluster, delta, false)
+    }
+
+    /// Drops one reference of a cluster that guest mappings used: if it becomes free, it is
+    /// held back until every request that may still read or write it has finished.
+    pub fn retire(&mut self, file: &HostFile, cluster: u64) -> Result<()> {
+        self.change(file, cluster, -1, true)
+    }
+
+    fn change(&mut self, file: &HostFile, cluster: u64, delta: i64, retire: bool) -> Result<()> {
         self.before_change(file)?;
         let per = self.geo.refblock_entries();
         let block = self.block_offset(cluster / per)?;
@@ -211,10 +228,35 @@ impl Refcounts {
             }
         };
         refcount::set(data, order, idx, new);
-        if new == 0 && cluster < self.cursor {
+        if new == 0 && retire {
+            if self.held.insert(cluster) {
+                self.quarantine.push_back((file.grace().current(), cluster));
+            }
+        } else if new == 0 && cluster < self.cursor {
             self.free_set.insert(cluster);
         }
         Ok(())
+    }
+
+    /// Returns to the allocator the quarantined clusters whose grace period is over, and
+    /// starts a new grace period for the rest.
+    fn release_drained(&mut self, file: &HostFile) {
+        if self.quarantine.is_empty() {
+            return;
+        }
+        let grace = file.grace();
+        grace.try_advance();
+        while let Some(&(tag, c)) = self.quarantine.front() {
+            if !grace.drained(tag) {
+                break;
+            }
+            self.quarantine.pop_front();
+            self.held.remove(&c);
+            if c < self.cursor {
+                // pop_free re-checks the refcount, in case the cluster was reused meanwhile.
+                self.free_set.insert(c);
+            }
+        }
     }
 
     /// Allocates `n` contiguous free clusters (refcount set to 1) and returns the host offset
@@ -224,6 +266,7 @@ impl Refcounts {
         if n == 0 {
             return Err(Error::InvalidArgument("allocation of 0 clusters".into()));
         }
+        self.release_drained(file);
         loop {
             let start = match if n == 1 { self.pop_free(file)? } else { None } {
                 Some(c) => c,
@@ -255,7 +298,7 @@ impl Refcounts {
     /// The lowest known hole that is still free.
     fn pop_free(&mut self, file: &HostFile) -> Result<Option<u64>> {
         while let Some(c) = self.free_set.pop_first() {
-            if self.get(file, c)? == 0 {
+            if !self.held.contains(&c) && self.get(file, c)? == 0 {
                 return Ok(Some(c));
             }
         }
@@ -279,7 +322,7 @@ impl Refcounts {
                 c += per;
                 continue;
             }
-            if self.get(file, c)? == 0 {
+            if self.get(file, c)? == 0 && !self.held.contains(&c) {
                 c += 1;
             } else {
                 for hole in start..c {

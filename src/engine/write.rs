@@ -479,3 +479,57 @@ fn fill(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CreateOptions, OpenOptions};
+
+    fn host_of(img: &Image, guest: u64) -> Option<u64> {
+        let mut m = img.lock_meta();
+        m.lookup(&img.file, guest)
+            .ok()
+            .and_then(|m| m.host_cluster())
+    }
+
+    #[test]
+    fn a_freed_cluster_is_not_reused_while_a_request_that_mapped_it_runs() {
+        let dir = std::env::temp_dir().join(format!("oxcow-grace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("g.qcow2");
+        crate::create(&path, 1 << 20, &CreateOptions::default()).expect("create");
+        let img = Image::open(
+            &path,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .expect("open");
+        let cs = 65536u64;
+        img.write_at(&[1u8; 65536], 0).expect("write");
+        let victim = host_of(&img, 0).expect("allocated");
+        // A request that mapped guest cluster 0 and is still doing its I/O...
+        let reader = img.file.grace().pin();
+        // ...while another thread discards the cluster and the free becomes durable.
+        img.discard(0, cs).expect("discard");
+        img.flush().expect("flush");
+        img.write_at(&[2u8; 65536], 5 * cs)
+            .expect("allocating write");
+        assert_ne!(
+            host_of(&img, 5 * cs),
+            Some(victim),
+            "the cluster was handed out while a request that mapped it was running"
+        );
+        drop(reader);
+        img.write_at(&[3u8; 65536], 9 * cs)
+            .expect("allocating write");
+        assert_eq!(
+            host_of(&img, 9 * cs),
+            Some(victim),
+            "after the grace period the freed cluster is reused"
+        );
+        drop(img);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

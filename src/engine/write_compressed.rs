@@ -20,6 +20,7 @@ impl Image {
     /// held; the old clusters are released once the change is durable.
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         let r = {
+            let _pin = self.file.grace().pin();
             let _gate = self.enter_write_gate();
             self.write_compressed_gated(buf, offset)
         };

@@ -510,13 +510,19 @@ mod tests {
 
     /// Byte ranges of the OFD locks on `path` in /proc/locks, as sorted single bytes.
     fn proc_locked_bytes(path: &Path) -> Vec<u64> {
-        let ino = std::fs::metadata(path).unwrap().ino();
-        let suffix = format!(":{ino}");
+        let meta = std::fs::metadata(path).unwrap();
+        let (dev, ino) = (meta.dev(), meta.ino());
+        // /proc/locks names files as MAJOR:MINOR:INODE (hex device numbers): match the device
+        // too, or a file with the same inode on another file system (another test's, another
+        // process's) would count.
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+        let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+        let suffix = format!("{major:02x}:{minor:02x}:{ino}");
         let text = std::fs::read_to_string("/proc/locks").unwrap();
         let mut bytes = Vec::new();
         for line in text.lines().filter(|l| !l.contains("->")) {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let Some(i) = fields.iter().position(|f| f.ends_with(&suffix)) else {
+            let Some(i) = fields.iter().position(|f| *f == suffix) else {
                 continue;
             };
             assert_eq!(fields[1], "OFDLCK", "{line}");

@@ -6,10 +6,12 @@
 //! through [`HostFile::write`], where the metadata-overlap guard and fault injection hang.
 
 mod aligned;
+pub mod grace;
 pub mod guard;
 pub mod lock;
 mod posix;
 
+pub use grace::{Grace, Pin};
 pub use guard::{MetaKind, OverlapCheck, OverlapGuard, OverlapHit};
 pub use lock::{ImageLock, LockMode};
 pub use posix::PosixFile;
@@ -82,6 +84,8 @@ pub struct HostFile {
     name: String,
     /// Checked before every write; the engine keeps its index current.
     guard: Arc<OverlapGuard>,
+    /// Keeps freed clusters from reuse while requests that may touch them run.
+    grace: Grace,
     /// Set when a sync failed. The kernel may have dropped the failed dirty pages and
     /// marked them clean, so a later successful fsync would prove nothing: every later sync
     /// fails too (the PostgreSQL/QEMU lesson), and the caller must treat unflushed data as lost.
@@ -95,6 +99,7 @@ impl HostFile {
             backend,
             name: name.into(),
             guard: Arc::new(OverlapGuard::default()),
+            grace: Grace::default(),
             sync_failed: AtomicBool::new(false),
         }
     }
@@ -103,6 +108,11 @@ impl HostFile {
     /// it).
     pub fn guard(&self) -> &OverlapGuard {
         &self.guard
+    }
+
+    /// Grace periods of this file's clusters: requests pin, the allocator waits for them.
+    pub fn grace(&self) -> &Grace {
+        &self.grace
     }
 
     /// The name used in messages (normally the path).
