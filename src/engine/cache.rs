@@ -75,6 +75,29 @@ impl<T> TableCache<T> {
         }
     }
 
+    /// Evicts a clean table chosen by LRU with a second chance: a candidate for which
+    /// `used(data)` reports recent use elsewhere (lock-free readers) is kept this time and
+    /// counts as just used. Returns the evicted offset, or None if every table is dirty.
+    pub fn evict_clean_second_chance(&mut self, mut used: impl FnMut(&T) -> bool) -> Option<u64> {
+        loop {
+            let victim = self
+                .slots
+                .iter()
+                .filter(|(_, s)| !s.dirty)
+                .min_by_key(|(_, s)| s.last_use)
+                .map(|(k, _)| *k)?;
+            let spared = self.slots.get(&victim).is_some_and(|s| used(&s.data));
+            if !spared {
+                self.slots.remove(&victim);
+                return Some(victim);
+            }
+            self.clock += 1;
+            if let Some(s) = self.slots.get_mut(&victim) {
+                s.last_use = self.clock;
+            }
+        }
+    }
+
     /// Inserts a table (replacing any cached one at the same offset).
     pub fn insert(&mut self, offset: u64, data: T, dirty: bool) {
         self.clock += 1;

@@ -4,6 +4,7 @@
 //! Everything here runs under the image's metadata mutex; no guest data I/O happens here.
 
 use super::cache::TableCache;
+use super::mapview::{L2Table, MapView};
 use super::refcount::Refcounts;
 use crate::error::{corrupt, Error, Result};
 use crate::format::be::u64_table_bytes;
@@ -11,15 +12,16 @@ use crate::format::entry::{self, decode_l2, encode_l2, EntryError, Mapping, COPI
 use crate::format::{Geometry, Header};
 use crate::storage::{HostFile, MetaKind, WriteKind};
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 
 /// Mutable metadata state, guarded by the image's mutex.
 pub struct Meta {
     /// The header as last written.
     pub header: Header,
-    /// Active L1 table entries.
-    pub l1: Vec<u64>,
+    /// The active L1 table and the cached L2 tables, shared with lock-free readers.
+    view: Arc<MapView>,
     l1_dirty: BTreeSet<u64>,
-    l2: TableCache<Vec<u64>>,
+    l2: TableCache<Arc<L2Table>>,
     /// Refcount structures and allocator.
     pub rc: Refcounts,
     /// Guest cluster indices with an allocation in flight (allocated, data being written,
@@ -83,6 +85,7 @@ impl Meta {
         snapshots: &[crate::format::snapshot::Snapshot],
         snapshot_table_len: u64,
         cache_bytes: u64,
+        view: Arc<MapView>,
     ) -> Result<Meta> {
         let geo = header.geometry();
         // The overlap guard's index is rebuilt from scratch along with the tables.
@@ -90,6 +93,13 @@ impl Meta {
         let mut raw = vec![0u8; header.l1_size as usize * 8];
         file.read_zero_padded(&mut raw, header.l1_table_offset, "L1 table")?;
         let l1 = crate::format::be::u64_table(&raw);
+        if l1.len() != view.l1_len() {
+            return corrupt!(
+                "the L1 table has {} entries, not the {} it had when the image was opened",
+                l1.len(),
+                view.l1_len()
+            );
+        }
         let tables = (cache_bytes / geo.cluster_size()).clamp(16, 65536) as usize;
         let rc = Refcounts::load(
             file,
@@ -139,9 +149,10 @@ impl Meta {
             }
         }
         index_bitmaps(file, &header)?;
+        view.reset(&l1);
         Ok(Meta {
             header,
-            l1,
+            view,
             l1_dirty: BTreeSet::new(),
             l2: TableCache::new(tables),
             rc,
@@ -152,14 +163,9 @@ impl Meta {
         })
     }
 
-    /// Geometry of the image.
-    pub fn geo(&self) -> &Geometry {
-        &self.geo
-    }
-
     /// The L2 table offset an L1 entry points at, validated.
     fn l2_offset(&self, l1_index: u64) -> Result<u64> {
-        let Some(&e) = self.l1.get(l1_index as usize) else {
+        let Some(e) = self.view.l1_entry(l1_index as usize) else {
             return Ok(0);
         };
         let off = entry::l1_l2_offset(e);
@@ -169,24 +175,61 @@ impl Meta {
         Ok(off)
     }
 
+    /// Makes room for one more L2 table: evicts a clean one (second chance for tables that
+    /// lock-free readers use), writing dirty ones back first when all are dirty.
+    fn make_room_l2(&mut self, file: &HostFile) -> Result<()> {
+        while self.l2.is_full() {
+            match self.l2.evict_clean_second_chance(|t| t.take_referenced()) {
+                Some(off) => self.view.remove_table(off),
+                None => self.writeback(file)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn cache_l2(&mut self, off: u64, table: Arc<L2Table>, dirty: bool) {
+        self.view.insert_table(off, Arc::clone(&table));
+        self.l2.insert(off, table, dirty);
+    }
+
     /// Makes sure the L2 table at `off` is cached, evicting (after write-back if needed).
     fn ensure_l2(&mut self, file: &HostFile, off: u64) -> Result<()> {
         if self.l2.contains(off) {
             return Ok(());
         }
-        while self.l2.is_full() {
-            if !self.l2.evict_one_clean() {
-                self.writeback(file)?;
-            }
-        }
+        self.make_room_l2(file)?;
         if off >= file.len()? {
             return corrupt!("L2 table at {off:#x} is beyond the end of the file");
         }
         let mut raw = vec![0u8; self.geo.cluster_size() as usize];
         file.read_zero_padded(&mut raw, off, "L2 table")?;
-        self.l2
-            .insert(off, crate::format::be::u64_table(&raw), false);
+        self.cache_l2(off, L2Table::new(crate::format::be::u64_table(&raw)), false);
         Ok(())
+    }
+
+    /// Installs an L2 table that a reader loaded from disk without the mutex, unless the
+    /// on-disk tables changed since `generation` (the read may be stale) or it is cached
+    /// already. Returns whether the table is cached now.
+    pub fn install_l2(
+        &mut self,
+        file: &HostFile,
+        off: u64,
+        words: Vec<u64>,
+        generation: u64,
+    ) -> Result<bool> {
+        if self.l2.contains(off) {
+            return Ok(true);
+        }
+        if self.view.generation() != generation {
+            return Ok(false);
+        }
+        self.make_room_l2(file)?;
+        if self.view.generation() != generation {
+            // make_room_l2 may have written tables back.
+            return Ok(false);
+        }
+        self.cache_l2(off, L2Table::new(words), false);
+        Ok(true)
     }
 
     /// The L2 slot of a guest offset (table 0 when the L1 entry is empty).
@@ -214,11 +257,7 @@ impl Meta {
             .l2
             .get(slot.table)
             .ok_or_else(|| Error::Corrupt("L2 table vanished from cache".into()))?;
-        Ok(if ext {
-            (t[slot.index as usize * 2], t[slot.index as usize * 2 + 1])
-        } else {
-            (t[slot.index as usize], 0)
-        })
+        Ok(t.entry(slot.index as usize, ext))
     }
 
     fn decode(&self, w0: u64, w1: u64, slot: Slot) -> Result<Mapping> {
@@ -245,9 +284,9 @@ impl Meta {
     /// empty one when there is none, copies a table shared with a snapshot. The old shared
     /// table loses its reference once the new L1 entry is durable.
     pub fn l2_for_write(&mut self, file: &HostFile, l1_index: u64) -> Result<u64> {
-        let e = *self
-            .l1
-            .get(l1_index as usize)
+        let e = self
+            .view
+            .l1_entry(l1_index as usize)
             .ok_or_else(|| Error::InvalidArgument(format!("L1 index {l1_index} out of range")))?;
         let old = self.l2_offset(l1_index)?;
         if old != 0 && e & COPIED != 0 {
@@ -260,23 +299,20 @@ impl Meta {
             self.ensure_l2(file, old)?;
             self.l2
                 .get(old)
-                .cloned()
+                .map(|t| t.to_vec())
                 .ok_or_else(|| Error::Corrupt("L2 table vanished from cache".into()))?
         };
         let new = self.rc.alloc(file, 1)?;
-        while self.l2.is_full() {
-            if !self.l2.evict_one_clean() {
-                self.writeback(file)?;
-            }
-        }
-        self.l2.insert(new, table, true);
+        self.make_room_l2(file)?;
+        // Published before the L1 entry points at it, so lock-free readers find it.
+        self.cache_l2(new, L2Table::new(table), true);
         let cb = self.geo.cluster_bits;
         file.guard().insert(new >> cb, 1, MetaKind::ActiveL2);
         if old != 0 {
             // The old table stays a snapshot's (inactive) L2 table, if it is one.
             file.guard().remove(old >> cb, 1, MetaKind::ActiveL2);
         }
-        self.l1[l1_index as usize] = new | COPIED;
+        self.view.set_l1(l1_index as usize, new | COPIED);
         self.l1_dirty.insert(l1_index * 8 / self.geo.cluster_size());
         if old != 0 {
             self.deferred_frees.push((old, self.geo.cluster_size()));
@@ -299,12 +335,7 @@ impl Meta {
             .l2
             .get_mut(table)
             .ok_or_else(|| Error::Corrupt("L2 table vanished from cache".into()))?;
-        if ext {
-            t[index as usize * 2] = w0;
-            t[index as usize * 2 + 1] = w1;
-        } else {
-            t[index as usize] = w0;
-        }
+        t.set_entry(index as usize, ext, w0, w1);
         Ok(())
     }
 
@@ -342,9 +373,13 @@ impl Meta {
         let dirty = self.l2.dirty_offsets();
         for off in &dirty {
             if let Some(t) = self.l2.peek(*off) {
-                file.write(&u64_table_bytes(t), *off, WriteKind::L2)?;
+                file.write(&u64_table_bytes(&t.to_vec()), *off, WriteKind::L2)?;
             }
             self.l2.mark_clean(*off);
+        }
+        if !dirty.is_empty() {
+            // Tables read from disk without the mutex before this point may be stale.
+            self.view.bump_generation();
         }
         if !dirty.is_empty() && !lazy {
             file.sync()?;
@@ -355,8 +390,8 @@ impl Meta {
             // Indices leave the dirty set only once written: a failed write-back is retried.
             while let Some(&idx) = self.l1_dirty.first() {
                 let start = idx as usize * per;
-                let end = (start + per).min(self.l1.len());
-                let bytes = u64_table_bytes(&self.l1[start..end]);
+                let end = (start + per).min(self.view.l1_len());
+                let bytes = u64_table_bytes(&self.view.l1_words(start, end));
                 file.write(
                     &bytes,
                     self.header.l1_table_offset + idx * cs,

@@ -6,6 +6,7 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod events;
+mod mapview;
 mod meta;
 mod read;
 mod refcount;
@@ -57,6 +58,8 @@ pub struct Image {
     backing: Option<Backing>,
     snapshots: Vec<Snapshot>,
     meta: Mutex<Meta>,
+    /// The mapping as lock-free readers see it (shared with `meta`).
+    view: Arc<mapview::MapView>,
     /// Signalled whenever in-flight allocations are linked or abandoned.
     inflight_done: Condvar,
     /// Set after a fatal inconsistency or a panic: no more I/O is accepted.
@@ -131,12 +134,14 @@ impl Image {
             clear_autoclear(&file, &mut header)?;
         }
         file.guard().set_mode(opts.overlap_check);
+        let view = Arc::new(mapview::MapView::new(header.l1_size as usize));
         let mut meta = Meta::load(
             &file,
             header.clone(),
             &snapshots,
             snapshot_table_len,
             DEFAULT_CACHE_BYTES,
+            Arc::clone(&view),
         )
         .map_err(|e| prefix(e, &name))?;
         if opts.writable {
@@ -163,6 +168,7 @@ impl Image {
             backing,
             snapshots,
             meta: Mutex::new(meta),
+            view,
             inflight_done: Condvar::new(),
             fenced: AtomicBool::new(false),
             corruption_handled: AtomicBool::new(false),
@@ -296,6 +302,32 @@ impl Image {
     /// next write).
     pub fn set_overlap_check(&self, mode: crate::storage::OverlapCheck) {
         self.file.guard().set_mode(mode);
+    }
+
+    /// Loads the L2 table that maps `guest` into the cache without holding the metadata
+    /// mutex during the disk read, so that a cache miss does not stall other requests.
+    /// Returns whether the table is cached now (false: the caller takes the slow path).
+    fn prefetch_l2(&self, guest: u64) -> Result<bool> {
+        let Some(e) = self.view.l1_entry(self.geo.l1_index(guest) as usize) else {
+            return Ok(false);
+        };
+        let off = crate::format::entry::l1_l2_offset(e);
+        if off == 0 || !self.geo.is_aligned(off) || self.view.table(off).is_some() {
+            return Ok(self.view.table(off).is_some());
+        }
+        let generation = self.view.generation();
+        if off >= self.file.len()? {
+            return Ok(false); // the slow path reports the corruption
+        }
+        let mut raw = vec![0u8; self.geo.cluster_size() as usize];
+        self.file.read_zero_padded(&mut raw, off, "L2 table")?;
+        let words = crate::format::be::u64_table(&raw);
+        let mut m = self.lock_meta();
+        // The L1 entry may have moved on (copy-on-write of a shared table) meanwhile.
+        if self.view.l1_entry(self.geo.l1_index(guest) as usize) != Some(e) {
+            return Ok(false);
+        }
+        m.install_l2(&self.file, off, words, generation)
     }
 
     /// The current overlap-check mode.

@@ -1,11 +1,11 @@
 //! The read path: map a guest range to host segments under the metadata lock, then do the
 //! I/O with no lock held.
 
-use super::{compress, meta::Meta, Image};
+use super::{compress, Image};
 use crate::error::Result;
 use crate::format::entry::{Mapping, SubclusterState};
+use crate::format::Geometry;
 use crate::options::{Extent, EXTENT_ALLOCATED, EXTENT_BACKING, EXTENT_COMPRESSED, EXTENT_ZERO};
-use crate::storage::HostFile;
 
 /// Where the bytes of one guest segment come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,26 +27,29 @@ struct Segment {
     source: Source,
 }
 
-/// Appends the segments covering `[offset, end)` (which lies within one L2 table's range).
+/// Appends the segments covering `[offset, end)` (which lies within one L2 table's range),
+/// mapping each cluster with `lookup`. Returns false as soon as `lookup` cannot map a
+/// cluster (`Ok(None)`: the lock-free view has no table for it), leaving `out` partial.
 fn map_range(
-    m: &mut Meta,
-    file: &HostFile,
+    geo: &Geometry,
     offset: u64,
     end: u64,
     out: &mut Vec<Segment>,
-) -> Result<()> {
-    let geo = *m.geo();
+    lookup: &mut dyn FnMut(u64) -> Result<Option<Mapping>>,
+) -> Result<bool> {
     let sub = geo.subcluster_size();
     let mut pos = offset;
     while pos < end {
-        let mapping = m.lookup(file, pos)?;
+        let Some(mapping) = lookup(pos)? else {
+            return Ok(false);
+        };
         let cluster_end = geo.cluster_start(pos) + geo.cluster_size();
         while pos < end.min(cluster_end) {
             let sc = geo.subcluster_index(pos);
-            let run = mapping.run_from(&geo, sc) as u64;
+            let run = mapping.run_from(geo, sc) as u64;
             let run_end = (geo.cluster_start(pos) + (sc as u64 + run) * sub).min(end);
             let len = run_end - pos;
-            let source = match mapping.subcluster(&geo, sc) {
+            let source = match mapping.subcluster(geo, sc) {
                 SubclusterState::Data(h) => Source::Data(h + (pos - geo.cluster_start(pos)) % sub),
                 SubclusterState::Zero => Source::Zero,
                 SubclusterState::Unallocated => Source::Backing,
@@ -63,6 +66,31 @@ fn map_range(
             pos = run_end;
         }
     }
+    Ok(true)
+}
+
+/// Maps `[pos, end)` (within one L2 table's range): without any lock when the lock-free view
+/// has the L2 table; otherwise the table is loaded from disk without the lock and installed
+/// (so a miss does not stall other readers), with the metadata mutex as the last resort.
+fn map_segments(img: &Image, pos: u64, end: u64, out: &mut Vec<Segment>) -> Result<()> {
+    let geo = img.geo;
+    let fast = |out: &mut Vec<Segment>| {
+        out.clear();
+        map_range(&geo, pos, end, out, &mut |g| {
+            Ok(img.view.lookup(&geo, img.version, g))
+        })
+    };
+    if fast(out)? {
+        return Ok(());
+    }
+    if img.prefetch_l2(pos)? && fast(out)? {
+        return Ok(());
+    }
+    out.clear();
+    let mut m = img.lock_meta();
+    map_range(&geo, pos, end, out, &mut |g| {
+        m.lookup(&img.file, g).map(Some)
+    })?;
     Ok(())
 }
 
@@ -90,11 +118,7 @@ pub fn read(img: &Image, buf: &mut [u8], offset: u64) -> Result<()> {
         let pos = offset + done as u64;
         let table_end = (pos / coverage + 1) * coverage;
         let end = table_end.min(offset + buf.len() as u64);
-        segments.clear();
-        {
-            let mut m = img.lock_meta();
-            map_range(&mut m, &img.file, pos, end, &mut segments)?;
-        }
+        map_segments(img, pos, end, &mut segments)?;
         for seg in &segments {
             let out = &mut buf[done..done + seg.len as usize];
             read_segment(img, out, offset + done as u64, seg.source)?;
@@ -162,11 +186,7 @@ pub fn block_status(img: &Image, offset: u64, count: u64) -> Result<Extent> {
     while len < count {
         let pos = offset + len;
         let end = ((pos / coverage + 1) * coverage).min(offset + count);
-        segments.clear();
-        {
-            let mut m = img.lock_meta();
-            map_range(&mut m, &img.file, pos, end, &mut segments)?;
-        }
+        map_segments(img, pos, end, &mut segments)?;
         for seg in &segments {
             let (flags, host) = status_of(seg.source, has_backing);
             match first {

@@ -14,6 +14,7 @@ use crate::error::{invalid, Error, Result};
 use crate::options::OpenOptions;
 use crate::storage::LockMode;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 impl Image {
     /// Reopens the image with new options, like QEMU's reopen:
@@ -121,6 +122,7 @@ impl Image {
             &snapshots,
             table_len,
             DEFAULT_CACHE_BYTES,
+            Arc::clone(&self.view),
         )?;
         clear_autoclear(&self.file, &mut header)?;
         *m = fresh;

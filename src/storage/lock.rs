@@ -509,7 +509,22 @@ mod tests {
     }
 
     /// Byte ranges of the OFD locks on `path` in /proc/locks, as sorted single bytes.
+    /// The bytes locked on `path`, from /proc/locks. The kernel generates that file in
+    /// chunks while other threads (parallel tests) change their locks, so one read can skip
+    /// or repeat lines: read until two consecutive reads agree.
     fn proc_locked_bytes(path: &Path) -> Vec<u64> {
+        let mut last = proc_locked_bytes_once(path);
+        for _ in 0..100 {
+            let now = proc_locked_bytes_once(path);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
+    }
+
+    fn proc_locked_bytes_once(path: &Path) -> Vec<u64> {
         let meta = std::fs::metadata(path).unwrap();
         let (dev, ino) = (meta.dev(), meta.ino());
         // /proc/locks names files as MAJOR:MINOR:INODE (hex device numbers): match the device

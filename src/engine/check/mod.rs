@@ -117,7 +117,14 @@ impl Image {
             // The repair changed metadata under the engine: start again from the disk.
             let reloaded = read_header(&self.file).and_then(|h| {
                 let (snaps, len) = super::snapshot::read_table(&self.file, &h)?;
-                Meta::load(&self.file, h, &snaps, len, super::DEFAULT_CACHE_BYTES)
+                Meta::load(
+                    &self.file,
+                    h,
+                    &snaps,
+                    len,
+                    super::DEFAULT_CACHE_BYTES,
+                    Arc::clone(&self.view),
+                )
             });
             match reloaded {
                 Ok(fresh) => *m = fresh,

@@ -1,0 +1,280 @@
+//! The lock-free view of the active mapping (L1 and cached L2 tables) that reads and in-place
+//! overwrites use without the metadata mutex.
+//!
+//! The L1 table is an array of atomics. Cached L2 tables are shared (`Arc`) between the
+//! metadata cache, which owns and mutates them under the metadata mutex, and this view, where
+//! readers find them through a sharded map. Each table is a seqlock: the single writer (the
+//! metadata mutex holder) bumps the sequence around every entry update, and readers retry
+//! until they read a pair of words that no update overlapped, so an extended-L2 entry
+//! (descriptor plus subcluster bitmap) is never torn.
+//!
+//! A reader that finds no table falls back to the metadata mutex; a reader holding a table
+//! that was evicted meanwhile sees the mapping as it was when its request started, which is
+//! what a request overlapping a concurrent write may see. Host clusters it maps stay valid
+//! for the request's duration thanks to [`crate::storage::Grace`].
+
+use crate::format::entry::{self, decode_l2, Mapping};
+use crate::format::Geometry;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// A cached L2 table: entries as atomics behind a sequence counter.
+#[derive(Debug)]
+pub struct L2Table {
+    seq: AtomicU64,
+    /// Set by lock-free readers; eviction gives referenced tables a second chance.
+    referenced: AtomicBool,
+    words: Box<[AtomicU64]>,
+}
+
+impl L2Table {
+    /// A table holding `words` (decoded big-endian L2 words).
+    pub fn new(words: Vec<u64>) -> Arc<L2Table> {
+        Arc::new(L2Table {
+            seq: AtomicU64::new(0),
+            referenced: AtomicBool::new(false),
+            words: words.into_iter().map(AtomicU64::new).collect(),
+        })
+    }
+
+    /// Entry `i` as (descriptor, bitmap word); the bitmap is 0 without extended L2.
+    pub fn entry(&self, i: usize, ext: bool) -> (u64, u64) {
+        let (a, b) = if ext { (2 * i, 2 * i + 1) } else { (i, i) };
+        loop {
+            let s1 = self.seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let w0 = self.words[a].load(Ordering::Relaxed);
+            let w1 = if ext {
+                self.words[b].load(Ordering::Relaxed)
+            } else {
+                0
+            };
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == s1 {
+                return (w0, w1);
+            }
+        }
+    }
+
+    /// Updates entry `i`. Callers serialise updates of one table (the metadata mutex).
+    pub fn set_entry(&self, i: usize, ext: bool, w0: u64, w1: u64) {
+        let s = self.seq.load(Ordering::Relaxed);
+        self.seq.store(s + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        if ext {
+            self.words[2 * i].store(w0, Ordering::Relaxed);
+            self.words[2 * i + 1].store(w1, Ordering::Relaxed);
+        } else {
+            self.words[i].store(w0, Ordering::Relaxed);
+        }
+        self.seq.store(s + 2, Ordering::Release);
+    }
+
+    /// The words, for write-back or copying. Called by the (only) writer, so no update can
+    /// overlap.
+    pub fn to_vec(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Marks the table as used by a reader.
+    pub fn touch(&self) {
+        if !self.referenced.load(Ordering::Relaxed) {
+            self.referenced.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Clears and returns the referenced bit (second-chance eviction).
+    pub fn take_referenced(&self) -> bool {
+        self.referenced.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// Multiplicative hashing for cluster-aligned offsets (SipHash would cost more than the
+/// lookup it protects; the keys come from our own tables, not from an attacker who could
+/// exploit a weak hash beyond slowing one image down).
+#[derive(Default)]
+pub struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v >> 9).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type OffsetMap<V> = HashMap<u64, V, BuildHasherDefault<OffsetHasher>>;
+
+const SHARDS: usize = 16;
+
+/// The active L1 table and the cached L2 tables, readable without the metadata mutex.
+#[derive(Debug)]
+pub struct MapView {
+    l1: Box<[AtomicU64]>,
+    shards: [RwLock<OffsetMap<Arc<L2Table>>>; SHARDS],
+    /// Bumped whenever a table's on-disk contents change (write-back), so that a table read
+    /// from disk without the mutex can be checked for staleness before it is installed.
+    generation: AtomicU64,
+}
+
+impl MapView {
+    /// An empty view for an L1 table of `l1_len` entries.
+    pub fn new(l1_len: usize) -> MapView {
+        MapView {
+            l1: (0..l1_len).map(|_| AtomicU64::new(0)).collect(),
+            shards: std::array::from_fn(|_| RwLock::new(OffsetMap::default())),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// Number of L1 entries.
+    pub fn l1_len(&self) -> usize {
+        self.l1.len()
+    }
+
+    /// L1 entry `i` (None past the end).
+    pub fn l1_entry(&self, i: usize) -> Option<u64> {
+        self.l1.get(i).map(|e| e.load(Ordering::Acquire))
+    }
+
+    /// Sets L1 entry `i`; publish the table it points to first.
+    pub fn set_l1(&self, i: usize, v: u64) {
+        self.l1[i].store(v, Ordering::Release);
+    }
+
+    /// L1 entries `[start, end)`, for write-back.
+    pub fn l1_words(&self, start: usize, end: usize) -> Vec<u64> {
+        self.l1[start..end]
+            .iter()
+            .map(|e| e.load(Ordering::Acquire))
+            .collect()
+    }
+
+    fn shard(&self, off: u64) -> &RwLock<OffsetMap<Arc<L2Table>>> {
+        &self.shards[((off >> 9) as usize) % SHARDS]
+    }
+
+    /// The cached L2 table at host offset `off`.
+    pub fn table(&self, off: u64) -> Option<Arc<L2Table>> {
+        self.shard(off)
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&off)
+            .cloned()
+    }
+
+    /// Publishes a cached table.
+    pub fn insert_table(&self, off: u64, t: Arc<L2Table>) {
+        self.shard(off)
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(off, t);
+    }
+
+    /// Withdraws a table (evicted from the cache).
+    pub fn remove_table(&self, off: u64) {
+        self.shard(off)
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&off);
+    }
+
+    /// Forgets every table and loads `l1` (a metadata reload).
+    pub fn reset(&self, l1: &[u64]) {
+        for s in &self.shards {
+            s.write().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        for (slot, &v) in self.l1.iter().zip(l1) {
+            slot.store(v, Ordering::Release);
+        }
+        self.bump_generation();
+    }
+
+    /// See the `generation` field.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Records that on-disk L2 contents changed.
+    pub fn bump_generation(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The mapping of the guest cluster containing `guest`, without any lock: `None` when
+    /// the L2 table is not cached or the entry does not decode (the caller then takes the
+    /// metadata mutex, which also produces the proper error).
+    pub fn lookup(&self, geo: &Geometry, version: u32, guest: u64) -> Option<Mapping> {
+        let e = self.l1_entry(geo.l1_index(guest) as usize)?;
+        let off = entry::l1_l2_offset(e);
+        if off == 0 {
+            return Some(Mapping::Unallocated { zero: 0 });
+        }
+        if !geo.is_aligned(off) {
+            return None;
+        }
+        let t = self.table(off)?;
+        t.touch();
+        let (w0, w1) = t.entry(geo.l2_index(guest) as usize, geo.extended_l2);
+        decode_l2(geo, version, w0, w1).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extended_entries_are_never_torn_under_concurrent_updates() {
+        let t = L2Table::new(vec![0; 16]);
+        let reads = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let t = Arc::clone(&t);
+            let (reads, stop) = (Arc::clone(&reads), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let (w0, w1) = t.entry(3, true);
+                    assert_eq!(w1, w0.wrapping_mul(3), "torn entry {w0:#x}/{w1:#x}");
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        // Keep updating until the reader has raced many updates (bounded in time).
+        let t0 = std::time::Instant::now();
+        let mut v = 1u64;
+        while reads.load(Ordering::Relaxed) < 200_000 && t0.elapsed().as_secs() < 20 {
+            t.set_entry(3, true, v, v.wrapping_mul(3));
+            v += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        reader.join().expect("reader saw a torn entry");
+        assert!(reads.load(Ordering::Relaxed) > 0, "the reader never ran");
+    }
+
+    #[test]
+    fn tables_are_found_by_offset_and_l1_entries_round_trip() {
+        let v = MapView::new(4);
+        v.reset(&[0, 0x1_0000 | (1 << 63), 0, 0]);
+        assert_eq!(v.l1_entry(1), Some(0x1_0000 | (1 << 63)));
+        assert_eq!(v.l1_entry(4), None);
+        assert!(v.table(0x1_0000).is_none());
+        v.insert_table(0x1_0000, L2Table::new(vec![7; 8]));
+        assert_eq!(v.table(0x1_0000).map(|t| t.entry(2, false)), Some((7, 0)));
+        v.remove_table(0x1_0000);
+        assert!(v.table(0x1_0000).is_none());
+    }
+}
