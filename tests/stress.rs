@@ -78,8 +78,8 @@ impl Cfg {
             extended_l2: false,
             lazy_refcounts: false,
             backing_cluster: 0,
-            rounds: 6 * rounds_factor(),
-            ops_per_round: 24,
+            rounds: 12 * rounds_factor(),
+            ops_per_round: 80,
             seed: seed_override().unwrap_or(seed),
         }
     }
