@@ -19,6 +19,9 @@ git diff --exit-code -- include/oxcow.h || { echo "include/oxcow.h is stale: com
 echo "== cargo test"
 cargo test --release --no-fail-fast
 
+echo "== loom: every interleaving of the in-flight tracker (separate target dir: --cfg loom)"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom_
+
 for stage in ctests/run.sh go/run.sh scripts/check-package.sh; do
   if [ -f "$stage" ]; then
     echo "== $stage"

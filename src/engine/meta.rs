@@ -11,7 +11,7 @@ use crate::format::be::u64_table_bytes;
 use crate::format::entry::{self, decode_l2, encode_l2, EntryError, Mapping, COPIED};
 use crate::format::{Geometry, Header};
 use crate::storage::{HostFile, MetaKind, WriteKind};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// Mutable metadata state, guarded by the image's mutex.
@@ -24,9 +24,6 @@ pub struct Meta {
     l2: TableCache<Arc<L2Table>>,
     /// Refcount structures and allocator.
     pub rc: Refcounts,
-    /// Guest cluster indices with an allocation in flight (allocated, data being written,
-    /// not yet linked). Writers of those clusters wait.
-    pub inflight: HashSet<u64>,
     /// Host byte ranges whose clusters lose one reference once the metadata change that
     /// dropped the reference is durable (start, length).
     pub deferred_frees: Vec<(u64, u64)>,
@@ -156,7 +153,6 @@ impl Meta {
             l1_dirty: BTreeSet::new(),
             l2: TableCache::new(tables),
             rc,
-            inflight: HashSet::new(),
             deferred_frees: Vec::new(),
             compressed_tail: None,
             geo,

@@ -6,6 +6,7 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod events;
+mod inflight;
 mod mapview;
 mod meta;
 mod read;
@@ -26,7 +27,7 @@ use backing::Backing;
 use meta::Meta;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 /// Deepest backing chain oxcow opens.
 pub const MAX_BACKING_DEPTH: u32 = 64;
@@ -60,8 +61,8 @@ pub struct Image {
     meta: Mutex<Meta>,
     /// The mapping as lock-free readers see it (shared with `meta`).
     view: Arc<mapview::MapView>,
-    /// Signalled whenever in-flight allocations are linked or abandoned.
-    inflight_done: Condvar,
+    /// Guest clusters with an allocation between plan and link (lock-free).
+    inflight: inflight::Inflight,
     /// Set after a fatal inconsistency or a panic: no more I/O is accepted.
     fenced: AtomicBool,
     /// The first runtime corruption has been handled (marked, fenced, reported).
@@ -169,7 +170,7 @@ impl Image {
             snapshots,
             meta: Mutex::new(meta),
             view,
-            inflight_done: Condvar::new(),
+            inflight: inflight::Inflight::new(header.size.div_ceil(geo.cluster_size())),
             fenced: AtomicBool::new(false),
             corruption_handled: AtomicBool::new(false),
             marked_corrupt: AtomicBool::new(false),

@@ -206,11 +206,15 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
         while pos < end {
             let cluster = geo.cluster_start(pos);
             let gidx = geo.cluster_index(pos);
-            if m.inflight.contains(&gidx) {
+            if img.inflight.is_claimed(gidx) {
                 if !ops.is_empty() {
                     break;
                 }
-                m = img.inflight_done.wait(m).unwrap_or_else(|p| p.into_inner());
+                // Another writer is allocating this cluster: wait (without the mutex) until
+                // it is linked, then find it allocated.
+                drop(m);
+                img.inflight.wait_released(gidx);
+                m = img.lock_meta();
                 continue;
             }
             let start = pos - cluster;
@@ -234,7 +238,9 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
                 }
             };
             if let Action::Link { .. } = action {
-                m.inflight.insert(gidx);
+                // Claims are made under the metadata mutex after the check above, so this
+                // cannot find the cluster busy.
+                let _ = img.inflight.try_claim(gidx);
             }
             ops.push(Op {
                 guest: cluster,
@@ -263,11 +269,8 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
             abandon(img, &mut m, &ops);
             return Err(img.on_error(e));
         }
-        for op in &ops {
-            m.inflight.remove(&geo.cluster_index(op.guest));
-        }
         drop(m);
-        img.inflight_done.notify_all();
+        release_claims(img, &ops);
     }
     Ok(written as usize)
 }
@@ -304,25 +307,34 @@ fn link(img: &Image, m: &mut super::meta::Meta, ops: &[Op]) -> Result<()> {
     Ok(())
 }
 
-/// Gives back the fresh clusters of a failed batch and clears its in-flight marks. Clusters
+/// Releases the in-flight claims of a batch: only its Link operations hold one (an in-place
+/// operation on a cluster may coexist with another writer's claim of that cluster).
+fn release_claims(img: &Image, ops: &[Op]) {
+    for op in ops {
+        if let Action::Link { .. } = op.action {
+            img.inflight.release(img.geo.cluster_index(op.guest));
+        }
+    }
+}
+
+/// Gives back the fresh clusters of a failed batch and clears its in-flight claims. Clusters
 /// that were already linked are not given back (their L2 entries may be written).
 fn abandon(img: &Image, m: &mut super::meta::Meta, ops: &[Op]) {
-    let geo = img.geo;
     for op in ops {
-        if let Action::Link { host, fresh, .. } = op.action {
-            let gidx = geo.cluster_index(op.guest);
-            if m.inflight.remove(&gidx) && fresh {
-                let still_unlinked = match m.lookup(&img.file, op.guest) {
-                    Ok(cur) => cur.host_cluster() != Some(host),
-                    Err(_) => false,
-                };
-                if still_unlinked {
-                    let _ = m.rc.update(&img.file, host >> geo.cluster_bits, -1);
-                }
+        if let Action::Link {
+            host, fresh: true, ..
+        } = op.action
+        {
+            let still_unlinked = match m.lookup(&img.file, op.guest) {
+                Ok(cur) => cur.host_cluster() != Some(host),
+                Err(_) => false,
+            };
+            if still_unlinked {
+                let _ = m.rc.update(&img.file, host >> img.geo.cluster_bits, -1);
             }
         }
     }
-    img.inflight_done.notify_all();
+    release_claims(img, ops);
 }
 
 /// A pending host write: either a slice of the caller's buffer or a bounce buffer.

@@ -61,11 +61,10 @@ impl Image {
         // Plan: reserve the guest cluster and the host bytes.
         let host = {
             let mut m = self.lock_meta();
-            while m.inflight.contains(&gidx) {
-                m = self
-                    .inflight_done
-                    .wait(m)
-                    .unwrap_or_else(|p| p.into_inner());
+            while self.inflight.is_claimed(gidx) {
+                drop(m);
+                self.inflight.wait_released(gidx);
+                m = self.lock_meta();
             }
             let host = match m.alloc_compressed_bytes(&self.file, data.len() as u64) {
                 Ok(h) => h,
@@ -75,7 +74,7 @@ impl Image {
                 m.give_back_compressed_bytes(&self.file, host);
                 return Err(self.on_error(e));
             }
-            m.inflight.insert(gidx);
+            let _ = self.inflight.try_claim(gidx);
             host
         };
 
@@ -99,7 +98,7 @@ impl Image {
             m.release(old);
             Ok(())
         });
-        m.inflight.remove(&gidx);
+        self.inflight.release(gidx);
         let result = match linked {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -111,7 +110,6 @@ impl Image {
             }
         };
         drop(m);
-        self.inflight_done.notify_all();
         result?;
         self.after_write()
     }

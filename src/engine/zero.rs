@@ -32,8 +32,10 @@ fn update_clusters(
     while pos < end {
         let cluster = geo.cluster_start(pos);
         let gidx = geo.cluster_index(pos);
-        if m.inflight.contains(&gidx) {
-            m = img.inflight_done.wait(m).unwrap_or_else(|p| p.into_inner());
+        if img.inflight.is_claimed(gidx) {
+            drop(m);
+            img.inflight.wait_released(gidx);
+            m = img.lock_meta();
             continue;
         }
         let a = pos - cluster;

@@ -102,11 +102,11 @@ impl Image {
         }
         let mut m = self.lock_meta();
         // Allocated-but-unlinked clusters would look like leaks: let those writers finish.
-        while !m.inflight.is_empty() {
-            m = self
-                .inflight_done
-                .wait(m)
-                .unwrap_or_else(|p| p.into_inner());
+        // New claims are made under the metadata mutex, so none starts once we hold it idle.
+        while self.inflight.claims() > 0 {
+            drop(m);
+            self.inflight.wait_idle();
+            m = self.lock_meta();
         }
         if !self.is_read_only() {
             m.writeback(&self.file)?;
