@@ -1344,6 +1344,7 @@ fn flush_crash(tag: &str, opts: CreateOptions, base_seed: u64) {
         if let Err(e) = verify_crash(&p, seed, &flushed) {
             panic!("{what}: flushed {flushed:?}: {e}");
         }
+        eprintln!("{what}: ok, writes per writer covered by the last flush: {flushed:?}");
     }
 }
 
