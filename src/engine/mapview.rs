@@ -15,10 +15,11 @@
 
 use crate::format::entry::{self, decode_l2, Mapping};
 use crate::format::Geometry;
+use crossbeam_utils::sync::ShardedLock;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 /// A cached L2 table: entries as atomics behind a sequence counter.
 #[derive(Debug)]
@@ -119,13 +120,13 @@ impl Hasher for OffsetHasher {
 
 type OffsetMap<V> = HashMap<u64, V, BuildHasherDefault<OffsetHasher>>;
 
-const SHARDS: usize = 16;
-
 /// The active L1 table and the cached L2 tables, readable without the metadata mutex.
 #[derive(Debug)]
 pub struct MapView {
     l1: Box<[AtomicU64]>,
-    shards: [RwLock<OffsetMap<Arc<L2Table>>>; SHARDS],
+    /// Cached tables by host offset. A sharded lock: readers lock only their own thread's
+    /// shard (no shared cache line), the rare inserts and evictions lock all of them.
+    tables: ShardedLock<OffsetMap<Arc<L2Table>>>,
     /// Bumped whenever a table's on-disk contents change (write-back), so that a table read
     /// from disk without the mutex can be checked for staleness before it is installed.
     generation: AtomicU64,
@@ -136,7 +137,7 @@ impl MapView {
     pub fn new(l1_len: usize) -> MapView {
         MapView {
             l1: (0..l1_len).map(|_| AtomicU64::new(0)).collect(),
-            shards: std::array::from_fn(|_| RwLock::new(OffsetMap::default())),
+            tables: ShardedLock::new(OffsetMap::default()),
             generation: AtomicU64::new(0),
         }
     }
@@ -164,13 +165,9 @@ impl MapView {
             .collect()
     }
 
-    fn shard(&self, off: u64) -> &RwLock<OffsetMap<Arc<L2Table>>> {
-        &self.shards[((off >> 9) as usize) % SHARDS]
-    }
-
     /// The cached L2 table at host offset `off`.
     pub fn table(&self, off: u64) -> Option<Arc<L2Table>> {
-        self.shard(off)
+        self.tables
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&off)
@@ -179,7 +176,7 @@ impl MapView {
 
     /// Publishes a cached table.
     pub fn insert_table(&self, off: u64, t: Arc<L2Table>) {
-        self.shard(off)
+        self.tables
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(off, t);
@@ -187,7 +184,7 @@ impl MapView {
 
     /// Withdraws a table (evicted from the cache).
     pub fn remove_table(&self, off: u64) {
-        self.shard(off)
+        self.tables
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&off);
@@ -195,9 +192,10 @@ impl MapView {
 
     /// Forgets every table and loads `l1` (a metadata reload).
     pub fn reset(&self, l1: &[u64]) {
-        for s in &self.shards {
-            s.write().unwrap_or_else(|p| p.into_inner()).clear();
-        }
+        self.tables
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         for (slot, &v) in self.l1.iter().zip(l1) {
             slot.store(v, Ordering::Release);
         }
@@ -226,11 +224,11 @@ impl MapView {
         if !geo.is_aligned(off) {
             return None;
         }
-        // Read the entry under the shard's read lock rather than cloning the Arc: one shared
-        // counter touched per lookup instead of three.
+        // Read the entry under the (thread-local shard of the) read lock rather than cloning
+        // the Arc, whose count all readers of the table would share.
         let (w0, w1) = {
-            let shard = self.shard(off).read().unwrap_or_else(|p| p.into_inner());
-            let t = shard.get(&off)?;
+            let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
+            let t = tables.get(&off)?;
             t.touch();
             t.entry(geo.l2_index(guest) as usize, geo.extended_l2)
         };

@@ -24,10 +24,11 @@ use crate::format::Geometry;
 use crate::options::{CompressionType, Extent, ImageInfo, OpenOptions};
 use crate::storage::{HostFile, LockMode, PosixFile, WriteKind};
 use backing::Backing;
+use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard};
 use meta::Meta;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 /// Deepest backing chain oxcow opens.
 pub const MAX_BACKING_DEPTH: u32 = 64;
@@ -53,7 +54,7 @@ pub struct Image {
     /// Held shared by every request that may write (write, zeroes, discard, compressed
     /// writes, flush) for its whole duration, and exclusively by control operations
     /// (reopen) that must see no write in flight. Reads never take it.
-    gate: RwLock<()>,
+    gate: ShardedLock<()>,
     /// The current open ignores other writers (read-only, like `qemu-img -U`).
     force_share: AtomicBool,
     backing: Option<Backing>,
@@ -164,7 +165,7 @@ impl Image {
             keep_read_only: opts.keep_read_only,
             direct: opts.direct,
             no_backing: opts.no_backing,
-            gate: RwLock::new(()),
+            gate: ShardedLock::new(()),
             force_share: AtomicBool::new(opts.force_share),
             backing,
             snapshots,
@@ -246,7 +247,7 @@ impl Image {
     }
 
     /// Enters the shared side of the write gate (see the `gate` field).
-    fn enter_write_gate(&self) -> RwLockReadGuard<'_, ()> {
+    fn enter_write_gate(&self) -> ShardedLockReadGuard<'_, ()> {
         // Poisoning means a panic elsewhere; the gate guards no data.
         self.gate.read().unwrap_or_else(|p| p.into_inner())
     }

@@ -8,44 +8,73 @@
 //! that epoch or before has finished. Two counters suffice: the epoch only advances when the
 //! older of the two slots has drained (the scheme of sleepable RCU).
 //!
-//! Pinning is two atomic increments; nothing blocks.
+//! Pinning is an increment and a decrement of a per-thread-shard counter (no cache line shared
+//! by all threads); nothing blocks.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crossbeam_utils::CachePadded;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-/// Epoch counter plus the number of pinned requests in the current and previous epoch.
+/// Counter shards: threads spread over them so that concurrent requests do not all bounce
+/// one cache line.
+const SHARDS: usize = 16;
+
+thread_local! {
+    static SHARD: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS
+    };
+}
+
+/// Epoch counter plus, per shard, the number of pinned requests in the current and previous
+/// epoch.
 #[derive(Debug, Default)]
 pub struct Grace {
     epoch: AtomicU64,
-    active: [AtomicU64; 2],
+    active: [CachePadded<[AtomicU64; 2]>; SHARDS],
 }
 
 /// A pinned request; unpins on drop.
 #[derive(Debug)]
 pub struct Pin<'a> {
     grace: &'a Grace,
+    shard: usize,
     slot: usize,
 }
 
 impl Drop for Pin<'_> {
     fn drop(&mut self) {
-        self.grace.active[self.slot].fetch_sub(1, Ordering::SeqCst);
+        self.grace.active[self.shard][self.slot].fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl Grace {
     /// Pins the calling request in the current epoch.
     pub fn pin(&self) -> Pin<'_> {
+        let shard = SHARD.with(|s| *s);
         loop {
             let e = self.epoch.load(Ordering::SeqCst);
             let slot = (e & 1) as usize;
-            self.active[slot].fetch_add(1, Ordering::SeqCst);
+            self.active[shard][slot].fetch_add(1, Ordering::SeqCst);
             // If the epoch moved between the load and the increment, the advance may not
             // have seen us in the slot it checked: retry in the new epoch.
             if self.epoch.load(Ordering::SeqCst) == e {
-                return Pin { grace: self, slot };
+                return Pin {
+                    grace: self,
+                    shard,
+                    slot,
+                };
             }
-            self.active[slot].fetch_sub(1, Ordering::SeqCst);
+            self.active[shard][slot].fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    /// Requests pinned in `slot`, over all shards. A request pinned for good is counted; one
+    /// retrying into a newer epoch may or may not be, which is harmless.
+    fn pinned(&self, slot: usize) -> u64 {
+        self.active
+            .iter()
+            .map(|s| s[slot].load(Ordering::SeqCst))
+            .sum()
     }
 
     /// The tag for clusters freed now.
@@ -58,7 +87,7 @@ impl Grace {
     pub fn try_advance(&self) -> bool {
         let e = self.epoch.load(Ordering::SeqCst);
         // Slot (e+1)&1 holds requests of epoch e-1; it is reused by epoch e+1.
-        if self.active[((e + 1) & 1) as usize].load(Ordering::SeqCst) == 0 {
+        if self.pinned(((e + 1) & 1) as usize) == 0 {
             self.epoch.store(e + 1, Ordering::SeqCst);
             true
         } else {
@@ -73,7 +102,7 @@ impl Grace {
             // Advancing to tag+2 required slot tag&1 to be empty.
             return true;
         }
-        e == tag + 1 && self.active[(tag & 1) as usize].load(Ordering::SeqCst) == 0
+        e == tag + 1 && self.pinned((tag & 1) as usize) == 0
     }
 }
 
@@ -129,9 +158,6 @@ mod tests {
             h.join().expect("pinning thread");
         }
         assert!(g.try_advance() || g.try_advance());
-        assert_eq!(
-            g.active[0].load(Ordering::SeqCst) + g.active[1].load(Ordering::SeqCst),
-            0
-        );
+        assert_eq!(g.pinned(0) + g.pinned(1), 0);
     }
 }

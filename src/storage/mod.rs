@@ -84,8 +84,9 @@ pub struct HostFile {
     name: String,
     /// Checked before every write; the engine keeps its index current.
     guard: Arc<OverlapGuard>,
-    /// Keeps freed clusters from reuse while requests that may touch them run.
-    grace: Grace,
+    /// Keeps freed clusters from reuse while requests that may touch them run (boxed: its
+    /// cache-padded shards are large).
+    grace: Box<Grace>,
     /// Set when a sync failed. The kernel may have dropped the failed dirty pages and
     /// marked them clean, so a later successful fsync would prove nothing: every later sync
     /// fails too (the PostgreSQL/QEMU lesson), and the caller must treat unflushed data as lost.
@@ -99,7 +100,7 @@ impl HostFile {
             backend,
             name: name.into(),
             guard: Arc::new(OverlapGuard::default()),
-            grace: Grace::default(),
+            grace: Box::default(),
             sync_failed: AtomicBool::new(false),
         }
     }
