@@ -117,6 +117,11 @@ impl Image {
     /// The API boundary: maps a runtime corruption to its consequences and delivers queued
     /// events. Must be called with no engine lock held.
     pub(super) fn finish<T>(&self, r: crate::Result<T>) -> crate::Result<T> {
+        // Events are only ever queued by a failing request: successful requests skip the
+        // queue's mutex entirely.
+        if r.is_ok() && !self.corruption_handled.load(Ordering::Acquire) {
+            return r;
+        }
         let r = r.map_err(|e| self.on_error(e));
         let events = std::mem::take(
             &mut *self

@@ -1,5 +1,5 @@
-//! The read path: map a guest range to host segments under the metadata lock, then do the
-//! I/O with no lock held.
+//! The read path: map a guest range to host segments (lock-free when the L2 table is cached,
+//! under the metadata lock otherwise), then do the I/O with no lock held.
 
 use super::{compress, Image};
 use crate::error::Result;
@@ -27,28 +27,79 @@ struct Segment {
     source: Source,
 }
 
-/// Appends the segments covering `[offset, end)` (which lies within one L2 table's range),
-/// mapping each cluster with `lookup`. Returns false as soon as `lookup` cannot map a
-/// cluster (`Ok(None)`: the lock-free view has no table for it), leaving `out` partial.
+/// How many segments one mapping pass collects (on the stack: a request rarely maps to
+/// more than a few runs, and longer ones are mapped and read in several passes).
+const SEGS: usize = 16;
+
+/// Segments collected on the stack, merging runs that continue each other.
+struct SegBuf {
+    items: [Segment; SEGS],
+    n: usize,
+}
+
+impl SegBuf {
+    fn new() -> SegBuf {
+        SegBuf {
+            items: [Segment {
+                len: 0,
+                source: Source::Zero,
+            }; SEGS],
+            n: 0,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.n = 0;
+    }
+
+    fn as_slice(&self) -> &[Segment] {
+        &self.items[..self.n]
+    }
+
+    /// Appends a run; false (nothing added) when it cannot merge and the buffer is full.
+    fn push(&mut self, len: u64, source: Source) -> bool {
+        if let Some(last) = self.n.checked_sub(1).map(|i| &mut self.items[i]) {
+            let merge = match (last.source, source) {
+                (Source::Data(a), Source::Data(b)) => a + last.len == b,
+                (Source::Zero, Source::Zero) | (Source::Backing, Source::Backing) => true,
+                _ => false,
+            };
+            if merge {
+                last.len += len;
+                return true;
+            }
+        }
+        if self.n == SEGS {
+            return false;
+        }
+        self.items[self.n] = Segment { len, source };
+        self.n += 1;
+        true
+    }
+}
+
+/// Maps `[offset, end)` (within one L2 table's range) into `out`, cluster by cluster with
+/// `lookup`, until `end`, until `lookup` cannot map a cluster (`Ok(None)`: the lock-free view
+/// has no table for it) or until `out` is full. Returns the guest offset reached: `out`
+/// covers `[offset, reached)`.
 fn map_range(
     geo: &Geometry,
     offset: u64,
     end: u64,
-    out: &mut Vec<Segment>,
+    out: &mut SegBuf,
     lookup: &mut dyn FnMut(u64) -> Result<Option<Mapping>>,
-) -> Result<bool> {
+) -> Result<u64> {
     let sub = geo.subcluster_size();
     let mut pos = offset;
     while pos < end {
         let Some(mapping) = lookup(pos)? else {
-            return Ok(false);
+            return Ok(pos);
         };
         let cluster_end = geo.cluster_start(pos) + geo.cluster_size();
         while pos < end.min(cluster_end) {
             let sc = geo.subcluster_index(pos);
             let run = mapping.run_from(geo, sc) as u64;
             let run_end = (geo.cluster_start(pos) + (sc as u64 + run) * sub).min(end);
-            let len = run_end - pos;
             let source = match mapping.subcluster(geo, sc) {
                 SubclusterState::Data(h) => Source::Data(h + (pos - geo.cluster_start(pos)) % sub),
                 SubclusterState::Zero => Source::Zero,
@@ -62,64 +113,53 @@ fn map_range(
                     _ => Source::Zero,
                 },
             };
-            push(out, len, source);
+            if !out.push(run_end - pos, source) {
+                return Ok(pos);
+            }
             pos = run_end;
         }
     }
-    Ok(true)
+    Ok(pos)
 }
 
-/// Maps `[pos, end)` (within one L2 table's range): without any lock when the lock-free view
-/// has the L2 table; otherwise the table is loaded from disk without the lock and installed
-/// (so a miss does not stall other readers), with the metadata mutex as the last resort.
-fn map_segments(img: &Image, pos: u64, end: u64, out: &mut Vec<Segment>) -> Result<()> {
+/// Maps a prefix of `[pos, end)` (within one L2 table's range) into `out` and returns the
+/// offset reached (always past `pos`): without any lock when the lock-free view has the L2
+/// table; otherwise the table is loaded from disk without the lock and installed (so a miss
+/// does not stall other readers), with the metadata mutex as the last resort.
+fn map_segments(img: &Image, pos: u64, end: u64, out: &mut SegBuf) -> Result<u64> {
     let geo = img.geo;
-    let fast = |out: &mut Vec<Segment>| {
+    let fast = |out: &mut SegBuf| {
         out.clear();
         map_range(&geo, pos, end, out, &mut |g| {
             Ok(img.view.lookup(&geo, img.version, g))
         })
     };
-    if fast(out)? {
-        return Ok(());
+    let reached = fast(out)?;
+    if reached > pos {
+        return Ok(reached);
     }
-    if img.prefetch_l2(pos)? && fast(out)? {
-        return Ok(());
+    if img.prefetch_l2(pos)? {
+        let reached = fast(out)?;
+        if reached > pos {
+            return Ok(reached);
+        }
     }
     out.clear();
     let mut m = img.lock_meta();
-    map_range(&geo, pos, end, out, &mut |g| {
-        m.lookup(&img.file, g).map(Some)
-    })?;
-    Ok(())
-}
-
-fn push(out: &mut Vec<Segment>, len: u64, source: Source) {
-    if let Some(last) = out.last_mut() {
-        let merge = match (last.source, source) {
-            (Source::Data(a), Source::Data(b)) => a + last.len == b,
-            (Source::Zero, Source::Zero) | (Source::Backing, Source::Backing) => true,
-            _ => false,
-        };
-        if merge {
-            last.len += len;
-            return;
-        }
-    }
-    out.push(Segment { len, source });
+    map_range(&geo, pos, end, out, &mut |g| m.lookup(&img.file, g).map(Some))
 }
 
 /// Reads `buf.len()` guest bytes at `offset` (range already checked).
 pub fn read(img: &Image, buf: &mut [u8], offset: u64) -> Result<()> {
     let coverage = img.geo.l2_coverage();
-    let mut segments = Vec::new();
+    let mut segments = SegBuf::new();
     let mut done = 0usize;
     while done < buf.len() {
         let pos = offset + done as u64;
         let table_end = (pos / coverage + 1) * coverage;
         let end = table_end.min(offset + buf.len() as u64);
         map_segments(img, pos, end, &mut segments)?;
-        for seg in &segments {
+        for seg in segments.as_slice() {
             let out = &mut buf[done..done + seg.len as usize];
             read_segment(img, out, offset + done as u64, seg.source)?;
             done += seg.len as usize;
@@ -182,12 +222,12 @@ pub fn block_status(img: &Image, offset: u64, count: u64) -> Result<Extent> {
     let has_backing = img.backing.is_some();
     let mut first: Option<(u32, u64)> = None;
     let mut len = 0u64;
-    let mut segments = Vec::new();
+    let mut segments = SegBuf::new();
     while len < count {
         let pos = offset + len;
         let end = ((pos / coverage + 1) * coverage).min(offset + count);
         map_segments(img, pos, end, &mut segments)?;
-        for seg in &segments {
+        for seg in segments.as_slice() {
             let (flags, host) = status_of(seg.source, has_backing);
             match first {
                 None => first = Some((flags, host)),

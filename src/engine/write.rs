@@ -156,37 +156,44 @@ fn decide(
     })
 }
 
-/// The lock-free fast path: when every cluster of the batch is data this image owns
-/// (COPIED) with all touched subclusters allocated, the bytes go in place with no metadata
-/// mutex and nothing to link. Returns None when any cluster needs the full path.
-fn try_in_place(img: &Image, buf: &[u8], offset: u64, end: u64) -> Result<Option<usize>> {
+/// The lock-free fast path: while the clusters from `offset` on are data this image owns
+/// (COPIED) with every touched subcluster allocated, the bytes go in place with no metadata
+/// mutex and nothing to link; host-contiguous clusters are written with one call. Returns how
+/// many bytes it wrote (0 when the first cluster needs the full path); the caller handles the
+/// rest, so stopping early is fine.
+fn write_in_place(img: &Image, buf: &[u8], offset: u64, end: u64) -> Result<usize> {
     let geo = img.geo;
     let cs = geo.cluster_size();
-    let mut ops: Vec<Op> = Vec::new();
+    // The pending run: host offset and the buffer range it covers.
+    let mut run: Option<(u64, usize, usize)> = None;
     let mut pos = offset;
     while pos < end {
-        let cluster = geo.cluster_start(pos);
-        let start = pos - cluster;
+        let start = pos - geo.cluster_start(pos);
         let len = (cs - start).min(end - pos);
-        match img.view.lookup(&geo, img.version, pos) {
+        let host = match img.view.lookup(&geo, img.version, pos) {
             Some(Mapping::Data {
                 host,
                 copied: true,
                 alloc,
                 ..
-            }) if touched_mask(&geo, start, len) & !alloc == 0 => ops.push(Op {
-                guest: cluster,
-                start,
-                len,
-                buf_off: (pos - offset) as usize,
-                action: Action::InPlace { host },
-            }),
-            _ => return Ok(None),
-        }
+            }) if touched_mask(&geo, start, len) & !alloc == 0 => host + start,
+            _ => break,
+        };
+        let b = (pos - offset) as usize;
+        run = match run {
+            Some((h, a, e)) if h + (e - a) as u64 == host => Some((h, a, e + len as usize)),
+            Some((h, a, e)) => {
+                img.file.write(&buf[a..e], h, WriteKind::Data)?;
+                Some((host, b, b + len as usize))
+            }
+            None => Some((host, b, b + len as usize)),
+        };
         pos += len;
     }
-    do_io(img, buf, &ops)?;
-    Ok(Some((end - offset) as usize))
+    if let Some((h, a, e)) = run {
+        img.file.write(&buf[a..e], h, WriteKind::Data)?;
+    }
+    Ok((pos - offset) as usize)
 }
 
 fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
@@ -194,7 +201,8 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
     let cs = geo.cluster_size();
     let coverage = geo.l2_coverage();
     let end = ((offset / coverage + 1) * coverage).min(offset + buf.len() as u64);
-    if let Some(n) = try_in_place(img, buf, offset, end)? {
+    let n = write_in_place(img, buf, offset, end)?;
+    if n > 0 {
         return Ok(n);
     }
     let mut ops: Vec<Op> = Vec::new();
