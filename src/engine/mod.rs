@@ -465,15 +465,20 @@ fn lock_mode(opts: &OpenOptions) -> LockMode {
     }
 }
 
-/// Reads and validates the header in cluster 0.
+/// Reads and validates the header in cluster 0; errors name the file as `name`.
 fn read_header(file: &HostFile, name: &str) -> Result<Header> {
+    parse_header_cluster(file).map_err(|e| prefix(e, name))
+}
+
+/// Reads cluster 0 (its size probed from the header itself) and parses it.
+fn parse_header_cluster(file: &HostFile) -> Result<Header> {
     let mut probe = [0u8; Header::PROBE_LEN];
     let n = file.read_some(&mut probe, 0, "image header")?;
     let cluster_size = Header::probe_cluster_size(&probe[..n]).unwrap_or(n as u64);
     let mut c0 = vec![0u8; cluster_size as usize];
     let n = file.read_some(&mut c0, 0, "image header")?;
     c0.truncate(n);
-    Header::parse(&c0).map_err(|e| prefix(e, name))
+    Header::parse(&c0)
 }
 
 /// A read-write open of a dirty image (lazy refcounts not written back before a crash)

@@ -146,7 +146,9 @@ fn map_segments(img: &Image, pos: u64, end: u64, out: &mut SegBuf) -> Result<u64
     }
     out.clear();
     let mut m = img.lock_meta();
-    map_range(&geo, pos, end, out, &mut |g| m.lookup(&img.file, g).map(Some))
+    map_range(&geo, pos, end, out, &mut |g| {
+        m.lookup(&img.file, g).map(Some)
+    })
 }
 
 /// Reads `buf.len()` guest bytes at `offset` (range already checked).

@@ -4,6 +4,7 @@
 //! Diagnostics go to stderr, the summary to stdout, exit codes are qemu-img's: 0 clean,
 //! 1 check not completed, 2 corruptions, 3 leaks only.
 
+use crate::args::json_str;
 use crate::progress::Progress;
 use oxcow::{CheckFix, CheckReport, Image};
 
@@ -175,24 +176,6 @@ fn human(r: &CheckReport) -> String {
         s.push_str(&format!("Image end offset: {}\n", r.image_end_offset));
     }
     s
-}
-
-/// Escapes a string for JSON.
-fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// qemu-img's JSON `ImageCheck`: filename, format and check-errors always, the other

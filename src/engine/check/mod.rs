@@ -189,13 +189,7 @@ impl Image {
 
 /// Reads and parses cluster 0 of an image file.
 fn read_header(file: &HostFile) -> Result<Header> {
-    let mut probe = [0u8; Header::PROBE_LEN];
-    let n = file.read_some(&mut probe, 0, "image header")?;
-    let cluster_size = Header::probe_cluster_size(&probe[..n]).unwrap_or(n as u64);
-    let mut c0 = vec![0u8; cluster_size as usize];
-    let n = file.read_some(&mut c0, 0, "image header")?;
-    c0.truncate(n);
-    Header::parse(&c0)
+    super::parse_header_cluster(file)
 }
 
 /// Checks (and repairs) the image in `file` described by `header`. Returns the report and
