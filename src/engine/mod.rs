@@ -4,6 +4,8 @@ mod backing;
 mod cache;
 pub mod check;
 pub mod compress;
+#[cfg(test)]
+mod crash_tests;
 pub mod create;
 pub mod events;
 mod inflight;
@@ -98,6 +100,13 @@ impl Image {
         })?;
         posix.lock(&name, lock_mode(opts))?;
         let file = HostFile::new(Arc::new(posix), name.clone());
+        Self::open_file(file, path, opts, depth)
+    }
+
+    /// Opens the image held by `file` (already opened and locked; `path` names it and
+    /// anchors relative backing names). Tests use it with simulated backends.
+    fn open_file(file: HostFile, path: &Path, opts: &OpenOptions, depth: u32) -> Result<Image> {
+        let name = file.name().to_string();
         let mut header = read_header(&file, &name)?;
         let geo = header.geometry();
         if opts.writable {

@@ -10,6 +10,8 @@ pub mod grace;
 pub mod guard;
 pub mod lock;
 mod posix;
+#[cfg(test)]
+pub mod sim;
 
 pub use grace::{Grace, Pin};
 pub use guard::{MetaKind, OverlapCheck, OverlapGuard, OverlapHit};

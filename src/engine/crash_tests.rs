@@ -1,0 +1,339 @@
+//! Crash and I/O-error consistency, with the host file simulated in memory
+//! ([`crate::storage::sim::SimFile`]): for every crash point of a workload's write-back (every
+//! prefix of the writes since the last durable state, and reorderings of the writes between two
+//! syncs) and for an I/O error injected at every write, the file afterwards must pass
+//! `qemu-img check` with at worst leaks (exit 0 or 3, never 2) and every byte acknowledged by a
+//! completed flush must read back. A lazy-refcounts image must come back clean after the
+//! read-write open that repairs it.
+
+use super::Image;
+use crate::storage::sim::{apply, Event, SimFile};
+use crate::storage::HostFile;
+use crate::{CreateOptions, OpenOptions, ZeroFlags};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("oxcow-crash-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// xorshift: deterministic workloads without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const SIZE: u64 = 4 << 20;
+
+fn rw() -> OpenOptions {
+    OpenOptions {
+        writable: true,
+        ..Default::default()
+    }
+}
+
+fn open_sim(bytes: Vec<u8>, path: &Path) -> (Arc<SimFile>, Image) {
+    let sim = Arc::new(SimFile::new(bytes));
+    let file = HostFile::new(sim.clone(), path.display().to_string());
+    let img = Image::open_file(file, path, &rw(), 0).expect("open simulated image");
+    (sim, img)
+}
+
+/// Guest contents plus which bytes the second phase touched.
+struct Model {
+    data: Vec<u8>,
+    touched: Vec<bool>,
+}
+
+impl Model {
+    fn write(&mut self, off: u64, buf: &[u8], phase2: bool) {
+        let r = off as usize..off as usize + buf.len();
+        self.data[r.clone()].copy_from_slice(buf);
+        if phase2 {
+            self.touched[r].fill(true);
+        }
+    }
+    fn zero(&mut self, off: u64, len: u64, phase2: bool) {
+        let r = off as usize..(off + len) as usize;
+        self.data[r.clone()].fill(0);
+        if phase2 {
+            self.touched[r].fill(true);
+        }
+    }
+}
+
+/// Random writes, write_zeroes and discards. Errors are returned (fault injection expects
+/// them); the model records only operations that succeeded.
+fn workload(img: &Image, m: &mut Model, rng: &mut Rng, n: usize, phase2: bool, cs: u64) {
+    for _ in 0..n {
+        let off = rng.below(SIZE - 1);
+        let len = (1 + rng.below(3 * cs)).min(SIZE - off);
+        // Mark the range touched first: a failed operation may have changed it partly.
+        if phase2 {
+            m.touched[off as usize..(off + len) as usize].fill(true);
+        }
+        match rng.below(10) {
+            0 => {
+                if img
+                    .write_zeroes(off, len, ZeroFlags { may_unmap: true })
+                    .is_ok()
+                {
+                    m.zero(off, len, phase2);
+                }
+            }
+            1 => {
+                let a = off.div_ceil(cs) * cs;
+                let b = (off + len) / cs * cs;
+                if img.discard(off, len).is_ok() && a < b {
+                    m.zero(a, b - a, phase2);
+                }
+            }
+            _ => {
+                let tag = rng.next() as u8 | 1;
+                let buf: Vec<u8> = (0..len).map(|i| tag ^ (i as u8)).collect();
+                if img.write_at(&buf, off).is_ok() {
+                    m.write(off, &buf, phase2);
+                }
+            }
+        }
+    }
+}
+
+/// Checks one crash state: qemu-img finds at worst leaks (after the repairing open for lazy
+/// refcounts), and every byte flushed in phase one and untouched since reads back.
+fn check_state(dir: &Path, bytes: &[u8], flushed: &Model, lazy: bool, what: &str) {
+    let p = dir.join("state.qcow2");
+    std::fs::write(&p, bytes).expect("write state");
+    if lazy {
+        let img = Image::open(&p, &rw()).unwrap_or_else(|e| panic!("{what}: repairing open: {e}"));
+        img.close().expect("close");
+    }
+    let out = Command::new("qemu-img")
+        .args(["check", "-q", p.to_str().expect("utf-8 path")])
+        .output()
+        .expect("qemu-img");
+    let code = out.status.code().unwrap_or(-1);
+    let allowed: &[i32] = if lazy { &[0] } else { &[0, 3] };
+    assert!(
+        allowed.contains(&code),
+        "{what}: qemu-img check exit {code}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = Image::open(&p, &OpenOptions::default())
+        .unwrap_or_else(|e| panic!("{what}: open after crash: {e}"));
+    let mut got = vec![0u8; SIZE as usize];
+    img.read_at(&mut got, 0)
+        .unwrap_or_else(|e| panic!("{what}: read after crash: {e}"));
+    for (i, (&g, &w)) in got.iter().zip(&flushed.data).enumerate() {
+        if !flushed.touched[i] && g != w {
+            panic!("{what}: flushed byte {i:#x} is {g:#x}, expected {w:#x}");
+        }
+    }
+}
+
+/// The file after the writes `journal[..k]` on top of `base`; `drop` removes some of the
+/// writes made after the last sync before `k` (a disk may reorder them).
+fn state_at(base: &[u8], journal: &[Event], k: usize, drop: &dyn Fn(usize) -> bool) -> Vec<u8> {
+    let last_sync = journal[..k]
+        .iter()
+        .rposition(|e| matches!(e, Event::Sync))
+        .map_or(0, |i| i + 1);
+    let mut f = base.to_vec();
+    for (i, e) in journal[..k].iter().enumerate() {
+        if let Event::Write(off, data) = e {
+            if i < last_sync || !drop(i) {
+                apply(&mut f, *off, data);
+            }
+        }
+    }
+    f
+}
+
+fn crash_points(tag: &str, opts: CreateOptions, seed: u64) {
+    let dir = Scratch::new(tag);
+    let path = dir.0.join("img.qcow2");
+    let cs = opts.cluster_size as u64;
+    let lazy = opts.lazy_refcounts;
+    crate::create(&path, SIZE, &opts).expect("create");
+    let (sim, img) = open_sim(std::fs::read(&path).expect("read"), &path);
+    let mut rng = Rng(seed);
+    let mut m = Model {
+        data: vec![0; SIZE as usize],
+        touched: vec![false; SIZE as usize],
+    };
+    workload(&img, &mut m, &mut rng, 40, false, cs);
+    img.flush().expect("flush 1");
+    let base = sim.contents();
+    let start = sim.journal().len();
+    let flushed = Model {
+        data: m.data.clone(),
+        touched: vec![false; SIZE as usize],
+    };
+    workload(&img, &mut m, &mut rng, 40, true, cs);
+    img.flush().expect("flush 2");
+    let journal = sim.journal()[start..].to_vec();
+    std::mem::forget(img); // the process "dies" here
+    let flushed = Model {
+        data: flushed.data,
+        touched: m.touched.clone(),
+    };
+    // Every prefix, at most ~120 of them spread over the journal, plus reorderings.
+    let step = (journal.len() / 120).max(1);
+    let mut states = 0;
+    for k in (0..=journal.len()).step_by(step) {
+        let what = format!("{tag}: crash after {k}/{} journal entries", journal.len());
+        check_state(
+            &dir.0,
+            &state_at(&base, &journal, k, &|_| false),
+            &flushed,
+            lazy,
+            &what,
+        );
+        let mask = rng.next();
+        let reordered = state_at(&base, &journal, k, &|i| mask >> (i % 64) & 1 == 1);
+        check_state(
+            &dir.0,
+            &reordered,
+            &flushed,
+            lazy,
+            &format!("{what}, reordered"),
+        );
+        states += 2;
+    }
+    // The completed second flush makes everything durable.
+    let all = state_at(&base, &journal, journal.len(), &|_| false);
+    let done = Model {
+        data: m.data.clone(),
+        touched: vec![false; SIZE as usize],
+    };
+    check_state(&dir.0, &all, &done, lazy, &format!("{tag}: after flush 2"));
+    assert!(states > 20, "{tag}: too few crash states ({states})");
+}
+
+#[test]
+fn every_crash_point_of_a_write_back_leaves_at_most_leaks_and_keeps_flushed_data() {
+    crash_points(
+        "c512-rc64",
+        CreateOptions {
+            cluster_size: 512,
+            refcount_bits: 64,
+            ..Default::default()
+        },
+        11,
+    );
+    crash_points(
+        "c4k-extl2",
+        CreateOptions {
+            cluster_size: 16384,
+            extended_l2: true,
+            ..Default::default()
+        },
+        12,
+    );
+}
+
+#[test]
+fn every_crash_point_of_a_lazy_refcounts_image_is_repaired_by_the_next_open() {
+    crash_points(
+        "c4k-lazy",
+        CreateOptions {
+            cluster_size: 4096,
+            lazy_refcounts: true,
+            ..Default::default()
+        },
+        13,
+    );
+}
+
+#[test]
+fn an_io_error_at_any_write_leaves_at_most_leaks_and_keeps_flushed_data() {
+    let dir = Scratch::new("eio");
+    let path = dir.0.join("img.qcow2");
+    let opts = CreateOptions {
+        cluster_size: 4096,
+        refcount_bits: 16,
+        ..Default::default()
+    };
+    let cs = opts.cluster_size as u64;
+    crate::create(&path, SIZE, &opts).expect("create");
+    let (sim, img) = open_sim(std::fs::read(&path).expect("read"), &path);
+    let mut rng = Rng(21);
+    let mut m = Model {
+        data: vec![0; SIZE as usize],
+        touched: vec![false; SIZE as usize],
+    };
+    workload(&img, &mut m, &mut rng, 30, false, cs);
+    img.flush().expect("flush");
+    drop(img);
+    let base = sim.contents();
+    // How many writes the second phase makes without faults.
+    let total = {
+        let (sim, img) = open_sim(base.clone(), &path);
+        let before = sim.journal().len();
+        let mut m2 = Model {
+            data: m.data.clone(),
+            touched: vec![false; SIZE as usize],
+        };
+        workload(&img, &mut m2, &mut Rng(22), 30, true, cs);
+        let _ = img.flush();
+        let n = sim.journal()[before..]
+            .iter()
+            .filter(|e| matches!(e, Event::Write(..)))
+            .count();
+        std::mem::forget(img);
+        n
+    };
+    assert!(total > 20, "too few writes to inject into ({total})");
+    let step = (total / 60).max(1);
+    for n in (0..total).step_by(step) {
+        let (sim, img) = open_sim(base.clone(), &path);
+        sim.fail_write_after(n as u64);
+        let mut m2 = Model {
+            data: m.data.clone(),
+            touched: vec![false; SIZE as usize],
+        };
+        workload(&img, &mut m2, &mut Rng(22), 30, true, cs);
+        let _ = img.flush();
+        drop(img); // close after the error: whatever the engine writes then counts too
+        let flushed = Model {
+            data: m.data.clone(),
+            touched: m2.touched,
+        };
+        let what = format!("EIO at write {n}/{total}");
+        check_state(&dir.0, &sim.contents(), &flushed, false, &what);
+        // And a crash right after: only what was synced.
+        let journal = sim.journal();
+        let durable = state_at(&base, &journal, journal.len(), &|_| true);
+        check_state(
+            &dir.0,
+            &durable,
+            &flushed,
+            false,
+            &format!("{what}, then a crash"),
+        );
+    }
+}
