@@ -16,8 +16,6 @@
 use crate::format::entry::{self, decode_l2, Mapping};
 use crate::format::Geometry;
 use crossbeam_utils::sync::ShardedLock;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -98,27 +96,7 @@ impl L2Table {
     }
 }
 
-/// Multiplicative hashing for cluster-aligned offsets (SipHash would cost more than the
-/// lookup it protects; the keys come from our own tables, not from an attacker who could
-/// exploit a weak hash beyond slowing one image down).
-#[derive(Default)]
-pub struct OffsetHasher(u64);
-
-impl Hasher for OffsetHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (v >> 9).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type OffsetMap<V> = HashMap<u64, V, BuildHasherDefault<OffsetHasher>>;
+type OffsetMap<V> = crate::storage::guard::U64Map<V>;
 
 /// The active L1 table and the cached L2 tables, readable without the metadata mutex.
 #[derive(Debug)]

@@ -12,9 +12,11 @@
 //! "may this write happen" and remembers the hit for the event it causes.
 
 use crate::error::{Error, Result};
+use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::Mutex;
 
 /// Which metadata structure a cluster belongs to (names as in QEMU's messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,6 +78,32 @@ impl MetaKind {
         1 << self as u8
     }
 }
+
+/// A fast hasher for u64 keys that the engine derives from its own tables (cluster indices,
+/// aligned host offsets): a multiplication spreads the entropy of the key upwards and the
+/// fold brings the high bits back down, so aligned keys (low bits all zero) still fill the
+/// table evenly. SipHash would cost more than the lookups it protects, and these keys are not
+/// chosen by an adversary who could do more than slow one image down.
+#[derive(Default)]
+pub struct U64Hasher(u64);
+
+impl Hasher for U64Hasher {
+    fn finish(&self) -> u64 {
+        let x = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^ (x >> 32)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// A map keyed by u64 with [`U64Hasher`].
+pub type U64Map<V> = HashMap<u64, V, BuildHasherDefault<U64Hasher>>;
 
 /// How much the guard checks, as QEMU's `overlap-check` option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -143,7 +171,8 @@ pub struct OverlapHit {
 pub struct OverlapGuard {
     cluster_bits: AtomicU8,
     mode: AtomicU8,
-    clusters: RwLock<HashMap<u64, u16>>,
+    /// Sharded: every host write reads it, from any thread; only table allocation writes it.
+    clusters: ShardedLock<U64Map<u16>>,
     last_hit: Mutex<Option<OverlapHit>>,
 }
 
@@ -152,7 +181,7 @@ impl Default for OverlapGuard {
         OverlapGuard {
             cluster_bits: AtomicU8::new(16),
             mode: AtomicU8::new(OverlapCheck::All.to_u8()),
-            clusters: RwLock::new(HashMap::new()),
+            clusters: ShardedLock::new(U64Map::default()),
             last_hit: Mutex::new(None),
         }
     }
@@ -251,12 +280,12 @@ impl OverlapGuard {
             .take()
     }
 
-    fn read_index(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, u16>> {
+    fn read_index(&self) -> ShardedLockReadGuard<'_, U64Map<u16>> {
         // A panic while holding the lock fences the image; the map itself stays consistent.
         self.clusters.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, u16>> {
+    fn write_index(&self) -> ShardedLockWriteGuard<'_, U64Map<u16>> {
         self.clusters.write().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -269,6 +298,25 @@ mod tests {
         let g = OverlapGuard::default();
         g.reset(16);
         g
+    }
+
+    #[test]
+    fn aligned_keys_spread_over_the_low_and_high_hash_bits() {
+        use std::hash::BuildHasher;
+        let b = BuildHasherDefault::<U64Hasher>::default();
+        let mut low = std::collections::HashSet::new();
+        let mut high = std::collections::HashSet::new();
+        for i in 0..1024u64 {
+            let h = b.hash_one(i << 16); // 64 KiB-aligned offsets
+            low.insert(h & 1023);
+            high.insert(h >> 57);
+        }
+        assert!(low.len() > 600, "low bits collide: {} of 1024", low.len());
+        assert!(
+            high.len() > 100,
+            "control bits collide: {} of 128",
+            high.len()
+        );
     }
 
     #[test]
