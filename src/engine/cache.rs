@@ -79,6 +79,9 @@ impl<T> TableCache<T> {
     /// `used(data)` reports recent use elsewhere (lock-free readers) is kept this time and
     /// counts as just used. Returns the evicted offset, or None if every table is dirty.
     pub fn evict_clean_second_chance(&mut self, mut used: impl FnMut(&T) -> bool) -> Option<u64> {
+        // Readers may mark tables as fast as we clear the marks: spare each table at most
+        // about once, then take the least recently used regardless.
+        let mut spares = self.slots.len();
         loop {
             let victim = self
                 .slots
@@ -86,11 +89,12 @@ impl<T> TableCache<T> {
                 .filter(|(_, s)| !s.dirty)
                 .min_by_key(|(_, s)| s.last_use)
                 .map(|(k, _)| *k)?;
-            let spared = self.slots.get(&victim).is_some_and(|s| used(&s.data));
+            let spared = spares > 0 && self.slots.get(&victim).is_some_and(|s| used(&s.data));
             if !spared {
                 self.slots.remove(&victim);
                 return Some(victim);
             }
+            spares -= 1;
             self.clock += 1;
             if let Some(s) = self.slots.get_mut(&victim) {
                 s.last_use = self.clock;
@@ -149,6 +153,20 @@ impl<T> TableCache<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn second_chance_spares_used_tables_but_always_makes_progress() {
+        let mut c = TableCache::new(4);
+        c.insert(1, 1u32, false);
+        c.insert(2, 2u32, false);
+        c.insert(3, 3u32, true);
+        // Table 1 (least recent) is in use: table 2 goes instead.
+        assert_eq!(c.evict_clean_second_chance(|&v| v == 1), Some(2));
+        // Everything clean is always in use: something is evicted anyway.
+        assert_eq!(c.evict_clean_second_chance(|_| true), Some(1));
+        // Only a dirty table is left.
+        assert_eq!(c.evict_clean_second_chance(|_| false), None);
+    }
 
     #[test]
     fn eviction_takes_the_least_recent_clean_table_and_never_a_dirty_one() {
