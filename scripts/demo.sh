@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds everything (Rust library + CLI + C harness) and runs the main job on a sample image:
-# QEMU writes an image, oxcow reads it back byte-for-byte, oxcow writes to it, QEMU checks it.
+# QEMU writes an image, oxcow reads it back byte-for-byte, oxcow writes plain and compressed
+# copies, oxcow and QEMU check them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --lib --bins
@@ -27,3 +28,10 @@ echo "== oxcow writes a copy: qemu-img check and compare"
 $bin convert -O qcow2 "$work/sample.qcow2" "$work/copy.qcow2"
 qemu-img check "$work/copy.qcow2"
 qemu-img compare "$work/sample.qcow2" "$work/copy.qcow2"
+
+echo "== oxcow writes a compressed copy; oxcow check agrees with qemu-img check"
+$bin convert -c -O qcow2 "$work/sample.qcow2" "$work/small.qcow2"
+$bin check "$work/small.qcow2"
+qemu-img check -q "$work/small.qcow2" && echo "qemu-img check: clean"
+qemu-img compare -q "$work/sample.qcow2" "$work/small.qcow2" && echo "compressed copy identical"
+ls -l "$work/copy.qcow2" "$work/small.qcow2" | awk '{print $5, $NF}'
