@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds everything (Rust library + CLI + C harness) and runs the main job on a sample image:
+# Builds the Rust library and CLI and runs the main job on a sample image:
 # QEMU writes an image, oxcow reads it back byte-for-byte, oxcow writes plain and compressed
 # copies, oxcow and QEMU check them.
 set -euo pipefail

@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 
+# cmake, Go, pkg-config, clippy: installed when missing (apt-get).
+./scripts/deps.sh
+
 echo "== cargo fmt / clippy"
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

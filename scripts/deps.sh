@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs beyond the base image (Rust toolchain, gcc, python3,
+# qemu-utils) when it is missing: cmake (C harness), Go (binding), pkg-config (packaging
+# checks), and clippy/rustfmt. Uses apt-get, as root or through sudo; does nothing when all is
+# there.
+set -euo pipefail
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v go >/dev/null 2>&1 || need+=(golang-go)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing ${need[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if ! rustup component list --installed 2>/dev/null | grep -q clippy; then
+  rustup component add clippy rustfmt
+fi
