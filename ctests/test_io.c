@@ -442,6 +442,40 @@ static void test_compressed(void) {
     }
 }
 
+/* Compressed writes from C: packed clusters that QEMU reads back identically, bad shapes
+ * refused with -EINVAL. */
+static void test_write_compressed(void) {
+    const char *q, *raw;
+    oxcow_image *img;
+    oxcow_extent e;
+    unsigned char *buf = malloc(CL);
+    unsigned i, c;
+    REQUIRE(buf != NULL);
+    scratch_dir();
+    q = scratch_path("wc.qcow2");
+    raw = scratch_path("wc.raw");
+    REQUIRE_OK(create_default(q, 16 * CL));
+    img = open_image(q, OXCOW_OPEN_RDWR);
+    REQUIRE(img != NULL);
+    for (c = 0; c < 16; c++) {
+        for (i = 0; i < CL; i++)
+            buf[i] = (unsigned char)((i / 700) ^ c);
+        CHECK_EQ(oxcow_write_compressed(img, buf, CL, (uint64_t)c * CL), 0);
+        CHECK_EQ(write_file_at(raw, buf, CL, (off_t)c * CL), 0);
+    }
+    memset(&e, 0, sizeof e);
+    CHECK_EQ(oxcow_block_status(img, 3 * CL, CL, &e), 0);
+    CHECK_EQ(e.flags, OXCOW_EXTENT_ALLOCATED | OXCOW_EXTENT_COMPRESSED);
+    CHECK_EQ(oxcow_write_compressed(img, buf, CL, 512), -EINVAL);
+    CHECK_EQ(oxcow_write_compressed(img, buf, CL - 1, 0), -EINVAL);
+    CHECK_EQ(oxcow_write_compressed(img, NULL, CL, 0), -EINVAL);
+    CHECK_EQ(oxcow_write_compressed(NULL, buf, CL, 0), -EINVAL);
+    CHECK_EQ(oxcow_close(img), 0);
+    CHECK_EQ(qemu_check(q), 0);
+    CHECK_EQ(qemu_compare_raw(raw, q), 0);
+    free(buf);
+}
+
 /* Data QEMU wrote (including zero clusters) reads back identically through oxcow. */
 static void test_reads_qemu_writes(void) {
     const char *q;
@@ -589,6 +623,7 @@ int main(int argc, char **argv) {
         {"writethrough", test_writethrough},
         {"block_status", test_block_status},
         {"compressed", test_compressed},
+        {"write_compressed", test_write_compressed},
         {"reads_qemu_writes", test_reads_qemu_writes},
         {"zero_length", test_zero_length},
         {"open_flags_and_locking", test_open_flags_and_locking},

@@ -272,6 +272,21 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
+// WriteCompressed writes one whole cluster compressed (the image's zlib or zstd), as backup
+// and conversion tools do: off must be cluster-aligned and len(p) the cluster size (or the
+// rest of the disk for a short last cluster). Data that does not compress is stored plain.
+func (img *Image) WriteCompressed(p []byte, off int64) error {
+	h, err := img.acquire("write compressed")
+	if err != nil {
+		return err
+	}
+	defer img.mu.RUnlock()
+	if err := img.checkRange("write compressed", off, int64(len(p))); err != nil {
+		return err
+	}
+	return wrap("write compressed", img.path, capi.WriteCompressed(h, p, uint64(off)))
+}
+
 // WriteZeroes makes [off, off+n) read as zeros. With mayUnmap the clusters may be
 // deallocated; otherwise fully covered allocated clusters stay allocated.
 func (img *Image) WriteZeroes(off, n int64, mayUnmap bool) error {

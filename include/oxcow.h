@@ -629,6 +629,22 @@ int oxcow_preadv(struct oxcow_image *img, const struct iovec *iov, int iovcnt, u
 int oxcow_pwritev(struct oxcow_image *img, const struct iovec *iov, int iovcnt, uint64_t offset);
 
 /**
+ * Writes one whole guest cluster compressed (zlib or zstd, the image's compression type), as
+ * backup and conversion tools do: `offset` must be cluster-aligned and `count` exactly the
+ * cluster size, except for the last cluster of a disk whose size is not a multiple of it,
+ * where `count` covers the rest of the disk. Data that does not compress is stored
+ * uncompressed. Several compressed clusters share host clusters, like QEMU packs them.
+ *
+ * Returns 0, or -EINVAL (NULL handle, NULL buf, misaligned offset or wrong count; nothing is
+ * written), -EROFS, -ENOSPC, -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `buf` is NULL or valid for reading `count` bytes, not
+ * modified during the call.
+ */
+int oxcow_write_compressed(struct oxcow_image *img, const void *buf, size_t count, uint64_t offset);
+
+/**
  * Makes `[offset, offset + count)` read as zeros. `flags` is 0 or OXCOW_ZERO_MAY_UNMAP (the
  * clusters may then be deallocated; otherwise fully covered allocated clusters stay
  * allocated).

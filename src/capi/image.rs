@@ -332,6 +332,38 @@ pub unsafe extern "C" fn oxcow_pwritev(
     unsafe { with_image(img, ptr::null_mut(), body) }
 }
 
+/// Writes one whole guest cluster compressed (zlib or zstd, the image's compression type), as
+/// backup and conversion tools do: `offset` must be cluster-aligned and `count` exactly the
+/// cluster size, except for the last cluster of a disk whose size is not a multiple of it,
+/// where `count` covers the rest of the disk. Data that does not compress is stored
+/// uncompressed. Several compressed clusters share host clusters, like QEMU packs them.
+///
+/// Returns 0, or -EINVAL (NULL handle, NULL buf, misaligned offset or wrong count; nothing is
+/// written), -EROFS, -ENOSPC, -EIO, -ENOMEDIUM.
+///
+/// # Safety
+/// `img` is NULL or a live handle; `buf` is NULL or valid for reading `count` bytes, not
+/// modified during the call.
+#[no_mangle]
+pub unsafe extern "C" fn oxcow_write_compressed(
+    img: *mut oxcow_image,
+    buf: *const c_void,
+    count: usize,
+    offset: u64,
+) -> c_int {
+    let body = |image: &Image| {
+        check_len(count)?;
+        if buf.is_null() {
+            return einval("buf is NULL");
+        }
+        // SAFETY: non-NULL, count <= isize::MAX, readable and unmodified per the contract.
+        let slice = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), count) };
+        image.write_compressed(slice, offset)
+    };
+    // SAFETY: `img` is NULL or live per the contract; NULL `err`.
+    unsafe { with_image(img, ptr::null_mut(), body) }
+}
+
 /// Makes `[offset, offset + count)` read as zeros. `flags` is 0 or OXCOW_ZERO_MAY_UNMAP (the
 /// clusters may then be deallocated; otherwise fully covered allocated clusters stay
 /// allocated).

@@ -24,7 +24,7 @@ pub use error::{oxcow_error, oxcow_error_errno, oxcow_error_free, oxcow_error_me
 pub use image::{
     oxcow_block_status, oxcow_close, oxcow_discard, oxcow_flush, oxcow_get_info, oxcow_image,
     oxcow_open, oxcow_pread, oxcow_preadv, oxcow_pwrite, oxcow_pwritev, oxcow_reopen,
-    oxcow_set_event_callback, oxcow_set_overlap_check, oxcow_write_zeroes,
+    oxcow_set_event_callback, oxcow_set_overlap_check, oxcow_write_compressed, oxcow_write_zeroes,
 };
 pub use types::*;
 pub use version::{oxcow_version_number, oxcow_version_string};

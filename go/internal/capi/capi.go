@@ -199,6 +199,16 @@ func Pwrite(h Handle, buf []byte, off uint64) *Err {
 	return fromCode(rc)
 }
 
+// WriteCompressed calls oxcow_write_compressed.
+func WriteCompressed(h Handle, buf []byte, off uint64) *Err {
+	if len(buf) == 0 {
+		return fromCode(C.oxcow_write_compressed(h.p, nil, 0, C.uint64_t(off)))
+	}
+	rc := C.oxcow_write_compressed(h.p, unsafe.Pointer(&buf[0]), C.size_t(len(buf)), C.uint64_t(off))
+	runtime.KeepAlive(buf)
+	return fromCode(rc)
+}
+
 // WriteZeroes calls oxcow_write_zeroes.
 func WriteZeroes(h Handle, off, count uint64, flags uint32) *Err {
 	return fromCode(C.oxcow_write_zeroes(h.p, C.uint64_t(off), C.uint64_t(count), C.uint32_t(flags)))
