@@ -3,6 +3,7 @@ package oxcow
 import (
 	"io"
 	"runtime"
+	"runtime/cgo"
 	"sync"
 	"syscall"
 
@@ -141,6 +142,11 @@ type Image struct {
 	// reopenMu serialises Reopen calls so that flags matches the library's state.
 	reopenMu sync.Mutex
 	flags    uint32 // open flags; guarded by reopenMu
+
+	// eventHandles keeps every registered event handler alive until Close: the library may
+	// still be calling a replaced handler on another thread.
+	eventMu      sync.Mutex
+	eventHandles []cgo.Handle
 }
 
 // Open opens the image at path.
@@ -192,6 +198,12 @@ func (img *Image) Close() error {
 	cerr := capi.Close(img.h)
 	img.h = capi.Handle{}
 	runtime.SetFinalizer(img, nil)
+	img.eventMu.Lock()
+	for _, hd := range img.eventHandles {
+		hd.Delete()
+	}
+	img.eventHandles = nil
+	img.eventMu.Unlock()
 	return wrap("close", img.path, cerr)
 }
 
@@ -270,6 +282,69 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 		return 0, wrap("write", img.path, cerr)
 	}
 	return len(p), nil
+}
+
+// Event is a corruption event: a write the metadata-overlap guard stopped, or an
+// inconsistency met during I/O.
+type Event struct {
+	// Message names the structure, e.g. "Preventing invalid write on metadata (overlaps with
+	// active L2 table) ...".
+	Message string
+	// HostOffset and Size locate the problem in the image file when HasLocation is true.
+	HostOffset, Size uint64
+	HasLocation      bool
+	// Fatal is true when the image was marked corrupt and the handle fenced: every later call
+	// fails with ENOMEDIUM. A read-only image reports its first problem once, not fatally.
+	Fatal bool
+}
+
+// SetEventHandler registers fn to receive corruption events (nil removes it). fn runs on the
+// goroutine's thread whose call found the problem, before that call returns its error; it may
+// call methods of img other than Close.
+func (img *Image) SetEventHandler(fn func(Event)) error {
+	h, err := img.acquire("set event handler")
+	if err != nil {
+		return err
+	}
+	defer img.mu.RUnlock()
+	var cfn capi.EventFunc
+	if fn != nil {
+		cfn = func(e capi.Event) {
+			fn(Event{Message: e.Message, HostOffset: e.HostOffset, Size: e.Size,
+				HasLocation: e.HasLocation, Fatal: e.Fatal})
+		}
+	}
+	hd, cerr := capi.SetEventCallback(h, cfn)
+	if cerr != nil {
+		return wrap("set event handler", img.path, cerr)
+	}
+	if hd != 0 {
+		img.eventMu.Lock()
+		img.eventHandles = append(img.eventHandles, hd)
+		img.eventMu.Unlock()
+	}
+	return nil
+}
+
+// OverlapCheck selects which metadata the overlap guard protects from writes.
+type OverlapCheck uint32
+
+// Overlap-check modes, as QEMU's overlap-check option. OverlapAll is the default.
+const (
+	OverlapNone     OverlapCheck = OverlapCheck(capi.OverlapNone)
+	OverlapConstant OverlapCheck = OverlapCheck(capi.OverlapConstant)
+	OverlapCached   OverlapCheck = OverlapCheck(capi.OverlapCached)
+	OverlapAll      OverlapCheck = OverlapCheck(capi.OverlapAll)
+)
+
+// SetOverlapCheck changes the overlap-check mode for the following requests.
+func (img *Image) SetOverlapCheck(mode OverlapCheck) error {
+	h, err := img.acquire("set overlap check")
+	if err != nil {
+		return err
+	}
+	defer img.mu.RUnlock()
+	return wrap("set overlap check", img.path, capi.SetOverlapCheck(h, uint32(mode)))
 }
 
 // WriteCompressed writes one whole cluster compressed (the image's zlib or zstd), as backup
