@@ -33,8 +33,8 @@
 //! Environment:
 //! - `OXCOW_STRESS_SEED=<n>` replays one seed (decimal or 0x-hex) in every test.
 //! - `OXCOW_STRESS_ROUNDS=<n>` multiplies the number of rounds (default 1).
-//! - `OXCOW_STRESS_SECONDS=<s>` enables the `soak` test: random configurations and seeds for
-//!   that long (off by default).
+//! - `OXCOW_STRESS_SECONDS=<s>`: how long the ignored `soak` test runs random configurations
+//!   and seeds (default 60; `cargo test --release --test stress soak -- --ignored`).
 //!
 //! A failure message names the configuration and the seed; interleavings are not
 //! reproducible, the operations each thread issues are.
@@ -1123,15 +1123,15 @@ fn threads_8_lazy_refcounts_clusters_4k() {
     run_stress(Cfg::new(8, 4 * KIB, 0x0008_1a2e_0004).lazy());
 }
 
-/// Random configurations and seeds for `OXCOW_STRESS_SECONDS` seconds (off by default).
+/// Random configurations and seeds for `OXCOW_STRESS_SECONDS` seconds (default 60), for local
+/// soak runs: `cargo test --release --test stress soak -- --ignored`.
 #[test]
+#[ignore = "soak mode: run with --ignored (OXCOW_STRESS_SECONDS sets the duration)"]
 fn soak() {
-    let Some(secs) = std::env::var("OXCOW_STRESS_SECONDS")
+    let secs = std::env::var("OXCOW_STRESS_SECONDS")
         .ok()
         .and_then(|s| parse_u64(&s))
-    else {
-        return;
-    };
+        .unwrap_or(60);
     let t0 = Instant::now();
     let mut r = Rng::new(
         std::time::SystemTime::now()
