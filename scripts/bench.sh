@@ -77,9 +77,18 @@ WORKLOADS=(
 # Prepares the shared files in $1: data.raw (random bytes) and data.qcow2 (same contents, every
 # cluster allocated, as qemu-img convert writes it).
 prepare() {
-    local d=$1
+    local d=$1 f
     head -c $((SIZE_MB << 20)) /dev/urandom >"$d/data.raw"
     qemu-img convert -f raw -O qcow2 "$d/data.raw" "$d/data.qcow2"
+    # Put both files in the same page-cache state: on ext4 the cost of a buffered 4 KiB write
+    # depends on the size of the folios caching the file, which depends on how it was last
+    # written. Write back, drop the cached pages (dd's nocache, no root needed; tmpfs keeps
+    # them), then read both files the same way.
+    sync
+    for f in "$d/data.raw" "$d/data.qcow2"; do
+        dd if="$f" iflag=nocache count=0 status=none 2>/dev/null || true
+        cat "$f" >/dev/null
+    done
 }
 
 # Runs one tool: run_tool TOOL FMT DEPTH OPTS IMAGE
