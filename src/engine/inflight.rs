@@ -139,6 +139,19 @@ impl Inflight {
 
     /// Sleeps until `done()` holds. `done` must become true only through releases.
     fn wait_until(&self, done: impl Fn() -> bool) {
+        // A claim is usually held for one cluster write: spin and yield briefly before paying
+        // for a sleep and a wake-up (which costs more than the wait itself on a busy core).
+        #[cfg(not(loom))]
+        for i in 0..256 {
+            if done() {
+                return;
+            }
+            if i < 192 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
         while !done() {
             let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
             self.waiters.fetch_add(1, Ordering::SeqCst);
