@@ -227,6 +227,23 @@ pub unsafe extern "C" fn oxcow_pread(
     unsafe { with_image(img, ptr::null_mut(), body) }
 }
 
+/// The caller's input buffer as a slice: empty for `count` 0 (`buf` may then be NULL),
+/// -EINVAL for a NULL `buf` otherwise or a `count` beyond isize::MAX.
+///
+/// # Safety
+/// `buf` is NULL or valid for reading `count` bytes, not modified while the slice lives.
+unsafe fn input_slice<'a>(buf: *const c_void, count: usize) -> CResult<&'a [u8]> {
+    check_len(count)?;
+    if count == 0 {
+        return Ok(&[]);
+    }
+    if buf.is_null() {
+        return einval("buf is NULL");
+    }
+    // SAFETY: non-NULL, count <= isize::MAX, readable and unmodified per the contract.
+    Ok(unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), count) })
+}
+
 /// Writes `count` bytes from `buf` at guest `offset`. Zero-length writes succeed (`buf` may
 /// then be NULL) on a writable handle.
 ///
@@ -244,15 +261,8 @@ pub unsafe extern "C" fn oxcow_pwrite(
     offset: u64,
 ) -> c_int {
     let body = |image: &Image| {
-        check_len(count)?;
-        let slice: &[u8] = if count == 0 {
-            &[]
-        } else if buf.is_null() {
-            return einval("buf is NULL");
-        } else {
-            // SAFETY: non-NULL, count <= isize::MAX, readable and unmodified per contract.
-            unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), count) }
-        };
+        // SAFETY: `buf` is NULL or readable for `count` bytes per the contract.
+        let slice = unsafe { input_slice(buf, count) }?;
         image.write_at(slice, offset)
     };
     // SAFETY: `img` is NULL or live per the contract; NULL `err`.
@@ -352,12 +362,8 @@ pub unsafe extern "C" fn oxcow_write_compressed(
     offset: u64,
 ) -> c_int {
     let body = |image: &Image| {
-        check_len(count)?;
-        if buf.is_null() {
-            return einval("buf is NULL");
-        }
-        // SAFETY: non-NULL, count <= isize::MAX, readable and unmodified per the contract.
-        let slice = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), count) };
+        // SAFETY: `buf` is NULL or readable for `count` bytes per the contract.
+        let slice = unsafe { input_slice(buf, count) }?;
         image.write_compressed(slice, offset)
     };
     // SAFETY: `img` is NULL or live per the contract; NULL `err`.
