@@ -209,6 +209,30 @@ pub fn qemu_compare(qcow2: &Path, raw: &Path) -> (i32, String) {
     (o.code, o.all())
 }
 
+/// `qemu-img compare` of two qcow2 images (guest contents, backing chains included).
+pub fn assert_same_guest(a: &Path, b: &Path) {
+    let o = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            path_str(a),
+            path_str(b),
+        ],
+    );
+    assert_eq!(
+        o.code,
+        0,
+        "qemu-img compare {} {}: {}",
+        a.display(),
+        b.display(),
+        o.all()
+    );
+}
+
 pub fn assert_compare_identical(qcow2: &Path, raw: &Path) {
     let (code, out) = qemu_compare(qcow2, raw);
     assert_eq!(
