@@ -323,8 +323,11 @@ impl Image {
             return Ok(false);
         };
         let off = crate::format::entry::l1_l2_offset(e);
-        if off == 0 || !self.geo.is_aligned(off) || self.view.table(off).is_some() {
-            return Ok(self.view.table(off).is_some());
+        if off == 0 || !self.geo.is_aligned(off) {
+            return Ok(false); // nothing to load, or the slow path reports the corruption
+        }
+        if self.view.table(off).is_some() {
+            return Ok(true);
         }
         let generation = self.view.generation();
         if off >= self.file.len()? {
