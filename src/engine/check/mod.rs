@@ -13,7 +13,7 @@ mod refs;
 mod walk;
 
 use super::meta::Meta;
-use super::Image;
+use super::{parse_header_cluster, Image};
 use crate::error::{Error, Result};
 use crate::format::header::{field, AUTOCLEAR_BITMAPS};
 use crate::format::Header;
@@ -118,7 +118,7 @@ impl Image {
         let (result, wrote) = check_file(&self.file, header, fix, progress);
         if wrote {
             // The repair changed metadata under the engine: start again from the disk.
-            let reloaded = read_header(&self.file).and_then(|h| {
+            let reloaded = parse_header_cluster(&self.file).and_then(|h| {
                 let (snaps, len) = super::snapshot::read_table(&self.file, &h)?;
                 Meta::load(
                     &self.file,
@@ -175,7 +175,7 @@ impl Image {
         };
         posix.lock(&name, mode)?;
         let file = HostFile::new(Arc::new(posix), name.clone());
-        let mut header = read_header(&file).map_err(|e| super::prefix(e, &name))?;
+        let mut header = super::read_header(&file, &name)?;
         let unknown_autoclear = header.autoclear_features & !AUTOCLEAR_BITMAPS;
         if writable && unknown_autoclear != 0 {
             let keep = header.autoclear_features & AUTOCLEAR_BITMAPS;
@@ -185,11 +185,6 @@ impl Image {
         }
         check_file(&file, header, fix, progress).0
     }
-}
-
-/// Reads and parses cluster 0 of an image file.
-fn read_header(file: &HostFile) -> Result<Header> {
-    super::parse_header_cluster(file)
 }
 
 /// Checks (and repairs) the image in `file` described by `header`. Returns the report and
@@ -215,8 +210,8 @@ pub(super) fn check_file(
         return (Ok(first), wrote);
     }
     // Double check the fixed image with a plain pass over what is now on disk.
-    let again =
-        read_header(file).and_then(|h| one_pass(file, h, CheckFix::None, progress, &mut wrote));
+    let again = parse_header_cluster(file)
+        .and_then(|h| one_pass(file, h, CheckFix::None, progress, &mut wrote));
     match again {
         Ok(mut r) => {
             r.corruptions_fixed = first.corruptions_fixed;
