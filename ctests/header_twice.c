@@ -14,6 +14,7 @@ STATIC_ASSERT(extent_size, sizeof(oxcow_extent) == 32);
 STATIC_ASSERT(check_result_size, sizeof(oxcow_check_result) == 8 + 10 * 8);
 STATIC_ASSERT(open_flags, (OXCOW_OPEN_RDWR | OXCOW_OPEN_NO_BACKING | OXCOW_OPEN_FORCE_SHARE |
                            OXCOW_OPEN_DIRECT | OXCOW_OPEN_WRITETHROUGH) == 31u);
+STATIC_ASSERT(open_flag_no_probe, OXCOW_OPEN_NO_PROBE == 64u);
 STATIC_ASSERT(version_number, OXCOW_VERSION_NUMBER == OXCOW_VERSION_MAJOR * 10000 +
                                                           OXCOW_VERSION_MINOR * 100 +
                                                           OXCOW_VERSION_PATCH);

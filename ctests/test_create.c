@@ -328,6 +328,56 @@ static void test_backing_raw(void) {
     CHECK_EQ(oxcow_close(img), 0);
 }
 
+/* A guest wrote a qcow2 header into its raw disk, which backs an overlay. The recorded "raw"
+ * is obeyed (the overlay reads the raw bytes); once the overlay records no format, a caller
+ * that set OXCOW_OPEN_NO_PROBE gets -ENOTSUP instead of a guess. */
+static void test_backing_no_probe(void) {
+    const char *inner, *base, *top;
+    oxcow_create_options o;
+    oxcow_image *img = NULL;
+    oxcow_error *err = NULL;
+    unsigned char *disk, buf[4096], hdr[104], zero[8] = {0};
+    size_t len;
+    uint32_t ext_start;
+
+    scratch_dir();
+    inner = scratch_path("inner.qcow2");
+    base = scratch_path("disk.raw");
+    top = scratch_path("top.qcow2");
+    REQUIRE(create_default(inner, 1 << 20) == 0);
+    disk = read_file(inner, &len);
+    REQUIRE(disk != NULL && len >= sizeof buf);
+    REQUIRE(write_file_at(base, disk, len, 0) == 0);
+    REQUIRE(write_file_at(base, zero, 1, (1 << 20) - 1) == 0);
+
+    oxcow_create_options_init(&o);
+    o.backing_file = base;
+    o.backing_format = "raw";
+    REQUIRE_OK(oxcow_create(top, 0, &o, NULL));
+    img = open_image(top, OXCOW_OPEN_NO_PROBE);
+    REQUIRE(img != NULL);
+    CHECK_EQ(oxcow_pread(img, buf, sizeof buf, 0), 0);
+    CHECK(memcmp(buf, disk, sizeof buf) == 0); /* the header bytes, as data */
+    CHECK_EQ(oxcow_close(img), 0);
+    free(disk);
+
+    /* End the extension area where the backing format extension starts. */
+    REQUIRE(read_file_at(top, hdr, sizeof hdr, 0) == 0);
+    ext_start = (uint32_t)hdr[100] << 24 | (uint32_t)hdr[101] << 16 | (uint32_t)hdr[102] << 8 |
+                hdr[103];
+    REQUIRE(write_file_at(top, zero, sizeof zero, ext_start) == 0);
+    img = NULL;
+    CHECK_EQ(oxcow_open(top, OXCOW_OPEN_NO_PROBE, NULL, &img, &err), -ENOTSUP);
+    CHECK(img == NULL);
+    REQUIRE(err != NULL);
+    CHECK(strstr(oxcow_error_message(err), "not recorded") != NULL);
+    CHECK(strstr(oxcow_error_message(err), top) != NULL);
+    oxcow_error_free(err);
+    img = open_image(top, 0); /* probing is the default, like QEMU */
+    REQUIRE(img != NULL);
+    CHECK_EQ(oxcow_close(img), 0);
+}
+
 static void expect_create_einval(const char *what, const oxcow_create_options *o) {
     oxcow_error *err = NULL;
     const char *path = scratch_path("bad.qcow2");
@@ -424,6 +474,7 @@ int main(int argc, char **argv) {
         {"replace_existing", test_create_replaces_existing_file},
         {"backing_qcow2", test_backing_qcow2},
         {"backing_raw", test_backing_raw},
+        {"backing_no_probe", test_backing_no_probe},
         {"invalid_options", test_invalid_options},
     };
     /* "variant.<name>" runs a single create variant (one ctest each). */

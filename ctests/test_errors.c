@@ -309,7 +309,7 @@ static void test_unknown_flags_and_iovcnt(void) {
     path = scratch_path("flags.qcow2");
     REQUIRE_OK(create_default(path, MiB));
 
-    rc = oxcow_open(path, 1u << 6, NULL, &out, &err);
+    rc = oxcow_open(path, 1u << 12, NULL, &out, &err);
     CHECK_ERR(rc, err, EINVAL);
     err = NULL;
     rc = oxcow_open(path, OXCOW_OPEN_RDWR | 0x80000000u, NULL, &out, &err);

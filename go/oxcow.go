@@ -100,6 +100,10 @@ type OpenOptions struct {
 	Direct bool
 	// Writethrough makes every write durable when it returns.
 	Writethrough bool
+	// NoProbe refuses (ENOTSUP) a backing chain in which an image does not record its
+	// backing file's format, instead of guessing the format from the backing file's
+	// contents, which a guest may control. Set it for untrusted images.
+	NoProbe bool
 	// CacheSize is the metadata cache budget in bytes; 0 means the library default.
 	CacheSize uint64
 }
@@ -123,6 +127,9 @@ func (o *OpenOptions) flags() uint32 {
 	}
 	if o.Writethrough {
 		f |= capi.OpenWritethrough
+	}
+	if o.NoProbe {
+		f |= capi.OpenNoProbe
 	}
 	return f
 }

@@ -63,6 +63,13 @@
 #define OXCOW_OPEN_KEEP_READ_ONLY 32u
 
 /**
+ * Open flag: refuse (-ENOTSUP) a backing chain in which an image does not record its
+ * backing file's format, instead of guessing it from the backing file's contents (which a
+ * guest may control). Set it for untrusted images. A recorded format is always obeyed.
+ */
+#define OXCOW_OPEN_NO_PROBE 64u
+
+/**
  * oxcow_write_zeroes() flag: the clusters may be deallocated instead of kept allocated.
  */
 #define OXCOW_ZERO_MAY_UNMAP 1u
@@ -550,7 +557,8 @@ void oxcow_error_free(struct oxcow_error *err);
  *
  * Returns 0, or a negative errno: -EINVAL (NULL path or out, unknown flag bits, short
  * struct_size, not a qcow2 file, RDWR with FORCE_SHARE), -ENOENT/-EACCES (file), -ENOTSUP
- * (unsupported feature or version), -EUCLEAN (corrupt image), -EAGAIN (locked by another
+ * (unsupported feature or version; with OXCOW_OPEN_NO_PROBE, a backing format that is not
+ * recorded), -EUCLEAN (corrupt image), -EAGAIN (locked by another
  * process), -EIO. `*out` is untouched on failure; `*err` receives an error object on failure
  * when `err` is not NULL.
  *
@@ -685,7 +693,8 @@ int oxcow_flush(struct oxcow_image *img);
  * the complete new OXCOW_OPEN_* set. Switching OXCOW_OPEN_RDWR off flushes everything and
  * drops the write locks; switching it on takes the write locks and re-validates the image.
  * OXCOW_OPEN_WRITETHROUGH and (read-only) OXCOW_OPEN_FORCE_SHARE may change too;
- * OXCOW_OPEN_DIRECT and OXCOW_OPEN_NO_BACKING must stay as they were. The path must still
+ * OXCOW_OPEN_DIRECT and OXCOW_OPEN_NO_BACKING must stay as they were. OXCOW_OPEN_NO_PROBE
+ * is accepted and has no effect (the backing chain is not reopened). The path must still
  * name the file that was opened.
  *
  * Waits for in-flight writes (reads continue) and may be called while other threads do I/O.

@@ -95,6 +95,10 @@ pub struct OpenOptions {
     pub writable: bool,
     /// Do not open the backing file: unallocated clusters read as zeros.
     pub no_backing: bool,
+    /// Refuse to open a backing chain in which any image does not record its backing file's
+    /// format (it would have to be guessed from the backing file's contents, which a guest
+    /// may control). Callers handling untrusted images should set it.
+    pub no_probe: bool,
     /// Read-only open that ignores other writers' locks (like `qemu-img -U`).
     pub force_share: bool,
     /// Open the image file with O_DIRECT (bypass the host page cache). Requests of any

@@ -337,3 +337,91 @@ fn read_only_image_reports_an_inconsistency_once_and_writes_nothing() {
     assert!(ev[0].message.contains("unaligned"), "{}", ev[0].message);
     assert_eq!(read_file(&p), before, "a read-only image was modified");
 }
+
+/// A version-2 overlay of a raw template with data in guest clusters 0..4 and 48..50: the
+/// backing format extension sits at bytes 72.. and the name right after it, where version 3
+/// has its feature fields.
+fn base_v2(dir: &TempDir) -> PathBuf {
+    let template = dir.join("template.raw");
+    std::fs::write(&template, vec![0x42; 4 * MIB as usize]).expect("template");
+    let p = dir.join("v2.qcow2");
+    qemu_create(
+        &p,
+        64 * MIB,
+        "compat=0.10,backing_file=template.raw,backing_fmt=raw",
+    );
+    qemu_io(
+        &p,
+        &[
+            "write -P 0x11 0 256k".to_string(),
+            "write -P 0x22 3M 128k".to_string(),
+        ],
+    );
+    p
+}
+
+/// One fatal event saying that nothing could be recorded, the handle fenced, and not a byte
+/// of the file changed (QEMU writes nothing to a version-2 image either).
+fn assert_fenced_in_memory_only(
+    name: &str,
+    p: &Path,
+    img: Image,
+    result: oxcow::Result<()>,
+    events: &Mutex<Vec<CorruptionEvent>>,
+    before: &[u8],
+) {
+    let e = result.expect_err(&format!("{name}: the write succeeded"));
+    assert_eq!(e.errno(), EIO, "{name}: {e}");
+    let ev = events.lock().expect("events").clone();
+    assert_eq!(ev.len(), 1, "{name}: {ev:?}");
+    assert!(ev[0].fatal, "{name}");
+    assert!(
+        ev[0].message.contains("could not be recorded on disk"),
+        "{name}: {}",
+        ev[0].message
+    );
+    let mut b = [0u8; 512];
+    assert_eq!(img.write_at(&b, 0).expect_err("fenced").errno(), ENOMEDIUM);
+    assert_eq!(
+        img.read_at(&mut b, 0).expect_err("fenced").errno(),
+        ENOMEDIUM
+    );
+    drop(img);
+    assert!(read_file(p) == before, "{name}: the version-2 file changed");
+    let info = qemu_info(p);
+    assert_eq!(
+        info.get("backing-filename").as_str(),
+        "template.raw",
+        "{name}"
+    );
+    assert_eq!(
+        info.get("backing-filename-format").as_str(),
+        "raw",
+        "{name}"
+    );
+}
+
+#[test]
+fn a_prevented_write_on_a_version_2_image_fences_it_in_memory_and_changes_no_byte() {
+    let dir = TempDir::new("og-v2-guard");
+    let p = base_v2(&dir);
+    let l = layout(&p);
+    put(&p, l.l2 + 8, COPIED | l.refblock);
+    let before = read_file(&p);
+    let (img, events) = rw_with_events(&p, OverlapCheck::All);
+    let r = img.write_at(&[0xee; 4096], CS + 100);
+    assert_fenced_in_memory_only("guard", &p, img, r, &events, &before);
+}
+
+#[test]
+fn a_runtime_inconsistency_on_a_version_2_image_fences_it_in_memory_and_changes_no_byte() {
+    let dir = TempDir::new("og-v2-runtime");
+    let p = base_v2(&dir);
+    let l = layout(&p);
+    let e0 = be64(&p, l.l2);
+    put(&p, l.l2, e0 + 0x200);
+    let before = read_file(&p);
+    let (img, events) = rw_with_events(&p, OverlapCheck::All);
+    let r = img.write_at(&[0xee; 100], 10);
+    assert_fenced_in_memory_only("unaligned", &p, img, r, &events, &before);
+}

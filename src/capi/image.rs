@@ -19,13 +19,15 @@ const OPEN_FLAGS: u32 = OXCOW_OPEN_RDWR
     | OXCOW_OPEN_FORCE_SHARE
     | OXCOW_OPEN_DIRECT
     | OXCOW_OPEN_WRITETHROUGH
-    | OXCOW_OPEN_KEEP_READ_ONLY;
+    | OXCOW_OPEN_KEEP_READ_ONLY
+    | OXCOW_OPEN_NO_PROBE;
 
 /// The engine's options for OXCOW_OPEN_* `flags` (already checked against OPEN_FLAGS).
 fn options_from_flags(flags: u32) -> OpenOptions {
     OpenOptions {
         writable: flags & OXCOW_OPEN_RDWR != 0,
         no_backing: flags & OXCOW_OPEN_NO_BACKING != 0,
+        no_probe: flags & OXCOW_OPEN_NO_PROBE != 0,
         force_share: flags & OXCOW_OPEN_FORCE_SHARE != 0,
         direct: flags & OXCOW_OPEN_DIRECT != 0,
         writethrough: flags & OXCOW_OPEN_WRITETHROUGH != 0,
@@ -135,7 +137,8 @@ fn check_iov(iov: &[libc::iovec]) -> CResult<()> {
 ///
 /// Returns 0, or a negative errno: -EINVAL (NULL path or out, unknown flag bits, short
 /// struct_size, not a qcow2 file, RDWR with FORCE_SHARE), -ENOENT/-EACCES (file), -ENOTSUP
-/// (unsupported feature or version), -EUCLEAN (corrupt image), -EAGAIN (locked by another
+/// (unsupported feature or version; with OXCOW_OPEN_NO_PROBE, a backing format that is not
+/// recorded), -EUCLEAN (corrupt image), -EAGAIN (locked by another
 /// process), -EIO. `*out` is untouched on failure; `*err` receives an error object on failure
 /// when `err` is not NULL.
 ///
@@ -428,7 +431,8 @@ pub unsafe extern "C" fn oxcow_flush(img: *mut oxcow_image) -> c_int {
 /// the complete new OXCOW_OPEN_* set. Switching OXCOW_OPEN_RDWR off flushes everything and
 /// drops the write locks; switching it on takes the write locks and re-validates the image.
 /// OXCOW_OPEN_WRITETHROUGH and (read-only) OXCOW_OPEN_FORCE_SHARE may change too;
-/// OXCOW_OPEN_DIRECT and OXCOW_OPEN_NO_BACKING must stay as they were. The path must still
+/// OXCOW_OPEN_DIRECT and OXCOW_OPEN_NO_BACKING must stay as they were. OXCOW_OPEN_NO_PROBE
+/// is accepted and has no effect (the backing chain is not reopened). The path must still
 /// name the file that was opened.
 ///
 /// Waits for in-flight writes (reads continue) and may be called while other threads do I/O.

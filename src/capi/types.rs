@@ -22,6 +22,10 @@ pub const OXCOW_OPEN_WRITETHROUGH: u32 = 16u32;
 /// Open flag (read-only opens): the handle will never be reopened read-write; oxcow_reopen()
 /// with OXCOW_OPEN_RDWR then fails with -EROFS.
 pub const OXCOW_OPEN_KEEP_READ_ONLY: u32 = 32u32;
+/// Open flag: refuse (-ENOTSUP) a backing chain in which an image does not record its
+/// backing file's format, instead of guessing it from the backing file's contents (which a
+/// guest may control). Set it for untrusted images. A recorded format is always obeyed.
+pub const OXCOW_OPEN_NO_PROBE: u32 = 64u32;
 
 /// oxcow_write_zeroes() flag: the clusters may be deallocated instead of kept allocated.
 pub const OXCOW_ZERO_MAY_UNMAP: u32 = 1u32;

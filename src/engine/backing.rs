@@ -43,7 +43,7 @@ impl Backing {
         name: &[u8],
         format: Option<&str>,
         depth: u32,
-        force_share: bool,
+        parent: &OpenOptions,
     ) -> Result<Backing> {
         if depth + 1 >= MAX_BACKING_DEPTH {
             return Err(Error::Unsupported(format!(
@@ -59,12 +59,22 @@ impl Backing {
                     overlay.display()
                 ))
             })?,
+            None if parent.no_probe => {
+                return Err(Error::Unsupported(format!(
+                    "{}: the format of backing file {} is not recorded in the image and probing is disabled (record it with 'qemu-img rebase -u -F FORMAT')",
+                    overlay.display(),
+                    path.display()
+                )))
+            }
+            // Like QEMU, guess only what the image does not record.
             None => probe(&path)?,
         };
+        let force_share = parent.force_share;
         match fmt {
             BackingFormat::Qcow2 => {
                 let opts = OpenOptions {
                     force_share,
+                    no_probe: parent.no_probe,
                     ..OpenOptions::default()
                 };
                 let img = Image::open_at_depth(&path, &opts, depth + 1)

@@ -195,6 +195,9 @@ fn crash_points(tag: &str, opts: CreateOptions, seed: u64) {
     };
     workload(&img, &mut m, &mut rng, 40, true, cs);
     img.flush().expect("flush 2");
+    if opts.version < 3 {
+        assert_no_version3_header_writes(tag, &sim.journal(), cs);
+    }
     let journal = sim.journal()[start..].to_vec();
     std::mem::forget(img); // the process "dies" here
     let flushed = Model {
@@ -234,6 +237,20 @@ fn crash_points(tag: &str, opts: CreateOptions, seed: u64) {
     assert!(states > 20, "{tag}: too few crash states ({states})");
 }
 
+/// On a version-2 image, bytes 72 and up of cluster 0 hold header extensions and the backing
+/// file name: no write may touch them as if they were version-3 feature fields.
+fn assert_no_version3_header_writes(tag: &str, journal: &[Event], cluster_size: u64) {
+    for e in journal {
+        if let Event::Write(off, data) = e {
+            let end = off + data.len() as u64;
+            assert!(
+                *off >= cluster_size || end <= 72,
+                "{tag}: a write at {off:#x}..{end:#x} touches the v2 header past its fields"
+            );
+        }
+    }
+}
+
 #[test]
 fn every_crash_point_of_a_write_back_leaves_at_most_leaks_and_keeps_flushed_data() {
     crash_points(
@@ -253,6 +270,19 @@ fn every_crash_point_of_a_write_back_leaves_at_most_leaks_and_keeps_flushed_data
             ..Default::default()
         },
         12,
+    );
+}
+
+#[test]
+fn every_crash_point_of_a_version_2_image_leaves_at_most_leaks_and_writes_no_v3_field() {
+    crash_points(
+        "v2-c4k",
+        CreateOptions {
+            cluster_size: 4096,
+            version: 2,
+            ..Default::default()
+        },
+        14,
     );
 }
 

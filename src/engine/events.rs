@@ -8,8 +8,7 @@
 
 use super::Image;
 use crate::error::Error;
-use crate::format::header::{field, INCOMPAT_CORRUPT};
-use crate::storage::WriteKind;
+use crate::format::header::{layout, INCOMPAT_CORRUPT};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -77,9 +76,15 @@ impl Image {
             return Error::CorruptionPrevented(format!("{name}: {msg}"));
         }
         self.fence();
-        let note = match self.mark_corrupt_on_disk() {
-            Ok(()) => "the image was marked corrupt",
-            Err(_) => "marking the image corrupt failed too",
+        // Version 2 has no corrupt bit: bytes 72-79 there belong to header extensions or the
+        // backing file name, so like QEMU the image is fenced in memory only.
+        let note = if !layout::INCOMPATIBLE_FEATURES.exists_in(self.version) {
+            "the corruption could not be recorded on disk (a version 2 image has no corrupt bit)"
+        } else {
+            match self.mark_corrupt_on_disk() {
+                Ok(()) => "the image was marked corrupt",
+                Err(_) => "marking the image corrupt failed too",
+            }
         };
         let full = format!(
             "{name}: {msg}; {note} and no further writes are accepted (repair with 'oxcow check -r all')"
@@ -96,12 +101,13 @@ impl Image {
     /// Sets incompatible bit 1 on disk, starting from the word on disk so that no other bit
     /// changes, and syncs.
     fn mark_corrupt_on_disk(&self) -> crate::Result<()> {
+        let field = layout::INCOMPATIBLE_FEATURES;
         let mut word = [0u8; 8];
         self.file
-            .read_zero_padded(&mut word, field::INCOMPATIBLE, "image header")?;
+            .read_zero_padded(&mut word, field.offset as u64, "image header")?;
         let bits = u64::from_be_bytes(word) | INCOMPAT_CORRUPT;
         self.file
-            .write(&bits.to_be_bytes(), field::INCOMPATIBLE, WriteKind::Header)?;
+            .write_header_fields(&field.update(self.version, bits)?)?;
         self.file.sync()?;
         self.marked_corrupt.store(true, Ordering::Release);
         Ok(())

@@ -33,12 +33,13 @@ pub struct Meta {
     geo: Geometry,
 }
 
-/// Adds the bitmap directory and every bitmap table to the overlap guard's index. Bitmaps
-/// whose extension QEMU would ignore (autoclear bit clear) still own their clusters until a
-/// repair frees them, so they are protected too; a directory that does not parse is skipped
+/// Adds the bitmap directory and every bitmap table to the overlap guard's index. A stale
+/// extension (autoclear bit clear) is ignored as QEMU ignores it: its clusters are leaks that
+/// `check -r leaks` may free and the allocator may then reuse, so guarding them would turn a
+/// legitimate reuse into a false corruption. A directory that does not parse is skipped
 /// (open already refused it when it matters).
 fn index_bitmaps(file: &HostFile, header: &Header) -> Result<()> {
-    let Some(ext) = header.bitmaps else {
+    let Some(ext) = header.bitmaps_in_use() else {
         return Ok(());
     };
     let geo = header.geometry();
@@ -450,11 +451,9 @@ impl Meta {
         self.writeback(file)?;
         if let Some(word) = self.rc.lazy_clean_word() {
             file.sync()?;
-            file.write(
-                &word.to_be_bytes(),
-                crate::format::header::field::INCOMPATIBLE,
-                WriteKind::Header,
-            )?;
+            let update = crate::format::header::layout::INCOMPATIBLE_FEATURES
+                .update(self.header.version, word)?;
+            file.write_header_fields(&update)?;
             file.sync()?;
             self.header.incompatible_features = word;
             self.rc.lazy_clean_done();

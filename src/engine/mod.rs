@@ -20,11 +20,11 @@ mod write_compressed;
 mod zero;
 
 use crate::error::{corrupt, invalid, Error, Result};
-use crate::format::header::{self, field, Header};
+use crate::format::header::{self, layout, Header};
 use crate::format::snapshot::Snapshot;
 use crate::format::Geometry;
 use crate::options::{CompressionType, Extent, ImageInfo, OpenOptions};
-use crate::storage::{HostFile, LockMode, PosixFile, WriteKind};
+use crate::storage::{HostFile, LockMode, PosixFile};
 use backing::Backing;
 use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard};
 use meta::Meta;
@@ -137,7 +137,7 @@ impl Image {
                 b,
                 header.backing_format.as_deref(),
                 depth,
-                opts.force_share,
+                opts,
             )?),
             _ => None,
         };
@@ -538,7 +538,7 @@ fn refuse_unwritable(header: &Header, name: &str) -> Result<()> {
 /// sync.
 fn clear_autoclear(file: &HostFile, header: &mut Header) -> Result<()> {
     if header.autoclear_features != 0 {
-        file.write(&0u64.to_be_bytes(), field::AUTOCLEAR, WriteKind::Header)?;
+        file.write_header_fields(&layout::AUTOCLEAR_FEATURES.update(header.version, 0)?)?;
         file.sync()?;
         header.autoclear_features = 0;
     }
@@ -549,12 +549,9 @@ fn clear_autoclear(file: &HostFile, header: &mut Header) -> Result<()> {
 /// image QEMU refuses to open is refused here too. Without autoclear bit 0 the extension is
 /// stale (a program without bitmap support wrote the image) and, like QEMU, ignored.
 fn validate_bitmaps(file: &HostFile, header: &Header) -> Result<()> {
-    let Some(ext) = header.bitmaps else {
+    let Some(ext) = header.bitmaps_in_use() else {
         return Ok(());
     };
-    if header.autoclear_features & header::AUTOCLEAR_BITMAPS == 0 {
-        return Ok(());
-    }
     // The header parser bounds directory_size (at most 64 MiB), so this allocation is bounded.
     let mut dir = vec![0u8; ext.directory_size as usize];
     let got = file.read_some(&mut dir, ext.directory_offset, "bitmap directory")?;

@@ -7,8 +7,8 @@
 
 use super::cache::TableCache;
 use crate::error::{corrupt, Error, Result};
-use crate::format::be::{put_u64, u64_table, u64_table_bytes};
-use crate::format::header::{field, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
+use crate::format::be::{u64_table, u64_table_bytes};
+use crate::format::header::{layout, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
 use crate::format::Geometry;
 use crate::storage::{HostFile, MetaKind, WriteKind};
@@ -175,7 +175,8 @@ impl Refcounts {
     fn before_change(&mut self, file: &HostFile) -> Result<()> {
         if let Lazy::Clean { incompatible } = self.lazy {
             let word = incompatible | INCOMPAT_DIRTY;
-            file.write(&word.to_be_bytes(), field::INCOMPATIBLE, WriteKind::Header)?;
+            // Lazy refcounts exist only on version 3 (compatible_features is a v3 field).
+            file.write_header_fields(&layout::INCOMPATIBLE_FEATURES.update(3, word)?)?;
             file.sync()?;
             self.lazy = Lazy::Dirty { incompatible: word };
         }
@@ -432,10 +433,7 @@ impl Refcounts {
         bytes.resize((table_clusters * cs) as usize, 0);
         file.write(&bytes, table_off, WriteKind::RefcountTable)?;
         file.sync()?;
-        let mut hdr = [0u8; 12];
-        put_u64(&mut hdr, 0, table_off);
-        hdr[8..12].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        file.write(&hdr, field::REFCOUNT_TABLE, WriteKind::Header)?;
+        file.write_header_fields(&layout::reftable_update(table_off, table_clusters)?)?;
         file.sync()?;
 
         let old_off = self.table_offset;

@@ -168,6 +168,15 @@ impl HostFile {
         Ok(done)
     }
 
+    /// Writes an in-place header field update (its version check already passed when the
+    /// update was built) through the same choke point as every other write.
+    pub fn write_header_fields(
+        &self,
+        update: &crate::format::header::layout::FieldUpdate,
+    ) -> Result<()> {
+        self.write(update.bytes(), update.offset(), WriteKind::Header)
+    }
+
     /// The choke point for every write to the image file: the metadata-overlap guard checks
     /// the target range first (a write may overlap only the structure its `kind` updates),
     /// then the bytes go to the backend.

@@ -28,6 +28,7 @@ const (
 	OpenForceShare   = uint32(C.OXCOW_OPEN_FORCE_SHARE)
 	OpenDirect       = uint32(C.OXCOW_OPEN_DIRECT)
 	OpenWritethrough = uint32(C.OXCOW_OPEN_WRITETHROUGH)
+	OpenNoProbe      = uint32(C.OXCOW_OPEN_NO_PROBE)
 )
 
 // Other flag values from oxcow.h.

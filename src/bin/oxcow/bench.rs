@@ -19,7 +19,7 @@ pub const HELP: &str = "\
 Usage: oxcow bench [-f qcow2|raw] [-c COUNT] [-s SIZE] [-S STEP] [-d DEPTH] [-w]
                    [--pattern BYTE] [-t CACHE] [-o OFFSET] [--random] [--seed N]
                    [--flush-interval N] [--no-drain] [-U] [-q] [--output human|json]
-                   [--overlap-check none|constant|cached|all] FILE
+                   [--overlap-check none|constant|cached|all] [--no-probe] FILE
 
 Run COUNT read (or, with -w, write) requests of SIZE bytes against FILE and report the time,
 throughput and IOPS. Options mirror 'qemu-img bench', so the same request stream can be sent
@@ -43,6 +43,8 @@ Options:
                       --flush-interval COUNT times the final flush of a write run)
   --no-drain          flush without waiting for the requests in flight
   -U, --force-share   open even if another process holds the image (read runs only)
+  --no-probe          never guess a format: FILE needs -f, and a backing file whose format is
+                      not recorded is refused
   -q                  quiet: print only the result
   --output FMT        human (default) or json (one machine-readable line)
   --overlap-check M   metadata-overlap guard: none, constant, cached or all (default all)
@@ -75,6 +77,7 @@ const SPECS: &[OptSpec] = &[
     opt(&["-q", "--quiet"], false),
     opt(&["--output"], true),
     opt(&["--overlap-check"], true),
+    opt(&["--no-probe"], false),
 ];
 
 /// The parsed request stream and run options.
@@ -96,6 +99,7 @@ struct Params {
     flush_interval: u64,
     drain: bool,
     force_share: bool,
+    no_probe: bool,
     quiet: bool,
     json: bool,
     overlap_check: oxcow::OverlapCheck,
@@ -201,6 +205,7 @@ fn parse(args: &[String]) -> CliResult<Params> {
         flush_interval: 0,
         drain: true,
         force_share: false,
+        no_probe: false,
         quiet: false,
         json: false,
         overlap_check: oxcow::OverlapCheck::All,
@@ -242,6 +247,7 @@ fn parse(args: &[String]) -> CliResult<Params> {
             }
             Arg::Opt("--no-drain", _) => p.drain = false,
             Arg::Opt("-U", _) => p.force_share = true,
+            Arg::Opt("--no-probe", _) => p.no_probe = true,
             Arg::Opt("-q", _) => p.quiet = true,
             Arg::Opt("--output", Some(o)) => p.json = crate::parse_output("bench", &o)?,
             Arg::Opt("--overlap-check", Some(v)) => {
@@ -268,6 +274,11 @@ fn parse(args: &[String]) -> CliResult<Params> {
     p.raw = match fmt.as_deref() {
         Some("raw") => true,
         Some("qcow2") => false,
+        None if p.no_probe => {
+            return Err(CliError::usage(
+                "bench: --no-probe needs the format of FILE (-f qcow2 or -f raw)",
+            ))
+        }
         None => crate::convert::probe(file)? == "raw",
         Some(other) => {
             return Err(CliError::usage(format!(
@@ -321,6 +332,7 @@ fn open(p: &Params) -> CliResult<Target> {
             &OpenOptions {
                 writable: p.write,
                 force_share: p.force_share,
+                no_probe: p.no_probe,
                 direct: p.direct,
                 writethrough: p.writethrough,
                 overlap_check: p.overlap_check,

@@ -10,7 +10,8 @@ use std::os::unix::fs::FileExt;
 
 /// `oxcow convert --help`.
 pub const HELP: &str = "\
-Usage: oxcow convert [-f qcow2|raw] [-O qcow2|raw] [-o OPTIONS] [-c] [-p] [-q] [-U] SRC DST
+Usage: oxcow convert [-f qcow2|raw] [-O qcow2|raw] [-o OPTIONS] [-c] [-p] [-q] [-U] [--no-probe]
+                     SRC DST
 
 Copy the guest-visible contents of SRC (including everything it reads from its backing chain)
 into a new image DST. Ranges that read as zeros are not written: they stay unallocated in a
@@ -26,6 +27,8 @@ Options:
   -p                 show a progress line on stderr
   -q                 quiet (no progress line even with -p)
   -U, --force-share  read SRC even if another process holds it
+  --no-probe         never guess a format: SRC needs -f, and a backing file whose format is not
+                     recorded is refused (use it for untrusted images)
   -h, --help         this text
 
 Examples:
@@ -42,6 +45,7 @@ const SPECS: &[OptSpec] = &[
     opt(&["-p", "--progress"], false),
     opt(&["-q", "--quiet"], false),
     opt(&["-U", "--force-share"], false),
+    opt(&["--no-probe"], false),
 ];
 
 /// Where the guest data comes from.
@@ -132,6 +136,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
     let mut progress = false;
     let mut quiet = false;
     let mut force_share = false;
+    let mut no_probe = false;
     let mut pos = Vec::new();
     for a in scan("convert", args, SPECS)? {
         match a {
@@ -146,6 +151,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
             Arg::Opt("-p", _) => progress = true,
             Arg::Opt("-q", _) => quiet = true,
             Arg::Opt("-U", _) => force_share = true,
+            Arg::Opt("--no-probe", _) => no_probe = true,
             Arg::Pos(p) => pos.push(p),
             Arg::Opt(..) => unreachable!("every spec is handled"),
         }
@@ -180,6 +186,11 @@ pub fn run(args: &[String]) -> CliResult<()> {
     }
     let src_fmt = match src_fmt {
         Some(f) => f,
+        None if no_probe => {
+            return Err(CliError::usage(
+                "convert: --no-probe needs the format of SRC (-f qcow2 or -f raw)",
+            ))
+        }
         None => probe(src)?.to_string(),
     };
     let source = match src_fmt.as_str() {
@@ -188,6 +199,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
                 src,
                 &OpenOptions {
                     force_share,
+                    no_probe,
                     ..OpenOptions::default()
                 },
             )

@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 /// `oxcow info --help`.
 pub const HELP: &str = "\
-Usage: oxcow info [-f qcow2] [--output human|json] [-U] [--backing-chain] FILE
+Usage: oxcow info [-f qcow2] [--output human|json] [-U] [--backing-chain] [--no-probe] FILE
 
 Describe a qcow2 image the way 'qemu-img info' does: virtual size, space used on the host,
 cluster size, backing file, internal snapshots and the qcow2 header features.
@@ -19,6 +19,8 @@ Options:
   --output FMT        'human' (default) or 'json' (same keys and value types as qemu-img)
   -U, --force-share   open even if another process (e.g. a running VM) holds the image
   --backing-chain     also describe every image of the backing chain
+  --no-probe          never guess a backing file's format: refuse one the image does not
+                      record (use it for untrusted images)
   -h, --help          this text
 
 Examples:
@@ -32,6 +34,7 @@ const SPECS: &[OptSpec] = &[
     opt(&["--output"], true),
     opt(&["-U", "--force-share"], false),
     opt(&["--backing-chain"], false),
+    opt(&["--no-probe"], false),
 ];
 
 /// One internal snapshot, as qemu-img lists it.
@@ -56,6 +59,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
     let mut json = false;
     let mut force_share = false;
     let mut chain = false;
+    let mut no_probe = false;
     let mut files = Vec::new();
     for a in scan("info", args, SPECS)? {
         match a {
@@ -63,6 +67,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
             Arg::Opt("--output", Some(o)) => json = crate::parse_output("info", &o)?,
             Arg::Opt("-U", _) => force_share = true,
             Arg::Opt("--backing-chain", _) => chain = true,
+            Arg::Opt("--no-probe", _) => no_probe = true,
             Arg::Pos(p) => files.push(p),
             Arg::Opt(..) => unreachable!("every spec is handled"),
         }
@@ -75,7 +80,9 @@ pub fn run(args: &[String]) -> CliResult<()> {
         let Some(next) = list.last().and_then(|d| d.full_backing.clone()) else {
             break;
         };
-        if list.last().and_then(|d| d.info.backing_format.as_deref()) == Some("raw") {
+        let Some(last) = list.last() else { break };
+        let recorded = last.info.backing_format.as_deref();
+        if crate::backing_format(&last.filename, recorded, &next, no_probe)? == "raw" {
             // The library reads raw backing files but does not describe them as images.
             break;
         }

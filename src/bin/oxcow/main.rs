@@ -116,6 +116,27 @@ fn parse_output(cmd: &str, v: &str) -> CliResult<bool> {
     }
 }
 
+/// The format of `image`'s backing file `next`: the one `image` records, always; otherwise
+/// guessed from `next`'s first bytes like qemu-img, unless `no_probe` forbids guessing.
+fn backing_format(
+    image: &str,
+    recorded: Option<&str>,
+    next: &str,
+    no_probe: bool,
+) -> CliResult<&'static str> {
+    match recorded {
+        Some("qcow2") => Ok("qcow2"),
+        Some("raw") | Some("file") => Ok("raw"),
+        Some(other) => Err(CliError::op(format!(
+            "'{image}': backing file format '{other}' is not supported"
+        ))),
+        None if no_probe => Err(CliError::op(format!(
+            "'{image}': the format of backing file '{next}' is not recorded and --no-probe forbids guessing it"
+        ))),
+        None => convert::probe(next),
+    }
+}
+
 /// The path qemu-img calls full-backing-filename: a relative backing name is relative to the
 /// directory of the image that names it; an absolute one (or a protocol name) is kept as is.
 fn resolve_backing(image: &str, backing: &str) -> String {

@@ -6,7 +6,7 @@ use oxcow::{Image, OpenOptions, EXTENT_ALLOCATED, EXTENT_COMPRESSED, EXTENT_ZERO
 
 /// `oxcow map --help`.
 pub const HELP: &str = "\
-Usage: oxcow map [-f qcow2] [--output human|json] [-U] [-s START] [-l LENGTH] FILE
+Usage: oxcow map [-f qcow2] [--output human|json] [-U] [-s START] [-l LENGTH] [--no-probe] FILE
 
 Show where each guest range of FILE comes from: this image's data, zero clusters, compressed
 clusters, or some image of the backing chain ('depth' counts layers below FILE).
@@ -19,6 +19,8 @@ Options:
   -f FMT                 image format; only qcow2 is accepted
   --output FMT           'human' (default) or 'json'
   -U, --force-share      open even if another process holds the image
+  --no-probe             never guess a backing file's format: refuse one the image does not
+                         record (use it for untrusted images)
   -s, --start-offset N   first guest byte to map (sizes like 1G accepted)
   -l, --max-length N     map at most N bytes
   -h, --help             this text
@@ -35,6 +37,7 @@ const SPECS: &[OptSpec] = &[
     opt(&["-U", "--force-share"], false),
     opt(&["-s", "--start-offset"], true),
     opt(&["-l", "--max-length"], true),
+    opt(&["--no-probe"], false),
 ];
 
 /// One image of the chain, opened on its own (without its backing file) so its own allocation
@@ -103,7 +106,7 @@ impl Row {
     }
 }
 
-fn open_chain(file: &str, force_share: bool) -> CliResult<Vec<Layer>> {
+fn open_chain(file: &str, force_share: bool, no_probe: bool) -> CliResult<Vec<Layer>> {
     let mut layers = Vec::new();
     let mut name = file.to_string();
     let mut raw = false;
@@ -130,7 +133,10 @@ fn open_chain(file: &str, force_share: bool) -> CliResult<Vec<Layer>> {
             .backing_file
             .as_deref()
             .map(|b| crate::resolve_backing(&name, b));
-        raw = info.backing_format.as_deref() == Some("raw");
+        if let Some(n) = &next {
+            raw =
+                crate::backing_format(&name, info.backing_format.as_deref(), n, no_probe)? == "raw";
+        }
         layers.push(Layer::Qcow2 {
             img: Box::new(img),
             name,
@@ -235,6 +241,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
     let mut force_share = false;
     let mut start = 0u64;
     let mut max_len = u64::MAX;
+    let mut no_probe = false;
     let mut files = Vec::new();
     for a in scan("map", args, SPECS)? {
         match a {
@@ -243,6 +250,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
             Arg::Opt("-U", _) => force_share = true,
             Arg::Opt("-s", Some(v)) => start = parse_size(&v)?,
             Arg::Opt("-l", Some(v)) => max_len = parse_size(&v)?,
+            Arg::Opt("--no-probe", _) => no_probe = true,
             Arg::Pos(p) => files.push(p),
             Arg::Opt(..) => unreachable!("every spec is handled"),
         }
@@ -250,7 +258,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
     let [file] = files.as_slice() else {
         return Err(CliError::usage("map needs exactly one FILE"));
     };
-    let layers = open_chain(file, force_share)?;
+    let layers = open_chain(file, force_share, no_probe)?;
     let size = layers[0].size();
     let start = start.min(size);
     let end = start.saturating_add(max_len).min(size);

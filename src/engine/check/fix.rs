@@ -8,7 +8,7 @@ use super::{CheckFix, CheckReport};
 use crate::error::{Error, Result};
 use crate::format::be::put_u64;
 use crate::format::entry::{COPIED, OFFSET_MASK};
-use crate::format::header::{field, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
+use crate::format::header::{layout, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
 use crate::storage::WriteKind;
 use std::collections::BTreeMap;
@@ -350,11 +350,8 @@ impl Checker<'_> {
             .write(&bytes, table_off, WriteKind::RefcountTable)?;
         self.wrote = true;
         self.file.sync()?;
-        let mut hdr = [0u8; 12];
-        put_u64(&mut hdr, 0, table_off);
-        hdr[8..12].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         self.file
-            .write(&hdr, field::REFCOUNT_TABLE, WriteKind::Header)?;
+            .write_header_fields(&layout::reftable_update(table_off, table_clusters)?)?;
         self.file.sync()?;
         self.header.refcount_table_offset = table_off;
         self.header.refcount_table_clusters = table_clusters as u32;
@@ -459,8 +456,8 @@ impl Checker<'_> {
         }
         self.file.sync()?;
         let new = bits & !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
-        self.file
-            .write(&new.to_be_bytes(), field::INCOMPATIBLE, WriteKind::Header)?;
+        let update = layout::INCOMPATIBLE_FEATURES.update(self.header.version, new)?;
+        self.file.write_header_fields(&update)?;
         self.file.sync()?;
         self.header.incompatible_features = new;
         self.wrote = true;

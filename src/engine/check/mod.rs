@@ -15,9 +15,9 @@ mod walk;
 use super::meta::Meta;
 use super::{parse_header_cluster, Image};
 use crate::error::{Error, Result};
-use crate::format::header::{field, AUTOCLEAR_BITMAPS};
+use crate::format::header::{layout, AUTOCLEAR_BITMAPS};
 use crate::format::Header;
-use crate::storage::{HostFile, LockMode, PosixFile, WriteKind};
+use crate::storage::{HostFile, LockMode, PosixFile};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -179,7 +179,7 @@ impl Image {
         let unknown_autoclear = header.autoclear_features & !AUTOCLEAR_BITMAPS;
         if writable && unknown_autoclear != 0 {
             let keep = header.autoclear_features & AUTOCLEAR_BITMAPS;
-            file.write(&keep.to_be_bytes(), field::AUTOCLEAR, WriteKind::Header)?;
+            file.write_header_fields(&layout::AUTOCLEAR_FEATURES.update(header.version, keep)?)?;
             file.sync()?;
             header.autoclear_features = keep;
         }

@@ -11,7 +11,7 @@ use crate::format::bitmap::{self, TABLE_ENTRY_OFFSET, TABLE_ENTRY_RESERVED};
 use crate::format::entry::{
     COMPRESSED, COPIED, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK, ZERO,
 };
-use crate::format::header::{AUTOCLEAR_BITMAPS, MAX_L1_BYTES};
+use crate::format::header::MAX_L1_BYTES;
 use crate::format::refcount::{REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK};
 use crate::format::snapshot::Snapshot;
 use crate::format::{Geometry, Header};
@@ -429,12 +429,9 @@ impl<'a> Checker<'a> {
     /// Counts the bitmap directory, bitmap tables and bitmap data clusters (only when the
     /// bitmaps are valid, i.e. autoclear bit 0 is set, as QEMU ignores them otherwise).
     fn check_bitmaps(&mut self, res: &mut CheckReport) -> Result<()> {
-        let Some(ext) = self.header.bitmaps else {
+        let Some(ext) = self.header.bitmaps_in_use() else {
             return Ok(());
         };
-        if self.header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
-            return Ok(());
-        }
         self.inc(res, ext.directory_offset, ext.directory_size)?;
         // The header parser bounds the directory size (at most 64 MiB).
         let mut dir = vec![0u8; ext.directory_size as usize];

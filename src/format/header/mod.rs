@@ -4,7 +4,11 @@
 //! names the field. Unknown header extensions and the bytes past the fields oxcow knows are kept
 //! so that a rewrite preserves them.
 
-use super::be::{put_u32, put_u64, u32_at, u64_at};
+mod extensions;
+pub mod layout;
+
+pub use extensions::ext;
+
 use super::geometry::Geometry;
 use crate::error::{corrupt, unsupported, Error, Result};
 
@@ -27,18 +31,6 @@ pub const MAX_SNAPSHOTS: u32 = 65536;
 /// Longest backing file name.
 pub const MAX_BACKING_NAME: u32 = 1023;
 
-/// Byte offsets of header fields that are updated in place.
-pub mod field {
-    /// u64 incompatible_features.
-    pub const INCOMPATIBLE: u64 = 72;
-    /// u64 compatible_features.
-    pub const COMPATIBLE: u64 = 80;
-    /// u64 autoclear_features.
-    pub const AUTOCLEAR: u64 = 88;
-    /// u64 refcount_table_offset followed by u32 refcount_table_clusters.
-    pub const REFCOUNT_TABLE: u64 = 48;
-}
-
 /// Incompatible feature bit 0: refcounts may be stale.
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
 /// Incompatible feature bit 1: the image is corrupt.
@@ -57,22 +49,6 @@ pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// Autoclear bit 1: the external data file is valid raw.
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
-
-/// Header extension magics.
-pub mod ext {
-    /// End of the extension area.
-    pub const END: u32 = 0;
-    /// Backing file format name.
-    pub const BACKING_FORMAT: u32 = 0xe279_2aca;
-    /// Feature name table.
-    pub const FEATURE_TABLE: u32 = 0x6803_f857;
-    /// Persistent bitmaps.
-    pub const BITMAPS: u32 = 0x2385_2875;
-    /// Full-disk-encryption header pointer.
-    pub const CRYPTO: u32 = 0x0537_be77;
-    /// External data file name.
-    pub const DATA_FILE: u32 = 0x4441_5441;
-}
 
 /// One entry of the feature name table extension.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,10 +151,10 @@ impl Header {
     /// Reads the cluster size from the first bytes of a file, for sizing the parse buffer.
     /// Returns `None` when the bytes are not a qcow2 header (parse reports why).
     pub fn probe_cluster_size(first: &[u8]) -> Option<u64> {
-        if first.len() < 24 || u32_at(first, 0) != MAGIC {
+        if first.len() < 24 || layout::MAGIC.get(first) != MAGIC {
             return None;
         }
-        let bits = u32_at(first, 20);
+        let bits = layout::CLUSTER_BITS.get(first);
         if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
             Some(1u64 << bits)
         } else {
@@ -188,38 +164,43 @@ impl Header {
 
     /// Parses and validates cluster 0. `buf` holds the first `min(cluster_size, file length)`
     /// bytes of the file; bytes missing at the end of a short file read as zeros.
+    ///
+    /// Validates what QEMU validates when it opens an image; per-entry checks (tables'
+    /// contents) are the engine's, made when a request needs the entry.
     pub fn parse(buf: &[u8]) -> Result<Header> {
-        if buf.len() < V2_HEADER_LENGTH as usize || u32_at(buf, 0) != MAGIC {
-            return Err(Error::NotQcow2("Image is not in qcow2 format".into()));
-        }
-        let version = u32_at(buf, 4);
-        if version != 2 && version != 3 {
-            return unsupported!("Unsupported qcow2 version {version}");
-        }
-        let cluster_bits = u32_at(buf, 20);
-        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return unsupported!("Unsupported cluster size: 2^{cluster_bits}");
-        }
-        let cluster_size = 1u64 << cluster_bits;
-        // Work on a zero-padded copy of cluster 0 so that a short file cannot make us index
-        // past the end.
-        let mut c0 = vec![0u8; cluster_size as usize];
-        let have = buf.len().min(c0.len());
-        c0[..have].copy_from_slice(&buf[..have]);
+        let c0 = read_cluster0(buf)?;
+        let mut h = Header::fixed_fields(&c0);
+        h.read_version3_fields(&c0)?;
+        // Extensions exist in both versions (only their start differs) and are parsed before
+        // the feature checks so that unknown incompatible bits can be reported by name.
+        let cluster_size = h.cluster_size();
+        let ext_end = match h.backing_file_offset {
+            0 => cluster_size,
+            o => o.min(cluster_size),
+        };
+        h.parse_extensions(&c0, u64::from(h.header_length), ext_end)?;
+        h.check_features()?;
+        h.read_backing_name(&c0)?;
+        h.check_tables()?;
+        h.check_compression()?;
+        Ok(h)
+    }
 
-        let mut h = Header {
-            version,
-            backing_file_offset: u64_at(&c0, 8),
-            backing_file_size: u32_at(&c0, 16),
-            cluster_bits,
-            size: u64_at(&c0, 24),
-            crypt_method: u32_at(&c0, 32),
-            l1_size: u32_at(&c0, 36),
-            l1_table_offset: u64_at(&c0, 40),
-            refcount_table_offset: u64_at(&c0, 48),
-            refcount_table_clusters: u32_at(&c0, 56),
-            nb_snapshots: u32_at(&c0, 60),
-            snapshots_offset: u64_at(&c0, 64),
+    /// The version-2 fields, with the values version 2 implies for the rest.
+    fn fixed_fields(c0: &[u8]) -> Header {
+        Header {
+            version: layout::VERSION.get(c0),
+            backing_file_offset: layout::BACKING_FILE_OFFSET.get(c0),
+            backing_file_size: layout::BACKING_FILE_SIZE.get(c0),
+            cluster_bits: layout::CLUSTER_BITS.get(c0),
+            size: layout::SIZE.get(c0),
+            crypt_method: layout::CRYPT_METHOD.get(c0),
+            l1_size: layout::L1_SIZE.get(c0),
+            l1_table_offset: layout::L1_TABLE_OFFSET.get(c0),
+            refcount_table_offset: layout::REFCOUNT_TABLE_OFFSET.get(c0),
+            refcount_table_clusters: layout::REFCOUNT_TABLE_CLUSTERS.get(c0),
+            nb_snapshots: layout::NB_SNAPSHOTS.get(c0),
+            snapshots_offset: layout::SNAPSHOTS_OFFSET.get(c0),
             incompatible_features: 0,
             compatible_features: 0,
             autoclear_features: 0,
@@ -234,47 +215,57 @@ impl Header {
             data_file: None,
             unknown_extensions: Vec::new(),
             extra_header_bytes: Vec::new(),
-        };
-        if version == 3 {
-            h.incompatible_features = u64_at(&c0, 72);
-            h.compatible_features = u64_at(&c0, 80);
-            h.autoclear_features = u64_at(&c0, 88);
-            h.refcount_order = u32_at(&c0, 96);
-            h.header_length = u32_at(&c0, 100);
-            if h.header_length < 104 {
-                return corrupt!("qcow2 header too short (header_length {})", h.header_length);
-            }
-            if h.header_length as u64 > cluster_size {
-                return corrupt!(
-                    "qcow2 header exceeds cluster size (header_length {})",
-                    h.header_length
-                );
-            }
-            if h.header_length > 104 {
-                h.compression_type = c0[104];
-            }
-            if h.header_length > V3_HEADER_LENGTH {
-                h.extra_header_bytes =
-                    c0[V3_HEADER_LENGTH as usize..h.header_length as usize].to_vec();
-            }
         }
+    }
 
-        // Extensions are parsed before feature checks so that unknown incompatible bits can be
-        // reported by name.
-        let ext_end = if h.backing_file_offset != 0 {
-            h.backing_file_offset.min(cluster_size)
-        } else {
-            cluster_size
-        };
-        if version == 3 {
-            h.parse_extensions(&c0, h.header_length as u64, ext_end)?;
+    fn read_version3_fields(&mut self, c0: &[u8]) -> Result<()> {
+        if self.version < 3 {
+            return Ok(());
         }
+        self.incompatible_features = layout::INCOMPATIBLE_FEATURES.get(c0);
+        self.compatible_features = layout::COMPATIBLE_FEATURES.get(c0);
+        self.autoclear_features = layout::AUTOCLEAR_FEATURES.get(c0);
+        self.refcount_order = layout::REFCOUNT_ORDER.get(c0);
+        self.header_length = layout::HEADER_LENGTH.get(c0);
+        if self.header_length < 104 {
+            return corrupt!(
+                "qcow2 header too short (header_length {})",
+                self.header_length
+            );
+        }
+        // The spec requires a multiple of 8 so that extensions stay aligned; QEMU does not
+        // check it, but no QEMU ever wrote anything else.
+        if self.header_length % 8 != 0 {
+            return corrupt!(
+                "qcow2 header_length {} is not a multiple of 8",
+                self.header_length
+            );
+        }
+        if u64::from(self.header_length) > self.cluster_size() {
+            return corrupt!(
+                "qcow2 header exceeds cluster size (header_length {})",
+                self.header_length
+            );
+        }
+        if self.header_length as usize > layout::COMPRESSION_TYPE.offset {
+            self.compression_type = layout::COMPRESSION_TYPE.get(c0);
+        }
+        if self.header_length > V3_HEADER_LENGTH {
+            self.extra_header_bytes =
+                c0[V3_HEADER_LENGTH as usize..self.header_length as usize].to_vec();
+        }
+        Ok(())
+    }
 
-        let unknown = h.incompatible_features & !INCOMPAT_KNOWN;
+    fn check_features(&self) -> Result<()> {
+        let unknown = self.incompatible_features & !INCOMPAT_KNOWN;
         if unknown != 0 {
             let names: Vec<String> = (0..64)
                 .filter(|b| unknown & (1u64 << b) != 0)
-                .map(|b| h.feature_name(0, b).unwrap_or_else(|| format!("bit {b}")))
+                .map(|b| {
+                    self.feature_name(0, b)
+                        .unwrap_or_else(|| format!("bit {b}"))
+                })
                 .collect();
             return unsupported!(
                 "Unsupported qcow2 feature(s): {} (unknown incompatible feature mask {:#x})",
@@ -282,106 +273,127 @@ impl Header {
                 unknown
             );
         }
-        if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+        if self.incompatible_features & INCOMPAT_DATA_FILE != 0 {
             return unsupported!(
                 "Unsupported qcow2 feature(s): external data file (not supported by oxcow yet)"
             );
         }
-        if h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
+        if self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
             return corrupt!("data-file-raw requires a data file");
         }
-        if h.crypt_method != 0 {
+        if self.crypt_method != 0 {
             return unsupported!(
                 "Encrypted images are not supported (crypt_method {})",
-                h.crypt_method
+                self.crypt_method
             );
         }
-        if h.crypto.is_some() {
+        if self.crypto.is_some() {
             return corrupt!("Crypto header extension present in an unencrypted image");
         }
-        if h.refcount_order > 6 {
+        if self.refcount_order > 6 {
             return corrupt!(
                 "Reference count entry width too large; may not exceed 64 bits (refcount_order {})",
-                h.refcount_order
+                self.refcount_order
             );
         }
-        if h.backing_file_offset > cluster_size {
-            return corrupt!(
-                "Invalid backing file offset {:#x} (beyond cluster 0)",
-                h.backing_file_offset
-            );
-        }
-        if h.backing_file_offset != 0 {
-            if h.backing_file_size > MAX_BACKING_NAME
-                || h.backing_file_size as u64 > cluster_size - h.backing_file_offset
-            {
-                return corrupt!("Backing file name too long ({} bytes)", h.backing_file_size);
-            }
-            let start = h.backing_file_offset as usize;
-            let name = c0[start..start + h.backing_file_size as usize].to_vec();
-            if !name.is_empty() {
-                h.backing_file = Some(name);
-            }
-        }
-
-        let geo = h.geometry();
+        let geo = self.geometry();
         if geo.extended_l2 && geo.subcluster_size() < 512 {
             return unsupported!("Unsupported subcluster size: {}", geo.subcluster_size());
         }
-        let l1_needed = geo.l1_entries_for(h.size);
-        if l1_needed > i32::MAX as u64 / 8 {
-            return corrupt!("Image is too big (virtual size {})", h.size);
-        }
-        if (h.l1_size as u64) < l1_needed {
+        Ok(())
+    }
+
+    fn read_backing_name(&mut self, c0: &[u8]) -> Result<()> {
+        let cluster_size = self.cluster_size();
+        if self.backing_file_offset > cluster_size {
             return corrupt!(
-                "L1 table is too small (l1_size {} < {} needed for size {})",
-                h.l1_size,
-                l1_needed,
-                h.size
+                "Invalid backing file offset {:#x} (beyond cluster 0)",
+                self.backing_file_offset
             );
         }
+        if self.backing_file_offset == 0 {
+            return Ok(());
+        }
+        let len = u64::from(self.backing_file_size);
+        if len > u64::from(MAX_BACKING_NAME) || len > cluster_size - self.backing_file_offset {
+            return corrupt!("Backing file name too long ({len} bytes)");
+        }
+        let start = self.backing_file_offset as usize;
+        let name = c0[start..start + len as usize].to_vec();
+        if !name.is_empty() {
+            self.backing_file = Some(name);
+        }
+        Ok(())
+    }
+
+    fn check_tables(&self) -> Result<()> {
+        let cluster_size = self.cluster_size();
+        let l1_needed = self.geometry().l1_entries_for(self.size);
+        if l1_needed > i32::MAX as u64 / 8 {
+            return corrupt!("Image is too big (virtual size {})", self.size);
+        }
+        if u64::from(self.l1_size) < l1_needed {
+            return corrupt!(
+                "L1 table is too small (l1_size {} < {} needed for size {})",
+                self.l1_size,
+                l1_needed,
+                self.size
+            );
+        }
+        let l1_bytes = u64::from(self.l1_size) * 8;
         validate_table(
             "Active L1 table",
-            h.l1_table_offset,
-            h.l1_size as u64 * 8,
+            self.l1_table_offset,
+            l1_bytes,
             MAX_L1_BYTES,
             cluster_size,
         )?;
-        if h.l1_size > 0 && h.l1_table_offset == 0 {
+        if self.l1_size > 0 && self.l1_table_offset == 0 {
             return corrupt!("Active L1 table offset invalid (0: overlaps the header)");
         }
-        if h.refcount_table_clusters == 0 {
+        if self.refcount_table_clusters == 0 {
             return corrupt!("Image does not contain a reference count table");
         }
+        let rt_bytes = u64::from(self.refcount_table_clusters) << self.cluster_bits;
         validate_table(
             "Reference count table",
-            h.refcount_table_offset,
-            (h.refcount_table_clusters as u64) << cluster_bits,
+            self.refcount_table_offset,
+            rt_bytes,
             MAX_REFTABLE_BYTES,
             cluster_size,
         )?;
-        if h.refcount_table_offset == 0 {
+        if self.refcount_table_offset == 0 {
             return corrupt!("Reference count table offset invalid (0)");
         }
-        if h.nb_snapshots > MAX_SNAPSHOTS {
-            return corrupt!("Snapshot table too large ({} snapshots)", h.nb_snapshots);
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return corrupt!("Snapshot table too large ({} snapshots)", self.nb_snapshots);
         }
-        if h.snapshots_offset % cluster_size != 0 {
-            return corrupt!("Snapshot table offset invalid ({:#x})", h.snapshots_offset);
+        if self.snapshots_offset % cluster_size != 0 {
+            return corrupt!(
+                "Snapshot table offset invalid ({:#x})",
+                self.snapshots_offset
+            );
         }
-        match h.compression_type {
-            0 if h.incompatible_features & INCOMPAT_COMPRESSION != 0 => {
-                return corrupt!(
-                    "qcow2: Compression type incompatible feature bit must not be set"
-                );
+        Ok(())
+    }
+
+    fn check_compression(&self) -> Result<()> {
+        let bit = self.incompatible_features & INCOMPAT_COMPRESSION != 0;
+        match (self.compression_type, bit) {
+            (0, true) => {
+                corrupt!("qcow2: Compression type incompatible feature bit must not be set")
             }
-            1 if h.incompatible_features & INCOMPAT_COMPRESSION == 0 => {
-                return corrupt!("qcow2: Compression type incompatible feature bit must be set");
-            }
-            0 | 1 => {}
-            t => return unsupported!("qcow2: unknown compression type: {t}"),
+            (1, false) => corrupt!("qcow2: Compression type incompatible feature bit must be set"),
+            (0 | 1, _) => Ok(()),
+            (t, _) => unsupported!("qcow2: unknown compression type: {t}"),
         }
-        Ok(h)
+    }
+
+    /// The bitmaps extension when autoclear bit 0 vouches for it (validated at parse); a
+    /// stale extension is kept for nothing but the record, as QEMU ignores it.
+    pub fn bitmaps_in_use(&self) -> Option<BitmapsExtension> {
+        self.bitmaps
+            .filter(|_| self.autoclear_features & AUTOCLEAR_BITMAPS != 0)
     }
 
     fn feature_name(&self, kind: u8, bit: u8) -> Option<String> {
@@ -391,196 +403,67 @@ impl Header {
             .map(|f| f.name.clone())
     }
 
-    fn parse_extensions(&mut self, c0: &[u8], start: u64, end: u64) -> Result<()> {
-        let mut off = start;
-        let mut seen = Vec::new();
-        loop {
-            if off + 8 > end {
-                // QEMU tolerates an extension area that ends without a terminator when it is
-                // exactly used up; anything shorter is an overrun.
-                if off >= end {
-                    return Ok(());
-                }
-                return corrupt!("Header extension too large (at offset {off:#x})");
-            }
-            let typ = u32_at(c0, off as usize);
-            let len = u32_at(c0, off as usize + 4) as u64;
-            off += 8;
-            if typ == ext::END {
-                return Ok(());
-            }
-            if len > end - off {
-                return corrupt!("Header extension too large (type {typ:#x}, length {len})");
-            }
-            if seen.contains(&typ) {
-                return corrupt!("Duplicate header extension {typ:#x}");
-            }
-            seen.push(typ);
-            let data = &c0[off as usize..(off + len) as usize];
-            match typ {
-                ext::BACKING_FORMAT => {
-                    if len >= 16 {
-                        return corrupt!("ERROR: ext_backing_format: len={len} too large");
-                    }
-                    self.backing_format = Some(String::from_utf8_lossy(data).into_owned());
-                }
-                ext::FEATURE_TABLE => {
-                    for e in data.chunks_exact(48) {
-                        let name_bytes = &e[2..48];
-                        let n = name_bytes.iter().position(|&b| b == 0).unwrap_or(46);
-                        self.feature_names.push(FeatureName {
-                            kind: e[0],
-                            bit: e[1],
-                            name: String::from_utf8_lossy(&name_bytes[..n]).into_owned(),
-                        });
-                    }
-                }
-                ext::BITMAPS => {
-                    if len != 24 {
-                        return corrupt!("bitmaps_ext: Invalid extension length {len}");
-                    }
-                    let b = BitmapsExtension {
-                        nb_bitmaps: u32_at(data, 0),
-                        directory_size: u64_at(data, 8),
-                        directory_offset: u64_at(data, 16),
-                    };
-                    if u32_at(data, 4) != 0 {
-                        return corrupt!("bitmaps_ext: Reserved field is not zero");
-                    }
-                    if b.nb_bitmaps == 0 || b.nb_bitmaps > 65535 {
-                        return corrupt!("bitmaps_ext: invalid number of bitmaps {}", b.nb_bitmaps);
-                    }
-                    if b.directory_size > 1024 * 65535 {
-                        return corrupt!(
-                            "bitmaps_ext: bitmap directory size {} is too large",
-                            b.directory_size
-                        );
-                    }
-                    if b.directory_offset % (1u64 << self.cluster_bits) != 0 {
-                        return corrupt!(
-                            "bitmaps_ext: invalid bitmap directory offset {:#x}",
-                            b.directory_offset
-                        );
-                    }
-                    self.bitmaps = Some(b);
-                }
-                ext::CRYPTO => {
-                    if len != 16 {
-                        return corrupt!("Crypto header extension has length {len}, expected 16");
-                    }
-                    self.crypto = Some((u64_at(data, 0), u64_at(data, 8)));
-                }
-                ext::DATA_FILE => self.data_file = Some(data.to_vec()),
-                _ => self.unknown_extensions.push((typ, data.to_vec())),
-            }
-            off += len.div_ceil(8) * 8;
-        }
-    }
-
     /// Serializes the whole of cluster 0: fixed header, extensions in QEMU's order, end marker
     /// and backing file name. Sets `header_length`, `backing_file_offset` and
     /// `backing_file_size` to where things landed. Fails if they do not fit in one cluster.
+    /// Only the fields the image's version defines are written.
     pub fn to_cluster0(&mut self) -> Result<Vec<u8>> {
         let cluster_size = self.cluster_size() as usize;
         let mut out = vec![0u8; cluster_size];
-        let v3 = self.version == 3;
-        let mut off = if v3 {
+        let fixed_end = if self.version >= 3 {
             let len = V3_HEADER_LENGTH as usize + self.extra_header_bytes.len();
-            self.header_length = len as u32;
             out[V3_HEADER_LENGTH as usize..len].copy_from_slice(&self.extra_header_bytes);
             len
         } else {
-            self.header_length = V2_HEADER_LENGTH;
             V2_HEADER_LENGTH as usize
         };
-        let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
-        if let Some(f) = &self.backing_format {
-            exts.push((ext::BACKING_FORMAT, f.as_bytes().to_vec()));
-        }
-        if let Some(d) = &self.data_file {
-            exts.push((ext::DATA_FILE, d.clone()));
-        }
-        if let Some((o, l)) = self.crypto {
-            let mut d = vec![0u8; 16];
-            put_u64(&mut d, 0, o);
-            put_u64(&mut d, 8, l);
-            exts.push((ext::CRYPTO, d));
-        }
-        if !self.feature_names.is_empty() {
-            let mut d = Vec::with_capacity(self.feature_names.len() * 48);
-            for f in &self.feature_names {
-                let mut e = [0u8; 48];
-                e[0] = f.kind;
-                e[1] = f.bit;
-                let n = f.name.len().min(46);
-                e[2..2 + n].copy_from_slice(&f.name.as_bytes()[..n]);
-                d.extend_from_slice(&e);
-            }
-            exts.push((ext::FEATURE_TABLE, d));
-        }
-        if let Some(b) = self.bitmaps {
-            let mut d = vec![0u8; 24];
-            put_u32(&mut d, 0, b.nb_bitmaps);
-            put_u64(&mut d, 8, b.directory_size);
-            put_u64(&mut d, 16, b.directory_offset);
-            exts.push((ext::BITMAPS, d));
-        }
-        exts.extend(self.unknown_extensions.iter().cloned());
-        if v3 {
-            for (typ, data) in &exts {
-                let padded = data.len().div_ceil(8) * 8;
-                if off + 8 + padded + 8 > cluster_size {
-                    return Err(Error::InvalidArgument(
-                        "header extensions do not fit in cluster 0".into(),
-                    ));
-                }
-                put_u32(&mut out, off, *typ);
-                put_u32(&mut out, off + 4, data.len() as u32);
-                out[off + 8..off + 8 + data.len()].copy_from_slice(data);
-                off += 8 + padded;
-            }
-            // End-of-extensions marker (already zero).
-            off += 8;
-        }
-        match &self.backing_file {
-            Some(name) => {
-                if name.len() > MAX_BACKING_NAME as usize || off + name.len() > cluster_size {
-                    return Err(Error::InvalidArgument(format!(
-                        "backing file name too long ({} bytes)",
-                        name.len()
-                    )));
-                }
-                out[off..off + name.len()].copy_from_slice(name);
-                self.backing_file_offset = off as u64;
-                self.backing_file_size = name.len() as u32;
-            }
-            None => {
-                self.backing_file_offset = 0;
-                self.backing_file_size = 0;
-            }
-        }
-        put_u32(&mut out, 0, MAGIC);
-        put_u32(&mut out, 4, self.version);
-        put_u64(&mut out, 8, self.backing_file_offset);
-        put_u32(&mut out, 16, self.backing_file_size);
-        put_u32(&mut out, 20, self.cluster_bits);
-        put_u64(&mut out, 24, self.size);
-        put_u32(&mut out, 32, self.crypt_method);
-        put_u32(&mut out, 36, self.l1_size);
-        put_u64(&mut out, 40, self.l1_table_offset);
-        put_u64(&mut out, 48, self.refcount_table_offset);
-        put_u32(&mut out, 56, self.refcount_table_clusters);
-        put_u32(&mut out, 60, self.nb_snapshots);
-        put_u64(&mut out, 64, self.snapshots_offset);
-        if v3 {
-            put_u64(&mut out, 72, self.incompatible_features);
-            put_u64(&mut out, 80, self.compatible_features);
-            put_u64(&mut out, 88, self.autoclear_features);
-            put_u32(&mut out, 96, self.refcount_order);
-            put_u32(&mut out, 100, self.header_length);
-            out[104] = self.compression_type;
-        }
+        self.header_length = fixed_end as u32;
+        let off = extensions::write_records(&mut out, fixed_end, &self.extension_records())?;
+        self.place_backing_name(&mut out, off)?;
+        self.write_fixed_fields(&mut out);
         Ok(out)
+    }
+
+    fn place_backing_name(&mut self, out: &mut [u8], off: usize) -> Result<()> {
+        let Some(name) = &self.backing_file else {
+            self.backing_file_offset = 0;
+            self.backing_file_size = 0;
+            return Ok(());
+        };
+        if name.len() > MAX_BACKING_NAME as usize || off + name.len() > out.len() {
+            return Err(Error::InvalidArgument(format!(
+                "backing file name too long ({} bytes)",
+                name.len()
+            )));
+        }
+        out[off..off + name.len()].copy_from_slice(name);
+        self.backing_file_offset = off as u64;
+        self.backing_file_size = name.len() as u32;
+        Ok(())
+    }
+
+    fn write_fixed_fields(&self, out: &mut [u8]) {
+        layout::MAGIC.put(out, MAGIC);
+        layout::VERSION.put(out, self.version);
+        layout::BACKING_FILE_OFFSET.put(out, self.backing_file_offset);
+        layout::BACKING_FILE_SIZE.put(out, self.backing_file_size);
+        layout::CLUSTER_BITS.put(out, self.cluster_bits);
+        layout::SIZE.put(out, self.size);
+        layout::CRYPT_METHOD.put(out, self.crypt_method);
+        layout::L1_SIZE.put(out, self.l1_size);
+        layout::L1_TABLE_OFFSET.put(out, self.l1_table_offset);
+        layout::REFCOUNT_TABLE_OFFSET.put(out, self.refcount_table_offset);
+        layout::REFCOUNT_TABLE_CLUSTERS.put(out, self.refcount_table_clusters);
+        layout::NB_SNAPSHOTS.put(out, self.nb_snapshots);
+        layout::SNAPSHOTS_OFFSET.put(out, self.snapshots_offset);
+        if self.version >= 3 {
+            layout::INCOMPATIBLE_FEATURES.put(out, self.incompatible_features);
+            layout::COMPATIBLE_FEATURES.put(out, self.compatible_features);
+            layout::AUTOCLEAR_FEATURES.put(out, self.autoclear_features);
+            layout::REFCOUNT_ORDER.put(out, self.refcount_order);
+            layout::HEADER_LENGTH.put(out, self.header_length);
+            layout::COMPRESSION_TYPE.put(out, self.compression_type);
+        }
     }
 
     /// The feature name table QEMU writes into v3 images with clusters larger than 4 KiB.
@@ -603,6 +486,26 @@ impl Header {
     }
 }
 
+/// Checks the magic, version and cluster size, then returns cluster 0 zero-padded to its
+/// full size so that a short file cannot make a later read index past the end.
+fn read_cluster0(buf: &[u8]) -> Result<Vec<u8>> {
+    if buf.len() < V2_HEADER_LENGTH as usize || layout::MAGIC.get(buf) != MAGIC {
+        return Err(Error::NotQcow2("Image is not in qcow2 format".into()));
+    }
+    let version = layout::VERSION.get(buf);
+    if version != 2 && version != 3 {
+        return unsupported!("Unsupported qcow2 version {version}");
+    }
+    let cluster_bits = layout::CLUSTER_BITS.get(buf);
+    if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+        return unsupported!("Unsupported cluster size: 2^{cluster_bits}");
+    }
+    let mut c0 = vec![0u8; 1usize << cluster_bits];
+    let have = buf.len().min(c0.len());
+    c0[..have].copy_from_slice(&buf[..have]);
+    Ok(c0)
+}
+
 /// Checks a table's offset and size the way QEMU's `qcow2_validate_table` does.
 fn validate_table(what: &str, offset: u64, bytes: u64, max: u64, cluster_size: u64) -> Result<()> {
     if bytes > max {
@@ -621,6 +524,7 @@ fn validate_table(what: &str, offset: u64, bytes: u64, max: u64, cluster_size: u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::be::put_u32;
 
     fn base() -> Header {
         Header {
