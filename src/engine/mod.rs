@@ -225,6 +225,26 @@ impl Image {
         })
     }
 
+    /// The internal snapshots, as validated at open (read-only inspection).
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// The persistent bitmaps' directory entries, as `qemu-img info` lists them (read-only
+    /// inspection). Empty when the image has no bitmaps extension or a stale one (autoclear
+    /// bit 0 clear: QEMU ignores it too).
+    pub fn bitmap_directory(&self) -> Result<Vec<crate::format::bitmap::BitmapEntry>> {
+        let header = self.lock_meta().header.clone();
+        let Some(ext) = header.bitmaps_in_use() else {
+            return Ok(Vec::new());
+        };
+        // Validated at open: directory_size is at most 64 MiB.
+        let mut dir = vec![0u8; ext.directory_size as usize];
+        self.file
+            .read_zero_padded(&mut dir, ext.directory_offset, "bitmap directory")?;
+        crate::format::bitmap::parse_directory(&dir, ext.nb_bitmaps, &self.geo, header.size)
+    }
+
     /// Makes every write that completed before this call durable, writing cached metadata
     /// back in crash-safe order.
     pub fn flush(&self) -> Result<()> {

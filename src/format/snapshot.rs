@@ -31,6 +31,8 @@ pub struct Snapshot {
     pub vm_state_size: u64,
     /// Disk size at creation (extra data), if recorded.
     pub disk_size: Option<u64>,
+    /// The VM's instruction counter at creation (extra data), if recorded.
+    pub icount: Option<u64>,
 }
 
 /// Sizes of the variable part of an entry, from its fixed part: (extra, id, name).
@@ -65,12 +67,17 @@ pub fn parse(buf: &[u8], index: usize, version: u32, cluster_size: u64) -> Resul
         vm_clock_nsec: u64_at(buf, 24),
         vm_state_size: u32_at(buf, 32) as u64,
         disk_size: None,
+        icount: None,
     };
     if extra >= 8 {
         s.vm_state_size = u64_at(e, 0);
     }
     if extra >= 16 {
         s.disk_size = Some(u64_at(e, 8));
+    }
+    // -1 means "not recorded" (qemu-img then omits it).
+    if extra >= 24 {
+        s.icount = Some(u64_at(e, 16)).filter(|&v| v != u64::MAX);
     }
     let id_start = FIXED_LEN + extra as usize;
     let name_start = id_start + id_len as usize;

@@ -5,7 +5,7 @@ use crate::args::{human_size, scan, Arg, CliError, CliResult, OptSpec};
 use crate::json::Obj;
 use oxcow::format::{bitmap, snapshot as snap};
 use oxcow::{CompressionType, Image, ImageInfo, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 
 /// `oxcow info --help`.
 pub const HELP: &str = "\
@@ -37,12 +37,6 @@ const SPECS: &[OptSpec] = &[
     opt(&["--no-probe"], false),
 ];
 
-/// One internal snapshot, as qemu-img lists it.
-struct SnapInfo {
-    s: snap::Snapshot,
-    icount: Option<u64>,
-}
-
 /// Everything printed for one image of the chain.
 struct Described {
     filename: String,
@@ -50,7 +44,7 @@ struct Described {
     actual_size: u64,
     file_length: u64,
     full_backing: Option<String>,
-    snapshots: Vec<SnapInfo>,
+    snapshots: Vec<snap::Snapshot>,
     bitmaps: Vec<bitmap::BitmapEntry>,
 }
 
@@ -118,19 +112,16 @@ fn describe(file: &str, force_share: bool) -> CliResult<Described> {
     )
     .map_err(|e| CliError::op(format!("could not open '{file}': {e}")))?;
     let info = img.info()?;
+    let snapshots = img.snapshots().to_vec();
+    let bitmaps = img
+        .bitmap_directory()
+        .map_err(|e| CliError::op(format!("{file}: {e}")))?;
     drop(img);
     let meta = std::fs::metadata(file).map_err(|e| CliError::op(format!("{file}: {e}")))?;
     let full_backing = info
         .backing_file
         .as_deref()
         .map(|b| crate::resolve_backing(file, b));
-    // The image API only exposes counts; qemu-img lists snapshots and bitmaps, so the CLI
-    // reads those tables itself with the library's on-disk parsers.
-    let (snapshots, bitmaps) = if info.snapshot_count > 0 || info.version >= 3 {
-        read_tables(file)?
-    } else {
-        (Vec::new(), Vec::new())
-    };
     Ok(Described {
         filename: file.to_string(),
         // qemu-img reports allocated host blocks, not the file length.
@@ -142,77 +133,6 @@ fn describe(file: &str, force_share: bool) -> CliResult<Described> {
         snapshots,
         bitmaps,
     })
-}
-
-/// Reads the snapshot table and the bitmap directory with the library's on-disk parsers
-/// (the open already validated both).
-fn read_tables(file: &str) -> CliResult<(Vec<SnapInfo>, Vec<bitmap::BitmapEntry>)> {
-    let err = |e: String| CliError::op(format!("{file}: {e}"));
-    let f = std::fs::File::open(file).map_err(|e| err(e.to_string()))?;
-    let read = |buf: &mut [u8], off: u64| -> CliResult<()> {
-        // Short reads past EOF leave zeros, as the engine does for a truncated table.
-        let mut done = 0;
-        while done < buf.len() {
-            match f.read_at(&mut buf[done..], off + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) => return Err(err(e.to_string())),
-            }
-        }
-        Ok(())
-    };
-    let mut first = vec![0u8; 64 << 10];
-    read(&mut first, 0)?;
-    let cs = oxcow::format::Header::probe_cluster_size(&first).unwrap_or(65536) as usize;
-    if cs > first.len() {
-        first.resize(cs, 0);
-        read(&mut first, 0)?;
-    } else {
-        first.truncate(cs);
-    }
-    let h = oxcow::format::Header::parse(&first).map_err(|e| err(e.to_string()))?;
-    let mut out = Vec::new();
-    let mut off = h.snapshots_offset;
-    let mut total = 0u64;
-    for i in 0..h.nb_snapshots as usize {
-        let mut fixed = [0u8; snap::FIXED_LEN];
-        read(&mut fixed, off)?;
-        let len = snap::entry_len(&fixed);
-        total += len;
-        if total > snap::MAX_TABLE_BYTES {
-            return Err(err("snapshot table is too big".into()));
-        }
-        let mut entry = vec![0u8; len as usize];
-        read(&mut entry, off)?;
-        let s =
-            snap::parse(&entry, i, h.version, h.cluster_size()).map_err(|e| err(e.to_string()))?;
-        // The instruction counter lives in the third 8-byte word of the extra data; -1 (or a
-        // shorter extra area) means "not recorded" and qemu-img then omits it.
-        let (extra, _, _) = snap::variable_sizes(&fixed);
-        let icount = if extra >= 24 {
-            let v = oxcow::format::be::u64_at(&entry, snap::FIXED_LEN + 16);
-            (v != u64::MAX).then_some(v)
-        } else {
-            None
-        };
-        out.push(SnapInfo { s, icount });
-        off += len;
-    }
-    // Bitmaps count only while the autoclear bit says the extension is valid (an older writer
-    // clears it), as in qemu-img.
-    let mut bitmaps = Vec::new();
-    if let Some(b) = &h.bitmaps {
-        if h.autoclear_features & oxcow::format::header::AUTOCLEAR_BITMAPS != 0 {
-            if b.directory_size > 64 << 20 {
-                return Err(err("bitmap directory is too big".into()));
-            }
-            let mut dir = vec![0u8; b.directory_size as usize];
-            read(&mut dir, b.directory_offset)?;
-            bitmaps = bitmap::parse_directory(&dir, b.nb_bitmaps, &h.geometry(), h.size)
-                .map_err(|e| err(e.to_string()))?;
-        }
-    }
-    Ok((out, bitmaps))
 }
 
 /// qemu-img's names of a bitmap's flags.
@@ -271,13 +191,13 @@ fn to_json(d: &Described) -> Obj {
                 if let Some(ic) = s.icount {
                     j.num("icount", ic);
                 }
-                j.num("vm-clock-nsec", s.s.vm_clock_nsec % 1_000_000_000);
-                j.str("name", &s.s.name);
-                j.num("date-sec", s.s.date_sec as u64);
-                j.num("date-nsec", s.s.date_nsec as u64);
-                j.num("vm-clock-sec", s.s.vm_clock_nsec / 1_000_000_000);
-                j.str("id", &s.s.id);
-                j.num("vm-state-size", s.s.vm_state_size);
+                j.num("vm-clock-nsec", s.vm_clock_nsec % 1_000_000_000);
+                j.str("name", &s.name);
+                j.num("date-sec", s.date_sec as u64);
+                j.num("date-nsec", s.date_nsec as u64);
+                j.num("vm-clock-sec", s.vm_clock_nsec / 1_000_000_000);
+                j.str("id", &s.id);
+                j.num("vm-state-size", s.vm_state_size);
                 j
             })
             .collect();
@@ -397,11 +317,11 @@ fn print_human(d: &Described) {
         for s in &d.snapshots {
             println!(
                 "{:<7} {:<16} {:>8} {} {:>15} {:>10}",
-                s.s.id,
-                s.s.name,
-                human_size(s.s.vm_state_size),
-                utc_date(s.s.date_sec as u64),
-                vm_clock(s.s.vm_clock_nsec),
+                s.id,
+                s.name,
+                human_size(s.vm_state_size),
+                utc_date(s.date_sec as u64),
+                vm_clock(s.vm_clock_nsec),
                 s.icount.map(|v| v.to_string()).unwrap_or_default()
             );
         }
