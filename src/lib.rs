@@ -23,7 +23,7 @@ pub use engine::check::{CheckFix, CheckReport};
 pub use engine::create::create;
 pub use engine::events::{CorruptionEvent, EventHandler};
 pub use engine::Image;
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use options::{
     BackingFormat, CompressionType, CreateOptions, Extent, ImageInfo, OpenOptions, Preallocation,
     ZeroFlags, EXTENT_ALLOCATED, EXTENT_BACKING, EXTENT_COMPRESSED, EXTENT_ZERO,

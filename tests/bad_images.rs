@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use oxcow::{Error, Image, OpenOptions, ZeroFlags};
+use oxcow::{Error, ErrorKind, Image, OpenOptions, ZeroFlags};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -61,18 +61,18 @@ enum Outcome {
 }
 
 fn kind(e: &Error) -> &'static str {
-    match e {
-        Error::InvalidArgument(_) => "InvalidArgument",
-        Error::NotQcow2(_) => "NotQcow2",
-        Error::Unsupported(_) => "Unsupported",
-        Error::Corrupt(_) => "Corrupt",
-        Error::ReadOnly(_) => "ReadOnly",
-        Error::NoSpace(_) => "NoSpace",
-        Error::Locked(_) => "Locked",
-        Error::Fenced(_) => "Fenced",
-        Error::NoMemory(_) => "NoMemory",
-        Error::Io { .. } => "Io",
-        Error::CorruptionPrevented(_) => "CorruptionPrevented",
+    match e.kind() {
+        ErrorKind::InvalidArgument => "InvalidArgument",
+        ErrorKind::NotQcow2 => "NotQcow2",
+        ErrorKind::Unsupported => "Unsupported",
+        ErrorKind::Corrupt => "Corrupt",
+        ErrorKind::ReadOnly => "ReadOnly",
+        ErrorKind::NoSpace => "NoSpace",
+        ErrorKind::Locked => "Locked",
+        ErrorKind::Fenced => "Fenced",
+        ErrorKind::NoMemory => "NoMemory",
+        ErrorKind::Io => "Io",
+        ErrorKind::CorruptionPrevented => "CorruptionPrevented",
         _ => "Other",
     }
 }
@@ -802,7 +802,7 @@ fn random_metadata_corruption_never_panics_or_hangs() {
 
 fn assert_einval<T: std::fmt::Debug>(r: oxcow::Result<T>, what: &str) {
     match r {
-        Err(Error::InvalidArgument(m)) => assert_eq!(Error::InvalidArgument(m).errno(), EINVAL),
+        Err(e) if e.kind() == ErrorKind::InvalidArgument => assert_eq!(e.errno(), EINVAL),
         other => panic!("{what}: expected InvalidArgument, got {other:?}"),
     }
 }
@@ -924,7 +924,7 @@ fn writes_on_read_only_open_fail_with_read_only() {
     let img = open_ro(&p);
     assert!(img.info().unwrap().read_only);
     let check = |r: oxcow::Result<()>, what: &str| match r {
-        Err(e @ Error::ReadOnly(_)) => assert_eq!(e.errno(), EROFS, "{what}"),
+        Err(e) if e.kind() == ErrorKind::ReadOnly => assert_eq!(e.errno(), EROFS, "{what}"),
         other => panic!("{what} on a read-only image: expected ReadOnly, got {other:?}"),
     };
     check(img.write_at(&[1, 2, 3], 0), "write_at");
@@ -1079,7 +1079,7 @@ fn corrupt_bit_refuses_writable_open_but_allows_reads() {
         Ok(_) => panic!("writable open of an image with the corrupt bit succeeded"),
         Err(e) => {
             assert!(
-                matches!(e, Error::Corrupt(_)),
+                e.kind() == ErrorKind::Corrupt,
                 "unexpected error kind: {e:?}"
             );
             assert!(e.to_string().to_lowercase().contains("corrupt"), "{e}");
@@ -1114,7 +1114,7 @@ fn rejected_writable_open_changes_nothing() {
         },
     );
     assert!(
-        matches!(r, Err(Error::Unsupported(_))),
+        matches!(&r, Err(e) if e.kind() == ErrorKind::Unsupported),
         "expected Unsupported, got {:?}",
         r.err()
     );

@@ -27,7 +27,7 @@ pub(crate) type CResult<T> = Result<T, Error>;
 
 /// Shorthand for an `Error::InvalidArgument` result.
 pub(crate) fn einval<T>(msg: impl Into<String>) -> CResult<T> {
-    Err(Error::InvalidArgument(msg.into()))
+    Err(Error::invalid(msg.into()))
 }
 
 /// The message of a panic payload, for the error object.

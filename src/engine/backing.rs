@@ -1,7 +1,7 @@
 //! Backing files: a read-only qcow2 image (with its own chain) or a raw file.
 
 use super::{Image, MAX_BACKING_DEPTH};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::MAGIC;
 use crate::options::{BackingFormat, OpenOptions};
 use crate::storage::{HostFile, LockMode, PosixFile};
@@ -46,7 +46,7 @@ impl Backing {
         parent: &OpenOptions,
     ) -> Result<Backing> {
         if depth + 1 >= MAX_BACKING_DEPTH {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{}: backing chain deeper than {MAX_BACKING_DEPTH} images",
                 overlay.display()
             )));
@@ -54,13 +54,13 @@ impl Backing {
         let path = resolve(overlay, name);
         let fmt = match format {
             Some(f) => BackingFormat::from_name(f).ok_or_else(|| {
-                Error::Unsupported(format!(
+                Error::unsupported(format!(
                     "{}: backing file format '{f}' is not supported",
                     overlay.display()
                 ))
             })?,
             None if parent.no_probe => {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::unsupported(format!(
                     "{}: the format of backing file {} is not recorded in the image and probing is disabled (record it with 'qemu-img rebase -u -F FORMAT')",
                     overlay.display(),
                     path.display()
@@ -131,12 +131,15 @@ fn probe(path: &Path) -> Result<BackingFormat> {
     })
 }
 
+/// An OS error while opening a backing image is wrapped so that the message says which link
+/// of the chain failed; other errors already name the backing file they concern.
 fn chain_error(e: Error, path: &Path) -> Error {
-    match e {
-        Error::Io { context, source } => Error::Io {
-            context: format!("opening backing file {}: {context}", path.display()),
-            source,
-        },
-        other => other,
+    if e.kind() != ErrorKind::Io {
+        return e;
     }
+    Error::new(
+        ErrorKind::Io,
+        format!("opening backing file {}", path.display()),
+    )
+    .with_source(e)
 }

@@ -1,5 +1,6 @@
 //! Compressed-cluster codecs: raw deflate (QEMU's "zlib") and zstd.
 
+use crate::error::ErrorKind;
 use crate::error::{Error, Result};
 use crate::options::CompressionType;
 
@@ -25,14 +26,14 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
                 FlushDecompress::Finish,
             )
             .map_err(|e| {
-                Error::Corrupt(format!("invalid deflate data in compressed cluster: {e}"))
+                Error::corrupt(format!("invalid deflate data in compressed cluster: {e}"))
             })?;
         if d.total_out() as usize == out.len() {
             return Ok(());
         }
         let stalled = d.total_out() == before_out && d.total_in() == before_in;
         if status == Status::StreamEnd || stalled {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "compressed cluster decompresses to {} bytes, expected {}",
                 d.total_out(),
                 out.len()
@@ -43,20 +44,24 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
 
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-    let mut dec =
-        Decoder::new().map_err(|e| Error::NoMemory(format!("cannot create zstd decoder: {e}")))?;
+    let mut dec = Decoder::new().map_err(|e| {
+        Error::new(
+            ErrorKind::NoMemory,
+            format!("cannot create zstd decoder: {e}"),
+        )
+    })?;
     let mut inb = InBuffer::around(input);
     let mut outb = OutBuffer::around(out);
     loop {
         let in_before = inb.pos();
         let out_before = outb.pos();
         dec.run(&mut inb, &mut outb)
-            .map_err(|e| Error::Corrupt(format!("invalid zstd data in compressed cluster: {e}")))?;
+            .map_err(|e| Error::corrupt(format!("invalid zstd data in compressed cluster: {e}")))?;
         if outb.pos() == outb.capacity() {
             return Ok(());
         }
         if inb.pos() == in_before && outb.pos() == out_before {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "compressed cluster decompresses to {} bytes, expected {}",
                 outb.pos(),
                 outb.capacity()
@@ -74,19 +79,15 @@ pub fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> 
             let mut c = Compress::new(Compression::default(), false);
             let mut out = Vec::with_capacity(input.len());
             c.compress_vec(input, &mut out, FlushCompress::Finish)
-                .map_err(|e| Error::Io {
-                    context: "deflate compression".into(),
-                    source: std::io::Error::other(e),
-                })?;
+                .map_err(|e| Error::io("deflate compression", std::io::Error::other(e)))?;
             if c.total_in() as usize != input.len() {
                 return Ok(None);
             }
             out
         }
-        CompressionType::Zstd => zstd::bulk::compress(input, 0).map_err(|e| Error::Io {
-            context: "zstd compression".into(),
-            source: e,
-        })?,
+        CompressionType::Zstd => {
+            zstd::bulk::compress(input, 0).map_err(|e| Error::io("zstd compression", e))?
+        }
     };
     Ok(if out.len() < input.len() {
         Some(out)

@@ -82,9 +82,7 @@ pub fn create(path: impl AsRef<Path>, virtual_size: u64, opts: &CreateOptions) -
         if let Some(b) = &opts.backing_file {
             let p = super::backing::resolve(path, b.as_bytes());
             let f = opts.backing_format.ok_or_else(|| {
-                Error::InvalidArgument(
-                    "Use of backing file requires explicit backing format".into(),
-                )
+                Error::invalid("Use of backing file requires explicit backing format")
             })?;
             size = match f {
                 crate::BackingFormat::Qcow2 => {
@@ -99,7 +97,7 @@ pub fn create(path: impl AsRef<Path>, virtual_size: u64, opts: &CreateOptions) -
     // qemu-img rounds the size up to whole 512-byte sectors; QEMU would not see a tail.
     let size = size
         .checked_add(511)
-        .ok_or_else(|| Error::InvalidArgument(format!("virtual size {size} is too large")))?
+        .ok_or_else(|| Error::invalid(format!("virtual size {size} is too large")))?
         & !511;
     let geo = validate(size, opts)?;
     let cs = geo.cluster_size();

@@ -8,6 +8,7 @@
 
 use super::Image;
 use crate::error::Error;
+use crate::error::ErrorKind;
 use crate::format::header::{layout, INCOMPAT_CORRUPT};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -45,35 +46,32 @@ impl Image {
     /// image the corrupt bit is set on disk and the handle fenced; the event is queued for
     /// delivery. Other errors pass through. Idempotent: only the first corruption acts.
     pub(super) fn on_error(&self, e: Error) -> Error {
-        let msg = match e {
-            Error::CorruptionPrevented(m) | Error::Corrupt(m) => m,
-            other => return other,
-        };
-        let name = self.path.display().to_string();
+        if !matches!(
+            e.kind(),
+            ErrorKind::CorruptionPrevented | ErrorKind::Corrupt
+        ) {
+            return e;
+        }
+        let e = e
+            .with_file(self.path.display().to_string())
+            .into_kind(ErrorKind::CorruptionPrevented);
         if self.corruption_handled.swap(true, Ordering::AcqRel) {
             // Already handled (this error on its way out, or a later one): no second mark,
             // no second event.
-            if msg.starts_with(&name) {
-                return Error::CorruptionPrevented(msg);
-            }
-            return Error::CorruptionPrevented(format!("{name}: {msg}"));
+            return e;
         }
         let hit = self.file.guard().take_hit();
-        let (host_offset, size) = match &hit {
-            Some(h) => (Some(h.offset), Some(h.size)),
-            None => (None, None),
-        };
+        let host_offset = e.host_offset().or(hit.as_ref().map(|h| h.offset));
+        let size = hit.as_ref().map(|h| h.size);
         if self.is_read_only() {
             // QEMU reports once and suppresses further events; the image is left alone.
             self.queue_event(CorruptionEvent {
-                message: format!(
-                    "{name}: {msg}; further non-fatal corruption events will be suppressed"
-                ),
+                message: format!("{e}; further non-fatal corruption events will be suppressed"),
                 host_offset,
                 size,
                 fatal: false,
             });
-            return Error::CorruptionPrevented(format!("{name}: {msg}"));
+            return e;
         }
         self.fence();
         // Version 2 has no corrupt bit: bytes 72-79 there belong to header extensions or the
@@ -86,16 +84,18 @@ impl Image {
                 Err(_) => "marking the image corrupt failed too",
             }
         };
-        let full = format!(
-            "{name}: {msg}; {note} and no further writes are accepted (repair with 'oxcow check -r all')"
+        let message = format!(
+            "{}; {note} and no further writes are accepted (repair with 'oxcow check -r all')",
+            e.message()
         );
+        let e = e.with_message(message);
         self.queue_event(CorruptionEvent {
-            message: full.clone(),
+            message: e.to_string(),
             host_offset,
             size,
             fatal: true,
         });
-        Error::CorruptionPrevented(full)
+        e
     }
 
     /// Sets incompatible bit 1 on disk, starting from the word on disk so that no other bit

@@ -253,7 +253,7 @@ impl Meta {
         let t = self
             .l2
             .get(slot.table)
-            .ok_or_else(|| Error::Corrupt("L2 table vanished from cache".into()))?;
+            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
         Ok(t.entry(slot.index as usize, ext))
     }
 
@@ -273,7 +273,7 @@ impl Meta {
                     slot.table, slot.index
                 ),
             };
-            Error::Corrupt(msg)
+            Error::corrupt(msg)
         })
     }
 
@@ -284,7 +284,7 @@ impl Meta {
         let e = self
             .view
             .l1_entry(l1_index as usize)
-            .ok_or_else(|| Error::InvalidArgument(format!("L1 index {l1_index} out of range")))?;
+            .ok_or_else(|| Error::invalid(format!("L1 index {l1_index} out of range")))?;
         let old = self.l2_offset(l1_index)?;
         if old != 0 && e & COPIED != 0 {
             return Ok(old);
@@ -297,7 +297,7 @@ impl Meta {
             self.l2
                 .get(old)
                 .map(|t| t.to_vec())
-                .ok_or_else(|| Error::Corrupt("L2 table vanished from cache".into()))?
+                .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?
         };
         let new = self.rc.alloc(file, 1)?;
         self.make_room_l2(file)?;
@@ -331,7 +331,7 @@ impl Meta {
         let t = self
             .l2
             .get_mut(table)
-            .ok_or_else(|| Error::Corrupt("L2 table vanished from cache".into()))?;
+            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
         t.set_entry(index as usize, ext, w0, w1);
         Ok(())
     }
@@ -474,7 +474,7 @@ impl Meta {
     pub fn alloc_compressed_bytes(&mut self, file: &HostFile, len: u64) -> Result<u64> {
         let cs = self.geo.cluster_size();
         if len == 0 || len > cs {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "compressed cluster of {len} bytes does not fit a {cs}-byte cluster"
             )));
         }

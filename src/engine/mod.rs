@@ -19,6 +19,7 @@ mod write;
 mod write_compressed;
 mod zero;
 
+use crate::error::ErrorKind;
 use crate::error::{corrupt, invalid, Error, Result};
 use crate::format::header::{self, layout, Header};
 use crate::format::snapshot::Snapshot;
@@ -91,7 +92,7 @@ impl Image {
         let name = path.display().to_string();
         let mut posix = PosixFile::open(path, opts.writable, opts.direct).map_err(|e| {
             if opts.direct && e.raw_os_error() == Some(libc::EINVAL) {
-                Error::Unsupported(format!(
+                Error::unsupported(format!(
                     "opening {name}: the file system does not support O_DIRECT"
                 ))
             } else {
@@ -128,9 +129,9 @@ impl Image {
                 header.refcount_table_offset
             );
         }
-        validate_bitmaps(&file, &header).map_err(|e| prefix(e, &name))?;
+        validate_bitmaps(&file, &header).map_err(|e| e.with_file(&name))?;
         let (snapshots, snapshot_table_len) =
-            snapshot::read_table(&file, &header).map_err(|e| prefix(e, &name))?;
+            snapshot::read_table(&file, &header).map_err(|e| e.with_file(&name))?;
         let backing = match (&header.backing_file, opts.no_backing) {
             (Some(b), false) => Some(Backing::open(
                 path,
@@ -154,7 +155,7 @@ impl Image {
             DEFAULT_CACHE_BYTES,
             Arc::clone(&view),
         )
-        .map_err(|e| prefix(e, &name))?;
+        .map_err(|e| e.with_file(&name))?;
         if opts.writable {
             meta.enable_lazy_refcounts();
         }
@@ -300,10 +301,13 @@ impl Image {
 
     fn check_usable(&self) -> Result<()> {
         if self.fenced.load(Ordering::Acquire) {
-            return Err(Error::Fenced(format!(
-                "{}: image was fenced after a fatal error; no further I/O is accepted",
-                self.path.display()
-            )));
+            return Err(Error::new(
+                ErrorKind::Fenced,
+                format!(
+                    "{}: image was fenced after a fatal error; no further I/O is accepted",
+                    self.path.display()
+                ),
+            ));
         }
         Ok(())
     }
@@ -311,10 +315,10 @@ impl Image {
     fn check_writable(&self) -> Result<()> {
         self.check_usable()?;
         if self.is_read_only() {
-            return Err(Error::ReadOnly(format!(
-                "{}: image is open read-only",
-                self.path.display()
-            )));
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("{}: image is open read-only", self.path.display()),
+            ));
         }
         Ok(())
     }
@@ -499,7 +503,7 @@ fn lock_mode(opts: &OpenOptions) -> LockMode {
 
 /// Reads and validates the header in cluster 0; errors name the file as `name`.
 fn read_header(file: &HostFile, name: &str) -> Result<Header> {
-    parse_header_cluster(file).map_err(|e| prefix(e, name))
+    parse_header_cluster(file).map_err(|e| e.with_file(name))
 }
 
 /// Reads cluster 0 (its size probed from the header itself) and parses it.
@@ -583,13 +587,4 @@ fn validate_bitmaps(file: &HostFile, header: &Header) -> Result<()> {
     }
     crate::format::bitmap::parse_directory(&dir, ext.nb_bitmaps, &header.geometry(), header.size)?;
     Ok(())
-}
-
-fn prefix(e: Error, name: &str) -> Error {
-    match e {
-        Error::Corrupt(m) => Error::Corrupt(format!("{name}: {m}")),
-        Error::Unsupported(m) => Error::Unsupported(format!("{name}: {m}")),
-        Error::NotQcow2(m) => Error::NotQcow2(format!("{name}: {m}")),
-        other => other,
-    }
 }

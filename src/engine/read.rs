@@ -200,7 +200,7 @@ pub(super) fn read_compressed(img: &Image, host: u64, csize: u64) -> Result<Vec<
     raw.truncate(n);
     let mut cluster = vec![0u8; img.geo.cluster_size() as usize];
     compress::decompress(img.compression, &raw, &mut cluster).map_err(|e| {
-        crate::Error::Corrupt(format!(
+        crate::Error::corrupt(format!(
             "{}: compressed cluster at {host:#x}: {e}",
             img.path.display()
         ))

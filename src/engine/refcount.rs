@@ -6,6 +6,7 @@
 //! written and synced before the header points at it, and the old table is freed only after.
 
 use super::cache::TableCache;
+use crate::error::ErrorKind;
 use crate::error::{corrupt, Error, Result};
 use crate::format::be::{u64_table, u64_table_bytes};
 use crate::format::header::{layout, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
@@ -134,7 +135,7 @@ impl Refcounts {
         let data = self
             .blocks
             .get(block)
-            .ok_or_else(|| Error::Corrupt("refcount block vanished from cache".into()))?;
+            .ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
         Ok(refcount::get(
             data,
             self.geo.refcount_order,
@@ -210,7 +211,7 @@ impl Refcounts {
         let data = self
             .blocks
             .get_mut(block)
-            .ok_or_else(|| Error::Corrupt("refcount block vanished from cache".into()))?;
+            .ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
         let idx = (cluster % per) as usize;
         let old = refcount::get(data, order, idx);
         let new = if delta >= 0 {
@@ -265,7 +266,7 @@ impl Refcounts {
     /// frontier. Each cluster is examined by the scan at most once over the image's life.
     pub fn alloc(&mut self, file: &HostFile, n: u64) -> Result<u64> {
         if n == 0 {
-            return Err(Error::InvalidArgument("allocation of 0 clusters".into()));
+            return Err(Error::invalid("allocation of 0 clusters"));
         }
         self.release_drained(file);
         loop {
@@ -316,7 +317,10 @@ impl Refcounts {
         let mut c = start;
         while c - start < n {
             if c >= limit {
-                return Err(Error::NoSpace("image address space exhausted".into()));
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    "image address space exhausted",
+                ));
             }
             // Skip whole uncovered blocks in one step: everything there is free.
             if c % per == 0 && self.block_offset(c / per)? == 0 {
@@ -402,8 +406,9 @@ impl Refcounts {
             new_entries = region_block + k;
         };
         if table_clusters * cs > MAX_REFTABLE_BYTES {
-            return Err(Error::NoSpace(
-                "refcount table would exceed 8 MiB; image too large for its cluster size".into(),
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                "refcount table would exceed 8 MiB; image too large for its cluster size",
             ));
         }
         // Dirty blocks must be on disk before a table that points at them is.

@@ -10,6 +10,7 @@ use super::{
     clear_autoclear, lock_mode, read_header, refuse_unwritable, repair_if_dirty, snapshot, Image,
     DEFAULT_CACHE_BYTES,
 };
+use crate::error::ErrorKind;
 use crate::error::{invalid, Error, Result};
 use crate::options::OpenOptions;
 use crate::storage::LockMode;
@@ -47,12 +48,13 @@ impl Image {
         let was_read_only = self.is_read_only();
         if opts.writable && was_read_only {
             if self.keep_read_only {
-                return Err(Error::ReadOnly(format!(
-                    "{name}: opened with keep-read-only; it cannot be reopened read-write"
-                )));
+                return Err(Error::new(
+                    ErrorKind::ReadOnly,
+                    format!("{name}: opened with keep-read-only; it cannot be reopened read-write"),
+                ));
             }
             if self.force_share.load(Ordering::Acquire) {
-                return Err(Error::ReadOnly(format!(
+                return Err(Error::new(ErrorKind::ReadOnly, format!(
                     "{name}: a force-share open may have missed other writers' changes; open the image again to write"
                 )));
             }
@@ -104,7 +106,7 @@ impl Image {
     fn prepare_for_writing(&self, m: &mut Meta, name: &str) -> Result<()> {
         let mut header = read_header(&self.file, name)?;
         if header.size != self.virtual_size || header.geometry() != self.geo {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: the image header changed while it was open read-only"
             )));
         }
@@ -112,7 +114,7 @@ impl Image {
         refuse_unwritable(&header, name)?;
         let (snapshots, table_len) = snapshot::read_table(&self.file, &header)?;
         if snapshots != self.snapshots {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: the snapshot table changed while the image was open read-only"
             )));
         }

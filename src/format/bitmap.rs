@@ -77,7 +77,7 @@ pub fn parse_directory(
             .and_then(|l| l.checked_add(name_size))
             .filter(|&l| l <= dir.len() - pos)
             .ok_or_else(|| {
-                crate::Error::Corrupt(format!(
+                crate::Error::corrupt(format!(
                     "Broken bitmap directory: entry {} overruns the directory",
                     out.len()
                 ))

@@ -9,6 +9,8 @@ pub mod geometry;
 pub mod header;
 pub mod refcount;
 pub mod snapshot;
+pub mod structure;
 
 pub use geometry::Geometry;
 pub use header::Header;
+pub use structure::MetaKind;

@@ -11,72 +11,18 @@
 //! The engine builds the index at open and keeps it current; the guard itself only answers
 //! "may this write happen" and remembers the hit for the event it causes.
 
+use crate::error::ErrorKind;
 use crate::error::{Error, Result};
+pub use crate::format::MetaKind;
 use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
-/// Which metadata structure a cluster belongs to (names as in QEMU's messages).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum MetaKind {
-    /// Cluster 0.
-    Header = 0,
-    /// The active L1 table.
-    ActiveL1 = 1,
-    /// An L2 table of the active L1.
-    ActiveL2 = 2,
-    /// The refcount table.
-    RefcountTable = 3,
-    /// A refcount block.
-    RefcountBlock = 4,
-    /// The snapshot table.
-    SnapshotTable = 5,
-    /// A snapshot's L1 table.
-    InactiveL1 = 6,
-    /// An L2 table of a snapshot's L1.
-    InactiveL2 = 7,
-    /// The persistent-bitmap directory.
-    BitmapDirectory = 8,
-    /// A persistent bitmap's table.
-    BitmapTable = 9,
-}
-
-const ALL_KINDS: [MetaKind; 10] = [
-    MetaKind::Header,
-    MetaKind::ActiveL1,
-    MetaKind::ActiveL2,
-    MetaKind::RefcountTable,
-    MetaKind::RefcountBlock,
-    MetaKind::SnapshotTable,
-    MetaKind::InactiveL1,
-    MetaKind::InactiveL2,
-    MetaKind::BitmapDirectory,
-    MetaKind::BitmapTable,
-];
-
-impl MetaKind {
-    /// The structure's name as QEMU prints it.
-    pub fn name(self) -> &'static str {
-        match self {
-            MetaKind::Header => "qcow2_header",
-            MetaKind::ActiveL1 => "active L1 table",
-            MetaKind::ActiveL2 => "active L2 table",
-            MetaKind::RefcountTable => "refcount table",
-            MetaKind::RefcountBlock => "refcount block",
-            MetaKind::SnapshotTable => "snapshot table",
-            MetaKind::InactiveL1 => "inactive L1 table",
-            MetaKind::InactiveL2 => "inactive L2 table",
-            MetaKind::BitmapDirectory => "bitmap directory",
-            MetaKind::BitmapTable => "bitmap table",
-        }
-    }
-
-    fn bit(self) -> u16 {
-        1 << self as u8
-    }
+/// The bit of `kind` in the index's per-cluster masks.
+fn bit(kind: MetaKind) -> u16 {
+    1 << kind as u8
 }
 
 /// A fast hasher for u64 keys that the engine derives from its own tables (cluster indices,
@@ -122,21 +68,21 @@ pub enum OverlapCheck {
 
 impl OverlapCheck {
     fn mask(self) -> u16 {
-        let constant = MetaKind::Header.bit()
-            | MetaKind::ActiveL1.bit()
-            | MetaKind::RefcountTable.bit()
-            | MetaKind::SnapshotTable.bit()
-            | MetaKind::BitmapDirectory.bit();
+        let constant = bit(MetaKind::Header)
+            | bit(MetaKind::ActiveL1)
+            | bit(MetaKind::RefcountTable)
+            | bit(MetaKind::SnapshotTable)
+            | bit(MetaKind::BitmapDirectory);
         let cached = constant
-            | MetaKind::ActiveL2.bit()
-            | MetaKind::RefcountBlock.bit()
-            | MetaKind::InactiveL1.bit()
-            | MetaKind::BitmapTable.bit();
+            | bit(MetaKind::ActiveL2)
+            | bit(MetaKind::RefcountBlock)
+            | bit(MetaKind::InactiveL1)
+            | bit(MetaKind::BitmapTable);
         match self {
             OverlapCheck::None => 0,
             OverlapCheck::Constant => constant,
             OverlapCheck::Cached => cached,
-            OverlapCheck::All => cached | MetaKind::InactiveL2.bit(),
+            OverlapCheck::All => cached | bit(MetaKind::InactiveL2),
         }
     }
 
@@ -209,7 +155,7 @@ impl OverlapGuard {
     pub fn insert(&self, first: u64, count: u64, kind: MetaKind) {
         let mut ix = self.write_index();
         for c in first..first.saturating_add(count) {
-            *ix.entry(c).or_insert(0) |= kind.bit();
+            *ix.entry(c).or_insert(0) |= bit(kind);
         }
     }
 
@@ -218,7 +164,7 @@ impl OverlapGuard {
         let mut ix = self.write_index();
         for c in first..first.saturating_add(count) {
             if let Some(bits) = ix.get_mut(&c) {
-                *bits &= !kind.bit();
+                *bits &= !bit(kind);
                 if *bits == 0 {
                     ix.remove(&c);
                 }
@@ -229,14 +175,14 @@ impl OverlapGuard {
     /// The first structure (in a fixed order) a host cluster belongs to, whatever the mode.
     pub fn kind_of(&self, cluster: u64) -> Option<MetaKind> {
         let bits = *self.read_index().get(&cluster)?;
-        ALL_KINDS.into_iter().find(|k| bits & k.bit() != 0)
+        MetaKind::ALL.into_iter().find(|&k| bits & bit(k) != 0)
     }
 
     /// Refuses a write of `len` bytes at `offset` that would overlap metadata other than
     /// `exempt` (checked per the mode). On a hit, remembers it and returns
     /// [`Error::CorruptionPrevented`] with QEMU's wording.
     pub fn check_write(&self, offset: u64, len: u64, exempt: Option<MetaKind>) -> Result<()> {
-        let mask = self.mode().mask() & !exempt.map_or(0, MetaKind::bit);
+        let mask = self.mode().mask() & !exempt.map_or(0, bit);
         if mask == 0 || len == 0 {
             return Ok(());
         }
@@ -249,7 +195,10 @@ impl OverlapGuard {
         }
         for c in first..=last {
             if let Some(&bits) = ix.get(&c) {
-                if let Some(kind) = ALL_KINDS.into_iter().find(|k| bits & mask & k.bit() != 0) {
+                if let Some(kind) = MetaKind::ALL
+                    .into_iter()
+                    .find(|&k| bits & mask & bit(k) != 0)
+                {
                     drop(ix);
                     return Err(self.refuse(offset, len, kind, "write on"));
                 }
@@ -266,10 +215,11 @@ impl OverlapGuard {
             size: len,
             kind,
         });
-        Error::CorruptionPrevented(format!(
+        Error::new(ErrorKind::CorruptionPrevented, format!(
             "Preventing invalid {action} metadata (overlaps with {}) at host offset {offset:#x}, {len} bytes",
             kind.name()
         ))
+        .with_structure(kind, Some(offset))
     }
 
     /// Takes the last recorded hit (for the event that reports it).

@@ -24,6 +24,7 @@
 //! not provide OFD locks (the `F_OFD_*` commands fail with `EINVAL`, or the target OS has no
 //! such commands); see [`ImageLock::is_active`].
 
+use crate::error::ErrorKind;
 use crate::error::{Error, Result};
 use std::fs::File;
 use std::io;
@@ -156,9 +157,10 @@ fn perm_name(bit: u8) -> &'static str {
 
 /// The QEMU-style hint appended to every lock conflict message.
 fn conflict(path: &str, what: String) -> Error {
-    Error::Locked(format!(
-        "{what}\nIs another process using the image [{path}]?"
-    ))
+    Error::new(
+        ErrorKind::Locked,
+        format!("{what}\nIs another process using the image [{path}]?"),
+    )
 }
 
 /// The held OFD locks of one open image file, in one [`LockMode`].
@@ -491,7 +493,7 @@ mod tests {
     #[track_caller]
     fn assert_locked(r: Result<ImageLock>, expect: &str) {
         match r {
-            Err(e @ Error::Locked(_)) => {
+            Err(e) if e.kind() == ErrorKind::Locked => {
                 assert_eq!(e.errno(), libc::EAGAIN);
                 let msg = e.to_string();
                 assert!(
@@ -649,7 +651,7 @@ mod tests {
         let mut la = lock(&a, &p, LockMode::ReadOnly).unwrap();
         let lb = lock(&b, &p, LockMode::ReadOnly).unwrap();
         let err = la.change_mode(LockMode::ReadWrite).unwrap_err();
-        assert!(matches!(err, Error::Locked(_)), "{err:?}");
+        assert_eq!(err.kind(), ErrorKind::Locked, "{err:?}");
         assert!(err
             .to_string()
             .starts_with("Failed to get \"write\" lock\n"));

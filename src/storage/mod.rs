@@ -43,7 +43,7 @@ pub trait Backend: Send + Sync {
     /// (see [`PosixFile::reopen_in_place`]). Backends that cannot do that refuse.
     fn reopen(&self, name: &str, writable: bool, mode: LockMode) -> Result<()> {
         let _ = (writable, mode);
-        Err(Error::Unsupported(format!(
+        Err(Error::unsupported(format!(
             "{name}: this backend cannot be reopened"
         )))
     }

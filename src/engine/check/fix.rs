@@ -5,6 +5,7 @@
 use super::refs::RefArray;
 use super::walk::{kind, l2_words, read_l2_run, read_u64_table, Checker, Kind, BATCH_BYTES};
 use super::{CheckFix, CheckReport};
+use crate::error::ErrorKind;
 use crate::error::{Error, Result};
 use crate::format::be::put_u64;
 use crate::format::entry::{COPIED, OFFSET_MASK};
@@ -250,8 +251,9 @@ impl Checker<'_> {
         let mut c = start;
         while c - start < count {
             if c >= limit {
-                return Err(Error::NoSpace(
-                    "no room for a new refcount structure below 2^56".into(),
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    "no room for a new refcount structure below 2^56",
                 ));
             }
             if c >= self.refs.len() && c < floor {
@@ -291,8 +293,8 @@ impl Checker<'_> {
         loop {
             rounds += 1;
             if rounds > 64 {
-                return Err(Error::Corrupt(
-                    "rebuilding the refcount structure did not converge".into(),
+                return Err(Error::corrupt(
+                    "rebuilding the refcount structure did not converge",
                 ));
             }
             let mut added = false;
@@ -311,8 +313,9 @@ impl Checker<'_> {
             let entries = blocks.keys().next_back().map_or(1, |&b| b + 1);
             let need = (entries * 8).div_ceil(cs);
             if need * cs > MAX_REFTABLE_BYTES {
-                return Err(Error::NoSpace(
-                    "the rebuilt refcount table would exceed 8 MiB".into(),
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    "the rebuilt refcount table would exceed 8 MiB",
                 ));
             }
             match table {
@@ -329,7 +332,7 @@ impl Checker<'_> {
             table = Some((first, need));
         }
         let Some((table_first, table_clusters)) = table else {
-            return Err(Error::Corrupt("no refcount table was allocated".into()));
+            return Err(Error::corrupt("no refcount table was allocated"));
         };
         let order = geo.refcount_order;
         let mut new_table = vec![0u64; (table_clusters * cs / 8) as usize];

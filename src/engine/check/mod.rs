@@ -133,7 +133,7 @@ impl Image {
                 Ok(fresh) => *m = fresh,
                 Err(e) => {
                     self.fenced.store(true, Ordering::Release);
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "{}: reloading the metadata after the repair failed: {e}",
                         self.path.display()
                     )));
@@ -159,8 +159,8 @@ impl Image {
         let path = path.as_ref();
         let writable = fix != CheckFix::None;
         if writable && force_share {
-            return Err(Error::InvalidArgument(
-                "force-share can only be used with read-only images".into(),
+            return Err(Error::invalid(
+                "force-share can only be used with read-only images",
             ));
         }
         let name = path.display().to_string();

@@ -1,6 +1,7 @@
 //! A compact per-host-cluster refcount array: two bytes per cluster, with the rare values that
 //! do not fit kept in a side map.
 
+use crate::error::ErrorKind;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 
@@ -32,12 +33,17 @@ impl RefArray {
         if len <= self.len() {
             return Ok(());
         }
-        let extra = usize::try_from(len - self.len())
-            .map_err(|_| Error::NoMemory(format!("refcount array of {len} clusters")))?;
+        let extra = usize::try_from(len - self.len()).map_err(|_| {
+            Error::new(
+                ErrorKind::NoMemory,
+                format!("refcount array of {len} clusters"),
+            )
+        })?;
         self.small.try_reserve_exact(extra).map_err(|_| {
-            Error::NoMemory(format!(
-                "cannot allocate the in-memory refcount array for {len} clusters"
-            ))
+            Error::new(
+                ErrorKind::NoMemory,
+                format!("cannot allocate the in-memory refcount array for {len} clusters"),
+            )
         })?;
         self.small.resize(self.small.len() + extra, 0);
         Ok(())

@@ -5,6 +5,7 @@
 
 use super::refs::RefArray;
 use super::{CheckFix, CheckReport};
+use crate::error::ErrorKind;
 use crate::error::{Error, Result};
 use crate::format::be::u64_at;
 use crate::format::bitmap::{self, TABLE_ENTRY_OFFSET, TABLE_ENTRY_RESERVED};
@@ -118,7 +119,7 @@ pub(super) fn read_u64_table(
     what: &str,
 ) -> Result<Vec<u64>> {
     let bytes = usize::try_from(entries * 8)
-        .map_err(|_| Error::NoMemory(format!("{what} of {entries} entries")))?;
+        .map_err(|_| Error::new(ErrorKind::NoMemory, format!("{what} of {entries} entries")))?;
     let mut raw = vec![0u8; bytes];
     file.read_zero_padded(&mut raw, offset, what)?;
     Ok(crate::format::be::u64_table(&raw))
@@ -221,10 +222,13 @@ impl<'a> Checker<'a> {
         let nb = self.geo.clusters_for(self.file_len);
         if nb > MAX_CHECK_CLUSTERS {
             res.check_errors += 1;
-            return Err(Error::NoMemory(format!(
-                "image file of {} bytes has too many clusters to check",
-                self.file_len
-            )));
+            return Err(Error::new(
+                ErrorKind::NoMemory,
+                format!(
+                    "image file of {} bytes has too many clusters to check",
+                    self.file_len
+                ),
+            ));
         }
         self.refs = RefArray::zeroed(nb)?;
         self.past_eof_floor = 0;

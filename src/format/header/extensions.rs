@@ -156,9 +156,7 @@ pub(super) fn write_records(
     for (typ, data) in exts {
         let padded = data.len().div_ceil(8) * 8;
         if off + 8 + padded + 8 > out.len() {
-            return Err(Error::InvalidArgument(
-                "header extensions do not fit in cluster 0".into(),
-            ));
+            return Err(Error::invalid("header extensions do not fit in cluster 0"));
         }
         put_u32(out, off, *typ);
         put_u32(out, off + 4, data.len() as u32);

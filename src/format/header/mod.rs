@@ -10,6 +10,7 @@ pub mod layout;
 pub use extensions::ext;
 
 use super::geometry::Geometry;
+use crate::error::ErrorKind;
 use crate::error::{corrupt, unsupported, Error, Result};
 
 /// "QFI\xfb".
@@ -431,7 +432,7 @@ impl Header {
             return Ok(());
         };
         if name.len() > MAX_BACKING_NAME as usize || off + name.len() > out.len() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "backing file name too long ({} bytes)",
                 name.len()
             )));
@@ -490,7 +491,10 @@ impl Header {
 /// full size so that a short file cannot make a later read index past the end.
 fn read_cluster0(buf: &[u8]) -> Result<Vec<u8>> {
     if buf.len() < V2_HEADER_LENGTH as usize || layout::MAGIC.get(buf) != MAGIC {
-        return Err(Error::NotQcow2("Image is not in qcow2 format".into()));
+        return Err(Error::new(
+            ErrorKind::NotQcow2,
+            "Image is not in qcow2 format",
+        ));
     }
     let version = layout::VERSION.get(buf);
     if version != 2 && version != 3 {
@@ -569,7 +573,8 @@ mod tests {
     fn bad_magic_is_not_qcow2() {
         let mut b = base().to_cluster0().unwrap();
         b[0] = 0;
-        assert!(matches!(Header::parse(&b), Err(Error::NotQcow2(_))));
+        let e = Header::parse(&b).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotQcow2);
     }
 
     #[test]
