@@ -364,7 +364,7 @@ impl Checker<'_> {
     /// Checks (and with `fix`, repairs) the COPIED flags of the active L1 entries and of the
     /// active L2 data entries against the refcounts.
     fn oflag_copied(&mut self, res: &mut CheckReport, fix: CheckFix) -> Result<()> {
-        let repair = match fix {
+        let may_repair = match fix {
             CheckFix::All => true,
             CheckFix::Leaks => res.check_errors == 0 && res.corruptions == 0 && res.leaks == 0,
             CheckFix::None => false,
@@ -387,6 +387,10 @@ impl Checker<'_> {
                 let idx = i + k;
                 let e = l1[idx];
                 let l2 = e & OFFSET_MASK;
+                // The L1 entry itself may be fixed; the table it points at only when it is
+                // not the header, the L1 or the refcount table posing as an L2 table.
+                let repair = may_repair;
+                let repair_l2 = may_repair && self.fixed_metadata_at(l2).is_none();
                 let Some(rc) = self.disk_refcount(l2 >> cb)? else {
                     self.tick(1);
                     continue;
@@ -424,9 +428,9 @@ impl Checker<'_> {
                         res.corruptions += 1;
                         self.msg(format!(
                             "{} OFLAG_COPIED data cluster: l2_entry={w:x} refcount={rc}",
-                            if repair { "Repairing" } else { "ERROR" }
+                            if repair_l2 { "Repairing" } else { "ERROR" }
                         ));
-                        if repair {
+                        if repair_l2 {
                             let new = if rc == 1 { w | COPIED } else { w & !COPIED };
                             let at = j * geo.l2_entry_size() as usize;
                             put_u64(t, at, new);
