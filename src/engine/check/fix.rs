@@ -83,6 +83,8 @@ impl Checker<'_> {
         let nblocks = n.div_ceil(per);
         self.expect(nblocks);
         let mut highest = 0u64;
+        // Bound: `n` is the file's cluster count (at most MAX_CHECK_CLUSTERS, checked by
+        // `calculate`) and every round advances `b` by at least one block.
         let mut b = 0u64;
         let max_run = (BATCH_BYTES / cs).max(1);
         while b < nblocks {
@@ -248,6 +250,9 @@ impl Checker<'_> {
         let limit = (1u64 << 56) >> self.geo.cluster_bits;
         let mut start = *cursor;
         let mut c = start;
+        // Bound: `c` grows every round (or jumps to `floor`, once); past the end of `refs`
+        // every cluster is free, so the loop ends by max(refs.len(), floor) + count, and the
+        // 2^56 limit stops it in any case.
         while c - start < count {
             if c >= limit {
                 return Err(Error::NoSpace(
@@ -296,6 +301,9 @@ impl Checker<'_> {
                 ));
             }
             let mut added = false;
+            // Bound: `refs` only grows by the clusters this loop allocates (one per new
+            // block), so the block count grows by at most one per `per` new blocks; the
+            // outer loop is capped at 64 rounds.
             let mut b = 0;
             while b < self.refs.len().div_ceil(per) {
                 if !blocks.contains_key(&b) && self.refs.any_in(b * per, (b + 1) * per) {

@@ -310,6 +310,8 @@ impl<'a> Checker<'a> {
         let cs = self.geo.cluster_size();
         self.inc(res, l1_off, l1_size as u64 * 8)?;
         let l1 = read_u64_table(self.file, l1_off, l1_size as u64, "L1 table")?;
+        // Bound: l1_size is validated (at most MAX_L1_BYTES / 8 entries, by the header parser
+        // or the snapshot check above) and every round advances `i` by at least one.
         let mut i = 0;
         while i < l1.len() {
             if l1[i] == 0 {
