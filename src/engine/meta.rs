@@ -175,10 +175,25 @@ impl Meta {
     /// Makes room for one more L2 table: evicts a clean one (second chance for tables that
     /// lock-free readers use), writing dirty ones back first when all are dirty.
     fn make_room_l2(&mut self, file: &HostFile) -> Result<()> {
-        while self.l2.is_full() {
+        // Bound: two rounds. A successful write-back leaves every cached table clean, and a
+        // clean table can always be evicted.
+        for _ in 0..2 {
+            if !self.l2.is_full() {
+                return Ok(());
+            }
             match self.l2.evict_clean_second_chance(|t| t.take_referenced()) {
                 Some(off) => self.view.remove_table(off),
                 None => self.writeback(file)?,
+            }
+        }
+        if self.l2.is_full() {
+            match self.l2.evict_clean_second_chance(|t| t.take_referenced()) {
+                Some(off) => self.view.remove_table(off),
+                None => {
+                    return Err(Error::NoMemory(
+                        "the L2 table cache cannot make room".into(),
+                    ))
+                }
             }
         }
         Ok(())

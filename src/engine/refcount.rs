@@ -107,20 +107,33 @@ impl Refcounts {
         if self.blocks.contains(off) {
             return Ok(());
         }
-        while self.blocks.is_full() {
-            if !self.blocks.evict_one_clean() {
-                // Every cached block is dirty: write them back (blocks have no ordering
-                // dependency among themselves) and sync before dropping any.
-                self.write_dirty_blocks(file)?;
-                file.sync()?;
-            }
-        }
+        self.make_room(file)?;
         if off >= file.len()? {
             return corrupt!("Refcount block at {off:#x} is beyond the end of the file");
         }
         let mut data = vec![0u8; self.geo.cluster_size() as usize];
         file.read_zero_padded(&mut data, off, "refcount block")?;
         self.blocks.insert(off, data, false);
+        Ok(())
+    }
+
+    /// Frees a slot in the block cache. Bound: at most two rounds, because writing every
+    /// dirty block back leaves only clean ones, and a clean one can always be evicted.
+    fn make_room(&mut self, file: &HostFile) -> Result<()> {
+        for _ in 0..2 {
+            if !self.blocks.is_full() || self.blocks.evict_one_clean() {
+                return Ok(());
+            }
+            // Every cached block is dirty: write them back (blocks have no ordering
+            // dependency among themselves) and sync before dropping any.
+            self.write_dirty_blocks(file)?;
+            file.sync()?;
+        }
+        if self.blocks.is_full() && !self.blocks.evict_one_clean() {
+            return Err(Error::NoMemory(
+                "the refcount block cache cannot make room".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -264,37 +277,60 @@ impl Refcounts {
     /// Allocates `n` contiguous free clusters (refcount set to 1) and returns the host offset
     /// of the first. Single clusters reuse known holes first; runs are taken from the scan
     /// frontier. Each cluster is examined by the scan at most once over the image's life.
+    ///
+    /// Fails with [`Error::CorruptionPrevented`] instead of looping when the refcount
+    /// structures contradict the rest of the metadata (a free cluster or the home of a new
+    /// refcount block holds metadata, or a new block does not cover what it should).
     pub fn alloc(&mut self, file: &HostFile, n: u64) -> Result<u64> {
         if n == 0 {
             return Err(Error::invalid("allocation of 0 clusters"));
         }
         self.release_drained(file);
-        loop {
+        // Bound: every pass that does not return creates one refcount block, and
+        // `create_block` fails unless the block's table entry becomes non-zero, so each pass
+        // covers one more block. The run that is finally returned spans at most
+        // n/per + 2 blocks; each block created inside a candidate run takes its first cluster
+        // and can push the run forward across at most one more block boundary. Twice that,
+        // plus slack, is generous for a sound image and still finite for a broken one.
+        let per = self.geo.refblock_entries();
+        let max_passes = 2 * (n.div_ceil(per) + 2) + 8;
+        for _ in 0..max_passes {
             let start = match if n == 1 { self.pop_free(file)? } else { None } {
                 Some(c) => c,
                 None => self.scan_run(file, n)?,
             };
             if let Some(b) = self.first_uncovered_block(start, n)? {
-                self.create_block(file, b)?;
+                self.create_block(file, b, start, n)?;
                 continue;
             }
-            for c in start..start + n {
-                if let Some(kind) = file.guard().kind_of(c) {
-                    let cs = self.geo.cluster_size();
-                    return Err(file.guard().refuse(
-                        c << self.geo.cluster_bits,
-                        cs,
-                        kind,
-                        "allocation of a cluster with refcount 0 that holds",
-                    ));
-                }
-            }
+            self.refuse_metadata(
+                file,
+                start,
+                n,
+                "allocation of a cluster with refcount 0 that holds",
+            )?;
             for c in start..start + n {
                 self.update(file, c, 1)?;
             }
             self.cursor = self.cursor.max(start + n);
             return Ok(start << self.geo.cluster_bits);
         }
+        Err(Error::CorruptionPrevented(format!(
+            "Preventing invalid allocation: the refcount structures make no progress after {max_passes} new refcount blocks for a run of {n} clusters"
+        )))
+    }
+
+    /// Fails (through the overlap guard, so the corruption event names the structure) when
+    /// any of clusters `[first, first+n)` holds metadata the guard knows about.
+    fn refuse_metadata(&self, file: &HostFile, first: u64, n: u64, action: &str) -> Result<()> {
+        let guard = file.guard();
+        for c in first..first + n {
+            if let Some(kind) = guard.kind_of(c) {
+                let cs = self.geo.cluster_size();
+                return Err(guard.refuse(c << self.geo.cluster_bits, cs, kind, action));
+            }
+        }
+        Ok(())
     }
 
     /// The lowest known hole that is still free.
@@ -313,6 +349,14 @@ impl Refcounts {
         // Host offsets are below 2^56; the search cannot run past that.
         let limit = (1u64 << 56) >> self.geo.cluster_bits;
         let per = self.geo.refblock_entries();
+        // Bound: past the clusters the table covers every block is absent, so every cluster
+        // there is free and a run of n completes within n + per more clusters. Each step
+        // below advances `c` by at least one, so the loop ends by `bound` whatever the
+        // (possibly damaged) blocks claim; reaching it means the structures lie.
+        let bound = (self.table.len() as u64 + 1)
+            .saturating_mul(per)
+            .saturating_add(n)
+            .saturating_add(per);
         let mut start = self.cursor;
         let mut c = start;
         while c - start < n {
@@ -321,6 +365,11 @@ impl Refcounts {
                     ErrorKind::NoSpace,
                     "image address space exhausted",
                 ));
+            }
+            if c >= bound {
+                return Err(Error::CorruptionPrevented(format!(
+                    "Preventing invalid allocation: the free-cluster scan passed cluster {c:#x}, beyond what the refcount table covers"
+                )));
             }
             // Skip whole uncovered blocks in one step: everything there is free.
             if c % per == 0 && self.block_offset(c / per)? == 0 {
@@ -350,9 +399,17 @@ impl Refcounts {
         Ok(None)
     }
 
-    /// Creates refcount block `b` inside the range it covers (its first cluster, free by
-    /// construction because no block counts anything there), growing the table if needed.
-    fn create_block(&mut self, file: &HostFile, b: u64) -> Result<()> {
+    /// Creates refcount block `b`, growing the table if needed, for the candidate run of
+    /// `n` clusters at `start`.
+    ///
+    /// The block normally goes in the first cluster of the range it covers (its home: free
+    /// because no block counts anything there yet, and the block counts itself). Two
+    /// exceptions: when the home lies inside a multi-cluster run, the block would split every
+    /// run that crosses a block boundary, so it takes a single cluster from the allocator
+    /// instead (counted by an existing block); and when the home holds metadata, the
+    /// refcount table entry was lost on a damaged image (entry 0 would even put the block on
+    /// the header), so the allocation is refused as a corruption instead of looping.
+    fn create_block(&mut self, file: &HostFile, b: u64, start: u64, n: u64) -> Result<()> {
         self.before_change(file)?;
         if b >= self.table.len() as u64 {
             self.grow_table(file, b + 1)?;
@@ -361,16 +418,33 @@ impl Refcounts {
             }
         }
         let per = self.geo.refblock_entries();
-        let cluster = b * per;
-        let off = cluster << self.geo.cluster_bits;
+        let home = b * per;
         let mut data = vec![0u8; self.geo.cluster_size() as usize];
-        refcount::set(&mut data, self.geo.refcount_order, 0, 1);
-        while self.blocks.is_full() {
-            if !self.blocks.evict_one_clean() {
-                self.write_dirty_blocks(file)?;
-                file.sync()?;
+        let cluster = if n > 1 && (start..start + n).contains(&home) {
+            // alloc(1) places any block it needs at that block's home (n == 1), so this
+            // recursion is one level deep.
+            let c = self.alloc(file, 1)? >> self.geo.cluster_bits;
+            if self.block_offset(b)? != 0 {
+                // That allocation created block b itself: give the cluster back.
+                self.update(file, c, -1)?;
+                self.free_set.insert(c);
+                return Ok(());
             }
+            c
+        } else {
+            self.refuse_metadata(file, home, 1, "allocation of a refcount block on")?;
+            refcount::set(&mut data, self.geo.refcount_order, 0, 1);
+            home
+        };
+        let off = cluster << self.geo.cluster_bits;
+        if off == 0 {
+            // Cluster 0 is the header even when the guard's index does not say so, and a
+            // table entry of 0 means "no block": the block would never become visible.
+            return Err(Error::CorruptionPrevented(format!(
+                "Preventing invalid allocation of refcount block at offset 0 (reftable index: {b:#x})"
+            )));
         }
+        self.make_room(file)?;
         self.blocks.insert(off, data, true);
         file.guard().insert(cluster, 1, MetaKind::RefcountBlock);
         self.table[b as usize] = off;
@@ -390,7 +464,16 @@ impl Refcounts {
         // The region starts at the first block the old table cannot describe.
         let region_block = old_len;
         let mut new_entries = min_entries.max(old_len + old_len / 2).max(old_len + 1);
+        // Bound: new_entries only grows, by k per round, and past MAX_REFTABLE_BYTES / 8 the
+        // table could not be written anyway; in practice one or two rounds settle it.
+        let max_entries = MAX_REFTABLE_BYTES / 8;
         let (blocks_needed, table_clusters) = loop {
+            if new_entries > max_entries {
+                return Err(Error::NoSpace(
+                    "refcount table would exceed 8 MiB; image too large for its cluster size"
+                        .into(),
+                ));
+            }
             let table_clusters = (new_entries * 8).div_ceil(cs);
             // k blocks at the start of the region, then the table: they must all be counted
             // by those k blocks and covered by the new table.
@@ -411,14 +494,17 @@ impl Refcounts {
                 "refcount table would exceed 8 MiB; image too large for its cluster size",
             ));
         }
+        let region = region_block * per; // first cluster of the region
+        let used = blocks_needed + table_clusters;
+        // The region lies past everything the old table can count, so on a sound image no
+        // structure lives there; on a damaged one (a table too small for the file) it may.
+        self.refuse_metadata(file, region, used, "allocation of refcount structures on")?;
         // Dirty blocks must be on disk before a table that points at them is.
         self.write_dirty_blocks(file)?;
 
-        let region = region_block * per; // first cluster of the region
         let order = self.geo.refcount_order;
         let mut new_table = self.table.clone();
         new_table.resize(new_entries as usize, 0);
-        let used = blocks_needed + table_clusters;
         for i in 0..blocks_needed {
             let mut data = vec![0u8; cs as usize];
             for j in 0..per {

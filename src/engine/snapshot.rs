@@ -11,6 +11,9 @@ pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u6
     let mut out = Vec::new();
     let mut off = header.snapshots_offset;
     let mut total = 0u64;
+    // Bound: nb_snapshots is at most MAX_SNAPSHOTS (header validation) and the bytes read
+    // at most MAX_TABLE_BYTES (checked per entry below), so neither the loop nor the memory
+    // it takes depends on anything unchecked.
     for i in 0..header.nb_snapshots as usize {
         let mut fixed = [0u8; FIXED_LEN];
         file.read_zero_padded(&mut fixed, off, "snapshot table")?;

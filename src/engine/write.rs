@@ -54,8 +54,18 @@ struct Op {
 /// Writes `buf` at guest `offset` (range already checked).
 pub fn write(img: &Image, buf: &[u8], offset: u64) -> Result<()> {
     let mut done = 0usize;
+    // Bound: every batch writes at least one byte (one cluster's share, or what the in-place
+    // path managed), so this runs at most once per cluster of the request. The check turns
+    // a batch that made no progress into an error instead of a spin.
     while done < buf.len() {
-        done += write_batch(img, &buf[done..], offset + done as u64)?;
+        let n = write_batch(img, &buf[done..], offset + done as u64)?;
+        if n == 0 {
+            return Err(crate::error::Error::Corrupt(format!(
+                "write at {:#x} made no progress",
+                offset + done as u64
+            )));
+        }
+        done += n;
     }
     Ok(())
 }

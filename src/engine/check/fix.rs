@@ -84,6 +84,8 @@ impl Checker<'_> {
         let nblocks = n.div_ceil(per);
         self.expect(nblocks);
         let mut highest = 0u64;
+        // Bound: `n` is the file's cluster count (at most MAX_CHECK_CLUSTERS, checked by
+        // `calculate`) and every round advances `b` by at least one block.
         let mut b = 0u64;
         let max_run = (BATCH_BYTES / cs).max(1);
         while b < nblocks {
@@ -249,6 +251,9 @@ impl Checker<'_> {
         let limit = (1u64 << 56) >> self.geo.cluster_bits;
         let mut start = *cursor;
         let mut c = start;
+        // Bound: `c` grows every round (or jumps to `floor`, once); past the end of `refs`
+        // every cluster is free, so the loop ends by max(refs.len(), floor) + count, and the
+        // 2^56 limit stops it in any case.
         while c - start < count {
             if c >= limit {
                 return Err(Error::new(
@@ -298,6 +303,9 @@ impl Checker<'_> {
                 ));
             }
             let mut added = false;
+            // Bound: `refs` only grows by the clusters this loop allocates (one per new
+            // block), so the block count grows by at most one per `per` new blocks; the
+            // outer loop is capped at 64 rounds.
             let mut b = 0;
             while b < self.refs.len().div_ceil(per) {
                 if !blocks.contains_key(&b) && self.refs.any_in(b * per, (b + 1) * per) {
@@ -364,7 +372,7 @@ impl Checker<'_> {
     /// Checks (and with `fix`, repairs) the COPIED flags of the active L1 entries and of the
     /// active L2 data entries against the refcounts.
     fn oflag_copied(&mut self, res: &mut CheckReport, fix: CheckFix) -> Result<()> {
-        let repair = match fix {
+        let may_repair = match fix {
             CheckFix::All => true,
             CheckFix::Leaks => res.check_errors == 0 && res.corruptions == 0 && res.leaks == 0,
             CheckFix::None => false,
@@ -387,6 +395,10 @@ impl Checker<'_> {
                 let idx = i + k;
                 let e = l1[idx];
                 let l2 = e & OFFSET_MASK;
+                // The L1 entry itself may be fixed; the table it points at only when it is
+                // not the header, the L1 or the refcount table posing as an L2 table.
+                let repair = may_repair;
+                let repair_l2 = may_repair && self.fixed_metadata_at(l2).is_none();
                 let Some(rc) = self.disk_refcount(l2 >> cb)? else {
                     self.tick(1);
                     continue;
@@ -424,9 +436,9 @@ impl Checker<'_> {
                         res.corruptions += 1;
                         self.msg(format!(
                             "{} OFLAG_COPIED data cluster: l2_entry={w:x} refcount={rc}",
-                            if repair { "Repairing" } else { "ERROR" }
+                            if repair_l2 { "Repairing" } else { "ERROR" }
                         ));
-                        if repair {
+                        if repair_l2 {
                             let new = if rc == 1 { w | COPIED } else { w & !COPIED };
                             let at = j * geo.l2_entry_size() as usize;
                             put_u64(t, at, new);

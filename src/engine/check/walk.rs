@@ -160,6 +160,36 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// The fixed structure (header, active L1, refcount table, snapshot table) that holds
+    /// the cluster at `offset`, if any. A damaged L1 entry can make one of them pose as an L2
+    /// table; a repair must not write table entries into it. [`Image::check_path`] has no
+    /// overlap-guard index, so repairs of L2 tables consult this (QEMU's overlap check stops
+    /// the same writes).
+    ///
+    /// [`Image::check_path`]: crate::Image::check_path
+    pub(super) fn fixed_metadata_at(&self, offset: u64) -> Option<&'static str> {
+        let cb = self.geo.cluster_bits;
+        let c = offset >> cb;
+        let h = &self.header;
+        let within = |start: u64, len: u64| {
+            len > 0 && c >= start >> cb && c <= (start.saturating_add(len) - 1) >> cb
+        };
+        if c == 0 {
+            Some("qcow2_header")
+        } else if within(h.l1_table_offset, h.l1_size as u64 * 8) {
+            Some("active L1 table")
+        } else if within(
+            h.refcount_table_offset,
+            (h.refcount_table_clusters as u64) << cb,
+        ) {
+            Some("refcount table")
+        } else if within(h.snapshots_offset, self.snapshot_table_len) {
+            Some("snapshot table")
+        } else {
+            None
+        }
+    }
+
     /// Records a diagnostic.
     pub(super) fn msg(&mut self, m: String) {
         self.msgs.push(m);
@@ -284,6 +314,8 @@ impl<'a> Checker<'a> {
         let cs = self.geo.cluster_size();
         self.inc(res, l1_off, l1_size as u64 * 8)?;
         let l1 = read_u64_table(self.file, l1_off, l1_size as u64, "L1 table")?;
+        // Bound: l1_size is validated (at most MAX_L1_BYTES / 8 entries, by the header parser
+        // or the snapshot check above) and every round advances `i` by at least one.
         let mut i = 0;
         while i < l1.len() {
             if l1[i] == 0 {
@@ -381,7 +413,13 @@ impl<'a> Checker<'a> {
                             e & ZERO == 0
                         };
                         if !contains_data {
-                            let repair = fix == CheckFix::All;
+                            let overlap = self.fixed_metadata_at(l2_off);
+                            if let (CheckFix::All, Some(name)) = (fix, overlap) {
+                                self.msg(format!(
+                                    "ERROR l2_offset={l2_off:x}: not repairing an L2 table that overlaps the {name}"
+                                ));
+                            }
+                            let repair = fix == CheckFix::All && overlap.is_none();
                             self.msg(format!(
                                 "{} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
                                 if repair { "Repairing" } else { "ERROR" }
