@@ -6,6 +6,7 @@
 use super::cache::TableCache;
 use super::mapview::{L2Table, MapView};
 use super::refcount::Refcounts;
+use crate::error::ErrorKind;
 use crate::error::{corrupt, Error, Result};
 use crate::format::be::u64_table_bytes;
 use crate::format::entry::{self, decode_l2, encode_l2, EntryError, Mapping, COPIED};
@@ -190,8 +191,9 @@ impl Meta {
             match self.l2.evict_clean_second_chance(|t| t.take_referenced()) {
                 Some(off) => self.view.remove_table(off),
                 None => {
-                    return Err(Error::NoMemory(
-                        "the L2 table cache cannot make room".into(),
+                    return Err(Error::new(
+                        ErrorKind::NoMemory,
+                        "the L2 table cache cannot make room",
                     ))
                 }
             }

@@ -130,8 +130,9 @@ impl Refcounts {
             file.sync()?;
         }
         if self.blocks.is_full() && !self.blocks.evict_one_clean() {
-            return Err(Error::NoMemory(
-                "the refcount block cache cannot make room".into(),
+            return Err(Error::new(
+                ErrorKind::NoMemory,
+                "the refcount block cache cannot make room",
             ));
         }
         Ok(())
@@ -315,7 +316,7 @@ impl Refcounts {
             self.cursor = self.cursor.max(start + n);
             return Ok(start << self.geo.cluster_bits);
         }
-        Err(Error::CorruptionPrevented(format!(
+        Err(Error::new(ErrorKind::CorruptionPrevented, format!(
             "Preventing invalid allocation: the refcount structures make no progress after {max_passes} new refcount blocks for a run of {n} clusters"
         )))
     }
@@ -367,7 +368,7 @@ impl Refcounts {
                 ));
             }
             if c >= bound {
-                return Err(Error::CorruptionPrevented(format!(
+                return Err(Error::new(ErrorKind::CorruptionPrevented, format!(
                     "Preventing invalid allocation: the free-cluster scan passed cluster {c:#x}, beyond what the refcount table covers"
                 )));
             }
@@ -440,7 +441,7 @@ impl Refcounts {
         if off == 0 {
             // Cluster 0 is the header even when the guard's index does not say so, and a
             // table entry of 0 means "no block": the block would never become visible.
-            return Err(Error::CorruptionPrevented(format!(
+            return Err(Error::new(ErrorKind::CorruptionPrevented, format!(
                 "Preventing invalid allocation of refcount block at offset 0 (reftable index: {b:#x})"
             )));
         }
@@ -469,9 +470,9 @@ impl Refcounts {
         let max_entries = MAX_REFTABLE_BYTES / 8;
         let (blocks_needed, table_clusters) = loop {
             if new_entries > max_entries {
-                return Err(Error::NoSpace(
-                    "refcount table would exceed 8 MiB; image too large for its cluster size"
-                        .into(),
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    "refcount table would exceed 8 MiB; image too large for its cluster size",
                 ));
             }
             let table_clusters = (new_entries * 8).div_ceil(cs);

@@ -60,7 +60,7 @@ pub fn write(img: &Image, buf: &[u8], offset: u64) -> Result<()> {
     while done < buf.len() {
         let n = write_batch(img, &buf[done..], offset + done as u64)?;
         if n == 0 {
-            return Err(crate::error::Error::Corrupt(format!(
+            return Err(crate::error::Error::corrupt(format!(
                 "write at {:#x} made no progress",
                 offset + done as u64
             )));
