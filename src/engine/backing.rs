@@ -3,6 +3,7 @@
 use super::{Image, MAX_BACKING_DEPTH};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::MAGIC;
+use crate::format::HostOffset;
 use crate::options::{BackingFormat, OpenOptions};
 use crate::storage::{HostFile, LockMode, PosixFile};
 use std::ffi::OsStr;
@@ -113,7 +114,9 @@ impl Backing {
         past.fill(0);
         match self {
             Backing::Qcow2(img) => img.read_at(inside, offset),
-            Backing::Raw { file, .. } => file.read_zero_padded(inside, offset, "backing data"),
+            Backing::Raw { file, .. } => {
+                file.read_zero_padded(inside, HostOffset::new(offset), "backing data")
+            }
         }
     }
 }
@@ -123,7 +126,7 @@ fn probe(path: &Path) -> Result<BackingFormat> {
         .map_err(|e| Error::io(format!("opening backing file {}", path.display()), e))?;
     let file = HostFile::new(Arc::new(f), path.display().to_string());
     let mut m = [0u8; 4];
-    let n = file.read_some(&mut m, 0, "backing file magic")?;
+    let n = file.read_some(&mut m, HostOffset::new(0), "backing file magic")?;
     Ok(if n == 4 && u32::from_be_bytes(m) == MAGIC {
         BackingFormat::Qcow2
     } else {

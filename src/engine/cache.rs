@@ -2,6 +2,7 @@
 //! clean entries. Dirty entries are never evicted: the owner writes them back in crash-safe
 //! order first (see `Meta::writeback`).
 
+use crate::format::HostOffset;
 use std::collections::HashMap;
 
 struct Slot<T> {
@@ -12,7 +13,7 @@ struct Slot<T> {
 
 /// Cached tables of type `T` (decoded L2 words, raw refcount block bytes).
 pub struct TableCache<T> {
-    slots: HashMap<u64, Slot<T>>,
+    slots: HashMap<HostOffset, Slot<T>>,
     capacity: usize,
     clock: u64,
 }
@@ -28,12 +29,12 @@ impl<T> TableCache<T> {
     }
 
     /// Whether the table at `offset` is cached.
-    pub fn contains(&self, offset: u64) -> bool {
+    pub fn contains(&self, offset: HostOffset) -> bool {
         self.slots.contains_key(&offset)
     }
 
     /// The cached table, marked as recently used.
-    pub fn get(&mut self, offset: u64) -> Option<&T> {
+    pub fn get(&mut self, offset: HostOffset) -> Option<&T> {
         self.clock += 1;
         let clock = self.clock;
         self.slots.get_mut(&offset).map(|s| {
@@ -43,7 +44,7 @@ impl<T> TableCache<T> {
     }
 
     /// The cached table for modification; marks it dirty.
-    pub fn get_mut(&mut self, offset: u64) -> Option<&mut T> {
+    pub fn get_mut(&mut self, offset: HostOffset) -> Option<&mut T> {
         self.clock += 1;
         let clock = self.clock;
         self.slots.get_mut(&offset).map(|s| {
@@ -78,7 +79,10 @@ impl<T> TableCache<T> {
     /// Evicts a clean table chosen by LRU with a second chance: a candidate for which
     /// `used(data)` reports recent use elsewhere (lock-free readers) is kept this time and
     /// counts as just used. Returns the evicted offset, or None if every table is dirty.
-    pub fn evict_clean_second_chance(&mut self, mut used: impl FnMut(&T) -> bool) -> Option<u64> {
+    pub fn evict_clean_second_chance(
+        &mut self,
+        mut used: impl FnMut(&T) -> bool,
+    ) -> Option<HostOffset> {
         // Readers may mark tables as fast as we clear the marks: spare each table at most
         // about once, then take the least recently used regardless.
         let mut spares = self.slots.len();
@@ -103,7 +107,7 @@ impl<T> TableCache<T> {
     }
 
     /// Inserts a table (replacing any cached one at the same offset).
-    pub fn insert(&mut self, offset: u64, data: T, dirty: bool) {
+    pub fn insert(&mut self, offset: HostOffset, data: T, dirty: bool) {
         self.clock += 1;
         self.slots.insert(
             offset,
@@ -116,13 +120,13 @@ impl<T> TableCache<T> {
     }
 
     /// Drops a table from the cache without writing it.
-    pub fn remove(&mut self, offset: u64) {
+    pub fn remove(&mut self, offset: HostOffset) {
         self.slots.remove(&offset);
     }
 
     /// Offsets of the dirty tables, in ascending order (sequential write-back).
-    pub fn dirty_offsets(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self
+    pub fn dirty_offsets(&self) -> Vec<HostOffset> {
+        let mut v: Vec<HostOffset> = self
             .slots
             .iter()
             .filter(|(_, s)| s.dirty)
@@ -138,12 +142,12 @@ impl<T> TableCache<T> {
     }
 
     /// The table at `offset` without touching LRU state or dirtiness.
-    pub fn peek(&self, offset: u64) -> Option<&T> {
+    pub fn peek(&self, offset: HostOffset) -> Option<&T> {
         self.slots.get(&offset).map(|s| &s.data)
     }
 
     /// Marks a table clean after it was written.
-    pub fn mark_clean(&mut self, offset: u64) {
+    pub fn mark_clean(&mut self, offset: HostOffset) {
         if let Some(s) = self.slots.get_mut(&offset) {
             s.dirty = false;
         }
@@ -154,16 +158,20 @@ impl<T> TableCache<T> {
 mod tests {
     use super::*;
 
+    fn h(n: u64) -> HostOffset {
+        HostOffset::new(n)
+    }
+
     #[test]
     fn second_chance_spares_used_tables_but_always_makes_progress() {
         let mut c = TableCache::new(4);
-        c.insert(1, 1u32, false);
-        c.insert(2, 2u32, false);
-        c.insert(3, 3u32, true);
+        c.insert(h(1), 1u32, false);
+        c.insert(h(2), 2u32, false);
+        c.insert(h(3), 3u32, true);
         // Table 1 (least recent) is in use: table 2 goes instead.
-        assert_eq!(c.evict_clean_second_chance(|&v| v == 1), Some(2));
+        assert_eq!(c.evict_clean_second_chance(|&v| v == 1), Some(h(2)));
         // Everything clean is always in use: something is evicted anyway.
-        assert_eq!(c.evict_clean_second_chance(|_| true), Some(1));
+        assert_eq!(c.evict_clean_second_chance(|_| true), Some(h(1)));
         // Only a dirty table is left.
         assert_eq!(c.evict_clean_second_chance(|_| false), None);
     }
@@ -171,18 +179,18 @@ mod tests {
     #[test]
     fn eviction_takes_the_least_recent_clean_table_and_never_a_dirty_one() {
         let mut c = TableCache::new(4);
-        c.insert(1, 1, false);
-        c.insert(2, 2, true);
-        c.insert(3, 3, false);
-        c.insert(4, 4, false);
-        c.get(1);
+        c.insert(h(1), 1, false);
+        c.insert(h(2), 2, true);
+        c.insert(h(3), 3, false);
+        c.insert(h(4), 4, false);
+        c.get(h(1));
         assert!(c.is_full());
         assert!(c.evict_one_clean());
-        assert!(!c.contains(3));
+        assert!(!c.contains(h(3)));
         assert!(c.evict_one_clean());
         assert!(c.evict_one_clean());
         assert!(!c.evict_one_clean());
-        assert!(c.contains(2));
-        assert_eq!(c.dirty_offsets(), vec![2]);
+        assert!(c.contains(h(2)));
+        assert_eq!(c.dirty_offsets(), vec![h(2)]);
     }
 }

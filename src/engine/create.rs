@@ -7,6 +7,7 @@ use crate::format::be::u64_table_bytes;
 use crate::format::header::{self, Header};
 use crate::format::refcount;
 use crate::format::Geometry;
+use crate::format::HostOffset;
 use crate::options::{CompressionType, CreateOptions, OpenOptions, Preallocation};
 use crate::storage::{Backend, PosixFile};
 use std::path::Path;
@@ -218,37 +219,39 @@ fn preallocate_metadata(path: &Path, size: u64) -> Result<()> {
     )?;
     let geo = img.geo;
     let entries = geo.l2_entries();
-    let mut end = 0u64;
+    let cs = geo.cluster_size();
+    let mut end = HostOffset::ZERO;
     {
         let mut m = img.lock_meta();
         let total_clusters = geo.clusters_for(size);
-        let l1_count = geo.l1_entries_for(size);
-        for l1 in 0..l1_count {
+        let mut first = 0;
+        let mut l1 = 0;
+        while first < total_clusters {
             let table = m.l2_for_write(&img.file, l1)?;
-            let first = l1 * entries;
             let n = (total_clusters - first).min(entries);
             let data = m.rc.alloc(&img.file, n)?;
-            end = end.max(data + (n << geo.cluster_bits));
+            end = end.max(data + n * cs);
             for i in 0..n {
-                let host = data + (i << geo.cluster_bits);
                 m.set_mapping(
                     &img.file,
                     table,
-                    i,
+                    i as usize,
                     crate::format::entry::Mapping::Data {
-                        host,
+                        host: data + i * cs,
                         copied: true,
                         alloc: u32::MAX,
                         zero: 0,
                     },
                 )?;
             }
+            first += n;
+            l1 += 1;
         }
         m.writeback(&img.file)?;
     }
     // The data clusters are never written: extend the file (sparsely) so that they exist.
-    if end > img.file.len()? {
-        img.file.set_len(end)?;
+    if end.get() > img.file.len()? {
+        img.file.set_len(end.get())?;
     }
     img.close()
 }

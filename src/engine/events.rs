@@ -10,6 +10,7 @@ use super::Image;
 use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::format::header::{layout, INCOMPAT_CORRUPT};
+use crate::format::HostOffset;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -103,8 +104,11 @@ impl Image {
     fn mark_corrupt_on_disk(&self) -> crate::Result<()> {
         let field = layout::INCOMPATIBLE_FEATURES;
         let mut word = [0u8; 8];
-        self.file
-            .read_zero_padded(&mut word, field.offset as u64, "image header")?;
+        self.file.read_zero_padded(
+            &mut word,
+            HostOffset::new(field.offset as u64),
+            "image header",
+        )?;
         let bits = u64::from_be_bytes(word) | INCOMPAT_CORRUPT;
         self.file
             .write_header_fields(&field.update(self.version, bits)?)?;

@@ -10,6 +10,7 @@
 //! lock. Only a writer that must wait sleeps on a condition variable, with a Dekker-style
 //! handshake (waiter count vs. bit) that cannot lose a wake-up.
 
+use crate::format::GuestCluster;
 #[cfg(loom)]
 use loom::sync::{
     atomic::{fence, AtomicU64, AtomicUsize, Ordering},
@@ -97,8 +98,8 @@ impl Inflight {
     }
 
     /// Claims `cluster` for an allocation.
-    pub fn try_claim(&self, cluster: u64) -> Claim {
-        let (w, bit) = self.word(cluster);
+    pub fn try_claim(&self, cluster: GuestCluster) -> Claim {
+        let (w, bit) = self.word(cluster.0);
         // Count first, so that "nothing in flight" can never be observed while a claim is
         // being made.
         self.claims.fetch_add(1, Ordering::SeqCst);
@@ -110,14 +111,14 @@ impl Inflight {
     }
 
     /// Whether `cluster` is claimed.
-    pub fn is_claimed(&self, cluster: u64) -> bool {
-        let (w, bit) = self.word(cluster);
+    pub fn is_claimed(&self, cluster: GuestCluster) -> bool {
+        let (w, bit) = self.word(cluster.0);
         w.load(Ordering::SeqCst) & bit != 0
     }
 
     /// Releases a claim and wakes waiters. Releasing an unclaimed cluster does nothing.
-    pub fn release(&self, cluster: u64) {
-        let (w, bit) = self.word(cluster);
+    pub fn release(&self, cluster: GuestCluster) {
+        let (w, bit) = self.word(cluster.0);
         if w.fetch_and(!bit, Ordering::SeqCst) & bit == 0 {
             return;
         }
@@ -167,7 +168,7 @@ impl Inflight {
     }
 
     /// Sleeps until `cluster` is not claimed.
-    pub fn wait_released(&self, cluster: u64) {
+    pub fn wait_released(&self, cluster: GuestCluster) {
         self.wait_until(|| !self.is_claimed(cluster));
     }
 
@@ -185,15 +186,15 @@ mod tests {
     #[test]
     fn a_cluster_is_claimed_once_until_released() {
         let t = Inflight::new(100_000);
-        assert_eq!(t.try_claim(70_000), Claim::Claimed);
-        assert_eq!(t.try_claim(70_000), Claim::Busy);
-        assert_eq!(t.try_claim(70_001), Claim::Claimed);
+        assert_eq!(t.try_claim(GuestCluster(70_000)), Claim::Claimed);
+        assert_eq!(t.try_claim(GuestCluster(70_000)), Claim::Busy);
+        assert_eq!(t.try_claim(GuestCluster(70_001)), Claim::Claimed);
         assert_eq!(t.claims(), 2);
-        t.release(70_000);
-        t.release(70_000); // idempotent
+        t.release(GuestCluster(70_000));
+        t.release(GuestCluster(70_000)); // idempotent
         assert_eq!(t.claims(), 1);
-        assert!(!t.is_claimed(70_000));
-        assert!(t.is_claimed(70_001));
+        assert!(!t.is_claimed(GuestCluster(70_000)));
+        assert!(t.is_claimed(GuestCluster(70_001)));
     }
 
     #[test]
@@ -206,14 +207,14 @@ mod tests {
                 std::thread::spawn(move || {
                     for _ in 0..2000 {
                         loop {
-                            if t.try_claim(5) == Claim::Claimed {
+                            if t.try_claim(GuestCluster(5)) == Claim::Claimed {
                                 let n = wins.fetch_add(1, Ordering::SeqCst);
                                 assert_eq!(n, 0, "two writers own one cluster");
                                 wins.fetch_sub(1, Ordering::SeqCst);
-                                t.release(5);
+                                t.release(GuestCluster(5));
                                 break;
                             }
-                            t.wait_released(5);
+                            t.wait_released(GuestCluster(5));
                         }
                     }
                 })
@@ -244,13 +245,13 @@ mod loom_tests {
                 .map(|_| {
                     let (t, owners) = (Arc::clone(&t), Arc::clone(&owners));
                     thread::spawn(move || loop {
-                        if t.try_claim(3) == Claim::Claimed {
+                        if t.try_claim(GuestCluster(3)) == Claim::Claimed {
                             assert_eq!(owners.fetch_add(1, Ordering::SeqCst), 0);
                             owners.fetch_sub(1, Ordering::SeqCst);
-                            t.release(3);
+                            t.release(GuestCluster(3));
                             return;
                         }
-                        t.wait_released(3);
+                        t.wait_released(GuestCluster(3));
                     })
                 })
                 .collect();
@@ -268,16 +269,16 @@ mod loom_tests {
         b.preemption_bound = Some(3);
         b.check(|| {
             let t = Arc::new(Inflight::new(64));
-            assert_eq!(t.try_claim(1), Claim::Claimed);
+            assert_eq!(t.try_claim(GuestCluster(1)), Claim::Claimed);
             let t2 = Arc::clone(&t);
             let other = thread::spawn(move || {
                 // A writer of another cluster is not held up by the first claim.
-                assert_eq!(t2.try_claim(2), Claim::Claimed);
-                t2.release(2);
+                assert_eq!(t2.try_claim(GuestCluster(2)), Claim::Claimed);
+                t2.release(GuestCluster(2));
             });
             let t3 = Arc::clone(&t);
             let checker = thread::spawn(move || t3.wait_idle());
-            t.release(1);
+            t.release(GuestCluster(1));
             other.join().expect("other");
             checker.join().expect("checker never woke");
             assert_eq!(t.claims(), 0);
@@ -295,13 +296,13 @@ mod loom_tests {
                 .map(|_| {
                     let (t, owners) = (Arc::clone(&t), Arc::clone(&owners));
                     thread::spawn(move || loop {
-                        if t.try_claim(9) == Claim::Claimed {
+                        if t.try_claim(GuestCluster(9)) == Claim::Claimed {
                             assert_eq!(owners.fetch_add(1, Ordering::SeqCst), 0);
                             owners.fetch_sub(1, Ordering::SeqCst);
-                            t.release(9);
+                            t.release(GuestCluster(9));
                             return;
                         }
-                        t.wait_released(9);
+                        t.wait_released(GuestCluster(9));
                     })
                 })
                 .collect();

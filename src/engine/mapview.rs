@@ -14,7 +14,7 @@
 //! for the request's duration thanks to [`crate::storage::Grace`].
 
 use crate::format::entry::{self, decode_l2, Mapping};
-use crate::format::Geometry;
+use crate::format::{Geometry, GuestOffset, HostOffset};
 use crossbeam_utils::sync::ShardedLock;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -96,7 +96,7 @@ impl L2Table {
     }
 }
 
-type OffsetMap<V> = crate::storage::guard::U64Map<V>;
+type OffsetMap<V> = std::collections::HashMap<HostOffset, V, crate::storage::guard::U64BuildHasher>;
 
 /// The active L1 table and the cached L2 tables, readable without the metadata mutex.
 #[derive(Debug)]
@@ -144,7 +144,7 @@ impl MapView {
     }
 
     /// The cached L2 table at host offset `off`.
-    pub fn table(&self, off: u64) -> Option<Arc<L2Table>> {
+    pub fn table(&self, off: HostOffset) -> Option<Arc<L2Table>> {
         self.tables
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -153,7 +153,7 @@ impl MapView {
     }
 
     /// Publishes a cached table.
-    pub fn insert_table(&self, off: u64, t: Arc<L2Table>) {
+    pub fn insert_table(&self, off: HostOffset, t: Arc<L2Table>) {
         self.tables
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -161,7 +161,7 @@ impl MapView {
     }
 
     /// Withdraws a table (evicted from the cache).
-    pub fn remove_table(&self, off: u64) {
+    pub fn remove_table(&self, off: HostOffset) {
         self.tables
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -193,13 +193,13 @@ impl MapView {
     /// The mapping of the guest cluster containing `guest`, without any lock: `None` when
     /// the L2 table is not cached or the entry does not decode (the caller then takes the
     /// metadata mutex, which also produces the proper error).
-    pub fn lookup(&self, geo: &Geometry, version: u32, guest: u64) -> Option<Mapping> {
-        let e = self.l1_entry(geo.l1_index(guest) as usize)?;
+    pub fn lookup(&self, geo: &Geometry, version: u32, guest: GuestOffset) -> Option<Mapping> {
+        let e = self.l1_entry(guest.l1_index(geo))?;
         let off = entry::l1_l2_offset(e);
-        if off == 0 {
+        if off == HostOffset::ZERO {
             return Some(Mapping::Unallocated { zero: 0 });
         }
-        if !geo.is_aligned(off) {
+        if !off.is_cluster_aligned(geo) {
             return None;
         }
         // Read the entry under the (thread-local shard of the) read lock rather than cloning
@@ -208,7 +208,7 @@ impl MapView {
             let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
             let t = tables.get(&off)?;
             t.touch();
-            t.entry(geo.l2_index(guest) as usize, geo.extended_l2)
+            t.entry(guest.l2_index(geo), geo.extended_l2)
         };
         decode_l2(geo, version, w0, w1).ok()
     }
@@ -252,10 +252,14 @@ mod tests {
         v.reset(&[0, 0x1_0000 | (1 << 63), 0, 0]);
         assert_eq!(v.l1_entry(1), Some(0x1_0000 | (1 << 63)));
         assert_eq!(v.l1_entry(4), None);
-        assert!(v.table(0x1_0000).is_none());
-        v.insert_table(0x1_0000, L2Table::new(vec![7; 8]));
-        assert_eq!(v.table(0x1_0000).map(|t| t.entry(2, false)), Some((7, 0)));
-        v.remove_table(0x1_0000);
-        assert!(v.table(0x1_0000).is_none());
+        assert!(v.table(HostOffset::new(0x1_0000)).is_none());
+        v.insert_table(HostOffset::new(0x1_0000), L2Table::new(vec![7; 8]));
+        assert_eq!(
+            v.table(HostOffset::new(0x1_0000))
+                .map(|t| t.entry(2, false)),
+            Some((7, 0))
+        );
+        v.remove_table(HostOffset::new(0x1_0000));
+        assert!(v.table(HostOffset::new(0x1_0000)).is_none());
     }
 }

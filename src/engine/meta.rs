@@ -6,11 +6,10 @@
 use super::cache::TableCache;
 use super::mapview::{L2Table, MapView};
 use super::refcount::Refcounts;
-use crate::error::ErrorKind;
-use crate::error::{corrupt, Error, Result};
+use crate::error::{corrupt, Error, ErrorKind, Result};
 use crate::format::be::u64_table_bytes;
 use crate::format::entry::{self, decode_l2, encode_l2, EntryError, Mapping, COPIED};
-use crate::format::{Geometry, Header};
+use crate::format::{Geometry, GuestOffset, Header, HostCluster, HostOffset};
 use crate::storage::{HostFile, MetaKind, WriteKind};
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -27,10 +26,10 @@ pub struct Meta {
     pub rc: Refcounts,
     /// Host byte ranges whose clusters lose one reference once the metadata change that
     /// dropped the reference is durable (start, length).
-    pub deferred_frees: Vec<(u64, u64)>,
+    pub deferred_frees: Vec<(HostOffset, u64)>,
     /// Next free byte for packing compressed clusters, inside a host cluster this image holds
     /// a reference on; `None` when the next compressed cluster starts a fresh host cluster.
-    compressed_tail: Option<u64>,
+    compressed_tail: Option<HostOffset>,
     geo: Geometry,
 }
 
@@ -52,7 +51,8 @@ fn index_bitmaps(file: &HostFile, header: &Header) -> Result<()> {
     );
     // directory_size is bounded by the header parser (64 MiB).
     let mut dir = vec![0u8; ext.directory_size as usize];
-    file.read_zero_padded(&mut dir, ext.directory_offset, "bitmap directory")?;
+    let dir_offset = HostOffset::new(ext.directory_offset);
+    file.read_zero_padded(&mut dir, dir_offset, "bitmap directory")?;
     if let Ok(entries) =
         crate::format::bitmap::parse_directory(&dir, ext.nb_bitmaps, &geo, header.size)
     {
@@ -70,10 +70,10 @@ fn index_bitmaps(file: &HostFile, header: &Header) -> Result<()> {
 /// Where a guest cluster's L2 entry lives.
 #[derive(Debug, Clone, Copy)]
 pub struct Slot {
-    /// Host offset of the L2 table (0 = no table).
-    pub table: u64,
+    /// Host offset of the L2 table (zero = no table).
+    pub table: HostOffset,
     /// Entry index in the table.
-    pub index: u64,
+    pub index: usize,
 }
 
 impl Meta {
@@ -90,7 +90,8 @@ impl Meta {
         // The overlap guard's index is rebuilt from scratch along with the tables.
         file.guard().reset(geo.cluster_bits);
         let mut raw = vec![0u8; header.l1_size as usize * 8];
-        file.read_zero_padded(&mut raw, header.l1_table_offset, "L1 table")?;
+        let l1_offset = HostOffset::new(header.l1_table_offset);
+        file.read_zero_padded(&mut raw, l1_offset, "L1 table")?;
         let l1 = crate::format::be::u64_table(&raw);
         if l1.len() != view.l1_len() {
             return corrupt!(
@@ -103,7 +104,7 @@ impl Meta {
         let rc = Refcounts::load(
             file,
             geo,
-            header.refcount_table_offset,
+            HostOffset::new(header.refcount_table_offset),
             header.refcount_table_clusters,
             tables / 4,
         )?;
@@ -111,15 +112,15 @@ impl Meta {
         let ix = file.guard();
         ix.insert(0, 1, MetaKind::Header);
         ix.insert(
-            header.l1_table_offset >> cb,
+            l1_offset.cluster(&geo).0,
             geo.clusters_for(l1.len() as u64 * 8),
             MetaKind::ActiveL1,
         );
         for (i, &e) in l1.iter().enumerate() {
             let off = entry::l1_l2_offset(e);
-            if off != 0 && geo.is_aligned(off) {
-                ix.insert(off >> cb, 1, MetaKind::ActiveL2);
-            } else if off != 0 {
+            if off != HostOffset::ZERO && off.is_cluster_aligned(&geo) {
+                ix.insert(off.cluster(&geo).0, 1, MetaKind::ActiveL2);
+            } else if off != HostOffset::ZERO {
                 return corrupt!("L2 table offset {off:#x} unaligned (L1 index: {i:#x})");
             }
         }
@@ -139,11 +140,12 @@ impl Meta {
             // The snapshot's L2 tables: nothing may write there while it exists. (The
             // snapshot L1 size is bounded by the snapshot table validation.)
             let mut raw = vec![0u8; s.l1_size as usize * 8];
-            file.read_zero_padded(&mut raw, s.l1_table_offset, "snapshot L1 table")?;
+            let snap_l1 = HostOffset::new(s.l1_table_offset);
+            file.read_zero_padded(&mut raw, snap_l1, "snapshot L1 table")?;
             for e in crate::format::be::u64_table(&raw) {
                 let off = entry::l1_l2_offset(e);
-                if off != 0 && geo.is_aligned(off) {
-                    ix.insert(off >> cb, 1, MetaKind::InactiveL2);
+                if off != HostOffset::ZERO && off.is_cluster_aligned(&geo) {
+                    ix.insert(off.cluster(&geo).0, 1, MetaKind::InactiveL2);
                 }
             }
         }
@@ -161,13 +163,13 @@ impl Meta {
         })
     }
 
-    /// The L2 table offset an L1 entry points at, validated.
-    fn l2_offset(&self, l1_index: u64) -> Result<u64> {
-        let Some(e) = self.view.l1_entry(l1_index as usize) else {
-            return Ok(0);
+    /// The L2 table offset an L1 entry points at, validated (zero: no table).
+    fn l2_offset(&self, l1_index: usize) -> Result<HostOffset> {
+        let Some(e) = self.view.l1_entry(l1_index) else {
+            return Ok(HostOffset::ZERO);
         };
         let off = entry::l1_l2_offset(e);
-        if off != 0 && !self.geo.is_aligned(off) {
+        if off != HostOffset::ZERO && !off.is_cluster_aligned(&self.geo) {
             return corrupt!("L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})");
         }
         Ok(off)
@@ -201,18 +203,18 @@ impl Meta {
         Ok(())
     }
 
-    fn cache_l2(&mut self, off: u64, table: Arc<L2Table>, dirty: bool) {
+    fn cache_l2(&mut self, off: HostOffset, table: Arc<L2Table>, dirty: bool) {
         self.view.insert_table(off, Arc::clone(&table));
         self.l2.insert(off, table, dirty);
     }
 
     /// Makes sure the L2 table at `off` is cached, evicting (after write-back if needed).
-    fn ensure_l2(&mut self, file: &HostFile, off: u64) -> Result<()> {
+    fn ensure_l2(&mut self, file: &HostFile, off: HostOffset) -> Result<()> {
         if self.l2.contains(off) {
             return Ok(());
         }
         self.make_room_l2(file)?;
-        if off >= file.len()? {
+        if off.get() >= file.len()? {
             return corrupt!("L2 table at {off:#x} is beyond the end of the file");
         }
         let mut raw = vec![0u8; self.geo.cluster_size() as usize];
@@ -227,7 +229,7 @@ impl Meta {
     pub fn install_l2(
         &mut self,
         file: &HostFile,
-        off: u64,
+        off: HostOffset,
         words: Vec<u64>,
         generation: u64,
     ) -> Result<bool> {
@@ -246,18 +248,18 @@ impl Meta {
         Ok(true)
     }
 
-    /// The L2 slot of a guest offset (table 0 when the L1 entry is empty).
-    pub fn slot(&self, guest: u64) -> Result<Slot> {
+    /// The L2 slot of a guest offset (table zero when the L1 entry is empty).
+    pub fn slot(&self, guest: GuestOffset) -> Result<Slot> {
         Ok(Slot {
-            table: self.l2_offset(self.geo.l1_index(guest))?,
-            index: self.geo.l2_index(guest),
+            table: self.l2_offset(guest.l1_index(&self.geo))?,
+            index: guest.l2_index(&self.geo),
         })
     }
 
     /// Decoded mapping of the guest cluster containing `guest`.
-    pub fn lookup(&mut self, file: &HostFile, guest: u64) -> Result<Mapping> {
+    pub fn lookup(&mut self, file: &HostFile, guest: GuestOffset) -> Result<Mapping> {
         let slot = self.slot(guest)?;
-        if slot.table == 0 {
+        if slot.table == HostOffset::ZERO {
             return Ok(Mapping::Unallocated { zero: 0 });
         }
         self.ensure_l2(file, slot.table)?;
@@ -271,7 +273,7 @@ impl Meta {
             .l2
             .get(slot.table)
             .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
-        Ok(t.entry(slot.index as usize, ext))
+        Ok(t.entry(slot.index, ext))
     }
 
     fn decode(&self, w0: u64, w1: u64, slot: Slot) -> Result<Mapping> {
@@ -297,17 +299,17 @@ impl Meta {
     /// Returns an L2 table for `l1_index` that this image owns exclusively: allocates an
     /// empty one when there is none, copies a table shared with a snapshot. The old shared
     /// table loses its reference once the new L1 entry is durable.
-    pub fn l2_for_write(&mut self, file: &HostFile, l1_index: u64) -> Result<u64> {
+    pub fn l2_for_write(&mut self, file: &HostFile, l1_index: usize) -> Result<HostOffset> {
         let e = self
             .view
-            .l1_entry(l1_index as usize)
+            .l1_entry(l1_index)
             .ok_or_else(|| Error::invalid(format!("L1 index {l1_index} out of range")))?;
         let old = self.l2_offset(l1_index)?;
-        if old != 0 && e & COPIED != 0 {
+        if old != HostOffset::ZERO && e & COPIED != 0 {
             return Ok(old);
         }
-        let words = (self.geo.cluster_size() / 8) as usize;
-        let table = if old == 0 {
+        let words = self.geo.u64_per_cluster() as usize;
+        let table = if old == HostOffset::ZERO {
             vec![0u64; words]
         } else {
             self.ensure_l2(file, old)?;
@@ -320,15 +322,18 @@ impl Meta {
         self.make_room_l2(file)?;
         // Published before the L1 entry points at it, so lock-free readers find it.
         self.cache_l2(new, L2Table::new(table), true);
-        let cb = self.geo.cluster_bits;
-        file.guard().insert(new >> cb, 1, MetaKind::ActiveL2);
-        if old != 0 {
+        let geo = self.geo;
+        file.guard()
+            .insert(new.cluster(&geo).0, 1, MetaKind::ActiveL2);
+        if old != HostOffset::ZERO {
             // The old table stays a snapshot's (inactive) L2 table, if it is one.
-            file.guard().remove(old >> cb, 1, MetaKind::ActiveL2);
+            file.guard()
+                .remove(old.cluster(&geo).0, 1, MetaKind::ActiveL2);
         }
-        self.view.set_l1(l1_index as usize, new | COPIED);
-        self.l1_dirty.insert(l1_index * 8 / self.geo.cluster_size());
-        if old != 0 {
+        self.view.set_l1(l1_index, new.get() | COPIED);
+        self.l1_dirty
+            .insert(l1_index as u64 / geo.u64_per_cluster());
+        if old != HostOffset::ZERO {
             self.deferred_frees.push((old, self.geo.cluster_size()));
         }
         Ok(new)
@@ -338,8 +343,8 @@ impl Meta {
     pub fn set_mapping(
         &mut self,
         file: &HostFile,
-        table: u64,
-        index: u64,
+        table: HostOffset,
+        index: usize,
         m: Mapping,
     ) -> Result<()> {
         self.ensure_l2(file, table)?;
@@ -349,19 +354,21 @@ impl Meta {
             .l2
             .get_mut(table)
             .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
-        t.set_entry(index as usize, ext, w0, w1);
+        t.set_entry(index, ext, w0, w1);
         Ok(())
     }
 
     /// Queues the release of every host cluster a mapping references.
     pub fn release(&mut self, m: Mapping) {
         match m {
-            Mapping::Data { host, .. } | Mapping::Zero { host, .. } if host != 0 => {
+            Mapping::Data { host, .. } | Mapping::Zero { host, .. } if host != HostOffset::ZERO => {
                 self.deferred_frees.push((host, self.geo.cluster_size()));
             }
             Mapping::Compressed { host, csize } => {
-                let start = host & !511;
-                self.deferred_frees.push((start, host + csize - start));
+                // The descriptor counts whole 512-byte sectors from the one holding `host`.
+                let start = HostOffset::new(host.get() & !511);
+                self.deferred_frees
+                    .push((start, (host + csize).since(start)));
             }
             _ => {}
         }
@@ -406,11 +413,8 @@ impl Meta {
                 let start = idx as usize * per;
                 let end = (start + per).min(self.view.l1_len());
                 let bytes = u64_table_bytes(&self.view.l1_words(start, end));
-                file.write(
-                    &bytes,
-                    self.header.l1_table_offset + idx * cs,
-                    WriteKind::L1,
-                )?;
+                let at = HostOffset::new(self.header.l1_table_offset) + idx * cs;
+                file.write(&bytes, at, WriteKind::L1)?;
                 self.l1_dirty.remove(&idx);
             }
             if !lazy {
@@ -426,17 +430,18 @@ impl Meta {
             // The packing cluster may lose its last reference below and be reused as anything:
             // never pack into it again.
             self.compressed_tail = None;
-            let cb = self.geo.cluster_bits;
+            let geo = self.geo;
             // A range leaves the queue only once all its decrements are applied; an error
             // keeps the rest queued (at worst a leak, never a double free).
             while let Some(&(start, len)) = self.deferred_frees.last() {
-                let first = start >> cb;
-                let last = (start + len - 1) >> cb;
-                for c in first..=last {
+                let first = start.cluster(&geo).0;
+                let last = (start + (len - 1)).cluster(&geo).0;
+                for c in (first..=last).map(HostCluster) {
                     if let Err(e) = self.rc.retire(file, c) {
                         // Clusters before `c` were released: keep only the remainder.
+                        let rest = c.offset(&geo);
                         if let Some(r) = self.deferred_frees.last_mut() {
-                            *r = (c << cb, start + len - (c << cb));
+                            *r = (rest, (start + len).since(rest));
                         }
                         return Err(e);
                     }
@@ -488,7 +493,7 @@ impl Meta {
     /// offset. The bytes share the packing cluster when they fit and its refcount can take
     /// one more reference; otherwise a fresh cluster is allocated. Either way the host
     /// cluster gains one reference for the new compressed cluster.
-    pub fn alloc_compressed_bytes(&mut self, file: &HostFile, len: u64) -> Result<u64> {
+    pub fn alloc_compressed_bytes(&mut self, file: &HostFile, len: u64) -> Result<HostOffset> {
         let cs = self.geo.cluster_size();
         if len == 0 || len > cs {
             return Err(Error::invalid(format!(
@@ -496,8 +501,8 @@ impl Meta {
             )));
         }
         if let Some(tail) = self.compressed_tail {
-            let cluster = tail >> self.geo.cluster_bits;
-            let room = cs - (tail & (cs - 1));
+            let cluster = tail.cluster(&self.geo);
+            let room = cs - tail.in_cluster(&self.geo);
             let max = self.geo.refcount_max();
             if len <= room && self.rc.get(file, cluster)? < max {
                 self.rc.update(file, cluster, 1)?;
@@ -512,11 +517,11 @@ impl Meta {
 
     /// Drops the reference a failed compressed write took on the cluster holding `host`.
     /// Best effort: a failure here leaves a leak, never a corruption.
-    pub fn give_back_compressed_bytes(&mut self, file: &HostFile, host: u64) {
-        let cluster = host >> self.geo.cluster_bits;
+    pub fn give_back_compressed_bytes(&mut self, file: &HostFile, host: HostOffset) {
+        let cluster = host.cluster(&self.geo);
         if self
             .compressed_tail
-            .is_some_and(|t| t >> self.geo.cluster_bits == cluster)
+            .is_some_and(|t| t.cluster(&self.geo) == cluster)
         {
             self.compressed_tail = None;
         }

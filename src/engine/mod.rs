@@ -23,7 +23,7 @@ use crate::error::ErrorKind;
 use crate::error::{corrupt, invalid, Error, Result};
 use crate::format::header::{self, layout, Header};
 use crate::format::snapshot::Snapshot;
-use crate::format::Geometry;
+use crate::format::{Geometry, GuestOffset, HostOffset};
 use crate::options::{CompressionType, Extent, ImageInfo, OpenOptions};
 use crate::storage::{HostFile, LockMode, PosixFile};
 use backing::Backing;
@@ -241,8 +241,11 @@ impl Image {
         };
         // Validated at open: directory_size is at most 64 MiB.
         let mut dir = vec![0u8; ext.directory_size as usize];
-        self.file
-            .read_zero_padded(&mut dir, ext.directory_offset, "bitmap directory")?;
+        self.file.read_zero_padded(
+            &mut dir,
+            HostOffset::new(ext.directory_offset),
+            "bitmap directory",
+        )?;
         crate::format::bitmap::parse_directory(&dir, ext.nb_bitmaps, &self.geo, header.size)
     }
 
@@ -286,7 +289,7 @@ impl Image {
     /// at `offset` and extends as far as the status stays the same, at most `count` bytes.
     pub fn block_status(&self, offset: u64, count: u64) -> Result<Extent> {
         self.check_usable()?;
-        self.check_range(offset, count)?;
+        let offset = self.check_range(offset, count)?;
         if count == 0 {
             return invalid!("block_status of 0 bytes");
         }
@@ -323,9 +326,11 @@ impl Image {
         Ok(())
     }
 
-    fn check_range(&self, offset: u64, count: u64) -> Result<()> {
+    /// Checks a caller's guest range against the virtual size and returns its start as a
+    /// guest offset: where the caller's number enters the guest address space.
+    fn check_range(&self, offset: u64, count: u64) -> Result<GuestOffset> {
         match offset.checked_add(count) {
-            Some(end) if end <= self.virtual_size => Ok(()),
+            Some(end) if end <= self.virtual_size => Ok(GuestOffset::new(offset)),
             _ => invalid!(
                 "request [{offset:#x}, +{count:#x}) is beyond the virtual size {:#x}",
                 self.virtual_size
@@ -342,19 +347,20 @@ impl Image {
     /// Loads the L2 table that maps `guest` into the cache without holding the metadata
     /// mutex during the disk read, so that a cache miss does not stall other requests.
     /// Returns whether the table is cached now (false: the caller takes the slow path).
-    fn prefetch_l2(&self, guest: u64) -> Result<bool> {
-        let Some(e) = self.view.l1_entry(self.geo.l1_index(guest) as usize) else {
+    fn prefetch_l2(&self, guest: GuestOffset) -> Result<bool> {
+        let l1_index = guest.l1_index(&self.geo);
+        let Some(e) = self.view.l1_entry(l1_index) else {
             return Ok(false);
         };
         let off = crate::format::entry::l1_l2_offset(e);
-        if off == 0 || !self.geo.is_aligned(off) {
+        if off == HostOffset::ZERO || !off.is_cluster_aligned(&self.geo) {
             return Ok(false); // nothing to load, or the slow path reports the corruption
         }
         if self.view.table(off).is_some() {
             return Ok(true);
         }
         let generation = self.view.generation();
-        if off >= self.file.len()? {
+        if off.get() >= self.file.len()? {
             return Ok(false); // the slow path reports the corruption
         }
         let mut raw = vec![0u8; self.geo.cluster_size() as usize];
@@ -362,7 +368,7 @@ impl Image {
         let words = crate::format::be::u64_table(&raw);
         let mut m = self.lock_meta();
         // The L1 entry may have moved on (copy-on-write of a shared table) meanwhile.
-        if self.view.l1_entry(self.geo.l1_index(guest) as usize) != Some(e) {
+        if self.view.l1_entry(l1_index) != Some(e) {
             return Ok(false);
         }
         m.install_l2(&self.file, off, words, generation)
@@ -383,7 +389,7 @@ impl Image {
         // Mapped host clusters stay reserved for this request until it returns.
         let _pin = self.file.grace().pin();
         self.check_usable()?;
-        self.check_range(offset, buf.len() as u64)?;
+        let offset = self.check_range(offset, buf.len() as u64)?;
         self.finish(read::read(self, buf, offset))
     }
 
@@ -393,8 +399,7 @@ impl Image {
         let _pin = self.file.grace().pin();
         let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
         self.check_usable()?;
-        self.check_range(offset, total)?;
-        let mut off = offset;
+        let mut off = self.check_range(offset, total)?;
         let r = bufs.iter_mut().try_for_each(|b| {
             read::read(self, b, off)?;
             off += b.len() as u64;
@@ -410,7 +415,7 @@ impl Image {
         let r = {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
-            self.check_range(offset, buf.len() as u64)?;
+            let offset = self.check_range(offset, buf.len() as u64)?;
             write::write(self, buf, offset).and_then(|()| self.after_write())
         };
         self.finish(r)
@@ -424,8 +429,7 @@ impl Image {
         let r = {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
-            self.check_range(offset, total)?;
-            let mut off = offset;
+            let mut off = self.check_range(offset, total)?;
             bufs.iter()
                 .try_for_each(|b| {
                     write::write(self, b, off)?;
@@ -445,7 +449,7 @@ impl Image {
         let r = {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
-            self.check_range(offset, count)?;
+            let offset = self.check_range(offset, count)?;
             zero::write_zeroes(self, offset, count, flags.may_unmap)
                 .and_then(|()| self.after_write())
         };
@@ -461,7 +465,7 @@ impl Image {
         let r = {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
-            self.check_range(offset, count)?;
+            let offset = self.check_range(offset, count)?;
             zero::discard(self, offset, count).and_then(|()| self.after_write())
         };
         self.finish(r)
@@ -509,10 +513,10 @@ fn read_header(file: &HostFile, name: &str) -> Result<Header> {
 /// Reads cluster 0 (its size probed from the header itself) and parses it.
 fn parse_header_cluster(file: &HostFile) -> Result<Header> {
     let mut probe = [0u8; Header::PROBE_LEN];
-    let n = file.read_some(&mut probe, 0, "image header")?;
+    let n = file.read_some(&mut probe, HostOffset::ZERO, "image header")?;
     let cluster_size = Header::probe_cluster_size(&probe[..n]).unwrap_or(n as u64);
     let mut c0 = vec![0u8; cluster_size as usize];
-    let n = file.read_some(&mut c0, 0, "image header")?;
+    let n = file.read_some(&mut c0, HostOffset::ZERO, "image header")?;
     c0.truncate(n);
     Header::parse(&c0)
 }
@@ -578,7 +582,8 @@ fn validate_bitmaps(file: &HostFile, header: &Header) -> Result<()> {
     };
     // The header parser bounds directory_size (at most 64 MiB), so this allocation is bounded.
     let mut dir = vec![0u8; ext.directory_size as usize];
-    let got = file.read_some(&mut dir, ext.directory_offset, "bitmap directory")?;
+    let dir_offset = HostOffset::new(ext.directory_offset);
+    let got = file.read_some(&mut dir, dir_offset, "bitmap directory")?;
     if got < dir.len() {
         return corrupt!(
             "bitmap directory at {:#x} extends beyond the end of the file",

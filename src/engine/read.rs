@@ -4,20 +4,24 @@
 use super::{compress, Image};
 use crate::error::Result;
 use crate::format::entry::{Mapping, SubclusterState};
-use crate::format::Geometry;
+use crate::format::{Geometry, GuestOffset, HostOffset};
 use crate::options::{Extent, EXTENT_ALLOCATED, EXTENT_BACKING, EXTENT_COMPRESSED, EXTENT_ZERO};
 
 /// Where the bytes of one guest segment come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
     /// Host data at this offset.
-    Data(u64),
+    Data(HostOffset),
     /// Zeros.
     Zero,
     /// The backing file (zeros without one).
     Backing,
     /// A compressed cluster; `skip` bytes into the decompressed cluster.
-    Compressed { host: u64, csize: u64, skip: u64 },
+    Compressed {
+        host: HostOffset,
+        csize: u64,
+        skip: u64,
+    },
 }
 
 /// A run of guest bytes with one source.
@@ -84,36 +88,38 @@ impl SegBuf {
 /// covers `[offset, reached)`.
 fn map_range(
     geo: &Geometry,
-    offset: u64,
-    end: u64,
+    offset: GuestOffset,
+    end: GuestOffset,
     out: &mut SegBuf,
-    lookup: &mut dyn FnMut(u64) -> Result<Option<Mapping>>,
-) -> Result<u64> {
+    lookup: &mut dyn FnMut(GuestOffset) -> Result<Option<Mapping>>,
+) -> Result<GuestOffset> {
     let sub = geo.subcluster_size();
     let mut pos = offset;
     while pos < end {
         let Some(mapping) = lookup(pos)? else {
             return Ok(pos);
         };
-        let cluster_end = geo.cluster_start(pos) + geo.cluster_size();
+        let cluster = pos.cluster_start(geo);
+        let cluster_end = cluster + geo.cluster_size();
         while pos < end.min(cluster_end) {
-            let sc = geo.subcluster_index(pos);
-            let run = mapping.run_from(geo, sc) as u64;
-            let run_end = (geo.cluster_start(pos) + (sc as u64 + run) * sub).min(end);
+            let sc = pos.subcluster(geo);
+            let run = u64::from(mapping.run_from(geo, sc));
+            let run_end = (cluster + (u64::from(sc) + run) * sub).min(end);
             let source = match mapping.subcluster(geo, sc) {
-                SubclusterState::Data(h) => Source::Data(h + (pos - geo.cluster_start(pos)) % sub),
+                // The mapping gives where the subcluster starts on the host.
+                SubclusterState::Data(h) => Source::Data(h + pos.in_cluster(geo) % sub),
                 SubclusterState::Zero => Source::Zero,
                 SubclusterState::Unallocated => Source::Backing,
                 SubclusterState::Compressed => match mapping {
                     Mapping::Compressed { host, csize } => Source::Compressed {
                         host,
                         csize,
-                        skip: geo.offset_in_cluster(pos),
+                        skip: pos.in_cluster(geo),
                     },
                     _ => Source::Zero,
                 },
             };
-            if !out.push(run_end - pos, source) {
+            if !out.push(run_end.since(pos), source) {
                 return Ok(pos);
             }
             pos = run_end;
@@ -126,7 +132,12 @@ fn map_range(
 /// offset reached (always past `pos`): without any lock when the lock-free view has the L2
 /// table; otherwise the table is loaded from disk without the lock and installed (so a miss
 /// does not stall other readers), with the metadata mutex as the last resort.
-fn map_segments(img: &Image, pos: u64, end: u64, out: &mut SegBuf) -> Result<u64> {
+fn map_segments(
+    img: &Image,
+    pos: GuestOffset,
+    end: GuestOffset,
+    out: &mut SegBuf,
+) -> Result<GuestOffset> {
     let geo = img.geo;
     let fast = |out: &mut SegBuf| {
         out.clear();
@@ -152,25 +163,30 @@ fn map_segments(img: &Image, pos: u64, end: u64, out: &mut SegBuf) -> Result<u64
 }
 
 /// Reads `buf.len()` guest bytes at `offset` (range already checked).
-pub fn read(img: &Image, buf: &mut [u8], offset: u64) -> Result<()> {
-    let coverage = img.geo.l2_coverage();
+pub fn read(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
     let mut segments = SegBuf::new();
     let mut done = 0usize;
+    let request_end = offset + buf.len() as u64;
     while done < buf.len() {
         let pos = offset + done as u64;
-        let table_end = (pos / coverage + 1) * coverage;
-        let end = table_end.min(offset + buf.len() as u64);
+        let end = pos.l2_range_end(&img.geo).min(request_end);
         map_segments(img, pos, end, &mut segments)?;
         for seg in segments.as_slice() {
-            let out = &mut buf[done..done + seg.len as usize];
-            read_segment(img, out, offset + done as u64, seg.source)?;
-            done += seg.len as usize;
+            // A segment lies within the request, so its length fits the buffer.
+            let len = seg.len as usize;
+            read_segment(
+                img,
+                &mut buf[done..done + len],
+                offset + done as u64,
+                seg.source,
+            )?;
+            done += len;
         }
     }
     Ok(())
 }
 
-fn read_segment(img: &Image, out: &mut [u8], guest: u64, source: Source) -> Result<()> {
+fn read_segment(img: &Image, out: &mut [u8], guest: GuestOffset, source: Source) -> Result<()> {
     match source {
         Source::Data(host) => img.file.read_zero_padded(out, host, "guest data"),
         Source::Zero => {
@@ -178,7 +194,7 @@ fn read_segment(img: &Image, out: &mut [u8], guest: u64, source: Source) -> Resu
             Ok(())
         }
         Source::Backing => match &img.backing {
-            Some(b) => b.read(out, guest),
+            Some(b) => b.read(out, guest.get()),
             None => {
                 out.fill(0);
                 Ok(())
@@ -193,7 +209,7 @@ fn read_segment(img: &Image, out: &mut [u8], guest: u64, source: Source) -> Resu
 }
 
 /// Reads and decompresses one compressed cluster.
-pub(super) fn read_compressed(img: &Image, host: u64, csize: u64) -> Result<Vec<u8>> {
+pub(super) fn read_compressed(img: &Image, host: HostOffset, csize: u64) -> Result<Vec<u8>> {
     // csize is bounded by the descriptor's sector field: at most two clusters.
     let mut raw = vec![0u8; csize as usize];
     let n = img.file.read_some(&mut raw, host, "compressed cluster")?;
@@ -208,9 +224,10 @@ pub(super) fn read_compressed(img: &Image, host: u64, csize: u64) -> Result<Vec<
     Ok(cluster)
 }
 
+/// Extent flags and host offset (0 when the range has no uncompressed data here).
 fn status_of(source: Source, has_backing: bool) -> (u32, u64) {
     match source {
-        Source::Data(h) => (EXTENT_ALLOCATED, h),
+        Source::Data(h) => (EXTENT_ALLOCATED, h.get()),
         Source::Zero => (EXTENT_ALLOCATED | EXTENT_ZERO, 0),
         Source::Backing if has_backing => (EXTENT_BACKING, 0),
         Source::Backing => (EXTENT_ZERO, 0),
@@ -219,15 +236,14 @@ fn status_of(source: Source, has_backing: bool) -> (u32, u64) {
 }
 
 /// Allocation status from `offset`, as far as it stays the same (at most `count` bytes).
-pub fn block_status(img: &Image, offset: u64, count: u64) -> Result<Extent> {
-    let coverage = img.geo.l2_coverage();
+pub fn block_status(img: &Image, offset: GuestOffset, count: u64) -> Result<Extent> {
     let has_backing = img.backing.is_some();
     let mut first: Option<(u32, u64)> = None;
     let mut len = 0u64;
     let mut segments = SegBuf::new();
     while len < count {
         let pos = offset + len;
-        let end = ((pos / coverage + 1) * coverage).min(offset + count);
+        let end = pos.l2_range_end(&img.geo).min(offset + count);
         map_segments(img, pos, end, &mut segments)?;
         for seg in segments.as_slice() {
             let (flags, host) = status_of(seg.source, has_backing);
@@ -248,9 +264,9 @@ pub fn block_status(img: &Image, offset: u64, count: u64) -> Result<Extent> {
     Ok(extent(offset, len.min(count), f, h))
 }
 
-fn extent(offset: u64, length: u64, flags: u32, host: u64) -> Extent {
+fn extent(offset: GuestOffset, length: u64, flags: u32, host: u64) -> Extent {
     Extent {
-        offset,
+        offset: offset.get(),
         length,
         flags,
         host_offset: if flags & EXTENT_COMPRESSED != 0 {

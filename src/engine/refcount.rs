@@ -11,7 +11,7 @@ use crate::error::{corrupt, Error, Result};
 use crate::format::be::{u64_table, u64_table_bytes};
 use crate::format::header::{layout, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
-use crate::format::Geometry;
+use crate::format::{Geometry, HostCluster, HostOffset};
 use crate::storage::{HostFile, MetaKind, WriteKind};
 use std::collections::{BTreeSet, HashSet, VecDeque};
 
@@ -20,7 +20,7 @@ pub struct Refcounts {
     geo: Geometry,
     /// Refcount table entries (block offsets, reserved bits kept).
     table: Vec<u64>,
-    table_offset: u64,
+    table_offset: HostOffset,
     /// Indices of refcount-table clusters that differ from disk.
     table_dirty: BTreeSet<u64>,
     blocks: TableCache<Vec<u8>>,
@@ -57,7 +57,7 @@ impl Refcounts {
     pub fn load(
         file: &HostFile,
         geo: Geometry,
-        table_offset: u64,
+        table_offset: HostOffset,
         table_clusters: u32,
         cache_tables: usize,
     ) -> Result<Refcounts> {
@@ -77,38 +77,38 @@ impl Refcounts {
             lazy: Lazy::Off,
         };
         file.guard().insert(
-            table_offset >> geo.cluster_bits,
+            table_offset.cluster(&geo).0,
             table_clusters as u64,
             MetaKind::RefcountTable,
         );
         for i in 0..rc.table.len() as u64 {
             let off = rc.block_offset(i)?;
-            if off != 0 {
+            if off != HostOffset::ZERO {
                 file.guard()
-                    .insert(off >> geo.cluster_bits, 1, MetaKind::RefcountBlock);
+                    .insert(off.cluster(&geo).0, 1, MetaKind::RefcountBlock);
             }
         }
         Ok(rc)
     }
 
     /// Offset of refcount block `idx` (0 when absent), with its alignment checked.
-    pub fn block_offset(&self, idx: u64) -> Result<u64> {
-        let Some(&e) = self.table.get(idx as usize) else {
-            return Ok(0);
+    pub fn block_offset(&self, idx: u64) -> Result<HostOffset> {
+        let Some(&e) = usize::try_from(idx).ok().and_then(|i| self.table.get(i)) else {
+            return Ok(HostOffset::ZERO);
         };
-        let off = e & REFTABLE_OFFSET_MASK;
-        if off != 0 && !self.geo.is_aligned(off) {
+        let off = HostOffset::new(e & REFTABLE_OFFSET_MASK);
+        if off != HostOffset::ZERO && !off.is_cluster_aligned(&self.geo) {
             return corrupt!("Refblock offset {off:#x} unaligned (reftable index: {idx:#x})");
         }
         Ok(off)
     }
 
-    fn ensure_block(&mut self, file: &HostFile, off: u64) -> Result<()> {
+    fn ensure_block(&mut self, file: &HostFile, off: HostOffset) -> Result<()> {
         if self.blocks.contains(off) {
             return Ok(());
         }
         self.make_room(file)?;
-        if off >= file.len()? {
+        if off.get() >= file.len()? {
             return corrupt!("Refcount block at {off:#x} is beyond the end of the file");
         }
         let mut data = vec![0u8; self.geo.cluster_size() as usize];
@@ -138,11 +138,10 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Refcount of the host cluster with index `cluster`.
-    pub fn get(&mut self, file: &HostFile, cluster: u64) -> Result<u64> {
-        let per = self.geo.refblock_entries();
-        let block = self.block_offset(cluster / per)?;
-        if block == 0 {
+    /// Refcount of the host cluster `cluster`.
+    pub fn get(&mut self, file: &HostFile, cluster: HostCluster) -> Result<u64> {
+        let block = self.block_offset(cluster.refblock_index(&self.geo))?;
+        if block == HostOffset::ZERO {
             return Ok(0);
         }
         self.ensure_block(file, block)?;
@@ -153,7 +152,7 @@ impl Refcounts {
         Ok(refcount::get(
             data,
             self.geo.refcount_order,
-            (cluster % per) as usize,
+            cluster.refblock_entry(&self.geo) as usize,
         ))
     }
 
@@ -200,21 +199,21 @@ impl Refcounts {
 
     /// Adds `delta` to the refcount of `cluster`. The block covering it must exist when
     /// `delta > 0` (allocation creates it first).
-    pub fn update(&mut self, file: &HostFile, cluster: u64, delta: i64) -> Result<()> {
-        self.change(file, cluster, delta, false)
+    pub fn update(&mut self, file: &HostFile, cluster: HostCluster, delta: i64) -> Result<()> {
+        self.change(file, cluster.0, delta, false)
     }
 
     /// Drops one reference of a cluster that guest mappings used: if it becomes free, it is
     /// held back until every request that may still read or write it has finished.
-    pub fn retire(&mut self, file: &HostFile, cluster: u64) -> Result<()> {
-        self.change(file, cluster, -1, true)
+    pub fn retire(&mut self, file: &HostFile, cluster: HostCluster) -> Result<()> {
+        self.change(file, cluster.0, -1, true)
     }
 
     fn change(&mut self, file: &HostFile, cluster: u64, delta: i64, retire: bool) -> Result<()> {
         self.before_change(file)?;
         let per = self.geo.refblock_entries();
         let block = self.block_offset(cluster / per)?;
-        if block == 0 {
+        if block == HostOffset::ZERO {
             return corrupt!(
                 "Refcount update for cluster {cluster:#x} which no refcount block covers"
             );
@@ -282,7 +281,7 @@ impl Refcounts {
     /// Fails with [`Error::CorruptionPrevented`] instead of looping when the refcount
     /// structures contradict the rest of the metadata (a free cluster or the home of a new
     /// refcount block holds metadata, or a new block does not cover what it should).
-    pub fn alloc(&mut self, file: &HostFile, n: u64) -> Result<u64> {
+    pub fn alloc(&mut self, file: &HostFile, n: u64) -> Result<HostOffset> {
         if n == 0 {
             return Err(Error::invalid("allocation of 0 clusters"));
         }
@@ -311,10 +310,10 @@ impl Refcounts {
                 "allocation of a cluster with refcount 0 that holds",
             )?;
             for c in start..start + n {
-                self.update(file, c, 1)?;
+                self.change(file, c, 1, false)?;
             }
             self.cursor = self.cursor.max(start + n);
-            return Ok(start << self.geo.cluster_bits);
+            return Ok(HostCluster(start).offset(&self.geo));
         }
         Err(Error::new(ErrorKind::CorruptionPrevented, format!(
             "Preventing invalid allocation: the refcount structures make no progress after {max_passes} new refcount blocks for a run of {n} clusters"
@@ -328,7 +327,8 @@ impl Refcounts {
         for c in first..first + n {
             if let Some(kind) = guard.kind_of(c) {
                 let cs = self.geo.cluster_size();
-                return Err(guard.refuse(c << self.geo.cluster_bits, cs, kind, action));
+                let at = HostCluster(c).offset(&self.geo).get();
+                return Err(guard.refuse(at, cs, kind, action));
             }
         }
         Ok(())
@@ -337,7 +337,7 @@ impl Refcounts {
     /// The lowest known hole that is still free.
     fn pop_free(&mut self, file: &HostFile) -> Result<Option<u64>> {
         while let Some(c) = self.free_set.pop_first() {
-            if !self.held.contains(&c) && self.get(file, c)? == 0 {
+            if !self.held.contains(&c) && self.get(file, HostCluster(c))? == 0 {
                 return Ok(Some(c));
             }
         }
@@ -373,11 +373,11 @@ impl Refcounts {
                 )));
             }
             // Skip whole uncovered blocks in one step: everything there is free.
-            if c % per == 0 && self.block_offset(c / per)? == 0 {
+            if c % per == 0 && self.block_offset(c / per)? == HostOffset::ZERO {
                 c += per;
                 continue;
             }
-            if self.get(file, c)? == 0 && !self.held.contains(&c) {
+            if self.get(file, HostCluster(c))? == 0 && !self.held.contains(&c) {
                 c += 1;
             } else {
                 for hole in start..c {
@@ -393,7 +393,7 @@ impl Refcounts {
     fn first_uncovered_block(&self, start: u64, n: u64) -> Result<Option<u64>> {
         let per = self.geo.refblock_entries();
         for b in start / per..=(start + n - 1) / per {
-            if self.block_offset(b)? == 0 {
+            if self.block_offset(b)? == HostOffset::ZERO {
                 return Ok(Some(b));
             }
         }
@@ -414,7 +414,7 @@ impl Refcounts {
         self.before_change(file)?;
         if b >= self.table.len() as u64 {
             self.grow_table(file, b + 1)?;
-            if self.block_offset(b)? != 0 {
+            if self.block_offset(b)? != HostOffset::ZERO {
                 return Ok(());
             }
         }
@@ -424,21 +424,21 @@ impl Refcounts {
         let cluster = if n > 1 && (start..start + n).contains(&home) {
             // alloc(1) places any block it needs at that block's home (n == 1), so this
             // recursion is one level deep.
-            let c = self.alloc(file, 1)? >> self.geo.cluster_bits;
-            if self.block_offset(b)? != 0 {
+            let c = self.alloc(file, 1)?.cluster(&self.geo);
+            if self.block_offset(b)? != HostOffset::ZERO {
                 // That allocation created block b itself: give the cluster back.
                 self.update(file, c, -1)?;
-                self.free_set.insert(c);
+                self.free_set.insert(c.0);
                 return Ok(());
             }
-            c
+            c.0
         } else {
             self.refuse_metadata(file, home, 1, "allocation of a refcount block on")?;
             refcount::set(&mut data, self.geo.refcount_order, 0, 1);
             home
         };
-        let off = cluster << self.geo.cluster_bits;
-        if off == 0 {
+        let off = HostCluster(cluster).offset(&self.geo);
+        if off == HostOffset::ZERO {
             // Cluster 0 is the header even when the guard's index does not say so, and a
             // table entry of 0 means "no block": the block would never become visible.
             return Err(Error::new(ErrorKind::CorruptionPrevented, format!(
@@ -448,7 +448,7 @@ impl Refcounts {
         self.make_room(file)?;
         self.blocks.insert(off, data, true);
         file.guard().insert(cluster, 1, MetaKind::RefcountBlock);
-        self.table[b as usize] = off;
+        self.table[b as usize] = off.get();
         self.table_dirty.insert(b * 8 / self.geo.cluster_size());
         Ok(())
     }
@@ -514,13 +514,13 @@ impl Refcounts {
                     refcount::set(&mut data, order, j as usize, 1);
                 }
             }
-            let off = (region + i) << self.geo.cluster_bits;
+            let off = HostCluster(region + i).offset(&self.geo);
             file.write(&data, off, WriteKind::RefcountBlock)?;
-            new_table[(region_block + i) as usize] = off;
+            new_table[(region_block + i) as usize] = off.get();
             self.blocks.remove(off);
             file.guard().insert(region + i, 1, MetaKind::RefcountBlock);
         }
-        let table_off = (region + blocks_needed) << self.geo.cluster_bits;
+        let table_off = HostCluster(region + blocks_needed).offset(&self.geo);
         let mut bytes = u64_table_bytes(&new_table);
         bytes.resize((table_clusters * cs) as usize, 0);
         file.write(&bytes, table_off, WriteKind::RefcountTable)?;
@@ -534,7 +534,7 @@ impl Refcounts {
         self.table_offset = table_off;
         self.table_dirty.clear();
         file.guard().remove(
-            old_off >> self.geo.cluster_bits,
+            old_off.cluster(&self.geo).0,
             old_clusters,
             MetaKind::RefcountTable,
         );
@@ -545,7 +545,7 @@ impl Refcounts {
         );
         // The old table is no longer referenced by the durable header: free it now.
         for c in 0..old_clusters {
-            self.update(file, (old_off >> self.geo.cluster_bits) + c, -1)?;
+            self.change(file, old_off.cluster(&self.geo).0 + c, -1, false)?;
         }
         Ok(())
     }

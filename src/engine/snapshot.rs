@@ -3,6 +3,7 @@
 use crate::error::{corrupt, Result};
 use crate::format::snapshot::{self, Snapshot, FIXED_LEN, MAX_TABLE_BYTES};
 use crate::format::Header;
+use crate::format::HostOffset;
 use crate::storage::HostFile;
 
 /// Reads every snapshot table entry, bounding the table to QEMU's 64 MiB limit. Returns the
@@ -16,14 +17,14 @@ pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u6
     // it takes depends on anything unchecked.
     for i in 0..header.nb_snapshots as usize {
         let mut fixed = [0u8; FIXED_LEN];
-        file.read_zero_padded(&mut fixed, off, "snapshot table")?;
+        file.read_zero_padded(&mut fixed, HostOffset::new(off), "snapshot table")?;
         let len = snapshot::entry_len(&fixed);
         total += len;
         if total > MAX_TABLE_BYTES {
             return corrupt!("Snapshot table is too big");
         }
         let mut entry = vec![0u8; len as usize];
-        file.read_zero_padded(&mut entry, off, "snapshot table")?;
+        file.read_zero_padded(&mut entry, HostOffset::new(off), "snapshot table")?;
         out.push(snapshot::parse(
             &entry,
             i,

@@ -15,18 +15,18 @@ use super::{read, Image};
 use crate::error::Result;
 use crate::format::entry::{Mapping, SubclusterState};
 use crate::format::geometry::SUBCLUSTERS;
-use crate::format::Geometry;
+use crate::format::{Geometry, GuestOffset, HostOffset};
 use crate::storage::WriteKind;
 
 /// What to do for one guest cluster of a batch.
 #[derive(Debug, Clone, Copy)]
 enum Action {
     /// Overwrite data the image owns: write the request bytes at `host + start`.
-    InPlace { host: u64 },
+    InPlace { host: HostOffset },
     /// Write into `host` and link `new` when done.
     Link {
         /// Target host cluster.
-        host: u64,
+        host: HostOffset,
         /// Allocated by this batch (give back on error).
         fresh: bool,
         /// Mapping before the write (fill source, references to drop).
@@ -41,7 +41,7 @@ enum Action {
 #[derive(Debug, Clone, Copy)]
 struct Op {
     /// Guest offset of the cluster.
-    guest: u64,
+    guest: GuestOffset,
     /// First byte of the request inside the cluster.
     start: u64,
     /// Request bytes inside the cluster.
@@ -52,7 +52,7 @@ struct Op {
 }
 
 /// Writes `buf` at guest `offset` (range already checked).
-pub fn write(img: &Image, buf: &[u8], offset: u64) -> Result<()> {
+pub fn write(img: &Image, buf: &[u8], offset: GuestOffset) -> Result<()> {
     let mut done = 0usize;
     // Bound: every batch writes at least one byte (one cluster's share, or what the in-place
     // path managed), so this runs at most once per cluster of the request. The check turns
@@ -96,7 +96,7 @@ fn decide(
     old: Mapping,
     start: u64,
     len: u64,
-    alloc: &mut dyn FnMut() -> Result<u64>,
+    alloc: &mut dyn FnMut() -> Result<HostOffset>,
 ) -> Result<Action> {
     let touched = touched_mask(geo, start, len);
     let all = all_subclusters(geo);
@@ -124,7 +124,7 @@ fn decide(
                 }
             }
         }
-        Mapping::Zero { host, copied: true } if host != 0 => Action::Link {
+        Mapping::Zero { host, copied: true } if host != HostOffset::ZERO => Action::Link {
             host,
             fresh: false,
             old,
@@ -171,15 +171,15 @@ fn decide(
 /// mutex and nothing to link; host-contiguous clusters are written with one call. Returns how
 /// many bytes it wrote (0 when the first cluster needs the full path); the caller handles the
 /// rest, so stopping early is fine.
-fn write_in_place(img: &Image, buf: &[u8], offset: u64, end: u64) -> Result<usize> {
+fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset) -> Result<usize> {
     let geo = img.geo;
     let cs = geo.cluster_size();
     // The pending run: host offset and the buffer range it covers.
-    let mut run: Option<(u64, usize, usize)> = None;
+    let mut run: Option<(HostOffset, usize, usize)> = None;
     let mut pos = offset;
     while pos < end {
-        let start = pos - geo.cluster_start(pos);
-        let len = (cs - start).min(end - pos);
+        let start = pos.in_cluster(&geo);
+        let len = (cs - start).min(end.since(pos));
         let host = match img.view.lookup(&geo, img.version, pos) {
             Some(Mapping::Data {
                 host,
@@ -189,7 +189,8 @@ fn write_in_place(img: &Image, buf: &[u8], offset: u64, end: u64) -> Result<usiz
             }) if touched_mask(&geo, start, len) & !alloc == 0 => host + start,
             _ => break,
         };
-        let b = (pos - offset) as usize;
+        // Within the request, so it fits the buffer.
+        let b = pos.since(offset) as usize;
         run = match run {
             Some((h, a, e)) if h + (e - a) as u64 == host => Some((h, a, e + len as usize)),
             Some((h, a, e)) => {
@@ -203,14 +204,13 @@ fn write_in_place(img: &Image, buf: &[u8], offset: u64, end: u64) -> Result<usiz
     if let Some((h, a, e)) = run {
         img.file.write(&buf[a..e], h, WriteKind::Data)?;
     }
-    Ok((pos - offset) as usize)
+    Ok(pos.since(offset) as usize)
 }
 
-fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
+fn write_batch(img: &Image, buf: &[u8], offset: GuestOffset) -> Result<usize> {
     let geo = img.geo;
     let cs = geo.cluster_size();
-    let coverage = geo.l2_coverage();
-    let end = ((offset / coverage + 1) * coverage).min(offset + buf.len() as u64);
+    let end = offset.l2_range_end(&geo).min(offset + buf.len() as u64);
     let n = write_in_place(img, buf, offset, end)?;
     if n > 0 {
         return Ok(n);
@@ -222,8 +222,8 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
         let mut m = img.lock_meta();
         let mut pos = offset;
         while pos < end {
-            let cluster = geo.cluster_start(pos);
-            let gidx = geo.cluster_index(pos);
+            let cluster = pos.cluster_start(&geo);
+            let gidx = pos.cluster(&geo);
             if img.inflight.is_claimed(gidx) {
                 if !ops.is_empty() {
                     break;
@@ -235,8 +235,8 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
                 m = img.lock_meta();
                 continue;
             }
-            let start = pos - cluster;
-            let len = (cs - start).min(end - pos);
+            let start = pos.since(cluster);
+            let len = (cs - start).min(end.since(pos));
             let old = match m.lookup(&img.file, pos) {
                 Ok(o) => o,
                 Err(e) => {
@@ -264,7 +264,7 @@ fn write_batch(img: &Image, buf: &[u8], offset: u64) -> Result<usize> {
                 guest: cluster,
                 start,
                 len,
-                buf_off: (pos - offset) as usize,
+                buf_off: pos.since(offset) as usize,
                 action,
             });
             pos += len;
@@ -301,7 +301,7 @@ fn not_metadata(img: &Image, geo: &Geometry, a: Action) -> Result<Action> {
     };
     img.file
         .guard()
-        .check_write(host, geo.cluster_size(), None)
+        .check_write(host.get(), geo.cluster_size(), None)
         .map(|()| a)
 }
 
@@ -310,13 +310,13 @@ fn link(img: &Image, m: &mut super::meta::Meta, ops: &[Op]) -> Result<()> {
     let Some(first) = ops.first() else {
         return Ok(());
     };
-    let table = m.l2_for_write(&img.file, geo.l1_index(first.guest))?;
+    let table = m.l2_for_write(&img.file, first.guest.l1_index(&geo))?;
     for op in ops {
         if let Action::Link {
             fresh, old, new, ..
         } = op.action
         {
-            m.set_mapping(&img.file, table, geo.l2_index(op.guest), new)?;
+            m.set_mapping(&img.file, table, op.guest.l2_index(&geo), new)?;
             if fresh {
                 m.release(old);
             }
@@ -330,7 +330,7 @@ fn link(img: &Image, m: &mut super::meta::Meta, ops: &[Op]) -> Result<()> {
 fn release_claims(img: &Image, ops: &[Op]) {
     for op in ops {
         if let Action::Link { .. } = op.action {
-            img.inflight.release(img.geo.cluster_index(op.guest));
+            img.inflight.release(op.guest.cluster(&img.geo));
         }
     }
 }
@@ -348,7 +348,7 @@ fn abandon(img: &Image, m: &mut super::meta::Meta, ops: &[Op]) {
                 Err(_) => false,
             };
             if still_unlinked {
-                let _ = m.rc.update(&img.file, host >> img.geo.cluster_bits, -1);
+                let _ = m.rc.update(&img.file, host.cluster(&img.geo), -1);
             }
         }
     }
@@ -371,7 +371,7 @@ impl Piece<'_> {
 }
 
 fn do_io(img: &Image, buf: &[u8], ops: &[Op]) -> Result<()> {
-    let mut pending: Vec<(u64, Piece)> = Vec::new();
+    let mut pending: Vec<(HostOffset, Piece)> = Vec::new();
     for op in ops {
         let req = &buf[op.buf_off..op.buf_off + op.len as usize];
         match op.action {
@@ -427,10 +427,10 @@ fn cluster_pieces<'a>(
     img: &Image,
     op: &Op,
     req: &'a [u8],
-    host: u64,
+    host: HostOffset,
     old: Mapping,
     fill_mask: u32,
-    out: &mut Vec<(u64, Piece<'a>)>,
+    out: &mut Vec<(HostOffset, Piece<'a>)>,
 ) -> Result<()> {
     let geo = img.geo;
     let sub = geo.subcluster_size();
@@ -444,8 +444,8 @@ fn cluster_pieces<'a>(
         if fill_mask & bit == 0 {
             if touched & bit != 0 {
                 // Allocated in place: only the request bytes of this subcluster.
-                let a = (sc as u64 * sub).max(rs);
-                let b = ((sc as u64 + 1) * sub).min(re);
+                let a = (u64::from(sc) * sub).max(rs);
+                let b = (u64::from(sc + 1) * sub).min(re);
                 out.push((
                     host + a,
                     Piece::Borrowed(&req[(a - rs) as usize..(b - rs) as usize]),
@@ -459,8 +459,8 @@ fn cluster_pieces<'a>(
         while last + 1 < n && fill_mask & (1u32 << (last + 1)) != 0 {
             last += 1;
         }
-        let a = sc as u64 * sub;
-        let b = (last as u64 + 1) * sub;
+        let a = u64::from(sc) * sub;
+        let b = u64::from(last + 1) * sub;
         if rs <= a && b <= re {
             out.push((
                 host + a,
@@ -469,7 +469,7 @@ fn cluster_pieces<'a>(
         } else {
             let mut bounce = vec![0u8; (b - a) as usize];
             for s in sc..=last {
-                let sa = s as u64 * sub;
+                let sa = u64::from(s) * sub;
                 let sb = sa + sub;
                 // Fill the parts of this subcluster outside the request.
                 for (fa, fb) in [(sa, sb.min(rs).max(sa)), (sa.max(re).min(sb), sb)] {
@@ -503,7 +503,7 @@ fn cluster_pieces<'a>(
 /// offset `guest`, all within subcluster `sc`.
 fn fill(
     img: &Image,
-    guest: u64,
+    guest: GuestOffset,
     old: Mapping,
     sc: u32,
     at: u64,
@@ -517,7 +517,7 @@ fn fill(
             Ok(())
         }
         SubclusterState::Unallocated => match &img.backing {
-            Some(b) => b.read(out, guest + at),
+            Some(b) => b.read(out, (guest + at).get()),
             None => {
                 out.fill(0);
                 Ok(())
@@ -551,9 +551,9 @@ mod tests {
     use super::*;
     use crate::{CreateOptions, OpenOptions};
 
-    fn host_of(img: &Image, guest: u64) -> Option<u64> {
+    fn host_of(img: &Image, guest: u64) -> Option<HostOffset> {
         let mut m = img.lock_meta();
-        m.lookup(&img.file, guest)
+        m.lookup(&img.file, GuestOffset::new(guest))
             .ok()
             .and_then(|m| m.host_cluster())
     }

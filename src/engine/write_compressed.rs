@@ -29,14 +29,15 @@ impl Image {
 
     fn write_compressed_gated(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
-        self.check_range(offset, buf.len() as u64)?;
+        let offset = self.check_range(offset, buf.len() as u64)?;
         let geo = self.geo;
         let cs = geo.cluster_size();
-        if offset % cs != 0 {
+        if !offset.is_cluster_aligned(&geo) {
             return invalid!("compressed write at {offset:#x} is not cluster-aligned");
         }
         let whole = buf.len() as u64 == cs;
-        let tail = offset + buf.len() as u64 == self.virtual_size && (buf.len() as u64) < cs;
+        let tail =
+            (offset + buf.len() as u64).get() == self.virtual_size && (buf.len() as u64) < cs;
         if buf.is_empty() || !(whole || tail) {
             return invalid!(
                 "compressed writes take exactly one cluster ({cs} bytes), not {} bytes at {offset:#x}",
@@ -56,7 +57,7 @@ impl Image {
             super::write::write(self, buf, offset)?;
             return self.after_write();
         };
-        let gidx = geo.cluster_index(offset);
+        let gidx = offset.cluster(&geo);
 
         // Plan: reserve the guest cluster and the host bytes.
         let host = {
@@ -70,7 +71,8 @@ impl Image {
                 Ok(h) => h,
                 Err(e) => return Err(self.on_error(e)),
             };
-            if let Err(e) = self.file.guard().check_write(host, data.len() as u64, None) {
+            let len = data.len() as u64;
+            if let Err(e) = self.file.guard().check_write(host.get(), len, None) {
                 m.give_back_compressed_bytes(&self.file, host);
                 return Err(self.on_error(e));
             }
@@ -85,11 +87,11 @@ impl Image {
         let mut m = self.lock_meta();
         let linked = io.and_then(|()| {
             let old = m.lookup(&self.file, offset)?;
-            let table = m.l2_for_write(&self.file, geo.l1_index(offset))?;
+            let table = m.l2_for_write(&self.file, offset.l1_index(&geo))?;
             m.set_mapping(
                 &self.file,
                 table,
-                geo.l2_index(offset),
+                offset.l2_index(&geo),
                 Mapping::Compressed {
                     host,
                     csize: data.len() as u64,

@@ -4,7 +4,7 @@
 use super::{write, Image};
 use crate::error::Result;
 use crate::format::entry::Mapping;
-use crate::format::Geometry;
+use crate::format::{Geometry, GuestOffset, HostOffset};
 
 /// What to do with one cluster.
 enum Decision {
@@ -20,26 +20,26 @@ enum Decision {
 /// `[offset, end)`, collecting the ranges that need explicit zero writes.
 fn update_clusters(
     img: &Image,
-    offset: u64,
-    end: u64,
+    offset: GuestOffset,
+    end: GuestOffset,
     decide: &mut dyn FnMut(Mapping, u64, u64) -> Decision,
-) -> Result<Vec<(u64, u64)>> {
+) -> Result<Vec<(GuestOffset, u64)>> {
     let geo = img.geo;
     let cs = geo.cluster_size();
     let mut fallback = Vec::new();
     let mut pos = offset;
     let mut m = img.lock_meta();
     while pos < end {
-        let cluster = geo.cluster_start(pos);
-        let gidx = geo.cluster_index(pos);
+        let cluster = pos.cluster_start(&geo);
+        let gidx = pos.cluster(&geo);
         if img.inflight.is_claimed(gidx) {
             drop(m);
             img.inflight.wait_released(gidx);
             m = img.lock_meta();
             continue;
         }
-        let a = pos - cluster;
-        let b = (end - cluster).min(cs);
+        let a = pos.since(cluster);
+        let b = end.since(cluster).min(cs);
         let step = m
             .lookup(&img.file, pos)
             .and_then(|old| match decide(old, a, b) {
@@ -49,8 +49,8 @@ fn update_clusters(
                     Ok(())
                 }
                 Decision::Set { new, release } => {
-                    let table = m.l2_for_write(&img.file, geo.l1_index(pos))?;
-                    m.set_mapping(&img.file, table, geo.l2_index(pos), new)?;
+                    let table = m.l2_for_write(&img.file, pos.l1_index(&geo))?;
+                    m.set_mapping(&img.file, table, pos.l2_index(&geo), new)?;
                     if release {
                         m.release(old);
                     }
@@ -66,7 +66,7 @@ fn update_clusters(
     Ok(fallback)
 }
 
-fn write_explicit_zeros(img: &Image, ranges: &[(u64, u64)]) -> Result<()> {
+fn write_explicit_zeros(img: &Image, ranges: &[(GuestOffset, u64)]) -> Result<()> {
     const CHUNK: u64 = 1 << 20;
     let zeros = vec![0u8; CHUNK.min(ranges.iter().map(|r| r.1).max().unwrap_or(0)) as usize];
     for &(mut off, mut len) in ranges {
@@ -81,7 +81,7 @@ fn write_explicit_zeros(img: &Image, ranges: &[(u64, u64)]) -> Result<()> {
 }
 
 /// Makes `[offset, offset+count)` read as zeros.
-pub fn write_zeroes(img: &Image, offset: u64, count: u64, may_unmap: bool) -> Result<()> {
+pub fn write_zeroes(img: &Image, offset: GuestOffset, count: u64, may_unmap: bool) -> Result<()> {
     if count == 0 {
         return Ok(());
     }
@@ -93,14 +93,14 @@ pub fn write_zeroes(img: &Image, offset: u64, count: u64, may_unmap: bool) -> Re
     let v3 = img.version >= 3;
     let all = if geo.extended_l2 { u32::MAX } else { 1 };
     // Unaligned head and tail (below the metadata granularity) are written as data.
-    let mid_start = offset.div_ceil(gran) * gran;
-    let mid_end = (end / gran) * gran;
+    let mid_start = offset.align_up(gran);
+    let mid_end = end.align_down(gran);
     let mut explicit = Vec::new();
     if mid_start >= mid_end {
         explicit.push((offset, count));
     } else {
         if offset < mid_start {
-            explicit.push((offset, mid_start - offset));
+            explicit.push((offset, mid_start.since(offset)));
         }
         let mut decide = |old: Mapping, a: u64, b: u64| -> Decision {
             let full = a == 0 && b == cs;
@@ -136,7 +136,10 @@ pub fn write_zeroes(img: &Image, offset: u64, count: u64, may_unmap: bool) -> Re
             } else if v3 {
                 match old {
                     _ if reads_zero_already => Decision::Skip,
-                    Mapping::Zero { host: 0, .. } => Decision::Skip,
+                    Mapping::Zero {
+                        host: HostOffset::ZERO,
+                        ..
+                    } => Decision::Skip,
                     Mapping::Zero { copied: true, .. } if !may_unmap => Decision::Skip,
                     Mapping::Data {
                         host, copied: true, ..
@@ -146,7 +149,7 @@ pub fn write_zeroes(img: &Image, offset: u64, count: u64, may_unmap: bool) -> Re
                     },
                     _ => Decision::Set {
                         new: Mapping::Zero {
-                            host: 0,
+                            host: HostOffset::ZERO,
                             copied: false,
                         },
                         release: true,
@@ -166,18 +169,18 @@ pub fn write_zeroes(img: &Image, offset: u64, count: u64, may_unmap: bool) -> Re
         };
         explicit.extend(update_clusters(img, mid_start, mid_end, &mut decide)?);
         if mid_end < end {
-            explicit.push((mid_end, end - mid_end));
+            explicit.push((mid_end, end.since(mid_end)));
         }
     }
     write_explicit_zeros(img, &explicit)
 }
 
 /// Releases every cluster fully inside `[offset, offset+count)`.
-pub fn discard(img: &Image, offset: u64, count: u64) -> Result<()> {
+pub fn discard(img: &Image, offset: GuestOffset, count: u64) -> Result<()> {
     let geo = img.geo;
     let cs = geo.cluster_size();
-    let start = offset.div_ceil(cs) * cs;
-    let end = ((offset + count) / cs) * cs;
+    let start = offset.align_up(cs);
+    let end = (offset + count).align_down(cs);
     if start >= end {
         return Ok(());
     }
@@ -187,7 +190,7 @@ pub fn discard(img: &Image, offset: u64, count: u64) -> Result<()> {
             Mapping::Unallocated { zero: u32::MAX }
         } else {
             Mapping::Zero {
-                host: 0,
+                host: HostOffset::ZERO,
                 copied: false,
             }
         }

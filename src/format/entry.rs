@@ -1,6 +1,7 @@
 //! L1 and L2 table entries: decoding into typed descriptors and encoding back.
 
 use super::geometry::{Geometry, SUBCLUSTERS};
+use super::offset::HostOffset;
 
 /// Host offset bits of L1 and standard L2 entries.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -15,9 +16,9 @@ pub const COMPRESSED: u64 = 1 << 62;
 /// ZERO flag of standard L2 entries (v3, no extended L2).
 pub const ZERO: u64 = 1;
 
-/// The host offset an L1 entry points at (0 = no L2 table).
-pub fn l1_l2_offset(e: u64) -> u64 {
-    e & OFFSET_MASK
+/// The host offset of the L2 table an L1 entry points at (zero = no L2 table).
+pub fn l1_l2_offset(e: u64) -> HostOffset {
+    HostOffset::new(e & OFFSET_MASK)
 }
 
 /// A decoded L2 entry (standard or extended).
@@ -32,8 +33,8 @@ pub enum Mapping {
     /// Standard L2 entry with the zero flag: reads as zeros. `host` is a preallocated cluster
     /// (0 if none), `copied` its COPIED flag.
     Zero {
-        /// Preallocated host cluster or 0.
-        host: u64,
+        /// Preallocated host cluster or zero.
+        host: HostOffset,
         /// COPIED flag.
         copied: bool,
     },
@@ -41,7 +42,7 @@ pub enum Mapping {
     /// (a subcluster with neither bit reads from the backing file); without, `alloc` is all ones.
     Data {
         /// Host offset of the cluster.
-        host: u64,
+        host: HostOffset,
         /// COPIED flag (refcount == 1).
         copied: bool,
         /// Subclusters holding data.
@@ -52,7 +53,7 @@ pub enum Mapping {
     /// Compressed data: `csize` bytes at host byte offset `host`.
     Compressed {
         /// Host byte offset (not aligned).
-        host: u64,
+        host: HostOffset,
         /// Bytes to read (may reach into the next cluster).
         csize: u64,
     },
@@ -66,7 +67,7 @@ pub enum SubclusterState {
     /// Reads zeros.
     Zero,
     /// Data at this host offset.
-    Data(u64),
+    Data(HostOffset),
     /// Part of a compressed cluster.
     Compressed,
 }
@@ -75,7 +76,7 @@ pub enum SubclusterState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryError {
     /// Data or preallocated cluster offset not cluster aligned.
-    Unaligned(u64),
+    Unaligned(HostOffset),
     /// Zero flag in a v2 image.
     ZeroInV2,
     /// Extended L2 bitmap with both bits set for a subcluster, or allocation bits on an
@@ -96,9 +97,12 @@ pub fn decode_l2(
         let sectors_mask = (1u64 << (geo.cluster_bits - 8)) - 1;
         let nb_sectors = ((word0 >> x) & sectors_mask) + 1;
         let csize = nb_sectors * 512 - (host & 511);
-        return Ok(Mapping::Compressed { host, csize });
+        return Ok(Mapping::Compressed {
+            host: HostOffset::new(host),
+            csize,
+        });
     }
-    let host = word0 & OFFSET_MASK;
+    let host = HostOffset::new(word0 & OFFSET_MASK);
     let copied = word0 & COPIED != 0;
     if geo.extended_l2 {
         let alloc = word1 as u32;
@@ -106,13 +110,13 @@ pub fn decode_l2(
         if alloc & zero != 0 {
             return Err(EntryError::InvalidBitmap);
         }
-        if host == 0 {
+        if host == HostOffset::ZERO {
             if alloc != 0 {
                 return Err(EntryError::InvalidBitmap);
             }
             return Ok(Mapping::Unallocated { zero });
         }
-        if !geo.is_aligned(host) {
+        if !host.is_cluster_aligned(geo) {
             return Err(EntryError::Unaligned(host));
         }
         return Ok(Mapping::Data {
@@ -126,15 +130,15 @@ pub fn decode_l2(
         if version < 3 {
             return Err(EntryError::ZeroInV2);
         }
-        if host != 0 && !geo.is_aligned(host) {
+        if host != HostOffset::ZERO && !host.is_cluster_aligned(geo) {
             return Err(EntryError::Unaligned(host));
         }
         return Ok(Mapping::Zero { host, copied });
     }
-    if host == 0 {
+    if host == HostOffset::ZERO {
         return Ok(Mapping::Unallocated { zero: 0 });
     }
-    if !geo.is_aligned(host) {
+    if !host.is_cluster_aligned(geo) {
         return Err(EntryError::Unaligned(host));
     }
     Ok(Mapping::Data {
@@ -160,7 +164,7 @@ pub fn encode_l2(geo: &Geometry, m: Mapping) -> (u64, u64) {
         ),
         Mapping::Zero { host, copied: c } => {
             debug_assert!(!geo.extended_l2);
-            (host | ZERO | copied(c), 0)
+            (host.get() | ZERO | copied(c), 0)
         }
         Mapping::Data {
             host,
@@ -173,15 +177,16 @@ pub fn encode_l2(geo: &Geometry, m: Mapping) -> (u64, u64) {
             } else {
                 0
             };
-            (host | copied(c), w1)
+            (host.get() | copied(c), w1)
         }
         Mapping::Compressed { host, csize } => (encode_compressed(geo, host, csize), 0),
     }
 }
 
 /// Encodes a compressed-cluster descriptor for `csize` bytes at host byte offset `host`.
-pub fn encode_compressed(geo: &Geometry, host: u64, csize: u64) -> u64 {
+pub fn encode_compressed(geo: &Geometry, host: HostOffset, csize: u64) -> u64 {
     let x = 62 - (geo.cluster_bits - 8);
+    let host = host.get();
     let end = host + csize;
     let nb_sectors = end.div_ceil(512) - host / 512;
     COMPRESSED | ((nb_sectors - 1) << x) | host
@@ -205,7 +210,7 @@ impl Mapping {
                 host, alloc, zero, ..
             } => {
                 if alloc & bit != 0 {
-                    SubclusterState::Data(host + sc as u64 * geo.subcluster_size())
+                    SubclusterState::Data(host + u64::from(sc) * geo.subcluster_size())
                 } else if zero & bit != 0 {
                     SubclusterState::Zero
                 } else {
@@ -237,10 +242,10 @@ impl Mapping {
     }
 
     /// The host cluster this entry holds a reference to (data or preallocated zero), if any.
-    pub fn host_cluster(&self) -> Option<u64> {
+    pub fn host_cluster(&self) -> Option<HostOffset> {
         match *self {
             Mapping::Data { host, .. } => Some(host),
-            Mapping::Zero { host, .. } if host != 0 => Some(host),
+            Mapping::Zero { host, .. } if host != HostOffset::ZERO => Some(host),
             _ => None,
         }
     }
@@ -261,10 +266,10 @@ mod tests {
     #[test]
     fn compressed_descriptor_round_trips() {
         let g = geo(16, false);
-        let w = encode_compressed(&g, 0x5_0123, 3000);
+        let w = encode_compressed(&g, HostOffset::new(0x5_0123), 3000);
         match decode_l2(&g, 3, w, 0).unwrap() {
             Mapping::Compressed { host, csize } => {
-                assert_eq!(host, 0x5_0123);
+                assert_eq!(host, HostOffset::new(0x5_0123));
                 assert!((3000..3000 + 512).contains(&csize));
             }
             m => panic!("{m:?}"),
@@ -278,7 +283,7 @@ mod tests {
         assert_eq!(
             decode_l2(&g, 3, ZERO, 0),
             Ok(Mapping::Zero {
-                host: 0,
+                host: HostOffset::ZERO,
                 copied: false
             })
         );
@@ -289,7 +294,7 @@ mod tests {
         let g = geo(16, false);
         assert_eq!(
             decode_l2(&g, 3, 0x10200 | COPIED, 0),
-            Err(EntryError::Unaligned(0x10200))
+            Err(EntryError::Unaligned(HostOffset::new(0x10200)))
         );
     }
 
@@ -308,7 +313,10 @@ mod tests {
         let g = geo(16, true);
         let m = decode_l2(&g, 3, 0x20000 | COPIED, 0b0110 | (0b1000u64 << 32)).unwrap();
         assert_eq!(m.subcluster(&g, 0), SubclusterState::Unallocated);
-        assert_eq!(m.subcluster(&g, 1), SubclusterState::Data(0x20000 + 2048));
+        assert_eq!(
+            m.subcluster(&g, 1),
+            SubclusterState::Data(HostOffset::new(0x20000 + 2048))
+        );
         assert_eq!(m.subcluster(&g, 3), SubclusterState::Zero);
         assert_eq!(m.run_from(&g, 1), 2);
         assert_eq!(m.run_from(&g, 4), 28);

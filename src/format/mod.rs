@@ -7,10 +7,12 @@ pub mod bitmap;
 pub mod entry;
 pub mod geometry;
 pub mod header;
+pub mod offset;
 pub mod refcount;
 pub mod snapshot;
 pub mod structure;
 
 pub use geometry::Geometry;
 pub use header::Header;
+pub use offset::{GuestCluster, GuestOffset, HostCluster, HostOffset};
 pub use structure::MetaKind;

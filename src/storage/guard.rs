@@ -49,7 +49,10 @@ impl Hasher for U64Hasher {
 }
 
 /// A map keyed by u64 with [`U64Hasher`].
-pub type U64Map<V> = HashMap<u64, V, BuildHasherDefault<U64Hasher>>;
+pub type U64Map<V> = HashMap<u64, V, U64BuildHasher>;
+
+/// Builds [`U64Hasher`]s: for maps keyed by u64 or by a newtype over one (offsets, clusters).
+pub type U64BuildHasher = BuildHasherDefault<U64Hasher>;
 
 /// How much the guard checks, as QEMU's `overlap-check` option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -19,6 +19,7 @@ pub use lock::{ImageLock, LockMode};
 pub use posix::PosixFile;
 
 use crate::error::{Error, Result};
+use crate::format::HostOffset;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -125,7 +126,8 @@ impl HostFile {
 
     /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the file read as
     /// zeros, like a sparse file.
-    pub fn read_zero_padded(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
+    pub fn read_zero_padded(&self, buf: &mut [u8], offset: HostOffset, what: &str) -> Result<()> {
+        let offset = offset.get();
         let mut done = 0;
         while done < buf.len() {
             let n = self
@@ -151,7 +153,8 @@ impl HostFile {
     }
 
     /// Reads up to `buf.len()` bytes and returns how many the file had.
-    pub fn read_some(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<usize> {
+    pub fn read_some(&self, buf: &mut [u8], offset: HostOffset, what: &str) -> Result<usize> {
+        let offset = offset.get();
         let mut done = 0;
         while done < buf.len() {
             let n = self
@@ -180,7 +183,8 @@ impl HostFile {
     /// The choke point for every write to the image file: the metadata-overlap guard checks
     /// the target range first (a write may overlap only the structure its `kind` updates),
     /// then the bytes go to the backend.
-    pub fn write(&self, buf: &[u8], offset: u64, kind: WriteKind) -> Result<()> {
+    pub fn write(&self, buf: &[u8], offset: HostOffset, kind: WriteKind) -> Result<()> {
+        let offset = offset.get();
         self.guard
             .check_write(offset, buf.len() as u64, kind.updates())?;
         self.backend.write_at(buf, offset).map_err(|e| {

@@ -11,6 +11,7 @@ use crate::format::be::put_u64;
 use crate::format::entry::{COPIED, OFFSET_MASK};
 use crate::format::header::{layout, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
+use crate::format::HostOffset;
 use crate::storage::WriteKind;
 use std::collections::BTreeMap;
 
@@ -124,7 +125,7 @@ impl Checker<'_> {
             }
             let mut buf = vec![0u8; (run * cs) as usize];
             self.file
-                .read_zero_padded(&mut buf, off, "refcount block")?;
+                .read_zero_padded(&mut buf, HostOffset::new(off), "refcount block")?;
             for k in 0..run {
                 let blk = &mut buf[(k * cs) as usize..((k + 1) * cs) as usize];
                 let first = (b + k) * per;
@@ -138,8 +139,11 @@ impl Checker<'_> {
                     }
                 }
                 if dirty {
-                    self.file
-                        .write(blk, off + k * cs, WriteKind::RefcountBlock)?;
+                    self.file.write(
+                        blk,
+                        HostOffset::new(off + k * cs),
+                        WriteKind::RefcountBlock,
+                    )?;
                     self.wrote = true;
                 }
                 self.tick(1);
@@ -236,7 +240,7 @@ impl Checker<'_> {
         }
         let mut blk = vec![0u8; self.geo.cluster_size() as usize];
         self.file
-            .read_zero_padded(&mut blk, off, "refcount block")?;
+            .read_zero_padded(&mut blk, HostOffset::new(off), "refcount block")?;
         Ok(Some(refcount::get(
             &blk,
             self.geo.refcount_order,
@@ -352,17 +356,20 @@ impl Checker<'_> {
                     refcount::set(&mut data, order, j as usize, v);
                 }
             }
-            self.file.write(&data, off, WriteKind::RefcountBlock)?;
+            self.file
+                .write(&data, HostOffset::new(off), WriteKind::RefcountBlock)?;
             new_table[b as usize] = off;
         }
         let table_off = table_first << cb;
         let bytes = crate::format::be::u64_table_bytes(&new_table);
         self.file
-            .write(&bytes, table_off, WriteKind::RefcountTable)?;
+            .write(&bytes, HostOffset::new(table_off), WriteKind::RefcountTable)?;
         self.wrote = true;
         self.file.sync()?;
-        self.file
-            .write_header_fields(&layout::reftable_update(table_off, table_clusters)?)?;
+        self.file.write_header_fields(&layout::reftable_update(
+            HostOffset::new(table_off),
+            table_clusters,
+        )?)?;
         self.file.sync()?;
         self.header.refcount_table_offset = table_off;
         self.header.refcount_table_clusters = table_clusters as u32;
@@ -414,7 +421,7 @@ impl Checker<'_> {
                         l1[idx] = new;
                         self.file.write(
                             &new.to_be_bytes(),
-                            l1_off + idx as u64 * 8,
+                            HostOffset::new(l1_off + idx as u64 * 8),
                             WriteKind::L1,
                         )?;
                         wrote = true;
@@ -447,7 +454,7 @@ impl Checker<'_> {
                     }
                 }
                 if dirty > 0 {
-                    self.file.write(t, l2, WriteKind::L2)?;
+                    self.file.write(t, HostOffset::new(l2), WriteKind::L2)?;
                     wrote = true;
                     res.corruptions -= dirty;
                     res.corruptions_fixed += dirty;

@@ -15,6 +15,7 @@ use crate::format::entry::{
 use crate::format::header::MAX_L1_BYTES;
 use crate::format::refcount::{REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK};
 use crate::format::snapshot::Snapshot;
+use crate::format::HostOffset;
 use crate::format::{Geometry, Header};
 use crate::storage::{HostFile, WriteKind};
 use std::collections::HashSet;
@@ -107,7 +108,7 @@ pub(super) fn read_l2_run(
         n += 1;
     }
     let mut buf = vec![0u8; n * cs as usize];
-    file.read_zero_padded(&mut buf, first, "L2 table")?;
+    file.read_zero_padded(&mut buf, HostOffset::new(first), "L2 table")?;
     Ok((n, buf))
 }
 
@@ -121,7 +122,7 @@ pub(super) fn read_u64_table(
     let bytes = usize::try_from(entries * 8)
         .map_err(|_| Error::new(ErrorKind::NoMemory, format!("{what} of {entries} entries")))?;
     let mut raw = vec![0u8; bytes];
-    file.read_zero_padded(&mut raw, offset, what)?;
+    file.read_zero_padded(&mut raw, HostOffset::new(offset), what)?;
     Ok(crate::format::be::u64_table(&raw))
 }
 
@@ -431,7 +432,8 @@ impl<'a> Checker<'a> {
                                 if geo.extended_l2 {
                                     bytes.extend_from_slice(&bm.to_be_bytes());
                                 }
-                                self.file.write(&bytes, at, WriteKind::L2)?;
+                                self.file
+                                    .write(&bytes, HostOffset::new(at), WriteKind::L2)?;
                                 self.file.sync()?;
                                 self.wrote = true;
                                 res.corruptions -= 1;
@@ -477,8 +479,11 @@ impl<'a> Checker<'a> {
         self.inc(res, ext.directory_offset, ext.directory_size)?;
         // The header parser bounds the directory size (at most 64 MiB).
         let mut dir = vec![0u8; ext.directory_size as usize];
-        self.file
-            .read_zero_padded(&mut dir, ext.directory_offset, "bitmap directory")?;
+        self.file.read_zero_padded(
+            &mut dir,
+            HostOffset::new(ext.directory_offset),
+            "bitmap directory",
+        )?;
         let list = match bitmap::parse_directory(&dir, ext.nb_bitmaps, &self.geo, self.header.size)
         {
             Ok(l) => l,

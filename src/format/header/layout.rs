@@ -162,8 +162,8 @@ impl FieldUpdate {
     }
 
     /// Host offset of the first byte to write (cluster 0 starts the file).
-    pub fn offset(&self) -> u64 {
-        self.offset as u64
+    pub fn offset(&self) -> crate::format::HostOffset {
+        crate::format::HostOffset::new(self.offset as u64)
     }
 
     /// The bytes to write.
@@ -174,12 +174,12 @@ impl FieldUpdate {
 
 /// Points the header at a new refcount table: offset and cluster count in one write, so no
 /// crash can pair the new offset with the old size. Both fields exist in every version.
-pub fn reftable_update(offset: u64, clusters: u64) -> Result<FieldUpdate> {
+pub fn reftable_update(offset: crate::format::HostOffset, clusters: u64) -> Result<FieldUpdate> {
     let Ok(clusters) = u32::try_from(clusters) else {
         return crate::error::invalid!("refcount table of {clusters} clusters");
     };
     REFCOUNT_TABLE_OFFSET
-        .update(2, offset)?
+        .update(2, offset.get())?
         .followed_by(REFCOUNT_TABLE_CLUSTERS, 2, clusters)
 }
 
@@ -254,7 +254,8 @@ mod tests {
         assert_eq!(e.errno(), libc::ENOTSUP);
         assert!(e.to_string().contains("incompatible_features"), "{e}");
         let u = INCOMPATIBLE_FEATURES.update(3, 2).unwrap();
-        assert_eq!((u.offset(), u.bytes()), (72, &[0, 0, 0, 0, 0, 0, 0, 2][..]));
+        assert_eq!(u.offset().get(), 72);
+        assert_eq!(u.bytes(), &[0, 0, 0, 0, 0, 0, 0, 2]);
     }
 
     #[test]
@@ -264,7 +265,7 @@ mod tests {
             .unwrap()
             .followed_by(REFCOUNT_TABLE_CLUSTERS, 2, 3)
             .unwrap();
-        assert_eq!(u.offset(), 48);
+        assert_eq!(u.offset().get(), 48);
         assert_eq!(u.bytes(), &[0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 3]);
     }
 }
