@@ -11,8 +11,8 @@ use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::format::header::{layout, INCOMPAT_CORRUPT};
 use crate::format::HostOffset;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A corruption event: what was prevented or found, where, and whether the image is now
 /// fenced.
@@ -33,11 +33,67 @@ pub struct CorruptionEvent {
 /// problem, with no oxcow lock held.
 pub type EventHandler = Arc<dyn Fn(&CorruptionEvent) + Send + Sync>;
 
+/// The corruption state of one handle and the events waiting for delivery.
+#[derive(Default)]
+pub struct Events {
+    /// The first runtime corruption has been handled (marked, fenced, reported).
+    handled: AtomicBool,
+    /// The corrupt bit was set on disk by this handle.
+    marked_corrupt: AtomicBool,
+    /// The caller's corruption-event handler.
+    handler: RwLock<Option<EventHandler>>,
+    /// Events found but not yet delivered (delivery happens at the API boundary).
+    pending: Mutex<Vec<CorruptionEvent>>,
+}
+
+impl Events {
+    /// Whether this handle set the corrupt bit on disk.
+    pub fn marked_corrupt(&self) -> bool {
+        self.marked_corrupt.load(Ordering::Acquire)
+    }
+
+    /// Claims the handling of a corruption: true for the first caller only.
+    fn claim_first(&self) -> bool {
+        !self.handled.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether a corruption was handled (so events may be pending).
+    fn any_handled(&self) -> bool {
+        self.handled.load(Ordering::Acquire)
+    }
+
+    fn queue(&self, ev: CorruptionEvent) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ev);
+    }
+
+    /// Hands every pending event to the handler (called with no engine lock held).
+    fn deliver(&self) {
+        let events = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if events.is_empty() {
+            return;
+        }
+        let handler = self
+            .handler
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(h) = handler {
+            for ev in &events {
+                h(ev);
+            }
+        }
+    }
+}
+
 impl Image {
     /// Installs (or with `None` removes) the handler that receives corruption events.
     pub fn set_event_handler(&self, handler: Option<EventHandler>) {
         *self
-            .event_handler
+            .events
+            .handler
             .write()
             .unwrap_or_else(|p| p.into_inner()) = handler;
     }
@@ -56,7 +112,7 @@ impl Image {
         let e = e
             .with_file(self.path.display().to_string())
             .into_kind(ErrorKind::CorruptionPrevented);
-        if self.corruption_handled.swap(true, Ordering::AcqRel) {
+        if !self.events.claim_first() {
             // Already handled (this error on its way out, or a later one): no second mark,
             // no second event.
             return e;
@@ -66,7 +122,7 @@ impl Image {
         let size = hit.as_ref().map(|h| h.size);
         if self.is_read_only() {
             // QEMU reports once and suppresses further events; the image is left alone.
-            self.queue_event(CorruptionEvent {
+            self.events.queue(CorruptionEvent {
                 message: format!("{e}; further non-fatal corruption events will be suppressed"),
                 host_offset,
                 size,
@@ -90,7 +146,7 @@ impl Image {
             e.message()
         );
         let e = e.with_message(message);
-        self.queue_event(CorruptionEvent {
+        self.events.queue(CorruptionEvent {
             message: e.to_string(),
             host_offset,
             size,
@@ -113,15 +169,8 @@ impl Image {
         self.file
             .write_header_fields(&field.update(self.version, bits)?)?;
         self.file.sync()?;
-        self.marked_corrupt.store(true, Ordering::Release);
+        self.events.marked_corrupt.store(true, Ordering::Release);
         Ok(())
-    }
-
-    fn queue_event(&self, ev: CorruptionEvent) {
-        self.pending_events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(ev);
     }
 
     /// The API boundary: maps a runtime corruption to its consequences and delivers queued
@@ -129,28 +178,11 @@ impl Image {
     pub(super) fn finish<T>(&self, r: crate::Result<T>) -> crate::Result<T> {
         // Events are only ever queued by a failing request: successful requests skip the
         // queue's mutex entirely.
-        if r.is_ok() && !self.corruption_handled.load(Ordering::Acquire) {
+        if r.is_ok() && !self.events.any_handled() {
             return r;
         }
         let r = r.map_err(|e| self.on_error(e));
-        let events = std::mem::take(
-            &mut *self
-                .pending_events
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        if !events.is_empty() {
-            let handler = self
-                .event_handler
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            if let Some(h) = handler {
-                for ev in &events {
-                    h(ev);
-                }
-            }
-        }
+        self.events.deliver();
         r
     }
 }

@@ -8,9 +8,11 @@ pub mod compress;
 mod crash_tests;
 pub mod create;
 pub mod events;
+mod gate;
 mod inflight;
 mod mapview;
 mod meta;
+mod mode;
 mod read;
 mod refcount;
 mod reopen;
@@ -27,11 +29,10 @@ use crate::format::{Geometry, GuestOffset, HostOffset};
 use crate::options::{CompressionType, Extent, ImageInfo, OpenOptions};
 use crate::storage::{HostFile, LockMode, PosixFile};
 use backing::Backing;
-use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard};
+use crossbeam_utils::sync::ShardedLockReadGuard;
 use meta::Meta;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Deepest backing chain oxcow opens.
 pub const MAX_BACKING_DEPTH: u32 = 64;
@@ -46,20 +47,10 @@ pub struct Image {
     version: u32,
     virtual_size: u64,
     compression: CompressionType,
-    /// Changes only in [`Image::reopen`], with every mutating request drained.
-    read_only: AtomicBool,
-    writethrough: AtomicBool,
-    /// The caller promised never to need write access (OXCOW_OPEN_KEEP_READ_ONLY).
-    keep_read_only: bool,
-    /// Options fixed at open that reopen may not change.
-    direct: bool,
-    no_backing: bool,
-    /// Held shared by every request that may write (write, zeroes, discard, compressed
-    /// writes, flush) for its whole duration, and exclusively by control operations
-    /// (reopen) that must see no write in flight. Reads never take it.
-    gate: ShardedLock<()>,
-    /// The current open ignores other writers (read-only, like `qemu-img -U`).
-    force_share: AtomicBool,
+    /// How the handle is open (read-only, writethrough, ...).
+    mode: mode::OpenMode,
+    /// The write gate and the fence.
+    io: gate::IoGate,
     backing: Option<Backing>,
     snapshots: Vec<Snapshot>,
     meta: Mutex<Meta>,
@@ -67,16 +58,8 @@ pub struct Image {
     view: Arc<mapview::MapView>,
     /// Guest clusters with an allocation between plan and link (lock-free).
     inflight: inflight::Inflight,
-    /// Set after a fatal inconsistency or a panic: no more I/O is accepted.
-    fenced: AtomicBool,
-    /// The first runtime corruption has been handled (marked, fenced, reported).
-    corruption_handled: AtomicBool,
-    /// The corrupt bit was set on disk by this handle.
-    marked_corrupt: AtomicBool,
-    /// The caller's corruption-event handler.
-    event_handler: RwLock<Option<events::EventHandler>>,
-    /// Events found but not yet delivered (delivery happens at the API boundary).
-    pending_events: Mutex<Vec<events::CorruptionEvent>>,
+    /// Corruption handling and event delivery.
+    events: events::Events,
 }
 
 impl Image {
@@ -170,23 +153,14 @@ impl Image {
             } else {
                 CompressionType::Deflate
             },
-            read_only: AtomicBool::new(!opts.writable),
-            writethrough: AtomicBool::new(opts.writethrough),
-            keep_read_only: opts.keep_read_only,
-            direct: opts.direct,
-            no_backing: opts.no_backing,
-            gate: ShardedLock::new(()),
-            force_share: AtomicBool::new(opts.force_share),
+            mode: mode::OpenMode::new(opts),
+            io: gate::IoGate::default(),
             backing,
             snapshots,
             meta: Mutex::new(meta),
             view,
             inflight: inflight::Inflight::new(header.size.div_ceil(geo.cluster_size())),
-            fenced: AtomicBool::new(false),
-            corruption_handled: AtomicBool::new(false),
-            marked_corrupt: AtomicBool::new(false),
-            event_handler: RwLock::new(None),
-            pending_events: Mutex::new(Vec::new()),
+            events: events::Events::default(),
         })
     }
 
@@ -214,7 +188,7 @@ impl Image {
             lazy_refcounts: h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
             dirty: m.dirty_on_disk(),
             corrupt: h.incompatible_features & header::INCOMPAT_CORRUPT != 0
-                || self.marked_corrupt.load(Ordering::Acquire),
+                || self.events.marked_corrupt(),
             read_only: self.is_read_only(),
             snapshot_count: self.snapshots.len() as u32,
             backing_file: h
@@ -266,7 +240,7 @@ impl Image {
 
     /// Flushes and closes the image. Resources are released even when the flush fails.
     pub fn close(self) -> Result<()> {
-        if self.is_read_only() || self.fenced.load(Ordering::Acquire) {
+        if self.is_read_only() || self.io.is_fenced() {
             return Ok(());
         }
         let _gate = self.enter_write_gate();
@@ -276,13 +250,12 @@ impl Image {
 
     /// Whether the image is currently open read-only.
     pub fn is_read_only(&self) -> bool {
-        self.read_only.load(Ordering::Acquire)
+        self.mode.read_only()
     }
 
     /// Enters the shared side of the write gate (see the `gate` field).
     fn enter_write_gate(&self) -> ShardedLockReadGuard<'_, ()> {
-        // Poisoning means a panic elsewhere; the gate guards no data.
-        self.gate.read().unwrap_or_else(|p| p.into_inner())
+        self.io.enter_write()
     }
 
     /// Allocation status of the guest range starting at `offset`: the returned extent starts
@@ -303,7 +276,7 @@ impl Image {
     }
 
     fn check_usable(&self) -> Result<()> {
-        if self.fenced.load(Ordering::Acquire) {
+        if self.io.is_fenced() {
             return Err(Error::new(
                 ErrorKind::Fenced,
                 format!(
@@ -381,7 +354,7 @@ impl Image {
 
     /// Marks the handle unusable; used by the C ABI when a panic was caught.
     pub fn fence(&self) {
-        self.fenced.store(true, Ordering::Release);
+        self.io.fence();
     }
 
     /// Reads exactly `buf.len()` bytes of guest data at `offset`.
@@ -474,7 +447,7 @@ impl Image {
     /// Writethrough: makes the write just done durable before it returns. Called with the
     /// gate held, so it flushes directly rather than through [`Self::flush`].
     fn after_write(&self) -> Result<()> {
-        if self.writethrough.load(Ordering::Acquire) {
+        if self.mode.writethrough() {
             let mut m = self.lock_meta();
             m.writeback(&self.file)
         } else {
@@ -485,7 +458,7 @@ impl Image {
 
 impl Drop for Image {
     fn drop(&mut self) {
-        if !self.is_read_only() && !self.fenced.load(Ordering::Acquire) {
+        if !self.is_read_only() && !self.io.is_fenced() {
             let mut m = self.lock_meta();
             if m.is_dirty() {
                 let _ = m.writeback_and_mark_clean(&self.file);

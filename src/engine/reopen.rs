@@ -14,7 +14,6 @@ use crate::error::ErrorKind;
 use crate::error::{invalid, Error, Result};
 use crate::options::OpenOptions;
 use crate::storage::LockMode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 impl Image {
@@ -38,28 +37,28 @@ impl Image {
         if opts.force_share && opts.writable {
             return invalid!("force-share can only be used with read-only images");
         }
-        if opts.direct != self.direct {
+        if opts.direct != self.mode.direct {
             return invalid!("O_DIRECT cannot be changed by a reopen; open the image again");
         }
-        if opts.no_backing != self.no_backing {
+        if opts.no_backing != self.mode.no_backing {
             return invalid!("the backing chain cannot be attached or detached by a reopen");
         }
         let name = self.path.display().to_string();
         let was_read_only = self.is_read_only();
         if opts.writable && was_read_only {
-            if self.keep_read_only {
+            if self.mode.keep_read_only {
                 return Err(Error::new(
                     ErrorKind::ReadOnly,
                     format!("{name}: opened with keep-read-only; it cannot be reopened read-write"),
                 ));
             }
-            if self.force_share.load(Ordering::Acquire) {
+            if self.mode.force_share() {
                 return Err(Error::new(ErrorKind::ReadOnly, format!(
                     "{name}: a force-share open may have missed other writers' changes; open the image again to write"
                 )));
             }
         }
-        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let _gate = self.io.quiesce();
         let mut m = self.lock_meta();
         let old_mode = self.current_lock_mode();
         let new_mode = lock_mode(opts);
@@ -69,7 +68,6 @@ impl Image {
                 // before write access goes away.
                 m.writeback_and_mark_clean(&self.file)?;
                 self.file.reopen(false, new_mode)?;
-                self.read_only.store(true, Ordering::Release);
             }
             (true, true) => {
                 self.file.reopen(true, new_mode)?;
@@ -79,22 +77,19 @@ impl Image {
                     let _ = self.file.reopen(false, old_mode);
                     return Err(e);
                 }
-                self.read_only.store(false, Ordering::Release);
             }
             (true, false) if new_mode != old_mode => self.file.reopen(false, new_mode)?,
             _ => {}
         }
-        self.force_share.store(opts.force_share, Ordering::Release);
+        self.mode.switch(opts);
         self.file.guard().set_mode(opts.overlap_check);
-        self.writethrough
-            .store(opts.writethrough, Ordering::Release);
         Ok(())
     }
 
     fn current_lock_mode(&self) -> LockMode {
         if !self.is_read_only() {
             LockMode::ReadWrite
-        } else if self.force_share.load(Ordering::Acquire) {
+        } else if self.mode.force_share() {
             LockMode::ForceShare
         } else {
             LockMode::ReadOnly

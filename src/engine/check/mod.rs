@@ -19,7 +19,6 @@ use crate::format::header::{layout, AUTOCLEAR_BITMAPS};
 use crate::format::Header;
 use crate::storage::{HostFile, LockMode, PosixFile};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// What a check may repair.
@@ -102,7 +101,7 @@ impl Image {
         }
         // Quiesce writers: in-place overwrites do not take the metadata mutex, and a repair
         // must not change COPIED flags or free clusters under a running write. Reads go on.
-        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let _gate = self.io.quiesce();
         let mut m = self.lock_meta();
         // Allocated-but-unlinked clusters would look like leaks: let those writers finish.
         // New claims are made under the metadata mutex, so none starts once we hold it idle.
@@ -132,7 +131,7 @@ impl Image {
             match reloaded {
                 Ok(fresh) => *m = fresh,
                 Err(e) => {
-                    self.fenced.store(true, Ordering::Release);
+                    self.io.fence();
                     return Err(Error::corrupt(format!(
                         "{}: reloading the metadata after the repair failed: {e}",
                         self.path.display()
