@@ -18,8 +18,7 @@ use std::time::Duration;
 fn writes_on_read_only_open_fail_with_read_only() {
     let dir = TempDir::new("ro-writes");
     let p = dir.join("img.qcow2");
-    qemu_create(&p, 2 * MIB, "cluster_size=4096");
-    qemu_io(&p, &["write -P 0x5a 0 10000".to_string()]);
+    qemu_create_with_data(&p, 2 * MIB, "cluster_size=4096", 0x5a, 10000);
     let before = read_file(&p);
     let img = open_ro(&p);
     assert!(img.info().unwrap().read_only);
@@ -58,8 +57,7 @@ fn mtime(p: &Path) -> std::time::SystemTime {
 fn read_only_open_never_modifies_the_file() {
     let dir = TempDir::new("ro-untouched");
     let base = dir.join("base.qcow2");
-    qemu_create(&base, 4 * MIB, "cluster_size=4096");
-    qemu_io(&base, &["write -P 0x11 0 300000".to_string()]);
+    qemu_create_with_data(&base, 4 * MIB, "cluster_size=4096", 0x11, 300000);
     let top = dir.join("top.qcow2");
     qemu_create_overlay(&top, None, "cluster_size=512", "base.qcow2", "qcow2");
     qemu_io(
@@ -121,8 +119,7 @@ fn read_only_open_never_modifies_the_file() {
 fn writable_open_clears_unknown_autoclear_bits() {
     let dir = TempDir::new("autoclear");
     let p = dir.join("img.qcow2");
-    qemu_create(&p, 2 * MIB, "cluster_size=65536");
-    qemu_io(&p, &["write -P 0x33 0 70000".to_string()]);
+    qemu_create_with_data(&p, 2 * MIB, "cluster_size=65536", 0x33, 70000);
     put_be64(&p, H_AUTOCLEAR, (1 << 7) | (1 << 40));
     {
         let img = open_ro(&p);
@@ -153,8 +150,7 @@ fn writable_open_clears_unknown_autoclear_bits() {
 fn corrupt_bit_refuses_writable_open_but_allows_reads() {
     let dir = TempDir::new("corrupt-bit");
     let p = dir.join("img.qcow2");
-    qemu_create(&p, 2 * MIB, "cluster_size=4096");
-    qemu_io(&p, &["write -P 0x33 0 7000".to_string()]);
+    qemu_create_with_data(&p, 2 * MIB, "cluster_size=4096", 0x33, 7000);
     put_be64(&p, H_INCOMPAT, 1 << 1);
     let before = read_file(&p);
     match Image::open(

@@ -97,8 +97,7 @@ fn zero_length_requests_succeed_and_change_nothing() {
     let dir = TempDir::new("zero-len");
     let p = dir.join("img.qcow2");
     let vsize = 2 * MIB;
-    qemu_create(&p, vsize, "cluster_size=4096");
-    qemu_io(&p, &["write -P 0x5a 0 10000".to_string()]);
+    qemu_create_with_data(&p, vsize, "cluster_size=4096", 0x5a, 10000);
     let before = read_file(&p);
     let img = open_rw(&p);
     for off in [0, 1, 4096, 12345, vsize - 1, vsize] {

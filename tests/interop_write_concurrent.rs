@@ -89,6 +89,12 @@ fn concurrent_case(cs: u64, seed: u64, base: ConcBase) {
                         backing: backing0.clone(),
                     };
                     let quarter = cs / T;
+                    // A random range inside this thread's private zone, at most `max` long.
+                    let zone_range = |rng: &mut Rng, max: u64| {
+                        let base = shared + t * zone;
+                        let off = base + rng.below(zone - 1);
+                        (off, rng.range(1, max).min(base + zone - off))
+                    };
                     for i in 0..250u64 {
                         match rng.below(10) {
                             0..=3 => {
@@ -107,9 +113,7 @@ fn concurrent_case(cs: u64, seed: u64, base: ConcBase) {
                                 }
                             }
                             4..=6 => {
-                                let base = shared + t * zone;
-                                let off = base + rng.below(zone - 1);
-                                let len = rng.range(1, 3 * cs).min(base + zone - off);
+                                let (off, len) = zone_range(&mut rng, 3 * cs);
                                 let d = if rng.chance(50) {
                                     rng.bytes(len as usize)
                                 } else {
@@ -120,9 +124,7 @@ fn concurrent_case(cs: u64, seed: u64, base: ConcBase) {
                                 log.push(TOp::Write(off, d));
                             }
                             7 => {
-                                let base = shared + t * zone;
-                                let off = base + rng.below(zone - 1);
-                                let len = rng.range(1, 4 * cs).min(base + zone - off);
+                                let (off, len) = zone_range(&mut rng, 4 * cs);
                                 let unmap = rng.chance(50);
                                 img.write_zeroes(off, len, ZeroFlags { may_unmap: unmap })
                                     .expect("zeroes");
@@ -130,9 +132,7 @@ fn concurrent_case(cs: u64, seed: u64, base: ConcBase) {
                                 log.push(TOp::Zero(off, len));
                             }
                             8 => {
-                                let base = shared + t * zone;
-                                let off = base + rng.below(zone - 1);
-                                let len = rng.range(1, 4 * cs).min(base + zone - off);
+                                let (off, len) = zone_range(&mut rng, 4 * cs);
                                 img.discard(off, len).expect("discard");
                                 own.discard(off, len);
                                 log.push(TOp::Discard(off, len));
@@ -152,9 +152,7 @@ fn concurrent_case(cs: u64, seed: u64, base: ConcBase) {
                                         &format!("thread {t} reading its quarter at {off:#x}"),
                                     );
                                 } else {
-                                    let base = shared + t * zone;
-                                    let off = base + rng.below(zone - 1);
-                                    let len = rng.range(1, 3 * cs).min(base + zone - off);
+                                    let (off, len) = zone_range(&mut rng, 3 * cs);
                                     let mut b = vec![0u8; len as usize];
                                     img.read_at(&mut b, off).expect("read");
                                     assert_same_bytes(
@@ -217,10 +215,7 @@ fn concurrent_threads_writing_parts_of_compressed_clusters_keep_every_write() {
 #[test]
 #[ignore]
 fn soak_concurrent_workloads_over_many_seeds() {
-    let n: u64 = std::env::var("OXCOW_SOAK_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+    let n = soak_seeds(10);
     for seed in 0..n {
         let cs = [512, 4 * KIB, 64 * KIB][(seed % 3) as usize];
         let base = [

@@ -117,19 +117,10 @@ fn compressed_base_case(cs: u64, vsize: u64, ctype: &str, seed: u64) {
     );
     let mut model = RawModel::new(vsize, cs);
     model.data = data;
-    let g = Geometry {
-        vsize,
-        cs,
-        l2cov: cs * cs / 8,
-    };
+    let g = Geometry::new(vsize, cs);
     let ops = gen_ops(seed, 200, &g, true);
-    apply_ops(&p, &mut model, &ops, seed, &rw());
-    verify_all(
-        &dir,
-        &p,
-        &model,
-        &format!("writes over {ctype} compressed clusters"),
-    );
+    let what = format!("writes over {ctype} compressed clusters");
+    apply_and_verify(&dir, &p, &mut model, &ops, seed, &what);
     qemu_then_oxcow_round(&dir, &p, &mut model, &g, seed);
 }
 
@@ -154,11 +145,7 @@ fn writes_over_clusters_shared_with_internal_snapshot_pass_qemu_check_and_keep_s
         let dir = TempDir::new("snapshot-cow");
         let p = dir.join("img.qcow2");
         qemu_create(&p, vsize, &format!("cluster_size={cs},refcount_bits={rb}"));
-        let g = Geometry {
-            vsize,
-            cs,
-            l2cov: cs * cs / 8,
-        };
+        let g = Geometry::new(vsize, cs);
         // Fill with qemu-io so that many clusters are allocated, then snapshot.
         let mut model = RawModel::new(vsize, cs);
         let mut cmds = Vec::new();
@@ -174,13 +161,8 @@ fn writes_over_clusters_shared_with_internal_snapshot_pass_qemu_check_and_keep_s
         qemu_snapshot_create(&p, "snap1");
         let snap_data = model.data.clone();
         let ops = gen_ops(seed, 200, &g, true);
-        apply_ops(&p, &mut model, &ops, seed, &rw());
-        verify_all(
-            &dir,
-            &p,
-            &model,
-            &format!("writes over snapshot-shared clusters cs={cs}"),
-        );
+        let what = format!("writes over snapshot-shared clusters cs={cs}");
+        apply_and_verify(&dir, &p, &mut model, &ops, seed, &what);
         // The snapshot still holds the old data.
         let snap_raw = dir.join("snap.raw");
         std::fs::write(&snap_raw, &snap_data).unwrap();
@@ -234,14 +216,16 @@ fn writes_over_a_two_level_backing_chain_pass_qemu_check_and_compare() {
     .unwrap();
     let mid_view = qemu_to_raw(&mid, "qcow2", &dir);
     let mut model = RawModel::with_backing(vsize, 65536, &mid_view, 3);
-    let g = Geometry {
-        vsize,
-        cs: 65536,
-        l2cov: 65536 * 8192,
-    };
+    let g = Geometry::new(vsize, 65536);
     let ops = gen_ops(904, 150, &g, true);
-    apply_ops(&top, &mut model, &ops, 904, &rw());
-    verify_all(&dir, &top, &model, "overlay over a two-level chain");
+    apply_and_verify(
+        &dir,
+        &top,
+        &mut model,
+        &ops,
+        904,
+        "overlay over a two-level chain",
+    );
     // The backing files were not modified.
     assert_same_bytes(
         &read_file(&base),

@@ -10,7 +10,7 @@ mod common;
 
 use common::workload::*;
 use common::*;
-use oxcow::{Image, OpenOptions, ZeroFlags};
+use oxcow::{Image, OpenOptions};
 
 /// DESIGN: "a read-write open of a dirty image repairs the refcounts first". QEMU leaves the
 /// dirty bit set when a writer with lazy refcounts dies.
@@ -82,33 +82,7 @@ fn handle_lost_after_flush_leaves_at_most_leaks_and_keeps_flushed_data() {
         let ops = gen_ops(seed, 150, &g, false);
         let img = open_rw(&p);
         for op in &ops {
-            match op {
-                Op::Write {
-                    off,
-                    len,
-                    tag,
-                    random,
-                } => {
-                    let d = op_data(*off, *len, *tag, *random);
-                    img.write_at(&d, *off).unwrap();
-                    model.write(*off, &d);
-                }
-                Op::WriteV { off, lens, tag } => {
-                    let d = op_data(*off, lens.iter().sum(), *tag, false);
-                    img.write_at(&d, *off).unwrap();
-                    model.write(*off, &d);
-                }
-                Op::Zero { off, len, unmap } => {
-                    img.write_zeroes(*off, *len, ZeroFlags { may_unmap: *unmap })
-                        .unwrap();
-                    model.zero(*off, *len);
-                }
-                Op::Discard { off, len } => {
-                    img.discard(*off, *len).unwrap();
-                    model.discard(*off, *len);
-                }
-                Op::Flush | Op::Reopen => img.flush().unwrap(),
-            }
+            apply_op(&img, &mut model, op, false).unwrap();
         }
         img.flush().unwrap();
         // Phase 2: unflushed writes to the upper half only (4 MiB: with 512-byte clusters and

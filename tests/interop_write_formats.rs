@@ -350,10 +350,7 @@ fn unaligned_virtual_size_random_workload_passes_qemu_check_and_compare() {
 #[test]
 #[ignore]
 fn soak_random_workloads_over_many_seeds() {
-    let n: u64 = std::env::var("OXCOW_SOAK_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let n = soak_seeds(20);
     for seed in 0..n {
         let mut rng = Rng::new(seed ^ 0x50a4);
         let cs = [512, 4 * KIB, 16 * KIB, 64 * KIB][rng.below(4) as usize];

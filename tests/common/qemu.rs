@@ -62,6 +62,13 @@ pub fn qemu_create(path: &Path, size: u64, opts: &str) {
     qemu_create_with(path, Some(size), opts, None);
 }
 
+/// `qemu_create`, then `qemu-io -c 'write -P pattern 0 len'`: an image whose first `len` bytes
+/// hold `pattern` (so L1, L2 and data clusters exist).
+pub fn qemu_create_with_data(path: &Path, size: u64, opts: &str, pattern: u8, len: u64) {
+    qemu_create(path, size, opts);
+    qemu_io(path, &[format!("write -P {pattern:#x} 0 {len}")]);
+}
+
 /// `qemu-img create -q -f qcow2 [-o opts] -b backing -F backing_fmt path [size]`: a qcow2
 /// overlay. `backing` is the name written into the header (relative names are relative to
 /// the overlay's directory); without a size the overlay takes the backing file's size.

@@ -48,6 +48,17 @@ pub struct Geometry {
     pub l2cov: u64,
 }
 
+impl Geometry {
+    /// A disk of `vsize` bytes in clusters of `cs` bytes with standard (8-byte) L2 entries.
+    pub fn new(vsize: u64, cs: u64) -> Geometry {
+        Geometry {
+            vsize,
+            cs,
+            l2cov: cs * (cs / 8),
+        }
+    }
+}
+
 pub fn gen_offset(rng: &mut Rng, g: &Geometry) -> u64 {
     let v = match rng.below(7) {
         0 | 1 => rng.below(g.vsize),
@@ -201,6 +212,50 @@ pub fn op_data(op_off: u64, len: u64, tag: u8, random: bool) -> Vec<u8> {
     }
 }
 
+/// Applies one operation to `img` and, once it succeeded, to `model`. `WriteV` is one vectored
+/// write when `vectored`, else one plain write of the same data; `Reopen` is only a flush here
+/// (`apply_ops` re-opens).
+pub fn apply_op(img: &Image, model: &mut RawModel, op: &Op, vectored: bool) -> oxcow::Result<()> {
+    match op {
+        Op::Write {
+            off,
+            len,
+            tag,
+            random,
+        } => {
+            let d = op_data(*off, *len, *tag, *random);
+            img.write_at(&d, *off)?;
+            model.write(*off, &d);
+        }
+        Op::WriteV { off, lens, tag } => {
+            let total: u64 = lens.iter().sum();
+            let d = op_data(*off, total, *tag, false);
+            if vectored {
+                let mut bufs: Vec<&[u8]> = Vec::new();
+                let mut p = 0usize;
+                for l in lens {
+                    bufs.push(&d[p..p + *l as usize]);
+                    p += *l as usize;
+                }
+                img.write_vectored_at(&bufs, *off)?;
+            } else {
+                img.write_at(&d, *off)?;
+            }
+            model.write(*off, &d);
+        }
+        Op::Zero { off, len, unmap } => {
+            img.write_zeroes(*off, *len, ZeroFlags { may_unmap: *unmap })?;
+            model.zero(*off, *len);
+        }
+        Op::Discard { off, len } => {
+            img.discard(*off, *len)?;
+            model.discard(*off, *len);
+        }
+        Op::Flush | Op::Reopen => img.flush()?,
+    }
+    Ok(())
+}
+
 /// Applies `ops` to the image at `path` (opened read-write, re-opened on `Reopen`) and to
 /// `model`, spot-checking reads after each reopen.
 pub fn apply_ops(path: &Path, model: &mut RawModel, ops: &[Op], seed: u64, open: &OpenOptions) {
@@ -210,47 +265,13 @@ pub fn apply_ops(path: &Path, model: &mut RawModel, ops: &[Op], seed: u64, open:
     for (i, op) in ops.iter().enumerate() {
         let ctx = || format!("op #{i} {op:?} on {}", path.display());
         match op {
-            Op::Write {
-                off,
-                len,
-                tag,
-                random,
-            } => {
-                let d = op_data(*off, *len, *tag, *random);
-                img.write_at(&d, *off)
-                    .unwrap_or_else(|e| panic!("{}: {e}", ctx()));
-                model.write(*off, &d);
-            }
-            Op::WriteV { off, lens, tag } => {
-                let total: u64 = lens.iter().sum();
-                let d = op_data(*off, total, *tag, false);
-                let mut bufs: Vec<&[u8]> = Vec::new();
-                let mut p = 0usize;
-                for l in lens {
-                    bufs.push(&d[p..p + *l as usize]);
-                    p += *l as usize;
-                }
-                img.write_vectored_at(&bufs, *off)
-                    .unwrap_or_else(|e| panic!("{}: {e}", ctx()));
-                model.write(*off, &d);
-            }
-            Op::Zero { off, len, unmap } => {
-                img.write_zeroes(*off, *len, ZeroFlags { may_unmap: *unmap })
-                    .unwrap_or_else(|e| panic!("{}: {e}", ctx()));
-                model.zero(*off, *len);
-            }
-            Op::Discard { off, len } => {
-                img.discard(*off, *len)
-                    .unwrap_or_else(|e| panic!("{}: {e}", ctx()));
-                model.discard(*off, *len);
-            }
-            Op::Flush => img.flush().unwrap_or_else(|e| panic!("{}: {e}", ctx())),
             Op::Reopen => {
                 img.close()
                     .unwrap_or_else(|e| panic!("{}: close: {e}", ctx()));
                 img = Image::open(path, open).unwrap_or_else(|e| panic!("{}: reopen: {e}", ctx()));
                 spot_check_reads(&img, &model.data, &mut rng, 8);
             }
+            _ => apply_op(&img, model, op, true).unwrap_or_else(|e| panic!("{}: {e}", ctx())),
         }
         // Occasionally read back the range just touched.
         if i % 7 == 3 {
@@ -297,6 +318,28 @@ pub fn verify_all(dir: &TempDir, path: &Path, model: &RawModel, what: &str) {
     assert_same_bytes(&got, &model.data, &format!("{what}: oxcow read-back"));
 }
 
+/// Applies `ops` through a read-write open (`apply_ops`), then runs the checks every workload
+/// ends with (`verify_all`).
+pub fn apply_and_verify(
+    dir: &TempDir,
+    path: &Path,
+    model: &mut RawModel,
+    ops: &[Op],
+    seed: u64,
+    what: &str,
+) {
+    apply_ops(path, model, ops, seed, &rw());
+    verify_all(dir, path, model, what);
+}
+
+/// How many seeds a soak test runs: `OXCOW_SOAK_SEEDS`, else `default`.
+pub fn soak_seeds(default: u64) -> u64 {
+    std::env::var("OXCOW_SOAK_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// qemu-io writes more data (data, zeroes, unmapped zeroes, discards of whole clusters), then
 /// oxcow re-opens and must read everything; then a second oxcow round on top.
 pub fn qemu_then_oxcow_round(
@@ -334,8 +377,14 @@ pub fn qemu_then_oxcow_round(
         assert_same_bytes(&got, &model.data, "oxcow read after qemu-io writes");
     }
     let ops = gen_ops(seed ^ 0x7777, 60, g, true);
-    apply_ops(path, model, &ops, seed, &rw());
-    verify_all(dir, path, model, "second oxcow round after qemu-io");
+    apply_and_verify(
+        dir,
+        path,
+        model,
+        &ops,
+        seed,
+        "second oxcow round after qemu-io",
+    );
 }
 
 pub fn rw() -> OpenOptions {
