@@ -59,7 +59,6 @@ fn threads_8_lazy_refcounts_clusters_4k() {
 }
 
 /// Random configurations and seeds for `OXCOW_STRESS_SECONDS` seconds (default 60), for local
-
 /// soak runs: `cargo test --release --test stress_threads soak -- --ignored`.
 #[test]
 #[ignore = "soak mode: run with --ignored (OXCOW_STRESS_SECONDS sets the duration)"]
