@@ -9,7 +9,6 @@ use common::*;
 use oxcow::{ErrorKind, Image, OpenOptions};
 use std::path::{Path, PathBuf};
 
-const CS: u64 = 65536;
 const COPIED: u64 = 1 << 63;
 const H_RT_OFF: u64 = 48;
 const H_RT_CLUSTERS: u64 = 56;
