@@ -116,12 +116,12 @@ impl Meta {
             geo.clusters_for(l1.len() as u64 * 8),
             MetaKind::ActiveL1,
         );
-        for (i, &e) in l1.iter().enumerate() {
+        // An unaligned entry does not fail the open (QEMU opens the image too): the requests
+        // that go through it fail in `l2_offset`.
+        for &e in &l1 {
             let off = entry::l1_l2_offset(e);
             if off != HostOffset::ZERO && off.is_cluster_aligned(&geo) {
                 ix.insert(off.cluster(&geo).0, 1, MetaKind::ActiveL2);
-            } else if off != HostOffset::ZERO {
-                return corrupt!("L2 table offset {off:#x} unaligned (L1 index: {i:#x})");
             }
         }
         if snapshot_table_len > 0 {
@@ -132,13 +132,20 @@ impl Meta {
             );
         }
         for s in snapshots {
+            // A damaged entry's L1 range is guarded like QEMU guards it, but capped at the
+            // largest valid L1 so that the index stays bounded; its L2 tables are not read
+            // (QEMU validates a snapshot L1 before it reads it too).
+            let l1_bytes = (s.l1_size as u64 * 8).min(crate::format::header::MAX_L1_BYTES);
             ix.insert(
                 s.l1_table_offset >> cb,
-                geo.clusters_for(s.l1_size as u64 * 8),
+                geo.clusters_for(l1_bytes),
                 MetaKind::InactiveL1,
             );
+            if s.l1_problem(geo.cluster_size()).is_some() {
+                continue;
+            }
             // The snapshot's L2 tables: nothing may write there while it exists. (The
-            // snapshot L1 size is bounded by the snapshot table validation.)
+            // snapshot L1 size is bounded by the check above.)
             let mut raw = vec![0u8; s.l1_size as usize * 8];
             let snap_l1 = HostOffset::new(s.l1_table_offset);
             file.read_zero_padded(&mut raw, snap_l1, "snapshot L1 table")?;
@@ -214,9 +221,8 @@ impl Meta {
             return Ok(());
         }
         self.make_room_l2(file)?;
-        if off.get() >= file.len()? {
-            return corrupt!("L2 table at {off:#x} is beyond the end of the file");
-        }
+        // A table past the end of the file reads as zeros (unallocated), as in QEMU; `check`
+        // reports the entry.
         let mut raw = vec![0u8; self.geo.cluster_size() as usize];
         file.read_zero_padded(&mut raw, off, "L2 table")?;
         self.cache_l2(off, L2Table::new(crate::format::be::u64_table(&raw)), false);

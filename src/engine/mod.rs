@@ -97,19 +97,15 @@ impl Image {
             repair_if_dirty(&file, &mut header, &name)?;
             refuse_unwritable(&header, &name)?;
         }
-        // Tables that lie (partly) past the end of the file mean a truncated image: refuse it
-        // rather than serve a blank disk.
+        // An active L1 table that lies (partly) past the end of the file means a truncated
+        // image: refuse it rather than serve a blank disk. (QEMU opens it and reads zeros.)
+        // A refcount table past the end is opened, as QEMU does: it reads as zeros, so reads
+        // work and every allocation is refused as a corruption.
         let file_len = file.len()?;
         if header.l1_table_offset + header.l1_size as u64 * 8 > file_len {
             return corrupt!(
                 "{name}: Active L1 table at {:#x} extends beyond the end of the file ({file_len} bytes); the image is truncated",
                 header.l1_table_offset
-            );
-        }
-        if header.refcount_table_offset >= file_len {
-            return corrupt!(
-                "{name}: Reference count table at {:#x} is beyond the end of the file ({file_len} bytes); the image is truncated",
-                header.refcount_table_offset
             );
         }
         validate_bitmaps(&file, &header).map_err(|e| e.with_file(&name))?;
@@ -132,13 +128,14 @@ impl Image {
         let view = Arc::new(mapview::MapView::new(header.l1_size as usize));
         let mut meta = Meta::load(
             &file,
-            header.clone(),
+            refcounts_as_loaded(&header, file_len),
             &snapshots,
             snapshot_table_len,
             DEFAULT_CACHE_BYTES,
             Arc::clone(&view),
         )
         .map_err(|e| e.with_file(&name))?;
+        meta.header = header.clone();
         if opts.writable {
             meta.enable_lazy_refcounts();
         }
@@ -478,20 +475,66 @@ fn lock_mode(opts: &OpenOptions) -> LockMode {
     }
 }
 
-/// Reads and validates the header in cluster 0; errors name the file as `name`.
+/// Reads and validates the header in cluster 0 as QEMU's open does; errors name the file as
+/// `name`.
 fn read_header(file: &HostFile, name: &str) -> Result<Header> {
-    parse_header_cluster(file).map_err(|e| e.with_file(name))
+    parse_header_relaxed(file, false).map_err(|e| e.with_file(name))
 }
 
-/// Reads cluster 0 (its size probed from the header itself) and parses it.
+/// Reads cluster 0 (its size probed from the header itself) and parses it as a check does.
 fn parse_header_cluster(file: &HostFile) -> Result<Header> {
+    parse_header_relaxed(file, true)
+}
+
+/// Reads cluster 0 and parses it, accepting the refcount table fields QEMU accepts although
+/// the header parser does not: an offset of 0 (QEMU opens such an image; the table overlaps
+/// the header) and, in `check_mode`, a table of 0 clusters (only `qemu-img check` opens it, to
+/// rebuild the refcounts from nothing).
+fn parse_header_relaxed(file: &HostFile, check_mode: bool) -> Result<Header> {
     let mut probe = [0u8; Header::PROBE_LEN];
     let n = file.read_some(&mut probe, HostOffset::ZERO, "image header")?;
     let cluster_size = Header::probe_cluster_size(&probe[..n]).unwrap_or(n as u64);
     let mut c0 = vec![0u8; cluster_size as usize];
     let n = file.read_some(&mut c0, HostOffset::ZERO, "image header")?;
     c0.truncate(n);
-    Header::parse(&c0)
+    let err = match Header::parse(&c0) {
+        Ok(h) => return Ok(h),
+        Err(e) => e,
+    };
+    if c0.len() < 60 {
+        return Err(err);
+    }
+    let offset = layout::REFCOUNT_TABLE_OFFSET.get(&c0);
+    let clusters = layout::REFCOUNT_TABLE_CLUSTERS.get(&c0);
+    let relax_clusters = check_mode && clusters == 0;
+    if offset != 0 && !relax_clusters {
+        return Err(err);
+    }
+    // Parse again with valid placeholders in those two fields: any other problem still fails
+    // the parse, and the real values are put back afterwards.
+    let mut patched = c0;
+    if offset == 0 {
+        layout::REFCOUNT_TABLE_OFFSET.put(&mut patched, cluster_size);
+    }
+    if relax_clusters {
+        layout::REFCOUNT_TABLE_CLUSTERS.put(&mut patched, 1);
+    }
+    let mut h = Header::parse(&patched)?;
+    h.refcount_table_offset = offset;
+    h.refcount_table_clusters = clusters;
+    Ok(h)
+}
+
+/// The header the refcount structures are loaded from. A refcount table at offset 0
+/// overlaps the header, whose bytes are no refcount table: the engine loads an all-zero table
+/// instead (read from past the end of the file), so reads and in-place overwrites work and
+/// every allocation is refused as a corruption, as QEMU's first allocating write is.
+fn refcounts_as_loaded(header: &Header, file_len: u64) -> Header {
+    let mut h = header.clone();
+    if h.refcount_table_offset == 0 {
+        h.refcount_table_offset = file_len.div_ceil(h.cluster_size()) * h.cluster_size();
+    }
+    h
 }
 
 /// A read-write open of a dirty image (lazy refcounts not written back before a crash)

@@ -1,17 +1,46 @@
-//! Reading and validating the internal snapshot table at open.
+//! Reading the internal snapshot table: at open (QEMU's `qcow2_read_snapshots`) and for a
+//! check, which may repair what QEMU's `check -r all` repairs.
 
 use crate::error::{corrupt, Result};
-use crate::format::snapshot::{self, Snapshot, FIXED_LEN, MAX_TABLE_BYTES};
+use crate::format::snapshot::{self, Snapshot, FIXED_LEN, MAX_EXTRA_DATA, MAX_TABLE_BYTES};
 use crate::format::Header;
 use crate::format::HostOffset;
 use crate::storage::HostFile;
 
-/// Reads every snapshot table entry, bounding the table to QEMU's 64 MiB limit. Returns the
-/// entries and the table's length in bytes.
+/// A snapshot table as read for a check.
+#[derive(Debug, Default)]
+pub struct CheckedTable {
+    /// The entries (with excess extra data dropped when repairing).
+    pub snapshots: Vec<Snapshot>,
+    /// Bytes of the table on disk, as read.
+    pub len: u64,
+    /// Repair diagnostics ("Discarding ...") and the number of entries they concern.
+    pub messages: Vec<String>,
+    /// Entries whose extra data was truncated (repairing only).
+    pub extra_data_dropped: u64,
+}
+
+/// Reads every snapshot table entry like QEMU's open does: the table may lie past the end of
+/// the file (it reads as zeros) and entries are not validated beyond what QEMU refuses (too
+/// much extra data, a table over 64 MiB). Returns the entries and the table's length.
 pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u64)> {
-    let mut out = Vec::new();
+    let t = read_entries(file, header, false)?;
+    Ok((t.snapshots, t.len))
+}
+
+/// Reads the table for a check; with `repair`, excess extra data is dropped with QEMU's
+/// message instead of failing the read.
+pub fn read_table_for_check(
+    file: &HostFile,
+    header: &Header,
+    repair: bool,
+) -> Result<CheckedTable> {
+    read_entries(file, header, repair)
+}
+
+fn read_entries(file: &HostFile, header: &Header, repair: bool) -> Result<CheckedTable> {
+    let mut t = CheckedTable::default();
     let mut off = header.snapshots_offset;
-    let mut total = 0u64;
     // Bound: nb_snapshots is at most MAX_SNAPSHOTS (header validation) and the bytes read
     // at most MAX_TABLE_BYTES (checked per entry below), so neither the loop nor the memory
     // it takes depends on anything unchecked.
@@ -19,19 +48,21 @@ pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u6
         let mut fixed = [0u8; FIXED_LEN];
         file.read_zero_padded(&mut fixed, HostOffset::new(off), "snapshot table")?;
         let len = snapshot::entry_len(&fixed);
-        total += len;
-        if total > MAX_TABLE_BYTES {
+        t.len += len;
+        if t.len > MAX_TABLE_BYTES {
             return corrupt!("Snapshot table is too big");
         }
         let mut entry = vec![0u8; len as usize];
         file.read_zero_padded(&mut entry, HostOffset::new(off), "snapshot table")?;
-        out.push(snapshot::parse(
-            &entry,
-            i,
-            header.version,
-            header.cluster_size(),
-        )?);
+        let extra = snapshot::variable_sizes(&fixed).0;
+        if repair && extra > MAX_EXTRA_DATA {
+            t.messages.push(format!(
+                "Discarding too much extra metadata in snapshot table entry {i} ({extra} > {MAX_EXTRA_DATA})"
+            ));
+            t.extra_data_dropped += 1;
+        }
+        t.snapshots.push(snapshot::parse(&entry, i, repair)?);
         off += len;
     }
-    Ok((out, total))
+    Ok(t)
 }

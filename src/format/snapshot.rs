@@ -1,6 +1,11 @@
 //! Internal snapshot table entries.
+//!
+//! Validation is split like QEMU's: what QEMU refuses when it reads the table at open (too
+//! much extra data, a table over 64 MiB) is refused by [`parse`]; the rest (the snapshot's L1
+//! table, incomplete v3 extra data) is only reported by `check` and refused by the operations
+//! that need the snapshot ([`Snapshot::l1_problem`]).
 
-use super::be::{u16_at, u32_at, u64_at};
+use super::be::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
 use crate::error::{corrupt, Result};
 
 /// Bytes of the fixed part of a snapshot table entry.
@@ -9,6 +14,10 @@ pub const FIXED_LEN: usize = 40;
 pub const MAX_EXTRA_DATA: u32 = 1024;
 /// Largest snapshot table QEMU accepts, in bytes.
 pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+/// Extra data bytes every version-3 entry must have (through `disk_size`).
+pub const V3_MIN_EXTRA_DATA: u32 = 16;
+/// Extra data bytes oxcow (and QEMU) know: vm_state_size_large, disk_size, icount.
+pub const KNOWN_EXTRA_DATA: u32 = 24;
 
 /// One snapshot table entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +42,38 @@ pub struct Snapshot {
     pub disk_size: Option<u64>,
     /// The VM's instruction counter at creation (extra data), if recorded.
     pub icount: Option<u64>,
+    /// `extra_data_size` as found on disk (before any truncation by a repair).
+    pub extra_data_size: u32,
+    /// Extra data past the fields oxcow knows, kept verbatim for a rewrite of the table
+    /// (at most [`MAX_EXTRA_DATA`] minus the known part).
+    pub unknown_extra: Vec<u8>,
+    /// The raw id and name bytes, kept verbatim for a rewrite of the table.
+    raw_id_name: (Vec<u8>, Vec<u8>),
+}
+
+impl Snapshot {
+    /// Why the snapshot's L1 table cannot be used, in `qemu-img check`'s words (QEMU opens
+    /// such an image and refuses only the snapshot operations that need the table).
+    pub fn l1_problem(&self, cluster_size: u64) -> Option<String> {
+        if self.l1_table_offset % cluster_size != 0 {
+            return Some(format!(
+                "snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned",
+                self.id, self.name, self.l1_table_offset
+            ));
+        }
+        if self.l1_size as u64 * 8 > super::header::MAX_L1_BYTES {
+            return Some(format!(
+                "snapshot {} ({}) l1_size={:#x}: L1 table is too large",
+                self.id, self.name, self.l1_size
+            ));
+        }
+        None
+    }
+
+    /// Whether a version-`version` image requires more extra data than this entry has.
+    pub fn is_incomplete(&self, version: u32) -> bool {
+        version >= 3 && self.extra_data_size < V3_MIN_EXTRA_DATA
+    }
 }
 
 /// Sizes of the variable part of an entry, from its fixed part: (extra, id, name).
@@ -46,15 +87,15 @@ pub fn entry_len(fixed: &[u8]) -> u64 {
     (FIXED_LEN as u64 + extra as u64 + id as u64 + name as u64).div_ceil(8) * 8
 }
 
-/// Parses and validates one entry; `buf` holds at least [`entry_len`] bytes.
-/// `index` is used in messages; `version` decides whether v3 extra data is mandatory.
-pub fn parse(buf: &[u8], index: usize, version: u32, cluster_size: u64) -> Result<Snapshot> {
+/// Parses one entry; `buf` holds at least [`entry_len`] bytes and `index` is used in
+/// messages. More extra data than QEMU accepts fails, as it fails QEMU's open, unless
+/// `truncate_extra` (a repair): then the excess is dropped, as `qemu-img check -r all` does.
+pub fn parse(buf: &[u8], index: usize, truncate_extra: bool) -> Result<Snapshot> {
     let (extra, id_len, name_len) = variable_sizes(buf);
-    if extra > MAX_EXTRA_DATA {
-        return corrupt!("Too much extra metadata in snapshot table entry {index}");
-    }
-    if version >= 3 && extra < 16 {
-        return corrupt!("Snapshot table entry {index} is incomplete (extra data {extra} bytes)");
+    if extra > MAX_EXTRA_DATA && !truncate_extra {
+        return corrupt!(
+            "Too much extra metadata in snapshot table entry {index} (you can force-remove this extra metadata with qemu-img check -r all)"
+        );
     }
     let e = &buf[FIXED_LEN..FIXED_LEN + extra as usize];
     let mut s = Snapshot {
@@ -68,6 +109,9 @@ pub fn parse(buf: &[u8], index: usize, version: u32, cluster_size: u64) -> Resul
         vm_state_size: u32_at(buf, 32) as u64,
         disk_size: None,
         icount: None,
+        extra_data_size: extra,
+        unknown_extra: Vec::new(),
+        raw_id_name: (Vec::new(), Vec::new()),
     };
     if extra >= 8 {
         s.vm_state_size = u64_at(e, 0);
@@ -79,18 +123,105 @@ pub fn parse(buf: &[u8], index: usize, version: u32, cluster_size: u64) -> Resul
     if extra >= 24 {
         s.icount = Some(u64_at(e, 16)).filter(|&v| v != u64::MAX);
     }
+    if extra > KNOWN_EXTRA_DATA {
+        let keep = extra.min(MAX_EXTRA_DATA) as usize;
+        s.unknown_extra = e[KNOWN_EXTRA_DATA as usize..keep].to_vec();
+    }
     let id_start = FIXED_LEN + extra as usize;
     let name_start = id_start + id_len as usize;
-    s.id = String::from_utf8_lossy(&buf[id_start..name_start]).into_owned();
-    s.name = String::from_utf8_lossy(&buf[name_start..name_start + name_len as usize]).into_owned();
-    if s.l1_table_offset % cluster_size != 0 {
-        return corrupt!(
-            "Snapshot L1 table offset invalid ({:#x}) in snapshot {index}",
-            s.l1_table_offset
-        );
-    }
-    if s.l1_size as u64 * 8 > super::header::MAX_L1_BYTES {
-        return corrupt!("Snapshot L1 table too large in snapshot {index}");
-    }
+    let id = &buf[id_start..name_start];
+    let name = &buf[name_start..name_start + name_len as usize];
+    s.id = String::from_utf8_lossy(id).into_owned();
+    s.name = String::from_utf8_lossy(name).into_owned();
+    s.raw_id_name = (id.to_vec(), name.to_vec());
     Ok(s)
+}
+
+/// Serializes a snapshot table the way QEMU writes one: every entry gets the known extra
+/// data (a missing disk size is recorded as `virtual_size`, a missing icount as -1) plus the
+/// unknown extra data it had, then its id and name, padded to 8 bytes.
+pub fn serialize_table(snapshots: &[Snapshot], virtual_size: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for s in snapshots {
+        let extra = KNOWN_EXTRA_DATA as usize + s.unknown_extra.len();
+        let (id, name) = &s.raw_id_name;
+        let len = (FIXED_LEN + extra + id.len() + name.len()).div_ceil(8) * 8;
+        let mut e = vec![0u8; len];
+        put_u64(&mut e, 0, s.l1_table_offset);
+        put_u32(&mut e, 8, s.l1_size);
+        // Lengths came from u16 fields on disk.
+        put_u16(&mut e, 12, id.len() as u16);
+        put_u16(&mut e, 14, name.len() as u16);
+        put_u32(&mut e, 16, s.date_sec);
+        put_u32(&mut e, 20, s.date_nsec);
+        put_u64(&mut e, 24, s.vm_clock_nsec);
+        put_u32(&mut e, 32, u32::try_from(s.vm_state_size).unwrap_or(0));
+        put_u32(&mut e, 36, extra as u32);
+        put_u64(&mut e, 40, s.vm_state_size);
+        put_u64(&mut e, 48, s.disk_size.unwrap_or(virtual_size));
+        put_u64(&mut e, 56, s.icount.unwrap_or(u64::MAX));
+        let mut at = FIXED_LEN + KNOWN_EXTRA_DATA as usize;
+        for part in [&s.unknown_extra[..], id, name] {
+            e[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        out.extend_from_slice(&e);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(extra: &[u8], id: &[u8], name: &[u8]) -> Vec<u8> {
+        let mut e = vec![0u8; FIXED_LEN];
+        put_u64(&mut e, 0, 0x50000);
+        put_u32(&mut e, 8, 1);
+        put_u16(&mut e, 12, id.len() as u16);
+        put_u16(&mut e, 14, name.len() as u16);
+        put_u32(&mut e, 36, extra.len() as u32);
+        e.extend_from_slice(extra);
+        e.extend_from_slice(id);
+        e.extend_from_slice(name);
+        e.resize(e.len().div_ceil(8) * 8, 0);
+        e
+    }
+
+    #[test]
+    fn incomplete_entry_parses_and_is_rewritten_complete() {
+        let raw = entry(&[], b"1", b"s1");
+        let s = parse(&raw, 0, false).unwrap();
+        assert!(s.is_incomplete(3) && !s.is_incomplete(2));
+        let table = serialize_table(std::slice::from_ref(&s), 1 << 20);
+        let t = parse(&table, 0, false).unwrap();
+        assert!(!t.is_incomplete(3));
+        assert_eq!((t.id.as_str(), t.name.as_str()), ("1", "s1"));
+        assert_eq!((t.disk_size, t.icount), (Some(1 << 20), None));
+    }
+
+    #[test]
+    fn excess_extra_data_fails_unless_truncated() {
+        let raw = entry(&vec![0u8; 2000], b"7", b"big");
+        assert!(parse(&raw, 3, false).is_err());
+        let s = parse(&raw, 3, true).unwrap();
+        assert_eq!(
+            s.unknown_extra.len(),
+            (MAX_EXTRA_DATA - KNOWN_EXTRA_DATA) as usize
+        );
+        let table = serialize_table(&[s], 0);
+        assert_eq!(variable_sizes(&table).0, MAX_EXTRA_DATA);
+        assert_eq!(parse(&table, 0, false).unwrap().name, "big");
+    }
+
+    #[test]
+    fn l1_problems_are_named() {
+        let mut s = parse(&entry(&[0; 24], b"1", b"a"), 0, false).unwrap();
+        assert_eq!(s.l1_problem(65536), None);
+        s.l1_table_offset = 0x50200;
+        assert!(s.l1_problem(65536).unwrap().contains("not cluster aligned"));
+        s.l1_table_offset = 0x50000;
+        s.l1_size = 0x100_0000;
+        assert!(s.l1_problem(65536).unwrap().contains("too large"));
+    }
 }

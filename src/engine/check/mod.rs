@@ -10,6 +10,7 @@
 
 mod fix;
 mod refs;
+mod snapfix;
 mod walk;
 
 use super::meta::Meta;
@@ -174,7 +175,9 @@ impl Image {
         };
         posix.lock(&name, mode)?;
         let file = HostFile::new(Arc::new(posix), name.clone());
-        let mut header = super::read_header(&file, &name)?;
+        // Parsed as QEMU's check mode does: a refcount table of 0 clusters is accepted (and
+        // rebuilt by a full repair).
+        let mut header = parse_header_cluster(&file).map_err(|e| e.with_file(&name))?;
         let unknown_autoclear = header.autoclear_features & !AUTOCLEAR_BITMAPS;
         if writable && unknown_autoclear != 0 {
             let keep = header.autoclear_features & AUTOCLEAR_BITMAPS;
@@ -223,7 +226,10 @@ pub(super) fn check_file(
     }
 }
 
-/// One check pass. A snapshot table that cannot be read ends the check with a check error.
+/// One check pass. A snapshot table that cannot be read ends the check with a check error;
+/// entries QEMU's repair fixes (incomplete v3 extra data, excess extra data) are counted as
+/// corruptions and, with [`CheckFix::All`], fixed by rewriting the table after the refcount
+/// repair, as `qemu-img check -r all` does.
 fn one_pass(
     file: &HostFile,
     header: Header,
@@ -231,7 +237,8 @@ fn one_pass(
     progress: &mut dyn FnMut(u64, u64),
     wrote: &mut bool,
 ) -> Result<CheckReport> {
-    let (snapshots, table_len) = match super::snapshot::read_table(file, &header) {
+    let repair = fix == CheckFix::All;
+    let table = match super::snapshot::read_table_for_check(file, &header, repair) {
         Ok(t) => t,
         Err(e) => {
             return Ok(CheckReport {
@@ -241,10 +248,34 @@ fn one_pass(
             })
         }
     };
-    let mut c = walk::Checker::new(file, header, snapshots, table_len, progress);
+    let mut msgs = table.messages;
+    let mut snapshot_corruptions = table.extra_data_dropped;
+    for (i, s) in table.snapshots.iter().enumerate() {
+        if s.is_incomplete(header.version) {
+            let what = if repair { "Repairing" } else { "ERROR" };
+            msgs.push(format!("{what} snapshot table entry {i} is incomplete"));
+            snapshot_corruptions += 1;
+        }
+    }
+    let mut c = walk::Checker::new(file, header, table.snapshots, table.len, progress);
+    c.msgs = msgs;
     let r = c.run(fix);
     *wrote |= c.wrote;
     let mut r = r?;
+    r.corruptions += snapshot_corruptions;
+    if repair && snapshot_corruptions > 0 {
+        match c.rewrite_snapshot_table() {
+            Ok(()) => {
+                r.corruptions -= snapshot_corruptions;
+                r.corruptions_fixed += snapshot_corruptions;
+            }
+            Err(e) => {
+                r.check_errors += 1;
+                c.msg(format!("ERROR failed to update the snapshot table: {e}"));
+            }
+        }
+        *wrote |= c.wrote;
+    }
     r.messages = std::mem::take(&mut c.msgs);
     Ok(r)
 }

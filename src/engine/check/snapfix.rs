@@ -1,0 +1,79 @@
+//! Rewriting a damaged snapshot table after a repair, as `qemu-img check -r all` does
+//! (QEMU's `qcow2_check_fix_snapshot_table` → `qcow2_write_snapshots`): the entries are
+//! written completely (v3 extra data included, excess extra data dropped) into newly
+//! allocated clusters, the header is switched to them with one synced write, and only then
+//! are the old table's clusters freed.
+
+use super::walk::Checker;
+use crate::engine::refcount::Refcounts;
+use crate::error::Result;
+use crate::format::header::layout;
+use crate::format::snapshot::serialize_table;
+use crate::format::{HostCluster, HostOffset};
+use crate::storage::WriteKind;
+
+/// Refcount blocks the rewrite keeps cached (it touches a handful).
+const CACHE_BLOCKS: usize = 16;
+
+impl Checker<'_> {
+    /// Writes the snapshot table anew from `self.snapshots`. Runs after the refcount repair,
+    /// so the refcounts it allocates from are consistent.
+    pub(super) fn rewrite_snapshot_table(&mut self) -> Result<()> {
+        let file = self.file;
+        let geo = self.geo;
+        let bytes = serialize_table(&self.snapshots, self.header.size);
+        let mut rc = Refcounts::load(
+            file,
+            geo,
+            HostOffset::new(self.header.refcount_table_offset),
+            self.header.refcount_table_clusters,
+            CACHE_BLOCKS,
+        )?;
+        let new_off = if bytes.is_empty() {
+            HostOffset::ZERO
+        } else {
+            rc.alloc(file, geo.clusters_for(bytes.len() as u64))?
+        };
+        // The new clusters are counted durably before anything points at them.
+        rc.write_dirty_blocks(file)?;
+        file.sync()?;
+        if rc.write_dirty_table(file)? {
+            file.sync()?;
+        }
+        if !bytes.is_empty() {
+            file.write(&bytes, new_off, WriteKind::Data)?;
+        }
+        file.sync()?;
+        self.wrote = true;
+        let v = self.header.version;
+        let update = layout::NB_SNAPSHOTS
+            .update(v, self.snapshots.len() as u32)?
+            .followed_by(layout::SNAPSHOTS_OFFSET, v, new_off.get())?;
+        file.write_header_fields(&update)?;
+        file.sync()?;
+        let (old_off, old_len) = (self.header.snapshots_offset, self.snapshot_table_len);
+        self.header.nb_snapshots = self.snapshots.len() as u32;
+        self.header.snapshots_offset = new_off.get();
+        self.snapshot_table_len = bytes.len() as u64;
+        self.free_old_table(&mut rc, old_off, old_len)
+    }
+
+    /// Drops the old table's references (only the clusters the check counted: a table past
+    /// the end of the file held none).
+    fn free_old_table(&mut self, rc: &mut Refcounts, off: u64, len: u64) -> Result<()> {
+        let file = self.file;
+        let geo = self.geo;
+        if len == 0 || off.saturating_add(len) > file.len()? {
+            return Ok(());
+        }
+        let (first, last) = (HostOffset::new(off), HostOffset::new(off + len - 1));
+        // Bound: the old table is at most 64 MiB (checked when it was read).
+        for c in (first.cluster(&geo).0..=last.cluster(&geo).0).map(HostCluster) {
+            if c != HostCluster(0) && rc.get(file, c)? > 0 {
+                rc.update(file, c, -1)?;
+            }
+        }
+        rc.write_dirty_blocks(file)?;
+        file.sync()
+    }
+}
