@@ -26,9 +26,12 @@ fn malformed_tables_give_clean_errors_on_read() {
     let data0 = be64(&base, l2) & 0x00ff_ffff_ffff_fe00;
     assert_ne!(data0, 0, "setup: no data cluster");
     let mut cases = vec![
-        case("l1-entry-unaligned", &[EUCLEAN], &["l2", "l1"], move |p| {
-            put_be64(p, l1, (1 << 63) | (l2 + 0x200))
-        }),
+        case(
+            "l1-entry-unaligned",
+            &[EIO, EUCLEAN],
+            &["l2", "l1"],
+            move |p| put_be64(p, l1, (1 << 63) | (l2 + 0x200)),
+        ),
         case(
             "l1-entry-past-eof",
             &[EUCLEAN, EIO],
@@ -56,8 +59,10 @@ fn malformed_tables_give_clean_errors_on_read() {
     ];
     for c in cases.iter_mut() {
         c.read_time_ok = true;
-        // QEMU ignores reserved bits when reading (only `qemu-img check` reports them).
-        c.allow_ok = c.name.contains("reserved");
+        // QEMU ignores reserved bits when reading (only `qemu-img check` reports them), and
+        // reads an L2 table past the end of the file as zeros (tests/open_like_qemu.rs asserts
+        // that oxcow does too).
+        c.allow_ok = c.name.contains("reserved") || c.name == "l1-entry-past-eof";
     }
     run_cases(&dir, &base, cases);
 }
@@ -185,6 +190,8 @@ fn truncated_files_give_clean_errors() {
     ];
     for c in cases.iter_mut() {
         c.read_time_ok = true;
+        // QEMU reads an L2 table cut off by the end of the file as zeros.
+        c.allow_ok = c.name == "truncated-before-l2";
     }
     run_cases(&dir, &base, cases);
 }

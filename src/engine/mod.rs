@@ -23,7 +23,7 @@ mod zero;
 
 use crate::error::ErrorKind;
 use crate::error::{corrupt, invalid, Error, Result};
-use crate::format::header::{self, layout, Header};
+use crate::format::header::{self, layout, Header, Purpose};
 use crate::format::snapshot::Snapshot;
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crate::options::{CompressionType, Extent, ImageInfo, OpenOptions};
@@ -478,51 +478,23 @@ fn lock_mode(opts: &OpenOptions) -> LockMode {
 /// Reads and validates the header in cluster 0 as QEMU's open does; errors name the file as
 /// `name`.
 fn read_header(file: &HostFile, name: &str) -> Result<Header> {
-    parse_header_relaxed(file, false).map_err(|e| e.with_file(name))
+    parse_header_for(file, Purpose::Open).map_err(|e| e.with_file(name))
 }
 
 /// Reads cluster 0 (its size probed from the header itself) and parses it as a check does.
 fn parse_header_cluster(file: &HostFile) -> Result<Header> {
-    parse_header_relaxed(file, true)
+    parse_header_for(file, Purpose::Check)
 }
 
-/// Reads cluster 0 and parses it, accepting the refcount table fields QEMU accepts although
-/// the header parser does not: an offset of 0 (QEMU opens such an image; the table overlaps
-/// the header) and, in `check_mode`, a table of 0 clusters (only `qemu-img check` opens it, to
-/// rebuild the refcounts from nothing).
-fn parse_header_relaxed(file: &HostFile, check_mode: bool) -> Result<Header> {
+/// Reads cluster 0 (its size probed from the header itself) and parses it for `purpose`.
+fn parse_header_for(file: &HostFile, purpose: Purpose) -> Result<Header> {
     let mut probe = [0u8; Header::PROBE_LEN];
     let n = file.read_some(&mut probe, HostOffset::ZERO, "image header")?;
     let cluster_size = Header::probe_cluster_size(&probe[..n]).unwrap_or(n as u64);
     let mut c0 = vec![0u8; cluster_size as usize];
     let n = file.read_some(&mut c0, HostOffset::ZERO, "image header")?;
     c0.truncate(n);
-    let err = match Header::parse(&c0) {
-        Ok(h) => return Ok(h),
-        Err(e) => e,
-    };
-    if c0.len() < 60 {
-        return Err(err);
-    }
-    let offset = layout::REFCOUNT_TABLE_OFFSET.get(&c0);
-    let clusters = layout::REFCOUNT_TABLE_CLUSTERS.get(&c0);
-    let relax_clusters = check_mode && clusters == 0;
-    if offset != 0 && !relax_clusters {
-        return Err(err);
-    }
-    // Parse again with valid placeholders in those two fields: any other problem still fails
-    // the parse, and the real values are put back afterwards.
-    let mut patched = c0;
-    if offset == 0 {
-        layout::REFCOUNT_TABLE_OFFSET.put(&mut patched, cluster_size);
-    }
-    if relax_clusters {
-        layout::REFCOUNT_TABLE_CLUSTERS.put(&mut patched, 1);
-    }
-    let mut h = Header::parse(&patched)?;
-    h.refcount_table_offset = offset;
-    h.refcount_table_clusters = clusters;
-    Ok(h)
+    Header::parse_for(&c0, purpose)
 }
 
 /// The header the refcount structures are loaded from. A refcount table at offset 0

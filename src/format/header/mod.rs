@@ -73,6 +73,16 @@ pub struct BitmapsExtension {
     pub directory_offset: u64,
 }
 
+/// Why a header is parsed: what it must describe differs a little.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// To open the image: what QEMU's open accepts. A refcount table offset of 0 is accepted
+    /// (QEMU opens such an image and refuses its first allocation).
+    Open,
+    /// To check (and maybe rebuild) it: a refcount table of 0 clusters is accepted too.
+    Check,
+}
+
 /// A parsed, validated qcow2 header with its extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -169,6 +179,12 @@ impl Header {
     /// Validates what QEMU validates when it opens an image; per-entry checks (tables'
     /// contents) are the engine's, made when a request needs the entry.
     pub fn parse(buf: &[u8]) -> Result<Header> {
+        Header::parse_for(buf, Purpose::Open)
+    }
+
+    /// [`Header::parse`] for a purpose: a check accepts a missing refcount table (0
+    /// clusters), which `qemu-img check -r all` rebuilds from nothing.
+    pub fn parse_for(buf: &[u8], purpose: Purpose) -> Result<Header> {
         let c0 = read_cluster0(buf)?;
         let mut h = Header::fixed_fields(&c0);
         h.read_version3_fields(&c0)?;
@@ -182,7 +198,7 @@ impl Header {
         h.parse_extensions(&c0, u64::from(h.header_length), ext_end)?;
         h.check_features()?;
         h.read_backing_name(&c0)?;
-        h.check_tables()?;
+        h.check_tables(purpose)?;
         h.check_compression()?;
         Ok(h)
     }
@@ -327,7 +343,7 @@ impl Header {
         Ok(())
     }
 
-    fn check_tables(&self) -> Result<()> {
+    fn check_tables(&self, purpose: Purpose) -> Result<()> {
         let cluster_size = self.cluster_size();
         let l1_needed = self.geometry().l1_entries_for(self.size);
         if l1_needed > i32::MAX as u64 / 8 {
@@ -352,7 +368,7 @@ impl Header {
         if self.l1_size > 0 && self.l1_table_offset == 0 {
             return corrupt!("Active L1 table offset invalid (0: overlaps the header)");
         }
-        if self.refcount_table_clusters == 0 {
+        if self.refcount_table_clusters == 0 && purpose == Purpose::Open {
             return corrupt!("Image does not contain a reference count table");
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) << self.cluster_bits;
@@ -363,9 +379,6 @@ impl Header {
             MAX_REFTABLE_BYTES,
             cluster_size,
         )?;
-        if self.refcount_table_offset == 0 {
-            return corrupt!("Reference count table offset invalid (0)");
-        }
         if self.nb_snapshots > MAX_SNAPSHOTS {
             return corrupt!("Snapshot table too large ({} snapshots)", self.nb_snapshots);
         }
