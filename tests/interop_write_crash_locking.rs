@@ -155,8 +155,12 @@ fn image_locking_interoperates_with_qemu() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn qemu-nbd");
+    // qemu-nbd may create its socket before it opens (and locks) the image: wait until
+    // QEMU's own reader sees the write lock.
     let t0 = std::time::Instant::now();
-    while !sock.exists() && t0.elapsed() < std::time::Duration::from_secs(10) {
+    while !(sock.exists() && qemu_info_status(&p, false).code != 0)
+        && t0.elapsed() < std::time::Duration::from_secs(10)
+    {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let rw_result = Image::open(&p, &rw());
