@@ -147,6 +147,19 @@ fn refcount_table_at_offset_zero_opens_and_refuses_allocations() {
     );
 }
 
+/// The same image opened read-only and reopened read-write behaves as a read-write open
+/// (the reopen reloads the metadata the same way).
+#[test]
+fn refcount_table_at_offset_zero_survives_a_reopen_to_read_write() {
+    let dir = TempDir::new("olq-rt-zero-reopen");
+    let p = damaged(&dir, "d.qcow2", |p| poke(p, H_RT_OFF, &0u64.to_be_bytes()));
+    let img = Image::open(&p, &OpenOptions::default()).expect("open ro");
+    img.reopen(&rw()).expect("reopen rw");
+    img.write_at(&[4u8; 4096], 0).expect("in-place overwrite");
+    assert_eq!(read(&img, 0, 4096).unwrap(), vec![4u8; 4096]);
+    assert!(img.write_at(&[4u8; 4096], 8 << 20).is_err());
+}
+
 /// Oracle: a refcount table 4 GiB past the end of the file. QEMU opens it, reads work, the
 /// first allocating write fails with EIO (overlaps with qcow2_header). oxcow used to refuse
 /// the open ("the image is truncated").

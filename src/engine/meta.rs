@@ -67,6 +67,17 @@ fn index_bitmaps(file: &HostFile, header: &Header) -> Result<()> {
     Ok(())
 }
 
+/// Where the refcount table is read from. A table at offset 0 overlaps the header, whose
+/// bytes are no refcount table: an all-zero table is loaded instead (read from past the end of
+/// the file), so reads and in-place overwrites work and every allocation is refused as a
+/// corruption, as QEMU's first allocating write is.
+fn refcount_table_as_loaded(file: &HostFile, header: &Header) -> Result<HostOffset> {
+    if header.refcount_table_offset != 0 {
+        return Ok(HostOffset::new(header.refcount_table_offset));
+    }
+    Ok(HostOffset::new(file.len()?).align_up(header.cluster_size()))
+}
+
 /// Where a guest cluster's L2 entry lives.
 #[derive(Debug, Clone, Copy)]
 pub struct Slot {
@@ -104,7 +115,7 @@ impl Meta {
         let rc = Refcounts::load(
             file,
             geo,
-            HostOffset::new(header.refcount_table_offset),
+            refcount_table_as_loaded(file, &header)?,
             header.refcount_table_clusters,
             tables / 4,
         )?;

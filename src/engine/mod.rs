@@ -128,14 +128,13 @@ impl Image {
         let view = Arc::new(mapview::MapView::new(header.l1_size as usize));
         let mut meta = Meta::load(
             &file,
-            refcounts_as_loaded(&header, file_len),
+            header.clone(),
             &snapshots,
             snapshot_table_len,
             DEFAULT_CACHE_BYTES,
             Arc::clone(&view),
         )
         .map_err(|e| e.with_file(&name))?;
-        meta.header = header.clone();
         if opts.writable {
             meta.enable_lazy_refcounts();
         }
@@ -495,18 +494,6 @@ fn parse_header_for(file: &HostFile, purpose: Purpose) -> Result<Header> {
     let n = file.read_some(&mut c0, HostOffset::ZERO, "image header")?;
     c0.truncate(n);
     Header::parse_for(&c0, purpose)
-}
-
-/// The header the refcount structures are loaded from. A refcount table at offset 0
-/// overlaps the header, whose bytes are no refcount table: the engine loads an all-zero table
-/// instead (read from past the end of the file), so reads and in-place overwrites work and
-/// every allocation is refused as a corruption, as QEMU's first allocating write is.
-fn refcounts_as_loaded(header: &Header, file_len: u64) -> Header {
-    let mut h = header.clone();
-    if h.refcount_table_offset == 0 {
-        h.refcount_table_offset = file_len.div_ceil(h.cluster_size()) * h.cluster_size();
-    }
-    h
 }
 
 /// A read-write open of a dirty image (lazy refcounts not written back before a crash)
