@@ -66,7 +66,8 @@ impl Checker<'_> {
         }
         self.oflag_copied(&mut res, fix)?;
         res.image_end_offset = (highest + 1) << self.geo.cluster_bits;
-        if fix != CheckFix::None && res.check_errors == 0 && res.corruptions == 0 {
+        let clean = res.check_errors == 0 && res.corruptions == 0;
+        if fix != CheckFix::None && clean && self.snapshot_corruptions == 0 {
             self.mark_clean()?;
         }
         Ok(res)
@@ -471,7 +472,7 @@ impl Checker<'_> {
     }
 
     /// Clears the dirty and corrupt bits (v3 headers only) after everything else is durable.
-    fn mark_clean(&mut self) -> Result<()> {
+    pub(super) fn mark_clean(&mut self) -> Result<()> {
         let bits = self.header.incompatible_features;
         if self.header.version < 3 || bits & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) == 0 {
             return Ok(());

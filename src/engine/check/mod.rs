@@ -259,6 +259,7 @@ fn one_pass(
     }
     let mut c = walk::Checker::new(file, header, table.snapshots, table.len, progress);
     c.msgs = msgs;
+    c.snapshot_corruptions = snapshot_corruptions;
     let r = c.run(fix);
     *wrote |= c.wrote;
     let mut r = r?;
@@ -268,6 +269,13 @@ fn one_pass(
             Ok(()) => {
                 r.corruptions -= snapshot_corruptions;
                 r.corruptions_fixed += snapshot_corruptions;
+                // The dirty and corrupt bits go only once the table is sound on disk.
+                if r.check_errors == 0 && r.corruptions == 0 {
+                    if let Err(e) = c.mark_clean() {
+                        r.check_errors += 1;
+                        c.msg(format!("ERROR failed to mark the image clean: {e}"));
+                    }
+                }
             }
             Err(e) => {
                 r.check_errors += 1;

@@ -47,6 +47,9 @@ pub(super) struct Checker<'a> {
     pub(super) past_eof_floor: u64,
     /// Diagnostics in order.
     pub(super) msgs: Vec<String>,
+    /// Snapshot table corruptions the caller repairs after [`Checker::run`]: until then the
+    /// image must not be marked clean.
+    pub(super) snapshot_corruptions: u64,
     /// Whether anything was written to the file.
     pub(super) wrote: bool,
     /// The refcount table or a refcount block is broken beyond an in-place fix.
@@ -153,6 +156,7 @@ impl<'a> Checker<'a> {
             file_len: 0,
             past_eof_floor: 0,
             msgs: Vec::new(),
+            snapshot_corruptions: 0,
             wrote: false,
             rebuild: false,
             progress,
