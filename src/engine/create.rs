@@ -7,7 +7,7 @@ use crate::format::be::u64_table_bytes;
 use crate::format::header::{self, Header};
 use crate::format::refcount;
 use crate::format::Geometry;
-use crate::format::HostOffset;
+use crate::format::{HostCluster, HostOffset};
 use crate::options::{CompressionType, CreateOptions, OpenOptions, Preallocation};
 use crate::storage::{Backend, PosixFile};
 use std::path::Path;
@@ -78,53 +78,99 @@ fn validate(virtual_size: u64, o: &CreateOptions) -> Result<Geometry> {
 /// sectors). A size of 0 with a backing file takes the backing file's size.
 pub fn create(path: impl AsRef<Path>, virtual_size: u64, opts: &CreateOptions) -> Result<()> {
     let path = path.as_ref();
-    let mut size = virtual_size;
-    if size == 0 {
-        if let Some(b) = &opts.backing_file {
-            let p = super::backing::resolve(path, b.as_bytes());
-            let f = opts.backing_format.ok_or_else(|| {
-                Error::invalid("Use of backing file requires explicit backing format")
-            })?;
-            size = match f {
-                crate::BackingFormat::Qcow2 => {
-                    Image::open(&p, &OpenOptions::default())?.virtual_size()
-                }
-                crate::BackingFormat::Raw => std::fs::metadata(&p)
-                    .map_err(|e| Error::io(format!("opening backing file {}", p.display()), e))?
-                    .len(),
-            };
-        }
-    }
-    // qemu-img rounds the size up to whole 512-byte sectors; QEMU would not see a tail.
-    let size = size
-        .checked_add(511)
-        .ok_or_else(|| Error::invalid(format!("virtual size {size} is too large")))?
-        & !511;
+    let size = sector_rounded(effective_size(path, virtual_size, opts)?)?;
     let geo = validate(size, opts)?;
-    let cs = geo.cluster_size();
-    let l1_entries = geo.l1_entries_for(size);
-    let l1_clusters = geo.clusters_for(l1_entries * 8);
-
-    // Metadata clusters: header, refcount table, refcount blocks, L1. Grow the refcount
-    // structures until they cover all of it.
-    let per_block = geo.refblock_entries();
-    let mut rt_clusters = 1u64;
-    let mut blocks = 1u64;
-    loop {
-        let total = 1 + rt_clusters + blocks + l1_clusters;
-        let need_blocks = total.div_ceil(per_block);
-        let need_rt = geo.clusters_for(need_blocks * 8).max(1);
-        if need_blocks == blocks && need_rt == rt_clusters {
-            break;
-        }
-        blocks = need_blocks;
-        rt_clusters = need_rt;
+    let layout = Layout::for_image(&geo, size);
+    let cluster0 = new_header(&geo, &layout, size, opts).to_cluster0()?;
+    // Refuse to write something we would not accept ourselves.
+    Header::parse(&cluster0)?;
+    write_image(path, &geo, &layout, &cluster0)?;
+    if opts.preallocation == Preallocation::Metadata {
+        preallocate_metadata(path, size)?;
     }
-    let rt_off = cs;
-    let blocks_off = rt_off + rt_clusters * cs;
-    let l1_off = blocks_off + blocks * cs;
-    let total = 1 + rt_clusters + blocks + l1_clusters;
+    Ok(())
+}
 
+/// The requested size, or the backing file's when 0 is asked for with a backing file.
+fn effective_size(path: &Path, virtual_size: u64, opts: &CreateOptions) -> Result<u64> {
+    let (0, Some(b)) = (virtual_size, &opts.backing_file) else {
+        return Ok(virtual_size);
+    };
+    let p = super::backing::resolve(path, b.as_bytes());
+    let f = opts
+        .backing_format
+        .ok_or_else(|| Error::invalid("Use of backing file requires explicit backing format"))?;
+    Ok(match f {
+        crate::BackingFormat::Qcow2 => Image::open(&p, &OpenOptions::default())?.virtual_size(),
+        crate::BackingFormat::Raw => std::fs::metadata(&p)
+            .map_err(|e| Error::io(format!("opening backing file {}", p.display()), e))?
+            .len(),
+    })
+}
+
+/// qemu-img rounds the size up to whole 512-byte sectors; QEMU would not see a tail.
+fn sector_rounded(size: u64) -> Result<u64> {
+    size.checked_add(511)
+        .map(|s| s & !511)
+        .ok_or_else(|| Error::invalid(format!("virtual size {size} is too large")))
+}
+
+/// Where the metadata of a fresh image goes: header, refcount table, refcount blocks, L1
+/// table, one after the other.
+struct Layout {
+    rt_clusters: u64,
+    blocks: u64,
+    l1_entries: u64,
+    l1_clusters: u64,
+}
+
+impl Layout {
+    /// Grows the refcount structures until they cover all the metadata, themselves included.
+    fn for_image(geo: &Geometry, size: u64) -> Layout {
+        let l1_entries = geo.l1_entries_for(size);
+        let l1_clusters = geo.clusters_for(l1_entries * 8);
+        let per_block = geo.refblock_entries();
+        let (mut rt_clusters, mut blocks) = (1u64, 1u64);
+        // Converges in a few rounds: each round at most adds the blocks and table clusters
+        // that the previous round's growth needs, a vanishing fraction of the total.
+        loop {
+            let total = 1 + rt_clusters + blocks + l1_clusters;
+            let need_blocks = total.div_ceil(per_block);
+            let need_rt = geo.clusters_for(need_blocks * 8).max(1);
+            if need_blocks == blocks && need_rt == rt_clusters {
+                break;
+            }
+            blocks = need_blocks;
+            rt_clusters = need_rt;
+        }
+        Layout {
+            rt_clusters,
+            blocks,
+            l1_entries,
+            l1_clusters,
+        }
+    }
+
+    fn rt_offset(&self, geo: &Geometry) -> HostOffset {
+        HostCluster(1).offset(geo)
+    }
+
+    fn blocks_offset(&self, geo: &Geometry) -> HostOffset {
+        HostCluster(1 + self.rt_clusters).offset(geo)
+    }
+
+    fn l1_offset(&self, geo: &Geometry) -> HostOffset {
+        HostCluster(1 + self.rt_clusters + self.blocks).offset(geo)
+    }
+
+    /// Clusters in use: all the metadata.
+    fn total_clusters(&self) -> u64 {
+        1 + self.rt_clusters + self.blocks + self.l1_clusters
+    }
+}
+
+/// The header `qemu-img create` would write for these options.
+fn new_header(geo: &Geometry, layout: &Layout, size: u64, opts: &CreateOptions) -> Header {
     let mut h = Header {
         version: opts.version,
         backing_file_offset: 0,
@@ -132,10 +178,11 @@ pub fn create(path: impl AsRef<Path>, virtual_size: u64, opts: &CreateOptions) -
         cluster_bits: geo.cluster_bits,
         size,
         crypt_method: 0,
-        l1_size: l1_entries as u32,
-        l1_table_offset: l1_off,
-        refcount_table_offset: rt_off,
-        refcount_table_clusters: rt_clusters as u32,
+        // validate() bounded the L1 table to 32 MiB and the refcount table follows from it.
+        l1_size: layout.l1_entries as u32,
+        l1_table_offset: layout.l1_offset(geo).get(),
+        refcount_table_offset: layout.rt_offset(geo).get(),
+        refcount_table_clusters: layout.rt_clusters as u32,
         nb_snapshots: 0,
         snapshots_offset: 0,
         incompatible_features: 0,
@@ -164,47 +211,46 @@ pub fn create(path: impl AsRef<Path>, virtual_size: u64, opts: &CreateOptions) -
         if opts.lazy_refcounts {
             h.compatible_features |= header::COMPAT_LAZY_REFCOUNTS;
         }
-        if cs > 4096 {
+        if geo.cluster_size() > 4096 {
             h.feature_names = Header::qemu_feature_table();
         }
     }
-    let cluster0 = h.to_cluster0()?;
-    // Refuse to write something we would not accept ourselves.
-    Header::parse(&cluster0)?;
+    h
+}
 
+/// Writes the header, the refcount structures (counting every metadata cluster) and an empty
+/// L1 table to a new file, and syncs it.
+fn write_image(path: &Path, geo: &Geometry, layout: &Layout, cluster0: &[u8]) -> Result<()> {
+    let cs = geo.cluster_size();
     let name = path.display().to_string();
     let file = PosixFile::create(path).map_err(|e| Error::io(format!("creating {name}"), e))?;
-    let w = |buf: &[u8], off: u64| {
-        file.write_at(buf, off)
+    let w = |buf: &[u8], off: HostOffset| {
+        file.write_at(buf, off.get())
             .map_err(|e| Error::io(format!("writing {name} at {off:#x}"), e))
     };
-    w(&cluster0, 0)?;
-    let mut rt = vec![0u64; (rt_clusters * cs / 8) as usize];
-    for b in 0..blocks {
-        rt[b as usize] = blocks_off + b * cs;
+    w(cluster0, HostOffset::ZERO)?;
+    let blocks_off = layout.blocks_offset(geo);
+    let mut rt = vec![0u64; geo.u64_per_cluster() as usize * layout.rt_clusters as usize];
+    for (b, entry) in rt.iter_mut().take(layout.blocks as usize).enumerate() {
+        *entry = (blocks_off + b as u64 * cs).get();
     }
-    w(&u64_table_bytes(&rt), rt_off)?;
-    for b in 0..blocks {
+    w(&u64_table_bytes(&rt), layout.rt_offset(geo))?;
+    let per_block = geo.refblock_entries();
+    for b in 0..layout.blocks {
         let mut block = vec![0u8; cs as usize];
-        for i in 0..per_block {
-            let c = b * per_block + i;
-            if c < total {
-                refcount::set(&mut block, geo.refcount_order, i as usize, 1);
-            }
+        let first = b * per_block;
+        let counted = layout.total_clusters().saturating_sub(first).min(per_block);
+        for i in 0..counted as usize {
+            refcount::set(&mut block, geo.refcount_order, i, 1);
         }
         w(&block, blocks_off + b * cs)?;
     }
-    if l1_clusters > 0 {
-        w(&vec![0u8; (l1_clusters * cs) as usize], l1_off)?;
+    if layout.l1_clusters > 0 {
+        let l1 = vec![0u8; (layout.l1_clusters * cs) as usize];
+        w(&l1, layout.l1_offset(geo))?;
     }
     file.sync()
-        .map_err(|e| Error::io(format!("syncing {name}"), e))?;
-    drop(file);
-
-    if opts.preallocation == Preallocation::Metadata {
-        preallocate_metadata(path, size)?;
-    }
-    Ok(())
+        .map_err(|e| Error::io(format!("syncing {name}"), e))
 }
 
 /// Allocates every L2 table and data cluster of a fresh image; the data reads as zeros
