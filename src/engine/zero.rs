@@ -80,97 +80,123 @@ fn write_explicit_zeros(img: &Image, ranges: &[(GuestOffset, u64)]) -> Result<()
     Ok(())
 }
 
+/// How write_zeroes treats one cluster, given what the image format can express.
+struct ZeroPolicy {
+    geo: Geometry,
+    has_backing: bool,
+    v3: bool,
+    may_unmap: bool,
+}
+
+impl ZeroPolicy {
+    /// The decision for cluster bytes `[a, b)` currently mapped by `old`.
+    fn decide(&self, old: Mapping, a: u64, b: u64) -> Decision {
+        let reads_zero_already = !self.has_backing && matches!(old, Mapping::Unallocated { .. });
+        if self.geo.extended_l2 {
+            self.extended(old, a, b, reads_zero_already)
+        } else if self.v3 {
+            self.zero_flag(old, reads_zero_already)
+        } else if !self.has_backing {
+            // Version 2 has no zero flag: only deallocation reads as zeros.
+            match old {
+                Mapping::Unallocated { .. } => Decision::Skip,
+                _ => Decision::Set {
+                    new: Mapping::Unallocated { zero: 0 },
+                    release: true,
+                },
+            }
+        } else {
+            Decision::WriteZeros
+        }
+    }
+
+    /// Extended L2: the subclusters' zero bits.
+    fn extended(&self, old: Mapping, a: u64, b: u64, reads_zero_already: bool) -> Decision {
+        let gran = self.geo.subcluster_size();
+        let full = a == 0 && b == self.geo.cluster_size();
+        // Subcluster indices are below 32.
+        let mask = Geometry::subcluster_mask((a / gran) as u32, ((b - 1) / gran) as u32);
+        match old {
+            _ if reads_zero_already => Decision::Skip,
+            Mapping::Unallocated { zero } => Decision::Set {
+                new: Mapping::Unallocated { zero: zero | mask },
+                release: false,
+            },
+            Mapping::Data {
+                host,
+                copied: true,
+                alloc,
+                zero,
+            } if !(full && self.may_unmap) => Decision::Set {
+                new: Mapping::Data {
+                    host,
+                    copied: true,
+                    alloc: alloc & !mask,
+                    zero: zero | mask,
+                },
+                release: false,
+            },
+            _ if full => Decision::Set {
+                new: Mapping::Unallocated { zero: u32::MAX },
+                release: true,
+            },
+            _ => Decision::WriteZeros,
+        }
+    }
+
+    /// Version 3, standard L2: the zero flag, keeping an owned cluster unless unmapping.
+    fn zero_flag(&self, old: Mapping, reads_zero_already: bool) -> Decision {
+        match old {
+            _ if reads_zero_already => Decision::Skip,
+            Mapping::Zero {
+                host: HostOffset::ZERO,
+                ..
+            } => Decision::Skip,
+            Mapping::Zero { copied: true, .. } if !self.may_unmap => Decision::Skip,
+            Mapping::Data {
+                host, copied: true, ..
+            } if !self.may_unmap => Decision::Set {
+                new: Mapping::Zero { host, copied: true },
+                release: false,
+            },
+            _ => Decision::Set {
+                new: Mapping::Zero {
+                    host: HostOffset::ZERO,
+                    copied: false,
+                },
+                release: true,
+            },
+        }
+    }
+}
+
 /// Makes `[offset, offset+count)` read as zeros.
 pub fn write_zeroes(img: &Image, offset: GuestOffset, count: u64, may_unmap: bool) -> Result<()> {
     if count == 0 {
         return Ok(());
     }
-    let geo = img.geo;
+    let policy = ZeroPolicy {
+        geo: img.geo,
+        has_backing: img.backing.is_some(),
+        v3: img.version >= 3,
+        may_unmap,
+    };
     let end = offset + count;
-    let gran = geo.subcluster_size();
-    let cs = geo.cluster_size();
-    let has_backing = img.backing.is_some();
-    let v3 = img.version >= 3;
-    let all = if geo.extended_l2 { u32::MAX } else { 1 };
+    let gran = policy.geo.subcluster_size();
     // Unaligned head and tail (below the metadata granularity) are written as data.
     let mid_start = offset.align_up(gran);
     let mid_end = end.align_down(gran);
-    let mut explicit = Vec::new();
     if mid_start >= mid_end {
-        explicit.push((offset, count));
-    } else {
-        if offset < mid_start {
-            explicit.push((offset, mid_start.since(offset)));
-        }
-        let mut decide = |old: Mapping, a: u64, b: u64| -> Decision {
-            let full = a == 0 && b == cs;
-            let reads_zero_already = !has_backing && matches!(old, Mapping::Unallocated { .. });
-            if geo.extended_l2 {
-                let mask = Geometry::subcluster_mask((a / gran) as u32, ((b - 1) / gran) as u32);
-                match old {
-                    _ if reads_zero_already => Decision::Skip,
-                    Mapping::Unallocated { zero } => Decision::Set {
-                        new: Mapping::Unallocated { zero: zero | mask },
-                        release: false,
-                    },
-                    Mapping::Data {
-                        host,
-                        copied: true,
-                        alloc,
-                        zero,
-                    } if !(full && may_unmap) => Decision::Set {
-                        new: Mapping::Data {
-                            host,
-                            copied: true,
-                            alloc: alloc & !mask,
-                            zero: zero | mask,
-                        },
-                        release: false,
-                    },
-                    _ if full => Decision::Set {
-                        new: Mapping::Unallocated { zero: all },
-                        release: true,
-                    },
-                    _ => Decision::WriteZeros,
-                }
-            } else if v3 {
-                match old {
-                    _ if reads_zero_already => Decision::Skip,
-                    Mapping::Zero {
-                        host: HostOffset::ZERO,
-                        ..
-                    } => Decision::Skip,
-                    Mapping::Zero { copied: true, .. } if !may_unmap => Decision::Skip,
-                    Mapping::Data {
-                        host, copied: true, ..
-                    } if !may_unmap => Decision::Set {
-                        new: Mapping::Zero { host, copied: true },
-                        release: false,
-                    },
-                    _ => Decision::Set {
-                        new: Mapping::Zero {
-                            host: HostOffset::ZERO,
-                            copied: false,
-                        },
-                        release: true,
-                    },
-                }
-            } else if !has_backing {
-                match old {
-                    Mapping::Unallocated { .. } => Decision::Skip,
-                    _ => Decision::Set {
-                        new: Mapping::Unallocated { zero: 0 },
-                        release: true,
-                    },
-                }
-            } else {
-                Decision::WriteZeros
-            }
-        };
-        explicit.extend(update_clusters(img, mid_start, mid_end, &mut decide)?);
-        if mid_end < end {
-            explicit.push((mid_end, end.since(mid_end)));
-        }
+        return write_explicit_zeros(img, &[(offset, count)]);
+    }
+    let mut explicit = Vec::new();
+    if offset < mid_start {
+        explicit.push((offset, mid_start.since(offset)));
+    }
+    let mut decide = |old: Mapping, a: u64, b: u64| policy.decide(old, a, b);
+    explicit.extend(update_clusters(img, mid_start, mid_end, &mut decide)?);
+    if mid_end < end {
+        explicit.push((mid_end, end.since(mid_end)));
     }
     write_explicit_zeros(img, &explicit)
 }
