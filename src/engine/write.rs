@@ -208,89 +208,93 @@ fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset
 }
 
 fn write_batch(img: &Image, buf: &[u8], offset: GuestOffset) -> Result<usize> {
-    let geo = img.geo;
-    let cs = geo.cluster_size();
-    let end = offset.l2_range_end(&geo).min(offset + buf.len() as u64);
+    let end = offset.l2_range_end(&img.geo).min(offset + buf.len() as u64);
     let n = write_in_place(img, buf, offset, end)?;
     if n > 0 {
         return Ok(n);
     }
-    let mut ops: Vec<Op> = Vec::new();
-
-    // 1. Plan.
-    {
-        let mut m = img.lock_meta();
-        let mut pos = offset;
-        while pos < end {
-            let cluster = pos.cluster_start(&geo);
-            let gidx = pos.cluster(&geo);
-            if img.inflight.is_claimed(gidx) {
-                if !ops.is_empty() {
-                    break;
-                }
-                // Another writer is allocating this cluster: wait (without the mutex) until
-                // it is linked, then find it allocated.
-                drop(m);
-                img.inflight.wait_released(gidx);
-                m = img.lock_meta();
-                continue;
-            }
-            let start = pos.since(cluster);
-            let len = (cs - start).min(end.since(pos));
-            let old = match m.lookup(&img.file, pos) {
-                Ok(o) => o,
-                Err(e) => {
-                    abandon(img, &mut m, &ops);
-                    return Err(img.on_error(e));
-                }
-            };
-            let file = &img.file;
-            let mut alloc = || m.rc.alloc(file, 1);
-            let action = match decide(&geo, old, start, len, &mut alloc)
-                .and_then(|a| not_metadata(img, &geo, a))
-            {
-                Ok(a) => a,
-                Err(e) => {
-                    abandon(img, &mut m, &ops);
-                    return Err(img.on_error(e));
-                }
-            };
-            if let Action::Link { .. } = action {
-                // Claims are made under the metadata mutex after the check above, so this
-                // cannot find the cluster busy.
-                let _ = img.inflight.try_claim(gidx);
-            }
-            ops.push(Op {
-                guest: cluster,
-                start,
-                len,
-                buf_off: pos.since(offset) as usize,
-                action,
-            });
-            pos += len;
-        }
-    }
+    let ops = plan(img, offset, end)?;
     let written: u64 = ops.iter().map(|o| o.len).sum();
-
-    // 2. I/O.
     if let Err(e) = do_io(img, buf, &ops) {
         let mut m = img.lock_meta();
         abandon(img, &mut m, &ops);
         return Err(e);
     }
-
-    // 3. Link.
     if ops.iter().any(|o| matches!(o.action, Action::Link { .. })) {
         let mut m = img.lock_meta();
-        let res = link(img, &mut m, &ops);
-        if let Err(e) = res {
+        if let Err(e) = link(img, &mut m, &ops) {
             abandon(img, &mut m, &ops);
             return Err(img.on_error(e));
         }
         drop(m);
         release_claims(img, &ops);
     }
+    // The batch lies within the request, so its length fits the buffer.
     Ok(written as usize)
+}
+
+/// Step 1, under the metadata mutex: an action per cluster of `[offset, end)` (stopping
+/// early at a cluster another writer is allocating, once there is something to do), with
+/// fresh clusters allocated and claimed in flight.
+fn plan(img: &Image, offset: GuestOffset, end: GuestOffset) -> Result<Vec<Op>> {
+    let geo = img.geo;
+    let cs = geo.cluster_size();
+    let mut ops: Vec<Op> = Vec::new();
+    let mut m = img.lock_meta();
+    let mut pos = offset;
+    while pos < end {
+        let cluster = pos.cluster_start(&geo);
+        let gidx = pos.cluster(&geo);
+        if img.inflight.is_claimed(gidx) {
+            if !ops.is_empty() {
+                break;
+            }
+            // Another writer is allocating this cluster: wait (without the mutex) until it is
+            // linked, then find it allocated.
+            drop(m);
+            img.inflight.wait_released(gidx);
+            m = img.lock_meta();
+            continue;
+        }
+        let start = pos.since(cluster);
+        let len = (cs - start).min(end.since(pos));
+        let action = match plan_cluster(img, &mut m, pos, start, len) {
+            Ok(a) => a,
+            Err(e) => {
+                abandon(img, &mut m, &ops);
+                return Err(img.on_error(e));
+            }
+        };
+        if let Action::Link { .. } = action {
+            // Claims are made under the metadata mutex after the check above, so this cannot
+            // find the cluster busy.
+            let _ = img.inflight.try_claim(gidx);
+        }
+        ops.push(Op {
+            guest: cluster,
+            start,
+            len,
+            // Within the request, so it fits the buffer.
+            buf_off: pos.since(offset) as usize,
+            action,
+        });
+        pos += len;
+    }
+    Ok(ops)
+}
+
+/// The action for the cluster holding `pos`, request bytes `[start, start+len)` of it.
+fn plan_cluster(
+    img: &Image,
+    m: &mut super::meta::Meta,
+    pos: GuestOffset,
+    start: u64,
+    len: u64,
+) -> Result<Action> {
+    let old = m.lookup(&img.file, pos)?;
+    let file = &img.file;
+    let mut alloc = || m.rc.alloc(file, 1);
+    decide(&img.geo, old, start, len, &mut alloc).and_then(|a| not_metadata(img, &img.geo, a))
 }
 
 /// Refuses, before any I/O, a write whose target cluster holds metadata (the host file's
