@@ -10,7 +10,9 @@
 use super::Image;
 use crate::error::{invalid, Result};
 use crate::format::entry::Mapping;
+use crate::format::{GuestCluster, GuestOffset, HostOffset};
 use crate::storage::WriteKind;
+use std::borrow::Cow;
 
 impl Image {
     /// Writes one whole guest cluster compressed. `offset` must be cluster-aligned and `buf`
@@ -30,89 +32,91 @@ impl Image {
     fn write_compressed_gated(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         let offset = self.check_range(offset, buf.len() as u64)?;
-        let geo = self.geo;
-        let cs = geo.cluster_size();
-        if !offset.is_cluster_aligned(&geo) {
-            return invalid!("compressed write at {offset:#x} is not cluster-aligned");
-        }
-        let whole = buf.len() as u64 == cs;
-        let tail =
-            (offset + buf.len() as u64).get() == self.virtual_size && (buf.len() as u64) < cs;
-        if buf.is_empty() || !(whole || tail) {
-            return invalid!(
-                "compressed writes take exactly one cluster ({cs} bytes), not {} bytes at {offset:#x}",
-                buf.len()
-            );
-        }
-        let mut padded;
-        let input = if whole {
-            buf
-        } else {
-            padded = vec![0u8; cs as usize];
-            padded[..buf.len()].copy_from_slice(buf);
-            &padded[..]
-        };
-        let Some(data) = super::compress::compress(self.compression, input)? else {
+        let cluster = self.whole_cluster(buf, offset)?;
+        let Some(data) = super::compress::compress(self.compression, &cluster)? else {
             // Not compressible: store as a normal cluster (the gate is already held).
             super::write::write(self, buf, offset)?;
             return self.after_write();
         };
-        let gidx = offset.cluster(&geo);
-
-        // Plan: reserve the guest cluster and the host bytes.
-        let host = {
-            let mut m = self.lock_meta();
-            while self.inflight.is_claimed(gidx) {
-                drop(m);
-                self.inflight.wait_released(gidx);
-                m = self.lock_meta();
-            }
-            let host = match m.alloc_compressed_bytes(&self.file, data.len() as u64) {
-                Ok(h) => h,
-                Err(e) => return Err(self.on_error(e)),
-            };
-            let len = data.len() as u64;
-            if let Err(e) = self.file.guard().check_write(host.get(), len, None) {
-                m.give_back_compressed_bytes(&self.file, host);
-                return Err(self.on_error(e));
-            }
-            let _ = self.inflight.try_claim(gidx);
-            host
-        };
-
+        let gidx = offset.cluster(&self.geo);
+        let host = self.reserve_compressed(gidx, data.len() as u64)?;
         // I/O without the lock.
         let io = self.file.write(&data, host, WriteKind::Data);
+        let result = self.link_compressed(io, offset, host, data.len() as u64);
+        self.inflight.release(gidx);
+        result?;
+        self.after_write()
+    }
 
-        // Link (or give the bytes back).
+    /// The cluster to compress: `buf` itself, or the short last cluster of the disk padded
+    /// with zeros. Anything else is refused.
+    fn whole_cluster<'a>(&self, buf: &'a [u8], offset: GuestOffset) -> Result<Cow<'a, [u8]>> {
+        let cs = self.geo.cluster_size();
+        if !offset.is_cluster_aligned(&self.geo) {
+            return invalid!("compressed write at {offset:#x} is not cluster-aligned");
+        }
+        let len = buf.len() as u64;
+        let tail = (offset + len).get() == self.virtual_size && len < cs;
+        if buf.is_empty() || !(len == cs || tail) {
+            return invalid!(
+                "compressed writes take exactly one cluster ({cs} bytes), not {len} bytes at {offset:#x}"
+            );
+        }
+        if len == cs {
+            return Ok(Cow::Borrowed(buf));
+        }
+        let mut padded = vec![0u8; cs as usize];
+        padded[..buf.len()].copy_from_slice(buf);
+        Ok(Cow::Owned(padded))
+    }
+
+    /// Claims guest cluster `gidx` (waiting for another writer of it) and reserves `len`
+    /// host bytes for its compressed data.
+    fn reserve_compressed(&self, gidx: GuestCluster, len: u64) -> Result<HostOffset> {
+        let mut m = self.lock_meta();
+        while self.inflight.is_claimed(gidx) {
+            drop(m);
+            self.inflight.wait_released(gidx);
+            m = self.lock_meta();
+        }
+        let host = match m.alloc_compressed_bytes(&self.file, len) {
+            Ok(h) => h,
+            Err(e) => return Err(self.on_error(e)),
+        };
+        if let Err(e) = self.file.guard().check_write(host.get(), len, None) {
+            m.give_back_compressed_bytes(&self.file, host);
+            return Err(self.on_error(e));
+        }
+        let _ = self.inflight.try_claim(gidx);
+        Ok(host)
+    }
+
+    /// Points the L2 entry at the compressed data once `io` succeeded; otherwise (or when
+    /// linking fails) gives the reserved bytes back unless an entry already uses them.
+    fn link_compressed(
+        &self,
+        io: Result<()>,
+        offset: GuestOffset,
+        host: HostOffset,
+        csize: u64,
+    ) -> Result<()> {
+        let geo = self.geo;
         let mut m = self.lock_meta();
         let linked = io.and_then(|()| {
             let old = m.lookup(&self.file, offset)?;
             let table = m.l2_for_write(&self.file, offset.l1_index(&geo))?;
-            m.set_mapping(
-                &self.file,
-                table,
-                offset.l2_index(&geo),
-                Mapping::Compressed {
-                    host,
-                    csize: data.len() as u64,
-                },
-            )?;
+            let new = Mapping::Compressed { host, csize };
+            m.set_mapping(&self.file, table, offset.l2_index(&geo), new)?;
             m.release(old);
             Ok(())
         });
-        self.inflight.release(gidx);
-        let result = match linked {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let current = m.lookup(&self.file, offset).ok();
-                if !matches!(current, Some(Mapping::Compressed { host: h, .. }) if h == host) {
-                    m.give_back_compressed_bytes(&self.file, host);
-                }
-                Err(self.on_error(e))
-            }
+        let Err(e) = linked else {
+            return Ok(());
         };
-        drop(m);
-        result?;
-        self.after_write()
+        let current = m.lookup(&self.file, offset).ok();
+        if !matches!(current, Some(Mapping::Compressed { host: h, .. }) if h == host) {
+            m.give_back_compressed_bytes(&self.file, host);
+        }
+        Err(self.on_error(e))
     }
 }
