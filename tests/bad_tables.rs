@@ -190,8 +190,13 @@ fn truncated_files_give_clean_errors() {
     ];
     for c in cases.iter_mut() {
         c.read_time_ok = true;
-        // QEMU reads an L2 table cut off by the end of the file as zeros.
-        c.allow_ok = c.name == "truncated-before-l2";
+        // QEMU reads an L1 or L2 table cut off by the end of the file as zeros, even when
+        // only the header is left (qemu-io 'read -P 0 0 64k' succeeds on each;
+        // tests/open_like_qemu.rs asserts that oxcow reads zeros too).
+        c.allow_ok = matches!(
+            c.name,
+            "truncated-before-l2" | "truncated-in-l1" | "truncated-before-reftable"
+        );
     }
     run_cases(&dir, &base, cases);
 }

@@ -147,6 +147,30 @@ fn refcount_table_at_offset_zero_opens_and_refuses_allocations() {
     );
 }
 
+/// Oracle: a file truncated in the middle of its active L1 table. QEMU opens it; the L1
+/// entries past the end read as zeros, so the data they mapped reads as zeros
+/// (`qemu-io -c 'read -P 0 0 64k'` succeeds), and writes work. oxcow used to refuse the open
+/// ("the image is truncated").
+#[test]
+fn active_l1_table_cut_by_the_end_of_the_file_reads_zeros_like_qemu() {
+    let dir = TempDir::new("olq-l1-truncated");
+    let p = damaged(&dir, "d.qcow2", |_| {});
+    let l1 = l1_off(&p);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .expect("open");
+    f.set_len(l1 + 4).expect("truncate");
+    drop(f);
+    assert!(qemu_reads(&p, 0, "0", "64k"));
+    let img = Image::open(&p, &OpenOptions::default()).expect("QEMU opens it");
+    assert_eq!(read(&img, 0, 65536).unwrap(), vec![0u8; 65536]);
+    drop(img);
+    let img = Image::open(&p, &rw()).expect("and read-write");
+    img.write_at(&[6u8; 4096], 0).expect("write");
+    assert_eq!(read(&img, 0, 4096).unwrap(), vec![6u8; 4096]);
+}
+
 /// The same image opened read-only and reopened read-write behaves as a read-write open
 /// (the reopen reloads the metadata the same way).
 #[test]

@@ -97,17 +97,10 @@ impl Image {
             repair_if_dirty(&file, &mut header, &name)?;
             refuse_unwritable(&header, &name)?;
         }
-        // An active L1 table that lies (partly) past the end of the file means a truncated
-        // image: refuse it rather than serve a blank disk. (QEMU opens it and reads zeros.)
-        // A refcount table past the end is opened, as QEMU does: it reads as zeros, so reads
-        // work and every allocation is refused as a corruption.
-        let file_len = file.len()?;
-        if header.l1_table_offset + header.l1_size as u64 * 8 > file_len {
-            return corrupt!(
-                "{name}: Active L1 table at {:#x} extends beyond the end of the file ({file_len} bytes); the image is truncated",
-                header.l1_table_offset
-            );
-        }
+        // Tables that lie (partly) past the end of a truncated file read as zeros, as in
+        // QEMU: the L1 entries that survive still map their data, the rest reads as
+        // unallocated, and a refcount table past the end refuses every allocation as a
+        // corruption. `check` reports the damage.
         validate_bitmaps(&file, &header).map_err(|e| e.with_file(&name))?;
         let (snapshots, snapshot_table_len) =
             snapshot::read_table(&file, &header).map_err(|e| e.with_file(&name))?;
