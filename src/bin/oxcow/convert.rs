@@ -127,31 +127,69 @@ fn write_compressed(img: &Image, buf: &[u8], off: u64) -> CliResult<()> {
         .map_err(|e| CliError::op(format!("compressed write at {off:#x}: {e}")))
 }
 
+/// What `oxcow convert` was asked to do.
+struct Request {
+    src: String,
+    dst: String,
+    src_fmt: Option<String>,
+    out_fmt: String,
+    create: CreateOptions,
+    compress: bool,
+    progress: bool,
+    force_share: bool,
+    no_probe: bool,
+}
+
 /// Runs `oxcow convert ARGS`.
 pub fn run(args: &[String]) -> CliResult<()> {
-    let mut src_fmt: Option<String> = None;
-    let mut out_fmt = "raw".to_string();
-    let mut o = CreateOptions::default();
-    let mut compress = false;
-    let mut progress = false;
+    let Some(req) = parse(args)? else {
+        return Ok(()); // -o help was printed
+    };
+    validate(&req)?;
+    let source = open_source(&req)?;
+    let size = source.size();
+    let target = create_target(&req, size)?;
+    let (src, dst) = (&req.src, &req.dst);
+    copy(&source, &target, size, src, dst, &req.create, req.progress)?;
+    match target {
+        Target::Qcow2 { img, .. } => (*img)
+            .close()
+            .map_err(|e| CliError::op(format!("closing '{dst}': {e}"))),
+        Target::Raw(f) => f
+            .sync_all()
+            .map_err(|e| CliError::op(format!("syncing '{dst}': {e}"))),
+    }
+}
+
+/// The request, or `None` when `-o help` (or `-o ?`) printed the options instead.
+fn parse(args: &[String]) -> CliResult<Option<Request>> {
+    let mut req = Request {
+        src: String::new(),
+        dst: String::new(),
+        src_fmt: None,
+        out_fmt: "raw".to_string(),
+        create: CreateOptions::default(),
+        compress: false,
+        progress: false,
+        force_share: false,
+        no_probe: false,
+    };
     let mut quiet = false;
-    let mut force_share = false;
-    let mut no_probe = false;
     let mut pos = Vec::new();
     for a in scan("convert", args, SPECS)? {
         match a {
-            Arg::Opt("-f", Some(f)) => src_fmt = Some(f),
-            Arg::Opt("-O", Some(f)) => out_fmt = f,
+            Arg::Opt("-f", Some(f)) => req.src_fmt = Some(f),
+            Arg::Opt("-O", Some(f)) => req.out_fmt = f,
             Arg::Opt("-o", Some(l)) => {
-                if apply_create_options(&mut o, &l)? {
-                    return Ok(());
+                if apply_create_options(&mut req.create, &l)? {
+                    return Ok(None);
                 }
             }
-            Arg::Opt("-c", _) => compress = true,
-            Arg::Opt("-p", _) => progress = true,
+            Arg::Opt("-c", _) => req.compress = true,
+            Arg::Opt("-p", _) => req.progress = true,
             Arg::Opt("-q", _) => quiet = true,
-            Arg::Opt("-U", _) => force_share = true,
-            Arg::Opt("--no-probe", _) => no_probe = true,
+            Arg::Opt("-U", _) => req.force_share = true,
+            Arg::Opt("--no-probe", _) => req.no_probe = true,
             Arg::Pos(p) => pos.push(p),
             Arg::Opt(..) => unreachable!("every spec is handled"),
         }
@@ -159,98 +197,104 @@ pub fn run(args: &[String]) -> CliResult<()> {
     let [src, dst] = pos.as_slice() else {
         return Err(CliError::usage("convert needs SRC DST"));
     };
+    req.src = src.clone();
+    req.dst = dst.clone();
+    req.progress &= !quiet;
+    Ok(Some(req))
+}
+
+/// Refuses what convert cannot do before anything is created.
+fn validate(req: &Request) -> CliResult<()> {
+    let out_fmt = req.out_fmt.as_str();
     if out_fmt != "raw" && out_fmt != "qcow2" {
         return Err(CliError::usage(format!(
             "unsupported output format '{out_fmt}' (raw or qcow2)"
         )));
     }
-    if compress && out_fmt != "qcow2" {
+    if req.compress && out_fmt != "qcow2" {
         return Err(CliError::usage(
             "-c (compressed output) needs -O qcow2: raw images cannot store compressed data",
         ));
     }
-    if o.backing_file.is_some() || o.backing_format.is_some() {
+    if req.create.backing_file.is_some() || req.create.backing_format.is_some() {
         // Zero ranges are skipped, so a backing file under DST would show through them.
         return Err(CliError::usage(
             "convert writes a self-contained image: -o backing_file/backing_fmt are not supported",
         ));
     }
-    let same = match (std::fs::canonicalize(src), std::fs::canonicalize(dst)) {
+    let same = match (
+        std::fs::canonicalize(&req.src),
+        std::fs::canonicalize(&req.dst),
+    ) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     };
     if same {
         return Err(CliError::usage(format!(
-            "SRC and DST are the same file ('{src}')"
+            "SRC and DST are the same file ('{}')",
+            req.src
         )));
     }
-    let src_fmt = match src_fmt {
-        Some(f) => f,
-        None if no_probe => {
+    Ok(())
+}
+
+/// Opens SRC in the format given, or (without --no-probe) the one its first bytes show.
+fn open_source(req: &Request) -> CliResult<Source> {
+    let src = req.src.as_str();
+    let src_fmt = match &req.src_fmt {
+        Some(f) => f.clone(),
+        None if req.no_probe => {
             return Err(CliError::usage(
                 "convert: --no-probe needs the format of SRC (-f qcow2 or -f raw)",
             ))
         }
         None => probe(src)?.to_string(),
     };
-    let source = match src_fmt.as_str() {
-        "qcow2" => Source::Qcow2(Box::new(
-            Image::open(
-                src,
-                &OpenOptions {
-                    force_share,
-                    no_probe,
-                    ..OpenOptions::default()
-                },
-            )
-            .map_err(|e| CliError::op(format!("could not open '{src}': {e}")))?,
-        )),
+    let open_err = |e: String| CliError::op(format!("could not open '{src}': {e}"));
+    match src_fmt.as_str() {
+        "qcow2" => {
+            let opts = OpenOptions {
+                force_share: req.force_share,
+                no_probe: req.no_probe,
+                ..OpenOptions::default()
+            };
+            let img = Image::open(src, &opts).map_err(|e| open_err(e.to_string()))?;
+            Ok(Source::Qcow2(Box::new(img)))
+        }
         "raw" => {
-            let f = File::open(src)
-                .map_err(|e| CliError::op(format!("could not open '{src}': {e}")))?;
+            let f = File::open(src).map_err(|e| open_err(e.to_string()))?;
             let len = f
                 .metadata()
                 .map_err(|e| CliError::op(format!("{src}: {e}")))?
                 .len();
-            Source::Raw(f, len)
+            Ok(Source::Raw(f, len))
         }
-        other => {
-            return Err(CliError::usage(format!(
-                "unsupported source format '{other}' (qcow2 or raw)"
-            )))
-        }
-    };
-    let size = source.size();
-    let target = if out_fmt == "qcow2" {
-        oxcow::create(dst, size, &o).map_err(|e| CliError::op(format!("{dst}: {e}")))?;
-        let img = Image::open(
-            dst,
-            &OpenOptions {
-                writable: true,
-                ..OpenOptions::default()
-            },
-        )
-        .map_err(|e| CliError::op(format!("could not open '{dst}': {e}")))?;
-        Target::Qcow2 {
-            img: Box::new(img),
-            compressed: compress,
-        }
-    } else {
+        other => Err(CliError::usage(format!(
+            "unsupported source format '{other}' (qcow2 or raw)"
+        ))),
+    }
+}
+
+/// Creates DST with `size` bytes of guest data.
+fn create_target(req: &Request, size: u64) -> CliResult<Target> {
+    let dst = req.dst.as_str();
+    if req.out_fmt != "qcow2" {
         let f = File::create(dst).map_err(|e| CliError::op(format!("creating '{dst}': {e}")))?;
         f.set_len(size)
             .map_err(|e| CliError::op(format!("sizing '{dst}': {e}")))?;
-        Target::Raw(f)
-    };
-    copy(&source, &target, size, src, dst, &o, progress && !quiet)?;
-    match target {
-        Target::Qcow2 { img, .. } => (*img)
-            .close()
-            .map_err(|e| CliError::op(format!("closing '{dst}': {e}")))?,
-        Target::Raw(f) => f
-            .sync_all()
-            .map_err(|e| CliError::op(format!("syncing '{dst}': {e}")))?,
+        return Ok(Target::Raw(f));
     }
-    Ok(())
+    oxcow::create(dst, size, &req.create).map_err(|e| CliError::op(format!("{dst}: {e}")))?;
+    let opts = OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    };
+    let img = Image::open(dst, &opts)
+        .map_err(|e| CliError::op(format!("could not open '{dst}': {e}")))?;
+    Ok(Target::Qcow2 {
+        img: Box::new(img),
+        compressed: req.compress,
+    })
 }
 
 /// The copy loop: chunks aligned to the target's allocation unit, zero units skipped.
