@@ -25,8 +25,57 @@ enum Output {
     Json,
 }
 
+/// What `oxcow check` was asked to do.
+struct CheckArgs<'a> {
+    fix: CheckFix,
+    output: Output,
+    force_share: bool,
+    show_progress: bool,
+    quiet: bool,
+    file: &'a str,
+}
+
 /// Runs `oxcow check ARGS`; returns the process exit code.
 pub fn run(args: &[String]) -> Result<u8, String> {
+    let Some(a) = parse(args)? else {
+        return Ok(0); // --help
+    };
+    let mut progress = Progress::new(a.show_progress && a.output == Output::Human && !a.quiet);
+    let mut cb = |done: u64, total: u64| progress.update(done, total);
+    let result = Image::check_path(a.file, a.fix, a.force_share, Some(&mut cb));
+    progress.finish();
+    let report = result.map_err(|e| format!("Check failed: {e}"))?;
+    print_report(&report, &a);
+    if report.check_errors > 0 {
+        eprintln!("oxcow: Check failed");
+    }
+    Ok(report.exit_code())
+}
+
+/// Prints the report the way qemu-img check does: repair and check messages on stderr, the
+/// summary (or JSON) on stdout.
+fn print_report(report: &CheckReport, a: &CheckArgs) {
+    for m in &report.repair_messages {
+        eprintln!("{m}");
+    }
+    if report.rechecked && a.output == Output::Human && !a.quiet {
+        print!(
+            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+            report.leaks_fixed, report.corruptions_fixed
+        );
+    }
+    for m in &report.messages {
+        eprintln!("{m}");
+    }
+    match a.output {
+        Output::Human if !a.quiet => print!("{}", human(report)),
+        Output::Human => {}
+        Output::Json => print!("{}", json(report, a.file)),
+    }
+}
+
+/// The arguments, or `None` after printing --help.
+fn parse(args: &[String]) -> Result<Option<CheckArgs<'_>>, String> {
     let mut fix = CheckFix::None;
     let mut output = Output::Human;
     let mut force_share = false;
@@ -49,7 +98,7 @@ pub fn run(args: &[String]) -> Result<u8, String> {
         match flag {
             "-h" | "--help" => {
                 print!("{HELP}");
-                return Ok(0);
+                return Ok(None);
             }
             "-r" | "--repair" => {
                 let v = match inline {
@@ -102,38 +151,14 @@ pub fn run(args: &[String]) -> Result<u8, String> {
     if force_share && fix != CheckFix::None {
         return Err("check: -U (force share) can only be used for read-only checks".into());
     }
-    let mut progress = Progress::new(show_progress && output == Output::Human && !quiet);
-    let mut cb = |done: u64, total: u64| progress.update(done, total);
-    let result = Image::check_path(file, fix, force_share, Some(&mut cb));
-    progress.finish();
-    let report = match result {
-        Ok(r) => r,
-        Err(e) => return Err(format!("Check failed: {e}")),
-    };
-    for m in &report.repair_messages {
-        eprintln!("{m}");
-    }
-    if report.rechecked && output == Output::Human && !quiet {
-        print!(
-            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
-            report.leaks_fixed, report.corruptions_fixed
-        );
-    }
-    for m in &report.messages {
-        eprintln!("{m}");
-    }
-    match output {
-        Output::Human => {
-            if !quiet {
-                print!("{}", human(&report));
-            }
-        }
-        Output::Json => print!("{}", json(&report, file)),
-    }
-    if report.check_errors > 0 {
-        eprintln!("oxcow: Check failed");
-    }
-    Ok(report.exit_code())
+    Ok(Some(CheckArgs {
+        fix,
+        output,
+        force_share,
+        show_progress,
+        quiet,
+        file,
+    }))
 }
 
 /// qemu-img's human summary.
