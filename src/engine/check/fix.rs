@@ -114,7 +114,8 @@ impl Checker<'_> {
             let mut run = 1u64;
             while run < max_run && b + run < nblocks {
                 let next = self.reftable.get((b + run) as usize).copied().unwrap_or(0);
-                if next & REFTABLE_OFFSET_MASK != off + run * cs {
+                // A block offset near the top of the address space must not wrap around.
+                if Some(next & REFTABLE_OFFSET_MASK) != off.checked_add(run * cs) {
                     break;
                 }
                 run += 1;
