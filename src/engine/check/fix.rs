@@ -247,6 +247,9 @@ impl Checker<'_> {
     fn alloc(&mut self, cursor: &mut u64, count: u64) -> Result<u64> {
         let floor = self.geo.clusters_for(self.past_eof_floor);
         let limit = (1u64 << 56) >> self.geo.cluster_bits;
+        // Placing the new structure past a reference far beyond the end of the file would
+        // make the in-memory refcount array (two bytes per cluster) and the file huge.
+        let reach = self.geo.clusters_for(self.growth_limit());
         let mut start = *cursor;
         let mut c = start;
         while c - start < count {
@@ -256,6 +259,12 @@ impl Checker<'_> {
                 ));
             }
             if c >= self.refs.len() && c < floor {
+                if floor.saturating_add(count) > reach {
+                    return Err(Error::NoSpace(format!(
+                        "no room for a new refcount structure: a cluster referenced at {:#x} lies too far beyond the end of the file",
+                        self.past_eof_floor
+                    )));
+                }
                 c = floor;
                 start = c;
                 continue;
