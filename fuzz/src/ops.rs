@@ -273,6 +273,11 @@ pub fn check_repair(data: &[u8], wd: &Workdir) {
     let Ok(repaired) = Image::check_path(path, fix, false, None) else {
         return; // a clean error
     };
+    if repaired.check_errors > 0 {
+        // The repair could not complete (qemu-img check's exit code 1, e.g. "need to rebuild
+        // refcount structures" with leaks-only repairs): a clean error.
+        return;
+    }
     let after = match Image::check_path(path, CheckFix::None, false, None) {
         Ok(r) => r,
         Err(e) => panic!("the image does not check any more after a successful repair: {e}"),
@@ -290,7 +295,7 @@ pub fn check_repair(data: &[u8], wd: &Workdir) {
                 "the repair made corruptions: before {before:#?}\nafter: {after:#?}"
             );
         }
-        if fix == CheckFix::All && after.check_errors == 0 {
+        if fix == CheckFix::All {
             assert_eq!(after.leaks, 0, "a full repair left leaks: {after:#?}");
         }
     }
