@@ -80,7 +80,8 @@ for t in ${FUZZ_TARGETS:-header image_io check_repair}; do
   echo "== fuzz: $t for ${secs}s (corpus $(ls "$corpus" | wc -l) files)"
   log="$out/$t.log"
   rc=0
-  "$bin/$t" "${args[@]}" "$new" "$corpus" >"$log" 2>&1 || rc=$?
+  # Last resort against a wedged fuzzer (the targets also run a watchdog, see fuzz/src/lib.rs).
+  timeout -k 10 $((secs + 300)) "$bin/$t" "${args[@]}" "$new" "$corpus" >"$log" 2>&1 || rc=$?
   # The last status line (execs, cov, ft, corpus) and the final stats.
   grep -E '^#[0-9]+|^stat::' "$log" | grep -Ev 'NEW|REDUCE|pulse' | tail -8 || true
   found=$(ls "$out/artifacts" | grep -c "^$t-" || true)
@@ -91,7 +92,7 @@ for t in ${FUZZ_TARGETS:-header image_io check_repair}; do
   fi
   if [ "${FUZZ_MERGE:-0}" = 1 ]; then
     echo "== fuzz: merging new units of $t into ${corpus#"$root"/}"
-    "$bin/$t" -merge=1 -timeout=10 -rss_limit_mb=2048 -max_len="$max_len" "$corpus" "$new" \
+    timeout -k 10 3600 "$bin/$t" -merge=1 -timeout=10 -rss_limit_mb=2048 -max_len="$max_len" "$corpus" "$new" \
       >"$out/$t-merge.log" 2>&1 || echo "!! merge of $t failed (see $out/$t-merge.log)"
   fi
 done

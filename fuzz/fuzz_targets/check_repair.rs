@@ -8,5 +8,5 @@ static WORKDIR: OnceLock<Workdir> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
     let wd = WORKDIR.get_or_init(|| Workdir::new("check_repair"));
-    oxcow_fuzz::check_repair(data, wd);
+    oxcow_fuzz::guarded(|| oxcow_fuzz::check_repair(data, wd));
 });

@@ -8,5 +8,5 @@ static WORKDIR: OnceLock<Workdir> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
     let wd = WORKDIR.get_or_init(|| Workdir::new("image_io"));
-    oxcow_fuzz::image_io(data, wd);
+    oxcow_fuzz::guarded(|| oxcow_fuzz::image_io(data, wd));
 });

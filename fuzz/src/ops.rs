@@ -207,7 +207,7 @@ fn run_op(img: &Image, op: &[u8]) {
     }
     let kind = op[0];
     let frac = u32::from_be_bytes([op[1], op[2], op[3], op[4]]) as u128;
-    let mut off = (size as u128 * frac >> 32) as u64;
+    let mut off = ((size as u128 * frac) >> 32) as u64;
     if kind & 0x80 == 0 {
         off &= !511; // mostly sector aligned, sometimes not
     }
