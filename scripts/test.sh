@@ -11,6 +11,7 @@ export CARGO_TERM_COLOR=never
 
 echo "== cargo fmt / clippy"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --all-targets -- -D warnings
 
 echo "== build (release library, CLI and tests; ctests/run.sh builds the debug library)"
@@ -21,6 +22,9 @@ git diff --exit-code -- include/oxcow.h || { echo "include/oxcow.h is stale: com
 
 echo "== cargo test"
 cargo test --release --no-fail-fast
+
+echo "== fuzz: each libFuzzer target for a bounded time (about a minute in all; fuzz/README.md)"
+./scripts/fuzz.sh
 
 echo "== loom: every interleaving of the in-flight tracker (separate target dir: --cfg loom)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom_

@@ -119,7 +119,8 @@ impl Checker<'_> {
             let mut run = 1u64;
             while run < max_run && b + run < nblocks {
                 let next = self.reftable.get((b + run) as usize).copied().unwrap_or(0);
-                if next & REFTABLE_OFFSET_MASK != off + run * cs {
+                // A block offset near the top of the address space must not wrap around.
+                if Some(next & REFTABLE_OFFSET_MASK) != off.checked_add(run * cs) {
                     break;
                 }
                 run += 1;
@@ -254,6 +255,9 @@ impl Checker<'_> {
     fn alloc(&mut self, cursor: &mut u64, count: u64) -> Result<u64> {
         let floor = self.geo.clusters_for(self.past_eof_floor);
         let limit = (1u64 << 56) >> self.geo.cluster_bits;
+        // Placing the new structure past a reference far beyond the end of the file would
+        // make the in-memory refcount array (two bytes per cluster) and the file huge.
+        let reach = self.geo.clusters_for(self.growth_limit());
         let mut start = *cursor;
         let mut c = start;
         // Bound: `c` grows every round (or jumps to `floor`, once); past the end of `refs`
@@ -267,6 +271,12 @@ impl Checker<'_> {
                 ));
             }
             if c >= self.refs.len() && c < floor {
+                if floor.saturating_add(count) > reach {
+                    return Err(Error::NoSpace(format!(
+                        "no room for a new refcount structure: a cluster referenced at {:#x} lies too far beyond the end of the file",
+                        self.past_eof_floor
+                    )));
+                }
                 c = floor;
                 start = c;
                 continue;

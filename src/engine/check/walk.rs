@@ -42,6 +42,9 @@ pub(super) struct Checker<'a> {
     pub(super) reftable: Vec<u64>,
     /// Length of the file when the last calculation started.
     pub(super) file_len: u64,
+    /// Length of the file when this check started: growing the file to reach refcount blocks
+    /// outside the image is bounded relative to it, not to the already grown file.
+    pub(super) initial_file_len: Option<u64>,
     /// End of the furthest region that was referenced but lies past the end of the file;
     /// rebuilt refcount structures are never placed below it past the end of the file.
     pub(super) past_eof_floor: u64,
@@ -154,6 +157,7 @@ impl<'a> Checker<'a> {
             bad_blocks: HashSet::new(),
             reftable: Vec::new(),
             file_len: 0,
+            initial_file_len: None,
             past_eof_floor: 0,
             msgs: Vec::new(),
             snapshot_corruptions: 0,
@@ -212,6 +216,16 @@ impl<'a> Checker<'a> {
         self.total += n;
     }
 
+    /// How far a repair may grow the file (and the in-memory refcount array with it): twice
+    /// its length when the check started or 1 GiB more, whichever is larger, and never more
+    /// clusters than a check handles.
+    pub(super) fn growth_limit(&self) -> u64 {
+        let base = self.initial_file_len.unwrap_or(self.file_len);
+        (base.saturating_mul(2))
+            .max(base.saturating_add(1 << 30))
+            .min(MAX_CHECK_CLUSTERS << self.geo.cluster_bits)
+    }
+
     /// Counts one reference to every cluster of `[offset, offset+size)`.
     pub(super) fn inc(&mut self, res: &mut CheckReport, offset: u64, size: u64) -> Result<()> {
         if size == 0 {
@@ -254,6 +268,7 @@ impl<'a> Checker<'a> {
     pub(super) fn calculate(&mut self, res: &mut CheckReport, fix: CheckFix) -> Result<()> {
         let cs = self.geo.cluster_size();
         self.file_len = self.file.len()?;
+        self.initial_file_len.get_or_insert(self.file_len);
         let nb = self.geo.clusters_for(self.file_len);
         if nb > MAX_CHECK_CLUSTERS {
             res.check_errors += 1;
@@ -569,10 +584,11 @@ impl<'a> Checker<'a> {
                 if repair {
                     // Grow the file so that the block exists (reading as zeros), unless the
                     // entry points absurdly far away: then the refcount structure is rebuilt
-                    // without it instead of growing a huge sparse file.
-                    let limit = (self.file_len.saturating_mul(2))
-                        .max(self.file_len.saturating_add(1 << 30))
-                        .min(MAX_CHECK_CLUSTERS << self.geo.cluster_bits);
+                    // without it instead of growing a huge sparse file. The bound is taken
+                    // from the file as it was: one block after the other, each within reach
+                    // of the last, must not walk the file (and the in-memory refcount array,
+                    // two bytes per cluster) up to terabytes.
+                    let limit = self.growth_limit();
                     let grown = match off.checked_add(cs).filter(|&l| l <= limit) {
                         None => Err("the block is too far beyond the end of the file".to_string()),
                         Some(l) => self.file.set_len(l).map_err(|e| e.to_string()),
