@@ -272,7 +272,7 @@ impl Checker<'_> {
             }
             if c >= self.refs.len() && c < floor {
                 if floor.saturating_add(count) > reach {
-                    return Err(Error::NoSpace(format!(
+                    return Err(Error::new(ErrorKind::NoSpace, format!(
                         "no room for a new refcount structure: a cluster referenced at {:#x} lies too far beyond the end of the file",
                         self.past_eof_floor
                     )));
