@@ -51,7 +51,8 @@ impl Checker<'_> {
             .followed_by(layout::SNAPSHOTS_OFFSET, v, new_off.get())?;
         file.write_header_fields(&update)?;
         file.sync()?;
-        let (old_off, old_len) = (self.header.snapshots_offset, self.snapshot_table_len);
+        let old_off = HostOffset::new(self.header.snapshots_offset);
+        let old_len = self.snapshot_table_len;
         self.header.nb_snapshots = self.snapshots.len() as u32;
         self.header.snapshots_offset = new_off.get();
         self.snapshot_table_len = bytes.len() as u64;
@@ -60,13 +61,13 @@ impl Checker<'_> {
 
     /// Drops the old table's references (only the clusters the check counted: a table past
     /// the end of the file held none).
-    fn free_old_table(&mut self, rc: &mut Refcounts, off: u64, len: u64) -> Result<()> {
+    fn free_old_table(&mut self, rc: &mut Refcounts, off: HostOffset, len: u64) -> Result<()> {
         let file = self.file;
         let geo = self.geo;
-        if len == 0 || off.saturating_add(len) > file.len()? {
+        if len == 0 || off.get().saturating_add(len) > file.len()? {
             return Ok(());
         }
-        let (first, last) = (HostOffset::new(off), HostOffset::new(off + len - 1));
+        let (first, last) = (off, off + (len - 1));
         // Bound: the old table is at most 64 MiB (checked when it was read).
         for c in (first.cluster(&geo).0..=last.cluster(&geo).0).map(HostCluster) {
             if c != HostCluster(0) && rc.get(file, c)? > 0 {
