@@ -282,6 +282,8 @@ impl<'a> Checker<'a> {
         walked
     }
 
+    /// Walks the L1 tables of `snaps`, reporting entries whose L1 table is unaligned or too
+    /// large instead.
     fn check_snapshot_l1s_of(
         &mut self,
         res: &mut CheckReport,
