@@ -13,7 +13,7 @@
 //! what a request overlapping a concurrent write may see. Host clusters it maps stay valid
 //! for the request's duration thanks to [`crate::storage::Grace`].
 
-use crate::format::entry::{self, decode_l2, Mapping};
+use crate::format::entry::{decode_l2, L1Entry, Mapping};
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crossbeam_utils::sync::ShardedLock;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
@@ -195,7 +195,7 @@ impl MapView {
     /// metadata mutex, which also produces the proper error).
     pub fn lookup(&self, geo: &Geometry, version: u32, guest: GuestOffset) -> Option<Mapping> {
         let e = self.l1_entry(guest.l1_index(geo))?;
-        let off = entry::l1_l2_offset(e);
+        let off = L1Entry(e).l2_offset();
         if off == HostOffset::ZERO {
             return Some(Mapping::Unallocated { zero: 0 });
         }

@@ -8,7 +8,7 @@ use super::mapview::{L2Table, MapView};
 use super::refcount::Refcounts;
 use crate::error::{corrupt, Error, ErrorKind, Result};
 use crate::format::be::u64_table_bytes;
-use crate::format::entry::{self, decode_l2, encode_l2, EntryError, Mapping, COPIED};
+use crate::format::entry::{decode_l2, encode_l2, EntryError, L1Entry, Mapping};
 use crate::format::{Geometry, GuestOffset, Header, HostCluster, HostOffset};
 use crate::storage::{HostFile, MetaKind, WriteKind};
 use std::collections::BTreeSet;
@@ -130,7 +130,7 @@ impl Meta {
         // An unaligned entry does not fail the open (QEMU opens the image too): the requests
         // that go through it fail in `l2_offset`.
         for &e in &l1 {
-            let off = entry::l1_l2_offset(e);
+            let off = L1Entry(e).l2_offset();
             if off != HostOffset::ZERO && off.is_cluster_aligned(&geo) {
                 ix.insert(off.cluster(&geo).0, 1, MetaKind::ActiveL2);
             }
@@ -161,7 +161,7 @@ impl Meta {
             let snap_l1 = HostOffset::new(s.l1_table_offset);
             file.read_zero_padded(&mut raw, snap_l1, "snapshot L1 table")?;
             for e in crate::format::be::u64_table(&raw) {
-                let off = entry::l1_l2_offset(e);
+                let off = L1Entry(e).l2_offset();
                 if off != HostOffset::ZERO && off.is_cluster_aligned(&geo) {
                     ix.insert(off.cluster(&geo).0, 1, MetaKind::InactiveL2);
                 }
@@ -186,7 +186,7 @@ impl Meta {
         let Some(e) = self.view.l1_entry(l1_index) else {
             return Ok(HostOffset::ZERO);
         };
-        let off = entry::l1_l2_offset(e);
+        let off = L1Entry(e).l2_offset();
         if off != HostOffset::ZERO && !off.is_cluster_aligned(&self.geo) {
             return corrupt!("L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})");
         }
@@ -322,7 +322,7 @@ impl Meta {
             .l1_entry(l1_index)
             .ok_or_else(|| Error::invalid(format!("L1 index {l1_index} out of range")))?;
         let old = self.l2_offset(l1_index)?;
-        if old != HostOffset::ZERO && e & COPIED != 0 {
+        if old != HostOffset::ZERO && L1Entry(e).copied() {
             return Ok(old);
         }
         let words = self.geo.u64_per_cluster() as usize;
@@ -347,7 +347,7 @@ impl Meta {
             file.guard()
                 .remove(old.cluster(&geo).0, 1, MetaKind::ActiveL2);
         }
-        self.view.set_l1(l1_index, new.get() | COPIED);
+        self.view.set_l1(l1_index, L1Entry::new(new, true).0);
         self.l1_dirty
             .insert(l1_index as u64 / geo.u64_per_cluster());
         if old != HostOffset::ZERO {

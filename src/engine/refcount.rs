@@ -9,8 +9,9 @@ use super::cache::TableCache;
 use crate::error::ErrorKind;
 use crate::error::{corrupt, Error, Result};
 use crate::format::be::{u64_table, u64_table_bytes};
+use crate::format::entry::RefcountTableEntry;
 use crate::format::header::{layout, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
-use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
+use crate::format::refcount;
 use crate::format::{Geometry, HostCluster, HostOffset};
 use crate::storage::{HostFile, MetaKind, WriteKind};
 use std::collections::{BTreeSet, HashSet, VecDeque};
@@ -96,7 +97,7 @@ impl Refcounts {
         let Some(&e) = usize::try_from(idx).ok().and_then(|i| self.table.get(i)) else {
             return Ok(HostOffset::ZERO);
         };
-        let off = HostOffset::new(e & REFTABLE_OFFSET_MASK);
+        let off = RefcountTableEntry(e).block_offset();
         if off != HostOffset::ZERO && !off.is_cluster_aligned(&self.geo) {
             return corrupt!("Refblock offset {off:#x} unaligned (reftable index: {idx:#x})");
         }

@@ -12,14 +12,14 @@ pub fn get(block: &[u8], order: u32, idx: usize) -> u64 {
             let bits = 1usize << order;
             let bit = idx * bits;
             let byte = block[bit / 8];
-            ((byte >> (bit % 8)) as u64) & ((1u64 << bits) - 1)
+            u64::from(byte >> (bit % 8)) & ((1u64 << bits) - 1)
         }
-        3 => block[idx] as u64,
-        4 => u16::from_be_bytes([block[idx * 2], block[idx * 2 + 1]]) as u64,
+        3 => u64::from(block[idx]),
+        4 => u64::from(u16::from_be_bytes([block[idx * 2], block[idx * 2 + 1]])),
         5 => {
             let mut a = [0u8; 4];
             a.copy_from_slice(&block[idx * 4..idx * 4 + 4]);
-            u32::from_be_bytes(a) as u64
+            u64::from(u32::from_be_bytes(a))
         }
         _ => {
             let mut a = [0u8; 8];

@@ -3,17 +3,32 @@
 //! and clearing the dirty and corrupt bits once the image is clean.
 
 use super::refs::RefArray;
-use super::walk::{kind, l2_words, read_l2_run, read_u64_table, Checker, Kind, BATCH_BYTES};
+use super::walk::{read_l1_table, read_l2_run, Checker, BATCH_BYTES};
 use super::{CheckFix, CheckReport};
 use crate::error::ErrorKind;
 use crate::error::{Error, Result};
 use crate::format::be::put_u64;
-use crate::format::entry::{COPIED, OFFSET_MASK};
+use crate::format::entry::{l2_entry_bytes, L1Entry, L2Entry, L2Kind, RefcountTableEntry};
 use crate::format::header::{layout, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
-use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
-use crate::format::HostOffset;
+use crate::format::refcount;
+use crate::format::{HostCluster, HostOffset};
 use crate::storage::WriteKind;
 use std::collections::BTreeMap;
+
+/// Where an L1 entry lives: the table's host offset and the entry's index in it.
+#[derive(Clone, Copy)]
+struct L1Slot {
+    table: HostOffset,
+    index: usize,
+}
+
+impl L1Slot {
+    /// The host offset of the entry.
+    fn entry_offset(self) -> HostOffset {
+        // An L1 table holds at most 4 Mi entries.
+        self.table + self.index as u64 * 8
+    }
+}
 
 impl Checker<'_> {
     /// One full check pass with the repairs `fix` allows (QEMU's `qcow2_check_refcounts`
@@ -77,9 +92,7 @@ impl Checker<'_> {
     /// repairing what `fix` allows; fills `self.disk`. Returns the highest cluster in use.
     fn compare(&mut self, res: &mut CheckReport, fix: CheckFix) -> Result<u64> {
         let geo = self.geo;
-        let cs = geo.cluster_size();
         let per = geo.refblock_entries();
-        let order = geo.refcount_order;
         let n = self.refs.len();
         self.disk = RefArray::zeroed(n)?;
         self.bad_blocks.clear();
@@ -89,22 +102,19 @@ impl Checker<'_> {
         // Bound: `n` is the file's cluster count (at most MAX_CHECK_CLUSTERS, checked by
         // `calculate`) and every round advances `b` by at least one block.
         let mut b = 0u64;
-        let max_run = (BATCH_BYTES / cs).max(1);
         while b < nblocks {
-            let e = self.reftable.get(b as usize).copied().unwrap_or(0);
-            let off = e & REFTABLE_OFFSET_MASK;
-            let first = b * per;
-            let end = (first + per).min(n);
-            if off == 0 {
-                for i in first..end {
+            let off = self.reftable_entry(b).block_offset();
+            let clusters = b * per..((b + 1) * per).min(n);
+            if off == HostOffset::ZERO {
+                for i in clusters {
                     self.compare_one(res, fix, i, 0, false, &mut highest);
                 }
                 b += 1;
                 self.tick(1);
                 continue;
             }
-            if !geo.is_aligned(off) {
-                for i in first..end {
+            if !off.is_cluster_aligned(&geo) {
+                for i in clusters {
                     self.msg(format!(
                         "Can't get refcount for cluster {i}: Input/output error"
                     ));
@@ -115,47 +125,77 @@ impl Checker<'_> {
                 self.tick(1);
                 continue;
             }
-            // Coalesce blocks that follow each other on the host into one read.
-            let mut run = 1u64;
-            while run < max_run && b + run < nblocks {
-                let next = self.reftable.get((b + run) as usize).copied().unwrap_or(0);
-                // A block offset near the top of the address space must not wrap around.
-                if Some(next & REFTABLE_OFFSET_MASK) != off.checked_add(run * cs) {
-                    break;
-                }
-                run += 1;
-            }
-            let mut buf = vec![0u8; (run * cs) as usize];
-            self.file
-                .read_zero_padded(&mut buf, HostOffset::new(off), "refcount block")?;
-            for k in 0..run {
-                let blk = &mut buf[(k * cs) as usize..((k + 1) * cs) as usize];
-                let first = (b + k) * per;
-                let end = (first + per).min(n);
-                let mut dirty = false;
-                for i in first..end {
-                    let on = refcount::get(blk, order, (i - first) as usize);
-                    if let Some(v) = self.compare_one(res, fix, i, on, true, &mut highest) {
-                        refcount::set(blk, order, (i - first) as usize, v);
-                        dirty = true;
-                    }
-                }
-                if dirty {
-                    self.file.write(
-                        blk,
-                        HostOffset::new(off + k * cs),
-                        WriteKind::RefcountBlock,
-                    )?;
-                    self.wrote = true;
-                }
-                self.tick(1);
-            }
+            let run = self.contiguous_blocks(b, nblocks, off);
+            self.compare_blocks(res, fix, b..b + run, off, &mut highest)?;
             b += run;
         }
         if self.wrote {
             self.file.sync()?;
         }
         Ok(highest)
+    }
+
+    /// The refcount table entry of refcount block `b` (an empty one past the table's end).
+    fn reftable_entry(&self, b: u64) -> RefcountTableEntry {
+        usize::try_from(b)
+            .ok()
+            .and_then(|i| self.reftable.get(i))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// How many refcount blocks from `b`, which is at `off`, follow each other on the host
+    /// (to be read at once, at most [`BATCH_BYTES`]).
+    fn contiguous_blocks(&self, b: u64, nblocks: u64, off: HostOffset) -> u64 {
+        let cs = self.geo.cluster_size();
+        let max_run = (BATCH_BYTES / cs).max(1);
+        let mut run = 1u64;
+        while run < max_run
+            && b + run < nblocks
+            // A block offset near the top of the address space must not wrap around.
+            && Some(self.reftable_entry(b + run).block_offset()) == off.checked_add(run * cs)
+        {
+            run += 1;
+        }
+        run
+    }
+
+    /// Compares the clusters counted by the refcount blocks `blocks`, which lie one after
+    /// the other from `off`, and writes back the blocks in which a mismatch was repaired.
+    fn compare_blocks(
+        &mut self,
+        res: &mut CheckReport,
+        fix: CheckFix,
+        blocks: std::ops::Range<u64>,
+        off: HostOffset,
+        highest: &mut u64,
+    ) -> Result<()> {
+        let geo = self.geo;
+        let per = geo.refblock_entries();
+        let n = self.refs.len();
+        let block_bytes = 1usize << geo.cluster_bits;
+        // At most BATCH_BYTES (see `contiguous_blocks`).
+        let mut buf = vec![0u8; (blocks.end - blocks.start) as usize * block_bytes];
+        self.file
+            .read_zero_padded(&mut buf, off, "refcount block")?;
+        let mut at = off;
+        for (b, blk) in blocks.zip(buf.chunks_exact_mut(block_bytes)) {
+            let mut dirty = false;
+            for (j, i) in (b * per..((b + 1) * per).min(n)).enumerate() {
+                let on = refcount::get(blk, geo.refcount_order, j);
+                if let Some(v) = self.compare_one(res, fix, i, on, true, highest) {
+                    refcount::set(blk, geo.refcount_order, j, v);
+                    dirty = true;
+                }
+            }
+            if dirty {
+                self.file.write(blk, at, WriteKind::RefcountBlock)?;
+                self.wrote = true;
+            }
+            at += geo.cluster_size();
+            self.tick(1);
+        }
+        Ok(())
     }
 
     /// Compares one cluster; returns the value to store when the mismatch was repaired.
@@ -220,34 +260,28 @@ impl Checker<'_> {
 
     /// The on-disk refcount of a cluster as the last comparison left it; `None` when it
     /// cannot be read.
-    fn disk_refcount(&self, cluster: u64) -> Result<Option<u64>> {
-        let per = self.geo.refblock_entries();
-        if self.bad_blocks.contains(&(cluster / per)) {
+    fn disk_refcount(&self, cluster: HostCluster) -> Result<Option<u64>> {
+        let geo = self.geo;
+        let b = cluster.refblock_index(&geo);
+        if self.bad_blocks.contains(&b) {
             return Ok(None);
         }
-        if cluster < self.disk.len() {
-            return Ok(Some(self.disk.get(cluster)));
+        if cluster.0 < self.disk.len() {
+            return Ok(Some(self.disk.get(cluster.0)));
         }
-        let e = self
-            .reftable
-            .get((cluster / per) as usize)
-            .copied()
-            .unwrap_or(0);
-        let off = e & REFTABLE_OFFSET_MASK;
-        if off == 0 {
+        let off = self.reftable_entry(b).block_offset();
+        if off == HostOffset::ZERO {
             return Ok(Some(0));
         }
-        if !self.geo.is_aligned(off) {
+        if !off.is_cluster_aligned(&geo) {
             return Ok(None);
         }
-        let mut blk = vec![0u8; self.geo.cluster_size() as usize];
+        let mut blk = vec![0u8; 1usize << geo.cluster_bits];
         self.file
-            .read_zero_padded(&mut blk, HostOffset::new(off), "refcount block")?;
-        Ok(Some(refcount::get(
-            &blk,
-            self.geo.refcount_order,
-            (cluster % per) as usize,
-        )))
+            .read_zero_padded(&mut blk, off, "refcount block")?;
+        // Below the entries of one block (at most 2^24).
+        let j = cluster.refblock_entry(&geo) as usize;
+        Ok(Some(refcount::get(&blk, geo.refcount_order, j)))
     }
 
     /// First-fit allocation of `count` clusters that no structure references, in the
@@ -302,11 +336,24 @@ impl Checker<'_> {
     /// structure uses, syncs them, then switches the header to them with one synced write.
     /// The old structures stay untouched (they become leaks).
     fn rebuild_structure(&mut self) -> Result<()> {
-        let geo = self.geo;
-        let cs = geo.cluster_size();
-        let cb = geo.cluster_bits;
-        let per = geo.refblock_entries();
-        let mut blocks: BTreeMap<u64, u64> = BTreeMap::new();
+        let (blocks, table_first, table_clusters) = self.place_structure()?;
+        let table_off = self.write_structure(&blocks, table_first, table_clusters)?;
+        self.file
+            .write_header_fields(&layout::reftable_update(table_off, table_clusters)?)?;
+        self.file.sync()?;
+        self.header.refcount_table_offset = table_off.get();
+        // At most MAX_REFTABLE_BYTES of table (checked by `place_structure`).
+        self.header.refcount_table_clusters = table_clusters as u32;
+        Ok(())
+    }
+
+    /// Chooses free clusters for the new refcount blocks (one per block of clusters in use)
+    /// and for a table pointing at them all. These allocations use clusters too, so it
+    /// repeats until nothing more is needed. Returns the blocks by refcount table index, and
+    /// the first cluster and length of the table.
+    fn place_structure(&mut self) -> Result<(BTreeMap<u64, HostOffset>, HostCluster, u64)> {
+        let cs = self.geo.cluster_size();
+        let mut blocks = BTreeMap::new();
         let mut table: Option<(u64, u64)> = None;
         let mut cursor = 0u64;
         let mut rounds = 0;
@@ -317,20 +364,7 @@ impl Checker<'_> {
                     "rebuilding the refcount structure did not converge",
                 ));
             }
-            let mut added = false;
-            // Bound: `refs` only grows by the clusters this loop allocates (one per new
-            // block), so the block count grows by at most one per `per` new blocks; the
-            // outer loop is capped at 64 rounds.
-            let mut b = 0;
-            while b < self.refs.len().div_ceil(per) {
-                if !blocks.contains_key(&b) && self.refs.any_in(b * per, (b + 1) * per) {
-                    let c = self.alloc(&mut cursor, 1)?;
-                    blocks.insert(b, c << cb);
-                    added = true;
-                }
-                b += 1;
-            }
-            if added {
+            if self.place_blocks(&mut blocks, &mut cursor)? {
                 continue;
             }
             let entries = blocks.keys().next_back().map_or(1, |&b| b + 1);
@@ -357,34 +391,64 @@ impl Checker<'_> {
         let Some((table_first, table_clusters)) = table else {
             return Err(Error::corrupt("no refcount table was allocated"));
         };
-        let order = geo.refcount_order;
-        let mut new_table = vec![0u64; (table_clusters * cs / 8) as usize];
-        for (&b, &off) in &blocks {
-            let mut data = vec![0u8; cs as usize];
-            for j in 0..per {
-                let v = self.refs.get(b * per + j);
+        Ok((blocks, HostCluster(table_first), table_clusters))
+    }
+
+    /// Allocates a cluster for every refcount block that counts a cluster in use and has
+    /// none yet. Returns whether it allocated any.
+    fn place_blocks(
+        &mut self,
+        blocks: &mut BTreeMap<u64, HostOffset>,
+        cursor: &mut u64,
+    ) -> Result<bool> {
+        let per = self.geo.refblock_entries();
+        let mut added = false;
+        // Bound: `refs` only grows by the clusters this loop allocates (one per new block),
+        // so the block count grows by at most one per `per` new blocks; the caller's loop is
+        // capped at 64 rounds.
+        let mut b = 0;
+        while b < self.refs.len().div_ceil(per) {
+            if !blocks.contains_key(&b) && self.refs.any_in(b * per, (b + 1) * per) {
+                let c = HostCluster(self.alloc(cursor, 1)?);
+                blocks.insert(b, c.offset(&self.geo));
+                added = true;
+            }
+            b += 1;
+        }
+        Ok(added)
+    }
+
+    /// Writes the refcount blocks and the table [`Self::place_structure`] placed, and syncs
+    /// them. Returns the table's offset.
+    fn write_structure(
+        &mut self,
+        blocks: &BTreeMap<u64, HostOffset>,
+        table_first: HostCluster,
+        table_clusters: u64,
+    ) -> Result<HostOffset> {
+        let geo = self.geo;
+        let per = geo.refblock_entries();
+        // At most MAX_REFTABLE_BYTES / 8 entries (checked by `place_structure`).
+        let mut new_table = vec![0u64; (table_clusters * geo.u64_per_cluster()) as usize];
+        for (&b, &off) in blocks {
+            let mut data = vec![0u8; 1usize << geo.cluster_bits];
+            for (j, i) in (b * per..(b + 1) * per).enumerate() {
+                let v = self.refs.get(i);
                 if v != 0 {
-                    refcount::set(&mut data, order, j as usize, v);
+                    refcount::set(&mut data, geo.refcount_order, j, v);
                 }
             }
-            self.file
-                .write(&data, HostOffset::new(off), WriteKind::RefcountBlock)?;
-            new_table[b as usize] = off;
+            self.file.write(&data, off, WriteKind::RefcountBlock)?;
+            // Below the table's entries: `b` is the largest key at most.
+            new_table[b as usize] = RefcountTableEntry::new(off).0;
         }
-        let table_off = table_first << cb;
+        let table_off = table_first.offset(&geo);
         let bytes = crate::format::be::u64_table_bytes(&new_table);
         self.file
-            .write(&bytes, HostOffset::new(table_off), WriteKind::RefcountTable)?;
+            .write(&bytes, table_off, WriteKind::RefcountTable)?;
         self.wrote = true;
         self.file.sync()?;
-        self.file.write_header_fields(&layout::reftable_update(
-            HostOffset::new(table_off),
-            table_clusters,
-        )?)?;
-        self.file.sync()?;
-        self.header.refcount_table_offset = table_off;
-        self.header.refcount_table_clusters = table_clusters as u32;
-        Ok(())
+        Ok(table_off)
     }
 
     /// Checks (and with `fix`, repairs) the COPIED flags of the active L1 entries and of the
@@ -395,81 +459,24 @@ impl Checker<'_> {
             CheckFix::Leaks => res.check_errors == 0 && res.corruptions == 0 && res.leaks == 0,
             CheckFix::None => false,
         };
-        let geo = self.geo;
-        let cs = geo.cluster_size();
-        let cb = geo.cluster_bits;
-        let l1_off = self.header.l1_table_offset;
-        let mut l1 = read_u64_table(self.file, l1_off, self.header.l1_size as u64, "L1 table")?;
+        let l1_off = HostOffset::new(self.header.l1_table_offset);
+        let mut l1 = read_l1_table(self.file, l1_off, self.header.l1_size)?;
         let mut wrote = false;
         let mut i = 0;
         while i < l1.len() {
-            if l1[i] & OFFSET_MASK == 0 {
+            if l1[i].l2_offset() == HostOffset::ZERO {
                 i += 1;
                 self.tick(1);
                 continue;
             }
-            let (n, mut buf) = read_l2_run(self.file, &geo, &l1, i)?;
-            for k in 0..n {
-                let idx = i + k;
-                let e = l1[idx];
-                let l2 = e & OFFSET_MASK;
-                // The L1 entry itself may be fixed; the table it points at only when it is
-                // not the header, the L1 or the refcount table posing as an L2 table.
-                let repair = may_repair;
-                let repair_l2 = may_repair && self.fixed_metadata_at(l2).is_none();
-                let Some(rc) = self.disk_refcount(l2 >> cb)? else {
-                    self.tick(1);
-                    continue;
+            let (n, mut buf) = read_l2_run(self.file, &self.geo, &l1, i)?;
+            let tables = buf.chunks_exact_mut(1usize << self.geo.cluster_bits);
+            for (k, t) in tables.enumerate() {
+                let slot = L1Slot {
+                    table: l1_off,
+                    index: i + k,
                 };
-                if (rc == 1) != (e & COPIED != 0) {
-                    res.corruptions += 1;
-                    self.msg(format!(
-                        "{} OFLAG_COPIED L2 cluster: l1_index={idx} l1_entry={e:x} refcount={rc}",
-                        if repair { "Repairing" } else { "ERROR" }
-                    ));
-                    if repair {
-                        let new = if rc == 1 { e | COPIED } else { e & !COPIED };
-                        l1[idx] = new;
-                        self.file.write(
-                            &new.to_be_bytes(),
-                            HostOffset::new(l1_off + idx as u64 * 8),
-                            WriteKind::L1,
-                        )?;
-                        wrote = true;
-                        res.corruptions -= 1;
-                        res.corruptions_fixed += 1;
-                    }
-                }
-                let t = &mut buf[k * cs as usize..(k + 1) * cs as usize];
-                let mut dirty = 0u64;
-                for j in 0..geo.l2_entries() as usize {
-                    let (w, _) = l2_words(&geo, t, j);
-                    if !matches!(kind(&geo, w), Kind::Normal | Kind::ZeroAlloc) {
-                        continue;
-                    }
-                    let Some(rc) = self.disk_refcount((w & OFFSET_MASK) >> cb)? else {
-                        continue;
-                    };
-                    if (rc == 1) != (w & COPIED != 0) {
-                        res.corruptions += 1;
-                        self.msg(format!(
-                            "{} OFLAG_COPIED data cluster: l2_entry={w:x} refcount={rc}",
-                            if repair_l2 { "Repairing" } else { "ERROR" }
-                        ));
-                        if repair_l2 {
-                            let new = if rc == 1 { w | COPIED } else { w & !COPIED };
-                            let at = j * geo.l2_entry_size() as usize;
-                            put_u64(t, at, new);
-                            dirty += 1;
-                        }
-                    }
-                }
-                if dirty > 0 {
-                    self.file.write(t, HostOffset::new(l2), WriteKind::L2)?;
-                    wrote = true;
-                    res.corruptions -= dirty;
-                    res.corruptions_fixed += dirty;
-                }
+                wrote |= self.oflag_copied_table(res, slot, &mut l1[i + k], t, may_repair)?;
                 self.tick(1);
             }
             i += n;
@@ -479,6 +486,84 @@ impl Checker<'_> {
             self.file.sync()?;
         }
         Ok(())
+    }
+
+    /// The COPIED flags of the L1 entry `e` (at `slot`) and of the L2 table `t` it points at.
+    /// The L1 entry itself may be repaired; the table only when it is not the header, the L1
+    /// or the refcount table posing as an L2 table. Returns whether it wrote anything.
+    fn oflag_copied_table(
+        &mut self,
+        res: &mut CheckReport,
+        slot: L1Slot,
+        e: &mut L1Entry,
+        t: &mut [u8],
+        may_repair: bool,
+    ) -> Result<bool> {
+        let l2 = e.l2_offset();
+        let repair_l2 = may_repair && self.fixed_metadata_at(l2).is_none();
+        let Some(rc) = self.disk_refcount(l2.cluster(&self.geo))? else {
+            return Ok(false);
+        };
+        let mut wrote = false;
+        if (rc == 1) != e.copied() {
+            res.corruptions += 1;
+            self.msg(format!(
+                "{} OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={rc}",
+                if may_repair { "Repairing" } else { "ERROR" },
+                slot.index,
+                e.0
+            ));
+            if may_repair {
+                *e = e.with_copied(rc == 1);
+                self.file
+                    .write(&e.0.to_be_bytes(), slot.entry_offset(), WriteKind::L1)?;
+                wrote = true;
+                res.corruptions -= 1;
+                res.corruptions_fixed += 1;
+            }
+        }
+        Ok(self.oflag_copied_l2(res, l2, t, repair_l2)? || wrote)
+    }
+
+    /// The COPIED flags of the data entries of the L2 table `t` at `l2`, written back when
+    /// `repair` and one was wrong. Returns whether it wrote the table.
+    fn oflag_copied_l2(
+        &mut self,
+        res: &mut CheckReport,
+        l2: HostOffset,
+        t: &mut [u8],
+        repair: bool,
+    ) -> Result<bool> {
+        let geo = self.geo;
+        let mut dirty = 0u64;
+        for slot in t.chunks_exact_mut(l2_entry_bytes(&geo)) {
+            let e = L2Entry::from_bytes(geo.extended_l2, slot);
+            if !matches!(e.kind(&geo), L2Kind::Normal | L2Kind::ZeroAlloc) {
+                continue;
+            }
+            let Some(rc) = self.disk_refcount(e.host().cluster(&geo))? else {
+                continue;
+            };
+            if (rc == 1) != e.copied() {
+                res.corruptions += 1;
+                self.msg(format!(
+                    "{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={rc}",
+                    if repair { "Repairing" } else { "ERROR" },
+                    e.word0
+                ));
+                if repair {
+                    put_u64(slot, 0, e.with_copied(rc == 1).word0);
+                    dirty += 1;
+                }
+            }
+        }
+        if dirty == 0 {
+            return Ok(false);
+        }
+        self.file.write(t, l2, WriteKind::L2)?;
+        res.corruptions -= dirty;
+        res.corruptions_fixed += dirty;
+        Ok(true)
     }
 
     /// Clears the dirty and corrupt bits (v3 headers only) after everything else is durable.

@@ -51,26 +51,27 @@ impl RefArray {
 
     /// Refcount of cluster `i` (0 past the end).
     pub(super) fn get(&self, i: u64) -> u64 {
-        match self.small.get(i as usize) {
+        match usize::try_from(i).ok().and_then(|k| self.small.get(k)) {
             None | Some(0) => 0,
             Some(&SPILL) => self.big.get(&i).copied().unwrap_or(0),
-            Some(&v) => v as u64,
+            Some(&v) => u64::from(v),
         }
     }
 
     /// Sets cluster `i`, which must be below [`Self::len`].
     pub(super) fn set(&mut self, i: u64, v: u64) {
-        let Some(slot) = self.small.get_mut(i as usize) else {
+        let Some(slot) = usize::try_from(i).ok().and_then(|k| self.small.get_mut(k)) else {
             return;
         };
         if *slot == SPILL {
             self.big.remove(&i);
         }
-        if v >= SPILL as u64 {
-            *slot = SPILL;
-            self.big.insert(i, v);
-        } else {
-            *slot = v as u16;
+        match u16::try_from(v) {
+            Ok(small) if small != SPILL => *slot = small,
+            _ => {
+                *slot = SPILL;
+                self.big.insert(i, v);
+            }
         }
     }
 

@@ -6,7 +6,7 @@
 
 use super::walk::Checker;
 use crate::engine::refcount::Refcounts;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::header::layout;
 use crate::format::snapshot::serialize_table;
 use crate::format::{HostCluster, HostOffset};
@@ -22,6 +22,10 @@ impl Checker<'_> {
         let file = self.file;
         let geo = self.geo;
         let bytes = serialize_table(&self.snapshots, self.header.size);
+        // A table of at most 64 MiB.
+        let table_len = bytes.len() as u64;
+        let nb_snapshots = u32::try_from(self.snapshots.len())
+            .map_err(|_| Error::corrupt("too many snapshots for a snapshot table"))?;
         let mut rc = Refcounts::load(
             file,
             geo,
@@ -32,7 +36,7 @@ impl Checker<'_> {
         let new_off = if bytes.is_empty() {
             HostOffset::ZERO
         } else {
-            rc.alloc(file, geo.clusters_for(bytes.len() as u64))?
+            rc.alloc(file, geo.clusters_for(table_len))?
         };
         // The new clusters are counted durably before anything points at them.
         rc.write_dirty_blocks(file)?;
@@ -46,27 +50,30 @@ impl Checker<'_> {
         file.sync()?;
         self.wrote = true;
         let v = self.header.version;
-        let update = layout::NB_SNAPSHOTS
-            .update(v, self.snapshots.len() as u32)?
-            .followed_by(layout::SNAPSHOTS_OFFSET, v, new_off.get())?;
+        let update = layout::NB_SNAPSHOTS.update(v, nb_snapshots)?.followed_by(
+            layout::SNAPSHOTS_OFFSET,
+            v,
+            new_off.get(),
+        )?;
         file.write_header_fields(&update)?;
         file.sync()?;
-        let (old_off, old_len) = (self.header.snapshots_offset, self.snapshot_table_len);
-        self.header.nb_snapshots = self.snapshots.len() as u32;
+        let old_off = HostOffset::new(self.header.snapshots_offset);
+        let old_len = self.snapshot_table_len;
+        self.header.nb_snapshots = nb_snapshots;
         self.header.snapshots_offset = new_off.get();
-        self.snapshot_table_len = bytes.len() as u64;
+        self.snapshot_table_len = table_len;
         self.free_old_table(&mut rc, old_off, old_len)
     }
 
     /// Drops the old table's references (only the clusters the check counted: a table past
     /// the end of the file held none).
-    fn free_old_table(&mut self, rc: &mut Refcounts, off: u64, len: u64) -> Result<()> {
+    fn free_old_table(&mut self, rc: &mut Refcounts, off: HostOffset, len: u64) -> Result<()> {
         let file = self.file;
         let geo = self.geo;
-        if len == 0 || off.saturating_add(len) > file.len()? {
+        if len == 0 || off.get().saturating_add(len) > file.len()? {
             return Ok(());
         }
-        let (first, last) = (HostOffset::new(off), HostOffset::new(off + len - 1));
+        let (first, last) = (off, off + (len - 1));
         // Bound: the old table is at most 64 MiB (checked when it was read).
         for c in (first.cluster(&geo).0..=last.cluster(&geo).0).map(HostCluster) {
             if c != HostCluster(0) && rc.get(file, c)? > 0 {
