@@ -67,6 +67,79 @@ fn index_bitmaps(file: &HostFile, header: &Header) -> Result<()> {
     Ok(())
 }
 
+/// Reads the active L1 table; its length must be the one the lock-free view was made for.
+fn read_active_l1(file: &HostFile, header: &Header, view: &MapView) -> Result<Vec<u64>> {
+    // The header parser bounded the L1 table to 32 MiB.
+    let mut raw = vec![0u8; header.l1_size as usize * 8];
+    file.read_zero_padded(
+        &mut raw,
+        HostOffset::new(header.l1_table_offset),
+        "L1 table",
+    )?;
+    let l1 = crate::format::be::u64_table(&raw);
+    if l1.len() != view.l1_len() {
+        return corrupt!(
+            "the L1 table has {} entries, not the {} it had when the image was opened",
+            l1.len(),
+            view.l1_len()
+        );
+    }
+    Ok(l1)
+}
+
+/// Adds the header, the active L1 table and its L2 tables to the overlap guard's index. An
+/// unaligned entry does not fail the open (QEMU opens the image too): the requests that go
+/// through it fail in `l2_offset`.
+fn index_active_tables(file: &HostFile, header: &Header, l1: &[u64]) {
+    let geo = header.geometry();
+    let ix = file.guard();
+    ix.insert(0, 1, MetaKind::Header);
+    let l1_offset = HostOffset::new(header.l1_table_offset);
+    ix.insert(
+        l1_offset.cluster(&geo).0,
+        geo.clusters_for(l1.len() as u64 * 8),
+        MetaKind::ActiveL1,
+    );
+    for &e in l1 {
+        let off = L1Entry(e).l2_offset();
+        if off != HostOffset::ZERO && off.is_cluster_aligned(&geo) {
+            ix.insert(off.cluster(&geo).0, 1, MetaKind::ActiveL2);
+        }
+    }
+}
+
+/// Adds a snapshot's L1 table and L2 tables to the overlap guard's index: nothing may write
+/// there while the snapshot exists. A damaged entry's L1 range is guarded like QEMU guards it,
+/// but capped at the largest valid L1 so that the index stays bounded; its L2 tables are not
+/// read (QEMU validates a snapshot L1 before it reads it too).
+fn index_snapshot(
+    file: &HostFile,
+    geo: &Geometry,
+    s: &crate::format::snapshot::Snapshot,
+) -> Result<()> {
+    let l1_bytes = (u64::from(s.l1_size) * 8).min(crate::format::header::MAX_L1_BYTES);
+    let snap_l1 = HostOffset::new(s.l1_table_offset);
+    file.guard().insert(
+        snap_l1.cluster(geo).0,
+        geo.clusters_for(l1_bytes),
+        MetaKind::InactiveL1,
+    );
+    if s.l1_problem(geo.cluster_size()).is_some() {
+        return Ok(());
+    }
+    // Bounded by the check above.
+    let mut raw = vec![0u8; l1_bytes as usize];
+    file.read_zero_padded(&mut raw, snap_l1, "snapshot L1 table")?;
+    for e in crate::format::be::u64_table(&raw) {
+        let off = L1Entry(e).l2_offset();
+        if off != HostOffset::ZERO && off.is_cluster_aligned(geo) {
+            file.guard()
+                .insert(off.cluster(geo).0, 1, MetaKind::InactiveL2);
+        }
+    }
+    Ok(())
+}
+
 /// Where the refcount table is read from. A table at offset 0 overlaps the header, whose
 /// bytes are no refcount table: an all-zero table is loaded instead (read from past the end of
 /// the file), so reads and in-place overwrites work and every allocation is refused as a
@@ -100,17 +173,7 @@ impl Meta {
         let geo = header.geometry();
         // The overlap guard's index is rebuilt from scratch along with the tables.
         file.guard().reset(geo.cluster_bits);
-        let mut raw = vec![0u8; header.l1_size as usize * 8];
-        let l1_offset = HostOffset::new(header.l1_table_offset);
-        file.read_zero_padded(&mut raw, l1_offset, "L1 table")?;
-        let l1 = crate::format::be::u64_table(&raw);
-        if l1.len() != view.l1_len() {
-            return corrupt!(
-                "the L1 table has {} entries, not the {} it had when the image was opened",
-                l1.len(),
-                view.l1_len()
-            );
-        }
+        let l1 = read_active_l1(file, &header, &view)?;
         let tables = (cache_bytes / geo.cluster_size()).clamp(16, 65536) as usize;
         let rc = Refcounts::load(
             file,
@@ -119,53 +182,17 @@ impl Meta {
             header.refcount_table_clusters,
             tables / 4,
         )?;
-        let cb = geo.cluster_bits;
-        let ix = file.guard();
-        ix.insert(0, 1, MetaKind::Header);
-        ix.insert(
-            l1_offset.cluster(&geo).0,
-            geo.clusters_for(l1.len() as u64 * 8),
-            MetaKind::ActiveL1,
-        );
-        // An unaligned entry does not fail the open (QEMU opens the image too): the requests
-        // that go through it fail in `l2_offset`.
-        for &e in &l1 {
-            let off = L1Entry(e).l2_offset();
-            if off != HostOffset::ZERO && off.is_cluster_aligned(&geo) {
-                ix.insert(off.cluster(&geo).0, 1, MetaKind::ActiveL2);
-            }
-        }
+        index_active_tables(file, &header, &l1);
         if snapshot_table_len > 0 {
-            ix.insert(
-                header.snapshots_offset >> cb,
+            let table = HostOffset::new(header.snapshots_offset);
+            file.guard().insert(
+                table.cluster(&geo).0,
                 geo.clusters_for(snapshot_table_len),
                 MetaKind::SnapshotTable,
             );
         }
         for s in snapshots {
-            // A damaged entry's L1 range is guarded like QEMU guards it, but capped at the
-            // largest valid L1 so that the index stays bounded; its L2 tables are not read
-            // (QEMU validates a snapshot L1 before it reads it too).
-            let l1_bytes = (s.l1_size as u64 * 8).min(crate::format::header::MAX_L1_BYTES);
-            ix.insert(
-                s.l1_table_offset >> cb,
-                geo.clusters_for(l1_bytes),
-                MetaKind::InactiveL1,
-            );
-            if s.l1_problem(geo.cluster_size()).is_some() {
-                continue;
-            }
-            // The snapshot's L2 tables: nothing may write there while it exists. (The
-            // snapshot L1 size is bounded by the check above.)
-            let mut raw = vec![0u8; s.l1_size as usize * 8];
-            let snap_l1 = HostOffset::new(s.l1_table_offset);
-            file.read_zero_padded(&mut raw, snap_l1, "snapshot L1 table")?;
-            for e in crate::format::be::u64_table(&raw) {
-                let off = L1Entry(e).l2_offset();
-                if off != HostOffset::ZERO && off.is_cluster_aligned(&geo) {
-                    ix.insert(off.cluster(&geo).0, 1, MetaKind::InactiveL2);
-                }
-            }
+            index_snapshot(file, &geo, s)?;
         }
         index_bitmaps(file, &header)?;
         view.reset(&l1);
@@ -401,13 +428,28 @@ impl Meta {
         // With lazy refcounts and the dirty bit on disk, a crash is repaired from the tables,
         // so the stages need no syncs between them: one at the end makes the flush durable.
         let lazy = self.rc.lazy_dirty();
+        let stage_done = |file: &HostFile| if lazy { Ok(()) } else { file.sync() };
         self.rc.write_dirty_blocks(file)?;
-        if !lazy {
+        stage_done(file)?;
+        if self.rc.write_dirty_table(file)? {
+            stage_done(file)?;
+        }
+        if self.write_dirty_l2(file)? {
+            stage_done(file)?;
+        }
+        if self.write_dirty_l1(file)? {
+            stage_done(file)?;
+        }
+        if lazy {
+            // Everything above becomes durable at once; the deferred frees below must not
+            // run before the tables that dropped those references are on disk.
             file.sync()?;
         }
-        if self.rc.write_dirty_table(file)? && !lazy {
-            file.sync()?;
-        }
+        self.apply_deferred_frees(file)
+    }
+
+    /// Writes every dirty L2 table; true when there was any.
+    fn write_dirty_l2(&mut self, file: &HostFile) -> Result<bool> {
         let dirty = self.l2.dirty_offsets();
         for off in &dirty {
             if let Some(t) = self.l2.peek(*off) {
@@ -419,59 +461,59 @@ impl Meta {
             // Tables read from disk without the mutex before this point may be stale.
             self.view.bump_generation();
         }
-        if !dirty.is_empty() && !lazy {
-            file.sync()?;
+        Ok(!dirty.is_empty())
+    }
+
+    /// Writes every dirty cluster of the active L1 table; true when there was any. Indices
+    /// leave the dirty set only once written: a failed write-back is retried.
+    fn write_dirty_l1(&mut self, file: &HostFile) -> Result<bool> {
+        let any = !self.l1_dirty.is_empty();
+        let per = self.geo.u64_per_cluster() as usize;
+        let cs = self.geo.cluster_size();
+        while let Some(&idx) = self.l1_dirty.first() {
+            let start = idx as usize * per;
+            let end = (start + per).min(self.view.l1_len());
+            let bytes = u64_table_bytes(&self.view.l1_words(start, end));
+            let at = HostOffset::new(self.header.l1_table_offset) + idx * cs;
+            file.write(&bytes, at, WriteKind::L1)?;
+            self.l1_dirty.remove(&idx);
         }
-        if !self.l1_dirty.is_empty() {
-            let per = self.geo.u64_per_cluster() as usize;
-            let cs = self.geo.cluster_size();
-            // Indices leave the dirty set only once written: a failed write-back is retried.
-            while let Some(&idx) = self.l1_dirty.first() {
-                let start = idx as usize * per;
-                let end = (start + per).min(self.view.l1_len());
-                let bytes = u64_table_bytes(&self.view.l1_words(start, end));
-                let at = HostOffset::new(self.header.l1_table_offset) + idx * cs;
-                file.write(&bytes, at, WriteKind::L1)?;
-                self.l1_dirty.remove(&idx);
-            }
-            if !lazy {
-                file.sync()?;
-            }
+        Ok(any)
+    }
+
+    /// Drops the references that durable metadata changes gave up, and writes the refcount
+    /// blocks back. A range leaves the queue only once all its decrements are applied; an
+    /// error keeps the rest queued (at worst a leak, never a double free).
+    fn apply_deferred_frees(&mut self, file: &HostFile) -> Result<()> {
+        if self.deferred_frees.is_empty() {
+            return Ok(());
         }
-        if lazy {
-            // Everything above becomes durable at once; the deferred frees below must not
-            // run before the tables that dropped those references are on disk.
-            file.sync()?;
-        }
-        if !self.deferred_frees.is_empty() {
-            // The packing cluster may lose its last reference below and be reused as anything:
-            // never pack into it again.
-            self.compressed_tail = None;
-            let geo = self.geo;
-            // A range leaves the queue only once all its decrements are applied; an error
-            // keeps the rest queued (at worst a leak, never a double free).
-            while let Some(&(start, len)) = self.deferred_frees.last() {
-                let first = start.cluster(&geo).0;
-                let last = (start + (len - 1)).cluster(&geo).0;
-                for c in (first..=last).map(HostCluster) {
-                    if let Err(e) = self.rc.retire(file, c) {
-                        // Clusters before `c` were released: keep only the remainder.
-                        let rest = c.offset(&geo);
-                        if let Some(r) = self.deferred_frees.last_mut() {
-                            *r = (rest, (start + len).since(rest));
-                        }
-                        return Err(e);
+        // The packing cluster may lose its last reference below and be reused as anything:
+        // never pack into it again.
+        self.compressed_tail = None;
+        let geo = self.geo;
+        while let Some(&(start, len)) = self.deferred_frees.last() {
+            let first = start.cluster(&geo).0;
+            let last = (start + (len - 1)).cluster(&geo).0;
+            for c in (first..=last).map(HostCluster) {
+                if let Err(e) = self.rc.retire(file, c) {
+                    // Clusters before `c` were released: keep only the remainder.
+                    let rest = c.offset(&geo);
+                    if let Some(r) = self.deferred_frees.last_mut() {
+                        *r = (rest, (start + len).since(rest));
                     }
+                    return Err(e);
                 }
-                self.deferred_frees.pop();
             }
-            self.rc.write_dirty_blocks(file)?;
-            // Lazy: the dirty bit covers these until the image is marked clean.
-            if !self.rc.lazy_dirty() {
-                file.sync()?;
-            }
+            self.deferred_frees.pop();
         }
-        Ok(())
+        self.rc.write_dirty_blocks(file)?;
+        // Lazy: the dirty bit covers these until the image is marked clean.
+        if self.rc.lazy_dirty() {
+            Ok(())
+        } else {
+            file.sync()
+        }
     }
 
     /// Turns lazy refcounts on when the header asks for them (for writable images).
