@@ -460,42 +460,11 @@ impl Refcounts {
     /// old table covers; they are written and synced, then the header is switched with one
     /// synced write, then the old table's clusters are freed.
     fn grow_table(&mut self, file: &HostFile, min_entries: u64) -> Result<()> {
-        let cs = self.geo.cluster_size();
-        let per = self.geo.refblock_entries();
         let old_len = self.table.len() as u64;
         // The region starts at the first block the old table cannot describe.
         let region_block = old_len;
-        let mut new_entries = min_entries.max(old_len + old_len / 2).max(old_len + 1);
-        // Bound: new_entries only grows, by k per round, and past MAX_REFTABLE_BYTES / 8 the
-        // table could not be written anyway; in practice one or two rounds settle it.
-        let max_entries = MAX_REFTABLE_BYTES / 8;
-        let (blocks_needed, table_clusters) = loop {
-            if new_entries > max_entries {
-                return Err(Error::new(
-                    ErrorKind::NoSpace,
-                    "refcount table would exceed 8 MiB; image too large for its cluster size",
-                ));
-            }
-            let table_clusters = (new_entries * 8).div_ceil(cs);
-            // k blocks at the start of the region, then the table: they must all be counted
-            // by those k blocks and covered by the new table.
-            let k = (table_clusters + 1).div_ceil(per).max(1);
-            let k = if k * per < k + table_clusters {
-                k + 1
-            } else {
-                k
-            };
-            if region_block + k <= new_entries {
-                break (k, table_clusters);
-            }
-            new_entries = region_block + k;
-        };
-        if table_clusters * cs > MAX_REFTABLE_BYTES {
-            return Err(Error::new(
-                ErrorKind::NoSpace,
-                "refcount table would exceed 8 MiB; image too large for its cluster size",
-            ));
-        }
+        let (new_entries, blocks_needed, table_clusters) = self.table_growth(min_entries)?;
+        let per = self.geo.refblock_entries();
         let region = region_block * per; // first cluster of the region
         let used = blocks_needed + table_clusters;
         // The region lies past everything the old table can count, so on a sound image no
@@ -503,50 +472,112 @@ impl Refcounts {
         self.refuse_metadata(file, region, used, "allocation of refcount structures on")?;
         // Dirty blocks must be on disk before a table that points at them is.
         self.write_dirty_blocks(file)?;
-
-        let order = self.geo.refcount_order;
         let mut new_table = self.table.clone();
         new_table.resize(new_entries as usize, 0);
-        for i in 0..blocks_needed {
-            let mut data = vec![0u8; cs as usize];
-            for j in 0..per {
-                let c = (region_block + i) * per + j;
-                if c < region + used {
-                    refcount::set(&mut data, order, j as usize, 1);
-                }
-            }
-            let off = HostCluster(region + i).offset(&self.geo);
-            file.write(&data, off, WriteKind::RefcountBlock)?;
-            new_table[(region_block + i) as usize] = off.get();
-            self.blocks.remove(off);
-            file.guard().insert(region + i, 1, MetaKind::RefcountBlock);
-        }
+        self.write_region_blocks(file, &mut new_table, region_block, blocks_needed, used)?;
         let table_off = HostCluster(region + blocks_needed).offset(&self.geo);
         let mut bytes = u64_table_bytes(&new_table);
-        bytes.resize((table_clusters * cs) as usize, 0);
+        bytes.resize((table_clusters * self.geo.cluster_size()) as usize, 0);
         file.write(&bytes, table_off, WriteKind::RefcountTable)?;
         file.sync()?;
         file.write_header_fields(&layout::reftable_update(table_off, table_clusters)?)?;
         file.sync()?;
+        self.switch_table(file, new_table, table_off, table_clusters)
+    }
 
+    /// Sizes a grown table of at least `min_entries`: (entries, blocks at the start of the new
+    /// region, table clusters after them), all counted by those blocks and covered by the
+    /// table. Bound: the entry count only grows, by the region's blocks per round, and past
+    /// MAX_REFTABLE_BYTES / 8 the table could not be written anyway; in practice one or two
+    /// rounds settle it.
+    fn table_growth(&self, min_entries: u64) -> Result<(u64, u64, u64)> {
+        let cs = self.geo.cluster_size();
+        let per = self.geo.refblock_entries();
+        let old_len = self.table.len() as u64;
+        let too_big = || {
+            Error::new(
+                ErrorKind::NoSpace,
+                "refcount table would exceed 8 MiB; image too large for its cluster size",
+            )
+        };
+        let mut new_entries = min_entries.max(old_len + old_len / 2).max(old_len + 1);
+        loop {
+            if new_entries > MAX_REFTABLE_BYTES / 8 {
+                return Err(too_big());
+            }
+            let table_clusters = (new_entries * 8).div_ceil(cs);
+            let k = (table_clusters + 1).div_ceil(per).max(1);
+            let k = if k * per < k + table_clusters {
+                k + 1
+            } else {
+                k
+            };
+            if old_len + k <= new_entries {
+                if table_clusters * cs > MAX_REFTABLE_BYTES {
+                    return Err(too_big());
+                }
+                return Ok((new_entries, k, table_clusters));
+            }
+            new_entries = old_len + k;
+        }
+    }
+
+    /// Writes the `count` refcount blocks that start the new region (refcount block index
+    /// `first_block` on), counting the first `used` clusters of the region, and enters them in
+    /// `new_table`.
+    fn write_region_blocks(
+        &mut self,
+        file: &HostFile,
+        new_table: &mut [u64],
+        first_block: u64,
+        count: u64,
+        used: u64,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let per = self.geo.refblock_entries();
+        let region = first_block * per;
+        for i in 0..count {
+            let mut data = vec![0u8; cs as usize];
+            let counted = (region + used)
+                .saturating_sub((first_block + i) * per)
+                .min(per);
+            for j in 0..counted as usize {
+                refcount::set(&mut data, self.geo.refcount_order, j, 1);
+            }
+            let off = HostCluster(region + i).offset(&self.geo);
+            file.write(&data, off, WriteKind::RefcountBlock)?;
+            new_table[(first_block + i) as usize] = off.get();
+            self.blocks.remove(off);
+            file.guard().insert(region + i, 1, MetaKind::RefcountBlock);
+        }
+        Ok(())
+    }
+
+    /// Starts using the new table (already durable and pointed at by the header) and frees the
+    /// old one, which the durable header no longer references.
+    fn switch_table(
+        &mut self,
+        file: &HostFile,
+        new_table: Vec<u64>,
+        table_off: HostOffset,
+        table_clusters: u64,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
         let old_off = self.table_offset;
-        let old_clusters = (old_len * 8).div_ceil(cs);
+        let old_clusters = (self.table.len() as u64 * 8).div_ceil(cs);
         self.table = new_table;
         self.table_offset = table_off;
         self.table_dirty.clear();
-        file.guard().remove(
-            old_off.cluster(&self.geo).0,
-            old_clusters,
-            MetaKind::RefcountTable,
-        );
+        let old_first = old_off.cluster(&self.geo).0;
+        file.guard()
+            .remove(old_first, old_clusters, MetaKind::RefcountTable);
         file.guard().insert(
-            region + blocks_needed,
+            table_off.cluster(&self.geo).0,
             table_clusters,
             MetaKind::RefcountTable,
         );
-        // The old table is no longer referenced by the durable header: free it now.
         for c in 0..old_clusters {
-            self.change(file, old_off.cluster(&self.geo).0 + c, -1, false)?;
+            self.change(file, old_first + c, -1, false)?;
         }
         Ok(())
     }
