@@ -65,15 +65,18 @@ impl Checker<'_> {
         self.free_old_table(&mut rc, old_off, old_len)
     }
 
-    /// Drops the old table's references (only the clusters the check counted: a table past
-    /// the end of the file held none).
+    /// Drops the old table's references: those of its clusters inside the file, which the
+    /// check counted.
     fn free_old_table(&mut self, rc: &mut Refcounts, off: HostOffset, len: u64) -> Result<()> {
         let file = self.file;
         let geo = self.geo;
-        if len == 0 || off.get().saturating_add(len) > file.len()? {
+        // Only the part inside the file was counted (a table cut by the end of the file, or
+        // lying past it, held no reference for the rest).
+        let end = off.get().saturating_add(len).min(file.len()?);
+        if end <= off.get() {
             return Ok(());
         }
-        let (first, last) = (off, off + (len - 1));
+        let (first, last) = (off, HostOffset::new(end - 1));
         // Bound: the old table is at most 64 MiB (checked when it was read).
         for c in (first.cluster(&geo).0..=last.cluster(&geo).0).map(HostCluster) {
             if c != HostCluster(0) && rc.get(file, c)? > 0 {
