@@ -94,7 +94,8 @@ for t in ${FUZZ_TARGETS:-header image_io check_repair}; do
   fi
   if [ "${FUZZ_MERGE:-0}" = 1 ]; then
     echo "== fuzz: merging new units of $t into ${corpus#"$root"/}"
-    timeout -k 10 3600 "$bin/$t" -merge=1 -timeout=10 -rss_limit_mb=2048 -max_len="$max_len" "$corpus" "$new" \
+    timeout -k 10 3600 "$bin/$t" -merge=1 -timeout=10 -rss_limit_mb=2048 \
+      -artifact_prefix="$out/artifacts/merge-$t-" -max_len="$max_len" "$corpus" "$new" \
       >"$out/$t-merge.log" 2>&1 || echo "!! merge of $t failed (see $out/$t-merge.log)"
   fi
 done

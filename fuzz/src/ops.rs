@@ -295,7 +295,9 @@ pub fn check_repair(data: &[u8], wd: &Workdir) {
                 "the repair made corruptions: before {before:#?}\nafter: {after:#?}"
             );
         }
-        if fix == CheckFix::All {
+        // Leaks may stay next to corruptions a repair cannot fix (e.g. a refcount overflow
+        // with 1-bit refcounts, as with qemu-img), not on an image it reports clean.
+        if fix == CheckFix::All && after.corruptions == 0 {
             assert_eq!(after.leaks, 0, "a full repair left leaks: {after:#?}");
         }
     }
