@@ -9,7 +9,10 @@
 #                            check_repair 25, about a minute in all); 3600 for a long run
 #   FUZZ_TARGETS             targets to run (default: "header image_io check_repair")
 #   FUZZ_TIMEOUT             seconds one input may run before it counts as a hang (default 10;
-#                            a short one keeps long runs going when a known hang is frequent)
+#                            a short one keeps long runs going when a known hang is frequent).
+#                            The targets' own watchdog enforces it (OXCOW_FUZZ_WATCHDOG_SECS,
+#                            see fuzz/src/lib.rs): libFuzzer's -timeout handler can deadlock
+#                            in malloc, so -timeout is only a backstop 20 s later.
 #   FUZZ_KEEP_GOING=1        fork mode: record every finding and go on instead of stopping at
 #                            the first one (for long runs); still fails at the end
 #   FUZZ_MERGE=1             afterwards merge what the run found into the committed corpus
@@ -49,6 +52,8 @@ scratch_base=/dev/shm
 scratch="$(mktemp -d "$scratch_base/oxcow-fuzz.XXXXXX")"
 trap 'rm -rf "$scratch"' EXIT
 export OXCOW_FUZZ_TMPDIR="$scratch"
+hang="${FUZZ_TIMEOUT:-10}"
+export OXCOW_FUZZ_WATCHDOG_SECS="$hang"
 
 default_secs() {
   case "$1" in
@@ -74,7 +79,7 @@ for t in ${FUZZ_TARGETS:-header image_io check_repair}; do
   max_len="$(max_len_of "$t")"
   new="$out/corpus-$t"
   mkdir -p "$new" "$corpus"
-  args=(-max_total_time="$secs" -timeout="${FUZZ_TIMEOUT:-10}" -rss_limit_mb=2048 -max_len="$max_len"
+  args=(-max_total_time="$secs" -timeout="$((hang + 20))" -rss_limit_mb=2048 -max_len="$max_len"
     -artifact_prefix="$out/artifacts/$t-" -print_final_stats=1)
   if [ "${FUZZ_KEEP_GOING:-0}" = 1 ]; then
     args+=(-fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1)
@@ -94,7 +99,8 @@ for t in ${FUZZ_TARGETS:-header image_io check_repair}; do
   fi
   if [ "${FUZZ_MERGE:-0}" = 1 ]; then
     echo "== fuzz: merging new units of $t into ${corpus#"$root"/}"
-    timeout -k 10 3600 "$bin/$t" -merge=1 -timeout=10 -rss_limit_mb=2048 -max_len="$max_len" "$corpus" "$new" \
+    timeout -k 10 3600 "$bin/$t" -merge=1 -timeout=10 -rss_limit_mb=2048 \
+      -artifact_prefix="$out/artifacts/merge-$t-" -max_len="$max_len" "$corpus" "$new" \
       >"$out/$t-merge.log" 2>&1 || echo "!! merge of $t failed (see $out/$t-merge.log)"
   fi
 done

@@ -20,8 +20,8 @@ fn now_ms() -> u64 {
 }
 
 /// Runs one input under a watchdog thread that aborts the process when an input runs longer
-/// than `$OXCOW_FUZZ_WATCHDOG_SECS` (default 20 s, above the -timeout=10 scripts/fuzz.sh
-/// passes). Needed because libFuzzer's own -timeout handler runs in a SIGALRM handler on the
+/// than `$OXCOW_FUZZ_WATCHDOG_SECS` (default 20 s; scripts/fuzz.sh sets it to FUZZ_TIMEOUT and
+/// passes libFuzzer a -timeout 20 s longer as a backstop). Needed because libFuzzer's own -timeout handler runs in a SIGALRM handler on the
 /// fuzzing thread and allocates: when the hang is a loop that allocates, the handler can
 /// deadlock on malloc's lock and the fuzzer then sleeps forever. The abort comes from the
 /// watchdog thread, so libFuzzer's crash handler runs there and saves the input as a

@@ -257,12 +257,12 @@ fn run_op(img: &Image, op: &[u8]) {
 /// image it is an engine bug.
 fn assert_damaged(img: &Image, what: &str) {
     let _ = img.flush();
-    match img.check(CheckFix::None, None) {
-        Ok(r) => assert!(
+    // An image that cannot even be checked is damaged.
+    if let Ok(r) = img.check(CheckFix::None, None) {
+        assert!(
             r.corruptions > 0 || r.check_errors > 0,
             "{what} does not read back, and check finds the image sound: {r:#?}"
-        ),
-        Err(_) => {} // the image cannot even be checked: damaged
+        );
     }
 }
 
@@ -310,7 +310,9 @@ pub fn check_repair(data: &[u8], wd: &Workdir) {
                 "the repair made corruptions: before {before:#?}\nafter: {after:#?}"
             );
         }
-        if fix == CheckFix::All {
+        // Leaks may stay next to corruptions a repair cannot fix (e.g. a refcount overflow
+        // with 1-bit refcounts, as with qemu-img), not on an image it reports clean.
+        if fix == CheckFix::All && after.corruptions == 0 {
             assert_eq!(after.leaks, 0, "a full repair left leaks: {after:#?}");
         }
     }

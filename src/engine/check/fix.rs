@@ -305,12 +305,14 @@ impl Checker<'_> {
                 ));
             }
             if c >= self.refs.len() && c < floor {
-                if floor.saturating_add(count) > reach {
+                if floor.saturating_add(count) > reach || self.skipped_overflow {
                     return Err(Error::new(ErrorKind::NoSpace, format!(
                         "no room for a new refcount structure: a cluster referenced at {:#x} lies too far beyond the end of the file",
                         self.past_eof_floor
                     )));
                 }
+                // The file will grow over every skipped region: they become real clusters.
+                self.count_skipped_below(self.past_eof_floor)?;
                 c = floor;
                 start = c;
                 continue;
@@ -330,6 +332,34 @@ impl Checker<'_> {
             *cursor = start + 1;
         }
         Ok(start)
+    }
+
+    /// Counts the parts below `new_len` of the regions referenced past the end of the file,
+    /// because a repair is about to grow the file to `new_len`: unless counted, they would
+    /// become clusters in use that no refcount covers. What lies beyond stays skipped.
+    pub(super) fn count_skipped_below(&mut self, new_len: u64) -> Result<()> {
+        let geo = self.geo;
+        let skipped = std::mem::take(&mut self.skipped);
+        for (start, end) in skipped {
+            if start >= new_len {
+                self.skipped.push((start, end));
+                continue;
+            }
+            let inside = end.min(new_len);
+            let first = HostOffset::new(start).cluster(&geo).0;
+            let last = HostOffset::new(inside - 1).cluster(&geo).0;
+            self.refs.grow(last + 1)?;
+            // Bound: the regions lie below the growth limit (checked by the callers).
+            for k in first..=last {
+                let r = self.refs.get(k);
+                self.refs
+                    .set(k, r.saturating_add(1).min(geo.refcount_max()));
+            }
+            if end > new_len {
+                self.skipped.push((new_len, end));
+            }
+        }
+        Ok(())
     }
 
     /// Writes a brand-new refcount table and blocks describing `self.refs` into clusters no

@@ -21,6 +21,10 @@ const MAX_CHECK_CLUSTERS: u64 = 0x7fff_ffff;
 /// Upper bound of one coalesced metadata read.
 pub(super) const BATCH_BYTES: u64 = 8 << 20;
 
+/// How many referenced regions past the end of the file a check remembers (for counting them
+/// if a repair grows the file over them): enough for any image a repair can sensibly grow.
+pub(super) const MAX_SKIPPED: usize = 4096;
+
 /// The state of one check pass over one image file.
 pub(super) struct Checker<'a> {
     pub(super) file: &'a HostFile,
@@ -44,6 +48,12 @@ pub(super) struct Checker<'a> {
     /// End of the furthest region that was referenced but lies past the end of the file;
     /// rebuilt refcount structures are never placed below it past the end of the file.
     pub(super) past_eof_floor: u64,
+    /// The referenced regions past the end of the file, `[start, end)`, not counted: a
+    /// repair that grows the file over them counts them then (they become real clusters).
+    /// At most [`MAX_SKIPPED`] are kept; beyond that the repair does not grow the file.
+    pub(super) skipped: Vec<(u64, u64)>,
+    /// More regions were skipped than `skipped` holds.
+    pub(super) skipped_overflow: bool,
     /// Diagnostics in order.
     pub(super) msgs: Vec<String>,
     /// Snapshot table corruptions the caller repairs after [`Checker::run`]: until then the
@@ -138,6 +148,8 @@ impl<'a> Checker<'a> {
             file_len: 0,
             initial_file_len: None,
             past_eof_floor: 0,
+            skipped: Vec::new(),
+            skipped_overflow: false,
             msgs: Vec::new(),
             snapshot_corruptions: 0,
             wrote: false,
@@ -227,6 +239,11 @@ impl<'a> Checker<'a> {
             ));
             res.corruptions += 1;
             self.past_eof_floor = self.past_eof_floor.max(end);
+            if self.skipped.len() < MAX_SKIPPED {
+                self.skipped.push((offset.get(), end));
+            } else {
+                self.skipped_overflow = true;
+            }
             return Ok(());
         }
         let first = offset.cluster(&geo);
@@ -269,6 +286,8 @@ impl<'a> Checker<'a> {
         }
         self.refs = RefArray::zeroed(nb)?;
         self.past_eof_floor = 0;
+        self.skipped.clear();
+        self.skipped_overflow = false;
 
         self.inc(res, HostOffset::ZERO, cs)?;
         let h = &self.header;
@@ -684,6 +703,9 @@ impl<'a> Checker<'a> {
         let limit = self.growth_limit();
         let grown = match off.checked_add(cs).filter(|l| l.get() <= limit) {
             None => Err("the block is too far beyond the end of the file".to_string()),
+            Some(_) if self.skipped_overflow => {
+                Err("too many references lie beyond the end of the file".to_string())
+            }
             Some(l) => self.file.set_len(l.get()).map_err(|e| e.to_string()),
         };
         if let Err(e) = grown {
@@ -694,6 +716,8 @@ impl<'a> Checker<'a> {
         self.wrote = true;
         self.file_len = self.file.len()?;
         self.refs.grow(self.geo.clusters_for(self.file_len))?;
+        // Regions referenced past the old end that are now inside the file are real clusters.
+        self.count_skipped_below(self.file_len)?;
         res.corruptions -= 1;
         res.corruptions_fixed += 1;
         self.inc(res, off, cs)
