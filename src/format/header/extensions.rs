@@ -118,9 +118,18 @@ impl Header {
 
     /// The extensions to write, in QEMU's order. The feature name table is a version-3
     /// record (QEMU writes it only there); the others exist in both versions.
-    pub(super) fn extension_records(&self) -> Vec<(u32, Vec<u8>)> {
+    ///
+    /// Fails when the backing format name is too long to be read back (a name parsed from
+    /// bytes that are not UTF-8 grows when made a string): never write what the parser refuses.
+    pub(super) fn extension_records(&self) -> Result<Vec<(u32, Vec<u8>)>> {
         let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
         if let Some(f) = &self.backing_format {
+            if f.len() as u64 >= MAX_BACKING_FORMAT_LEN {
+                return Err(Error::invalid(format!(
+                    "backing format name of {} bytes is too long",
+                    f.len()
+                )));
+            }
             exts.push((ext::BACKING_FORMAT, f.as_bytes().to_vec()));
         }
         if let Some(d) = &self.data_file {
@@ -143,7 +152,7 @@ impl Header {
             exts.push((ext::BITMAPS, d));
         }
         exts.extend(self.unknown_extensions.iter().cloned());
-        exts
+        Ok(exts)
     }
 }
 

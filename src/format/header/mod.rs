@@ -432,7 +432,7 @@ impl Header {
             V2_HEADER_LENGTH as usize
         };
         self.header_length = fixed_end as u32;
-        let off = extensions::write_records(&mut out, fixed_end, &self.extension_records())?;
+        let off = extensions::write_records(&mut out, fixed_end, &self.extension_records()?)?;
         self.place_backing_name(&mut out, off)?;
         self.write_fixed_fields(&mut out);
         Ok(out)
