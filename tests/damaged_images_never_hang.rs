@@ -35,7 +35,6 @@ const ENOMEDIUM: i32 = 123;
 /// The errors a damaged image may cause.
 const CLEAN_ERRNOS: [i32; 5] = [EIO, EUCLEAN, EINVAL, ENOTSUP, ENOSPC];
 
-const H_INCOMPAT: u64 = 72;
 const COPIED: u64 = 1 << 63;
 const INCOMPAT_DIRTY: u64 = 1;
 const INCOMPAT_CORRUPT: u64 = 2;

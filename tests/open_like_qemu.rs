@@ -10,9 +10,6 @@ use oxcow::{ErrorKind, Image, OpenOptions};
 use std::path::{Path, PathBuf};
 
 const COPIED: u64 = 1 << 63;
-const H_RT_OFF: u64 = 48;
-const H_RT_CLUSTERS: u64 = 56;
-const H_SNAP_OFF: u64 = 64;
 
 /// A 1 GiB image (two L1 entries in use: guest 0 and guest 600 MiB) with one internal
 /// snapshot "s1" taken after the first writes, then cluster 0 rewritten (so the active layer

@@ -25,26 +25,6 @@ pub mod libc_errno {
     pub const EUCLEAN: i32 = 117;
 }
 
-// Header field offsets.
-pub const H_MAGIC: u64 = 0;
-pub const H_VERSION: u64 = 4;
-pub const H_BACKING_OFF: u64 = 8;
-pub const H_BACKING_SIZE: u64 = 16;
-pub const H_CLUSTER_BITS: u64 = 20;
-pub const H_SIZE: u64 = 24;
-pub const H_CRYPT: u64 = 32;
-pub const H_L1_SIZE: u64 = 36;
-pub const H_L1_OFF: u64 = 40;
-pub const H_RT_OFF: u64 = 48;
-pub const H_RT_CLUSTERS: u64 = 56;
-pub const H_NB_SNAP: u64 = 60;
-pub const H_SNAP_OFF: u64 = 64;
-pub const H_INCOMPAT: u64 = 72;
-pub const H_AUTOCLEAR: u64 = 88;
-pub const H_REFCOUNT_ORDER: u64 = 96;
-pub const H_HEADER_LEN: u64 = 100;
-pub const H_COMPRESSION: u64 = 104;
-
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 

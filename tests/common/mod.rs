@@ -6,6 +6,7 @@
 //! malformed-image case runner (`malformed`).
 #![allow(dead_code)]
 
+mod header;
 mod json;
 mod model;
 mod oxcow_io;
@@ -17,6 +18,7 @@ pub mod stress_model;
 pub mod stress_run;
 pub mod workload;
 
+pub use header::*;
 pub use json::*;
 pub use model::*;
 pub use oxcow_io::*;
