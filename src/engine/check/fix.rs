@@ -67,6 +67,9 @@ impl Checker<'_> {
                 res.leaks_fixed += old.leaks - res.leaks;
             }
             res.leaks += tmp.leaks;
+            // What the rebuilt structure still cannot express (a cluster referenced more often
+            // than the refcount width allows) remains, as a fresh check will find it.
+            res.corruptions += tmp.corruptions;
         } else if fix != CheckFix::None {
             if self.rebuild {
                 self.msg("ERROR need to rebuild refcount structures".into());
