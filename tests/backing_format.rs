@@ -49,19 +49,8 @@ impl Attack {
     /// `-F raw`.
     fn overlay(&self, compat: &str) -> PathBuf {
         let p = self.dir.join(&format!("overlay-{compat}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("compat={compat}"),
-            "-b",
-            path_str(&self.raw_disk),
-            "-F",
-            "raw",
-            path_str(&p),
-        ]);
+        let opts = format!("compat={compat}");
+        qemu_create_overlay(&p, None, &opts, path_str(&self.raw_disk), "raw");
         p
     }
 }

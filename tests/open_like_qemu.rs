@@ -30,11 +30,7 @@ fn base(dir: &TempDir) -> PathBuf {
 }
 
 fn l1_off(p: &Path) -> u64 {
-    be64(p, 40)
-}
-
-fn snap_off(p: &Path) -> u64 {
-    be64(p, H_SNAP_OFF)
+    be64(p, H_L1_OFF)
 }
 
 /// A copy of the base image named `name`, damaged by `f`.
@@ -244,7 +240,7 @@ fn snap_cases() -> Vec<SnapCase> {
         SnapCase {
             name: "l1-unaligned",
             damage: |p| {
-                let s = snap_off(p);
+                let s = snapshot_table_offset(p);
                 poke(p, s, &(be64(p, s) + 0x200).to_be_bytes())
             },
             writes_ok: true,
@@ -253,21 +249,20 @@ fn snap_cases() -> Vec<SnapCase> {
         // table": the huge L1 covers the file). oxcow used to refuse the open.
         SnapCase {
             name: "l1-huge",
-            damage: |p| poke(p, snap_off(p) + 8, &0x100_0000u32.to_be_bytes()),
+            damage: |p| {
+                poke(
+                    p,
+                    snapshot_table_offset(p) + 8,
+                    &0x100_0000u32.to_be_bytes(),
+                )
+            },
             writes_ok: false,
         },
         // Oracle: a v3 entry without extra data opens, reads and writes; listed (ICOUNT
         // blank). oxcow used to refuse the open ("incomplete").
         SnapCase {
             name: "v3-without-extra-data",
-            damage: |p| {
-                let s = snap_off(p);
-                let mut e = peek(p, s, 40);
-                e[36..40].copy_from_slice(&0u32.to_be_bytes());
-                e.extend_from_slice(b"1s1");
-                e.resize(48, 0);
-                poke(p, s, &e);
-            },
+            damage: strip_first_snapshot_extra_data,
             writes_ok: true,
         },
     ]
@@ -314,7 +309,7 @@ fn damaged_snapshot_tables_open_like_qemu() {
 fn excess_snapshot_extra_data_is_refused_like_qemu() {
     let dir = TempDir::new("olq-snap-extra");
     let p = damaged(&dir, "d.qcow2", |p| {
-        poke(p, snap_off(p) + 36, &2000u32.to_be_bytes())
+        poke(p, snapshot_table_offset(p) + 36, &2000u32.to_be_bytes())
     });
     let q = run(
         "qemu-io",

@@ -25,10 +25,6 @@ fn base(dir: &TempDir) -> PathBuf {
     p
 }
 
-fn snap_off(p: &Path) -> u64 {
-    be64(p, H_SNAP_OFF)
-}
-
 /// `qemu-img check [-r all] --output=json` → (exit code, JSON when printed).
 fn qemu_check(p: &Path, repair: bool) -> (i32, Option<Json>) {
     let mut args = vec!["check", "-f", "qcow2", "--output=json"];
@@ -112,7 +108,7 @@ fn cases() -> Vec<Case> {
         Case {
             name: "snapshot-l1-unaligned",
             damage: |p| {
-                let s = snap_off(p);
+                let s = snapshot_table_offset(p);
                 poke(p, s, &(be64(p, s) + 0x200).to_be_bytes())
             },
             plain: 2,
@@ -125,7 +121,13 @@ fn cases() -> Vec<Case> {
         // marked corrupt. oxcow's repair completes: only the unfixable entry is left (exit 2).
         Case {
             name: "snapshot-l1-huge",
-            damage: |p| poke(p, snap_off(p) + 8, &0x100_0000u32.to_be_bytes()),
+            damage: |p| {
+                poke(
+                    p,
+                    snapshot_table_offset(p) + 8,
+                    &0x100_0000u32.to_be_bytes(),
+                )
+            },
             plain: 2,
             repair: None,
             after: 2,
@@ -136,7 +138,7 @@ fn cases() -> Vec<Case> {
         // exit 0, 1 corruption fixed. oxcow used to fail the repair the same way as the check.
         Case {
             name: "snapshot-excess-extra-data",
-            damage: |p| poke(p, snap_off(p) + 36, &2000u32.to_be_bytes()),
+            damage: |p| poke(p, snapshot_table_offset(p) + 36, &2000u32.to_be_bytes()),
             plain: 1,
             repair: Some(0),
             after: 0,
@@ -146,14 +148,7 @@ fn cases() -> Vec<Case> {
         // fail the check.
         Case {
             name: "snapshot-v3-without-extra-data",
-            damage: |p| {
-                let s = snap_off(p);
-                let mut e = peek(p, s, 40);
-                e[36..40].copy_from_slice(&0u32.to_be_bytes());
-                e.extend_from_slice(b"1s1");
-                e.resize(48, 0);
-                poke(p, s, &e);
-            },
+            damage: strip_first_snapshot_extra_data,
             plain: 2,
             repair: Some(0),
             after: 0,

@@ -1,9 +1,10 @@
 //! Header field offsets for the tests' byte pokes, taken from the library's one declaration of
 //! the layout (`oxcow::format::header::layout`), and qemu-img check's counters.
 
-use super::Json;
+use super::{be64, peek, poke, Json};
 use oxcow::format::header::layout as l;
 use oxcow::CheckReport;
+use std::path::Path;
 
 pub const H_MAGIC: u64 = l::MAGIC.offset as u64;
 pub const H_VERSION: u64 = l::VERSION.offset as u64;
@@ -23,6 +24,22 @@ pub const H_AUTOCLEAR: u64 = l::AUTOCLEAR_FEATURES.offset as u64;
 pub const H_REFCOUNT_ORDER: u64 = l::REFCOUNT_ORDER.offset as u64;
 pub const H_HEADER_LEN: u64 = l::HEADER_LENGTH.offset as u64;
 pub const H_COMPRESSION: u64 = l::COMPRESSION_TYPE.offset as u64;
+
+/// Host offset of the snapshot table named by the image's header.
+pub fn snapshot_table_offset(p: &Path) -> u64 {
+    be64(p, H_SNAP_OFF)
+}
+
+/// Rewrites the first snapshot table entry as a version-3 entry without extra data (id "1",
+/// name "s1"): what QEMU calls an incomplete entry.
+pub fn strip_first_snapshot_extra_data(p: &Path) {
+    let s = snapshot_table_offset(p);
+    let mut e = peek(p, s, 40);
+    e[36..40].copy_from_slice(&0u32.to_be_bytes());
+    e.extend_from_slice(b"1s1");
+    e.resize(48, 0);
+    poke(p, s, &e);
+}
 
 /// A counter of `qemu-img check --output=json` (absent = 0).
 pub fn check_field(j: &Json, k: &str) -> u64 {
