@@ -521,7 +521,8 @@ impl Meta {
         if self.header.compatible_features & crate::format::header::COMPAT_LAZY_REFCOUNTS != 0
             && self.header.incompatible_features & crate::format::header::INCOMPAT_DIRTY == 0
         {
-            self.rc.enable_lazy(self.header.incompatible_features);
+            self.rc
+                .enable_lazy(self.header.version, self.header.incompatible_features);
         }
     }
 

@@ -38,6 +38,8 @@ pub struct Refcounts {
     held: HashSet<u64>,
     /// Lazy refcounts (compatible bit 0) on a writable image.
     lazy: Lazy,
+    /// The image version while `lazy` is on (the dirty bit's header word exists there).
+    lazy_version: u32,
 }
 
 /// Where a lazy-refcounts image stands with its dirty bit.
@@ -76,6 +78,7 @@ impl Refcounts {
             quarantine: VecDeque::new(),
             held: HashSet::new(),
             lazy: Lazy::Off,
+            lazy_version: 0,
         };
         file.guard().insert(
             table_offset.cluster(&geo).0,
@@ -157,10 +160,15 @@ impl Refcounts {
         ))
     }
 
-    /// Turns lazy refcounts on for a writable image whose header has the lazy-refcounts bit
-    /// and is clean; `incompatible` is the header's incompatible-features word on disk.
-    pub fn enable_lazy(&mut self, incompatible: u64) {
-        self.lazy = Lazy::Clean { incompatible };
+    /// Turns lazy refcounts on for a writable image of `version` whose header has the
+    /// lazy-refcounts bit and is clean; `incompatible` is the header's incompatible-features
+    /// word on disk. An image version without that word (2) has no dirty bit to set, so it
+    /// stays off.
+    pub fn enable_lazy(&mut self, version: u32, incompatible: u64) {
+        if layout::INCOMPATIBLE_FEATURES.exists_in(version) {
+            self.lazy_version = version;
+            self.lazy = Lazy::Clean { incompatible };
+        }
     }
 
     /// Whether the dirty bit has been set on disk for lazily counted changes.
@@ -190,8 +198,8 @@ impl Refcounts {
     fn before_change(&mut self, file: &HostFile) -> Result<()> {
         if let Lazy::Clean { incompatible } = self.lazy {
             let word = incompatible | INCOMPAT_DIRTY;
-            // Lazy refcounts exist only on version 3 (compatible_features is a v3 field).
-            file.write_header_fields(&layout::INCOMPATIBLE_FEATURES.update(3, word)?)?;
+            let update = layout::INCOMPATIBLE_FEATURES.update(self.lazy_version, word)?;
+            file.write_header_fields(&update)?;
             file.sync()?;
             self.lazy = Lazy::Dirty { incompatible: word };
         }
