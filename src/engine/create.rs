@@ -173,32 +173,17 @@ impl Layout {
 fn new_header(geo: &Geometry, layout: &Layout, size: u64, opts: &CreateOptions) -> Header {
     let mut h = Header {
         version: opts.version,
-        backing_file_offset: 0,
-        backing_file_size: 0,
         cluster_bits: geo.cluster_bits,
         size,
-        crypt_method: 0,
         // validate() bounded the L1 table to 32 MiB and the refcount table follows from it.
         l1_size: layout.l1_entries as u32,
         l1_table_offset: layout.l1_offset(geo).get(),
         refcount_table_offset: layout.rt_offset(geo).get(),
         refcount_table_clusters: layout.rt_clusters as u32,
-        nb_snapshots: 0,
-        snapshots_offset: 0,
-        incompatible_features: 0,
-        compatible_features: 0,
-        autoclear_features: 0,
         refcount_order: geo.refcount_order,
-        header_length: 0,
-        compression_type: 0,
         backing_file: opts.backing_file.as_ref().map(|b| b.as_bytes().to_vec()),
         backing_format: opts.backing_format.map(|f| f.name().to_string()),
-        feature_names: Vec::new(),
-        bitmaps: None,
-        crypto: None,
-        data_file: None,
-        unknown_extensions: Vec::new(),
-        extra_header_bytes: Vec::new(),
+        ..Header::default()
     };
     if opts.version == 3 {
         if opts.extended_l2 {

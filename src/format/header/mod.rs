@@ -83,8 +83,9 @@ pub enum Purpose {
     Check,
 }
 
-/// A parsed, validated qcow2 header with its extensions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A parsed, validated qcow2 header with its extensions. `Default` is all zeros and no
+/// extensions: a base for building a header field by field, not a valid header.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Header {
     /// 2 or 3.
     pub version: u32,
@@ -218,20 +219,10 @@ impl Header {
             refcount_table_clusters: layout::REFCOUNT_TABLE_CLUSTERS.get(c0),
             nb_snapshots: layout::NB_SNAPSHOTS.get(c0),
             snapshots_offset: layout::SNAPSHOTS_OFFSET.get(c0),
-            incompatible_features: 0,
-            compatible_features: 0,
-            autoclear_features: 0,
+            // What version 2 implies for the version-3 fields.
             refcount_order: 4,
             header_length: V2_HEADER_LENGTH,
-            compression_type: 0,
-            backing_file: None,
-            backing_format: None,
-            feature_names: Vec::new(),
-            bitmaps: None,
-            crypto: None,
-            data_file: None,
-            unknown_extensions: Vec::new(),
-            extra_header_bytes: Vec::new(),
+            ..Header::default()
         }
     }
 
