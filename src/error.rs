@@ -40,6 +40,12 @@ pub enum ErrorKind {
     CorruptionPrevented,
     /// An operating-system call failed; the errno is the OS error's (EIO when it has none).
     Io,
+    /// A named object (bitmap, snapshot) to be created already exists (EEXIST).
+    Exists,
+    /// A named object (bitmap, snapshot) does not exist (ENOENT).
+    NotFound,
+    /// The object is in a state that forbids the operation, e.g. an inconsistent bitmap (EBUSY).
+    Busy,
 }
 
 /// Every failure oxcow reports: a kind, a message naming what failed, and its context.
@@ -168,6 +174,9 @@ impl Error {
             ErrorKind::NoMemory => libc::ENOMEM,
             ErrorKind::CorruptionPrevented => libc::EIO,
             ErrorKind::Io => self.os_errno().unwrap_or(libc::EIO),
+            ErrorKind::Exists => libc::EEXIST,
+            ErrorKind::NotFound => libc::ENOENT,
+            ErrorKind::Busy => libc::EBUSY,
         }
     }
 

@@ -19,6 +19,9 @@ pub mod format;
 mod options;
 pub mod storage;
 
+pub use engine::bitmap::{
+    BitmapAddOptions, BitmapInfo, BITMAP_AUTO, BITMAP_ENABLED, BITMAP_INCONSISTENT,
+};
 pub use engine::check::{CheckFix, CheckReport};
 pub use engine::create::create;
 pub use engine::events::{CorruptionEvent, EventHandler};
@@ -26,6 +29,6 @@ pub use engine::Image;
 pub use error::{Error, ErrorKind, Result};
 pub use options::{
     BackingFormat, CompressionType, CreateOptions, Extent, ImageInfo, OpenOptions, Preallocation,
-    ZeroFlags, EXTENT_ALLOCATED, EXTENT_BACKING, EXTENT_COMPRESSED, EXTENT_ZERO,
+    ZeroFlags, EXTENT_ALLOCATED, EXTENT_BACKING, EXTENT_COMPRESSED, EXTENT_DIRTY, EXTENT_ZERO,
 };
 pub use storage::OverlapCheck;

@@ -179,3 +179,5 @@ pub const EXTENT_ZERO: u32 = 2;
 pub const EXTENT_BACKING: u32 = 4;
 /// The range is stored compressed.
 pub const EXTENT_COMPRESSED: u32 = 8;
+/// [`crate::Image::bitmap_status`]: the range is dirty in the bitmap.
+pub const EXTENT_DIRTY: u32 = 16;

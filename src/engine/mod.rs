@@ -1,6 +1,7 @@
 //! The live image: open, the read and write paths, zeroing and discard, flush, backing chain.
 
 mod backing;
+pub mod bitmap;
 mod cache;
 pub mod check;
 pub mod compress;
