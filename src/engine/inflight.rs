@@ -9,6 +9,11 @@
 //! cluster (pages allocated on first use), so claiming, releasing and testing never take a
 //! lock. Only a writer that must wait sleeps on a condition variable, with a Dekker-style
 //! handshake (waiter count vs. bit) that cannot lose a wake-up.
+//!
+//! An image's tracker covers every guest cluster its geometry allows (the largest L1 table
+//! QEMU accepts), with only the top level allocated up front: a resize on a live handle
+//! therefore never moves, re-indexes or reallocates it, and requests racing a resize keep
+//! their cluster's bit.
 
 use crate::format::GuestCluster;
 #[cfg(loom)]
@@ -76,6 +81,13 @@ impl Inflight {
             lock: Mutex::new(()),
             wake: Condvar::new(),
         }
+    }
+
+    /// A tracker for every guest cluster an image of geometry `geo` can ever have, whatever
+    /// its virtual size becomes: growing or shrinking the image needs no change here. Only
+    /// the top level (a few KiB for usual cluster sizes) is allocated now.
+    pub fn for_geometry(geo: &crate::format::Geometry) -> Inflight {
+        Self::new(max_guest_clusters(geo))
     }
 
     /// The word holding `cluster`'s bit, and the bit. Clusters past the end share the last
@@ -178,9 +190,36 @@ impl Inflight {
     }
 }
 
+/// Guest clusters addressable by the largest L1 table QEMU allows for geometry `geo`.
+fn max_guest_clusters(geo: &crate::format::Geometry) -> u64 {
+    let l1 = crate::format::header::MAX_L1_BYTES / 8;
+    l1.saturating_mul(geo.l2_entries())
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_geometry_tracker_covers_clusters_far_past_any_open_size() {
+        let geo = crate::format::Geometry {
+            cluster_bits: 16,
+            extended_l2: false,
+            refcount_order: 4,
+        };
+        let max = max_guest_clusters(&geo);
+        assert_eq!(max, (1 << 22) * 8192);
+        let t = Inflight::for_geometry(&geo);
+        // Distinct clusters at the far end do not share a bit with the start.
+        assert_eq!(t.try_claim(GuestCluster(max - 1)), Claim::Claimed);
+        assert_eq!(
+            t.try_claim(GuestCluster(max - 1 - PAGE_BITS)),
+            Claim::Claimed
+        );
+        assert_eq!(t.try_claim(GuestCluster(1)), Claim::Claimed);
+        assert!(!t.is_claimed(GuestCluster(max - 2)));
+        assert_eq!(t.claims(), 3);
+    }
     use std::sync::Arc;
 
     #[test]

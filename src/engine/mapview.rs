@@ -8,6 +8,10 @@
 //! until they read a pair of words that no update overlapped, so an extended-L2 entry
 //! (descriptor plus subcluster bitmap) is never torn.
 //!
+//! The L1 table can grow and shrink on a live handle (resize): its entries live in fixed-size
+//! chunks that never move once allocated, behind a length that readers load first, so a
+//! lookup is one extra load and never sees an entry migrate.
+//!
 //! A reader that finds no table falls back to the metadata mutex; a reader holding a table
 //! that was evicted meanwhile sees the mapping as it was when its request started, which is
 //! what a request overlapping a concurrent write may see. Host clusters it maps stay valid
@@ -16,8 +20,13 @@
 use crate::format::entry::{decode_l2, L1Entry, Mapping};
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crossbeam_utils::sync::ShardedLock;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// L1 entries per chunk (32 KiB of atomics).
+const L1_CHUNK: usize = 4096;
+/// Most L1 entries any image may have (QEMU's 32 MiB L1 limit).
+pub const MAX_L1_ENTRIES: usize = (crate::format::header::MAX_L1_BYTES / 8) as usize;
 
 /// A cached L2 table: entries as atomics behind a sequence counter.
 #[derive(Debug)]
@@ -101,7 +110,11 @@ type OffsetMap<V> = std::collections::HashMap<HostOffset, V, crate::storage::gua
 /// The active L1 table and the cached L2 tables, readable without the metadata mutex.
 #[derive(Debug)]
 pub struct MapView {
-    l1: Box<[AtomicU64]>,
+    /// L1 entries in chunks of [`L1_CHUNK`], allocated on first use and never moved, so a
+    /// length change never races a reader holding an entry's address.
+    l1: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    /// Entries in force; indices at or past it read as absent.
+    l1_len: AtomicUsize,
     /// Cached tables by host offset. A sharded lock: readers lock only their own thread's
     /// shard (no shared cache line), the rare inserts and evictions lock all of them.
     tables: ShardedLock<OffsetMap<Arc<L2Table>>>,
@@ -111,35 +124,74 @@ pub struct MapView {
 }
 
 impl MapView {
-    /// An empty view for an L1 table of `l1_len` entries.
+    /// An empty view for an L1 table of `l1_len` entries (at most [`MAX_L1_ENTRIES`]; the
+    /// header parser enforces it).
     pub fn new(l1_len: usize) -> MapView {
-        MapView {
-            l1: (0..l1_len).map(|_| AtomicU64::new(0)).collect(),
+        let v = MapView {
+            l1: (0..MAX_L1_ENTRIES.div_ceil(L1_CHUNK))
+                .map(|_| OnceLock::new())
+                .collect(),
+            l1_len: AtomicUsize::new(0),
             tables: ShardedLock::new(OffsetMap::default()),
             generation: AtomicU64::new(0),
-        }
+        };
+        v.set_l1_len(l1_len);
+        v
     }
 
     /// Number of L1 entries.
     pub fn l1_len(&self) -> usize {
-        self.l1.len()
+        self.l1_len.load(Ordering::Acquire)
+    }
+
+    /// The slot of entry `i`, allocating its chunk when `create` (callers then hold the
+    /// metadata mutex); None past the chunk array or for a chunk never allocated.
+    fn slot(&self, i: usize, create: bool) -> Option<&AtomicU64> {
+        let chunk = self.l1.get(i / L1_CHUNK)?;
+        let words = if create {
+            chunk.get_or_init(|| (0..L1_CHUNK).map(|_| AtomicU64::new(0)).collect())
+        } else {
+            chunk.get()?
+        };
+        words.get(i % L1_CHUNK)
+    }
+
+    /// Changes the number of L1 entries (resize, metadata reload). Entries that come into
+    /// force read as zero (unallocated) until set; callers serialise length changes and
+    /// entry updates (the metadata mutex). Lengths past [`MAX_L1_ENTRIES`] are capped.
+    pub fn set_l1_len(&self, len: usize) {
+        let len = len.min(MAX_L1_ENTRIES);
+        let old = self.l1_len();
+        // Zero the entries that come into force before readers can see them; a shrink leaves
+        // the entries past the end to the next growth to clear.
+        for i in old..len {
+            if let Some(e) = self.slot(i, true) {
+                e.store(0, Ordering::Relaxed);
+            }
+        }
+        self.l1_len.store(len, Ordering::Release);
     }
 
     /// L1 entry `i` (None past the end).
     pub fn l1_entry(&self, i: usize) -> Option<u64> {
-        self.l1.get(i).map(|e| e.load(Ordering::Acquire))
+        if i >= self.l1_len() {
+            return None;
+        }
+        self.slot(i, false).map(|e| e.load(Ordering::Acquire))
     }
 
-    /// Sets L1 entry `i`; publish the table it points to first.
+    /// Sets L1 entry `i` (below the length); publish the table it points to first.
     pub fn set_l1(&self, i: usize, v: u64) {
-        self.l1[i].store(v, Ordering::Release);
+        debug_assert!(i < self.l1_len(), "L1 index {i} past the end");
+        if let Some(e) = self.slot(i, true) {
+            e.store(v, Ordering::Release);
+        }
     }
 
-    /// L1 entries `[start, end)`, for write-back.
+    /// L1 entries `[start, end)` (clamped to the length), for write-back.
     pub fn l1_words(&self, start: usize, end: usize) -> Vec<u64> {
-        self.l1[start..end]
-            .iter()
-            .map(|e| e.load(Ordering::Acquire))
+        (start..end.min(self.l1_len()))
+            .map(|i| self.l1_entry(i).unwrap_or(0))
             .collect()
     }
 
@@ -168,14 +220,15 @@ impl MapView {
             .remove(&off);
     }
 
-    /// Forgets every table and loads `l1` (a metadata reload).
+    /// Forgets every table and loads `l1` (a metadata reload), taking its length.
     pub fn reset(&self, l1: &[u64]) {
         self.tables
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        for (slot, &v) in self.l1.iter().zip(l1) {
-            slot.store(v, Ordering::Release);
+        self.set_l1_len(l1.len());
+        for (i, &v) in l1.iter().enumerate().take(MAX_L1_ENTRIES) {
+            self.set_l1(i, v);
         }
         self.bump_generation();
     }
@@ -261,5 +314,50 @@ mod tests {
         );
         v.remove_table(HostOffset::new(0x1_0000));
         assert!(v.table(HostOffset::new(0x1_0000)).is_none());
+    }
+
+    #[test]
+    fn the_l1_grows_and_shrinks_keeping_entries_and_zeroing_new_ones() {
+        let v = MapView::new(3);
+        v.set_l1(2, 0x3_0000);
+        v.set_l1_len(L1_CHUNK * 2 + 5);
+        assert_eq!(v.l1_len(), L1_CHUNK * 2 + 5);
+        assert_eq!(v.l1_entry(2), Some(0x3_0000));
+        assert_eq!(v.l1_entry(L1_CHUNK * 2 + 4), Some(0));
+        v.set_l1(L1_CHUNK + 1, 0x5_0000);
+        v.set_l1_len(2);
+        assert_eq!(v.l1_entry(2), None, "past the end after a shrink");
+        assert_eq!(v.l1_words(0, 10).len(), 2);
+        v.set_l1_len(L1_CHUNK + 2);
+        assert_eq!(
+            v.l1_entry(2),
+            Some(0),
+            "an entry back in force reads as zero"
+        );
+        assert_eq!(v.l1_entry(L1_CHUNK + 1), Some(0));
+        v.set_l1_len(usize::MAX);
+        assert_eq!(v.l1_len(), MAX_L1_ENTRIES);
+    }
+
+    #[test]
+    fn readers_see_old_entries_while_the_l1_grows() {
+        let v = Arc::new(MapView::new(1));
+        v.set_l1(0, 0x7_0000);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (v, stop) = (Arc::clone(&v), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    assert_eq!(v.l1_entry(0), Some(0x7_0000));
+                    let n = v.l1_len();
+                    assert!(v.l1_entry(n - 1).is_some());
+                }
+            })
+        };
+        for n in (1..40).map(|k| k * 1000) {
+            v.set_l1_len(n);
+        }
+        stop.store(true, Ordering::Relaxed);
+        reader.join().expect("reader");
     }
 }

@@ -46,7 +46,8 @@ pub struct Image {
     file: HostFile,
     geo: Geometry,
     version: u32,
-    virtual_size: u64,
+    /// Guest-visible size; changed only by a resize (see `resize`).
+    virtual_size: std::sync::atomic::AtomicU64,
     compression: CompressionType,
     /// How the handle is open (read-only, writethrough, ...).
     mode: mode::OpenMode,
@@ -137,7 +138,7 @@ impl Image {
             file,
             geo,
             version: header.version,
-            virtual_size: header.size,
+            virtual_size: header.size.into(),
             compression: if header.compression_type == 1 {
                 CompressionType::Zstd
             } else {
@@ -149,14 +150,14 @@ impl Image {
             snapshots,
             meta: Mutex::new(meta),
             view,
-            inflight: inflight::Inflight::new(header.size.div_ceil(geo.cluster_size())),
+            inflight: inflight::Inflight::for_geometry(&geo),
             events: events::Events::default(),
         })
     }
 
     /// Guest-visible size in bytes.
     pub fn virtual_size(&self) -> u64 {
-        self.virtual_size
+        self.virtual_size.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The path the image was opened from.
@@ -169,7 +170,7 @@ impl Image {
         let m = self.lock_meta();
         let h = &m.header;
         Ok(ImageInfo {
-            virtual_size: self.virtual_size,
+            virtual_size: self.virtual_size(),
             cluster_size: self.geo.cluster_size() as u32,
             version: self.version,
             refcount_bits: self.geo.refcount_bits(),
@@ -291,13 +292,15 @@ impl Image {
 
     /// Checks a caller's guest range against the virtual size and returns its start as a
     /// guest offset: where the caller's number enters the guest address space.
+    /// Writers hold the write gate across the check and their I/O, so a resize (which
+    /// quiesces them) cannot change the size in between.
     fn check_range(&self, offset: u64, count: u64) -> Result<GuestOffset> {
+        let size = self.virtual_size();
         match offset.checked_add(count) {
-            Some(end) if end <= self.virtual_size => Ok(GuestOffset::new(offset)),
-            _ => invalid!(
-                "request [{offset:#x}, +{count:#x}) is beyond the virtual size {:#x}",
-                self.virtual_size
-            ),
+            Some(end) if end <= size => Ok(GuestOffset::new(offset)),
+            _ => {
+                invalid!("request [{offset:#x}, +{count:#x}) is beyond the virtual size {size:#x}")
+            }
         }
     }
 

@@ -100,7 +100,7 @@ impl Image {
     /// metadata from disk. Replaces `*m` only when everything succeeded.
     fn prepare_for_writing(&self, m: &mut Meta, name: &str) -> Result<()> {
         let mut header = read_header(&self.file, name)?;
-        if header.size != self.virtual_size || header.geometry() != self.geo {
+        if header.size != self.virtual_size() || header.geometry() != self.geo {
             return Err(Error::corrupt(format!(
                 "{name}: the image header changed while it was open read-only"
             )));

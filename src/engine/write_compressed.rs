@@ -56,7 +56,7 @@ impl Image {
             return invalid!("compressed write at {offset:#x} is not cluster-aligned");
         }
         let len = buf.len() as u64;
-        let tail = (offset + len).get() == self.virtual_size && len < cs;
+        let tail = (offset + len).get() == self.virtual_size() && len < cs;
         if buf.is_empty() || !(len == cs || tail) {
             return invalid!(
                 "compressed writes take exactly one cluster ({cs} bytes), not {len} bytes at {offset:#x}"
