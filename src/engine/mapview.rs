@@ -21,7 +21,7 @@ use crate::format::entry::{decode_l2, L1Entry, Mapping};
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crossbeam_utils::sync::ShardedLock;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// L1 entries per chunk (32 KiB of atomics).
 const L1_CHUNK: usize = 4096;
@@ -115,6 +115,9 @@ pub struct MapView {
     l1: Box<[OnceLock<Box<[AtomicU64]>>]>,
     /// Entries in force; indices at or past it read as absent.
     l1_len: AtomicUsize,
+    /// Serialises the control operations that change the guest extent (resize): each runs
+    /// in phases with the write gate released in between.
+    resizing: Mutex<()>,
     /// Cached tables by host offset. A sharded lock: readers lock only their own thread's
     /// shard (no shared cache line), the rare inserts and evictions lock all of them.
     tables: ShardedLock<OffsetMap<Arc<L2Table>>>,
@@ -132,11 +135,18 @@ impl MapView {
                 .map(|_| OnceLock::new())
                 .collect(),
             l1_len: AtomicUsize::new(0),
+            resizing: Mutex::new(()),
             tables: ShardedLock::new(OffsetMap::default()),
             generation: AtomicU64::new(0),
         };
         v.set_l1_len(l1_len);
         v
+    }
+
+    /// Held for a whole resize (see the `resizing` field).
+    pub fn resizing(&self) -> MutexGuard<'_, ()> {
+        // Poisoning means a panic elsewhere; the mutex guards no data.
+        self.resizing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Number of L1 entries.

@@ -402,6 +402,43 @@ impl Meta {
         Ok(())
     }
 
+    /// Unhooks the L2 table under L1 entry `l1_index` from the active L1 table (resize):
+    /// the table and every cluster it maps lose this image's reference once the cleared L1
+    /// entry is durable (a table or cluster shared with a snapshot stays the snapshot's).
+    pub fn drop_l2_table(&mut self, file: &HostFile, l1_index: usize) -> Result<()> {
+        let off = self.l2_offset(l1_index)?;
+        if off == HostOffset::ZERO {
+            return Ok(());
+        }
+        self.ensure_l2(file, off)?;
+        let ext = self.geo.extended_l2;
+        let per_table = self.geo.l2_entries() as usize;
+        let t = self
+            .l2
+            .get(off)
+            .cloned()
+            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+        let mut mappings = Vec::new();
+        for index in 0..per_table {
+            let (w0, w1) = t.entry(index, ext);
+            mappings.push(self.decode(w0, w1, Slot { table: off, index })?);
+        }
+        self.view.set_l1(l1_index, 0);
+        self.l1_dirty
+            .insert(l1_index as u64 / self.geo.u64_per_cluster());
+        // The table is no longer written back: its clusters are released below instead.
+        self.l2.remove(off);
+        self.view.remove_table(off);
+        let geo = self.geo;
+        file.guard()
+            .remove(off.cluster(&geo).0, 1, MetaKind::ActiveL2);
+        for mapping in mappings {
+            self.release(mapping);
+        }
+        self.deferred_frees.push((off, geo.cluster_size()));
+        Ok(())
+    }
+
     /// Queues the release of every host cluster a mapping references.
     pub fn release(&mut self, m: Mapping) {
         match m {

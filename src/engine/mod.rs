@@ -17,6 +17,7 @@ mod mode;
 mod read;
 mod refcount;
 mod reopen;
+mod resize;
 mod snapshot;
 mod write;
 mod write_compressed;

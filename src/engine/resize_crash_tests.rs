@@ -1,0 +1,263 @@
+//! Crash points of a resize, with the host file simulated in memory: for every prefix of the
+//! writes the resize makes (and reorderings of the writes between two syncs) the file must
+//! pass `qemu-img check` with at worst leaks and hold either the old image (old size, old
+//! bytes) or the new one (new size, old bytes inside it, zeros in the grown area); once the
+//! resize has returned, the image is clean.
+
+use super::Image;
+use crate::storage::sim::{apply, Event, SimFile};
+use crate::storage::HostFile;
+use crate::{CreateOptions, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("oxcow-rzcrash-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rw() -> OpenOptions {
+    OpenOptions {
+        writable: true,
+        ..Default::default()
+    }
+}
+
+fn qemu(args: &[&str]) -> (i32, String) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run qemu tool");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The guest bytes of the image at `p`, read through oxcow.
+fn guest(p: &Path) -> Vec<u8> {
+    let img = Image::open(p, &OpenOptions::default()).expect("open crash state");
+    let mut v = vec![0u8; img.virtual_size() as usize];
+    img.read_at(&mut v, 0).expect("read crash state");
+    v
+}
+
+/// The file after `journal[..k]` on top of `base`, dropping the writes since the last sync
+/// for which `drop` holds.
+fn state_at(base: &[u8], journal: &[Event], k: usize, drop: &dyn Fn(usize) -> bool) -> Vec<u8> {
+    let last_sync = journal[..k]
+        .iter()
+        .rposition(|e| matches!(e, Event::Sync))
+        .map_or(0, |i| i + 1);
+    let mut f = base.to_vec();
+    for (i, e) in journal[..k].iter().enumerate() {
+        if let Event::Write(off, data) = e {
+            if i < last_sync || !drop(i) {
+                apply(&mut f, *off, data);
+            }
+        }
+    }
+    f
+}
+
+/// One crash state: at worst leaks (`clean`: none), and the old or the new guest.
+fn check_state(dir: &Path, bytes: &[u8], old: &[u8], new: &[u8], clean: bool, what: &str) {
+    let p = dir.join("state.qcow2");
+    std::fs::write(&p, bytes).expect("write state");
+    let (code, out) = qemu(&["qemu-img", "check", "-q", p.to_str().expect("utf-8")]);
+    let allowed: &[i32] = if clean { &[0] } else { &[0, 3] };
+    assert!(
+        allowed.contains(&code),
+        "{what}: qemu-img check exit {code}: {out}"
+    );
+    let got = guest(&p);
+    assert!(
+        got == old || got == new,
+        "{what}: guest of {} bytes is neither the old ({}) nor the new ({}) image",
+        got.len(),
+        old.len(),
+        new.len()
+    );
+    if clean {
+        assert!(
+            got == new,
+            "{what}: the completed resize left the old image"
+        );
+    }
+}
+
+/// Resizes the image at `path` (already prepared on disk) to `new_size` on a simulated file
+/// and checks every crash point of the resize.
+fn crash_points(dir: &Path, path: &Path, new_size: u64, shrink: bool, tag: &str) {
+    let old = guest(path);
+    let mut new = old.clone();
+    new.resize(new_size as usize, 0);
+    let sim = Arc::new(SimFile::new(std::fs::read(path).expect("read image")));
+    let file = HostFile::new(sim.clone(), path.display().to_string());
+    let img = Image::open_file(file, path, &rw(), 0).expect("open simulated image");
+    let base = sim.contents();
+    let start = sim.journal().len();
+    img.resize(new_size, shrink).expect("resize");
+    let journal = sim.journal()[start..].to_vec();
+    std::mem::forget(img); // the process "dies" here
+    assert!(journal.len() > 2, "{tag}: the resize wrote nothing");
+    let mut mask = 0x9e37_79b9_7f4a_7c15u64;
+    for k in 0..=journal.len() {
+        let what = format!("{tag}: crash after {k}/{} journal entries", journal.len());
+        let plain = state_at(&base, &journal, k, &|_| false);
+        check_state(dir, &plain, &old, &new, false, &what);
+        mask = mask.rotate_left(7) ^ (k as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let m = mask;
+        let reordered = state_at(&base, &journal, k, &|i| m >> (i % 64) & 1 == 1);
+        check_state(
+            dir,
+            &reordered,
+            &old,
+            &new,
+            false,
+            &format!("{what}, reordered"),
+        );
+        // Each single write since the last sync lost on its own.
+        let last_sync = journal[..k]
+            .iter()
+            .rposition(|e| matches!(e, Event::Sync))
+            .map_or(0, |i| i + 1);
+        for lost in last_sync..k {
+            let state = state_at(&base, &journal, k, &|i| i == lost);
+            let what = format!("{what}, write {lost} lost");
+            check_state(dir, &state, &old, &new, false, &what);
+        }
+    }
+    let done = state_at(&base, &journal, journal.len(), &|_| false);
+    check_state(
+        dir,
+        &done,
+        &old,
+        &new,
+        true,
+        &format!("{tag}: after the resize"),
+    );
+}
+
+fn create_with_data(path: &Path, size: u64, opts: &CreateOptions, chunks: &[(u64, u64, u8)]) {
+    crate::create(path, size, opts).expect("create");
+    let img = Image::open(path, &rw()).expect("open");
+    for &(off, len, tag) in chunks {
+        let buf: Vec<u8> = (0..len).map(|i| tag ^ (i as u8)).collect();
+        img.write_at(&buf, off).expect("write");
+    }
+    img.close().expect("close");
+}
+
+#[test]
+fn every_crash_point_of_a_growth_within_the_l1_table_leaves_old_or_new() {
+    let dir = Scratch::new("grow-in");
+    let p = dir.0.join("img.qcow2");
+    let opts = CreateOptions {
+        cluster_size: 4096,
+        ..Default::default()
+    };
+    create_with_data(
+        &p,
+        1 << 20,
+        &opts,
+        &[(0, 20000, 3), ((1 << 20) - 5000, 5000, 5)],
+    );
+    crash_points(&dir.0, &p, 3 << 19, false, "grow within the L1");
+}
+
+#[test]
+fn every_crash_point_of_an_l1_relocation_leaves_old_or_new() {
+    let dir = Scratch::new("grow-past");
+    let p = dir.0.join("img.qcow2");
+    // 512-byte clusters: the L1 table of 1 MiB is one cluster, of 8 MiB four.
+    let opts = CreateOptions {
+        cluster_size: 512,
+        ..Default::default()
+    };
+    create_with_data(&p, 1 << 20, &opts, &[(0, 3000, 7), (700_000, 40_000, 9)]);
+    crash_points(&dir.0, &p, 8 << 20, false, "grow past the L1");
+}
+
+#[test]
+fn every_crash_point_of_a_growth_over_a_longer_backing_leaves_old_or_new() {
+    let dir = Scratch::new("grow-backing");
+    let base = dir.0.join("base.qcow2");
+    create_with_data(
+        &base,
+        4 << 20,
+        &CreateOptions::default(),
+        &[(0, 4 << 20, 0x5a)],
+    );
+    let p = dir.0.join("img.qcow2");
+    let opts = CreateOptions {
+        cluster_size: 4096,
+        backing_file: Some("base.qcow2".into()),
+        backing_format: Some(crate::BackingFormat::Qcow2),
+        ..Default::default()
+    };
+    create_with_data(&p, 1_000_448, &opts, &[(8192, 8192, 1)]);
+    crash_points(&dir.0, &p, 3 << 20, false, "grow over a longer backing");
+}
+
+#[test]
+fn every_crash_point_of_a_shrink_with_data_past_the_cut_leaves_old_or_new() {
+    let dir = Scratch::new("shrink");
+    let p = dir.0.join("img.qcow2");
+    let opts = CreateOptions {
+        cluster_size: 4096,
+        ..Default::default()
+    };
+    let size = 8 << 20;
+    create_with_data(
+        &p,
+        size,
+        &opts,
+        &[
+            (0, 10_000, 1),
+            (3 << 20, 100_000, 2),
+            (size - 70_000, 70_000, 3),
+        ],
+    );
+    // A snapshot shares some of the clusters past the cut: they only lose a reference.
+    let (code, out) = qemu(&[
+        "qemu-img",
+        "snapshot",
+        "-c",
+        "s1",
+        p.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    create_extra(&p, &[(size - 8192, 8192, 4), (5 << 20, 4096, 6)]);
+    crash_points(&dir.0, &p, (3 << 20) + 6144, true, "shrink");
+    // And without the snapshot's references, on a fresh copy.
+    let q = dir.0.join("plain.qcow2");
+    create_with_data(&q, size, &opts, &[(0, 10_000, 1), (6 << 20, 300_000, 2)]);
+    crash_points(&dir.0, &q, 1 << 20, true, "shrink, no snapshot");
+}
+
+fn create_extra(path: &Path, chunks: &[(u64, u64, u8)]) {
+    let img = Image::open(path, &rw()).expect("open");
+    for &(off, len, tag) in chunks {
+        let buf: Vec<u8> = (0..len).map(|i| tag ^ (i as u8)).collect();
+        img.write_at(&buf, off).expect("write");
+    }
+    img.close().expect("close");
+}
