@@ -30,6 +30,12 @@
 #define OXCOW_VERSION_NUMBER (OXCOW_VERSION_MAJOR * 10000 + OXCOW_VERSION_MINOR * 100 + OXCOW_VERSION_PATCH)
 
 /**
+ * oxcow_resize() flag: allow a new size smaller than the current one (like
+ * `qemu-img resize --shrink`); the data past the new end is deleted.
+ */
+#define OXCOW_RESIZE_SHRINK 1u
+
+/**
  * Open flag: open read-write. Without it the image is read-only and no byte is ever written.
  */
 #define OXCOW_OPEN_RDWR 1u
@@ -766,6 +772,35 @@ int oxcow_set_overlap_check(struct oxcow_image *img, uint32_t mode);
  * with `opaque` until it is replaced or the image is closed.
  */
 int oxcow_set_event_callback(struct oxcow_image *img, oxcow_event_fn cb, void *opaque);
+
+/**
+ * Changes the virtual size of a read-write handle to `new_size` bytes while other threads
+ * may keep doing I/O on it, like `qemu-img resize` (QEMU 10).
+ *
+ * `new_size` must be a multiple of 512. Growing makes the new area read as zeros (also over a
+ * backing file longer than the old size) and relocates the L1 table when it is too small;
+ * shrinking needs OXCOW_RESIZE_SHRINK and drops this image's references to every cluster past
+ * the new end (clusters shared with internal snapshots stay theirs). Data inside the new size
+ * is unchanged. Each step is crash-safe: a crash leaves the old or the new size, at worst
+ * with leaked clusters.
+ *
+ * Writers are held back only while the mapping changes; readers are never blocked. A request
+ * in flight at the old size either completes or fails with -EINVAL, and no request reads or
+ * writes past the size in force when it was checked. Concurrent resizes are serialised.
+ *
+ * Returns 0, or -EINVAL (NULL handle, unknown flags, a smaller size without
+ * OXCOW_RESIZE_SHRINK, a size that is not a multiple of 512, or one whose L1 table would pass
+ * QEMU's 32 MiB limit), -EROFS (read-only handle), -ENOTSUP (a version-2 image growing over
+ * a longer backing file, which QEMU refuses too; an image with persistent bitmaps in use),
+ * -ENOMEDIUM (fenced handle), -EIO, -ENOSPC.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `err` is NULL or valid for writing one pointer.
+ */
+int oxcow_resize(struct oxcow_image *img,
+                 uint64_t new_size,
+                 uint32_t flags,
+                 struct oxcow_error **err);
 
 /**
  * Fills `*opts` with the defaults (64 KiB clusters, version 3, 16-bit refcounts, no flags,

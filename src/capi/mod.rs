@@ -15,6 +15,7 @@ pub mod check;
 pub mod create;
 pub mod error;
 pub mod image;
+pub mod resize;
 pub mod types;
 pub mod version;
 
@@ -26,6 +27,7 @@ pub use image::{
     oxcow_open, oxcow_pread, oxcow_preadv, oxcow_pwrite, oxcow_pwritev, oxcow_reopen,
     oxcow_set_event_callback, oxcow_set_overlap_check, oxcow_write_compressed, oxcow_write_zeroes,
 };
+pub use resize::{oxcow_resize, OXCOW_RESIZE_SHRINK};
 pub use types::*;
 pub use version::{oxcow_version_number, oxcow_version_string};
 
