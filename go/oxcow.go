@@ -5,6 +5,7 @@ import (
 	"runtime"
 	"runtime/cgo"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"oxcow.dev/oxcow/internal/capi"
@@ -144,7 +145,9 @@ type Image struct {
 	mu   sync.RWMutex
 	h    capi.Handle // zero after Close
 	path string
-	size int64 // virtual size; fixed for the handle's lifetime
+	size atomic.Int64 // virtual size; changed only by Resize
+	// resizeMu serialises Resize calls so that size ends up as the library's.
+	resizeMu sync.Mutex
 
 	// reopenMu serialises Reopen calls so that flags matches the library's state.
 	reopenMu sync.Mutex
@@ -175,7 +178,8 @@ func Open(path string, opts *OpenOptions) (*Image, error) {
 		capi.Close(h)
 		return nil, wrap("open", path, cerr)
 	}
-	img := &Image{h: h, flags: flags, path: path, size: int64(info.VirtualSize)}
+	img := &Image{h: h, flags: flags, path: path}
+	img.size.Store(int64(info.VirtualSize))
 	runtime.SetFinalizer(img, (*Image).finalize)
 	return img, nil
 }
@@ -229,16 +233,17 @@ func (img *Image) acquire(op string) (capi.Handle, error) {
 func (img *Image) Path() string { return img.path }
 
 // Size returns the virtual (guest-visible) size in bytes.
-func (img *Image) Size() int64 { return img.size }
+func (img *Image) Size() int64 { return img.size.Load() }
 
 // checkRange validates a request of n bytes at off against the virtual size.
 func (img *Image) checkRange(op string, off, n int64) error {
 	if off < 0 || n < 0 {
 		return newError(op, img.path, syscall.EINVAL, "negative offset %d or length %d", off, n)
 	}
-	if off > img.size || n > img.size-off {
+	size := img.size.Load()
+	if off > size || n > size-off {
 		return newError(op, img.path, syscall.EINVAL,
-			"range [%d, %d) is beyond the virtual size %d", off, uint64(off)+uint64(n), img.size)
+			"range [%d, %d) is beyond the virtual size %d", off, uint64(off)+uint64(n), size)
 	}
 	return nil
 }
@@ -259,12 +264,13 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	if off >= img.size {
+	size := img.size.Load()
+	if off >= size {
 		return 0, io.EOF
 	}
 	var eof error
-	if int64(len(p)) > img.size-off {
-		p = p[:img.size-off]
+	if int64(len(p)) > size-off {
+		p = p[:size-off]
 		eof = io.EOF
 	}
 	if cerr := capi.Pread(h, p, uint64(off)); cerr != nil {
