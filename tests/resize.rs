@@ -412,3 +412,32 @@ fn requests_past_the_new_end_fail_and_inside_succeed_on_the_same_handle() {
     assert_check_clean(&p);
     assert_eq!(qemu_info(&p).get("virtual-size").as_u64(), 4 * MIB);
 }
+
+#[test]
+fn the_old_l1_table_is_reused_and_the_new_one_guarded_on_the_live_handle() {
+    let dir = TempDir::new("resize-guard");
+    let p = dir.join("a.qcow2");
+    qemu_create(&p, MIB, "cluster_size=512");
+    let img = open_rw(&p);
+    img.write_at(&[3; 4096], 0).expect("write");
+    let old_l1 = be64(&p, 40);
+    img.resize(64 * MIB, false).expect("grow past the L1 table");
+    img.flush().expect("flush");
+    let new_l1 = be64(&p, 40);
+    assert_ne!(new_l1, old_l1);
+    // Enough allocations to reuse the old table's cluster once its grace period is over.
+    for i in 0..64u64 {
+        img.write_at(&[i as u8 + 1; 2048], MIB + i * 64 * KIB)
+            .expect("write reusing freed clusters");
+        img.flush().expect("flush");
+    }
+    img.close().expect("close");
+    assert_check_clean(&p);
+    // The old table's cluster was handed out again (a guarded cluster would have refused
+    // the write and fenced the handle).
+    let reused = qemu_map(&p).iter().any(|e| {
+        e.offset
+            .is_some_and(|o| o <= old_l1 && old_l1 < o + e.length)
+    });
+    assert!(reused, "the old L1 cluster {old_l1:#x} was not reused");
+}
