@@ -261,3 +261,58 @@ fn create_extra(path: &Path, chunks: &[(u64, u64, u8)]) {
     }
     img.close().expect("close");
 }
+
+/// An I/O error at each write of a resize: the call may fail, the handle is then closed
+/// (writing back what it can), and the file holds the old or the new image with at most
+/// leaks; a crash right after leaves the same.
+fn io_errors(dir: &Path, path: &Path, new_size: u64, shrink: bool, tag: &str) {
+    let old = guest(path);
+    let mut new = old.clone();
+    new.resize(new_size as usize, 0);
+    let base = std::fs::read(path).expect("read image");
+    let writes = {
+        let sim = Arc::new(SimFile::new(base.clone()));
+        let file = HostFile::new(sim.clone(), path.display().to_string());
+        let img = Image::open_file(file, path, &rw(), 0).expect("open simulated image");
+        img.resize(new_size, shrink).expect("resize");
+        drop(img);
+        sim.journal()
+            .iter()
+            .filter(|e| matches!(e, Event::Write(..)))
+            .count()
+    };
+    assert!(writes > 2, "{tag}: only {writes} writes");
+    for n in 0..writes {
+        let sim = Arc::new(SimFile::new(base.clone()));
+        let file = HostFile::new(sim.clone(), path.display().to_string());
+        let img = Image::open_file(file, path, &rw(), 0).expect("open simulated image");
+        sim.fail_write_after(n as u64);
+        let _ = img.resize(new_size, shrink);
+        drop(img);
+        let what = format!("{tag}: EIO at write {n}/{writes}");
+        check_state(dir, &sim.contents(), &old, &new, false, &what);
+        let journal = sim.journal();
+        let durable = state_at(&base, &journal, journal.len(), &|_| true);
+        check_state(
+            dir,
+            &durable,
+            &old,
+            &new,
+            false,
+            &format!("{what}, then a crash"),
+        );
+    }
+}
+
+#[test]
+fn an_io_error_at_any_write_of_a_resize_leaves_old_or_new_with_at_most_leaks() {
+    let dir = Scratch::new("eio");
+    let p = dir.0.join("img.qcow2");
+    let opts = CreateOptions {
+        cluster_size: 512,
+        ..Default::default()
+    };
+    create_with_data(&p, 1 << 20, &opts, &[(0, 3000, 7), (700_000, 40_000, 9)]);
+    io_errors(&dir.0, &p, 8 << 20, false, "grow past the L1");
+    io_errors(&dir.0, &p, 600_064, true, "shrink");
+}
