@@ -227,6 +227,9 @@ fn shrinking_with_data_past_the_cut_frees_it_like_qemu() {
         o.get("allocated-clusters").as_u64(),
         q.get("allocated-clusters").as_u64()
     );
+    // Like QEMU, the file is cut after its last used cluster.
+    let len = std::fs::metadata(&t.o).expect("stat").len();
+    assert_eq!(len, o.get("image-end-offset").as_u64(), "file not trimmed");
     // Growing again shows what QEMU shows (the straddling cluster keeps its tail).
     t.resize(2 * GIB, false);
     t.assert_equivalent();

@@ -22,7 +22,7 @@ use crate::error::{invalid, unsupported, Error, ErrorKind, Result};
 use crate::format::be::u64_table_bytes;
 use crate::format::entry::Mapping;
 use crate::format::header::layout;
-use crate::format::{GuestOffset, HostOffset};
+use crate::format::{GuestOffset, HostCluster, HostOffset};
 use crate::storage::{MetaKind, WriteKind};
 use std::sync::atomic::Ordering;
 
@@ -194,7 +194,32 @@ impl Image {
         // The size in force now (a snapshot switch may have changed it meanwhile).
         let from = GuestOffset::new(self.virtual_size()).align_up(self.geo.cluster_size());
         self.drop_mappings_from(&mut m, from)?;
-        m.writeback(&self.file)
+        m.writeback(&self.file)?;
+        self.trim_file(&mut m)
+    }
+
+    /// Gives the file's unused tail back to the file system, as QEMU does after a shrink:
+    /// the file ends after the last cluster that has a reference (or that the overlap guard
+    /// knows as metadata). Runs after the write-back that made the frees durable, with
+    /// writers quiesced and every reader of the dropped clusters gone, so nothing can still
+    /// touch the bytes cut off; a crash before or after leaves a consistent file.
+    fn trim_file(&self, m: &mut Meta) -> Result<()> {
+        let geo = self.geo;
+        let len = self.file.len()?;
+        let mut end = len.div_ceil(geo.cluster_size());
+        // Bound: one step per cluster of the file.
+        while end > 1 {
+            let last = HostCluster(end - 1);
+            if m.rc.get(&self.file, last)? != 0 || self.file.guard().kind_of(last.0).is_some() {
+                break;
+            }
+            end -= 1;
+        }
+        let new_len = end * geo.cluster_size();
+        if new_len < len {
+            self.file.set_len(new_len)?;
+        }
+        Ok(())
     }
 
     /// Waits (without any lock) until every request pinned before this call has finished.
