@@ -66,14 +66,14 @@ impl Image {
 
     /// Grows the image from `old` to `new` bytes (see [`Self::resize`]).
     fn grow(&self, old: u64, new: u64) -> Result<()> {
-        let zero_from = self.backing_shows_through(old)?;
+        let zero_new = self.backing_shows_through(old)?;
         let _gate = self.io.quiesce();
         self.wait_claims_idle();
         {
             let mut m = self.lock_meta();
             self.grow_l1(&mut m, new)?;
         }
-        if zero_from {
+        if zero_new {
             self.zero_new_area(old, new)?;
         }
         let mut m = self.lock_meta();
