@@ -53,7 +53,9 @@ pub struct Image {
     /// The write gate and the fence.
     io: gate::IoGate,
     backing: Option<Backing>,
-    snapshots: Vec<Snapshot>,
+    /// The snapshot table (changed by snapshot operations, under the quiesced gate and the
+    /// metadata mutex).
+    snapshots: std::sync::RwLock<snapshot::Snapshots>,
     meta: Mutex<Meta>,
     /// The mapping as lock-free readers see it (shared with `meta`).
     view: Arc<mapview::MapView>,
@@ -146,7 +148,10 @@ impl Image {
             mode: mode::OpenMode::new(opts),
             io: gate::IoGate::default(),
             backing,
-            snapshots,
+            snapshots: std::sync::RwLock::new(snapshot::Snapshots {
+                list: snapshots,
+                table_len: snapshot_table_len,
+            }),
             meta: Mutex::new(meta),
             view,
             inflight: inflight::Inflight::new(header.size.div_ceil(geo.cluster_size())),
@@ -180,7 +185,7 @@ impl Image {
             corrupt: h.incompatible_features & header::INCOMPAT_CORRUPT != 0
                 || self.events.marked_corrupt(),
             read_only: self.is_read_only(),
-            snapshot_count: self.snapshots.len() as u32,
+            snapshot_count: self.snapshots().len() as u32,
             backing_file: h
                 .backing_file
                 .as_ref()
@@ -190,9 +195,11 @@ impl Image {
         })
     }
 
-    /// The internal snapshots, as validated at open (read-only inspection).
-    pub fn snapshots(&self) -> &[Snapshot] {
-        &self.snapshots
+    /// The internal snapshots as they are now (validated at open, then changed by
+    /// snapshot operations), in table order.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        let s = self.snapshots.read().unwrap_or_else(|p| p.into_inner());
+        s.list.clone()
     }
 
     /// The persistent bitmaps' directory entries, as `qemu-img info` lists them (read-only

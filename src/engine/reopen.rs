@@ -108,7 +108,7 @@ impl Image {
         repair_if_dirty(&self.file, &mut header, name)?;
         refuse_unwritable(&header, name)?;
         let (snapshots, table_len) = snapshot::read_table(&self.file, &header)?;
-        if snapshots != self.snapshots {
+        if snapshots != self.snapshots() {
             return Err(Error::corrupt(format!(
                 "{name}: the snapshot table changed while the image was open read-only"
             )));
