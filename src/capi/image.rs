@@ -33,6 +33,7 @@ fn options_from_flags(flags: u32) -> OpenOptions {
         writethrough: flags & OXCOW_OPEN_WRITETHROUGH != 0,
         keep_read_only: flags & OXCOW_OPEN_KEEP_READ_ONLY != 0,
         overlap_check: OverlapCheck::All,
+        snapshot: None,
     }
 }
 

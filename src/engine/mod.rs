@@ -75,6 +75,9 @@ impl Image {
         if opts.force_share && opts.writable {
             return invalid!("force-share can only be used with read-only images");
         }
+        if opts.snapshot.is_some() && opts.writable {
+            return invalid!("a snapshot can only be opened read-only");
+        }
         let name = path.display().to_string();
         let mut posix = PosixFile::open(path, opts.writable, opts.direct).map_err(|e| {
             if opts.direct && e.raw_os_error() == Some(libc::EINVAL) {
@@ -121,6 +124,10 @@ impl Image {
             clear_autoclear(&file, &mut header)?;
         }
         file.guard().set_mode(opts.overlap_check);
+        if let Some(key) = &opts.snapshot {
+            snapshot::view_header(&mut header, &snapshots, key, opts.writable)
+                .map_err(|e| e.with_file(&name))?;
+        }
         let view = Arc::new(mapview::MapView::new(header.l1_size as usize));
         let mut meta = Meta::load(
             &file,
@@ -145,7 +152,11 @@ impl Image {
             } else {
                 CompressionType::Deflate
             },
-            mode: mode::OpenMode::new(opts),
+            // A snapshot view never becomes writable.
+            mode: mode::OpenMode::new(&OpenOptions {
+                keep_read_only: opts.keep_read_only || opts.snapshot.is_some(),
+                ..opts.clone()
+            }),
             io: gate::IoGate::default(),
             backing,
             snapshots: std::sync::RwLock::new(snapshot::Snapshots {

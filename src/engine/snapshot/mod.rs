@@ -28,6 +28,7 @@ pub use read::{read_table, read_table_for_check};
 use super::Image;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::snapshot::Snapshot;
+use crate::format::Header;
 use std::sync::RwLockWriteGuard;
 
 /// The snapshot table of an open image: its entries and its length on disk (what the
@@ -55,6 +56,32 @@ fn not_found(key: &str) -> Error {
     Error::new(ErrorKind::NotFound, format!("snapshot '{key}' not found"))
 }
 
+/// Points `header` at the L1 table of snapshot `key` (an id, else a name) for a read-only
+/// view of that snapshot's disk: the open then loads the snapshot's mapping as the active
+/// one, which is how `qemu-img convert -l` reads a snapshot. The virtual size stays the
+/// image's, as in QEMU.
+pub(super) fn view_header(
+    header: &mut Header,
+    list: &[Snapshot],
+    key: &str,
+    writable: bool,
+) -> Result<()> {
+    if writable {
+        return Err(Error::invalid(
+            "a snapshot can only be opened read-only (its view is not writable)",
+        ));
+    }
+    let s = find(list, key)
+        .map(|i| &list[i])
+        .ok_or_else(|| not_found(key))?;
+    if let Some(p) = s.l1_problem(header.cluster_size()) {
+        return Err(Error::corrupt(format!("cannot open snapshot: {p}")));
+    }
+    header.l1_table_offset = s.l1_table_offset;
+    header.l1_size = s.l1_size;
+    Ok(())
+}
+
 impl Image {
     /// The internal snapshots, in table order (id, name, dates, VM clock and state size,
     /// disk size, icount). Reflects every snapshot operation made through this handle.
@@ -72,8 +99,8 @@ impl Image {
     /// unique (QEMU allows duplicates). Returns the new entry.
     ///
     /// Errors: `ReadOnly` on a read-only handle, `InvalidArgument` for an empty name or one
-    /// over 255 bytes, `NoSpace` when a refcount cannot take one more reference (e.g. 1-bit
-    /// refcounts), I/O errors.
+    /// over 255 bytes or when a refcount cannot take one more reference (e.g. 1-bit refcounts;
+    /// QEMU fails with EINVAL too), I/O errors.
     pub fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
         self.check_writable()?;
         if name.is_empty() || name.len() > MAX_NAME_LEN {

@@ -105,10 +105,15 @@ pub(super) fn create(
             )?;
             off
         };
-        tree::clear_copied(img, m, &l1, true)?;
-        m.writeback(file)?;
-        tree::add_refs(img, m, &l1)?;
-        m.writeback(file)?;
+        if let Err(e) = share_tree(img, m, &l1) {
+            // Nothing points at the copy: give it back and restore the flags.
+            let first = l1_off.cluster(&img.geo).0;
+            for c in first..first + img.geo.clusters_for(l1.len() as u64 * 8) {
+                let _ = m.rc.update(file, crate::format::HostCluster(c), -1);
+            }
+            let _ = tree::fix_copied(img, m).and_then(|()| m.writeback(file));
+            return Err(e);
+        }
         let s = Snapshot::new(
             &next_id(&snaps.list),
             name,
@@ -122,6 +127,15 @@ pub(super) fn create(
         m.writeback(file)?;
         Ok(s)
     })
+}
+
+/// Clears COPIED in the active tree, then adds the snapshot's reference to everything in
+/// it, each step durable (all references or none are added).
+fn share_tree(img: &Image, m: &mut Meta, l1: &[u64]) -> Result<()> {
+    tree::clear_copied(img, m, l1, true)?;
+    m.writeback(&img.file)?;
+    tree::add_refs(img, m, l1)?;
+    m.writeback(&img.file)
 }
 
 /// Makes snapshot `s` (validated) the active state.

@@ -114,8 +114,9 @@ fn add_refs_logged(img: &Image, m: &mut Meta, l1: &[u64], done: &mut Vec<u64>) -
         targets.push(table.cluster(&geo).0);
         for c in targets {
             m.rc.update(&img.file, HostCluster(c), 1).map_err(|e| {
+                // QEMU fails the same way (EINVAL), e.g. on 1-bit refcounts.
                 Error::new(
-                    ErrorKind::NoSpace,
+                    ErrorKind::InvalidArgument,
                     format!("cannot share cluster {c:#x} once more: {e}"),
                 )
             })?;

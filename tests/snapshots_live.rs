@@ -1,0 +1,256 @@
+//! Internal snapshots on a live handle: writers running while a snapshot is created, reads
+//! after apply never seeing the old mapping, copy-on-write after create, the read-only
+//! snapshot view (open option), and the errors of the snapshot operations.
+
+mod common;
+mod snapshots_support;
+
+use common::*;
+use oxcow::{ErrorKind, Image, OpenOptions};
+use snapshots_support::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const SIZE: u64 = 8 * MIB;
+const CHUNK: u64 = 64 * KIB;
+
+fn image(dir: &TempDir, opts: &str) -> std::path::PathBuf {
+    let p = dir.join("live.qcow2");
+    qemu_create(&p, SIZE, opts);
+    p
+}
+
+fn view(p: &std::path::Path, key: &str) -> Vec<u8> {
+    let img = Image::open(
+        p,
+        &OpenOptions {
+            snapshot: Some(key.to_string()),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("open snapshot {key}: {e}"));
+    oxcow_read_all(&img)
+}
+
+/// Each writer thread owns a stripe of chunks and writes generation-tagged data; a
+/// snapshot taken meanwhile must hold, for every chunk, some generation the writer wrote
+/// before the snapshot returned and no later than the one after.
+#[test]
+fn writers_keep_running_while_snapshots_are_created_and_every_snapshot_is_consistent() {
+    let dir = TempDir::new("snap-live");
+    let p = image(&dir, "cluster_size=4096");
+    let img = Arc::new(open_rw(&p));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = 4u64;
+    let chunks = SIZE / CHUNK;
+    let gens: Arc<Vec<std::sync::atomic::AtomicU64>> =
+        Arc::new((0..chunks).map(|_| Default::default()).collect());
+    let writers: Vec<_> = (0..threads)
+        .map(|t| {
+            let (img, stop, gens) = (img.clone(), stop.clone(), gens.clone());
+            std::thread::spawn(move || {
+                let mut g = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for c in (t..chunks).step_by(threads as usize) {
+                        img.write_at(&vec![(g % 251) as u8 + 1; CHUNK as usize], c * CHUNK)
+                            .expect("write");
+                        gens[c as usize].store(g, Ordering::Release);
+                    }
+                    g += 1;
+                }
+            })
+        })
+        .collect();
+    let mut taken = Vec::new();
+    for i in 0..6 {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let before: Vec<u64> = gens.iter().map(|g| g.load(Ordering::Acquire)).collect();
+        let name = format!("live{i}");
+        img.snapshot_create(&name).expect("create while writing");
+        let after: Vec<u64> = gens.iter().map(|g| g.load(Ordering::Acquire)).collect();
+        taken.push((name, before, after));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().expect("writer");
+    }
+    let final_data = oxcow_read_all(&img);
+    Arc::try_unwrap(img)
+        .ok()
+        .expect("sole owner")
+        .close()
+        .expect("close");
+    assert_check_clean(&p);
+    for (name, before, after) in taken {
+        let v = view(&p, &name);
+        for c in 0..chunks as usize {
+            let b = v[c * CHUNK as usize];
+            assert!(
+                v[c * CHUNK as usize..(c + 1) * CHUNK as usize]
+                    .iter()
+                    .all(|&x| x == b),
+                "{name}: chunk {c} is torn"
+            );
+            let ok =
+                (before[c]..=after[c] + 1).any(|g| g % 251 + 1 == b as u64 || (g == 0 && b == 0));
+            assert!(
+                ok,
+                "{name}: chunk {c} holds {b}, written between gens {} and {}",
+                before[c], after[c]
+            );
+        }
+    }
+    assert!(oxcow_contents(&p) == final_data);
+}
+
+#[test]
+fn reads_after_apply_see_the_snapshot_and_writes_after_create_copy_shared_clusters() {
+    let dir = TempDir::new("snap-apply-live");
+    let p = image(&dir, "");
+    let img = open_rw(&p);
+    img.write_at(&[1u8; 128 * 1024], 0).expect("write");
+    // Warm the lock-free caches with the current mapping.
+    let mut buf = vec![0u8; 128 * 1024];
+    img.read_at(&mut buf, 0).expect("read");
+    let s = img.snapshot_create("a").expect("create");
+    assert_eq!(
+        (s.id.as_str(), s.name.as_str(), s.disk_size),
+        ("1", "a", Some(SIZE))
+    );
+    img.write_at(&[2u8; 4096], 4096).expect("cow write");
+    img.write_at(&[3u8; 4096], 8192)
+        .expect("second write to the copied cluster");
+    img.read_at(&mut buf, 0).expect("read");
+    assert!(buf[4096..8192].iter().all(|&b| b == 2) && buf[8192] == 3);
+    img.snapshot_apply("a").expect("apply");
+    img.read_at(&mut buf, 0).expect("read");
+    assert!(
+        buf.iter().all(|&b| b == 1),
+        "a read after apply saw the old mapping"
+    );
+    img.flush().expect("flush");
+    assert_check_clean_while_open(&p);
+    img.snapshot_delete("a").expect("delete");
+    assert!(img.snapshots().is_empty());
+    img.close().expect("close");
+    assert_check_clean(&p);
+}
+
+/// qemu-img check -U on an image another handle holds open read-write.
+fn assert_check_clean_while_open(p: &std::path::Path) {
+    let o = run("qemu-img", &["check", "-U", path_str(p)]);
+    assert_eq!(o.code, 0, "{}", o.all());
+}
+
+#[test]
+fn the_snapshot_open_option_reads_the_snapshot_like_qemu_img_convert_l() {
+    let dir = TempDir::new("snap-view");
+    let p = image(&dir, "");
+    qemu_io(&p, &["write -P 0x61 0 1m".into()]);
+    qemu_img(&["snapshot", "-c", "old", path_str(&p)]);
+    qemu_io(&p, &["write -P 0x62 512k 1m".into()]);
+    let want = snapshot_view(&dir, &p, "1");
+    assert!(view(&p, "old") == want, "by name");
+    assert!(view(&p, "1") == want, "by id");
+    let writable = Image::open(
+        &p,
+        &OpenOptions {
+            writable: true,
+            snapshot: Some("old".into()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        writable.err().map(|e| e.kind()),
+        Some(ErrorKind::InvalidArgument)
+    );
+    let missing = Image::open(
+        &p,
+        &OpenOptions {
+            snapshot: Some("nope".into()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(missing.err().map(|e| e.kind()), Some(ErrorKind::NotFound));
+}
+
+#[test]
+fn snapshot_operations_refuse_read_only_handles_missing_names_and_damaged_entries() {
+    let dir = TempDir::new("snap-errors");
+    let p = image(&dir, "");
+    qemu_io(&p, &["write -P 0x61 0 64k".into()]);
+    qemu_img(&["snapshot", "-c", "good", path_str(&p)]);
+    qemu_img(&["snapshot", "-c", "bad", path_str(&p)]);
+    let ro = open_ro(&p);
+    assert_eq!(
+        ro.snapshot_create("x").unwrap_err().kind(),
+        ErrorKind::ReadOnly
+    );
+    assert_eq!(
+        ro.snapshot_apply("good").unwrap_err().kind(),
+        ErrorKind::ReadOnly
+    );
+    assert_eq!(
+        ro.snapshot_delete("good").unwrap_err().kind(),
+        ErrorKind::ReadOnly
+    );
+    drop(ro);
+    // Unalign the second entry's L1 table offset.
+    let table = snapshot_table_offset(&p);
+    let first_len = (40 + 24 + 1 + 4u64).div_ceil(8) * 8;
+    let l1 = be64(&p, table + first_len);
+    poke(&p, table + first_len, &(l1 + 512).to_be_bytes());
+    let img = open_rw(&p);
+    assert_eq!(
+        img.snapshot_apply("nope").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        img.snapshot_delete("nope").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        img.snapshot_apply("bad").unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
+    assert_eq!(
+        img.snapshot_delete("2").unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
+    assert_eq!(
+        img.snapshot_create("").unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    // The handle is still usable and the intact snapshot still works.
+    img.write_at(&[9u8; 512], 0).expect("write after refusals");
+    img.snapshot_apply("good")
+        .expect("apply the intact snapshot");
+    img.close().expect("close");
+}
+
+#[test]
+fn applying_a_snapshot_of_another_disk_size_is_refused_for_now() {
+    let dir = TempDir::new("snap-size");
+    let p = image(&dir, "");
+    qemu_img(&["snapshot", "-c", "small", path_str(&p)]);
+    qemu_img(&["resize", path_str(&p), "16M"]);
+    let img = open_rw(&p);
+    let e = img.snapshot_apply("small").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    img.close().expect("close");
+    assert_check_clean(&p);
+}
+
+#[test]
+fn snapshots_need_refcounts_of_more_than_one_bit() {
+    let dir = TempDir::new("snap-rc1");
+    let p = image(&dir, "refcount_bits=1");
+    qemu_io(&p, &["write -P 0x61 0 64k".into()]);
+    let img = open_rw(&p);
+    let e = img.snapshot_create("x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    img.write_at(&[1u8; 512], 0)
+        .expect("the handle still works");
+    img.close().expect("close");
+    assert_check_clean(&p);
+}
