@@ -214,6 +214,27 @@
 #define OXCOW_EVENT_HAS_LOCATION 2u
 
 /**
+ * Bytes of oxcow_snapshot_info.id: QEMU's id buffer (ids longer than 127 bytes are cut).
+ */
+#define OXCOW_SNAPSHOT_ID_LEN 128
+
+/**
+ * Bytes of oxcow_snapshot_info.name: QEMU's name buffer (names longer than 255 bytes are
+ * cut, as `qemu-img snapshot -l` cuts them).
+ */
+#define OXCOW_SNAPSHOT_NAME_LEN 256
+
+/**
+ * oxcow_snapshot_info flag: `disk_size` was recorded (every version-3 entry has it).
+ */
+#define OXCOW_SNAPSHOT_HAS_DISK_SIZE 1u
+
+/**
+ * oxcow_snapshot_info flag: `icount` was recorded.
+ */
+#define OXCOW_SNAPSHOT_HAS_ICOUNT 2u
+
+/**
  * An error: a positive errno and a human-readable message naming what failed. Created by the
  * library on failure when the caller passes a non-NULL `oxcow_error **err`; read it with
  * oxcow_error_message() / oxcow_error_errno() and free it with oxcow_error_free().
@@ -345,6 +366,13 @@ typedef struct oxcow_open_options {
      * Metadata cache budget in bytes; 0 means the default. Accepted, currently ignored.
      */
     uint64_t cache_size;
+    /**
+     * Version 2: NULL for the active state, or a NUL-terminated snapshot id or name to open
+     * a read-only view of that internal snapshot's disk (like `qemu-img convert -l`); the
+     * open must then be read-only (-EINVAL with OXCOW_OPEN_RDWR), -ENOENT when no snapshot
+     * matches. Read during oxcow_open() only.
+     */
+    const char *snapshot;
 } oxcow_open_options;
 
 /**
@@ -463,6 +491,53 @@ typedef struct oxcow_event {
  * callback may call oxcow functions on the image, except oxcow_close()).
  */
 typedef void (*oxcow_event_fn)(void *opaque, const struct oxcow_event *event);
+
+/**
+ * One internal snapshot, filled by oxcow_snapshot_list() into a caller-provided array
+ * (fixed-size strings, so the caller owns all memory: nothing to free).
+ */
+typedef struct oxcow_snapshot_info {
+    /**
+     * Unique id, NUL-terminated (e.g. "1").
+     */
+    char id[OXCOW_SNAPSHOT_ID_LEN];
+    /**
+     * Name (tag), NUL-terminated; names need not be unique.
+     */
+    char name[OXCOW_SNAPSHOT_NAME_LEN];
+    /**
+     * Creation time: seconds since the epoch.
+     */
+    uint32_t date_sec;
+    /**
+     * Creation time: nanoseconds.
+     */
+    uint32_t date_nsec;
+    /**
+     * Guest clock at creation, nanoseconds.
+     */
+    uint64_t vm_clock_nsec;
+    /**
+     * Size of the saved VM state in bytes (0 for disk-only snapshots).
+     */
+    uint64_t vm_state_size;
+    /**
+     * Virtual disk size at creation (see OXCOW_SNAPSHOT_HAS_DISK_SIZE).
+     */
+    uint64_t disk_size;
+    /**
+     * Instruction counter at creation (see OXCOW_SNAPSHOT_HAS_ICOUNT).
+     */
+    uint64_t icount;
+    /**
+     * OXCOW_SNAPSHOT_* flags.
+     */
+    uint32_t flags;
+    /**
+     * Always 0.
+     */
+    uint32_t reserved;
+} oxcow_snapshot_info;
 
 #ifdef __cplusplus
 extern "C" {
@@ -766,6 +841,64 @@ int oxcow_set_overlap_check(struct oxcow_image *img, uint32_t mode);
  * with `opaque` until it is replaced or the image is closed.
  */
 int oxcow_set_event_callback(struct oxcow_image *img, oxcow_event_fn cb, void *opaque);
+
+/**
+ * Creates an internal snapshot of the current disk state named `name`, like `qemu-img
+ * snapshot -c`: the next free numeric id, the current time, no VM state. Names need not be
+ * unique. Writers on other threads wait while the snapshot is taken; readers go on.
+ *
+ * Returns 0, or -EINVAL (NULL handle or name, empty or over 255 bytes, not UTF-8, or a
+ * refcount that cannot take another reference, e.g. 1-bit refcounts), -EROFS (read-only
+ * handle), -ENOSPC (65536 snapshots), -ENOMEDIUM (fenced handle), -EIO.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `err` is NULL or valid
+ * for writing one pointer.
+ */
+int oxcow_snapshot_create(struct oxcow_image *img, const char *name, struct oxcow_error **err);
+
+/**
+ * Reverts the disk to the snapshot whose id, else whose name, is `name_or_id`, like
+ * `qemu-img snapshot -a`. Reads racing the switch see the old or the new contents.
+ *
+ * Returns 0, or -EINVAL (NULL handle or key), -EROFS, -ENOENT (no such snapshot),
+ * -EUCLEAN (the snapshot's table entry is damaged; nothing changed), -ENOTSUP (the snapshot
+ * has another disk size: QEMU would resize the image, oxcow does not yet), -ENOMEDIUM, -EIO.
+ *
+ * # Safety
+ * As oxcow_snapshot_create().
+ */
+int oxcow_snapshot_apply(struct oxcow_image *img, const char *name_or_id, struct oxcow_error **err);
+
+/**
+ * Deletes the snapshot whose id, else whose name, is `name_or_id`, like `qemu-img snapshot
+ * -d`; clusters only it used are freed.
+ *
+ * Returns 0, or -EINVAL, -EROFS, -ENOENT, -EUCLEAN (damaged entry; nothing changed),
+ * -ENOMEDIUM, -EIO.
+ *
+ * # Safety
+ * As oxcow_snapshot_create().
+ */
+int oxcow_snapshot_delete(struct oxcow_image *img,
+                          const char *name_or_id,
+                          struct oxcow_error **err);
+
+/**
+ * Lists the internal snapshots in table order: the first `min(cap, total)` are written to
+ * `out[0..]` and `*count` receives the total, so a caller can size its array with a first
+ * call with `cap` 0 (then `out` may be NULL) and retry when `*count > cap`.
+ *
+ * Returns 0, or -EINVAL (NULL handle or count, NULL out with cap > 0), -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `out` is NULL or writable for `cap` entries; `count` is
+ * NULL or writable.
+ */
+int oxcow_snapshot_list(struct oxcow_image *img,
+                        struct oxcow_snapshot_info *out,
+                        size_t cap,
+                        size_t *count);
 
 /**
  * Fills `*opts` with the defaults (64 KiB clusters, version 3, 16-bit refcounts, no flags,
