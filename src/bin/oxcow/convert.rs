@@ -29,12 +29,17 @@ Options:
   -U, --force-share  read SRC even if another process holds it
   --no-probe         never guess a format: SRC needs -f, and a backing file whose format is not
                      recorded is refused (use it for untrusted images)
+  -l SNAPSHOT        copy internal snapshot SNAPSHOT of a qcow2 SRC instead of its current
+                     state: snapshot.id=ID, snapshot.name=NAME (comma-separated, both must
+                     match) or a bare id or name
+  -s SNAPSHOT        the same as '-l SNAPSHOT' (qemu-img's older spelling)
   -h, --help         this text
 
 Examples:
   oxcow convert -O qcow2 disk.raw disk.qcow2
   oxcow convert -f qcow2 -O raw overlay.qcow2 flat.raw
   oxcow convert -c -p -O qcow2 -o compression_type=zstd disk.qcow2 small.qcow2
+  oxcow convert -l snapshot.name=before-upgrade -O raw disk.qcow2 old.raw
 ";
 
 const SPECS: &[OptSpec] = &[
@@ -46,6 +51,8 @@ const SPECS: &[OptSpec] = &[
     opt(&["-q", "--quiet"], false),
     opt(&["-U", "--force-share"], false),
     opt(&["--no-probe"], false),
+    opt(&["-l"], true),
+    opt(&["-s"], true),
 ];
 
 /// Where the guest data comes from.
@@ -138,6 +145,8 @@ struct Request {
     progress: bool,
     force_share: bool,
     no_probe: bool,
+    /// Read this internal snapshot of SRC instead of its current state.
+    snapshot: Option<crate::snapshot::Selector>,
 }
 
 /// Runs `oxcow convert ARGS`.
@@ -173,6 +182,7 @@ fn parse(args: &[String]) -> CliResult<Option<Request>> {
         progress: false,
         force_share: false,
         no_probe: false,
+        snapshot: None,
     };
     let mut quiet = false;
     let mut pos = Vec::new();
@@ -190,6 +200,8 @@ fn parse(args: &[String]) -> CliResult<Option<Request>> {
             Arg::Opt("-q", _) => quiet = true,
             Arg::Opt("-U", _) => req.force_share = true,
             Arg::Opt("--no-probe", _) => req.no_probe = true,
+            Arg::Opt("-l", Some(l)) => req.snapshot = Some(crate::snapshot::Selector::parse(&l)?),
+            Arg::Opt("-s", Some(n)) => req.snapshot = Some(crate::snapshot::Selector::bare(&n)),
             Arg::Pos(p) => pos.push(p),
             Arg::Opt(..) => unreachable!("every spec is handled"),
         }
@@ -258,9 +270,18 @@ fn open_source(req: &Request) -> CliResult<Source> {
                 no_probe: req.no_probe,
                 ..OpenOptions::default()
             };
-            let img = Image::open(src, &opts).map_err(|e| open_err(e.to_string()))?;
+            let mut img = Image::open(src, &opts).map_err(|e| open_err(e.to_string()))?;
+            if let Some(sel) = &req.snapshot {
+                let snapshot = Some(sel.resolve(&img)?);
+                drop(img);
+                let opts = OpenOptions { snapshot, ..opts };
+                img = Image::open(src, &opts).map_err(|e| open_err(e.to_string()))?;
+            }
             Ok(Source::Qcow2(Box::new(img)))
         }
+        "raw" if req.snapshot.is_some() => Err(CliError::usage(
+            "convert: a raw SRC has no snapshots (-l/-s need a qcow2 SRC)",
+        )),
         "raw" => {
             let f = File::open(src).map_err(|e| open_err(e.to_string()))?;
             let len = f

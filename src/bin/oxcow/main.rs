@@ -15,6 +15,7 @@ mod info;
 mod json;
 mod map;
 mod progress;
+mod snapshot;
 
 use args::{CliError, CliResult};
 
@@ -29,6 +30,7 @@ Commands:
   map       show where each guest range comes from (like qemu-img map)
   convert   copy an image to a new qcow2 or raw image, optionally compressed
   check     check an image's metadata, optionally repair it
+  snapshot  list, create, apply or delete internal snapshots (like qemu-img snapshot)
   bench     measure I/O throughput through the engine (like qemu-img bench)
 
 Run 'oxcow COMMAND --help' for the options of a command and examples.
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         "map" => Some(map::HELP),
         "convert" => Some(convert::HELP),
         "bench" => Some(bench::HELP),
+        "snapshot" => Some(snapshot::HELP),
         _ => None,
     };
     if let (true, Some(h)) = (wants_help, help) {
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         "map" => map::run(rest).map(|()| 0),
         "convert" => convert::run(rest).map(|()| 0),
         "bench" => bench::run(rest).map(|()| 0),
+        "snapshot" => snapshot::run(rest).map(|()| 0),
         "check" => check::run(rest).map_err(CliError::op),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
@@ -74,7 +78,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         other => Err(CliError::usage(format!(
-            "unknown command '{other}' (commands: create, info, map, convert, check, bench)"
+            "unknown command '{other}' (commands: create, info, map, convert, check, bench, snapshot)"
         ))),
     };
     match result {
