@@ -69,6 +69,13 @@ fn sequences_match_qemu_with_small_clusters_and_wide_refcounts() {
 }
 
 #[test]
+fn sequences_match_qemu_with_lazy_refcounts() {
+    let dir = TempDir::new("snap-lazy");
+    let (q, o) = pair(&dir, "lazy_refcounts=on,cluster_size=4096", &data_setup());
+    run_both(&dir, &q, &o, &sequence());
+}
+
+#[test]
 fn sequences_match_qemu_on_a_version_2_image() {
     let dir = TempDir::new("snap-v2");
     let (q, o) = pair(&dir, "compat=0.10", &data_setup());

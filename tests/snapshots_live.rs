@@ -254,3 +254,22 @@ fn snapshots_need_refcounts_of_more_than_one_bit() {
     img.close().expect("close");
     assert_check_clean(&p);
 }
+
+#[test]
+fn a_create_that_would_overflow_a_refcount_fails_cleanly_and_keeps_the_others() {
+    let dir = TempDir::new("snap-rc2");
+    let p = image(&dir, "refcount_bits=2");
+    qemu_io(&p, &["write -P 0x61 0 64k".into()]);
+    let img = open_rw(&p);
+    img.snapshot_create("a").expect("first");
+    img.snapshot_create("b").expect("second");
+    // QEMU fails the third too (EINVAL), leaking two clusters; oxcow gives them back.
+    let e = img.snapshot_create("c").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert_eq!(img.snapshots().len(), 2);
+    img.write_at(&[2u8; 4096], 0).expect("cow write");
+    img.snapshot_apply("a").expect("apply");
+    img.snapshot_delete("b").expect("delete");
+    img.close().expect("close");
+    assert_check_clean(&p);
+}

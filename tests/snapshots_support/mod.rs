@@ -20,6 +20,10 @@ pub enum Step {
     /// A guest write: `qemu-io write -P pattern off len` / `Image::write_at`, so writes after
     /// a snapshot exercise each engine's copy-on-write.
     Write(u64, u64, u8),
+    /// `qemu-io write -z` / `Image::write_zeroes` (without unmap).
+    Zero(u64, u64),
+    /// `qemu-io discard` / `Image::discard`.
+    Discard(u64, u64),
 }
 
 /// Runs `step` through qemu-img / qemu-io.
@@ -31,6 +35,8 @@ pub fn qemu_step(p: &Path, step: &Step) {
         Step::Write(off, len, pat) => {
             qemu_io(p, &[format!("write -P {pat:#x} {off} {len}")]);
         }
+        Step::Zero(off, len) => drop(qemu_io(p, &[format!("write -z {off} {len}")])),
+        Step::Discard(off, len) => drop(qemu_io(p, &[format!("discard {off} {len}")])),
     }
 }
 
@@ -41,6 +47,8 @@ pub fn oxcow_step(img: &Image, step: &Step) {
         Step::Apply(n) => img.snapshot_apply(n),
         Step::Delete(n) => img.snapshot_delete(n),
         Step::Write(off, len, pat) => img.write_at(&vec![*pat; *len as usize], *off),
+        Step::Zero(off, len) => img.write_zeroes(*off, *len, oxcow::ZeroFlags::default()),
+        Step::Discard(off, len) => img.discard(*off, *len),
     };
     r.unwrap_or_else(|e| panic!("oxcow {step:?}: {e}"));
 }

@@ -103,9 +103,9 @@ impl Image {
     /// QEMU fails with EINVAL too), I/O errors.
     pub fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
         self.check_writable()?;
-        if name.is_empty() || name.len() > MAX_NAME_LEN {
+        if name.is_empty() || name.len() > MAX_NAME_LEN || name.contains('\0') {
             return Err(Error::invalid(format!(
-                "snapshot name must be 1 to {MAX_NAME_LEN} bytes long"
+                "snapshot name must be 1 to {MAX_NAME_LEN} bytes long, without NUL bytes"
             )));
         }
         let _quiet = self.io.quiesce();

@@ -143,6 +143,9 @@ pub(super) fn apply(img: &Image, m: &mut Meta, snaps: &mut Snapshots, s: &Snapsh
     unguarded(img, m, snaps, |m, _| {
         let file = &img.file;
         let len = img.view.l1_len();
+        if len == 0 {
+            return Ok(()); // a disk of size 0: nothing is mapped either way
+        }
         let old = img.view.l1_words(0, len);
         let old_off = HostOffset::new(m.header.l1_table_offset);
         let mut new = table::read_l1(img, s, len)?;
