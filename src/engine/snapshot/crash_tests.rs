@@ -235,3 +235,68 @@ fn every_crash_point_of_snapshot_delete_leaves_the_old_or_the_new_state() {
         });
     }
 }
+
+/// Sets up the same image as [`crash_points`] on a simulated file and returns its durable
+/// bytes and the state before and after `op`.
+fn prepared(path: &Path, opts: CreateOptions, op: &dyn Fn(&Image)) -> (Vec<u8>, Outcomes, u64) {
+    crate::create(path, SIZE, &opts).expect("create");
+    let (sim, img) = open_sim(std::fs::read(path).expect("read"), path);
+    for i in 0..32u64 {
+        img.write_at(&vec![i as u8 | 1; 3000], (i * 30_011) % (SIZE - 4096))
+            .expect("write");
+    }
+    img.snapshot_create("s0").expect("snapshot s0");
+    img.write_at(&[0xee; 5000], 70_000).expect("write");
+    img.flush().expect("flush");
+    drop(img);
+    let base = sim.contents();
+    let (sim, img) = open_sim(base.clone(), path);
+    let old = (read_all(&img), names(&img));
+    let before = sim.journal().len();
+    op(&img);
+    let new = (read_all(&img), names(&img));
+    let writes = sim.journal()[before..]
+        .iter()
+        .filter(|e| matches!(e, Event::Write(..)))
+        .count() as u64;
+    std::mem::forget(img);
+    (base, Outcomes { old, new }, writes)
+}
+
+/// An I/O error at any write of an operation: the call fails or succeeds, the handle is
+/// closed, and the file (and what a crash right after would leave) is the old or the new
+/// state with at worst leaks.
+fn eio_points(tag: &str, opts: CreateOptions, op: &dyn Fn(&Image)) {
+    let dir = scratch(tag);
+    let path = dir.0.join("img.qcow2");
+    let (base, want, writes) = prepared(&path, opts, op);
+    assert!(writes > 2, "{tag}: too few writes ({writes})");
+    for n in 0..writes {
+        let (sim, img) = open_sim(base.clone(), &path);
+        sim.fail_write_after(n);
+        op(&img);
+        drop(img);
+        let what = format!("{tag}: EIO at write {n}/{writes}");
+        check_state(&dir.0, &sim.contents(), &want, &what);
+        let journal = sim.journal();
+        let durable = state_at(&base, &journal, journal.len(), &|_| true);
+        check_state(&dir.0, &durable, &want, &format!("{what}, then a crash"));
+    }
+}
+
+#[test]
+fn an_io_error_at_any_write_of_a_snapshot_operation_leaves_the_old_or_the_new_state() {
+    let opts = || CreateOptions {
+        cluster_size: 512,
+        ..Default::default()
+    };
+    eio_points("eio-create", opts(), &|img| {
+        let _ = img.snapshot_create("s1");
+    });
+    eio_points("eio-apply", opts(), &|img| {
+        let _ = img.snapshot_apply("s0");
+    });
+    eio_points("eio-delete", opts(), &|img| {
+        let _ = img.snapshot_delete("s0");
+    });
+}

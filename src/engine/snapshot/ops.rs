@@ -165,8 +165,7 @@ pub(super) fn apply(img: &Image, m: &mut Meta, snaps: &mut Snapshots, s: &Snapsh
         )?;
         file.sync()?;
         let update = layout::L1_TABLE_OFFSET.update(m.header.version, new_off.get())?;
-        file.write_header_fields(&update)?;
-        file.sync()?;
+        table::switch_header(img, &update)?;
         m.replace_active_l1(new_off, &new);
         table::move_active(img, old_off, &old, new_off);
         m.deferred_frees.push((

@@ -43,8 +43,7 @@ pub(super) fn replace(
         v,
         new_off.get(),
     )?;
-    file.write_header_fields(&update)?;
-    file.sync()?;
+    switch_header(img, &update)?;
     let old = HostOffset::new(m.header.snapshots_offset);
     m.header.nb_snapshots = nb;
     m.header.snapshots_offset = new_off.get();
@@ -67,6 +66,20 @@ pub(super) fn replace(
         table_len: len,
     };
     Ok(())
+}
+
+/// Writes and syncs a header update that switches to a new structure. A failure leaves the
+/// header on disk unknown (old or new), so the handle, whose memory holds the old state, is
+/// fenced: nothing it writes later can be misplaced.
+pub(super) fn switch_header(img: &Image, update: &layout::FieldUpdate) -> Result<()> {
+    let r = img
+        .file
+        .write_header_fields(update)
+        .and_then(|()| img.file.sync());
+    if r.is_err() {
+        img.io.fence();
+    }
+    r
 }
 
 /// The L1 table of snapshot `s` (validated by the caller), `len` entries (zero padded).
