@@ -130,10 +130,23 @@ fn reads_after_apply_see_the_snapshot_and_writes_after_create_copy_shared_cluste
     );
     img.flush().expect("flush");
     assert_check_clean_while_open(&p);
+    assert_live_check_clean(&img);
     img.snapshot_delete("a").expect("delete");
     assert!(img.snapshots().is_empty());
+    assert_live_check_clean(&img);
     img.close().expect("close");
     assert_check_clean(&p);
+}
+
+/// The engine's own check on the live handle (it reads the header the operations updated).
+fn assert_live_check_clean(img: &Image) {
+    let r = img.check(oxcow::CheckFix::None, None).expect("check");
+    assert_eq!(
+        (r.corruptions, r.leaks, r.check_errors),
+        (0, 0, 0),
+        "{:?}",
+        r.messages
+    );
 }
 
 /// qemu-img check -U on an image another handle holds open read-write.
