@@ -21,6 +21,8 @@ mod crash_tests;
 mod ops;
 mod read;
 mod table;
+#[cfg(test)]
+mod tests;
 mod tree;
 
 pub use read::{read_table, read_table_for_check};
