@@ -44,14 +44,21 @@ pub(super) fn check_applicable(img: &Image, s: &Snapshot) -> Result<()> {
     Ok(())
 }
 
-/// The next id QEMU would give: one more than the largest numeric id (others count as 0).
+/// The numeric value QEMU reads from an id (`strtoul`: the leading decimal digits after
+/// blanks, 0 when there are none, saturating).
+fn id_value(id: &str) -> u64 {
+    id.trim_start()
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .fold(0u64, |v, d| {
+            v.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+        })
+}
+
+/// The next id QEMU would give: one more than the largest numeric id.
 fn next_id(list: &[Snapshot]) -> String {
-    let max = list
-        .iter()
-        .map(|s| s.id.parse::<u64>().unwrap_or(0))
-        .max()
-        .unwrap_or(0);
-    (max + 1).to_string()
+    let max = list.iter().map(|s| id_value(&s.id)).max().unwrap_or(0);
+    max.wrapping_add(1).to_string()
 }
 
 /// The creation time as qemu-img records it (microsecond resolution).
@@ -199,4 +206,17 @@ pub(super) fn delete(img: &Image, m: &mut Meta, snaps: &mut Snapshots, i: usize)
         tree::fix_copied(img, m)?;
         m.writeback(file)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::id_value;
+
+    #[test]
+    fn ids_are_read_like_strtoul() {
+        assert_eq!(id_value("12"), 12);
+        assert_eq!(id_value(" 7abc"), 7);
+        assert_eq!(id_value("abc"), 0);
+        assert_eq!(id_value(""), 0);
+    }
 }
