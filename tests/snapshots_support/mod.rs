@@ -116,6 +116,22 @@ pub fn listing(p: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The "snapshots" array of `qemu-img info --output=json` without the dates.
+pub fn info_snapshots(p: &Path) -> Json {
+    let o = qemu_img(&["info", "--output=json", path_str(p)]);
+    let mut list = match Json::parse(&o.stdout).opt("snapshots") {
+        Some(Json::Arr(a)) => a.clone(),
+        _ => Vec::new(),
+    };
+    for s in &mut list {
+        if let Json::Obj(m) = s {
+            m.remove("date-sec");
+            m.remove("date-nsec");
+        }
+    }
+    Json::Arr(list)
+}
+
 /// The guest contents of snapshot `id` of `p` as raw bytes (`qemu-img convert -l`).
 pub fn snapshot_view(dir: &TempDir, p: &Path, id: &str) -> Vec<u8> {
     let out = dir.join(&format!("view-{}-{id}.raw", unique_id()));
@@ -144,6 +160,12 @@ pub fn assert_equivalent(dir: &TempDir, q: &Path, o: &Path) {
     let (tq, to) = (table_entries(q), table_entries(o));
     assert_eq!(tq, to, "snapshot table entries (without dates) differ");
     assert_eq!(listing(q), listing(o), "qemu-img snapshot -l differs");
+    let info = info_snapshots(q);
+    assert!(
+        matches!(&info, Json::Arr(a) if a.len() == tq.len()),
+        "{info:?}"
+    );
+    assert_eq!(info, info_snapshots(o), "qemu-img info snapshots differ");
     for (_, id, ..) in &tq {
         let (a, b) = (snapshot_view(dir, q, id), snapshot_view(dir, o, id));
         assert!(a == b, "snapshot {id} reads differently");
