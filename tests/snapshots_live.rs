@@ -286,3 +286,106 @@ fn a_create_that_would_overflow_a_refcount_fails_cleanly_and_keeps_the_others() 
     img.close().expect("close");
     assert_check_clean(&p);
 }
+
+/// Readers hammer the lock-free path while the main thread reverts to a snapshot: every
+/// read that starts after apply returned sees the snapshot's data, never the old mapping.
+#[test]
+fn no_read_started_after_apply_sees_the_old_mapping() {
+    let dir = TempDir::new("snap-apply-readers");
+    let p = image(&dir, "cluster_size=4096");
+    let img = Arc::new(open_rw(&p));
+    img.write_at(&vec![0x11; 2 * MIB as usize], 0)
+        .expect("write");
+    img.snapshot_create("old").expect("create");
+    img.write_at(&vec![0x22; 2 * MIB as usize], 0)
+        .expect("write");
+    for round in 0..4 {
+        let done = Arc::new(AtomicBool::new(false));
+        let want = if round % 2 == 0 { 0x11 } else { 0x22 };
+        let readers: Vec<_> = (0..3)
+            .map(|t| {
+                let (img, done) = (img.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 4096];
+                    let mut after = 0;
+                    while after < 200 {
+                        let started_after = done.load(Ordering::Acquire);
+                        let off = ((t * 7919 + after * 4096) as u64) % (2 * MIB);
+                        img.read_at(&mut buf, off & !4095).expect("read");
+                        if started_after {
+                            assert!(buf.iter().all(|&b| b == want), "stale read at {off:#x}");
+                            after += 1;
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if round % 2 == 0 {
+            img.snapshot_apply("old").expect("apply");
+        } else {
+            img.write_at(&vec![0x22; 2 * MIB as usize], 0)
+                .expect("write");
+        }
+        done.store(true, Ordering::Release);
+        for r in readers {
+            r.join().expect("reader saw a stale mapping");
+        }
+    }
+    Arc::try_unwrap(img)
+        .ok()
+        .expect("sole owner")
+        .close()
+        .expect("close");
+    assert_check_clean(&p);
+}
+
+/// Writers keep going while snapshots are deleted; the active data is exactly what the
+/// writers wrote last.
+#[test]
+fn writers_keep_running_while_snapshots_are_deleted() {
+    let dir = TempDir::new("snap-delete-live");
+    let p = image(&dir, "cluster_size=4096");
+    let img = Arc::new(open_rw(&p));
+    img.write_at(&vec![0x33; SIZE as usize], 0).expect("fill");
+    for i in 0..5 {
+        img.snapshot_create(&format!("s{i}")).expect("create");
+        img.write_at(&vec![i as u8; 256 * 1024], i * MIB)
+            .expect("write");
+    }
+    let threads = 4u64;
+    let chunks = SIZE / CHUNK;
+    let writers: Vec<_> = (0..threads)
+        .map(|t| {
+            let img = img.clone();
+            std::thread::spawn(move || {
+                for g in 1..=20u64 {
+                    for c in (t..chunks).step_by(threads as usize) {
+                        let v = (g * 10 + t) as u8;
+                        img.write_at(&vec![v; CHUNK as usize], c * CHUNK)
+                            .expect("write");
+                    }
+                }
+            })
+        })
+        .collect();
+    for i in 0..5 {
+        img.snapshot_delete(&format!("s{i}"))
+            .expect("delete while writing");
+    }
+    for w in writers {
+        w.join().expect("writer");
+    }
+    let data = oxcow_read_all(&img);
+    for c in 0..chunks {
+        let want = (200 + c % threads) as u8;
+        let got = &data[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize];
+        assert!(got.iter().all(|&b| b == want), "chunk {c}");
+    }
+    Arc::try_unwrap(img)
+        .ok()
+        .expect("sole owner")
+        .close()
+        .expect("close");
+    assert_check_clean(&p);
+}
