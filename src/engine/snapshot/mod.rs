@@ -2,9 +2,11 @@
 //! operations on a live read-write handle: create, apply (revert the active state) and
 //! delete, as `qemu-img snapshot -c/-a/-d` perform them.
 //!
-//! Each operation quiesces writers for its whole duration (reads go on: they see the old
-//! mapping until the switch, the new one after), writes everything cached back first, and
-//! orders its writes so that a crash leaves the old or the new state, at worst with leaked
+//! Create and apply quiesce writers for their whole duration (every write after them is a
+//! copy-on-write, which needs the metadata mutex anyway); delete only holds the metadata
+//! mutex, so overwrites of clusters the image owns go on. Reads go on throughout: they see
+//! the old mapping until the switch, the new one after. Each operation writes everything
+//! cached back first and orders its writes so that a crash leaves the old or the new state, at worst with leaked
 //! clusters or a COPIED flag missing on a cluster with refcount 1 (a needless
 //! copy-on-write, which `check -r all` repairs):
 //! - create: the snapshot's L1 copy; COPIED cleared in the active tree; one more reference
@@ -146,7 +148,8 @@ impl Image {
     /// changed), I/O errors.
     pub fn snapshot_delete(&self, key: &str) -> Result<()> {
         self.check_writable()?;
-        let _quiet = self.io.quiesce();
+        // No quiesce: delete never takes a COPIED flag away from the active tree, so
+        // in-place overwrites may go on; everything else waits for the metadata mutex.
         let mut m = self.lock_meta();
         let mut snaps = self.snapshots_mut();
         let i = find(&snaps.list, key).ok_or_else(|| not_found(key))?;
