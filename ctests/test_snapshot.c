@@ -6,6 +6,8 @@
  */
 #include "common.h"
 
+#include <pthread.h>
+
 #define MiB (1ull << 20)
 #define KiB (1ull << 10)
 
@@ -142,11 +144,68 @@ static void test_errors(void) {
     CHECK_EQ(qemu_check(path), 0);
 }
 
+struct writer {
+    oxcow_image *img;
+    int id;
+    int rc;
+};
+
+/* Writes its own 1 MiB region 50 times with a pattern that ends as (id + 1). */
+static void *writer_main(void *arg) {
+    struct writer *w = arg;
+    unsigned char buf[64 * 1024];
+    int round, i;
+    for (round = 0; round < 50 && w->rc == 0; round++) {
+        memset(buf, round == 49 ? w->id + 1 : round + 100, sizeof buf);
+        for (i = 0; i < 16 && w->rc == 0; i++)
+            w->rc = oxcow_pwrite(w->img, buf, sizeof buf, (uint64_t)w->id * MiB + i * sizeof buf);
+    }
+    return NULL;
+}
+
+static void test_live_writers(void) {
+    const char *path;
+    oxcow_image *img;
+    pthread_t t[4];
+    struct writer w[4];
+    unsigned char got[64 * 1024];
+    size_t count = 0;
+    int i, j;
+    scratch_dir();
+    path = scratch_path("live.qcow2");
+    REQUIRE_OK(create_default(path, 4 * MiB));
+    img = open_image(path, OXCOW_OPEN_RDWR);
+    REQUIRE(img != NULL);
+    for (i = 0; i < 4; i++) {
+        w[i].img = img;
+        w[i].id = i;
+        w[i].rc = 0;
+        REQUIRE(pthread_create(&t[i], NULL, writer_main, &w[i]) == 0);
+    }
+    for (i = 0; i < 3; i++)
+        CHECK_EQ(oxcow_snapshot_create(img, "live", NULL), 0);
+    CHECK_EQ(oxcow_snapshot_delete(img, "1", NULL), 0);
+    for (i = 0; i < 4; i++) {
+        pthread_join(t[i], NULL);
+        CHECK_EQ(w[i].rc, 0);
+    }
+    for (i = 0; i < 4; i++)
+        for (j = 0; j < 16; j++) {
+            REQUIRE_OK(oxcow_pread(img, got, sizeof got, (uint64_t)i * MiB + j * sizeof got));
+            CHECK(all_bytes(got, sizeof got, (unsigned char)(i + 1)));
+        }
+    REQUIRE_OK(oxcow_snapshot_list(img, NULL, 0, &count));
+    CHECK_EQ(count, 2);
+    REQUIRE_OK(oxcow_close(img));
+    CHECK_EQ(qemu_check(path), 0);
+}
+
 int main(int argc, char **argv) {
     static const struct test_case tests[] = {
         {"create_list_apply_delete", test_create_list_apply_delete},
         {"qemu_snapshots_and_view", test_qemu_snapshots_and_view},
         {"errors", test_errors},
+        {"live_writers", test_live_writers},
     };
     return run_tests(tests, sizeof tests / sizeof tests[0], argc, argv);
 }
