@@ -168,13 +168,8 @@ fn check_repair_qemu_parity_reproducers() {
 
 /// Repairs with oxcow never make `qemu-img check` worse than before, or than QEMU's own
 /// repair does: replays the check_repair reproducers and corpus (too slow to do per fuzzing
-/// execution).
-///
-/// Slow (minutes: several hundred images, each checked and repaired by qemu-img too) and it
-/// still finds divergences (see fuzz/README.md), so it runs on demand:
-/// `cargo test --release --test fuzz_regressions -- --ignored`.
+/// execution; about half a minute here).
 #[test]
-#[ignore = "slow qemu-img comparison over the whole corpus; run with --ignored"]
 fn repair_never_worse_for_qemu() {
     let mut inputs = files(&fuzz_dir().join("regressions/check_repair"));
     inputs.extend(files(&fuzz_dir().join("corpus/check_repair")));
