@@ -191,7 +191,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
     };
     for op in &req.ops {
         if let Err(e) = apply(&img, &source, op, &req) {
-            let why = reason(&img, op, &req, &e);
+            let why = reason(&img, &source, op, &req, &e);
             // Keep what the earlier operations did: close the image properly.
             let _ = img.close();
             return Err(CliError::op(format!(
@@ -241,7 +241,7 @@ fn state(img: &Image, name: &str) -> Option<bool> {
 
 /// qemu-img's wording for a failed operation: it names the bitmap at fault (for a merge, the
 /// destination is checked before the source, as in QEMU).
-fn reason(img: &Image, op: &Op, req: &Request, e: &Error) -> String {
+fn reason(img: &Image, source: &MergeSource, op: &Op, req: &Request, e: &Error) -> String {
     let name = req.bitmap.as_str();
     let culprit = |want_busy: bool| -> String {
         let Op::Merge(src) = op else {
@@ -256,6 +256,15 @@ fn reason(img: &Image, op: &Op, req: &Request, e: &Error) -> String {
         }
         src.clone()
     };
+    if let (Op::Merge(_), MergeSource::Other(other)) = (op, source) {
+        let (d, s) = (img.virtual_size(), other.virtual_size());
+        if d != s && e.kind() == ErrorKind::InvalidArgument {
+            return format!(
+                "Bitmaps are of different sizes (destination size is {d}, source size is {s}) \
+                 and can't be merged"
+            );
+        }
+    }
     match e.kind() {
         ErrorKind::Exists => format!("Bitmap already exists: {name}"),
         ErrorKind::NotFound => format!("Dirty bitmap '{}' not found", culprit(false)),
