@@ -329,7 +329,7 @@ pub fn map_dirty(
             .collect();
         println!("[{}]", lines.join(",\n"));
     } else {
-        println!("{:<16}{:<16}", "Offset", "Length");
+        println!("{:<16}Length", "Offset");
         for &(s, l, _) in rows.iter().filter(|r| r.2) {
             println!("{}{}", hex16(s), hex16(l).trim_end());
         }
@@ -371,36 +371,41 @@ fn hex16(v: u64) -> String {
 }
 
 /// The bitmaps `convert --bitmaps` copies from `src` (`None`: SRC is raw), checked before DST
-/// is created: refused like qemu-img for a raw DST, a raw SRC, or an inconsistent bitmap
-/// (skipped with a warning under `--skip-broken-bitmaps`).
-pub fn convert_plan(
-    src: Option<&Image>,
-    out_fmt: &str,
-    skip_broken: bool,
-) -> CliResult<Vec<BitmapInfo>> {
-    if out_fmt != "qcow2" {
-        return Err(CliError::op(format!(
-            "Format driver '{out_fmt}' does not support bitmaps"
-        )));
-    }
+/// is created: refused like qemu-img for a raw SRC or an inconsistent bitmap (skipped with a
+/// warning under `--skip-broken-bitmaps`).
+pub fn convert_plan(src: Option<&Image>, skip_broken: bool) -> CliResult<Vec<BitmapInfo>> {
     let Some(src) = src else {
         return Err(CliError::op("Source lacks bitmap support"));
     };
-    let mut plan = Vec::new();
-    for b in src.bitmaps()? {
+    let mut plan = src.bitmaps()?;
+    // qemu-img meets the bitmaps last to first here: report (or skip) them in that order, and
+    // copy the rest in directory order, which is the order qemu-img's copy ends up with.
+    for b in plan.iter().rev() {
         if b.flags & BITMAP_INCONSISTENT == 0 {
-            plan.push(b);
-        } else if skip_broken {
-            eprintln!("oxcow: warning: Skipping inconsistent bitmap '{}'", b.name);
-        } else {
+            continue;
+        }
+        if !skip_broken {
             return Err(CliError::op(format!(
                 "Cannot copy inconsistent bitmap '{}'\n\
                  Try --skip-broken-bitmaps, or use 'oxcow bitmap --remove' to delete it",
                 b.name
             )));
         }
+        eprintln!("oxcow: warning: Skipping inconsistent bitmap '{}'", b.name);
     }
+    plan.retain(|b| b.flags & BITMAP_INCONSISTENT == 0);
     Ok(plan)
+}
+
+/// Refuses `convert --bitmaps` into a format without bitmaps. Like qemu-img, this is found
+/// once DST has been created (and DST stays).
+pub fn convert_target_check(out_fmt: &str) -> CliResult<()> {
+    if out_fmt == "qcow2" {
+        return Ok(());
+    }
+    Err(CliError::op(format!(
+        "Format driver '{out_fmt}' does not support bitmaps"
+    )))
 }
 
 /// Recreates the planned bitmaps in `dst` (same names, granularities and `auto` flags) and

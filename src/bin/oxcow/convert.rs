@@ -159,13 +159,14 @@ pub fn run(args: &[String]) -> CliResult<()> {
     let bitmaps = match (req.bitmaps, &source) {
         (false, _) => Vec::new(),
         (true, Source::Qcow2(img)) => {
-            crate::bitmap::convert_plan(Some(img), &req.out_fmt, req.skip_broken_bitmaps)?
+            crate::bitmap::convert_plan(Some(img), req.skip_broken_bitmaps)?
         }
-        (true, Source::Raw(..)) => {
-            crate::bitmap::convert_plan(None, &req.out_fmt, req.skip_broken_bitmaps)?
-        }
+        (true, Source::Raw(..)) => crate::bitmap::convert_plan(None, req.skip_broken_bitmaps)?,
     };
     let target = create_target(&req, size)?;
+    if req.bitmaps {
+        crate::bitmap::convert_target_check(&req.out_fmt)?;
+    }
     let (src, dst) = (&req.src, &req.dst);
     copy(&source, &target, size, src, dst, &req.create, req.progress)?;
     if let (Source::Qcow2(s), Target::Qcow2 { img, .. }) = (&source, &target) {
