@@ -5,6 +5,8 @@
  */
 #include "common.h"
 
+#include <pthread.h>
+
 #define KiB (1ull << 10)
 #define MiB (1ull << 20)
 
@@ -499,6 +501,80 @@ static void test_incremental_backup(void) {
     }
 }
 
+#define WRITERS 4
+#define WRITES_PER_THREAD 64
+
+struct writer_arg {
+    oxcow_image *img;
+    int index;
+    int failed;
+};
+
+/* Writes 4 KiB at the start of every other 64 KiB granule of its own quarter of the disk. */
+static void *bitmap_writer(void *p) {
+    struct writer_arg *w = (struct writer_arg *)p;
+    unsigned char buf[4096];
+    int i;
+    fill_pattern(buf, sizeof buf, 0, (unsigned)w->index);
+    for (i = 0; i < WRITES_PER_THREAD; i++) {
+        uint64_t off = (uint64_t)w->index * 16 * MiB + (uint64_t)i * 128 * KiB;
+        if (oxcow_pwrite(w->img, buf, sizeof buf, off) != 0)
+            w->failed = 1;
+    }
+    return NULL;
+}
+
+/* Control calls on a live handle while other threads write: the always-enabled bitmap ends
+ * with exactly the granules written, as QEMU reads it back. */
+static void test_control_while_writing(void) {
+    const char *path;
+    oxcow_image *img;
+    pthread_t th[WRITERS];
+    struct writer_arg w[WRITERS];
+    static char want[WRITERS * WRITES_PER_THREAD * 32];
+    size_t used = 0;
+    int t, i;
+    scratch_dir();
+    path = scratch_path("threads.qcow2");
+    REQUIRE_OK(create_default(path, 64 * MiB));
+    img = open_image(path, OXCOW_OPEN_RDWR);
+    REQUIRE(img != NULL);
+    REQUIRE_OK(oxcow_bitmap_add(img, "all", 4096, 0, NULL));
+    REQUIRE_OK(oxcow_bitmap_add(img, "frozen", 65536, OXCOW_BITMAP_DISABLED, NULL));
+    for (t = 0; t < WRITERS; t++) {
+        w[t].img = img;
+        w[t].index = t;
+        w[t].failed = 0;
+        REQUIRE(pthread_create(&th[t], NULL, bitmap_writer, &w[t]) == 0);
+    }
+    for (i = 0; i < 30; i++) {
+        CHECK_EQ(oxcow_bitmap_add(img, "tmp", 0, 0, NULL), 0);
+        CHECK_EQ(oxcow_bitmap_merge(img, "frozen", "all", NULL), 0);
+        CHECK_EQ(oxcow_bitmap_enable(img, "frozen", NULL), 0);
+        CHECK_EQ(oxcow_bitmap_disable(img, "frozen", NULL), 0);
+        CHECK_EQ(oxcow_bitmap_clear(img, "frozen", NULL), 0);
+        CHECK_EQ(oxcow_bitmap_remove(img, "tmp", NULL), 0);
+    }
+    for (t = 0; t < WRITERS; t++) {
+        pthread_join(th[t], NULL);
+        CHECK_EQ(w[t].failed, 0);
+    }
+    REQUIRE_OK(oxcow_bitmap_merge(img, "frozen", "all", NULL));
+    CHECK_EQ(oxcow_close(img), 0);
+    CHECK_EQ(qemu_check(path), 0);
+    for (t = 0; t < WRITERS; t++)
+        for (i = 0; i < WRITES_PER_THREAD; i++)
+            used += (size_t)snprintf(want + used, sizeof want - used, "%llu 4096\n",
+                                     (unsigned long long)(t * 16 * MiB + i * 128 * KiB));
+    check_dirty(path, "all", want);
+    used = 0;
+    for (t = 0; t < WRITERS; t++)
+        for (i = 0; i < WRITES_PER_THREAD; i++)
+            used += (size_t)snprintf(want + used, sizeof want - used, "%llu 65536\n",
+                                     (unsigned long long)(t * 16 * MiB + i * 128 * KiB));
+    check_dirty(path, "frozen", want);
+}
+
 int main(int argc, char **argv) {
     static const struct test_case tests[] = {
         {"add_list_remove", test_add_list_remove},
@@ -507,6 +583,7 @@ int main(int argc, char **argv) {
         {"errors", test_errors},
         {"inconsistent_is_busy", test_inconsistent_is_busy},
         {"incremental_backup", test_incremental_backup},
+        {"control_while_writing", test_control_while_writing},
     };
     return run_tests(tests, sizeof tests / sizeof tests[0], argc, argv);
 }
