@@ -95,6 +95,12 @@ fn check_state(dir: &Path, bytes: &[u8], before: &Before, what: &str) {
         }
         let dirty = dirty_map(&img, &b.name);
         let old = before.bitmaps.iter().find(|(n, _)| *n == b.name);
+        if b.flags & crate::BITMAP_AUTO == 0 {
+            // A disabled bitmap records nothing: it must hold exactly what it held.
+            let was = old.map_or_else(|| vec![false; dirty.len()], |(_, m)| m.clone());
+            assert_eq!(dirty, was, "{what}: disabled bitmap '{}' changed", b.name);
+            continue;
+        }
         for (g, &d) in dirty.iter().enumerate() {
             let r = g * 4096..(g + 1) * 4096;
             let changed = data[r.clone()] != before.data[r];
