@@ -8,6 +8,8 @@
 
 mod api;
 pub(crate) mod bits;
+#[cfg(test)]
+mod crash_tests;
 pub(crate) mod lifecycle;
 pub(crate) mod load;
 pub(crate) mod set;
