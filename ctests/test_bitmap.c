@@ -414,8 +414,9 @@ static void test_inconsistent_is_busy(void) {
     REQUIRE(run("qemu-img create -q -f qcow2 '%s' 4M && qemu-img bitmap --add '%s' b && "
                 "qemu-img bitmap --add '%s' ok",
                 path, path, path) == 0);
-    /* qemu-io marks the bitmaps in use at its read-write open; SIGKILL leaves them so. */
-    REQUIRE(run("qemu-io -c 'write 0 4k' -c 'sleep 60000' '%s' >/dev/null & pid=$!; "
+    /* qemu-io marks the bitmaps in use at its read-write open; SIGKILL leaves them so (after a
+     * flushed write, so that QEMU leaves no leaks). */
+    REQUIRE(run("qemu-io -c 'write 0 4k' -c flush -c 'sleep 60000' '%s' >/dev/null & pid=$!; "
                 "sleep 1; kill -9 $pid; wait $pid; true",
                 path) == 0);
     CHECK_EQ(qemu_bitmaps(path, j, sizeof j), 0);

@@ -298,11 +298,13 @@ func TestBitmapErrors(t *testing.T) {
 	}
 
 	// qemu-io killed while it holds the image read-write leaves the bitmap in use.
-	cmd := exec.Command("qemu-io", "-f", "qcow2", "-c", "write 0 4k", "-c", "sleep 60000", path)
+	// The write is flushed first, so that only the bitmap is left behind, not QEMU's leaks.
+	cmd := exec.Command("qemu-io", "-f", "qcow2", "-c", "write 0 4k", "-c", "flush", "-c", "sleep 60000", path)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	waitInUse(t, path)
+	time.Sleep(time.Second)
 	_ = cmd.Process.Kill()
 	_ = cmd.Wait()
 	img = mustOpen(t, path, &oxcow.OpenOptions{Writable: true})

@@ -233,6 +233,8 @@ fn crashed_image(dir: &Path) -> &'static str {
             "-c",
             "write 9M 4k",
             "-c",
+            "flush",
+            "-c",
             "sleep 60000",
             "crashed.qcow2",
         ])
@@ -247,6 +249,8 @@ fn crashed_image(dir: &Path) -> &'static str {
         }
         std::thread::sleep(std::time::Duration::from_millis(25));
     }
+    // Let the flushed write finish: the crash should leave the bitmaps in use, not leaks.
+    std::thread::sleep(std::time::Duration::from_secs(1));
     child.kill().expect("kill qemu-io");
     child.wait().expect("reap qemu-io");
     "crashed.qcow2"
