@@ -193,3 +193,24 @@ fn bitmaps_are_in_use_on_disk_while_oxcow_has_the_image_open_read_write() {
     assert_check_clean(&p);
     assert_eq!(qemu_dirty_ranges(&p, "b0"), vec![(0, 65536), (MIB, 65536)]);
 }
+
+#[test]
+fn read_only_opens_list_and_report_bitmaps_without_writing_a_byte() {
+    let dir = TempDir::new("bm-ro");
+    let p = dir.join("img.qcow2");
+    qemu_create(&p, SIZE, "");
+    add(&p, "b0", "65536", true);
+    qemu_io(&p, &["write 1M 1k".to_string()]);
+    let before = read_file(&p);
+    let img = Image::open(&p, &OpenOptions::default()).expect("open read-only");
+    assert_eq!(oxcow_bitmaps(&img), qemu_bitmaps(&p));
+    assert_eq!(oxcow_dirty_ranges(&img, "b0"), vec![(MIB, 65536)]);
+    assert_eq!(
+        img.bitmap_add("x", Default::default())
+            .expect_err("add")
+            .kind(),
+        oxcow::ErrorKind::ReadOnly
+    );
+    img.close().expect("close");
+    assert!(read_file(&p) == before, "a read-only open changed the file");
+}

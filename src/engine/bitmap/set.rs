@@ -114,6 +114,8 @@ impl Bitmaps {
         for b in s.list.iter_mut().filter(|b| !b.inconsistent) {
             b.bits = Arc::new(b.bits.resized(new_size));
         }
+        // The tables on disk describe the old size: store them again at close.
+        s.needs_store |= s.list.iter().any(|b| !b.inconsistent);
         self.publish(&s);
     }
 }
