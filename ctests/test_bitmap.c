@@ -7,6 +7,10 @@
 
 #include <pthread.h>
 
+/* The example's backup(), to run it while other threads write. */
+#define INCREMENTAL_BACKUP_NO_MAIN
+#include "../examples/incremental_backup.c"
+
 #define KiB (1ull << 10)
 #define MiB (1ull << 20)
 
@@ -576,6 +580,85 @@ static void test_control_while_writing(void) {
     check_dirty(path, "frozen", want);
 }
 
+struct busy_writer {
+    oxcow_image *img;
+    pthread_mutex_t *lock;
+    const int *stop;
+    unsigned seed;
+    int failed;
+};
+
+/* Writes 4 KiB blocks all over the first 32 MiB until told to stop. */
+static void *busy_writer_main(void *p) {
+    struct busy_writer *w = (struct busy_writer *)p;
+    unsigned char buf[4096];
+    uint64_t x = w->seed * 2654435761u + 1;
+    int i, stop = 0;
+    for (i = 0; i < 100000 && !stop; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        fill_pattern(buf, sizeof buf, (uint64_t)i, w->seed + (unsigned)i);
+        if (oxcow_pwrite(w->img, buf, sizeof buf, (x >> 33) % (32 * MiB / 4096) * 4096) != 0)
+            w->failed = 1;
+        pthread_mutex_lock(w->lock);
+        stop = *w->stop;
+        pthread_mutex_unlock(w->lock);
+    }
+    return NULL;
+}
+
+/* The example's backup() while three threads write through the same handle: nothing written
+ * during the copy is lost, so one more backup after the writers stop makes the copy equal. */
+static void test_backup_while_writing(void) {
+    const char *path, *copy;
+    oxcow_image *img;
+    oxcow_error *err = NULL;
+    pthread_t th[3];
+    struct busy_writer w[3];
+    pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    oxcow_bitmap_info l[4];
+    size_t n = 0;
+    int stop = 0, t, fd;
+    scratch_dir();
+    path = scratch_path("live.qcow2");
+    copy = scratch_path("live.raw");
+    REQUIRE(run("qemu-img create -q -f qcow2 '%s' 32M && qemu-io -c 'write -P 9 0 8M' '%s' "
+                ">/dev/null && qemu-img bitmap --add '%s' backup && qemu-img convert -O raw "
+                "'%s' '%s'",
+                path, path, path, path, copy) == 0);
+    fd = open(copy, O_WRONLY);
+    REQUIRE(fd >= 0);
+    img = open_image(path, OXCOW_OPEN_RDWR);
+    REQUIRE(img != NULL);
+    for (t = 0; t < 3; t++) {
+        w[t].img = img;
+        w[t].lock = &lock;
+        w[t].stop = &stop;
+        w[t].seed = 100 + (unsigned)t;
+        w[t].failed = 0;
+        REQUIRE(pthread_create(&th[t], NULL, busy_writer_main, &w[t]) == 0);
+    }
+    for (t = 0; t < 3; t++)
+        CHECK_EQ(backup(img, "backup", fd, &err), 0);
+    pthread_mutex_lock(&lock);
+    stop = 1;
+    pthread_mutex_unlock(&lock);
+    for (t = 0; t < 3; t++) {
+        pthread_join(th[t], NULL);
+        CHECK_EQ(w[t].failed, 0);
+    }
+    CHECK_EQ(backup(img, "backup", fd, &err), 0);
+    if (err != NULL) {
+        fprintf(stderr, "backup: %s\n", oxcow_error_message(err));
+        oxcow_error_free(err);
+    }
+    REQUIRE_OK(oxcow_bitmap_list(img, l, 4, &n));
+    CHECK_EQ(n, 1);
+    CHECK_EQ(oxcow_close(img), 0);
+    close(fd);
+    CHECK_EQ(qemu_compare_raw(copy, path), 0);
+    CHECK_EQ(qemu_check(path), 0);
+}
+
 int main(int argc, char **argv) {
     static const struct test_case tests[] = {
         {"add_list_remove", test_add_list_remove},
@@ -585,6 +668,7 @@ int main(int argc, char **argv) {
         {"inconsistent_is_busy", test_inconsistent_is_busy},
         {"incremental_backup", test_incremental_backup},
         {"control_while_writing", test_control_while_writing},
+        {"backup_while_writing", test_backup_while_writing},
     };
     return run_tests(tests, sizeof tests / sizeof tests[0], argc, argv);
 }

@@ -70,6 +70,8 @@ static int backup(oxcow_image *img, const char *bm, int fd, oxcow_error **err) {
     return oxcow_bitmap_remove(img, next, err);
 }
 
+/* ctests/test_bitmap.c includes this file for backup() with INCREMENTAL_BACKUP_NO_MAIN. */
+#ifndef INCREMENTAL_BACKUP_NO_MAIN
 int main(int argc, char **argv) {
     oxcow_error *err = NULL;
     oxcow_image *img = NULL;
@@ -97,3 +99,4 @@ int main(int argc, char **argv) {
     }
     return 0;
 }
+#endif
