@@ -359,6 +359,38 @@ fn info_shows_bitmaps_like_qemu_img() {
     assert_eq!(qemu_dirty(d, "base.qcow2", "x"), vec![(6 << 20, 2 << 20)]);
 }
 
+/// A bitmaps extension left stale by a program without bitmap support (autoclear bit 0 clear):
+/// `bitmap --add` drops it with qemu-img's warning, the old bitmaps' clusters become leaks.
+#[test]
+fn stale_extension_is_dropped_with_a_warning() {
+    let dir = TempDir::new("cli-bitmap-stale");
+    let d = dir.path();
+    base_images(d);
+    // The autoclear features field is the big-endian u64 at header offset 88.
+    poke(&d.join("base.qcow2"), 95, &[0]);
+    std::fs::copy(d.join("base.qcow2"), d.join("q.qcow2")).expect("copy");
+    std::fs::copy(d.join("base.qcow2"), d.join("o.qcow2")).expect("copy");
+    let q = run_in(d, "qemu-img", &["bitmap", "--add", "q.qcow2", "x"]);
+    let o = oxcow(d, &["bitmap", "--add", "o.qcow2", "x"]);
+    assert_eq!((o.code, q.code), (0, 0), "{}\n{}", o.all(), q.all());
+    assert!(
+        q.stderr
+            .starts_with("qemu-img: warning: a program lacking bitmap support")
+            && o.stderr
+                .starts_with("oxcow: warning: a program lacking bitmap support"),
+        "oxcow: {}\nqemu-img: {}",
+        o.stderr,
+        q.stderr
+    );
+    assert_eq!(bitmaps(d, "o.qcow2"), bitmaps(d, "q.qcow2"));
+    let (oc, qc) = (
+        run_in(d, "qemu-img", &["check", "o.qcow2"]),
+        run_in(d, "qemu-img", &["check", "q.qcow2"]),
+    );
+    assert_eq!(oc.code, qc.code, "{}\n{}", oc.all(), qc.all());
+    assert_eq!(oc.code, 3, "leaks only: {}", oc.all());
+}
+
 #[test]
 fn map_bitmap_lists_qemu_dirty_set() {
     let dir = TempDir::new("cli-bitmap-map");

@@ -5,9 +5,10 @@
 
 use crate::args::{opt, parse_size, scan, Arg, CliError, CliResult, OptSpec};
 use oxcow::{
-    BitmapAddOptions, BitmapInfo, Error, ErrorKind, Image, OpenOptions, BITMAP_AUTO,
-    BITMAP_INCONSISTENT, EXTENT_DIRTY,
+    BitmapAddOptions, BitmapInfo, CorruptionEvent, Error, ErrorKind, Image, OpenOptions,
+    BITMAP_AUTO, BITMAP_INCONSISTENT, EXTENT_DIRTY,
 };
+use std::sync::Arc;
 
 /// `oxcow bitmap --help`.
 pub const HELP: &str = "\
@@ -146,7 +147,9 @@ fn parse(args: &[String]) -> CliResult<Request> {
     })
 }
 
-/// Opens `file` as qcow2, worded like qemu-img's open failures.
+/// Opens `file` as qcow2, worded like qemu-img's open failures. A read-write open prints the
+/// library's non-fatal events as warnings, as qemu-img does (e.g. the hint about a bitmaps
+/// extension that a program without bitmap support left stale).
 fn open(file: &str, writable: bool, force_share: bool) -> CliResult<Image> {
     let opts = OpenOptions {
         writable,
@@ -154,7 +157,17 @@ fn open(file: &str, writable: bool, force_share: bool) -> CliResult<Image> {
         no_backing: true,
         ..OpenOptions::default()
     };
-    Image::open(file, &opts).map_err(|e| CliError::op(format!("Could not open '{file}': {e}")))
+    let img = Image::open(file, &opts)
+        .map_err(|e| CliError::op(format!("Could not open '{file}': {e}")))?;
+    if writable {
+        let warn = |ev: &CorruptionEvent| {
+            if !ev.fatal {
+                eprintln!("oxcow: warning: {}", ev.message);
+            }
+        };
+        img.set_event_handler(Some(Arc::new(warn)));
+    }
+    Ok(img)
 }
 
 /// Where `--merge` takes its source bitmaps from.
