@@ -377,7 +377,7 @@ fn stale_extension_is_dropped_with_a_warning() {
         q.stderr
             .starts_with("qemu-img: warning: a program lacking bitmap support")
             && o.stderr
-                .starts_with("oxcow: warning: a program lacking bitmap support"),
+                .starts_with("oxcow: warning: o.qcow2: a program lacking bitmap support"),
         "oxcow: {}\nqemu-img: {}",
         o.stderr,
         q.stderr
