@@ -359,6 +359,45 @@ fn info_shows_bitmaps_like_qemu_img() {
     assert_eq!(qemu_dirty(d, "base.qcow2", "x"), vec![(6 << 20, 2 << 20)]);
 }
 
+/// Version-2 images cannot hold bitmaps: refused with qemu-img's message (which names the
+/// block node where oxcow names the file).
+#[test]
+fn version_2_images_refuse_bitmaps() {
+    let dir = TempDir::new("cli-bitmap-v2");
+    let d = dir.path();
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "v2.qcow2",
+            "16M",
+        ],
+    );
+    let o = oxcow(d, &["bitmap", "--add", "v2.qcow2", "b"]);
+    let q = run_in(d, "qemu-img", &["bitmap", "--add", "v2.qcow2", "b"]);
+    assert_eq!((o.code, q.code), (1, 1));
+    let node = q
+        .stderr
+        .split("persistent in '")
+        .nth(1)
+        .and_then(|r| r.split('\'').next())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        o.stderr,
+        as_oxcow(&q.stderr, &node, "v2.qcow2"),
+        "qemu-img: {}",
+        q.stderr
+    );
+    assert_eq!(bitmaps(d, "v2.qcow2"), Json::Arr(Vec::new()));
+}
+
 /// A bitmaps extension left stale by a program without bitmap support (autoclear bit 0 clear):
 /// `bitmap --add` drops it with qemu-img's warning, the old bitmaps' clusters become leaks.
 #[test]
@@ -516,6 +555,11 @@ fn convert_bitmaps_like_qemu_img() {
     convert_same_as_qemu(d, &["--bitmaps", "-O", "qcow2"], "base.qcow2");
     convert_same_as_qemu(d, &["--bitmaps", "-c", "-O", "qcow2"], "base.qcow2");
     convert_same_as_qemu(d, &["--bitmaps", "-O", "raw"], "base.qcow2");
+    convert_same_as_qemu(
+        d,
+        &["--bitmaps", "-O", "qcow2", "-o", "compat=0.10"],
+        "base.qcow2",
+    );
     convert_same_as_qemu(d, &["--bitmaps", "-f", "raw", "-O", "qcow2"], "r.raw");
     convert_same_as_qemu(d, &["--skip-broken-bitmaps", "-O", "qcow2"], "base.qcow2");
     let crashed = crashed_image(d);

@@ -287,6 +287,11 @@ fn reason(img: &Image, source: &MergeSource, op: &Op, req: &Request, e: &Error) 
             culprit(true)
         ),
         ErrorKind::InvalidArgument if *op == Op::Add => add_reason(req, e),
+        ErrorKind::Unsupported if *op == Op::Add => format!(
+            "Can't make bitmap '{name}' persistent in '{}': {}",
+            req.file,
+            e.message()
+        ),
         _ => e.to_string(),
     }
 }
@@ -410,10 +415,10 @@ pub fn convert_plan(src: Option<&Image>, skip_broken: bool) -> CliResult<Vec<Bit
     Ok(plan)
 }
 
-/// Refuses `convert --bitmaps` into a format without bitmaps. Like qemu-img, this is found
-/// once DST has been created (and DST stays).
-pub fn convert_target_check(out_fmt: &str) -> CliResult<()> {
-    if out_fmt == "qcow2" {
+/// Refuses `convert --bitmaps` into a format without bitmaps (raw, or qcow2 version 2). Like
+/// qemu-img, this is found once DST has been created (and DST stays).
+pub fn convert_target_check(out_fmt: &str, version: u32) -> CliResult<()> {
+    if out_fmt == "qcow2" && version >= 3 {
         return Ok(());
     }
     Err(CliError::op(format!(

@@ -165,7 +165,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
     };
     let target = create_target(&req, size)?;
     if req.bitmaps {
-        crate::bitmap::convert_target_check(&req.out_fmt)?;
+        crate::bitmap::convert_target_check(&req.out_fmt, req.create.version)?;
     }
     let (src, dst) = (&req.src, &req.dst);
     copy(&source, &target, size, src, dst, &req.create, req.progress)?;
