@@ -17,8 +17,11 @@ use std::sync::Arc;
 /// The control operations that act on one bitmap's bits or flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
+    /// Clear every bit.
     Clear,
+    /// Start recording guest writes.
     Enable,
+    /// Stop recording guest writes.
     Disable,
 }
 

@@ -328,7 +328,7 @@ fn first_other(w: &[AtomicU64], lo: u64, hi: u64, dirty: bool) -> Option<u64> {
         let word = (i / 64) as usize;
         let start = i % 64;
         let v = w[word].load(Ordering::Relaxed);
-        let other = if dirty { !v } else { v } >> start;
+        let other = (if dirty { !v } else { v }) >> start;
         let n = (hi - i).min(64 - start);
         let masked = if n == 64 {
             other
@@ -359,6 +359,16 @@ mod tests {
         let mut runs = Vec::new();
         b.for_each_dirty(|o, l| runs.push((o, l)));
         assert_eq!(runs, vec![(0, 8192), (40960, 4096)]);
+    }
+
+    #[test]
+    fn searches_start_anywhere_inside_a_word() {
+        let b = DirtyBits::new(1 << 20, 9, 9); // 2048 bits
+        b.set_range(70 * 512, 10 * 512); // bits 70..80
+        assert_eq!(b.next_change(71, 2048, true), 80);
+        assert_eq!(b.next_change(65, 2048, false), 70);
+        assert_eq!(b.next_change(80, 2048, false), 2048);
+        assert_eq!(b.next_change(75, 78, true), 78);
     }
 
     #[test]

@@ -236,3 +236,53 @@ fn every_crash_point_of_marking_tracking_and_storing_leaves_no_stale_consistent_
 fn every_crash_point_of_add_and_remove_leaves_no_stale_consistent_bitmap() {
     crash_points("addrm-c4k", 4096, true);
 }
+
+/// An I/O error at any write of the open, the session or the close: the file afterwards (and
+/// after a crash right then) holds no stale consistent bitmap and at worst leaks.
+#[test]
+fn an_io_error_at_any_bitmap_write_leaves_no_stale_consistent_bitmap() {
+    let dir = Scratch::new("eio");
+    let (base, path) = base_image(&dir.0, 4096);
+    let p = dir.0.join("before.qcow2");
+    std::fs::write(&p, &base).expect("write");
+    let before = {
+        let img = Image::open(&p, &opts(false)).expect("open before");
+        Before {
+            data: guest(&img),
+            bitmaps: ["b", "off"]
+                .iter()
+                .map(|n| (n.to_string(), dirty_map(&img, n)))
+                .collect(),
+        }
+    };
+    let run = |fail: Option<u64>| -> Arc<SimFile> {
+        let sim = Arc::new(SimFile::new(base.clone()));
+        if let Some(n) = fail {
+            sim.fail_write_after(n);
+        }
+        let file = HostFile::new(sim.clone(), path.display().to_string());
+        if let Ok(img) = Image::open_file(file, &path, &opts(true), 0) {
+            let _ = img.bitmap_add("n", BitmapAddOptions::default());
+            for i in 0..6u64 {
+                let _ = img.write_at(&[i as u8 + 1; 7000], i * 500_000);
+            }
+            let _ = img.bitmap_remove("off");
+            let _ = img.close();
+        }
+        sim
+    };
+    let total = run(None)
+        .journal()
+        .iter()
+        .filter(|e| matches!(e, Event::Write(..)))
+        .count() as u64;
+    assert!(total > 10, "too few writes ({total})");
+    for n in 0..total {
+        let sim = run(Some(n));
+        let what = format!("EIO at write {n}/{total}");
+        check_state(&dir.0, &sim.contents(), &before, &what);
+        let journal = sim.journal();
+        let durable = state_at(&base, &journal, journal.len(), &|_| true);
+        check_state(&dir.0, &durable, &before, &format!("{what}, then a crash"));
+    }
+}
