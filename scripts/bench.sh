@@ -62,12 +62,15 @@ trap cleanup EXIT
 
 # Workloads: name | bench options (shared by all three tools) | image kind
 #   data  = the fully allocated image/file (reads and overwrites)
+#   databm = the data image with one enabled persistent bitmap (the cost of dirty tracking;
+#           raw: the data file)
 #   fresh = a new empty image/sparse file for every run (allocating writes)
 #   cow   = a new overlay over the data image for every run (raw: a new sparse file)
 WORKLOADS=(
     "read-4k-seq|-c $N4 -s 4k|data"
     "read-4k-rand|-c $N4 -s 4k --random|data"
     "overwrite-4k|-w -c $N4 -s 4k|data"
+    "overwrite-4k-bitmap|-w -c $N4 -s 4k|databm"
     "alloc-4k-seq|-w -c $N4 -s 4k --flush-interval $N4|fresh"
     "cow-4k|-w -c $NCOW -s 4k -S 64k --flush-interval $NCOW|cow"
     "read-1m-seq|-c $N1 -s 1M|data"
@@ -80,12 +83,14 @@ prepare() {
     local d=$1 f
     head -c $((SIZE_MB << 20)) /dev/urandom >"$d/data.raw"
     qemu-img convert -f raw -O qcow2 "$d/data.raw" "$d/data.qcow2"
+    cp "$d/data.qcow2" "$d/databm.qcow2"
+    qemu-img bitmap --add "$d/databm.qcow2" bench
     # Put both files in the same page-cache state: on ext4 the cost of a buffered 4 KiB write
     # depends on the size of the folios caching the file, which depends on how it was last
     # written. Write back, drop the cached pages (dd's nocache, no root needed; tmpfs keeps
     # them), then read both files the same way.
     sync
-    for f in "$d/data.raw" "$d/data.qcow2"; do
+    for f in "$d/data.raw" "$d/data.qcow2" "$d/databm.qcow2"; do
         dd if="$f" iflag=nocache count=0 status=none 2>/dev/null || true
         cat "$f" >/dev/null
     done
@@ -129,6 +134,7 @@ measure() {
     esac
     case "$kind" in
         data) img="$dir/data.$fmt" ;;
+        databm) img="$dir/data.$fmt"; [ "$fmt" = qcow2 ] && img="$dir/databm.qcow2" ;;
         fresh)
             img="$dir/fresh.$fmt"
             rm -f "$img"

@@ -65,7 +65,8 @@ impl Image {
         match (was_read_only, opts.writable) {
             (false, false) => {
                 // Everything written so far becomes durable (and a lazy-refcounts image clean)
-                // before write access goes away.
+                // before write access goes away; the bitmaps are stored (no longer in use).
+                self.store_bitmaps(&mut m)?;
                 m.writeback_and_mark_clean(&self.file)?;
                 self.file.reopen(false, new_mode)?;
             }
@@ -125,6 +126,10 @@ impl Image {
         *m = fresh;
         m.header = header;
         m.enable_lazy_refcounts();
+        // Bitmaps in use on disk before the first write can happen on this handle.
+        if let Some(hint) = self.reload_bitmaps(m)? {
+            self.events.notice(format!("{name}: {hint}"));
+        }
         Ok(())
     }
 }

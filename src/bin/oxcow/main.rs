@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 mod args;
 mod bench;
+mod bitmap;
 mod check;
 mod convert;
 mod create;
@@ -30,6 +31,7 @@ Commands:
   convert   copy an image to a new qcow2 or raw image, optionally compressed
   check     check an image's metadata, optionally repair it
   bench     measure I/O throughput through the engine (like qemu-img bench)
+  bitmap    add, remove, clear, enable, disable or merge persistent dirty bitmaps
 
 Run 'oxcow COMMAND --help' for the options of a command and examples.
 Sizes accept suffixes k, M, G, T (powers of 1024): 64k, 512M, 10G.
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         "map" => Some(map::HELP),
         "convert" => Some(convert::HELP),
         "bench" => Some(bench::HELP),
+        "bitmap" => Some(bitmap::HELP),
         _ => None,
     };
     if let (true, Some(h)) = (wants_help, help) {
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         "map" => map::run(rest).map(|()| 0),
         "convert" => convert::run(rest).map(|()| 0),
         "bench" => bench::run(rest).map(|()| 0),
+        "bitmap" => bitmap::run(rest).map(|()| 0),
         "check" => check::run(rest).map_err(CliError::op),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
@@ -74,7 +78,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         other => Err(CliError::usage(format!(
-            "unknown command '{other}' (commands: create, info, map, convert, check, bench)"
+            "unknown command '{other}' (commands: create, info, map, convert, check, bench, bitmap)"
         ))),
     };
     match result {

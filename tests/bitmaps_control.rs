@@ -1,0 +1,253 @@
+//! Bitmap control operations on a live handle (add, remove, clear, enable, disable, merge,
+//! status) and their errors, checked against `qemu-img info` / `qemu-img bitmap` both ways.
+
+mod common;
+
+use common::bitmaps::*;
+use common::*;
+use oxcow::{BitmapAddOptions, ErrorKind, Image, OpenOptions};
+use std::path::Path;
+
+const SIZE: u64 = 16 * MIB;
+
+fn rw() -> OpenOptions {
+    OpenOptions {
+        writable: true,
+        ..Default::default()
+    }
+}
+
+fn add_opts(granularity: u64, disabled: bool) -> BitmapAddOptions {
+    BitmapAddOptions {
+        granularity,
+        disabled,
+    }
+}
+
+fn sorted(mut v: Vec<(String, u64, Vec<String>)>) -> Vec<(String, u64, Vec<String>)> {
+    for b in &mut v {
+        b.2.sort();
+    }
+    v
+}
+
+fn assert_same_view(p: &Path, what: &str) {
+    let img = Image::open(p, &OpenOptions::default()).expect("open read-only");
+    assert_eq!(
+        sorted(oxcow_bitmaps(&img)),
+        sorted(qemu_bitmaps(p)),
+        "{what}: oxcow and qemu-img info disagree"
+    );
+}
+
+#[test]
+fn bitmaps_made_by_oxcow_are_reported_identically_by_qemu() {
+    let dir = TempDir::new("bm-ctl");
+    let p = dir.join("img.qcow2");
+    qemu_create(&p, SIZE, "cluster_size=65536");
+    let img = Image::open(&p, &rw()).expect("open");
+    img.bitmap_add("a", add_opts(0, false)).expect("add a");
+    img.bitmap_add("b", add_opts(512, true)).expect("add b");
+    img.bitmap_add("c", add_opts(1 << 20, false))
+        .expect("add c");
+    img.write_at(&[1; 4096], 70_000).expect("write");
+    img.bitmap_enable("b").expect("enable b");
+    img.write_at(&[1; 10], 2 * MIB).expect("write");
+    img.bitmap_disable("c").expect("disable c");
+    img.write_at(&[1; 10], 5 * MIB).expect("write");
+    img.bitmap_merge("b", "a").expect("merge a into b");
+    img.bitmap_add("gone", add_opts(0, false))
+        .expect("add gone");
+    img.bitmap_remove("gone").expect("remove gone");
+    img.close().expect("close");
+    assert_eq!(
+        qemu_bitmaps(&p),
+        vec![
+            ("a".to_string(), 65536, vec!["auto".to_string()]),
+            ("b".to_string(), 512, vec!["auto".to_string()]),
+            ("c".to_string(), MIB, vec![]),
+        ]
+    );
+    assert_check_clean(&p);
+    assert_eq!(
+        qemu_dirty_ranges(&p, "a"),
+        vec![(65536, 65536), (2 * MIB, 65536), (5 * MIB, 65536)]
+    );
+    // b: its own writes (2 MiB, 5 MiB at 512 B) plus a's granules.
+    assert_eq!(
+        qemu_dirty_ranges(&p, "b"),
+        vec![(65536, 65536), (2 * MIB, 65536), (5 * MIB, 65536)]
+    );
+    assert_eq!(qemu_dirty_ranges(&p, "c"), vec![(0, MIB), (2 * MIB, MIB)]);
+    assert_same_view(&p, "after oxcow's changes");
+
+    // Clear and remove on a second handle: durable for QEMU too.
+    let img = Image::open(&p, &rw()).expect("reopen");
+    img.bitmap_clear("a").expect("clear");
+    img.bitmap_remove("c").expect("remove");
+    drop(img);
+    assert_check_clean(&p);
+    assert_eq!(qemu_dirty_ranges(&p, "a"), vec![]);
+    assert_eq!(qemu_bitmaps(&p).len(), 2);
+    // Removing the last bitmaps drops the extension and autoclear bit 0, as QEMU does.
+    let img = Image::open(&p, &rw()).expect("reopen");
+    img.bitmap_remove("a").expect("remove a");
+    img.bitmap_remove("b").expect("remove b");
+    img.close().expect("close");
+    assert_eq!(be64(&p, 88) & 1, 0, "autoclear bit 0 left set");
+    assert!(qemu_bitmaps(&p).is_empty());
+    assert_check_clean(&p);
+}
+
+#[test]
+fn bitmaps_changed_by_qemu_img_bitmap_are_seen_by_oxcow() {
+    let dir = TempDir::new("bm-qctl");
+    let p = dir.join("img.qcow2");
+    let src = dir.join("src.qcow2");
+    qemu_create(&p, SIZE, "cluster_size=4096");
+    qemu_create(&src, SIZE, "cluster_size=4096");
+    qemu_img(&["bitmap", "--add", path_str(&p), "x"]);
+    qemu_img(&["bitmap", "--add", "-g", "65536", path_str(&p), "y"]);
+    qemu_img(&["bitmap", "--add", path_str(&src), "s"]);
+    qemu_io(&src, &["write 1M 4k".to_string()]);
+    qemu_io(&p, &["write 3M 4k".to_string()]);
+    qemu_img(&["bitmap", "--disable", path_str(&p), "y"]);
+    qemu_img(&[
+        "bitmap",
+        "--merge",
+        "s",
+        "-b",
+        path_str(&src),
+        "-F",
+        "qcow2",
+        path_str(&p),
+        "x",
+    ]);
+    assert_same_view(&p, "after qemu-img bitmap");
+    let img = Image::open(&p, &OpenOptions::default()).expect("open");
+    assert_eq!(oxcow_dirty_ranges(&img, "x"), qemu_dirty_ranges(&p, "x"));
+    assert_eq!(
+        oxcow_dirty_ranges(&img, "x"),
+        vec![(MIB, 4096), (3 * MIB, 4096)]
+    );
+    drop(img);
+    // merge_from another image, oxcow side.
+    let img = Image::open(&p, &rw()).expect("open rw");
+    let s = Image::open(&src, &OpenOptions::default()).expect("open src");
+    img.bitmap_clear("y").expect("clear");
+    img.bitmap_merge_from("y", &s, "s").expect("merge_from");
+    drop(s);
+    img.close().expect("close");
+    assert_eq!(qemu_dirty_ranges(&p, "y"), vec![(MIB, 65536)]);
+    assert_check_clean(&p);
+}
+
+#[test]
+fn control_errors_follow_qemu() {
+    let dir = TempDir::new("bm-err");
+    let p = dir.join("img.qcow2");
+    qemu_create(&p, SIZE, "");
+    let img = Image::open(&p, &rw()).expect("open");
+    img.bitmap_add("a", add_opts(0, false)).expect("add");
+    let kind = |r: oxcow::Result<()>| r.expect_err("accepted").kind();
+    assert_eq!(
+        kind(img.bitmap_add("a", add_opts(0, false))),
+        ErrorKind::Exists
+    );
+    assert_eq!(
+        kind(img.bitmap_add("", add_opts(0, false))),
+        ErrorKind::InvalidArgument
+    );
+    let long = "n".repeat(1024);
+    assert_eq!(
+        kind(img.bitmap_add(&long, add_opts(0, false))),
+        ErrorKind::InvalidArgument
+    );
+    img.bitmap_add(&"n".repeat(1023), add_opts(0, false))
+        .expect("1023-byte name");
+    for g in [256, 3000, 1 << 32] {
+        assert_eq!(
+            kind(img.bitmap_add("g", add_opts(g, false))),
+            ErrorKind::InvalidArgument
+        );
+    }
+    assert_eq!(kind(img.bitmap_remove("nope")), ErrorKind::NotFound);
+    assert_eq!(kind(img.bitmap_clear("nope")), ErrorKind::NotFound);
+    assert_eq!(kind(img.bitmap_merge("a", "nope")), ErrorKind::NotFound);
+    assert_eq!(
+        img.bitmap_status("nope", 0, 1).expect_err("status").kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        img.bitmap_status("a", SIZE, 1)
+            .expect_err("past the end")
+            .kind(),
+        ErrorKind::InvalidArgument
+    );
+    let info = img.bitmaps().expect("list");
+    assert_eq!(
+        info[0].granularity, 65536,
+        "default granularity as qemu-img"
+    );
+    drop(img);
+    let img = Image::open(&p, &OpenOptions::default()).expect("open ro");
+    assert_eq!(
+        kind(img.bitmap_add("b", add_opts(0, false))),
+        ErrorKind::ReadOnly
+    );
+    assert_eq!(kind(img.bitmap_remove("a")), ErrorKind::ReadOnly);
+    drop(img);
+    let v2 = dir.join("v2.qcow2");
+    qemu_create(&v2, SIZE, "compat=0.10");
+    let img = Image::open(&v2, &rw()).expect("open v2");
+    assert_eq!(
+        kind(img.bitmap_add("b", add_opts(0, false))),
+        ErrorKind::Unsupported
+    );
+}
+
+#[test]
+fn control_operations_run_while_other_threads_write() {
+    let dir = TempDir::new("bm-live");
+    let p = dir.join("img.qcow2");
+    qemu_create(&p, SIZE, "cluster_size=4096");
+    let img = std::sync::Arc::new(Image::open(&p, &rw()).expect("open"));
+    img.bitmap_add("base", add_opts(4096, false)).expect("add");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..2u64)
+        .map(|t| {
+            let img = std::sync::Arc::clone(&img);
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let off = ((n * 2 + t) * 4096) % SIZE;
+                    img.write_at(&[t as u8; 4096], off).expect("write");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    for i in 0..20 {
+        let name = format!("b{i}");
+        img.bitmap_add(&name, add_opts(0, i % 2 == 0)).expect("add");
+        img.bitmap_merge(&name, "base").expect("merge");
+        img.bitmap_clear("base").expect("clear");
+        img.bitmap_status(&name, 0, SIZE).expect("status");
+        if i % 3 == 0 {
+            img.bitmap_remove(&name).expect("remove");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        assert!(w.join().expect("writer") > 0);
+    }
+    std::sync::Arc::try_unwrap(img)
+        .ok()
+        .expect("sole handle")
+        .close()
+        .expect("close");
+    assert_check_clean(&p);
+    assert_same_view(&p, "after the live run");
+}
