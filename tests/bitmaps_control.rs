@@ -213,36 +213,46 @@ fn control_operations_run_while_other_threads_write() {
     qemu_create(&p, SIZE, "cluster_size=4096");
     let img = std::sync::Arc::new(Image::open(&p, &rw()).expect("open"));
     img.bitmap_add("base", add_opts(4096, false)).expect("add");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let written = std::sync::Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..2u64)
         .map(|t| {
             let img = std::sync::Arc::clone(&img);
             let stop = std::sync::Arc::clone(&stop);
+            let written = std::sync::Arc::clone(&written);
             std::thread::spawn(move || {
                 let mut n = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     let off = ((n * 2 + t) * 4096) % SIZE;
                     img.write_at(&[t as u8; 4096], off).expect("write");
+                    written.fetch_add(1, Ordering::Relaxed);
                     n += 1;
                 }
-                n
             })
         })
         .collect();
-    for i in 0..20 {
+    let t0 = std::time::Instant::now();
+    let mut i = 0;
+    // Control operations interleaved with the writers: at least 20, and until the writers
+    // have made progress in between (bounded in time).
+    while i < 20 || (written.load(Ordering::Relaxed) < 500 && t0.elapsed().as_secs() < 20) {
         let name = format!("b{i}");
         img.bitmap_add(&name, add_opts(0, i % 2 == 0)).expect("add");
         img.bitmap_merge(&name, "base").expect("merge");
         img.bitmap_clear("base").expect("clear");
         img.bitmap_status(&name, 0, SIZE).expect("status");
-        if i % 3 == 0 {
+        if i % 3 == 0 || i >= 20 {
             img.bitmap_remove(&name).expect("remove");
         }
+        i += 1;
+        std::thread::yield_now();
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     for w in writers {
-        assert!(w.join().expect("writer") > 0);
+        w.join().expect("writer");
     }
+    assert!(written.load(Ordering::Relaxed) > 0, "the writers never ran");
     std::sync::Arc::try_unwrap(img)
         .ok()
         .expect("sole handle")
