@@ -261,3 +261,34 @@ fn control_operations_run_while_other_threads_write() {
     assert_check_clean(&p);
     assert_same_view(&p, "after the live run");
 }
+
+#[test]
+fn a_directory_naming_one_bitmap_twice_fails_the_open_like_qemu() {
+    let dir = TempDir::new("bm-dup");
+    let p = dir.join("img.qcow2");
+    qemu_create(&p, SIZE, "");
+    qemu_img(&["bitmap", "--add", path_str(&p), "aa"]);
+    qemu_img(&["bitmap", "--add", path_str(&p), "ab"]);
+    let (ext, _) = common::malformed::find_ext(&p, 0x2385_2875).expect("bitmaps extension");
+    let dir_off = be64(&p, ext + 8 + 16);
+    // The second entry starts 32 bytes in (24-byte header + "aa", padded); its name 24 later.
+    poke(&p, dir_off + 32 + 24 + 1, b"a");
+    let q = qemu_info_status(&p, false);
+    assert!(
+        q.code != 0 && q.all().contains("Bitmap already exists: aa"),
+        "{}",
+        q.all()
+    );
+    for writable in [false, true] {
+        let e = Image::open(
+            &p,
+            &OpenOptions {
+                writable,
+                ..Default::default()
+            },
+        )
+        .err()
+        .expect("opened an image QEMU refuses");
+        assert!(e.to_string().contains("Bitmap already exists: aa"), "{e}");
+    }
+}
