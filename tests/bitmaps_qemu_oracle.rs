@@ -250,3 +250,25 @@ fn tracking_matches_qemu_across_image_variants() {
         );
     }
 }
+
+#[test]
+fn compressed_writes_are_tracked() {
+    let dir = TempDir::new("bm-compressed");
+    let p = dir.join("img.qcow2");
+    qemu_create(&p, SIZE, "cluster_size=65536");
+    add(&p, "b", "4096", true);
+    let img = Image::open(&p, &rw()).expect("open");
+    img.write_compressed(&[0x33; 65536], 3 * 65536)
+        .expect("compressed write");
+    let noisy: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    img.write_compressed(&noisy, 10 * 65536)
+        .expect("incompressible write");
+    img.close().expect("close");
+    assert_check_clean(&p);
+    assert_eq!(
+        qemu_dirty_ranges(&p, "b"),
+        vec![(3 * 65536, 65536), (10 * 65536, 65536)]
+    );
+}
