@@ -292,3 +292,33 @@ fn a_directory_naming_one_bitmap_twice_fails_the_open_like_qemu() {
         assert!(e.to_string().contains("Bitmap already exists: aa"), "{e}");
     }
 }
+
+#[test]
+fn a_check_with_repair_on_a_live_handle_keeps_the_bitmaps() {
+    let dir = TempDir::new("bm-check");
+    let p = dir.join("img.qcow2");
+    qemu_create(&p, SIZE, "cluster_size=4096");
+    qemu_img(&["bitmap", "--add", path_str(&p), "b"]);
+    let img = Image::open(&p, &rw()).expect("open");
+    img.write_at(&[1; 4096], 0).expect("write");
+    img.bitmap_add("n", add_opts(0, false)).expect("add");
+    for fix in [oxcow::CheckFix::Leaks, oxcow::CheckFix::All] {
+        let r = img.check(fix, None).expect("check");
+        assert_eq!(r.exit_code(), 0, "{r:#?}");
+        img.write_at(&[2; 4096], 5 * MIB)
+            .expect("write after the check");
+    }
+    img.close().expect("close");
+    assert_check_clean(&p);
+    for name in ["b", "n"] {
+        assert_eq!(
+            qemu_dirty_ranges(&p, name),
+            if name == "b" {
+                vec![(0, 4096), (5 * MIB, 4096)]
+            } else {
+                vec![(5 * MIB, 4096)]
+            },
+            "{name}"
+        );
+    }
+}
