@@ -213,36 +213,46 @@ fn control_operations_run_while_other_threads_write() {
     qemu_create(&p, SIZE, "cluster_size=4096");
     let img = std::sync::Arc::new(Image::open(&p, &rw()).expect("open"));
     img.bitmap_add("base", add_opts(4096, false)).expect("add");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let written = std::sync::Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..2u64)
         .map(|t| {
             let img = std::sync::Arc::clone(&img);
             let stop = std::sync::Arc::clone(&stop);
+            let written = std::sync::Arc::clone(&written);
             std::thread::spawn(move || {
                 let mut n = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     let off = ((n * 2 + t) * 4096) % SIZE;
                     img.write_at(&[t as u8; 4096], off).expect("write");
+                    written.fetch_add(1, Ordering::Relaxed);
                     n += 1;
                 }
-                n
             })
         })
         .collect();
-    for i in 0..20 {
+    let t0 = std::time::Instant::now();
+    let mut i = 0;
+    // Control operations interleaved with the writers: at least 20, and until the writers
+    // have made progress in between (bounded in time).
+    while i < 20 || (written.load(Ordering::Relaxed) < 500 && t0.elapsed().as_secs() < 20) {
         let name = format!("b{i}");
         img.bitmap_add(&name, add_opts(0, i % 2 == 0)).expect("add");
         img.bitmap_merge(&name, "base").expect("merge");
         img.bitmap_clear("base").expect("clear");
         img.bitmap_status(&name, 0, SIZE).expect("status");
-        if i % 3 == 0 {
+        if i % 3 == 0 || i >= 20 {
             img.bitmap_remove(&name).expect("remove");
         }
+        i += 1;
+        std::thread::yield_now();
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     for w in writers {
-        assert!(w.join().expect("writer") > 0);
+        w.join().expect("writer");
     }
+    assert!(written.load(Ordering::Relaxed) > 0, "the writers never ran");
     std::sync::Arc::try_unwrap(img)
         .ok()
         .expect("sole handle")
@@ -250,4 +260,65 @@ fn control_operations_run_while_other_threads_write() {
         .expect("close");
     assert_check_clean(&p);
     assert_same_view(&p, "after the live run");
+}
+
+#[test]
+fn a_directory_naming_one_bitmap_twice_fails_the_open_like_qemu() {
+    let dir = TempDir::new("bm-dup");
+    let p = dir.join("img.qcow2");
+    qemu_create(&p, SIZE, "");
+    qemu_img(&["bitmap", "--add", path_str(&p), "aa"]);
+    qemu_img(&["bitmap", "--add", path_str(&p), "ab"]);
+    let (ext, _) = common::malformed::find_ext(&p, 0x2385_2875).expect("bitmaps extension");
+    let dir_off = be64(&p, ext + 8 + 16);
+    // The second entry starts 32 bytes in (24-byte header + "aa", padded); its name 24 later.
+    poke(&p, dir_off + 32 + 24 + 1, b"a");
+    let q = qemu_info_status(&p, false);
+    assert!(
+        q.code != 0 && q.all().contains("Bitmap already exists: aa"),
+        "{}",
+        q.all()
+    );
+    for writable in [false, true] {
+        let e = Image::open(
+            &p,
+            &OpenOptions {
+                writable,
+                ..Default::default()
+            },
+        )
+        .err()
+        .expect("opened an image QEMU refuses");
+        assert!(e.to_string().contains("Bitmap already exists: aa"), "{e}");
+    }
+}
+
+#[test]
+fn a_check_with_repair_on_a_live_handle_keeps_the_bitmaps() {
+    let dir = TempDir::new("bm-check");
+    let p = dir.join("img.qcow2");
+    qemu_create(&p, SIZE, "cluster_size=4096");
+    qemu_img(&["bitmap", "--add", path_str(&p), "b"]);
+    let img = Image::open(&p, &rw()).expect("open");
+    img.write_at(&[1; 4096], 0).expect("write");
+    img.bitmap_add("n", add_opts(0, false)).expect("add");
+    for fix in [oxcow::CheckFix::Leaks, oxcow::CheckFix::All] {
+        let r = img.check(fix, None).expect("check");
+        assert_eq!(r.exit_code(), 0, "{r:#?}");
+        img.write_at(&[2; 4096], 5 * MIB)
+            .expect("write after the check");
+    }
+    img.close().expect("close");
+    assert_check_clean(&p);
+    for name in ["b", "n"] {
+        assert_eq!(
+            qemu_dirty_ranges(&p, name),
+            if name == "b" {
+                vec![(0, 4096), (5 * MIB, 4096)]
+            } else {
+                vec![(5 * MIB, 4096)]
+            },
+            "{name}"
+        );
+    }
 }

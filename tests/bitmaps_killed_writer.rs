@@ -44,9 +44,18 @@ fn bitmap_kill_child_workload() {
 
 #[test]
 fn killed_writer_leaves_bitmaps_in_use_and_oxcow_refuses_them_but_can_remove_them() {
+    killed_writer("cluster_size=65536");
+}
+
+#[test]
+fn killed_lazy_refcounts_writer_is_repaired_and_keeps_its_bitmaps_in_use() {
+    killed_writer("cluster_size=65536,lazy_refcounts=on");
+}
+
+fn killed_writer(opts: &str) {
     let dir = TempDir::new("bm-kill");
     let p = dir.join("img.qcow2");
-    qemu_create(&p, 32 * MIB, "cluster_size=65536");
+    qemu_create(&p, 32 * MIB, opts);
     qemu_img(&["bitmap", "--add", path_str(&p), "b0"]);
     qemu_img(&["bitmap", "--add", "--disable", path_str(&p), "b1"]);
     let exe = std::env::current_exe().expect("test binary");

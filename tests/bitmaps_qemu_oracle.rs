@@ -214,3 +214,61 @@ fn read_only_opens_list_and_report_bitmaps_without_writing_a_byte() {
     img.close().expect("close");
     assert!(read_file(&p) == before, "a read-only open changed the file");
 }
+
+#[test]
+fn tracking_matches_qemu_across_image_variants() {
+    for opts in [
+        "lazy_refcounts=on",
+        "extended_l2=on,cluster_size=131072",
+        "cluster_size=512,refcount_bits=1",
+        "cluster_size=2097152",
+    ] {
+        let dir = TempDir::new("bm-variants");
+        let p = dir.join("img.qcow2");
+        qemu_create(&p, SIZE, opts);
+        add(&p, "b", "8192", true);
+        let img = Image::open(&p, &rw()).expect("open");
+        let touched = [(5, 9000), (33 * MIB, 1), (SIZE - 100, 100)];
+        for &(o, l) in &touched {
+            img.write_at(&vec![0xaa; l as usize], o).expect("write");
+        }
+        img.write_zeroes(40 * MIB, 3 * MIB, ZeroFlags { may_unmap: false })
+            .expect("zeroes");
+        let mut all = touched.to_vec();
+        all.push((40 * MIB, 3 * MIB));
+        img.close().expect("close");
+        assert_check_clean(&p);
+        assert_eq!(
+            qemu_dirty_ranges(&p, "b"),
+            granules(&all, 8192, SIZE),
+            "{opts}"
+        );
+        assert_eq!(
+            qemu_bitmaps(&p),
+            vec![("b".to_string(), 8192, vec!["auto".to_string()])],
+            "{opts}"
+        );
+    }
+}
+
+#[test]
+fn compressed_writes_are_tracked() {
+    let dir = TempDir::new("bm-compressed");
+    let p = dir.join("img.qcow2");
+    qemu_create(&p, SIZE, "cluster_size=65536");
+    add(&p, "b", "4096", true);
+    let img = Image::open(&p, &rw()).expect("open");
+    img.write_compressed(&[0x33; 65536], 3 * 65536)
+        .expect("compressed write");
+    let noisy: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    img.write_compressed(&noisy, 10 * 65536)
+        .expect("incompressible write");
+    img.close().expect("close");
+    assert_check_clean(&p);
+    assert_eq!(
+        qemu_dirty_ranges(&p, "b"),
+        vec![(3 * 65536, 65536), (10 * 65536, 65536)]
+    );
+}

@@ -67,8 +67,14 @@ impl Image {
                 // Everything written so far becomes durable (and a lazy-refcounts image clean)
                 // before write access goes away; the bitmaps are stored (no longer in use).
                 self.store_bitmaps(&mut m)?;
-                m.writeback_and_mark_clean(&self.file)?;
-                self.file.reopen(false, new_mode)?;
+                let r = m
+                    .writeback_and_mark_clean(&self.file)
+                    .and_then(|()| self.file.reopen(false, new_mode));
+                if let Err(e) = r {
+                    // Still writable: the stored bitmaps must be in use again first.
+                    self.remark_bitmaps(&mut m);
+                    return Err(e);
+                }
             }
             (true, true) => {
                 self.file.reopen(true, new_mode)?;

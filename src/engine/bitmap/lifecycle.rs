@@ -40,6 +40,17 @@ impl Image {
         super::store::store(&self.file, m, &mut s)
     }
 
+    /// After the bitmaps were stored but the handle stays writable (a reopen to read-only
+    /// failed after the store): marks them in use again. If that fails too, the handle is
+    /// fenced, so that no write can make a stored bitmap stale.
+    pub(crate) fn remark_bitmaps(&self, m: &mut Meta) {
+        let mut s = self.bitmaps.lock();
+        match super::store::mark_in_use(&self.file, m, &mut s) {
+            Ok(marked) => s.needs_store |= marked,
+            Err(_) => self.io.fence(),
+        }
+    }
+
     /// After a reopen to read-write reloaded the metadata: loads the bitmaps again from disk
     /// and marks them in use (returns the stale-extension hint, if any).
     pub(crate) fn reload_bitmaps(&self, m: &mut Meta) -> Result<Option<&'static str>> {

@@ -40,7 +40,16 @@ pub fn load(file: &HostFile, header: &Header) -> Result<State> {
     let geo = header.geometry();
     let mut budget = 0u64;
     let mut list = Vec::with_capacity(disk.entries.len());
+    let mut names = std::collections::HashSet::with_capacity(disk.entries.len());
     for e in &disk.entries {
+        // Names identify bitmaps (and their clusters when stored or removed); QEMU cannot
+        // create a second bitmap of the same name at load either.
+        if !names.insert(e.name.as_slice()) {
+            return Err(Error::corrupt(format!(
+                "Bitmap already exists: {}",
+                e.display_name()
+            )));
+        }
         let inconsistent = e.flags & FLAG_IN_USE != 0;
         let bits = if inconsistent {
             DirtyBits::new(0, e.granularity_bits, geo.cluster_bits)

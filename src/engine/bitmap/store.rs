@@ -151,8 +151,15 @@ pub fn store(file: &HostFile, m: &mut Meta, s: &mut State) -> Result<()> {
     }
     let mut entries = Vec::with_capacity(s.list.len());
     let mut freed = Vec::new();
+    // By name: up to 65535 bitmaps, so no quadratic search.
+    let on_disk: std::collections::HashMap<&[u8], &BitmapEntry> = s
+        .disk
+        .entries
+        .iter()
+        .map(|e| (e.name.as_slice(), e))
+        .collect();
     for b in &s.list {
-        let old = s.disk.entries.iter().find(|e| e.name == b.name);
+        let old = on_disk.get(b.name.as_slice()).copied();
         if b.inconsistent {
             if let Some(e) = old {
                 entries.push(e.clone());
