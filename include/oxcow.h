@@ -30,6 +30,38 @@
 #define OXCOW_VERSION_NUMBER (OXCOW_VERSION_MAJOR * 10000 + OXCOW_VERSION_MINOR * 100 + OXCOW_VERSION_PATCH)
 
 /**
+ * oxcow_bitmap_add() flag: create the bitmap disabled (not recording guest writes), like
+ * `qemu-img bitmap --add --disable`. A bit of its own, distinct from the OXCOW_BITMAP_*
+ * state flags of oxcow_bitmap_info, so that passing a state flag to oxcow_bitmap_add() is
+ * refused instead of silently meaning something else.
+ */
+#define OXCOW_BITMAP_DISABLED 8u
+
+/**
+ * oxcow_bitmap_info flag: the bitmap records guest writes now.
+ */
+#define OXCOW_BITMAP_ENABLED 1u
+
+/**
+ * oxcow_bitmap_info flag: the bitmap was found in use at open (its writer crashed or is
+ * still running): it is not tracked and cannot be enabled, cleared, merged or walked
+ * (-EBUSY); it can only be removed.
+ */
+#define OXCOW_BITMAP_INCONSISTENT 2u
+
+/**
+ * oxcow_bitmap_info flag: the bitmap carries QEMU's `auto` flag (it is enabled whenever the
+ * image is opened read-write).
+ */
+#define OXCOW_BITMAP_AUTO 4u
+
+/**
+ * Size of oxcow_bitmap_info.name, including the terminating NUL (QEMU's names are at most
+ * 1023 bytes).
+ */
+#define OXCOW_BITMAP_NAME_LEN 1024
+
+/**
  * Open flag: open read-write. Without it the image is read-only and no byte is ever written.
  */
 #define OXCOW_OPEN_RDWR 1u
@@ -125,6 +157,11 @@
  * Extent flag: the range is stored compressed.
  */
 #define OXCOW_EXTENT_COMPRESSED 8u
+
+/**
+ * Extent flag (oxcow_bitmap_status()): the range is dirty in the bitmap.
+ */
+#define OXCOW_EXTENT_DIRTY 16u
 
 /**
  * oxcow_info flag: extended L2 entries (subclusters) are in use.
@@ -246,6 +283,55 @@ typedef struct oxcow_error oxcow_error;
  * threads may use one handle at once, except that oxcow_close() must not race other calls.
  */
 typedef struct oxcow_image oxcow_image;
+
+/**
+ * One persistent bitmap, as oxcow_bitmap_list() reports it.
+ */
+typedef struct oxcow_bitmap_info {
+    /**
+     * The bitmap's name, NUL-terminated.
+     */
+    char name[OXCOW_BITMAP_NAME_LEN];
+    /**
+     * Guest bytes covered by one bit of the bitmap (a power of two, 512 B to 2 GiB).
+     */
+    uint64_t granularity;
+    /**
+     * OXCOW_BITMAP_ENABLED / OXCOW_BITMAP_INCONSISTENT / OXCOW_BITMAP_AUTO.
+     */
+    uint32_t flags;
+    /**
+     * Always 0.
+     */
+    uint32_t reserved;
+} oxcow_bitmap_info;
+
+/**
+ * Allocation status of a guest range, filled by oxcow_block_status().
+ */
+typedef struct oxcow_extent {
+    /**
+     * Guest offset where the extent starts (the requested offset).
+     */
+    uint64_t offset;
+    /**
+     * Length in bytes over which the status holds: at least 1, at most the requested count.
+     */
+    uint64_t length;
+    /**
+     * Host offset of the data in the image file when the range holds uncompressed data of
+     * this image (OXCOW_EXTENT_ALLOCATED without ZERO or COMPRESSED); 0 otherwise.
+     */
+    uint64_t host_offset;
+    /**
+     * OXCOW_EXTENT_* flags.
+     */
+    uint32_t flags;
+    /**
+     * Always 0.
+     */
+    uint32_t reserved;
+} oxcow_extent;
 
 /**
  * Result of oxcow_check(). Initialise with oxcow_check_result_init() before the call.
@@ -431,33 +517,6 @@ typedef struct oxcow_info {
 } oxcow_info;
 
 /**
- * Allocation status of a guest range, filled by oxcow_block_status().
- */
-typedef struct oxcow_extent {
-    /**
-     * Guest offset where the extent starts (the requested offset).
-     */
-    uint64_t offset;
-    /**
-     * Length in bytes over which the status holds: at least 1, at most the requested count.
-     */
-    uint64_t length;
-    /**
-     * Host offset of the data in the image file when the range holds uncompressed data of
-     * this image (OXCOW_EXTENT_ALLOCATED without ZERO or COMPRESSED); 0 otherwise.
-     */
-    uint64_t host_offset;
-    /**
-     * OXCOW_EXTENT_* flags.
-     */
-    uint32_t flags;
-    /**
-     * Always 0.
-     */
-    uint32_t reserved;
-} oxcow_extent;
-
-/**
  * A corruption event, passed to the callback set with oxcow_set_event_callback(). Valid only
  * during the callback.
  */
@@ -542,6 +601,127 @@ typedef struct oxcow_snapshot_info {
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * Adds an empty persistent bitmap `name` that records guest writes from now on (stored with
+ * QEMU's `auto` flag), or with OXCOW_BITMAP_DISABLED one that does not record until
+ * oxcow_bitmap_enable(). `granularity` is the guest bytes per bit, a power of two from 512 to
+ * 2 GiB; 0 picks qemu-img's default (the cluster size clamped to 4 KiB..64 KiB).
+ *
+ * Returns 0, or -EINVAL (NULL handle or name, name not UTF-8, empty or longer than 1023
+ * bytes, bad granularity, unknown flag bits), -EEXIST (a bitmap of that name exists),
+ * -EROFS (read-only handle), -ENOSPC (QEMU's count or directory-size limit reached, or no
+ * space), -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `err` is NULL or valid
+ * for writing one pointer.
+ */
+int oxcow_bitmap_add(struct oxcow_image *img,
+                     const char *name,
+                     uint64_t granularity,
+                     uint32_t flags,
+                     struct oxcow_error **err);
+
+/**
+ * Removes bitmap `name` and frees its clusters; inconsistent bitmaps can be removed too.
+ *
+ * Returns 0, or -EINVAL (NULL handle or name, name not UTF-8), -ENOENT (no such bitmap),
+ * -EROFS, -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `err` is NULL or valid
+ * for writing one pointer.
+ */
+int oxcow_bitmap_remove(struct oxcow_image *img, const char *name, struct oxcow_error **err);
+
+/**
+ * Clears every bit of bitmap `name` (typically after a backup copied its dirty ranges).
+ *
+ * Returns 0, or -EINVAL, -ENOENT, -EBUSY (inconsistent bitmap), -EROFS, -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `err` is NULL or valid
+ * for writing one pointer.
+ */
+int oxcow_bitmap_clear(struct oxcow_image *img, const char *name, struct oxcow_error **err);
+
+/**
+ * Makes bitmap `name` record guest writes (and stores it with QEMU's `auto` flag).
+ *
+ * Returns 0, or -EINVAL, -ENOENT, -EBUSY (inconsistent bitmap), -EROFS, -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `err` is NULL or valid
+ * for writing one pointer.
+ */
+int oxcow_bitmap_enable(struct oxcow_image *img, const char *name, struct oxcow_error **err);
+
+/**
+ * Stops bitmap `name` from recording guest writes (freezes it, e.g. for a backup).
+ *
+ * Returns 0, or -EINVAL, -ENOENT, -EBUSY (inconsistent bitmap), -EROFS, -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `err` is NULL or valid
+ * for writing one pointer.
+ */
+int oxcow_bitmap_disable(struct oxcow_image *img, const char *name, struct oxcow_error **err);
+
+/**
+ * Sets in bitmap `dst` every bit that is set in bitmap `src` of the same image (the
+ * granularities may differ), like `qemu-img bitmap --merge SRC IMAGE DST`.
+ *
+ * Returns 0, or -EINVAL (NULL handle or name, name not UTF-8), -ENOENT (either bitmap
+ * missing), -EBUSY (either is inconsistent), -EROFS, -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `dst` and `src` are NULL or NUL-terminated; `err` is NULL
+ * or valid for writing one pointer.
+ */
+int oxcow_bitmap_merge(struct oxcow_image *img,
+                       const char *dst,
+                       const char *src,
+                       struct oxcow_error **err);
+
+/**
+ * Lists the image's persistent bitmaps in directory order (read-only handles too): the first
+ * `cap` of them are written to `out[0..cap)` and `*count` receives the total number, which
+ * may exceed `cap`; call again with a larger array then. Pass NULL `out` and `cap` 0 to ask
+ * for the count only.
+ *
+ * Returns 0, or -EINVAL (NULL handle or count, NULL out with cap > 0), -ERANGE (a name longer
+ * than oxcow_bitmap_info.name), -EIO, -ENOMEDIUM. Nothing is written on failure.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `out` is NULL or valid for writing `cap` entries; `count`
+ * is NULL or valid for writing one `size_t`.
+ */
+int oxcow_bitmap_list(struct oxcow_image *img,
+                      struct oxcow_bitmap_info *out,
+                      size_t cap,
+                      size_t *count);
+
+/**
+ * Describes bitmap `name` over the guest range starting at `offset`, like
+ * oxcow_block_status(): `*out` receives one extent that starts at `offset` and extends as
+ * far as the bitmap's state stays the same (at least 1 byte, at most `count`), with
+ * OXCOW_EXTENT_DIRTY in `flags` when that range is dirty (`host_offset` is 0). Call again
+ * from `offset + out->length` for the rest. Dirty ranges are whole granules, clipped to the
+ * request and the virtual size.
+ *
+ * Returns 0, or -EINVAL (NULL handle, name or out, name not UTF-8, count 0, range beyond the
+ * virtual size), -ENOENT (no such bitmap), -EBUSY (inconsistent bitmap), -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `out` is NULL or valid
+ * for writing one `oxcow_extent`.
+ */
+int oxcow_bitmap_status(struct oxcow_image *img,
+                        const char *name,
+                        uint64_t offset,
+                        uint64_t count,
+                        struct oxcow_extent *out);
 
 /**
  * Checks the image's metadata consistency like `qemu-img check` and fills `*out`

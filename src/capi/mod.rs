@@ -11,6 +11,7 @@
 // The C names (oxcow_image, oxcow_info, ...) are the ABI; keep them as they are.
 #![allow(non_camel_case_types)]
 
+pub mod bitmap;
 pub mod check;
 pub mod create;
 pub mod error;
@@ -19,6 +20,11 @@ pub mod snapshot;
 pub mod types;
 pub mod version;
 
+pub use bitmap::{
+    oxcow_bitmap_add, oxcow_bitmap_clear, oxcow_bitmap_disable, oxcow_bitmap_enable,
+    oxcow_bitmap_info, oxcow_bitmap_list, oxcow_bitmap_merge, oxcow_bitmap_remove,
+    oxcow_bitmap_status,
+};
 pub use check::oxcow_check;
 pub use create::oxcow_create;
 pub use error::{oxcow_error, oxcow_error_errno, oxcow_error_free, oxcow_error_message};

@@ -55,6 +55,8 @@ pub const OXCOW_EXTENT_ZERO: u32 = 2u32;
 pub const OXCOW_EXTENT_BACKING: u32 = 4u32;
 /// Extent flag: the range is stored compressed.
 pub const OXCOW_EXTENT_COMPRESSED: u32 = 8u32;
+/// Extent flag (oxcow_bitmap_status()): the range is dirty in the bitmap.
+pub const OXCOW_EXTENT_DIRTY: u32 = 16u32;
 
 /// oxcow_info flag: extended L2 entries (subclusters) are in use.
 pub const OXCOW_INFO_EXTENDED_L2: u32 = 1u32;

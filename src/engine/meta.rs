@@ -62,6 +62,27 @@ fn index_bitmaps(file: &HostFile, header: &Header) -> Result<()> {
                 geo.clusters_for(e.table_size as u64 * 8),
                 MetaKind::BitmapTable,
             );
+            index_bitmap_data(file, &geo, &e)?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds the data clusters of one bitmap to the overlap guard's index. The table is bounded by
+/// the directory parser (at most 512 MiB of bitmap data, so at most 1 Mi entries); entries
+/// that do not decode point at nothing the guard should hold.
+fn index_bitmap_data(
+    file: &HostFile,
+    geo: &Geometry,
+    e: &crate::format::bitmap::BitmapEntry,
+) -> Result<()> {
+    use crate::format::bitmap::TableEntry;
+    let mut raw = vec![0u8; e.table_size as usize * 8];
+    file.read_zero_padded(&mut raw, HostOffset::new(e.table_offset), "bitmap table")?;
+    for w in crate::format::be::u64_table(&raw) {
+        if let Ok(TableEntry::Data(off)) = TableEntry::decode(w, geo) {
+            file.guard()
+                .insert(off >> geo.cluster_bits, 1, MetaKind::BitmapData);
         }
     }
     Ok(())

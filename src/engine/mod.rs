@@ -63,6 +63,8 @@ pub struct Image {
     inflight: inflight::Inflight,
     /// Corruption handling and event delivery.
     events: events::Events,
+    /// Persistent dirty bitmaps: control state and the write path's tracking.
+    bitmaps: bitmap::set::Bitmaps,
 }
 
 impl Image {
@@ -141,7 +143,9 @@ impl Image {
         if opts.writable {
             meta.enable_lazy_refcounts();
         }
-        Ok(Image {
+        let (bitmap_state, hint) = bitmap::lifecycle::open(&file, &mut meta, opts.writable)
+            .map_err(|e| e.with_file(&name))?;
+        let img = Image {
             path: path.to_path_buf(),
             file,
             geo,
@@ -167,7 +171,13 @@ impl Image {
             view,
             inflight: inflight::Inflight::new(header.size.div_ceil(geo.cluster_size())),
             events: events::Events::default(),
-        })
+            bitmaps: bitmap::set::Bitmaps::default(),
+        };
+        img.bitmaps.install(bitmap_state);
+        if let Some(h) = hint {
+            img.events.notice(format!("{name}: {h}"));
+        }
+        Ok(img)
     }
 
     /// Guest-visible size in bytes.
@@ -251,8 +261,9 @@ impl Image {
         if self.is_read_only() || self.io.is_fenced() {
             return Ok(());
         }
-        let _gate = self.enter_write_gate();
+        let _gate = self.io.quiesce();
         let mut m = self.lock_meta();
+        self.store_bitmaps(&mut m)?;
         m.writeback_and_mark_clean(&self.file)
     }
 
@@ -397,6 +408,7 @@ impl Image {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
             let offset = self.check_range(offset, buf.len() as u64)?;
+            self.bitmaps.mark(offset.get(), buf.len() as u64);
             write::write(self, buf, offset).and_then(|()| self.after_write())
         };
         self.finish(r)
@@ -411,6 +423,7 @@ impl Image {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
             let mut off = self.check_range(offset, total)?;
+            self.bitmaps.mark(offset, total);
             bufs.iter()
                 .try_for_each(|b| {
                     write::write(self, b, off)?;
@@ -431,6 +444,7 @@ impl Image {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
             let offset = self.check_range(offset, count)?;
+            self.bitmaps.mark(offset.get(), count);
             zero::write_zeroes(self, offset, count, flags.may_unmap)
                 .and_then(|()| self.after_write())
         };
@@ -447,6 +461,7 @@ impl Image {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
             let offset = self.check_range(offset, count)?;
+            self.bitmaps.mark(offset.get(), count);
             zero::discard(self, offset, count).and_then(|()| self.after_write())
         };
         self.finish(r)
@@ -468,6 +483,8 @@ impl Drop for Image {
     fn drop(&mut self) {
         if !self.is_read_only() && !self.io.is_fenced() {
             let mut m = self.lock_meta();
+            // A failed store leaves the bitmaps in use on disk: inconsistent, never wrong.
+            let _ = self.store_bitmaps(&mut m);
             if m.is_dirty() {
                 let _ = m.writeback_and_mark_clean(&self.file);
             }
@@ -548,14 +565,19 @@ fn refuse_unwritable(header: &Header, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Clears every autoclear bit before the first write: oxcow maintains no autoclear feature,
-/// and clearing them tells QEMU not to trust bitmaps (or anything else) we will not keep in
-/// sync.
+/// Clears the autoclear bits oxcow does not maintain before the first write, telling their
+/// owners not to trust what we will not keep in sync. Bit 0 (bitmaps) stays while it vouches
+/// for a bitmaps extension: oxcow keeps those bitmaps (in use while open, stored at close).
 fn clear_autoclear(file: &HostFile, header: &mut Header) -> Result<()> {
-    if header.autoclear_features != 0 {
-        file.write_header_fields(&layout::AUTOCLEAR_FEATURES.update(header.version, 0)?)?;
+    let keep = if header.bitmaps.is_some() {
+        header.autoclear_features & header::AUTOCLEAR_BITMAPS
+    } else {
+        0
+    };
+    if header.autoclear_features != keep {
+        file.write_header_fields(&layout::AUTOCLEAR_FEATURES.update(header.version, keep)?)?;
         file.sync()?;
-        header.autoclear_features = 0;
+        header.autoclear_features = keep;
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 /// `oxcow convert --help`.
 pub const HELP: &str = "\
 Usage: oxcow convert [-f qcow2|raw] [-O qcow2|raw] [-o OPTIONS] [-c] [-p] [-q] [-U] [--no-probe]
-                     SRC DST
+                     [--bitmaps [--skip-broken-bitmaps]] SRC DST
 
 Copy the guest-visible contents of SRC (including everything it reads from its backing chain)
 into a new image DST. Ranges that read as zeros are not written: they stay unallocated in a
@@ -33,6 +33,9 @@ Options:
                      state: snapshot.id=ID, snapshot.name=NAME (comma-separated, both must
                      match) or a bare id or name
   -s SNAPSHOT        the same as '-l SNAPSHOT' (qemu-img's older spelling)
+  --bitmaps          also copy SRC's persistent bitmaps (names, granularities, auto flags,
+                     dirty bits) into DST; both must be qcow2. Inconsistent bitmaps are
+                     refused unless --skip-broken-bitmaps (which skips them with a warning)
   -h, --help         this text
 
 Examples:
@@ -53,6 +56,8 @@ const SPECS: &[OptSpec] = &[
     opt(&["--no-probe"], false),
     opt(&["-l"], true),
     opt(&["-s"], true),
+    opt(&["--bitmaps"], false),
+    opt(&["--skip-broken-bitmaps"], false),
 ];
 
 /// Where the guest data comes from.
@@ -147,6 +152,9 @@ struct Request {
     no_probe: bool,
     /// Read this internal snapshot of SRC instead of its current state.
     snapshot: Option<crate::snapshot::Selector>,
+    /// `--bitmaps` (and whether `--skip-broken-bitmaps` was given).
+    bitmaps: bool,
+    skip_broken_bitmaps: bool,
 }
 
 /// Runs `oxcow convert ARGS`.
@@ -157,9 +165,22 @@ pub fn run(args: &[String]) -> CliResult<()> {
     validate(&req)?;
     let source = open_source(&req)?;
     let size = source.size();
+    let bitmaps = match (req.bitmaps, &source) {
+        (false, _) => Vec::new(),
+        (true, Source::Qcow2(img)) => {
+            crate::bitmap::convert_plan(Some(img), req.skip_broken_bitmaps)?
+        }
+        (true, Source::Raw(..)) => crate::bitmap::convert_plan(None, req.skip_broken_bitmaps)?,
+    };
     let target = create_target(&req, size)?;
+    if req.bitmaps {
+        crate::bitmap::convert_target_check(&req.out_fmt, req.create.version)?;
+    }
     let (src, dst) = (&req.src, &req.dst);
     copy(&source, &target, size, src, dst, &req.create, req.progress)?;
+    if let (Source::Qcow2(s), Target::Qcow2 { img, .. }) = (&source, &target) {
+        crate::bitmap::convert_copy(s, img, &bitmaps)?;
+    }
     match target {
         Target::Qcow2 { img, .. } => (*img)
             .close()
@@ -183,6 +204,8 @@ fn parse(args: &[String]) -> CliResult<Option<Request>> {
         force_share: false,
         no_probe: false,
         snapshot: None,
+        bitmaps: false,
+        skip_broken_bitmaps: false,
     };
     let mut quiet = false;
     let mut pos = Vec::new();
@@ -202,6 +225,8 @@ fn parse(args: &[String]) -> CliResult<Option<Request>> {
             Arg::Opt("--no-probe", _) => req.no_probe = true,
             Arg::Opt("-l", Some(l)) => req.snapshot = Some(crate::snapshot::Selector::parse(&l)?),
             Arg::Opt("-s", Some(n)) => req.snapshot = Some(crate::snapshot::Selector::bare(&n)),
+            Arg::Opt("--bitmaps", _) => req.bitmaps = true,
+            Arg::Opt("--skip-broken-bitmaps", _) => req.skip_broken_bitmaps = true,
             Arg::Pos(p) => pos.push(p),
             Arg::Opt(..) => unreachable!("every spec is handled"),
         }
@@ -222,6 +247,11 @@ fn validate(req: &Request) -> CliResult<()> {
         return Err(CliError::usage(format!(
             "unsupported output format '{out_fmt}' (raw or qcow2)"
         )));
+    }
+    if req.skip_broken_bitmaps && !req.bitmaps {
+        return Err(CliError::op(
+            "Use of --skip-broken-bitmaps requires --bitmaps",
+        ));
     }
     if req.compress && out_fmt != "qcow2" {
         return Err(CliError::usage(

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 mod args;
 mod bench;
+mod bitmap;
 mod check;
 mod convert;
 mod create;
@@ -32,6 +33,7 @@ Commands:
   check     check an image's metadata, optionally repair it
   snapshot  list, create, apply or delete internal snapshots (like qemu-img snapshot)
   bench     measure I/O throughput through the engine (like qemu-img bench)
+  bitmap    add, remove, clear, enable, disable or merge persistent dirty bitmaps
 
 Run 'oxcow COMMAND --help' for the options of a command and examples.
 Sizes accept suffixes k, M, G, T (powers of 1024): 64k, 512M, 10G.
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         "convert" => Some(convert::HELP),
         "bench" => Some(bench::HELP),
         "snapshot" => Some(snapshot::HELP),
+        "bitmap" => Some(bitmap::HELP),
         _ => None,
     };
     if let (true, Some(h)) = (wants_help, help) {
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         "convert" => convert::run(rest).map(|()| 0),
         "bench" => bench::run(rest).map(|()| 0),
         "snapshot" => snapshot::run(rest).map(|()| 0),
+        "bitmap" => bitmap::run(rest).map(|()| 0),
         "check" => check::run(rest).map_err(CliError::op),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
@@ -78,7 +82,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         other => Err(CliError::usage(format!(
-            "unknown command '{other}' (commands: create, info, map, convert, check, bench, snapshot)"
+            "unknown command '{other}' (commands: create, info, map, convert, check, bench, snapshot, bitmap)"
         ))),
     };
     match result {

@@ -255,8 +255,19 @@ fn one_pass(
             })
         }
     };
+    if table.unreadable {
+        return Ok(CheckReport {
+            check_errors: 1,
+            messages: table.messages,
+            ..CheckReport::default()
+        });
+    }
     let mut msgs = table.messages;
-    let mut snapshot_corruptions = table.extra_data_dropped;
+    if header.bitmaps.is_some() && header.bitmaps_in_use().is_none() {
+        // QEMU's open warns about a stale bitmaps extension; its clusters are leaks here.
+        msgs.push(format!("Warning: {}", super::bitmap::lifecycle::STALE_HINT));
+    }
+    let mut snapshot_corruptions = table.extra_data_dropped + u64::from(table.overhanging > 0);
     for (i, s) in table.snapshots.iter().enumerate() {
         if s.is_incomplete(header.version) {
             let what = if repair { "Repairing" } else { "ERROR" };
