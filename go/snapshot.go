@@ -59,8 +59,9 @@ func (img *Image) CreateSnapshot(name string) error {
 }
 
 // ApplySnapshot reverts the disk to the snapshot whose id, else whose name, is nameOrID,
-// like `qemu-img snapshot -a`. ENOENT when there is none; ENOTSUP when the snapshot has
-// another disk size.
+// like `qemu-img snapshot -a`. ENOENT when there is none; EBUSY when the image has
+// persistent bitmaps (QEMU refuses those too); ENOTSUP when the snapshot has another disk
+// size.
 func (img *Image) ApplySnapshot(nameOrID string) error {
 	h, err := img.acquire("snapshot apply")
 	if err != nil {

@@ -1041,14 +1041,16 @@ int oxcow_snapshot_create(struct oxcow_image *img, const char *name, struct oxco
  * Reverts the disk to the snapshot whose id, else whose name, is `name_or_id`, like
  * `qemu-img snapshot -a`. Reads racing the switch see the old or the new contents.
  *
- * Returns 0, or -EINVAL (NULL handle or key), -EROFS, -ENOENT (no such snapshot),
- * -EUCLEAN (the snapshot's table entry is damaged; nothing changed), -ENOTSUP (the snapshot
+ * Returns 0, or -EINVAL (NULL handle or key), -EROFS, -ENOENT (no such snapshot), -EBUSY
+ * (the image has persistent bitmaps, which QEMU refuses too), -EUCLEAN (the snapshot's table entry is damaged; nothing changed), -ENOTSUP (the snapshot
  * has another disk size: QEMU would resize the image, oxcow does not yet), -ENOMEDIUM, -EIO.
  *
  * # Safety
  * As oxcow_snapshot_create().
  */
-int oxcow_snapshot_apply(struct oxcow_image *img, const char *name_or_id, struct oxcow_error **err);
+int oxcow_snapshot_apply(struct oxcow_image *img,
+                         const char *name_or_id,
+                         struct oxcow_error **err);
 
 /**
  * Deletes the snapshot whose id, else whose name, is `name_or_id`, like `qemu-img snapshot

@@ -237,3 +237,22 @@ fn info_lists_snapshots_made_by_oxcow_as_qemu_img_info_does() {
         oi.stdout
     );
 }
+
+#[test]
+fn apply_on_an_image_with_bitmaps_fails_with_qemu_img_s_message() {
+    let dir = TempDir::new("cli-snap-bitmaps");
+    let (q, o) = pair(&dir);
+    for p in [&q, &o] {
+        qemu_img(&["bitmap", "--add", path_str(p), "b0"]);
+    }
+    for args in [&["-c", "s"][..], &["-a", "s"], &["-d", "s"]] {
+        let (a, b) = both(args, &q, &o);
+        assert_eq!(a.code, b.code, "{args:?}: {} / {}", a.all(), b.all());
+        assert_eq!(
+            a.stderr.replace("qemu-img: ", ""),
+            b.stderr.replace("oxcow: ", ""),
+            "{args:?}"
+        );
+    }
+    assert_check_clean(&o);
+}

@@ -389,3 +389,38 @@ fn writers_keep_running_while_snapshots_are_deleted() {
         .expect("close");
     assert_check_clean(&p);
 }
+
+/// QEMU refuses to apply a snapshot to an image with persistent bitmaps ("Device has active
+/// dirty bitmaps", EBUSY) but creates and deletes snapshots; so does oxcow.
+#[test]
+fn apply_is_refused_on_an_image_with_bitmaps_like_qemu() {
+    let dir = TempDir::new("snap-bitmaps");
+    let p = image(&dir, "");
+    qemu_img(&["bitmap", "--add", "--disable", path_str(&p), "b0"]);
+    qemu_io(&p, &["write -P 1 0 64k".into()]);
+    let q = dir.join("q.qcow2");
+    std::fs::copy(&p, &q).expect("copy");
+    qemu_img(&["snapshot", "-c", "s", path_str(&q)]);
+    let qa = run("qemu-img", &["snapshot", "-a", "s", path_str(&q)]);
+    assert!(
+        qa.code == 1 && qa.stderr.contains("Device has active dirty bitmaps"),
+        "{}",
+        qa.all()
+    );
+    let img = open_rw(&p);
+    img.snapshot_create("s").expect("create with bitmaps");
+    let e = img.snapshot_apply("s").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(
+        e.to_string().contains("Device has active dirty bitmaps"),
+        "{e}"
+    );
+    img.snapshot_delete("s").expect("delete with bitmaps");
+    img.close().expect("close");
+    assert_check_clean(&p);
+    assert_eq!(
+        run("qemu-img", &["snapshot", "-d", "s", path_str(&q)]).code,
+        0
+    );
+    assert_same_guest(&p, &q);
+}

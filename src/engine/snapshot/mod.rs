@@ -124,12 +124,21 @@ impl Image {
     /// Reverts the disk to snapshot `key` (an id, else a name), like `qemu-img snapshot
     /// -a`. Reads racing the switch see the old or the new contents; later ones the new.
     ///
-    /// Errors: `ReadOnly`, `NotFound` (no such id or name), `Corrupt` when the snapshot's
-    /// table entry is damaged (nothing is changed), `Unsupported` when the snapshot's disk
-    /// size differs from the current virtual size (QEMU resizes the image then), I/O errors.
+    /// Errors: `ReadOnly`, `NotFound` (no such id or name), `Busy` when the image has
+    /// persistent bitmaps (enabled or not: QEMU refuses them too), `Corrupt` when the
+    /// snapshot's table entry is damaged (nothing is changed), `Unsupported` when the
+    /// snapshot's disk size differs from the current virtual size (QEMU resizes the image
+    /// then), I/O errors.
     pub fn snapshot_apply(&self, key: &str) -> Result<()> {
         self.check_writable()?;
         let _quiet = self.io.quiesce();
+        // Like QEMU: reverting under a dirty bitmap would change data it never saw written.
+        if !self.bitmaps()?.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                "Device has active dirty bitmaps",
+            ));
+        }
         let mut m = self.lock_meta();
         let mut snaps = self.snapshots_mut();
         let s = find(&snaps.list, key)
