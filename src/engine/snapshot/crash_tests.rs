@@ -131,6 +131,15 @@ fn crash_points(tag: &str, opts: CreateOptions, op: &dyn Fn(&Image)) {
         let off = (i * 20_011) % (SIZE - 4096);
         img.write_at(&vec![i as u8 | 1; 3000], off).expect("write");
     }
+    // Compressed clusters (packed several to a host cluster) and zeroed ranges too.
+    let cs = opts.cluster_size as u64;
+    for i in 0..3u64 {
+        let c = SIZE / cs - 1 - i;
+        img.write_compressed(&vec![0xc0 | i as u8; cs as usize], c * cs)
+            .expect("compressed write");
+    }
+    img.write_zeroes(5 * cs, 2 * cs, crate::ZeroFlags::default())
+        .expect("zeroes");
     img.snapshot_create("s0").expect("snapshot s0");
     for i in 0..16u64 {
         img.write_at(&vec![0xe0 | i as u8; 2000], i * 50_021)
