@@ -12,7 +12,8 @@ import (
 // Errno is what the library returned (negated): EINVAL for a bad argument or a request beyond
 // the virtual size, EROFS for a write to a read-only image, EAGAIN when another process holds
 // the image's lock, ENOTSUP for an unsupported feature, EUCLEAN for a corrupt image,
-// ENOMEDIUM once the handle has been fenced after corruption, EBADF after Close, and the file
+// ENOMEDIUM once the handle has been fenced after corruption, EBADF after Close, for bitmaps
+// EEXIST (name taken), ENOENT (no such bitmap) and EBUSY (inconsistent bitmap), and the file
 // system's errors (ENOENT, EACCES, ENOSPC, EIO, ...). Message is the library's description
 // when the C call provides one (open, create, reopen, check) or a description built by this
 // package; it may be empty.

@@ -107,6 +107,10 @@ type OpenOptions struct {
 	NoProbe bool
 	// CacheSize is the metadata cache budget in bytes; 0 means the library default.
 	CacheSize uint64
+	// Snapshot, when not empty, opens a read-only view of the internal snapshot with this
+	// id, else this name (like qemu-img convert -l); EINVAL with Writable, ENOENT when
+	// there is no such snapshot.
+	Snapshot string
 }
 
 func (o *OpenOptions) flags() uint32 {
@@ -163,10 +167,11 @@ type Image struct {
 func Open(path string, opts *OpenOptions) (*Image, error) {
 	flags := opts.flags()
 	var cache uint64
+	var snapshot string
 	if opts != nil {
-		cache = opts.CacheSize
+		cache, snapshot = opts.CacheSize, opts.Snapshot
 	}
-	h, cerr := capi.Open(path, flags, cache)
+	h, cerr := capi.OpenWith(path, flags, cache, snapshot)
 	if cerr != nil {
 		return nil, wrap("open", path, cerr)
 	}

@@ -30,6 +30,38 @@
 #define OXCOW_VERSION_NUMBER (OXCOW_VERSION_MAJOR * 10000 + OXCOW_VERSION_MINOR * 100 + OXCOW_VERSION_PATCH)
 
 /**
+ * oxcow_bitmap_add() flag: create the bitmap disabled (not recording guest writes), like
+ * `qemu-img bitmap --add --disable`. A bit of its own, distinct from the OXCOW_BITMAP_*
+ * state flags of oxcow_bitmap_info, so that passing a state flag to oxcow_bitmap_add() is
+ * refused instead of silently meaning something else.
+ */
+#define OXCOW_BITMAP_DISABLED 8u
+
+/**
+ * oxcow_bitmap_info flag: the bitmap records guest writes now.
+ */
+#define OXCOW_BITMAP_ENABLED 1u
+
+/**
+ * oxcow_bitmap_info flag: the bitmap was found in use at open (its writer crashed or is
+ * still running): it is not tracked and cannot be enabled, cleared, merged or walked
+ * (-EBUSY); it can only be removed.
+ */
+#define OXCOW_BITMAP_INCONSISTENT 2u
+
+/**
+ * oxcow_bitmap_info flag: the bitmap carries QEMU's `auto` flag (it is enabled whenever the
+ * image is opened read-write).
+ */
+#define OXCOW_BITMAP_AUTO 4u
+
+/**
+ * Size of oxcow_bitmap_info.name, including the terminating NUL (QEMU's names are at most
+ * 1023 bytes).
+ */
+#define OXCOW_BITMAP_NAME_LEN 1024
+
+/**
  * oxcow_resize() flag: allow a new size smaller than the current one (like
  * `qemu-img resize --shrink`); the data past the new end is deleted.
  */
@@ -133,6 +165,11 @@
 #define OXCOW_EXTENT_COMPRESSED 8u
 
 /**
+ * Extent flag (oxcow_bitmap_status()): the range is dirty in the bitmap.
+ */
+#define OXCOW_EXTENT_DIRTY 16u
+
+/**
  * oxcow_info flag: extended L2 entries (subclusters) are in use.
  */
 #define OXCOW_INFO_EXTENDED_L2 1u
@@ -220,6 +257,27 @@
 #define OXCOW_EVENT_HAS_LOCATION 2u
 
 /**
+ * Bytes of oxcow_snapshot_info.id: QEMU's id buffer (ids longer than 127 bytes are cut).
+ */
+#define OXCOW_SNAPSHOT_ID_LEN 128
+
+/**
+ * Bytes of oxcow_snapshot_info.name: QEMU's name buffer (names longer than 255 bytes are
+ * cut, as `qemu-img snapshot -l` cuts them).
+ */
+#define OXCOW_SNAPSHOT_NAME_LEN 256
+
+/**
+ * oxcow_snapshot_info flag: `disk_size` was recorded (every version-3 entry has it).
+ */
+#define OXCOW_SNAPSHOT_HAS_DISK_SIZE 1u
+
+/**
+ * oxcow_snapshot_info flag: `icount` was recorded.
+ */
+#define OXCOW_SNAPSHOT_HAS_ICOUNT 2u
+
+/**
  * An error: a positive errno and a human-readable message naming what failed. Created by the
  * library on failure when the caller passes a non-NULL `oxcow_error **err`; read it with
  * oxcow_error_message() / oxcow_error_errno() and free it with oxcow_error_free().
@@ -231,6 +289,55 @@ typedef struct oxcow_error oxcow_error;
  * threads may use one handle at once, except that oxcow_close() must not race other calls.
  */
 typedef struct oxcow_image oxcow_image;
+
+/**
+ * One persistent bitmap, as oxcow_bitmap_list() reports it.
+ */
+typedef struct oxcow_bitmap_info {
+    /**
+     * The bitmap's name, NUL-terminated.
+     */
+    char name[OXCOW_BITMAP_NAME_LEN];
+    /**
+     * Guest bytes covered by one bit of the bitmap (a power of two, 512 B to 2 GiB).
+     */
+    uint64_t granularity;
+    /**
+     * OXCOW_BITMAP_ENABLED / OXCOW_BITMAP_INCONSISTENT / OXCOW_BITMAP_AUTO.
+     */
+    uint32_t flags;
+    /**
+     * Always 0.
+     */
+    uint32_t reserved;
+} oxcow_bitmap_info;
+
+/**
+ * Allocation status of a guest range, filled by oxcow_block_status().
+ */
+typedef struct oxcow_extent {
+    /**
+     * Guest offset where the extent starts (the requested offset).
+     */
+    uint64_t offset;
+    /**
+     * Length in bytes over which the status holds: at least 1, at most the requested count.
+     */
+    uint64_t length;
+    /**
+     * Host offset of the data in the image file when the range holds uncompressed data of
+     * this image (OXCOW_EXTENT_ALLOCATED without ZERO or COMPRESSED); 0 otherwise.
+     */
+    uint64_t host_offset;
+    /**
+     * OXCOW_EXTENT_* flags.
+     */
+    uint32_t flags;
+    /**
+     * Always 0.
+     */
+    uint32_t reserved;
+} oxcow_extent;
 
 /**
  * Result of oxcow_check(). Initialise with oxcow_check_result_init() before the call.
@@ -351,6 +458,13 @@ typedef struct oxcow_open_options {
      * Metadata cache budget in bytes; 0 means the default. Accepted, currently ignored.
      */
     uint64_t cache_size;
+    /**
+     * Version 2: NULL for the active state, or a NUL-terminated snapshot id or name to open
+     * a read-only view of that internal snapshot's disk (like `qemu-img convert -l`); the
+     * open must then be read-only (-EINVAL with OXCOW_OPEN_RDWR), -ENOENT when no snapshot
+     * matches. Read during oxcow_open() only.
+     */
+    const char *snapshot;
 } oxcow_open_options;
 
 /**
@@ -409,33 +523,6 @@ typedef struct oxcow_info {
 } oxcow_info;
 
 /**
- * Allocation status of a guest range, filled by oxcow_block_status().
- */
-typedef struct oxcow_extent {
-    /**
-     * Guest offset where the extent starts (the requested offset).
-     */
-    uint64_t offset;
-    /**
-     * Length in bytes over which the status holds: at least 1, at most the requested count.
-     */
-    uint64_t length;
-    /**
-     * Host offset of the data in the image file when the range holds uncompressed data of
-     * this image (OXCOW_EXTENT_ALLOCATED without ZERO or COMPRESSED); 0 otherwise.
-     */
-    uint64_t host_offset;
-    /**
-     * OXCOW_EXTENT_* flags.
-     */
-    uint32_t flags;
-    /**
-     * Always 0.
-     */
-    uint32_t reserved;
-} oxcow_extent;
-
-/**
  * A corruption event, passed to the callback set with oxcow_set_event_callback(). Valid only
  * during the callback.
  */
@@ -470,9 +557,177 @@ typedef struct oxcow_event {
  */
 typedef void (*oxcow_event_fn)(void *opaque, const struct oxcow_event *event);
 
+/**
+ * One internal snapshot, filled by oxcow_snapshot_list() into a caller-provided array
+ * (fixed-size strings, so the caller owns all memory: nothing to free).
+ */
+typedef struct oxcow_snapshot_info {
+    /**
+     * Unique id, NUL-terminated (e.g. "1").
+     */
+    char id[OXCOW_SNAPSHOT_ID_LEN];
+    /**
+     * Name (tag), NUL-terminated; names need not be unique.
+     */
+    char name[OXCOW_SNAPSHOT_NAME_LEN];
+    /**
+     * Creation time: seconds since the epoch.
+     */
+    uint32_t date_sec;
+    /**
+     * Creation time: nanoseconds.
+     */
+    uint32_t date_nsec;
+    /**
+     * Guest clock at creation, nanoseconds.
+     */
+    uint64_t vm_clock_nsec;
+    /**
+     * Size of the saved VM state in bytes (0 for disk-only snapshots).
+     */
+    uint64_t vm_state_size;
+    /**
+     * Virtual disk size at creation (see OXCOW_SNAPSHOT_HAS_DISK_SIZE).
+     */
+    uint64_t disk_size;
+    /**
+     * Instruction counter at creation (see OXCOW_SNAPSHOT_HAS_ICOUNT).
+     */
+    uint64_t icount;
+    /**
+     * OXCOW_SNAPSHOT_* flags.
+     */
+    uint32_t flags;
+    /**
+     * Always 0.
+     */
+    uint32_t reserved;
+} oxcow_snapshot_info;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * Adds an empty persistent bitmap `name` that records guest writes from now on (stored with
+ * QEMU's `auto` flag), or with OXCOW_BITMAP_DISABLED one that does not record until
+ * oxcow_bitmap_enable(). `granularity` is the guest bytes per bit, a power of two from 512 to
+ * 2 GiB; 0 picks qemu-img's default (the cluster size clamped to 4 KiB..64 KiB).
+ *
+ * Returns 0, or -EINVAL (NULL handle or name, name not UTF-8, empty or longer than 1023
+ * bytes, bad granularity, unknown flag bits), -EEXIST (a bitmap of that name exists),
+ * -EROFS (read-only handle), -ENOSPC (QEMU's count or directory-size limit reached, or no
+ * space), -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `err` is NULL or valid
+ * for writing one pointer.
+ */
+int oxcow_bitmap_add(struct oxcow_image *img,
+                     const char *name,
+                     uint64_t granularity,
+                     uint32_t flags,
+                     struct oxcow_error **err);
+
+/**
+ * Removes bitmap `name` and frees its clusters; inconsistent bitmaps can be removed too.
+ *
+ * Returns 0, or -EINVAL (NULL handle or name, name not UTF-8), -ENOENT (no such bitmap),
+ * -EROFS, -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `err` is NULL or valid
+ * for writing one pointer.
+ */
+int oxcow_bitmap_remove(struct oxcow_image *img, const char *name, struct oxcow_error **err);
+
+/**
+ * Clears every bit of bitmap `name` (typically after a backup copied its dirty ranges).
+ *
+ * Returns 0, or -EINVAL, -ENOENT, -EBUSY (inconsistent bitmap), -EROFS, -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `err` is NULL or valid
+ * for writing one pointer.
+ */
+int oxcow_bitmap_clear(struct oxcow_image *img, const char *name, struct oxcow_error **err);
+
+/**
+ * Makes bitmap `name` record guest writes (and stores it with QEMU's `auto` flag).
+ *
+ * Returns 0, or -EINVAL, -ENOENT, -EBUSY (inconsistent bitmap), -EROFS, -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `err` is NULL or valid
+ * for writing one pointer.
+ */
+int oxcow_bitmap_enable(struct oxcow_image *img, const char *name, struct oxcow_error **err);
+
+/**
+ * Stops bitmap `name` from recording guest writes (freezes it, e.g. for a backup).
+ *
+ * Returns 0, or -EINVAL, -ENOENT, -EBUSY (inconsistent bitmap), -EROFS, -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `err` is NULL or valid
+ * for writing one pointer.
+ */
+int oxcow_bitmap_disable(struct oxcow_image *img, const char *name, struct oxcow_error **err);
+
+/**
+ * Sets in bitmap `dst` every bit that is set in bitmap `src` of the same image (the
+ * granularities may differ), like `qemu-img bitmap --merge SRC IMAGE DST`.
+ *
+ * Returns 0, or -EINVAL (NULL handle or name, name not UTF-8), -ENOENT (either bitmap
+ * missing), -EBUSY (either is inconsistent), -EROFS, -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `dst` and `src` are NULL or NUL-terminated; `err` is NULL
+ * or valid for writing one pointer.
+ */
+int oxcow_bitmap_merge(struct oxcow_image *img,
+                       const char *dst,
+                       const char *src,
+                       struct oxcow_error **err);
+
+/**
+ * Lists the image's persistent bitmaps in directory order (read-only handles too): the first
+ * `cap` of them are written to `out[0..cap)` and `*count` receives the total number, which
+ * may exceed `cap`; call again with a larger array then. Pass NULL `out` and `cap` 0 to ask
+ * for the count only.
+ *
+ * Returns 0, or -EINVAL (NULL handle or count, NULL out with cap > 0), -ERANGE (a name longer
+ * than oxcow_bitmap_info.name), -EIO, -ENOMEDIUM. Nothing is written on failure.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `out` is NULL or valid for writing `cap` entries; `count`
+ * is NULL or valid for writing one `size_t`.
+ */
+int oxcow_bitmap_list(struct oxcow_image *img,
+                      struct oxcow_bitmap_info *out,
+                      size_t cap,
+                      size_t *count);
+
+/**
+ * Describes bitmap `name` over the guest range starting at `offset`, like
+ * oxcow_block_status(): `*out` receives one extent that starts at `offset` and extends as
+ * far as the bitmap's state stays the same (at least 1 byte, at most `count`), with
+ * OXCOW_EXTENT_DIRTY in `flags` when that range is dirty (`host_offset` is 0). Call again
+ * from `offset + out->length` for the rest. Dirty ranges are whole granules, clipped to the
+ * request and the virtual size.
+ *
+ * Returns 0, or -EINVAL (NULL handle, name or out, name not UTF-8, count 0, range beyond the
+ * virtual size), -ENOENT (no such bitmap), -EBUSY (inconsistent bitmap), -EIO, -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `out` is NULL or valid
+ * for writing one `oxcow_extent`.
+ */
+int oxcow_bitmap_status(struct oxcow_image *img,
+                        const char *name,
+                        uint64_t offset,
+                        uint64_t count,
+                        struct oxcow_extent *out);
 
 /**
  * Checks the image's metadata consistency like `qemu-img check` and fills `*out`
@@ -801,6 +1056,66 @@ int oxcow_resize(struct oxcow_image *img,
                  uint64_t new_size,
                  uint32_t flags,
                  struct oxcow_error **err);
+
+/**
+ * Creates an internal snapshot of the current disk state named `name`, like `qemu-img
+ * snapshot -c`: the next free numeric id, the current time, no VM state. Names need not be
+ * unique. Writers on other threads wait while the snapshot is taken; readers go on.
+ *
+ * Returns 0, or -EINVAL (NULL handle or name, empty or over 255 bytes, not UTF-8, or a
+ * refcount that cannot take another reference, e.g. 1-bit refcounts), -EROFS (read-only
+ * handle), -ENOSPC (65536 snapshots), -ENOMEDIUM (fenced handle), -EIO.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `err` is NULL or valid
+ * for writing one pointer.
+ */
+int oxcow_snapshot_create(struct oxcow_image *img, const char *name, struct oxcow_error **err);
+
+/**
+ * Reverts the disk to the snapshot whose id, else whose name, is `name_or_id`, like
+ * `qemu-img snapshot -a`. Reads racing the switch see the old or the new contents.
+ *
+ * Returns 0, or -EINVAL (NULL handle or key), -EROFS, -ENOENT (no such snapshot), -EBUSY
+ * (the image has persistent bitmaps, which QEMU refuses too), -EUCLEAN (the snapshot's table entry is damaged; nothing changed), -ENOTSUP (the snapshot
+ * has another disk size: QEMU would resize the image, oxcow does not yet), -ENOMEDIUM, -EIO.
+ *
+ * # Safety
+ * As oxcow_snapshot_create().
+ */
+int oxcow_snapshot_apply(struct oxcow_image *img,
+                         const char *name_or_id,
+                         struct oxcow_error **err);
+
+/**
+ * Deletes the snapshot whose id, else whose name, is `name_or_id`, like `qemu-img snapshot
+ * -d`; clusters only it used are freed.
+ *
+ * Returns 0, or -EINVAL, -EROFS, -ENOENT, -EUCLEAN (damaged entry; nothing changed),
+ * -ENOMEDIUM, -EIO.
+ *
+ * # Safety
+ * As oxcow_snapshot_create().
+ */
+int oxcow_snapshot_delete(struct oxcow_image *img,
+                          const char *name_or_id,
+                          struct oxcow_error **err);
+
+/**
+ * Lists the internal snapshots in table order: the first `min(cap, total)` are written to
+ * `out[0..]` and `*count` receives the total, so a caller can size its array with a first
+ * call with `cap` 0 (then `out` may be NULL) and retry when `*count > cap`.
+ *
+ * Returns 0, or -EINVAL (NULL handle or count, NULL out with cap > 0), -ENOMEDIUM.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `out` is NULL or writable for `cap` entries; `count` is
+ * NULL or writable.
+ */
+int oxcow_snapshot_list(struct oxcow_image *img,
+                        struct oxcow_snapshot_info *out,
+                        size_t cap,
+                        size_t *count);
 
 /**
  * Fills `*opts` with the defaults (64 KiB clusters, version 3, 16-bit refcounts, no flags,

@@ -62,12 +62,15 @@ trap cleanup EXIT
 
 # Workloads: name | bench options (shared by all three tools) | image kind
 #   data  = the fully allocated image/file (reads and overwrites)
+#   databm = the data image with one enabled persistent bitmap (the cost of dirty tracking;
+#           raw: the data file)
 #   fresh = a new empty image/sparse file for every run (allocating writes)
 #   cow   = a new overlay over the data image for every run (raw: a new sparse file)
 WORKLOADS=(
     "read-4k-seq|-c $N4 -s 4k|data"
     "read-4k-rand|-c $N4 -s 4k --random|data"
     "overwrite-4k|-w -c $N4 -s 4k|data"
+    "overwrite-4k-bitmap|-w -c $N4 -s 4k|databm"
     "alloc-4k-seq|-w -c $N4 -s 4k --flush-interval $N4|fresh"
     "cow-4k|-w -c $NCOW -s 4k -S 64k --flush-interval $NCOW|cow"
     "read-1m-seq|-c $N1 -s 1M|data"
@@ -80,12 +83,14 @@ prepare() {
     local d=$1 f
     head -c $((SIZE_MB << 20)) /dev/urandom >"$d/data.raw"
     qemu-img convert -f raw -O qcow2 "$d/data.raw" "$d/data.qcow2"
+    cp "$d/data.qcow2" "$d/databm.qcow2"
+    qemu-img bitmap --add "$d/databm.qcow2" bench
     # Put both files in the same page-cache state: on ext4 the cost of a buffered 4 KiB write
     # depends on the size of the folios caching the file, which depends on how it was last
     # written. Write back, drop the cached pages (dd's nocache, no root needed; tmpfs keeps
     # them), then read both files the same way.
     sync
-    for f in "$d/data.raw" "$d/data.qcow2"; do
+    for f in "$d/data.raw" "$d/data.qcow2" "$d/databm.qcow2"; do
         dd if="$f" iflag=nocache count=0 status=none 2>/dev/null || true
         cat "$f" >/dev/null
     done
@@ -129,6 +134,7 @@ measure() {
     esac
     case "$kind" in
         data) img="$dir/data.$fmt" ;;
+        databm) img="$dir/data.$fmt"; [ "$fmt" = qcow2 ] && img="$dir/databm.qcow2" ;;
         fresh)
             img="$dir/fresh.$fmt"
             rm -f "$img"
@@ -224,16 +230,25 @@ def f(x, fmt="{:9.0f}"):
 
 print()
 print("Throughput in MiB/s (median); qcow2/raw and oxcow/qemu-img are ratios of throughput.")
-print(f"{'fs':<14}{'workload':<15}{'d':>2} {'oxcow':>9} {'raw':>9} {'qemu-img':>9} {'qcow2/raw':>10} {'ox/qemu':>8}")
+print(f"{'fs':<14}{'workload':<20}{'d':>2} {'oxcow':>9} {'raw':>9} {'qemu-img':>9} {'qcow2/raw':>10} {'ox/qemu':>8}")
 for key in order:
     ox, raw, qm = med(key, "oxcow"), med(key, "raw"), med(key, "qemu")
     r1 = f"{ox / raw:10.2f}" if ox and raw else "       n/a"
     r2 = f"{ox / qm:8.2f}" if ox and qm else "     n/a"
-    print(f"{key[0]:<14}{key[1]:<15}{key[2]:>2} {f(ox)} {f(raw)} {f(qm)} {r1} {r2}")
+    print(f"{key[0]:<14}{key[1]:<20}{key[2]:>2} {f(ox)} {f(raw)} {f(qm)} {r1} {r2}")
+
+print()
+print("Dirty-tracking cost: oxcow's overwrite-4k throughput with one enabled bitmap / without")
+print("(target >= 0.97).")
+for key in order:
+    kb = (key[0], "overwrite-4k-bitmap", key[2])
+    a, b = med(key, "oxcow"), med(kb, "oxcow")
+    if key[1] == "overwrite-4k" and a and b:
+        print(f"{key[0]:<14}d={key[2]}: {b / a:.3f}")
 
 print()
 print("Scaling 1 -> 2 threads: throughput gain of oxcow relative to raw's gain (target >= 0.90).")
-print(f"{'fs':<14}{'workload':<15} {'oxcow d2/d1':>11} {'raw d2/d1':>10} {'gain ratio':>11}")
+print(f"{'fs':<14}{'workload':<20} {'oxcow d2/d1':>11} {'raw d2/d1':>10} {'gain ratio':>11}")
 for key in order:
     if key[2] != 1:
         continue
@@ -243,7 +258,7 @@ for key in order:
         continue
     og, rg = o2 / o1, r2 / r1
     ratio = f"{(og - 1) / (rg - 1):11.2f}" if rg - 1 > 0.05 else "  (raw flat)"
-    print(f"{key[0]:<14}{key[1]:<15} {og:11.2f} {rg:10.2f} {ratio}")
+    print(f"{key[0]:<14}{key[1]:<20} {og:11.2f} {rg:10.2f} {ratio}")
 EOF
 echo
 echo "total time: $(($(date +%s) - start)) s; load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

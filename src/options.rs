@@ -114,6 +114,10 @@ pub struct OpenOptions {
     pub keep_read_only: bool,
     /// Which metadata structures the overlap guard protects from writes (default: all).
     pub overlap_check: crate::storage::OverlapCheck,
+    /// Open a read-only view of this internal snapshot's disk (an id, else a name) instead
+    /// of the active state, like `qemu-img convert -l`. Requires a read-only open
+    /// (`InvalidArgument` otherwise); `NotFound` when no snapshot matches.
+    pub snapshot: Option<String>,
 }
 
 /// Flags of [`crate::Image::write_zeroes`].

@@ -271,10 +271,10 @@ fn oxcow_create_options_are_what_qemu_img_info_reports() {
     assert_compare_identical(&top, &base);
 }
 
-/// oxcow does not maintain persistent bitmaps, so a writable open must clear autoclear bit 0
-/// before writing (otherwise QEMU would trust stale bitmaps); the result stays consistent.
+/// oxcow maintains persistent bitmaps (issue 12): a writable open keeps autoclear bit 0, the
+/// bitmap records the write and is stored consistent at close; the image stays consistent.
 #[test]
-fn writing_an_image_with_persistent_bitmaps_invalidates_them_and_stays_consistent() {
+fn writing_an_image_with_persistent_bitmaps_keeps_them_and_stays_consistent() {
     let dir = TempDir::new("bitmaps");
     let p = dir.join("img.qcow2");
     qemu_create(&p, 4 * MIB, "cluster_size=65536");
@@ -297,9 +297,11 @@ fn writing_an_image_with_persistent_bitmaps_invalidates_them_and_stays_consisten
     img.close().unwrap();
     assert_eq!(
         be64(&p, 88) & 1,
-        0,
-        "bitmaps autoclear bit still set after oxcow wrote the image"
+        1,
+        "bitmaps autoclear bit cleared by oxcow, which keeps the bitmaps"
     );
+    let info = run_ok("qemu-img", &["info", path_str(&p)]).stdout;
+    assert!(info.contains("b0") && !info.contains("in-use"), "{info}");
     assert_check_no_corruption(&p, "after oxcow wrote an image with bitmaps");
     let mut model = RawModel::new(4 * MIB, 65536);
     model.data[..100000].fill(0x11);

@@ -283,3 +283,87 @@ fn cli_reports_json_for_a_missing_refcount_table() {
     assert!(o.stdout.contains("No errors were found on the image."));
     assert_check_clean(&p);
 }
+
+/// Replaces the snapshot table with `nb` v3 entries (ids 1.., names "s0".., no L1 table, 64 MiB
+/// disk size) whose id and name are padded to `name_len` bytes, appended at the next cluster
+/// boundary of the file. The old table and snapshot "s1" become leaks and mismatched refcounts.
+fn replace_snapshot_table(p: &Path, nb: u32, name_len: usize) {
+    let mut data = fs::read(p).unwrap();
+    let table = data.len().next_multiple_of(1 << 16);
+    data.resize(table, 0);
+    for i in 0..nb {
+        let pad = |s: String| format!("{s:x<name_len$}").into_bytes();
+        let (id, name) = (pad(format!("{}", i + 1)), pad(format!("s{i}")));
+        let mut e = vec![0u8; 40];
+        e[12..14].copy_from_slice(&(id.len() as u16).to_be_bytes());
+        e[14..16].copy_from_slice(&(name.len() as u16).to_be_bytes());
+        e[36..40].copy_from_slice(&16u32.to_be_bytes());
+        e.extend_from_slice(&0u64.to_be_bytes());
+        e.extend_from_slice(&(64u64 << 20).to_be_bytes());
+        e.extend_from_slice(&id);
+        e.extend_from_slice(&name);
+        e.resize(e.len().next_multiple_of(8), 0);
+        data.extend_from_slice(&e);
+    }
+    fs::write(p, &data).unwrap();
+    poke(p, H_NB_SNAP, &nb.to_be_bytes());
+    poke(p, H_SNAP_OFF, &(table as u64).to_be_bytes());
+}
+
+/// Snapshots past QEMU's limits (more than 65536 entries, or more than 64 MiB of table).
+/// Oracle: a plain `qemu-img check` fails (exit 1) with "ERROR snapshot table too large" /
+/// "ERROR failed to read the snapshot table: Snapshot table is too big" and "You can
+/// force-remove all N overhanging snapshots with qemu-img check -r all"; `-r all` prints
+/// "Discarding N overhanging snapshots[ (snapshot table is too big)]" and keeps the first
+/// entries (65536, or 511 of 600 128-KiB entries). QEMU's own repair of the count case then
+/// trips its overlap check and marks the image corrupt; oxcow's completes. oxcow used to
+/// refuse both checks ("Snapshot table too large").
+#[test]
+fn overhanging_snapshots_are_discarded_by_a_repair_like_qemu() {
+    for (nb, name_len, error, overhang, kept) in [
+        (65540, 0, "ERROR snapshot table too large", 4, 65536),
+        (
+            600,
+            0xffff,
+            "ERROR failed to read the snapshot table: Snapshot table is too big",
+            89,
+            511,
+        ),
+    ] {
+        let dir = TempDir::new("parity-overhang");
+        let orig = base(&dir);
+        let p = dir.join("damaged.qcow2");
+        fs::copy(&orig, &p).unwrap();
+        replace_snapshot_table(&p, nb, name_len);
+        let q = dir.join("q.qcow2");
+        fs::copy(&p, &q).unwrap();
+
+        let (qrc, _) = qemu_check(&q, false);
+        assert_eq!(qrc, 1, "oracle drifted ({nb} entries)");
+        let r = Image::check_path(&p, CheckFix::None, false, None).unwrap();
+        assert_eq!(r.exit_code(), 1, "{r:#?}");
+        assert_eq!(r.messages[0], error);
+        assert!(r.messages[1].starts_with(&format!(
+            "You can force-remove all {overhang} overhanging snapshots with"
+        )));
+
+        let r = Image::check_path(&p, CheckFix::All, false, None).unwrap();
+        assert_eq!(r.exit_code(), 0, "{r:#?}");
+        assert!(r.repair_messages[0]
+            .starts_with(&format!("Discarding {overhang} overhanging snapshots")));
+        assert_check_clean(&p);
+        // The list's first line names the columns.
+        assert_eq!(snapshot_list(&p).lines().count(), kept + 1);
+        if nb < 65536 {
+            qemu_check(&q, true);
+            assert_eq!(snapshot_list(&p), snapshot_list(&q));
+        }
+        let cmp = run(
+            "qemu-img",
+            &["compare", "-q", path_str(&orig), path_str(&p)],
+        );
+        assert_eq!(cmp.code, 0, "{}", cmp.all());
+        let again = Image::check_path(&p, CheckFix::All, false, None).unwrap();
+        assert_eq!(again.corruptions_fixed + again.leaks_fixed, 0);
+    }
+}

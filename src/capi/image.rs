@@ -33,6 +33,7 @@ fn options_from_flags(flags: u32) -> OpenOptions {
         writethrough: flags & OXCOW_OPEN_WRITETHROUGH != 0,
         keep_read_only: flags & OXCOW_OPEN_KEEP_READ_ONLY != 0,
         overlap_check: OverlapCheck::All,
+        snapshot: None,
     }
 }
 
@@ -163,9 +164,15 @@ pub unsafe extern "C" fn oxcow_open(
         super::check_flags(flags, OPEN_FLAGS, "open")?;
         // SAFETY: `opts` is NULL or an initialised struct per the contract.
         let mut ropts = options_from_flags(flags);
-        if let Some(o) = unsafe { super::read_options(opts, "oxcow_open_options") }? {
+        let v1 = OPEN_OPTIONS_V1_SIZE as usize;
+        let defaults = oxcow_open_options::defaults();
+        // SAFETY: `opts` is NULL or an initialised struct per the contract.
+        if let Some(o) = unsafe { super::read_versioned(opts, "oxcow_open_options", v1, defaults) }?
+        {
             ropts.overlap_check = overlap_mode(o.overlap_check)?;
             // cache_size is accepted; the engine does not take a budget yet.
+            // SAFETY: NULL or NUL-terminated per the contract (version 2 field).
+            ropts.snapshot = unsafe { super::snapshot::c_key_opt(o.snapshot) }?;
         }
         if flags & OXCOW_OPEN_KEEP_READ_ONLY != 0 && flags & OXCOW_OPEN_RDWR != 0 {
             return einval("OXCOW_OPEN_KEEP_READ_ONLY is for read-only opens");

@@ -11,14 +11,21 @@
 // The C names (oxcow_image, oxcow_info, ...) are the ABI; keep them as they are.
 #![allow(non_camel_case_types)]
 
+pub mod bitmap;
 pub mod check;
 pub mod create;
 pub mod error;
 pub mod image;
 pub mod resize;
+pub mod snapshot;
 pub mod types;
 pub mod version;
 
+pub use bitmap::{
+    oxcow_bitmap_add, oxcow_bitmap_clear, oxcow_bitmap_disable, oxcow_bitmap_enable,
+    oxcow_bitmap_info, oxcow_bitmap_list, oxcow_bitmap_merge, oxcow_bitmap_remove,
+    oxcow_bitmap_status,
+};
 pub use check::oxcow_check;
 pub use create::oxcow_create;
 pub use error::{oxcow_error, oxcow_error_errno, oxcow_error_free, oxcow_error_message};
@@ -28,6 +35,9 @@ pub use image::{
     oxcow_set_event_callback, oxcow_set_overlap_check, oxcow_write_compressed, oxcow_write_zeroes,
 };
 pub use resize::{oxcow_resize, OXCOW_RESIZE_SHRINK};
+pub use snapshot::{
+    oxcow_snapshot_apply, oxcow_snapshot_create, oxcow_snapshot_delete, oxcow_snapshot_list,
+};
 pub use types::*;
 pub use version::{oxcow_version_number, oxcow_version_string};
 
@@ -97,4 +107,40 @@ fn check_flags(flags: u32, known: u32, what: &str) -> error::CResult<()> {
         return error::einval(format!("unknown {what} flag bits {unknown:#x}"));
     }
     Ok(())
+}
+
+/// Reads a caller's option struct of which versions up to `T` exist: at least `v1` bytes
+/// (its version-1 size) are required; fields past what the caller's `struct_size` covers
+/// keep their values from `defaults`. A size between versions counts as the smaller one.
+/// NULL gives `None`.
+///
+/// # Safety
+/// `p` is NULL or points to a readable struct starting with a `u32` struct size, readable
+/// for that many bytes (at most `size_of::<T>()` are read).
+unsafe fn read_versioned<T: Copy>(
+    p: *const T,
+    name: &str,
+    v1: usize,
+    defaults: T,
+) -> error::CResult<Option<T>> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: every option struct starts with `uint32_t struct_size`, readable per contract.
+    let size = unsafe { p.cast::<u32>().read() } as usize;
+    if size < v1 {
+        return error::einval(format!(
+            "{name}.struct_size is {size}, smaller than the {v1} bytes of version 1; \
+             initialise the struct with its _init function"
+        ));
+    }
+    let full = std::mem::size_of::<T>();
+    let n = if size >= full { full } else { v1 };
+    let mut out = defaults;
+    // SAFETY: the caller's struct is readable for `size >= n` bytes; `out` is a T, writable
+    // for `n <= size_of::<T>()` bytes; both are plain data and do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(p.cast::<u8>(), (&raw mut out).cast::<u8>(), n);
+    }
+    Ok(Some(out))
 }

@@ -55,6 +55,8 @@ pub const OXCOW_EXTENT_ZERO: u32 = 2u32;
 pub const OXCOW_EXTENT_BACKING: u32 = 4u32;
 /// Extent flag: the range is stored compressed.
 pub const OXCOW_EXTENT_COMPRESSED: u32 = 8u32;
+/// Extent flag (oxcow_bitmap_status()): the range is dirty in the bitmap.
+pub const OXCOW_EXTENT_DIRTY: u32 = 16u32;
 
 /// oxcow_info flag: extended L2 entries (subclusters) are in use.
 pub const OXCOW_INFO_EXTENDED_L2: u32 = 1u32;
@@ -118,6 +120,11 @@ pub struct oxcow_open_options {
     pub overlap_check: u32,
     /// Metadata cache budget in bytes; 0 means the default. Accepted, currently ignored.
     pub cache_size: u64,
+    /// Version 2: NULL for the active state, or a NUL-terminated snapshot id or name to open
+    /// a read-only view of that internal snapshot's disk (like `qemu-img convert -l`); the
+    /// open must then be read-only (-EINVAL with OXCOW_OPEN_RDWR), -ENOENT when no snapshot
+    /// matches. Read during oxcow_open() only.
+    pub snapshot: *const c_char,
 }
 
 /// Overlap-check mode: the default (OXCOW_OVERLAP_ALL).
@@ -241,7 +248,10 @@ pub struct oxcow_check_result {
 }
 
 pub(crate) const CREATE_OPTIONS_V1_SIZE: u32 = size_of::<oxcow_create_options>() as u32;
-pub(crate) const OPEN_OPTIONS_V1_SIZE: u32 = size_of::<oxcow_open_options>() as u32;
+/// Version 1 of oxcow_open_options ends before `snapshot`.
+pub(crate) const OPEN_OPTIONS_V1_SIZE: u32 =
+    std::mem::offset_of!(oxcow_open_options, snapshot) as u32;
+pub(crate) const OPEN_OPTIONS_V2_SIZE: u32 = size_of::<oxcow_open_options>() as u32;
 pub(crate) const INFO_V1_SIZE: u32 = size_of::<oxcow_info>() as u32;
 pub(crate) const CHECK_RESULT_V1_SIZE: u32 = size_of::<oxcow_check_result>() as u32;
 
@@ -267,9 +277,10 @@ impl oxcow_open_options {
     /// The defaults oxcow_open_options_init() writes.
     pub(crate) fn defaults() -> oxcow_open_options {
         oxcow_open_options {
-            struct_size: OPEN_OPTIONS_V1_SIZE,
+            struct_size: OPEN_OPTIONS_V2_SIZE,
             overlap_check: OXCOW_OVERLAP_DEFAULT,
             cache_size: 0,
+            snapshot: std::ptr::null(),
         }
     }
 }
@@ -357,10 +368,50 @@ mod tests {
     fn struct_layout_is_stable() {
         assert_eq!(size_of::<oxcow_create_options>(), 48);
         assert_eq!(offset_of!(oxcow_create_options, backing_file), 32);
-        assert_eq!(size_of::<oxcow_open_options>(), 16);
+        assert_eq!(size_of::<oxcow_open_options>(), 24);
+        assert_eq!(OPEN_OPTIONS_V1_SIZE, 16);
+        assert_eq!(size_of::<oxcow_snapshot_info>(), 432);
+        assert_eq!(offset_of!(oxcow_snapshot_info, date_sec), 384);
         assert_eq!(size_of::<oxcow_info>(), 48 + 1024 + 32);
         assert_eq!(offset_of!(oxcow_info, backing_file), 48);
         assert_eq!(size_of::<oxcow_extent>(), 32);
         assert_eq!(size_of::<oxcow_check_result>(), 88);
     }
+}
+
+/// Bytes of oxcow_snapshot_info.id: QEMU's id buffer (ids longer than 127 bytes are cut).
+pub const OXCOW_SNAPSHOT_ID_LEN: usize = 128;
+/// Bytes of oxcow_snapshot_info.name: QEMU's name buffer (names longer than 255 bytes are
+/// cut, as `qemu-img snapshot -l` cuts them).
+pub const OXCOW_SNAPSHOT_NAME_LEN: usize = 256;
+/// oxcow_snapshot_info flag: `disk_size` was recorded (every version-3 entry has it).
+pub const OXCOW_SNAPSHOT_HAS_DISK_SIZE: u32 = 1u32;
+/// oxcow_snapshot_info flag: `icount` was recorded.
+pub const OXCOW_SNAPSHOT_HAS_ICOUNT: u32 = 2u32;
+
+/// One internal snapshot, filled by oxcow_snapshot_list() into a caller-provided array
+/// (fixed-size strings, so the caller owns all memory: nothing to free).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct oxcow_snapshot_info {
+    /// Unique id, NUL-terminated (e.g. "1").
+    pub id: [c_char; OXCOW_SNAPSHOT_ID_LEN],
+    /// Name (tag), NUL-terminated; names need not be unique.
+    pub name: [c_char; OXCOW_SNAPSHOT_NAME_LEN],
+    /// Creation time: seconds since the epoch.
+    pub date_sec: u32,
+    /// Creation time: nanoseconds.
+    pub date_nsec: u32,
+    /// Guest clock at creation, nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Size of the saved VM state in bytes (0 for disk-only snapshots).
+    pub vm_state_size: u64,
+    /// Virtual disk size at creation (see OXCOW_SNAPSHOT_HAS_DISK_SIZE).
+    pub disk_size: u64,
+    /// Instruction counter at creation (see OXCOW_SNAPSHOT_HAS_ICOUNT).
+    pub icount: u64,
+    /// OXCOW_SNAPSHOT_* flags.
+    pub flags: u32,
+    /// Always 0.
+    pub reserved: u32,
 }

@@ -119,6 +119,11 @@ impl<T> TableCache<T> {
         );
     }
 
+    /// Drops every table without writing it (the owner wrote the dirty ones back first).
+    pub fn clear(&mut self) {
+        self.slots.clear();
+    }
+
     /// Drops a table from the cache without writing it.
     pub fn remove(&mut self, offset: HostOffset) {
         self.slots.remove(&offset);

@@ -62,6 +62,17 @@ impl Events {
         self.handled.load(Ordering::Acquire)
     }
 
+    /// Queues a non-fatal notice (nothing was prevented and the handle stays usable), for
+    /// the handler installed now or later.
+    pub(super) fn notice(&self, message: String) {
+        self.queue(CorruptionEvent {
+            message,
+            host_offset: None,
+            size: None,
+            fatal: false,
+        });
+    }
+
     fn queue(&self, ev: CorruptionEvent) {
         self.pending
             .lock()
@@ -89,13 +100,16 @@ impl Events {
 }
 
 impl Image {
-    /// Installs (or with `None` removes) the handler that receives corruption events.
+    /// Installs (or with `None` removes) the handler that receives corruption events. Notices
+    /// queued before a handler was installed (found at open, such as a stale bitmaps
+    /// extension) are delivered to it now.
     pub fn set_event_handler(&self, handler: Option<EventHandler>) {
         *self
             .events
             .handler
             .write()
             .unwrap_or_else(|p| p.into_inner()) = handler;
+        self.events.deliver();
     }
 
     /// Turns a runtime corruption (a prevented write, or an inconsistency such as an

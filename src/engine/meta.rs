@@ -62,6 +62,27 @@ fn index_bitmaps(file: &HostFile, header: &Header) -> Result<()> {
                 geo.clusters_for(e.table_size as u64 * 8),
                 MetaKind::BitmapTable,
             );
+            index_bitmap_data(file, &geo, &e)?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds the data clusters of one bitmap to the overlap guard's index. The table is bounded by
+/// the directory parser (at most 512 MiB of bitmap data, so at most 1 Mi entries); entries
+/// that do not decode point at nothing the guard should hold.
+fn index_bitmap_data(
+    file: &HostFile,
+    geo: &Geometry,
+    e: &crate::format::bitmap::BitmapEntry,
+) -> Result<()> {
+    use crate::format::bitmap::TableEntry;
+    let mut raw = vec![0u8; e.table_size as usize * 8];
+    file.read_zero_padded(&mut raw, HostOffset::new(e.table_offset), "bitmap table")?;
+    for w in crate::format::be::u64_table(&raw) {
+        if let Ok(TableEntry::Data(off)) = TableEntry::decode(w, geo) {
+            file.guard()
+                .insert(off >> geo.cluster_bits, 1, MetaKind::BitmapData);
         }
     }
     Ok(())
@@ -112,7 +133,7 @@ fn index_active_tables(file: &HostFile, header: &Header, l1: &[u64]) {
 /// there while the snapshot exists. A damaged entry's L1 range is guarded like QEMU guards it,
 /// but capped at the largest valid L1 so that the index stays bounded; its L2 tables are not
 /// read (QEMU validates a snapshot L1 before it reads it too).
-fn index_snapshot(
+pub(super) fn index_snapshot(
     file: &HostFile,
     geo: &Geometry,
     s: &crate::format::snapshot::Snapshot,
@@ -633,5 +654,55 @@ impl Meta {
             || self.l2.has_dirty()
             || !self.l1_dirty.is_empty()
             || !self.deferred_frees.is_empty()
+    }
+
+    // Internal snapshots (engine::snapshot) edit the active tree's COPIED flags and replace
+    // the active L1 table; these are their only ways in.
+
+    /// The words of the L2 table at `off` (two per entry with extended L2), cached first.
+    pub fn l2_table(&mut self, file: &HostFile, off: HostOffset) -> Result<Vec<u64>> {
+        self.ensure_l2(file, off)?;
+        self.l2
+            .get(off)
+            .map(|t| t.to_vec())
+            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))
+    }
+
+    /// Replaces the descriptor word of entry `i` of the L2 table at `off` (a flag change),
+    /// keeping its subcluster bitmap; the table is written back with the next write-back.
+    pub fn set_l2_descriptor(
+        &mut self,
+        file: &HostFile,
+        off: HostOffset,
+        i: usize,
+        w0: u64,
+    ) -> Result<()> {
+        self.ensure_l2(file, off)?;
+        let ext = self.geo.extended_l2;
+        let t = self
+            .l2
+            .get_mut(off)
+            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+        let (_, w1) = t.entry(i, ext);
+        t.set_entry(i, ext, w0, w1);
+        Ok(())
+    }
+
+    /// Sets active L1 entry `i` (a flag change); written back with the next write-back.
+    pub fn set_l1_entry(&mut self, i: usize, v: u64) {
+        self.view.set_l1(i, v);
+        self.l1_dirty.insert(i as u64 / self.geo.u64_per_cluster());
+    }
+
+    /// Switches to an active L1 table already durable at `offset` with the header pointing
+    /// at it. Call after a write-back (every cached table clean): drops the cached L2 tables
+    /// and loads `l1` into the lock-free view, whose generation bump keeps readers from
+    /// installing a table they read under the old mapping.
+    pub fn replace_active_l1(&mut self, offset: HostOffset, l1: &[u64]) {
+        self.l2.clear();
+        self.l1_dirty.clear();
+        self.compressed_tail = None;
+        self.header.l1_table_offset = offset.get();
+        self.view.reset(l1);
     }
 }

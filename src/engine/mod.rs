@@ -55,7 +55,9 @@ pub struct Image {
     /// The write gate and the fence.
     io: gate::IoGate,
     backing: Option<Backing>,
-    snapshots: Vec<Snapshot>,
+    /// The snapshot table (changed by snapshot operations, under the quiesced gate and the
+    /// metadata mutex).
+    snapshots: std::sync::RwLock<snapshot::Snapshots>,
     meta: Mutex<Meta>,
     /// The mapping as lock-free readers see it (shared with `meta`).
     view: Arc<mapview::MapView>,
@@ -63,6 +65,8 @@ pub struct Image {
     inflight: inflight::Inflight,
     /// Corruption handling and event delivery.
     events: events::Events,
+    /// Persistent dirty bitmaps: control state and the write path's tracking.
+    bitmaps: bitmap::set::Bitmaps,
 }
 
 impl Image {
@@ -74,6 +78,9 @@ impl Image {
     fn open_at_depth(path: &Path, opts: &OpenOptions, depth: u32) -> Result<Image> {
         if opts.force_share && opts.writable {
             return invalid!("force-share can only be used with read-only images");
+        }
+        if opts.snapshot.is_some() && opts.writable {
+            return invalid!("a snapshot can only be opened read-only");
         }
         let name = path.display().to_string();
         let mut posix = PosixFile::open(path, opts.writable, opts.direct).map_err(|e| {
@@ -121,6 +128,10 @@ impl Image {
             clear_autoclear(&file, &mut header)?;
         }
         file.guard().set_mode(opts.overlap_check);
+        if let Some(key) = &opts.snapshot {
+            snapshot::view_header(&mut header, &snapshots, key, opts.writable)
+                .map_err(|e| e.with_file(&name))?;
+        }
         let view = Arc::new(mapview::MapView::new(header.l1_size as usize));
         let mut meta = Meta::load(
             &file,
@@ -134,7 +145,9 @@ impl Image {
         if opts.writable {
             meta.enable_lazy_refcounts();
         }
-        Ok(Image {
+        let (bitmap_state, hint) = bitmap::lifecycle::open(&file, &mut meta, opts.writable)
+            .map_err(|e| e.with_file(&name))?;
+        let img = Image {
             path: path.to_path_buf(),
             file,
             geo,
@@ -145,15 +158,28 @@ impl Image {
             } else {
                 CompressionType::Deflate
             },
-            mode: mode::OpenMode::new(opts),
+            // A snapshot view never becomes writable.
+            mode: mode::OpenMode::new(&OpenOptions {
+                keep_read_only: opts.keep_read_only || opts.snapshot.is_some(),
+                ..opts.clone()
+            }),
             io: gate::IoGate::default(),
             backing,
-            snapshots,
+            snapshots: std::sync::RwLock::new(snapshot::Snapshots {
+                list: snapshots,
+                table_len: snapshot_table_len,
+            }),
             meta: Mutex::new(meta),
             view,
             inflight: inflight::Inflight::for_geometry(&geo),
             events: events::Events::default(),
-        })
+            bitmaps: bitmap::set::Bitmaps::default(),
+        };
+        img.bitmaps.install(bitmap_state);
+        if let Some(h) = hint {
+            img.events.notice(format!("{name}: {h}"));
+        }
+        Ok(img)
     }
 
     /// Guest-visible size in bytes.
@@ -182,7 +208,7 @@ impl Image {
             corrupt: h.incompatible_features & header::INCOMPAT_CORRUPT != 0
                 || self.events.marked_corrupt(),
             read_only: self.is_read_only(),
-            snapshot_count: self.snapshots.len() as u32,
+            snapshot_count: self.snapshots().len() as u32,
             backing_file: h
                 .backing_file
                 .as_ref()
@@ -192,9 +218,11 @@ impl Image {
         })
     }
 
-    /// The internal snapshots, as validated at open (read-only inspection).
-    pub fn snapshots(&self) -> &[Snapshot] {
-        &self.snapshots
+    /// The internal snapshots as they are now (validated at open, then changed by
+    /// snapshot operations), in table order.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        let s = self.snapshots.read().unwrap_or_else(|p| p.into_inner());
+        s.list.clone()
     }
 
     /// The persistent bitmaps' directory entries, as `qemu-img info` lists them (read-only
@@ -235,8 +263,9 @@ impl Image {
         if self.is_read_only() || self.io.is_fenced() {
             return Ok(());
         }
-        let _gate = self.enter_write_gate();
+        let _gate = self.io.quiesce();
         let mut m = self.lock_meta();
+        self.store_bitmaps(&mut m)?;
         m.writeback_and_mark_clean(&self.file)
     }
 
@@ -383,6 +412,7 @@ impl Image {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
             let offset = self.check_range(offset, buf.len() as u64)?;
+            self.bitmaps.mark(offset.get(), buf.len() as u64);
             write::write(self, buf, offset).and_then(|()| self.after_write())
         };
         self.finish(r)
@@ -397,6 +427,7 @@ impl Image {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
             let mut off = self.check_range(offset, total)?;
+            self.bitmaps.mark(offset, total);
             bufs.iter()
                 .try_for_each(|b| {
                     write::write(self, b, off)?;
@@ -417,6 +448,7 @@ impl Image {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
             let offset = self.check_range(offset, count)?;
+            self.bitmaps.mark(offset.get(), count);
             zero::write_zeroes(self, offset, count, flags.may_unmap)
                 .and_then(|()| self.after_write())
         };
@@ -433,6 +465,7 @@ impl Image {
             let _gate = self.enter_write_gate();
             self.check_writable()?;
             let offset = self.check_range(offset, count)?;
+            self.bitmaps.mark(offset.get(), count);
             zero::discard(self, offset, count).and_then(|()| self.after_write())
         };
         self.finish(r)
@@ -454,6 +487,8 @@ impl Drop for Image {
     fn drop(&mut self) {
         if !self.is_read_only() && !self.io.is_fenced() {
             let mut m = self.lock_meta();
+            // A failed store leaves the bitmaps in use on disk: inconsistent, never wrong.
+            let _ = self.store_bitmaps(&mut m);
             if m.is_dirty() {
                 let _ = m.writeback_and_mark_clean(&self.file);
             }
@@ -534,14 +569,19 @@ fn refuse_unwritable(header: &Header, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Clears every autoclear bit before the first write: oxcow maintains no autoclear feature,
-/// and clearing them tells QEMU not to trust bitmaps (or anything else) we will not keep in
-/// sync.
+/// Clears the autoclear bits oxcow does not maintain before the first write, telling their
+/// owners not to trust what we will not keep in sync. Bit 0 (bitmaps) stays while it vouches
+/// for a bitmaps extension: oxcow keeps those bitmaps (in use while open, stored at close).
 fn clear_autoclear(file: &HostFile, header: &mut Header) -> Result<()> {
-    if header.autoclear_features != 0 {
-        file.write_header_fields(&layout::AUTOCLEAR_FEATURES.update(header.version, 0)?)?;
+    let keep = if header.bitmaps.is_some() {
+        header.autoclear_features & header::AUTOCLEAR_BITMAPS
+    } else {
+        0
+    };
+    if header.autoclear_features != keep {
+        file.write_header_fields(&layout::AUTOCLEAR_FEATURES.update(header.version, keep)?)?;
         file.sync()?;
-        header.autoclear_features = 0;
+        header.autoclear_features = keep;
     }
     Ok(())
 }

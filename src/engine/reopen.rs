@@ -65,9 +65,16 @@ impl Image {
         match (was_read_only, opts.writable) {
             (false, false) => {
                 // Everything written so far becomes durable (and a lazy-refcounts image clean)
-                // before write access goes away.
-                m.writeback_and_mark_clean(&self.file)?;
-                self.file.reopen(false, new_mode)?;
+                // before write access goes away; the bitmaps are stored (no longer in use).
+                self.store_bitmaps(&mut m)?;
+                let r = m
+                    .writeback_and_mark_clean(&self.file)
+                    .and_then(|()| self.file.reopen(false, new_mode));
+                if let Err(e) = r {
+                    // Still writable: the stored bitmaps must be in use again first.
+                    self.remark_bitmaps(&mut m);
+                    return Err(e);
+                }
             }
             (true, true) => {
                 self.file.reopen(true, new_mode)?;
@@ -108,7 +115,7 @@ impl Image {
         repair_if_dirty(&self.file, &mut header, name)?;
         refuse_unwritable(&header, name)?;
         let (snapshots, table_len) = snapshot::read_table(&self.file, &header)?;
-        if snapshots != self.snapshots {
+        if snapshots != self.snapshots() {
             return Err(Error::corrupt(format!(
                 "{name}: the snapshot table changed while the image was open read-only"
             )));
@@ -125,6 +132,10 @@ impl Image {
         *m = fresh;
         m.header = header;
         m.enable_lazy_refcounts();
+        // Bitmaps in use on disk before the first write can happen on this handle.
+        if let Some(hint) = self.reload_bitmaps(m)? {
+            self.events.notice(format!("{name}: {hint}"));
+        }
         Ok(())
     }
 }

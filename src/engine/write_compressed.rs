@@ -33,6 +33,7 @@ impl Image {
         self.check_writable()?;
         let offset = self.check_range(offset, buf.len() as u64)?;
         let cluster = self.whole_cluster(buf, offset)?;
+        self.bitmaps.mark(offset.get(), buf.len() as u64);
         let Some(data) = super::compress::compress(self.compression, &cluster)? else {
             // Not compressible: store as a normal cluster (the gate is already held).
             super::write::write(self, buf, offset)?;

@@ -4,7 +4,7 @@
 //! QEMU refuses to open an image (read-only too) whose directory breaks these constraints, so
 //! oxcow does the same: an image QEMU cannot open is not one oxcow should serve or modify.
 
-use super::be::{u16_at, u32_at, u64_at};
+use super::be::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
 use super::Geometry;
 use crate::error::{corrupt, unsupported, Result};
 
@@ -148,6 +148,86 @@ fn check_constraints(
     Ok(())
 }
 
+/// Most bitmaps an image may hold (QEMU's limit).
+pub const MAX_BITMAPS: u32 = 65535;
+/// Largest bitmap directory QEMU accepts, in bytes.
+pub const MAX_DIRECTORY_BYTES: u64 = 1024 * 65535;
+/// Most bits QEMU lets a new bitmap have (it refuses the granularity otherwise).
+pub const MAX_NEW_BITMAP_BITS: u64 = MAX_PHYS_BYTES;
+
+/// One decoded bitmap table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableEntry {
+    /// Every bit of the cluster's range is 0 (entry 0).
+    Zero,
+    /// Every bit of the cluster's range is 1 (entry 1, offset 0).
+    Ones,
+    /// The bits are stored in the data cluster at this host offset.
+    Data(u64),
+}
+
+impl TableEntry {
+    /// Decodes and validates a raw entry as QEMU does (reserved bits clear, data offsets
+    /// cluster-aligned, bit 0 only without an offset).
+    pub fn decode(raw: u64, geo: &Geometry) -> Result<TableEntry> {
+        let off = raw & TABLE_ENTRY_OFFSET;
+        if raw & TABLE_ENTRY_RESERVED != 0 || (off != 0 && (raw & 1 != 0 || !geo.is_aligned(off))) {
+            return corrupt!("Invalid bitmap table entry {raw:#x}");
+        }
+        Ok(match (off, raw & 1) {
+            (0, 0) => TableEntry::Zero,
+            (0, _) => TableEntry::Ones,
+            (o, _) => TableEntry::Data(o),
+        })
+    }
+
+    /// The raw entry.
+    pub fn encode(self) -> u64 {
+        match self {
+            TableEntry::Zero => 0,
+            TableEntry::Ones => 1,
+            TableEntry::Data(o) => o & TABLE_ENTRY_OFFSET,
+        }
+    }
+}
+
+/// Bytes a directory entry with a name of `name_len` bytes takes, padding included.
+pub fn entry_len(name_len: usize) -> usize {
+    (ENTRY_HEADER_LEN + name_len).next_multiple_of(8)
+}
+
+/// Bitmap table entries a bitmap of `1 << granularity_bits` bytes per bit needs for a disk of
+/// `virtual_size` bytes (one entry per cluster of bitmap data).
+pub fn table_entries(virtual_size: u64, granularity_bits: u8, geo: &Geometry) -> u64 {
+    let bits = virtual_size.div_ceil(1u64 << granularity_bits);
+    bits.div_ceil(geo.cluster_size() * 8)
+}
+
+/// Serializes a directory (entries in order, each padded to 8 bytes), as QEMU writes it.
+/// Names longer than [`MAX_NAME_LEN`] are refused.
+pub fn serialize_directory(entries: &[BitmapEntry]) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(entries.iter().map(|e| entry_len(e.name.len())).sum());
+    for e in entries {
+        if e.name.is_empty() || e.name.len() > MAX_NAME_LEN {
+            return Err(crate::Error::invalid(format!(
+                "bitmap name of {} bytes is not allowed",
+                e.name.len()
+            )));
+        }
+        let at = out.len();
+        out.resize(at + entry_len(e.name.len()), 0);
+        let b = &mut out[at..];
+        put_u64(b, 0, e.table_offset);
+        put_u32(b, 8, e.table_size);
+        put_u32(b, 12, e.flags);
+        b[16] = e.kind;
+        b[17] = e.granularity_bits;
+        put_u16(b, 18, e.name.len() as u16);
+        b[ENTRY_HEADER_LEN..ENTRY_HEADER_LEN + e.name.len()].copy_from_slice(&e.name);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,5 +300,39 @@ mod tests {
         let mut huge_name = d.clone();
         huge_name[18..20].copy_from_slice(&u16::MAX.to_be_bytes());
         assert!(parse_directory(&huge_name, 1, &geo(), 1 << 20).is_err());
+    }
+
+    #[test]
+    fn a_serialized_directory_parses_back() {
+        let e = BitmapEntry {
+            table_offset: 0x50000,
+            table_size: 1,
+            flags: FLAG_AUTO,
+            kind: TYPE_DIRTY_TRACKING,
+            granularity_bits: 16,
+            name: b"backup-1".to_vec(),
+        };
+        let d = serialize_directory(&[e.clone(), e.clone()]).expect("serialize");
+        assert_eq!(d.len(), 2 * entry_len(8));
+        assert_eq!(
+            parse_directory(&d, 2, &geo(), 1 << 30).expect("parse"),
+            vec![e.clone(), e]
+        );
+    }
+
+    #[test]
+    fn table_entries_decode_as_qemu_reads_them() {
+        let g = geo();
+        assert_eq!(TableEntry::decode(0, &g).ok(), Some(TableEntry::Zero));
+        assert_eq!(TableEntry::decode(1, &g).ok(), Some(TableEntry::Ones));
+        assert_eq!(
+            TableEntry::decode(0x30000, &g).ok(),
+            Some(TableEntry::Data(0x30000))
+        );
+        assert!(TableEntry::decode(0x30001, &g).is_err());
+        assert!(TableEntry::decode(0x30200, &g).is_err());
+        assert!(TableEntry::decode(1 << 63, &g).is_err());
+        assert_eq!(table_entries(1 << 30, 16, &g), 1);
+        assert_eq!(table_entries((1 << 30) * 64, 9, &g), 256);
     }
 }

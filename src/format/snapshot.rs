@@ -70,6 +70,26 @@ impl Snapshot {
         None
     }
 
+    /// A new entry as `qemu-img snapshot -c` writes it: no VM state, a VM clock of 0, an
+    /// icount of 0, the full known extra data (with `disk_size`), id and name verbatim.
+    pub fn new(id: &str, name: &str, l1: (u64, u32), date: (u32, u32), disk_size: u64) -> Snapshot {
+        Snapshot {
+            l1_table_offset: l1.0,
+            l1_size: l1.1,
+            id: id.to_string(),
+            name: name.to_string(),
+            date_sec: date.0,
+            date_nsec: date.1,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(disk_size),
+            icount: Some(0),
+            extra_data_size: KNOWN_EXTRA_DATA,
+            unknown_extra: Vec::new(),
+            raw_id_name: (id.as_bytes().to_vec(), name.as_bytes().to_vec()),
+        }
+    }
+
     /// Whether a version-`version` image requires more extra data than this entry has.
     pub fn is_incomplete(&self, version: u32) -> bool {
         version >= 3 && self.extra_data_size < V3_MIN_EXTRA_DATA

@@ -24,11 +24,13 @@ pub enum MetaKind {
     BitmapDirectory = 8,
     /// A persistent bitmap's table.
     BitmapTable = 9,
+    /// A data cluster of a persistent bitmap.
+    BitmapData = 10,
 }
 
 impl MetaKind {
     /// Every structure, in the order the guard reports the first one a cluster belongs to.
-    pub const ALL: [MetaKind; 10] = [
+    pub const ALL: [MetaKind; 11] = [
         MetaKind::Header,
         MetaKind::ActiveL1,
         MetaKind::ActiveL2,
@@ -39,6 +41,7 @@ impl MetaKind {
         MetaKind::InactiveL2,
         MetaKind::BitmapDirectory,
         MetaKind::BitmapTable,
+        MetaKind::BitmapData,
     ];
 
     /// The structure's name as QEMU prints it.
@@ -54,6 +57,7 @@ impl MetaKind {
             MetaKind::InactiveL2 => "inactive L2 table",
             MetaKind::BitmapDirectory => "bitmap directory",
             MetaKind::BitmapTable => "bitmap table",
+            MetaKind::BitmapData => "bitmap data",
         }
     }
 }

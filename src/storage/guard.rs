@@ -62,7 +62,8 @@ pub enum OverlapCheck {
     /// The structures that never move while the image is open: header, active L1, refcount
     /// table, snapshot table, bitmap directory.
     Constant,
-    /// Constant plus active L2 tables, refcount blocks, snapshot L1 tables, bitmap tables.
+    /// Constant plus active L2 tables, refcount blocks, snapshot L1 tables, bitmap tables and
+    /// bitmap data clusters.
     Cached,
     /// Everything, snapshot L2 tables included. The default: the index makes it cheap.
     #[default]
@@ -80,7 +81,8 @@ impl OverlapCheck {
             | bit(MetaKind::ActiveL2)
             | bit(MetaKind::RefcountBlock)
             | bit(MetaKind::InactiveL1)
-            | bit(MetaKind::BitmapTable);
+            | bit(MetaKind::BitmapTable)
+            | bit(MetaKind::BitmapData);
         match self {
             OverlapCheck::None => 0,
             OverlapCheck::Constant => constant,

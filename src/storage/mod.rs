@@ -81,6 +81,9 @@ impl WriteKind {
     }
 }
 
+/// The largest offset a file can have (off_t is signed 64-bit).
+const MAX_FILE_OFFSET: u64 = i64::MAX as u64;
+
 /// One image file: a backend plus its name, with every write funnelled through [`Self::write`].
 pub struct HostFile {
     backend: Arc<dyn Backend>,
@@ -127,42 +130,24 @@ impl HostFile {
     /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the file read as
     /// zeros, like a sparse file.
     pub fn read_zero_padded(&self, buf: &mut [u8], offset: HostOffset, what: &str) -> Result<()> {
-        let offset = offset.get();
-        let mut done = 0;
-        while done < buf.len() {
-            let n = self
-                .backend
-                .read_at(&mut buf[done..], offset + done as u64)
-                .map_err(|e| {
-                    Error::io(
-                        format!(
-                            "reading {what} at {:#x} of {}",
-                            offset + done as u64,
-                            self.name
-                        ),
-                        e,
-                    )
-                })?;
-            if n == 0 {
-                buf[done..].fill(0);
-                break;
-            }
-            done += n;
-        }
+        let n = self.read_some(buf, offset, what)?;
+        buf[n..].fill(0);
         Ok(())
     }
 
     /// Reads up to `buf.len()` bytes and returns how many the file had.
     pub fn read_some(&self, buf: &mut [u8], offset: HostOffset, what: &str) -> Result<usize> {
         let offset = offset.get();
+        // No file reaches past the largest off_t: what an image places there (a hostile
+        // offset) reads as past the end of the file, not as an I/O error.
+        let readable = MAX_FILE_OFFSET.saturating_sub(offset).min(buf.len() as u64) as usize;
         let mut done = 0;
-        while done < buf.len() {
+        while done < readable {
+            let at = offset + done as u64;
             let n = self
                 .backend
-                .read_at(&mut buf[done..], offset + done as u64)
-                .map_err(|e| {
-                    Error::io(format!("reading {what} at {offset:#x} of {}", self.name), e)
-                })?;
+                .read_at(&mut buf[done..readable], at)
+                .map_err(|e| Error::io(format!("reading {what} at {at:#x} of {}", self.name), e))?;
             if n == 0 {
                 break;
             }

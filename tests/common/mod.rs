@@ -12,6 +12,7 @@ mod model;
 mod oxcow_io;
 mod qemu;
 
+pub mod bitmaps;
 pub mod malformed;
 pub mod stress;
 pub mod stress_model;

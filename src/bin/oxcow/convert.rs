@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 /// `oxcow convert --help`.
 pub const HELP: &str = "\
 Usage: oxcow convert [-f qcow2|raw] [-O qcow2|raw] [-o OPTIONS] [-c] [-p] [-q] [-U] [--no-probe]
-                     SRC DST
+                     [--bitmaps [--skip-broken-bitmaps]] SRC DST
 
 Copy the guest-visible contents of SRC (including everything it reads from its backing chain)
 into a new image DST. Ranges that read as zeros are not written: they stay unallocated in a
@@ -29,12 +29,20 @@ Options:
   -U, --force-share  read SRC even if another process holds it
   --no-probe         never guess a format: SRC needs -f, and a backing file whose format is not
                      recorded is refused (use it for untrusted images)
+  -l SNAPSHOT        copy internal snapshot SNAPSHOT of a qcow2 SRC instead of its current
+                     state: snapshot.id=ID, snapshot.name=NAME (comma-separated, both must
+                     match) or a bare id or name
+  -s SNAPSHOT        the same as '-l SNAPSHOT' (qemu-img's older spelling)
+  --bitmaps          also copy SRC's persistent bitmaps (names, granularities, auto flags,
+                     dirty bits) into DST; both must be qcow2. Inconsistent bitmaps are
+                     refused unless --skip-broken-bitmaps (which skips them with a warning)
   -h, --help         this text
 
 Examples:
   oxcow convert -O qcow2 disk.raw disk.qcow2
   oxcow convert -f qcow2 -O raw overlay.qcow2 flat.raw
   oxcow convert -c -p -O qcow2 -o compression_type=zstd disk.qcow2 small.qcow2
+  oxcow convert -l snapshot.name=before-upgrade -O raw disk.qcow2 old.raw
 ";
 
 const SPECS: &[OptSpec] = &[
@@ -46,6 +54,10 @@ const SPECS: &[OptSpec] = &[
     opt(&["-q", "--quiet"], false),
     opt(&["-U", "--force-share"], false),
     opt(&["--no-probe"], false),
+    opt(&["-l"], true),
+    opt(&["-s"], true),
+    opt(&["--bitmaps"], false),
+    opt(&["--skip-broken-bitmaps"], false),
 ];
 
 /// Where the guest data comes from.
@@ -138,6 +150,11 @@ struct Request {
     progress: bool,
     force_share: bool,
     no_probe: bool,
+    /// Read this internal snapshot of SRC instead of its current state.
+    snapshot: Option<crate::snapshot::Selector>,
+    /// `--bitmaps` (and whether `--skip-broken-bitmaps` was given).
+    bitmaps: bool,
+    skip_broken_bitmaps: bool,
 }
 
 /// Runs `oxcow convert ARGS`.
@@ -148,9 +165,22 @@ pub fn run(args: &[String]) -> CliResult<()> {
     validate(&req)?;
     let source = open_source(&req)?;
     let size = source.size();
+    let bitmaps = match (req.bitmaps, &source) {
+        (false, _) => Vec::new(),
+        (true, Source::Qcow2(img)) => {
+            crate::bitmap::convert_plan(Some(img), req.skip_broken_bitmaps)?
+        }
+        (true, Source::Raw(..)) => crate::bitmap::convert_plan(None, req.skip_broken_bitmaps)?,
+    };
     let target = create_target(&req, size)?;
+    if req.bitmaps {
+        crate::bitmap::convert_target_check(&req.out_fmt, req.create.version)?;
+    }
     let (src, dst) = (&req.src, &req.dst);
     copy(&source, &target, size, src, dst, &req.create, req.progress)?;
+    if let (Source::Qcow2(s), Target::Qcow2 { img, .. }) = (&source, &target) {
+        crate::bitmap::convert_copy(s, img, &bitmaps)?;
+    }
     match target {
         Target::Qcow2 { img, .. } => (*img)
             .close()
@@ -173,6 +203,9 @@ fn parse(args: &[String]) -> CliResult<Option<Request>> {
         progress: false,
         force_share: false,
         no_probe: false,
+        snapshot: None,
+        bitmaps: false,
+        skip_broken_bitmaps: false,
     };
     let mut quiet = false;
     let mut pos = Vec::new();
@@ -190,6 +223,10 @@ fn parse(args: &[String]) -> CliResult<Option<Request>> {
             Arg::Opt("-q", _) => quiet = true,
             Arg::Opt("-U", _) => req.force_share = true,
             Arg::Opt("--no-probe", _) => req.no_probe = true,
+            Arg::Opt("-l", Some(l)) => req.snapshot = Some(crate::snapshot::Selector::parse(&l)?),
+            Arg::Opt("-s", Some(n)) => req.snapshot = Some(crate::snapshot::Selector::bare(&n)),
+            Arg::Opt("--bitmaps", _) => req.bitmaps = true,
+            Arg::Opt("--skip-broken-bitmaps", _) => req.skip_broken_bitmaps = true,
             Arg::Pos(p) => pos.push(p),
             Arg::Opt(..) => unreachable!("every spec is handled"),
         }
@@ -210,6 +247,11 @@ fn validate(req: &Request) -> CliResult<()> {
         return Err(CliError::usage(format!(
             "unsupported output format '{out_fmt}' (raw or qcow2)"
         )));
+    }
+    if req.skip_broken_bitmaps && !req.bitmaps {
+        return Err(CliError::op(
+            "Use of --skip-broken-bitmaps requires --bitmaps",
+        ));
     }
     if req.compress && out_fmt != "qcow2" {
         return Err(CliError::usage(
@@ -258,9 +300,18 @@ fn open_source(req: &Request) -> CliResult<Source> {
                 no_probe: req.no_probe,
                 ..OpenOptions::default()
             };
-            let img = Image::open(src, &opts).map_err(|e| open_err(e.to_string()))?;
+            let mut img = Image::open(src, &opts).map_err(|e| open_err(e.to_string()))?;
+            if let Some(sel) = &req.snapshot {
+                let snapshot = Some(sel.resolve(&img)?);
+                drop(img);
+                let opts = OpenOptions { snapshot, ..opts };
+                img = Image::open(src, &opts).map_err(|e| open_err(e.to_string()))?;
+            }
             Ok(Source::Qcow2(Box::new(img)))
         }
+        "raw" if req.snapshot.is_some() => Err(CliError::usage(
+            "convert: a raw SRC has no snapshots (-l/-s need a qcow2 SRC)",
+        )),
         "raw" => {
             let f = File::open(src).map_err(|e| open_err(e.to_string()))?;
             let len = f

@@ -285,6 +285,26 @@ fn utc_date(secs: u64) -> String {
     )
 }
 
+/// The "Snapshot list:" table of `qemu-img info` and `qemu-img snapshot -l`.
+pub fn print_snapshot_list(snapshots: &[snap::Snapshot]) {
+    println!("Snapshot list:");
+    println!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for s in snapshots {
+        println!(
+            "{:<7} {:<16} {:>8} {} {:>15} {:>10}",
+            s.id,
+            s.name,
+            human_size(s.vm_state_size),
+            utc_date(s.date_sec as u64),
+            vm_clock(s.vm_clock_nsec),
+            s.icount.map(|v| v.to_string()).unwrap_or_default()
+        );
+    }
+}
+
 fn print_human(d: &Described) {
     let i = &d.info;
     println!("image: {}", d.filename);
@@ -309,22 +329,7 @@ fn print_human(d: &Described) {
         println!("cleanly shut down: no");
     }
     if !d.snapshots.is_empty() {
-        println!("Snapshot list:");
-        println!(
-            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        );
-        for s in &d.snapshots {
-            println!(
-                "{:<7} {:<16} {:>8} {} {:>15} {:>10}",
-                s.id,
-                s.name,
-                human_size(s.vm_state_size),
-                utc_date(s.date_sec as u64),
-                vm_clock(s.vm_clock_nsec),
-                s.icount.map(|v| v.to_string()).unwrap_or_default()
-            );
-        }
+        print_snapshot_list(&d.snapshots);
     }
     println!("Format specific information:");
     println!("    compat: {}", compat(i));

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 mod args;
 mod bench;
+mod bitmap;
 mod check;
 mod convert;
 mod create;
@@ -16,6 +17,7 @@ mod json;
 mod map;
 mod progress;
 mod resize;
+mod snapshot;
 
 use args::{CliError, CliResult};
 
@@ -31,7 +33,9 @@ Commands:
   convert   copy an image to a new qcow2 or raw image, optionally compressed
   check     check an image's metadata, optionally repair it
   resize    grow or shrink an image (like qemu-img resize)
+  snapshot  list, create, apply or delete internal snapshots (like qemu-img snapshot)
   bench     measure I/O throughput through the engine (like qemu-img bench)
+  bitmap    add, remove, clear, enable, disable or merge persistent dirty bitmaps
 
 Run 'oxcow COMMAND --help' for the options of a command and examples.
 Sizes accept suffixes k, M, G, T (powers of 1024): 64k, 512M, 10G.
@@ -55,6 +59,8 @@ fn main() -> ExitCode {
         "convert" => Some(convert::HELP),
         "bench" => Some(bench::HELP),
         "resize" => Some(resize::HELP),
+        "snapshot" => Some(snapshot::HELP),
+        "bitmap" => Some(bitmap::HELP),
         _ => None,
     };
     if let (true, Some(h)) = (wants_help, help) {
@@ -68,6 +74,8 @@ fn main() -> ExitCode {
         "convert" => convert::run(rest).map(|()| 0),
         "bench" => bench::run(rest).map(|()| 0),
         "resize" => resize::run(rest).map(|()| 0),
+        "snapshot" => snapshot::run(rest).map(|()| 0),
+        "bitmap" => bitmap::run(rest).map(|()| 0),
         "check" => check::run(rest).map_err(CliError::op),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
@@ -78,7 +86,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         other => Err(CliError::usage(format!(
-            "unknown command '{other}' (commands: create, info, map, convert, check, resize, bench)"
+            "unknown command '{other}' (commands: create, info, map, convert, check, resize, bench, snapshot, bitmap)"
         ))),
     };
     match result {

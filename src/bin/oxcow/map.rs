@@ -7,6 +7,7 @@ use oxcow::{Image, OpenOptions, EXTENT_ALLOCATED, EXTENT_COMPRESSED, EXTENT_ZERO
 /// `oxcow map --help`.
 pub const HELP: &str = "\
 Usage: oxcow map [-f qcow2] [--output human|json] [-U] [-s START] [-l LENGTH] [--no-probe] FILE
+       oxcow map --bitmap NAME [--output human|json] [-U] [-s START] [-l LENGTH] FILE
 
 Show where each guest range of FILE comes from: this image's data, zero clusters, compressed
 clusters, or some image of the backing chain ('depth' counts layers below FILE).
@@ -23,12 +24,16 @@ Options:
                          record (use it for untrusted images)
   -s, --start-offset N   first guest byte to map (sizes like 1G accepted)
   -l, --max-length N     map at most N bytes
+  --bitmap NAME          list the ranges dirty in persistent bitmap NAME instead: human
+                         output shows the dirty ranges (Offset, Length in hex), JSON lists
+                         every range as {start, length, dirty}
   -h, --help             this text
 
 Examples:
   oxcow map disk.qcow2
   oxcow map --output json overlay.qcow2
   oxcow map --output json -s 1G -l 64M disk.qcow2
+  oxcow map --bitmap backup --output json disk.qcow2
 ";
 
 const SPECS: &[OptSpec] = &[
@@ -38,6 +43,7 @@ const SPECS: &[OptSpec] = &[
     opt(&["-s", "--start-offset"], true),
     opt(&["-l", "--max-length"], true),
     opt(&["--no-probe"], false),
+    opt(&["--bitmap"], true),
 ];
 
 /// One image of the chain, opened on its own (without its backing file) so its own allocation
@@ -242,6 +248,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
     let mut start = 0u64;
     let mut max_len = u64::MAX;
     let mut no_probe = false;
+    let mut bitmap = None;
     let mut files = Vec::new();
     for a in scan("map", args, SPECS)? {
         match a {
@@ -251,6 +258,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
             Arg::Opt("-s", Some(v)) => start = parse_size(&v)?,
             Arg::Opt("-l", Some(v)) => max_len = parse_size(&v)?,
             Arg::Opt("--no-probe", _) => no_probe = true,
+            Arg::Opt("--bitmap", Some(b)) => bitmap = Some(b),
             Arg::Pos(p) => files.push(p),
             Arg::Opt(..) => unreachable!("every spec is handled"),
         }
@@ -258,6 +266,9 @@ pub fn run(args: &[String]) -> CliResult<()> {
     let [file] = files.as_slice() else {
         return Err(CliError::usage("map needs exactly one FILE"));
     };
+    if let Some(b) = bitmap {
+        return crate::bitmap::map_dirty(file, &b, start, max_len, json, force_share);
+    }
     let layers = open_chain(file, force_share, no_probe)?;
     let size = layers[0].size();
     let start = start.min(size);

@@ -2,11 +2,21 @@
 //! read-write open, marked in use on disk before guest data can change, updated by every
 //! guest write, stored back at close, reopen to read-only and a clean drop.
 //!
-//! This file fixes the public API (the C ABI, Go binding and CLI are written against it); the
-//! engine behind it lands separately.
+//! This file holds the public API (the C ABI, Go binding and CLI are written against it);
+//! [`bits`] is one in-memory bitmap, [`set`] the image's bitmaps and the write-path tracking,
+//! [`load`] and [`store`] the on-disk side, [`api`] the control operations.
+
+mod api;
+pub(crate) mod bits;
+#[cfg(test)]
+mod crash_tests;
+pub(crate) mod lifecycle;
+pub(crate) mod load;
+pub(crate) mod set;
+pub(crate) mod store;
 
 use super::Image;
-use crate::error::{unsupported, Result};
+use crate::error::Result;
 use crate::options::Extent;
 
 /// [`BitmapInfo::flags`]: the bitmap records guest writes now.
@@ -41,41 +51,36 @@ pub struct BitmapAddOptions {
 impl Image {
     /// The image's persistent bitmaps, in directory order. Works on read-only handles too.
     pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
-        unsupported!("persistent bitmaps are not implemented yet")
+        self.bitmap_list()
     }
 
     /// Adds an empty persistent bitmap named `name`. Errors: `Exists` when the name is taken,
     /// `InvalidArgument` for a bad name or granularity, `ReadOnly`, `NoSpace` when the
     /// directory would exceed QEMU's limits.
     pub fn bitmap_add(&self, name: &str, opts: BitmapAddOptions) -> Result<()> {
-        let _ = (name, opts);
-        unsupported!("persistent bitmaps are not implemented yet")
+        self.bitmap_add_impl(name, opts)
     }
 
     /// Removes bitmap `name` (inconsistent ones too) and frees its clusters. `NotFound` when
     /// there is no such bitmap.
     pub fn bitmap_remove(&self, name: &str) -> Result<()> {
-        let _ = name;
-        unsupported!("persistent bitmaps are not implemented yet")
+        self.bitmap_remove_impl(name)
     }
 
     /// Clears every bit of bitmap `name`. `Busy` for an inconsistent bitmap.
     pub fn bitmap_clear(&self, name: &str) -> Result<()> {
-        let _ = name;
-        unsupported!("persistent bitmaps are not implemented yet")
+        self.bitmap_control(name, api::Control::Clear)
     }
 
     /// Makes bitmap `name` record guest writes (stored with the `auto` flag). `Busy` for an
     /// inconsistent bitmap.
     pub fn bitmap_enable(&self, name: &str) -> Result<()> {
-        let _ = name;
-        unsupported!("persistent bitmaps are not implemented yet")
+        self.bitmap_control(name, api::Control::Enable)
     }
 
     /// Stops bitmap `name` from recording guest writes. `Busy` for an inconsistent bitmap.
     pub fn bitmap_disable(&self, name: &str) -> Result<()> {
-        let _ = name;
-        unsupported!("persistent bitmaps are not implemented yet")
+        self.bitmap_control(name, api::Control::Disable)
     }
 
     /// Sets in bitmap `dst` every bit set in bitmap `src` of this image (granularities may
@@ -88,8 +93,7 @@ impl Image {
     /// read-only), for `qemu-img bitmap --merge SRC -b SRC_FILE` and `convert --bitmaps`.
     /// Both images must have the same virtual size.
     pub fn bitmap_merge_from(&self, dst: &str, src_image: &Image, src: &str) -> Result<()> {
-        let _ = (dst, src_image, src);
-        unsupported!("persistent bitmaps are not implemented yet")
+        self.bitmap_merge_impl(dst, src_image, src)
     }
 
     /// Dirty status of bitmap `name` from guest `offset`: an extent starting at `offset`, at
@@ -97,7 +101,6 @@ impl Image {
     /// `EXTENT_DIRTY` set when that range is dirty (`host_offset` is 0). `Busy` for an
     /// inconsistent bitmap.
     pub fn bitmap_status(&self, name: &str, offset: u64, count: u64) -> Result<Extent> {
-        let _ = (name, offset, count);
-        unsupported!("persistent bitmaps are not implemented yet")
+        self.bitmap_status_impl(name, offset, count)
     }
 }

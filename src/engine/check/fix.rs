@@ -295,12 +295,18 @@ impl Checker<'_> {
         // Placing the new structure past a reference far beyond the end of the file would
         // make the in-memory refcount array (two bytes per cluster) and the file huge.
         let reach = self.geo.clusters_for(self.growth_limit());
+        let avoid = self.skipped_clusters();
         let mut start = *cursor;
         let mut c = start;
         // Bound: `c` grows every round (or jumps to `floor`, once); past the end of `refs`
         // every cluster is free, so the loop ends by max(refs.len(), floor) + count, and the
         // 2^56 limit stops it in any case.
         while c - start < count {
+            if let Some(end) = inside(&avoid, c) {
+                c = end;
+                start = c;
+                continue;
+            }
             if c >= limit {
                 return Err(Error::new(
                     ErrorKind::NoSpace,
@@ -308,6 +314,12 @@ impl Checker<'_> {
                 ));
             }
             if c >= self.refs.len() && c < floor {
+                // Past the end of the file everything is free up to the first region
+                // referenced there: growing the file into that gap touches no reference.
+                if !self.skipped_overflow && start.saturating_add(count) <= self.gap_end() {
+                    c = start + count;
+                    continue;
+                }
                 if floor.saturating_add(count) > reach || self.skipped_overflow {
                     return Err(Error::new(ErrorKind::NoSpace, format!(
                         "no room for a new refcount structure: a cluster referenced at {:#x} lies too far beyond the end of the file",
@@ -335,6 +347,48 @@ impl Checker<'_> {
             *cursor = start + 1;
         }
         Ok(start)
+    }
+
+    /// The clusters inside the file of the regions referenced past its end (skipped by the
+    /// check, see `Checker::inc`), as sorted, merged `[first, end)` cluster ranges. A table
+    /// the check skipped (an L1 table too long for the file, say) may still be written by a
+    /// later repair step, so nothing new is placed on its clusters.
+    fn skipped_clusters(&self) -> Vec<(u64, u64)> {
+        let geo = self.geo;
+        // Past the end of the file the growth rules in `alloc` apply (the file grows over a
+        // skipped region only after counting it).
+        let in_file = self.refs.len();
+        let mut v: Vec<(u64, u64)> = self
+            .skipped
+            .iter()
+            .map(|&(s, e)| {
+                let first = HostOffset::new(s).cluster(&geo).0;
+                (first, geo.clusters_for(e).min(in_file))
+            })
+            .filter(|&(first, end)| first < end)
+            .collect();
+        v.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+        for (s, e) in v {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        merged
+    }
+
+    /// The first cluster past the end of the file (`refs`) that a region referenced past the
+    /// end of the file covers (the furthest such reference's end when none does).
+    fn gap_end(&self) -> u64 {
+        let geo = self.geo;
+        let eof = self.refs.len();
+        self.skipped
+            .iter()
+            .filter(|&&(_, e)| geo.clusters_for(e) > eof)
+            .map(|&(s, _)| HostOffset::new(s).cluster(&geo).0.max(eof))
+            .min()
+            .unwrap_or_else(|| geo.clusters_for(self.past_eof_floor))
     }
 
     /// Counts the parts below `new_len` of the regions referenced past the end of the file,
@@ -614,4 +668,13 @@ impl Checker<'_> {
         self.wrote = true;
         Ok(())
     }
+}
+
+/// The end of the range of `ranges` (sorted, disjoint `[first, end)`) that holds `c`, if any.
+fn inside(ranges: &[(u64, u64)], c: u64) -> Option<u64> {
+    let i = ranges.partition_point(|&(first, _)| first <= c);
+    ranges[..i]
+        .last()
+        .filter(|&&(_, end)| c < end)
+        .map(|&(_, end)| end)
 }

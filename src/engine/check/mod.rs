@@ -120,14 +120,21 @@ impl Image {
             // The repair changed metadata under the engine: start again from the disk.
             let reloaded = parse_header_cluster(&self.file).and_then(|h| {
                 let (snaps, len) = super::snapshot::read_table(&self.file, &h)?;
-                Meta::load(
+                let fresh = Meta::load(
                     &self.file,
                     h,
                     &snaps,
                     len,
                     super::DEFAULT_CACHE_BYTES,
                     Arc::clone(&self.view),
-                )
+                )?;
+                // The repair may have rewritten the snapshot table.
+                *self.snapshots.write().unwrap_or_else(|p| p.into_inner()) =
+                    super::snapshot::Snapshots {
+                        list: snaps,
+                        table_len: len,
+                    };
+                Ok(fresh)
             });
             match reloaded {
                 Ok(fresh) => *m = fresh,
@@ -248,8 +255,19 @@ fn one_pass(
             })
         }
     };
+    if table.unreadable {
+        return Ok(CheckReport {
+            check_errors: 1,
+            messages: table.messages,
+            ..CheckReport::default()
+        });
+    }
     let mut msgs = table.messages;
-    let mut snapshot_corruptions = table.extra_data_dropped;
+    if header.bitmaps.is_some() && header.bitmaps_in_use().is_none() {
+        // QEMU's open warns about a stale bitmaps extension; its clusters are leaks here.
+        msgs.push(format!("Warning: {}", super::bitmap::lifecycle::STALE_HINT));
+    }
+    let mut snapshot_corruptions = table.extra_data_dropped + u64::from(table.overhanging > 0);
     for (i, s) in table.snapshots.iter().enumerate() {
         if s.is_incomplete(header.version) {
             let what = if repair { "Repairing" } else { "ERROR" };

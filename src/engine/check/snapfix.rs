@@ -65,18 +65,20 @@ impl Checker<'_> {
         self.free_old_table(&mut rc, old_off, old_len)
     }
 
-    /// Drops the old table's references: those of its clusters inside the file, which the
-    /// check counted.
+    /// Drops the old table's references: exactly those the check counted. A table that
+    /// reached a cluster or more past the end of the file was skipped, like QEMU skips it,
+    /// unless a repair grew the file over part of it, which counted that part; the clusters
+    /// of a skipped table may even hold the new table now.
     fn free_old_table(&mut self, rc: &mut Refcounts, off: HostOffset, len: u64) -> Result<()> {
         let file = self.file;
         let geo = self.geo;
-        // Only the part inside the file was counted (a table cut by the end of the file, or
-        // lying past it, held no reference for the rest).
-        let end = off.get().saturating_add(len).min(file.len()?);
-        if end <= off.get() {
+        let Some((start, end)) = self.counted_part(off.get(), off.get().saturating_add(len)) else {
+            return Ok(());
+        };
+        if end <= start {
             return Ok(());
         }
-        let (first, last) = (off, HostOffset::new(end - 1));
+        let (first, last) = (HostOffset::new(start), HostOffset::new(end - 1));
         // Bound: the old table is at most 64 MiB (checked when it was read).
         for c in (first.cluster(&geo).0..=last.cluster(&geo).0).map(HostCluster) {
             if c != HostCluster(0) && rc.get(file, c)? > 0 {
@@ -85,5 +87,21 @@ impl Checker<'_> {
         }
         rc.write_dirty_blocks(file)?;
         file.sync()
+    }
+
+    /// The part of the region `[start, end)` that the check counted a reference for, or
+    /// `None` when it counted none (see [`Self::free_old_table`]).
+    fn counted_part(&self, start: u64, end: u64) -> Option<(u64, u64)> {
+        if self.skipped.iter().any(|&(s, e)| s == start && e == end) {
+            return None; // skipped whole
+        }
+        if let Some(&(s, _)) = self.skipped.iter().find(|&&(s, e)| e == end && s > start) {
+            return Some((start, s)); // the file grew over its first part
+        }
+        let past_eof = end.saturating_sub(self.file_len) >= self.geo.cluster_size();
+        if self.skipped_overflow && past_eof {
+            return None; // skipped, not recorded
+        }
+        Some((start, end))
     }
 }

@@ -2,6 +2,7 @@
 //! check, which may repair what QEMU's `check -r all` repairs.
 
 use crate::error::{corrupt, Result};
+use crate::format::header::MAX_SNAPSHOTS;
 use crate::format::snapshot::{self, Snapshot, FIXED_LEN, MAX_EXTRA_DATA, MAX_TABLE_BYTES};
 use crate::format::Header;
 use crate::format::HostOffset;
@@ -18,6 +19,12 @@ pub struct CheckedTable {
     pub messages: Vec<String>,
     /// Entries whose extra data was truncated (repairing only).
     pub extra_data_dropped: u64,
+    /// Entries past QEMU's limits (more than 65536, or past 64 MiB of table) that a repair
+    /// drops (`snapshots` holds the rest).
+    pub overhanging: u32,
+    /// The table breaks QEMU's limits and this is not a repair: the check cannot go on, and
+    /// `messages` says so as `qemu-img check` does.
+    pub unreadable: bool,
 }
 
 /// Reads every snapshot table entry like QEMU's open does: the table may lie past the end of
@@ -25,6 +32,9 @@ pub struct CheckedTable {
 /// much extra data, a table over 64 MiB). Returns the entries and the table's length.
 pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u64)> {
     let t = read_entries(file, header, false)?;
+    if t.unreadable {
+        return corrupt!("Snapshot table is too big");
+    }
     Ok((t.snapshots, t.len))
 }
 
@@ -40,18 +50,36 @@ pub fn read_table_for_check(
 
 fn read_entries(file: &HostFile, header: &Header, repair: bool) -> Result<CheckedTable> {
     let mut t = CheckedTable::default();
+    let mut nb = header.nb_snapshots;
+    if nb > MAX_SNAPSHOTS {
+        // Only a check's header admits this (an open refuses it).
+        if !overhang(
+            &mut t,
+            nb - MAX_SNAPSHOTS,
+            repair,
+            "ERROR snapshot table too large",
+            "",
+        ) {
+            return Ok(t);
+        }
+        nb = MAX_SNAPSHOTS;
+    }
     let mut off = header.snapshots_offset;
-    // Bound: nb_snapshots is at most MAX_SNAPSHOTS (header validation) and the bytes read
-    // at most MAX_TABLE_BYTES (checked per entry below), so neither the loop nor the memory
-    // it takes depends on anything unchecked.
-    for i in 0..header.nb_snapshots as usize {
+    // Bound: at most MAX_SNAPSHOTS entries (above), and the bytes read at most
+    // MAX_TABLE_BYTES (checked per entry below), so neither the loop nor the memory it takes
+    // depends on anything unchecked.
+    for i in 0..nb {
         let mut fixed = [0u8; FIXED_LEN];
         file.read_zero_padded(&mut fixed, HostOffset::new(off), "snapshot table")?;
         let len = snapshot::entry_len(&fixed);
-        t.len += len;
-        if t.len > MAX_TABLE_BYTES {
-            return corrupt!("Snapshot table is too big");
+        if t.len + len > MAX_TABLE_BYTES {
+            let what = "ERROR failed to read the snapshot table: Snapshot table is too big";
+            if !overhang(&mut t, nb - i, repair, what, " (snapshot table is too big)") {
+                return Ok(t);
+            }
+            break;
         }
+        t.len += len;
         let mut entry = vec![0u8; len as usize];
         file.read_zero_padded(&mut entry, HostOffset::new(off), "snapshot table")?;
         let extra = snapshot::variable_sizes(&fixed).0;
@@ -61,8 +89,26 @@ fn read_entries(file: &HostFile, header: &Header, repair: bool) -> Result<Checke
             ));
             t.extra_data_dropped += 1;
         }
-        t.snapshots.push(snapshot::parse(&entry, i, repair)?);
+        t.snapshots
+            .push(snapshot::parse(&entry, i as usize, repair)?);
         off += len;
     }
     Ok(t)
+}
+
+/// Records `count` snapshots past QEMU's limits with QEMU's messages: a repair discards them
+/// (returns true: read on), a plain check cannot go on (marks the table unreadable).
+fn overhang(t: &mut CheckedTable, count: u32, repair: bool, error: &str, why: &str) -> bool {
+    if repair {
+        t.messages
+            .push(format!("Discarding {count} overhanging snapshots{why}"));
+        t.overhanging = count;
+        return true;
+    }
+    t.messages.push(error.to_string());
+    t.messages.push(format!(
+        "You can force-remove all {count} overhanging snapshots with 'oxcow check -r all' (or qemu-img check -r all)"
+    ));
+    t.unreadable = true;
+    false
 }
