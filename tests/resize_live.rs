@@ -64,7 +64,11 @@ fn check_racy(buf: &[u8], slot: u64) {
     }
     for w in buf.chunks(8) {
         let word = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-        assert_eq!(word >> 32, slot, "cluster of slot {slot} holds foreign data");
+        assert_eq!(
+            word >> 32,
+            slot,
+            "cluster of slot {slot} holds foreign data"
+        );
     }
 }
 
