@@ -447,3 +447,42 @@ fn the_old_l1_table_is_reused_and_the_new_one_guarded_on_the_live_handle() {
     });
     assert!(reused, "the old L1 cluster {old_l1:#x} was not reused");
 }
+
+#[test]
+fn resizing_image_variants_matches_qemu() {
+    for (opts, cs) in [
+        ("lazy_refcounts=on", "64k"),
+        ("refcount_bits=1,cluster_size=4096", "4k"),
+        ("refcount_bits=64", "64k"),
+        ("cluster_size=2M", "2M"),
+        ("cluster_size=16k,extended_l2=on", "16k"),
+    ] {
+        let t = twin("variants", |_, p| {
+            qemu_create(p, 64 * MIB, opts);
+            spread_data(p, 64 * MIB);
+            io(
+                p,
+                &[&format!("write -c -P 0x44 40M {cs}"), "write -z 41M 64k"],
+            );
+        });
+        t.resize(700 * MIB, false);
+        t.assert_equivalent();
+        t.resize(33 * MIB, true);
+        t.assert_equivalent();
+        t.resize(100 * MIB, false);
+        t.assert_equivalent();
+    }
+}
+
+#[test]
+fn shrinking_an_overlay_and_growing_it_over_its_backing_again_matches_qemu() {
+    let t = twin("overlay-shrink-grow", |dir, p| {
+        backing_4m(dir);
+        qemu_create_overlay(p, None, "", "base.qcow2", "qcow2");
+        io(p, &["write -P 0x31 512k 64k", "write -P 0x32 3M 64k"]);
+    });
+    t.resize(MIB + 512, true);
+    t.assert_equivalent();
+    t.resize(4 * MIB, false);
+    t.assert_equivalent();
+}
