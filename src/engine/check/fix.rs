@@ -181,8 +181,9 @@ impl Checker<'_> {
         let mut buf = vec![0u8; (blocks.end - blocks.start) as usize * block_bytes];
         self.file
             .read_zero_padded(&mut buf, off, "refcount block")?;
-        let mut at = off;
-        for (b, blk) in blocks.zip(buf.chunks_exact_mut(block_bytes)) {
+        for (k, (b, blk)) in blocks.zip(buf.chunks_exact_mut(block_bytes)).enumerate() {
+            // Below 2^64: `contiguous_blocks` only joined blocks whose offsets do not wrap.
+            let at = HostOffset::new(off.get() + k as u64 * geo.cluster_size());
             let mut dirty = false;
             for (j, i) in (b * per..((b + 1) * per).min(n)).enumerate() {
                 let on = refcount::get(blk, geo.refcount_order, j);
@@ -195,7 +196,6 @@ impl Checker<'_> {
                 self.file.write(blk, at, WriteKind::RefcountBlock)?;
                 self.wrote = true;
             }
-            at += geo.cluster_size();
             self.tick(1);
         }
         Ok(())
