@@ -149,8 +149,8 @@ type Image struct {
 	mu   sync.RWMutex
 	h    capi.Handle // zero after Close
 	path string
-	size atomic.Int64 // virtual size; changed only by Resize
-	// resizeMu serialises Resize calls so that size ends up as the library's.
+	size atomic.Int64 // virtual size; changed only by Resize and ApplySnapshot
+	// resizeMu serialises Resize and ApplySnapshot calls so that size ends up as the library's.
 	resizeMu sync.Mutex
 
 	// reopenMu serialises Reopen calls so that flags matches the library's state.

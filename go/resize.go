@@ -17,7 +17,8 @@ import (
 //
 // Errors (as *Error with a syscall.Errno): EINVAL (smaller size without shrink, size not a
 // multiple of 512, over the L1 limit, or above the int64 range), EROFS (read-only image),
-// ENOTSUP (a version-2 image growing over a longer backing file; persistent bitmaps in use),
+// ENOTSUP (a version-2 image growing over a longer backing file), EBUSY (an inconsistent
+// persistent bitmap; consistent ones are resized with the image),
 // EIO, ENOSPC. Size reports the new size once Resize returns.
 func (img *Image) Resize(newSize uint64, shrink bool) error {
 	h, err := img.acquire("resize")

@@ -59,16 +59,28 @@ func (img *Image) CreateSnapshot(name string) error {
 }
 
 // ApplySnapshot reverts the disk to the snapshot whose id, else whose name, is nameOrID,
-// like `qemu-img snapshot -a`. ENOENT when there is none; EBUSY when the image has
-// persistent bitmaps (QEMU refuses those too); ENOTSUP when the snapshot has another disk
-// size.
+// like `qemu-img snapshot -a`; a snapshot of another disk size resizes the image to it
+// first, as QEMU does (Size follows). ENOENT when there is none; EBUSY when the image has
+// persistent bitmaps (QEMU refuses those too); ENOTSUP when the snapshot's L1 table is
+// longer than the image's.
 func (img *Image) ApplySnapshot(nameOrID string) error {
 	h, err := img.acquire("snapshot apply")
 	if err != nil {
 		return err
 	}
 	defer img.mu.RUnlock()
-	return wrap("snapshot apply", img.path, capi.SnapshotApply(h, nameOrID))
+	// Serialised with resizes: the apply may resize, and the cached size must follow.
+	img.resizeMu.Lock()
+	defer img.resizeMu.Unlock()
+	if cerr := capi.SnapshotApply(h, nameOrID); cerr != nil {
+		return wrap("snapshot apply", img.path, cerr)
+	}
+	info, cerr := capi.GetInfo(h)
+	if cerr != nil {
+		return wrap("snapshot apply", img.path, cerr)
+	}
+	img.size.Store(int64(info.VirtualSize))
+	return nil
 }
 
 // DeleteSnapshot deletes the snapshot whose id, else whose name, is nameOrID, like

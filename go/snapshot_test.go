@@ -124,3 +124,34 @@ func TestSnapshotWhileWriting(t *testing.T) {
 	}
 	qemuCheck(t, path)
 }
+
+// TestApplySnapshotOfAnotherSizeResizes reverts to a snapshot taken before the image grew:
+// like qemu-img, the apply shrinks the disk back, and Size follows.
+func TestApplySnapshotOfAnotherSizeResizes(t *testing.T) {
+	needTool(t, "qemu-img")
+	path := newImage(t, 8*miB, nil)
+	img := mustOpen(t, path, &oxcow.OpenOptions{Writable: true})
+	defer img.Close()
+	if err := img.CreateSnapshot("small"); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Resize(16*miB, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.WriteAt(pattern(3, 0, 4*kiB), 12*miB); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.ApplySnapshot("small"); err != nil {
+		t.Fatal(err)
+	}
+	if img.Size() != 8*miB {
+		t.Fatalf("Size() after applying an 8 MiB snapshot = %d", img.Size())
+	}
+	if _, err := img.WriteAt(pattern(4, 0, 4*kiB), 12*miB); err == nil {
+		t.Fatal("a write past the snapshot's size succeeded")
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	qemuCheck(t, path)
+}

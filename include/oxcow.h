@@ -1046,7 +1046,8 @@ int oxcow_set_event_callback(struct oxcow_image *img, oxcow_event_fn cb, void *o
  * Returns 0, or -EINVAL (NULL handle, unknown flags, a smaller size without
  * OXCOW_RESIZE_SHRINK, a size that is not a multiple of 512, or one whose L1 table would pass
  * QEMU's 32 MiB limit), -EROFS (read-only handle), -ENOTSUP (a version-2 image growing over
- * a longer backing file, which QEMU refuses too; an image with persistent bitmaps in use),
+ * a longer backing file, which QEMU refuses too), -EBUSY (a persistent bitmap left
+ * inconsistent by a crash, as QEMU refuses; consistent bitmaps are resized with the image),
  * -ENOMEDIUM (fenced handle), -EIO, -ENOSPC.
  *
  * # Safety
@@ -1077,8 +1078,9 @@ int oxcow_snapshot_create(struct oxcow_image *img, const char *name, struct oxco
  * `qemu-img snapshot -a`. Reads racing the switch see the old or the new contents.
  *
  * Returns 0, or -EINVAL (NULL handle or key), -EROFS, -ENOENT (no such snapshot), -EBUSY
- * (the image has persistent bitmaps, which QEMU refuses too), -EUCLEAN (the snapshot's table entry is damaged; nothing changed), -ENOTSUP (the snapshot
- * has another disk size: QEMU would resize the image, oxcow does not yet), -ENOMEDIUM, -EIO.
+ * (the image has persistent bitmaps, which QEMU refuses too), -EUCLEAN (the snapshot's table entry is damaged; nothing changed), -ENOTSUP (the snapshot's
+ * L1 table is longer than the image's). A snapshot of another disk size resizes the image to
+ * it first, as QEMU does. -ENOMEDIUM, -EIO.
  *
  * # Safety
  * As oxcow_snapshot_create().

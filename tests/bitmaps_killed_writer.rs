@@ -105,6 +105,18 @@ fn killed_writer(opts: &str) {
         img.bitmap_status("b0", 0, 1).expect_err("status").kind(),
         ErrorKind::Busy
     );
+    // Oracle: `qemu-img resize` refuses too ("Bitmap 'b0' is inconsistent and cannot be
+    // used"), and leaves the size alone.
+    let copy = dir.join("copy.qcow2");
+    std::fs::copy(&p, &copy).expect("copy");
+    let q = run("qemu-img", &["resize", path_str(&copy), "+1M"]);
+    assert!(
+        q.code != 0 && q.stderr.contains("is inconsistent"),
+        "{}",
+        q.all()
+    );
+    assert_eq!(busy(img.resize(33 * MIB, false)), ErrorKind::Busy);
+    assert_eq!(img.virtual_size(), 32 * MIB);
     // The disk stays writable; the inconsistent bitmaps are not tracked and stay in use.
     img.write_at(&[9; 512], 0).expect("write");
     img.bitmap_remove("b0")

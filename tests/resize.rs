@@ -370,30 +370,6 @@ fn resizing_a_read_only_handle_fails_with_erofs() {
 }
 
 #[test]
-fn resizing_an_image_with_persistent_bitmaps_is_not_supported_yet() {
-    let dir = TempDir::new("resize-bitmaps");
-    let p = dir.join("a.qcow2");
-    qemu_create(&p, 4 * MIB, "");
-    qemu_bitmap_add(&p, "b0", true);
-    let img = open_rw(&p);
-    if img.bitmap_directory().expect("bitmaps").is_empty() {
-        // This engine drops the bitmaps (autoclear bit) at a read-write open: nothing is left
-        // to resize and the image stays consistent (the stale bitmaps' clusters are leaks to
-        // QEMU, with or without a resize).
-        img.resize(8 * MIB, false)
-            .expect("resize without bitmaps in use");
-        img.close().expect("close");
-        assert_check_no_corruption(&p, "resize after bitmaps were dropped");
-        return;
-    }
-    let e = img.resize(8 * MIB, false).expect_err("bitmaps");
-    img.close().expect("close");
-    assert_eq!(e.errno(), ENOTSUP);
-    assert!(e.to_string().contains("persistent bitmaps"), "{e}");
-    assert_eq!(qemu_info(&p).get("virtual-size").as_u64(), 4 * MIB);
-}
-
-#[test]
 fn requests_past_the_new_end_fail_and_inside_succeed_on_the_same_handle() {
     let dir = TempDir::new("resize-handle");
     let p = dir.join("a.qcow2");

@@ -26,7 +26,8 @@ pub const OXCOW_RESIZE_SHRINK: u32 = 1u32;
 /// Returns 0, or -EINVAL (NULL handle, unknown flags, a smaller size without
 /// OXCOW_RESIZE_SHRINK, a size that is not a multiple of 512, or one whose L1 table would pass
 /// QEMU's 32 MiB limit), -EROFS (read-only handle), -ENOTSUP (a version-2 image growing over
-/// a longer backing file, which QEMU refuses too; an image with persistent bitmaps in use),
+/// a longer backing file, which QEMU refuses too), -EBUSY (a persistent bitmap left
+/// inconsistent by a crash, as QEMU refuses; consistent bitmaps are resized with the image),
 /// -ENOMEDIUM (fenced handle), -EIO, -ENOSPC.
 ///
 /// # Safety

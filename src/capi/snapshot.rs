@@ -102,8 +102,9 @@ pub unsafe extern "C" fn oxcow_snapshot_create(
 /// `qemu-img snapshot -a`. Reads racing the switch see the old or the new contents.
 ///
 /// Returns 0, or -EINVAL (NULL handle or key), -EROFS, -ENOENT (no such snapshot), -EBUSY
-/// (the image has persistent bitmaps, which QEMU refuses too), -EUCLEAN (the snapshot's table entry is damaged; nothing changed), -ENOTSUP (the snapshot
-/// has another disk size: QEMU would resize the image, oxcow does not yet), -ENOMEDIUM, -EIO.
+/// (the image has persistent bitmaps, which QEMU refuses too), -EUCLEAN (the snapshot's table entry is damaged; nothing changed), -ENOTSUP (the snapshot's
+/// L1 table is longer than the image's). A snapshot of another disk size resizes the image to
+/// it first, as QEMU does. -ENOMEDIUM, -EIO.
 ///
 /// # Safety
 /// As oxcow_snapshot_create().

@@ -40,7 +40,9 @@ impl Image {
     ///   with -ENOTSUP on version-2 images, which cannot express it, as QEMU refuses).
     /// * Shrinking: every cluster past the new end loses this image's reference (clusters
     ///   shared with snapshots stay theirs); data inside the new size is unchanged.
-    /// * Images with persistent bitmaps in use: -ENOTSUP for now.
+    /// * Persistent bitmaps are resized with the image (bits past a shrunk end dropped, the
+    ///   grown area clean); a bitmap found inconsistent at open refuses the resize with
+    ///   -EBUSY, as QEMU refuses it.
     ///
     /// Writers are quiesced while the mapping changes; readers are never blocked. A request
     /// checked against the old size either completes or fails with -EINVAL; no request
@@ -51,8 +53,9 @@ impl Image {
         let _serial = self.view.resizing();
         let old = self.virtual_size();
         validate(old, new_size, shrink_allowed, &self.geo)?;
-        if self.lock_meta().header.bitmaps_in_use().is_some() {
-            return unsupported!("resizing an image with persistent bitmaps is not supported yet");
+        // Like QEMU: consistent bitmaps follow the new size, an inconsistent one refuses.
+        if let Some(name) = self.bitmaps.first_inconsistent() {
+            return Err(super::bitmap::api::busy(&name));
         }
         let r = if new_size > old {
             self.grow(old, new_size)
@@ -174,6 +177,8 @@ impl Image {
         self.file.sync()?;
         m.header.size = new;
         self.virtual_size.store(new, Ordering::SeqCst);
+        // Writers are quiesced: no write lands between the new size and the bitmaps' size.
+        self.bitmaps.resize(new);
         Ok(())
     }
 

@@ -32,7 +32,8 @@ fn not_found(name: &str) -> Error {
     )
 }
 
-fn busy(name: &str) -> Error {
+/// The error for using inconsistent bitmap `name`.
+pub(crate) fn busy(name: &str) -> Error {
     Error::new(
         ErrorKind::Busy,
         format!(

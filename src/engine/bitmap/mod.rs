@@ -6,7 +6,7 @@
 //! [`bits`] is one in-memory bitmap, [`set`] the image's bitmaps and the write-path tracking,
 //! [`load`] and [`store`] the on-disk side, [`api`] the control operations.
 
-mod api;
+pub(crate) mod api;
 pub(crate) mod bits;
 #[cfg(test)]
 mod crash_tests;

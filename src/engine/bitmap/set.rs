@@ -106,9 +106,15 @@ impl Bitmaps {
         self.publish(&s);
     }
 
+    /// The name of the first inconsistent bitmap, if any (a resize refuses them, as QEMU's).
+    pub fn first_inconsistent(&self) -> Option<String> {
+        let s = self.lock();
+        let b = s.list.iter().find(|b| b.inconsistent)?;
+        Some(String::from_utf8_lossy(&b.name).into_owned())
+    }
+
     /// Adapts every bitmap to a new disk size (for resize; callers hold writers quiesced):
     /// bits past a shrunk end are dropped, a grown disk is clean past the old end.
-    #[allow(dead_code)] // called by the resize operation
     pub fn resize(&self, new_size: u64) {
         let mut s = self.lock();
         for b in s.list.iter_mut().filter(|b| !b.inconsistent) {

@@ -123,22 +123,29 @@ impl Image {
 
     /// Reverts the disk to snapshot `key` (an id, else a name), like `qemu-img snapshot
     /// -a`. Reads racing the switch see the old or the new contents; later ones the new.
+    /// When the snapshot's disk size differs from the current virtual size the image is
+    /// first resized to it, as QEMU does (a separate step: a crash in between leaves the
+    /// resized image with its old contents, as in QEMU).
     ///
     /// Errors: `ReadOnly`, `NotFound` (no such id or name), `Busy` when the image has
     /// persistent bitmaps (enabled or not: QEMU refuses them too), `Corrupt` when the
     /// snapshot's table entry is damaged (nothing is changed), `Unsupported` when the
-    /// snapshot's disk size differs from the current virtual size (QEMU resizes the image
-    /// then), I/O errors.
+    /// snapshot's L1 table is longer than the image's after that resize, I/O errors.
     pub fn snapshot_apply(&self, key: &str) -> Result<()> {
         self.check_writable()?;
-        let _quiet = self.io.quiesce();
-        // Like QEMU: reverting under a dirty bitmap would change data it never saw written.
-        if !self.bitmaps()?.is_empty() {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                "Device has active dirty bitmaps",
-            ));
+        self.refuse_apply_with_bitmaps()?;
+        let s = {
+            let snaps = self.snapshots_mut();
+            find(&snaps.list, key)
+                .map(|i| snaps.list[i].clone())
+                .ok_or_else(|| not_found(key))?
+        };
+        ops::check_usable_entry(self, &s)?;
+        if let Some(disk) = s.disk_size.filter(|&d| d != self.virtual_size()) {
+            self.resize(disk, true)?;
         }
+        let _quiet = self.io.quiesce();
+        self.refuse_apply_with_bitmaps()?;
         let mut m = self.lock_meta();
         let mut snaps = self.snapshots_mut();
         let s = find(&snaps.list, key)
@@ -148,6 +155,17 @@ impl Image {
         let r = ops::apply(self, &mut m, &mut snaps, &s);
         drop((snaps, m));
         self.finish(r)
+    }
+
+    /// Like QEMU: reverting under a dirty bitmap would change data it never saw written.
+    fn refuse_apply_with_bitmaps(&self) -> Result<()> {
+        if self.bitmaps()?.is_empty() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Busy,
+            "Device has active dirty bitmaps",
+        ))
     }
 
     /// Deletes snapshot `key` (an id, else a name), like `qemu-img snapshot -d`; the

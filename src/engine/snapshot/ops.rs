@@ -22,13 +22,14 @@ pub(super) fn check_usable_entry(img: &Image, s: &Snapshot) -> Result<()> {
     }
 }
 
-/// What apply supports today: an intact entry for the current virtual size.
+/// What apply supports: an intact entry for the current virtual size (the caller resized the
+/// image to the snapshot's first) whose L1 table fits the active one.
 pub(super) fn check_applicable(img: &Image, s: &Snapshot) -> Result<()> {
     check_usable_entry(img, s)?;
     let disk = s.disk_size.unwrap_or(img.virtual_size());
     if disk != img.virtual_size() {
         return unsupported!(
-            "snapshot '{}' has a disk size of {disk} bytes and the image {} bytes: applying it would resize the image (as QEMU does), which oxcow does not support yet",
+            "snapshot '{}' has a disk size of {disk} bytes and the image {} bytes (it was resized meanwhile)",
             s.name,
             img.virtual_size()
         );
