@@ -18,6 +18,7 @@ pub mod error;
 pub mod image;
 pub mod snapshot;
 pub mod types;
+mod util;
 pub mod version;
 
 pub use bitmap::{
