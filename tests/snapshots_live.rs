@@ -32,6 +32,16 @@ fn view(p: &std::path::Path, key: &str) -> Vec<u8> {
     oxcow_read_all(&img)
 }
 
+/// Closes the last handle `img` (every thread joined) and checks `p` clean with qemu-img.
+fn close_and_check(img: Arc<Image>, p: &std::path::Path) {
+    Arc::try_unwrap(img)
+        .ok()
+        .expect("sole owner")
+        .close()
+        .expect("close");
+    assert_check_clean(p);
+}
+
 /// Each writer thread owns a stripe of chunks and writes generation-tagged data; a
 /// snapshot taken meanwhile must hold, for every chunk, some generation the writer wrote
 /// before the snapshot returned and no later than the one after.
@@ -75,12 +85,7 @@ fn writers_keep_running_while_snapshots_are_created_and_every_snapshot_is_consis
         w.join().expect("writer");
     }
     let final_data = oxcow_read_all(&img);
-    Arc::try_unwrap(img)
-        .ok()
-        .expect("sole owner")
-        .close()
-        .expect("close");
-    assert_check_clean(&p);
+    close_and_check(img, &p);
     for (name, before, after) in taken {
         let v = view(&p, &name);
         for c in 0..chunks as usize {
@@ -332,12 +337,7 @@ fn no_read_started_after_apply_sees_the_old_mapping() {
             r.join().expect("reader saw a stale mapping");
         }
     }
-    Arc::try_unwrap(img)
-        .ok()
-        .expect("sole owner")
-        .close()
-        .expect("close");
-    assert_check_clean(&p);
+    close_and_check(img, &p);
 }
 
 /// Writers keep going while snapshots are deleted; the active data is exactly what the
@@ -382,12 +382,7 @@ fn writers_keep_running_while_snapshots_are_deleted() {
         let got = &data[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize];
         assert!(got.iter().all(|&b| b == want), "chunk {c}");
     }
-    Arc::try_unwrap(img)
-        .ok()
-        .expect("sole owner")
-        .close()
-        .expect("close");
-    assert_check_clean(&p);
+    close_and_check(img, &p);
 }
 
 /// QEMU refuses to apply a snapshot to an image with persistent bitmaps ("Device has active
