@@ -191,6 +191,32 @@ pub(super) fn state_at(
     f
 }
 
+/// Runs `check` on the crash states of `journal` on top of `base`: about `points` prefixes
+/// spread over it and the whole journal, each as written and then reordered (the writes after
+/// its last sync dropped where bit `i % 64` of `mask(k)` is set). `check` gets the file and a
+/// description; returns the number of states checked.
+pub(super) fn each_crash_state(
+    base: &[u8],
+    journal: &[Event],
+    points: usize,
+    mut mask: impl FnMut(usize) -> u64,
+    mut check: impl FnMut(&[u8], &str),
+) -> usize {
+    let n = journal.len();
+    let step = (n / points).max(1);
+    let ks = (0..=n).step_by(step).chain((n % step != 0).then_some(n));
+    let mut states = 0;
+    for k in ks {
+        let what = format!("crash after {k}/{n} journal entries");
+        check(&state_at(base, journal, k, &|_| false), &what);
+        let m = mask(k);
+        let reordered = state_at(base, journal, k, &|i| m >> (i % 64) & 1 == 1);
+        check(&reordered, &format!("{what}, reordered"));
+        states += 2;
+    }
+    states
+}
+
 /// What a crash right after the whole `journal` leaves: only the writes up to the last sync.
 pub(super) fn durable_state(base: &[u8], journal: &[Event]) -> Vec<u8> {
     state_at(base, journal, journal.len(), &|_| true)
@@ -228,28 +254,13 @@ fn crash_points(tag: &str, opts: CreateOptions, seed: u64) {
         touched: m.touched.clone(),
     };
     // Every prefix, at most ~120 of them spread over the journal, plus reorderings.
-    let step = (journal.len() / 120).max(1);
-    let mut states = 0;
-    for k in (0..=journal.len()).step_by(step) {
-        let what = format!("{tag}: crash after {k}/{} journal entries", journal.len());
-        check_state(
-            &dir.0,
-            &state_at(&base, &journal, k, &|_| false),
-            &flushed,
-            lazy,
-            &what,
-        );
-        let mask = rng.next();
-        let reordered = state_at(&base, &journal, k, &|i| mask >> (i % 64) & 1 == 1);
-        check_state(
-            &dir.0,
-            &reordered,
-            &flushed,
-            lazy,
-            &format!("{what}, reordered"),
-        );
-        states += 2;
-    }
+    let states = each_crash_state(
+        &base,
+        &journal,
+        120,
+        |_| rng.next(),
+        |bytes, what| check_state(&dir.0, bytes, &flushed, lazy, &format!("{tag}: {what}")),
+    );
     // The completed second flush makes everything durable.
     let all = state_at(&base, &journal, journal.len(), &|_| false);
     let done = Model {

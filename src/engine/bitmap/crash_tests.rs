@@ -5,7 +5,9 @@
 //! and complete: its dirty set covers every byte that differs from the image before the
 //! session, and everything it held before. Never a consistent bitmap that misses a write.
 
-use crate::engine::crash_tests::{durable_state, open_sim, read_guest, rw, state_at, Rng, Scratch};
+use crate::engine::crash_tests::{
+    durable_state, each_crash_state, open_sim, read_guest, rw, Rng, Scratch,
+};
 use crate::engine::Image;
 use crate::storage::sim::{Event, SimFile};
 use crate::storage::HostFile;
@@ -153,20 +155,14 @@ fn crash_points(tag: &str, cluster_size: u32, add_remove: bool) {
     session(&img, add_remove);
     img.close().expect("close");
     let journal = sim.journal();
-    let step = (journal.len() / 100).max(1);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15u64 ^ cluster_size as u64);
-    for k in (0..=journal.len()).step_by(step).chain([journal.len()]) {
-        let what = format!("{tag}: crash after {k}/{}", journal.len());
-        check_state(
-            &dir.0,
-            &state_at(&base, &journal, k, &|_| false),
-            &before,
-            &what,
-        );
-        let mask = rng.next();
-        let reordered = state_at(&base, &journal, k, &|i| mask >> (i % 64) & 1 == 1);
-        check_state(&dir.0, &reordered, &before, &format!("{what}, reordered"));
-    }
+    each_crash_state(
+        &base,
+        &journal,
+        100,
+        |_| rng.next(),
+        |bytes, what| check_state(&dir.0, bytes, &before, &format!("{tag}: {what}")),
+    );
     // After the completed close every bitmap is consistent again.
     let p = dir.0.join("final.qcow2");
     std::fs::write(&p, sim.contents()).expect("write");

@@ -6,7 +6,9 @@
 //! follows it, which QEMU has too; harmless: the next write copies needlessly).
 
 use super::super::Image;
-use crate::engine::crash_tests::{durable_state, open_sim, read_guest, rw, state_at, Scratch};
+use crate::engine::crash_tests::{
+    durable_state, each_crash_state, open_sim, read_guest, rw, state_at, Scratch,
+};
 use crate::storage::sim::Event;
 use crate::{CreateOptions, OpenOptions};
 use std::path::Path;
@@ -112,21 +114,14 @@ fn crash_points(tag: &str, opts: CreateOptions, op: &dyn Fn(&Image)) {
         journal.len()
     );
     let want = Outcomes { old, new };
-    let step = (journal.len() / 100).max(1);
     let mut mask = 0x9e37_79b9_7f4a_7c15u64;
-    for k in (0..=journal.len()).step_by(step) {
-        let what = format!("{tag}: crash after {k}/{} journal entries", journal.len());
-        check_state(
-            &dir.0,
-            &state_at(&base, &journal, k, &|_| false),
-            &want,
-            &what,
-        );
+    let next_mask = |k: usize| {
         mask = mask.rotate_left(7) ^ (k as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
-        let m = mask;
-        let reordered = state_at(&base, &journal, k, &|i| m >> (i % 64) & 1 == 1);
-        check_state(&dir.0, &reordered, &want, &format!("{what}, reordered"));
-    }
+        mask
+    };
+    each_crash_state(&base, &journal, 100, next_mask, |bytes, what| {
+        check_state(&dir.0, bytes, &want, &format!("{tag}: {what}"))
+    });
     let done = state_at(&base, &journal, journal.len(), &|_| false);
     let p = dir.0.join("done.qcow2");
     std::fs::write(&p, done).expect("write");
