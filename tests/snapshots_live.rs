@@ -143,6 +143,11 @@ fn reads_after_apply_see_the_snapshot_and_writes_after_create_copy_shared_cluste
     assert_check_clean(&p);
 }
 
+/// The kind of the error `r` must be.
+fn err_kind<T: std::fmt::Debug>(r: oxcow::Result<T>) -> ErrorKind {
+    r.expect_err("the operation must fail").kind()
+}
+
 /// The engine's own check on the live handle (it reads the header the operations updated).
 fn assert_live_check_clean(img: &Image) {
     let r = img.check(oxcow::CheckFix::None, None).expect("check");
@@ -200,18 +205,9 @@ fn snapshot_operations_refuse_read_only_handles_missing_names_and_damaged_entrie
     qemu_img(&["snapshot", "-c", "good", path_str(&p)]);
     qemu_img(&["snapshot", "-c", "bad", path_str(&p)]);
     let ro = open_ro(&p);
-    assert_eq!(
-        ro.snapshot_create("x").unwrap_err().kind(),
-        ErrorKind::ReadOnly
-    );
-    assert_eq!(
-        ro.snapshot_apply("good").unwrap_err().kind(),
-        ErrorKind::ReadOnly
-    );
-    assert_eq!(
-        ro.snapshot_delete("good").unwrap_err().kind(),
-        ErrorKind::ReadOnly
-    );
+    assert_eq!(err_kind(ro.snapshot_create("x")), ErrorKind::ReadOnly);
+    assert_eq!(err_kind(ro.snapshot_apply("good")), ErrorKind::ReadOnly);
+    assert_eq!(err_kind(ro.snapshot_delete("good")), ErrorKind::ReadOnly);
     drop(ro);
     // Unalign the second entry's L1 table offset.
     let table = snapshot_table_offset(&p);
@@ -219,24 +215,12 @@ fn snapshot_operations_refuse_read_only_handles_missing_names_and_damaged_entrie
     let l1 = be64(&p, table + first_len);
     poke(&p, table + first_len, &(l1 + 512).to_be_bytes());
     let img = open_rw(&p);
+    assert_eq!(err_kind(img.snapshot_apply("nope")), ErrorKind::NotFound);
+    assert_eq!(err_kind(img.snapshot_delete("nope")), ErrorKind::NotFound);
+    assert_eq!(err_kind(img.snapshot_apply("bad")), ErrorKind::Corrupt);
+    assert_eq!(err_kind(img.snapshot_delete("2")), ErrorKind::Corrupt);
     assert_eq!(
-        img.snapshot_apply("nope").unwrap_err().kind(),
-        ErrorKind::NotFound
-    );
-    assert_eq!(
-        img.snapshot_delete("nope").unwrap_err().kind(),
-        ErrorKind::NotFound
-    );
-    assert_eq!(
-        img.snapshot_apply("bad").unwrap_err().kind(),
-        ErrorKind::Corrupt
-    );
-    assert_eq!(
-        img.snapshot_delete("2").unwrap_err().kind(),
-        ErrorKind::Corrupt
-    );
-    assert_eq!(
-        img.snapshot_create("").unwrap_err().kind(),
+        err_kind(img.snapshot_create("")),
         ErrorKind::InvalidArgument
     );
     // The handle is still usable and the intact snapshot still works.
