@@ -11,20 +11,6 @@ use common::*;
 use std::path::Path;
 use std::process::Command;
 
-/// Runs a program in `dir` (relative names, like a user's shell).
-fn run_in(dir: &Path, prog: &str, args: &[&str]) -> CmdOut {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
-    CmdOut {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 /// Runs the built `oxcow` binary in `dir`.
 fn oxcow(dir: &Path, args: &[&str]) -> CmdOut {
     run_in(dir, env!("CARGO_BIN_EXE_oxcow"), args)
@@ -101,6 +87,50 @@ fn as_oxcow(stderr: &str, qemu_file: &str, oxcow_file: &str) -> String {
         .replace(qemu_file, oxcow_file)
 }
 
+/// Stands for the image file in [`same_outcome`]'s arguments.
+const FILE: &str = "<file>";
+
+/// Runs `args` through qemu-img with `qf` for [`FILE`] and through oxcow with `of`, in `dir`:
+/// exit codes and messages (qemu-img's worded as oxcow's) must agree (`what` names the
+/// case). Returns the exit code.
+fn same_outcome(dir: &Path, args: &[&str], (qf, of): (&str, &str), what: &str) -> i32 {
+    let with = |f| -> Vec<&str> {
+        args.iter()
+            .map(|&a| if a == FILE { f } else { a })
+            .collect()
+    };
+    let q = run_in(dir, "qemu-img", &with(qf));
+    let o = oxcow(dir, &with(of));
+    assert_eq!(
+        o.code,
+        q.code,
+        "{what}: exit codes differ:\noxcow: {}\nqemu-img: {}",
+        o.all(),
+        q.all()
+    );
+    assert_eq!(
+        o.stderr,
+        as_oxcow(&q.stderr, qf, of),
+        "{what}: messages differ"
+    );
+    q.code
+}
+
+/// `of` has the same bitmaps as `qf` (qemu-img info) with the same dirty sets (read by QEMU),
+/// and checks clean.
+fn assert_same_bitmaps(dir: &Path, (qf, of): (&str, &str), what: &str) {
+    let (ql, ol) = (bitmaps(dir, qf), bitmaps(dir, of));
+    assert_eq!(ol, ql, "{what}: qemu-img info bitmaps differ");
+    for b in consistent_names(&ql) {
+        assert_eq!(
+            qemu_dirty(dir, of, &b),
+            qemu_dirty(dir, qf, &b),
+            "{what}: dirty set of {b} differs"
+        );
+    }
+    assert_check_clean(&dir.join(of));
+}
+
 /// A 16M image with data, bitmap `base` (enabled, dirty at 1M and 5M..5M+64k) and bitmap
 /// `off` (disabled, 4k granules, dirty at 2M), plus `other.qcow2` (same size, bitmap `ob`
 /// dirty at 8M), `big.qcow2` (32M, bitmap `bb`) and `r.raw`.
@@ -137,35 +167,12 @@ fn same_as_qemu(dir: &Path, base: &str, args: &[&str], name: &str) {
     let (qf, of) = ("q.qcow2", "o.qcow2");
     std::fs::copy(dir.join(base), dir.join(qf)).expect("copy");
     std::fs::copy(dir.join(base), dir.join(of)).expect("copy");
-    let mut qa = vec!["bitmap"];
-    qa.extend_from_slice(args);
-    let mut oa = qa.clone();
-    qa.extend([qf, name]);
-    oa.extend([of, name]);
-    let q = run_in(dir, "qemu-img", &qa);
-    let o = oxcow(dir, &oa);
+    let mut a = vec!["bitmap"];
+    a.extend_from_slice(args);
+    a.extend([FILE, name]);
     let what = format!("bitmap {} <file> {name:?}", args.join(" "));
-    assert_eq!(
-        o.code,
-        q.code,
-        "{what}: exit codes differ:\noxcow: {}\nqemu-img: {}",
-        o.all(),
-        q.all()
-    );
-    assert_eq!(
-        o.stderr,
-        as_oxcow(&q.stderr, qf, of),
-        "{what}: messages differ"
-    );
-    let (ql, ol) = (bitmaps(dir, qf), bitmaps(dir, of));
-    assert_eq!(ol, ql, "{what}: qemu-img info bitmaps differ");
-    for b in consistent_names(&ql) {
-        assert_eq!(
-            qemu_dirty(dir, of, &b),
-            qemu_dirty(dir, qf, &b),
-            "{what}: dirty set of {b} differs"
-        );
-    }
+    same_outcome(dir, &a, (qf, of), &what);
+    assert_same_bitmaps(dir, (qf, of), &what);
     assert_check_clean(&dir.join(of));
 }
 
@@ -506,45 +513,21 @@ fn convert_same_as_qemu(dir: &Path, args: &[&str], src: &str) {
     let (qf, of) = ("cq.qcow2", "co.qcow2");
     let _ = std::fs::remove_file(dir.join(qf));
     let _ = std::fs::remove_file(dir.join(of));
-    let mut qa = vec!["convert"];
-    qa.extend_from_slice(args);
-    let mut oa = qa.clone();
-    qa.extend([src, qf]);
-    oa.extend([src, of]);
-    let q = run_in(dir, "qemu-img", &qa);
-    let o = oxcow(dir, &oa);
+    let mut a = vec!["convert"];
+    a.extend_from_slice(args);
+    a.extend([src, FILE]);
     let what = format!("convert {} {src}", args.join(" "));
-    assert_eq!(
-        o.code,
-        q.code,
-        "{what}: exit codes differ:\noxcow: {}\nqemu-img: {}",
-        o.all(),
-        q.all()
-    );
-    assert_eq!(
-        o.stderr,
-        as_oxcow(&q.stderr, qf, of),
-        "{what}: messages differ"
-    );
+    let code = same_outcome(dir, &a, (qf, of), &what);
     assert_eq!(
         dir.join(of).exists(),
         dir.join(qf).exists(),
         "{what}: DST created by one only"
     );
-    if q.code != 0 {
+    if code != 0 {
         return;
     }
-    let (ql, ol) = (bitmaps(dir, qf), bitmaps(dir, of));
-    assert_eq!(ol, ql, "{what}: bitmaps differ");
-    for b in consistent_names(&ql) {
-        assert_eq!(
-            qemu_dirty(dir, of, &b),
-            qemu_dirty(dir, qf, &b),
-            "{what}: dirty set of {b}"
-        );
-    }
+    assert_same_bitmaps(dir, (qf, of), &what);
     ok(dir, "qemu-img", &["compare", "-q", qf, of]);
-    assert_check_clean(&dir.join(of));
 }
 
 #[test]

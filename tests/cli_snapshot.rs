@@ -8,18 +8,10 @@ mod snapshots_support;
 use common::*;
 use snapshots_support::*;
 use std::path::Path;
-use std::process::Command;
 
+/// Runs the built `oxcow` binary.
 fn oxcow(args: &[&str]) -> CmdOut {
-    let out = Command::new(env!("CARGO_BIN_EXE_oxcow"))
-        .args(args)
-        .output()
-        .expect("run oxcow");
-    CmdOut {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    run(env!("CARGO_BIN_EXE_oxcow"), args)
 }
 
 /// Runs the same `snapshot` arguments through both tools (the file last) and returns both
@@ -34,21 +26,9 @@ fn both(args: &[&str], q: &Path, o: &Path) -> (CmdOut, CmdOut) {
     (run("qemu-img", &qa), oxcow(&oa))
 }
 
-/// The table without the DATE column (dates differ between the two runs).
-fn undated(stdout: &str) -> Vec<String> {
-    stdout
-        .lines()
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() >= 7 && f[0] != "ID" {
-                let mut g = f.clone();
-                g.drain(4..6);
-                g.join(" ")
-            } else {
-                l.to_string()
-            }
-        })
-        .collect()
+/// `convert -l SEL -O raw SRC DST`: snapshot SEL of SRC as raw bytes in DST.
+fn to_raw<'a>(sel: &'a str, src: &'a str, dst: &'a str) -> [&'a str; 7] {
+    ["convert", "-l", sel, "-O", "raw", src, dst]
 }
 
 fn pair(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -143,24 +123,8 @@ fn convert_l_reads_a_snapshot_like_qemu_img_convert_l() {
     ] {
         let want = dir.join("want.raw");
         let got = dir.join("got.raw");
-        qemu_img(&[
-            "convert",
-            "-l",
-            sel,
-            "-O",
-            "raw",
-            path_str(&q),
-            path_str(&want),
-        ]);
-        let o = oxcow(&[
-            "convert",
-            "-l",
-            sel,
-            "-O",
-            "raw",
-            path_str(&q),
-            path_str(&got),
-        ]);
+        qemu_img(&to_raw(sel, path_str(&q), path_str(&want)));
+        let o = oxcow(&to_raw(sel, path_str(&q), path_str(&got)));
         assert_eq!(o.code, 0, "{sel}: {}", o.all());
         assert!(
             read_file(&want) == read_file(&got),
@@ -180,30 +144,11 @@ fn convert_l_reads_a_snapshot_like_qemu_img_convert_l() {
     assert_eq!(o.code, 0, "{}", o.all());
     assert_check_clean(&got);
     let want = dir.join("want.raw");
-    qemu_img(&[
-        "convert",
-        "-l",
-        "old",
-        "-O",
-        "raw",
-        path_str(&q),
-        path_str(&want),
-    ]);
+    qemu_img(&to_raw("old", path_str(&q), path_str(&want)));
     assert_compare_identical(&got, &want);
     for sel in ["snapshot.name=nope", "snapshot.id=2,snapshot.name=old"] {
-        let a = run(
-            "qemu-img",
-            &["convert", "-l", sel, "-O", "raw", path_str(&q), "/tmp/x"],
-        );
-        let b = oxcow(&[
-            "convert",
-            "-l",
-            sel,
-            "-O",
-            "raw",
-            path_str(&q),
-            path_str(&dir.join("n.raw")),
-        ]);
+        let a = run("qemu-img", &to_raw(sel, path_str(&q), "/tmp/x"));
+        let b = oxcow(&to_raw(sel, path_str(&q), path_str(&dir.join("n.raw"))));
         assert_eq!((a.code, b.code), (1, 1), "{sel}");
         assert!(
             b.stderr

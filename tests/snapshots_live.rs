@@ -32,6 +32,16 @@ fn view(p: &std::path::Path, key: &str) -> Vec<u8> {
     oxcow_read_all(&img)
 }
 
+/// Closes the last handle `img` (every thread joined) and checks `p` clean with qemu-img.
+fn close_and_check(img: Arc<Image>, p: &std::path::Path) {
+    Arc::try_unwrap(img)
+        .ok()
+        .expect("sole owner")
+        .close()
+        .expect("close");
+    assert_check_clean(p);
+}
+
 /// Each writer thread owns a stripe of chunks and writes generation-tagged data; a
 /// snapshot taken meanwhile must hold, for every chunk, some generation the writer wrote
 /// before the snapshot returned and no later than the one after.
@@ -75,12 +85,7 @@ fn writers_keep_running_while_snapshots_are_created_and_every_snapshot_is_consis
         w.join().expect("writer");
     }
     let final_data = oxcow_read_all(&img);
-    Arc::try_unwrap(img)
-        .ok()
-        .expect("sole owner")
-        .close()
-        .expect("close");
-    assert_check_clean(&p);
+    close_and_check(img, &p);
     for (name, before, after) in taken {
         let v = view(&p, &name);
         for c in 0..chunks as usize {
@@ -136,6 +141,11 @@ fn reads_after_apply_see_the_snapshot_and_writes_after_create_copy_shared_cluste
     assert_live_check_clean(&img);
     img.close().expect("close");
     assert_check_clean(&p);
+}
+
+/// The kind of the error `r` must be.
+fn err_kind<T: std::fmt::Debug>(r: oxcow::Result<T>) -> ErrorKind {
+    r.expect_err("the operation must fail").kind()
 }
 
 /// The engine's own check on the live handle (it reads the header the operations updated).
@@ -195,18 +205,9 @@ fn snapshot_operations_refuse_read_only_handles_missing_names_and_damaged_entrie
     qemu_img(&["snapshot", "-c", "good", path_str(&p)]);
     qemu_img(&["snapshot", "-c", "bad", path_str(&p)]);
     let ro = open_ro(&p);
-    assert_eq!(
-        ro.snapshot_create("x").unwrap_err().kind(),
-        ErrorKind::ReadOnly
-    );
-    assert_eq!(
-        ro.snapshot_apply("good").unwrap_err().kind(),
-        ErrorKind::ReadOnly
-    );
-    assert_eq!(
-        ro.snapshot_delete("good").unwrap_err().kind(),
-        ErrorKind::ReadOnly
-    );
+    assert_eq!(err_kind(ro.snapshot_create("x")), ErrorKind::ReadOnly);
+    assert_eq!(err_kind(ro.snapshot_apply("good")), ErrorKind::ReadOnly);
+    assert_eq!(err_kind(ro.snapshot_delete("good")), ErrorKind::ReadOnly);
     drop(ro);
     // Unalign the second entry's L1 table offset.
     let table = snapshot_table_offset(&p);
@@ -214,24 +215,12 @@ fn snapshot_operations_refuse_read_only_handles_missing_names_and_damaged_entrie
     let l1 = be64(&p, table + first_len);
     poke(&p, table + first_len, &(l1 + 512).to_be_bytes());
     let img = open_rw(&p);
+    assert_eq!(err_kind(img.snapshot_apply("nope")), ErrorKind::NotFound);
+    assert_eq!(err_kind(img.snapshot_delete("nope")), ErrorKind::NotFound);
+    assert_eq!(err_kind(img.snapshot_apply("bad")), ErrorKind::Corrupt);
+    assert_eq!(err_kind(img.snapshot_delete("2")), ErrorKind::Corrupt);
     assert_eq!(
-        img.snapshot_apply("nope").unwrap_err().kind(),
-        ErrorKind::NotFound
-    );
-    assert_eq!(
-        img.snapshot_delete("nope").unwrap_err().kind(),
-        ErrorKind::NotFound
-    );
-    assert_eq!(
-        img.snapshot_apply("bad").unwrap_err().kind(),
-        ErrorKind::Corrupt
-    );
-    assert_eq!(
-        img.snapshot_delete("2").unwrap_err().kind(),
-        ErrorKind::Corrupt
-    );
-    assert_eq!(
-        img.snapshot_create("").unwrap_err().kind(),
+        err_kind(img.snapshot_create("")),
         ErrorKind::InvalidArgument
     );
     // The handle is still usable and the intact snapshot still works.
@@ -354,12 +343,7 @@ fn no_read_started_after_apply_sees_the_old_mapping() {
             r.join().expect("reader saw a stale mapping");
         }
     }
-    Arc::try_unwrap(img)
-        .ok()
-        .expect("sole owner")
-        .close()
-        .expect("close");
-    assert_check_clean(&p);
+    close_and_check(img, &p);
 }
 
 /// Writers keep going while snapshots are deleted; the active data is exactly what the
@@ -404,12 +388,7 @@ fn writers_keep_running_while_snapshots_are_deleted() {
         let got = &data[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize];
         assert!(got.iter().all(|&b| b == want), "chunk {c}");
     }
-    Arc::try_unwrap(img)
-        .ok()
-        .expect("sole owner")
-        .close()
-        .expect("close");
-    assert_check_clean(&p);
+    close_and_check(img, &p);
 }
 
 /// QEMU refuses to apply a snapshot to an image with persistent bitmaps ("Device has active

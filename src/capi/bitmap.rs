@@ -6,8 +6,9 @@
 use super::error::{einval, oxcow_error, CResult};
 use super::image::{oxcow_image, with_image};
 use super::types::*;
-use crate::{BitmapAddOptions, Error, Image};
-use std::ffi::{c_char, c_int, CStr};
+use super::util::{c_str, copy_c_string, copy_list, with_c_str, write_extent};
+use crate::{BitmapAddOptions, Image};
+use std::ffi::{c_char, c_int};
 use std::ptr;
 
 /// oxcow_bitmap_add() flag: create the bitmap disabled (not recording guest writes), like
@@ -54,42 +55,19 @@ const _: () = assert!(
         && OXCOW_BITMAP_DISABLED & OXCOW_BITMAP_AUTO == 0
 );
 
-/// Borrows a caller's bitmap name: NULL and names that are not UTF-8 give -EINVAL (the
-/// engine checks the rest of QEMU's name rules).
+/// Runs `f` on the image with the bitmap name `name` decoded by [`c_str`] (the engine checks
+/// the rest of QEMU's name rules); the shape of every call that takes one name.
 ///
 /// # Safety
-/// `p` is NULL or a valid NUL-terminated string that outlives the returned reference.
-unsafe fn c_name<'a>(p: *const c_char, what: &str) -> CResult<&'a str> {
-    if p.is_null() {
-        return einval(format!("{what} is NULL"));
-    }
-    // SAFETY: non-NULL, NUL-terminated and live per the caller's contract.
-    let s = unsafe { CStr::from_ptr(p) };
-    match s.to_str() {
-        Ok(s) => Ok(s),
-        Err(_) => einval(format!("{what} is not valid UTF-8")),
-    }
-}
-
-/// Runs `f` on the image with the bitmap name `name` decoded; the shape of every call that
-/// takes one name.
-///
-/// # Safety
-/// `img` is NULL or a live handle; `name` is NULL or NUL-terminated; `err` is NULL or valid for
-/// writing one pointer.
+/// As [`with_c_str`].
 unsafe fn with_name(
     img: *mut oxcow_image,
     name: *const c_char,
     err: *mut *mut oxcow_error,
     f: impl FnOnce(&Image, &str) -> CResult<()>,
 ) -> c_int {
-    let body = |image: &Image| {
-        // SAFETY: `name` is NULL or NUL-terminated per the contract.
-        let name = unsafe { c_name(name, "name") }?;
-        f(image, name)
-    };
     // SAFETY: forwarded from this function's contract.
-    unsafe { with_image(img, err, body) }
+    unsafe { with_c_str(img, name, "name", err, f) }
 }
 
 /// Adds an empty persistent bitmap `name` that records guest writes from now on (stored with
@@ -212,7 +190,7 @@ pub unsafe extern "C" fn oxcow_bitmap_merge(
 ) -> c_int {
     let body = |image: &Image| {
         // SAFETY: both are NULL or NUL-terminated per the contract.
-        let (d, s) = unsafe { (c_name(dst, "dst")?, c_name(src, "src")?) };
+        let (d, s) = unsafe { (c_str(dst, "dst")?, c_str(src, "src")?) };
         image.bitmap_merge(d, s)
     };
     // SAFETY: forwarded from this function's contract.
@@ -228,19 +206,7 @@ fn to_c_info(b: &crate::BitmapInfo) -> CResult<oxcow_bitmap_info> {
         flags: b.flags,
         reserved: 0,
     };
-    let bytes = b.name.as_bytes();
-    if bytes.len() >= OXCOW_BITMAP_NAME_LEN || bytes.contains(&0) {
-        return Err(Error::io(
-            format!(
-                "bitmap name ({} bytes) does not fit in oxcow_bitmap_info",
-                bytes.len()
-            ),
-            std::io::Error::from_raw_os_error(libc::ERANGE),
-        ));
-    }
-    for (d, &c) in r.name.iter_mut().zip(bytes) {
-        *d = c as c_char;
-    }
+    copy_c_string(&mut r.name, &b.name, "bitmap name", "oxcow_bitmap_info")?;
     Ok(r)
 }
 
@@ -263,25 +229,9 @@ pub unsafe extern "C" fn oxcow_bitmap_list(
     count: *mut usize,
 ) -> c_int {
     let body = |image: &Image| {
-        if count.is_null() {
-            return einval("count is NULL");
-        }
-        if out.is_null() && cap > 0 {
-            return einval(format!("out is NULL with cap {cap}"));
-        }
-        let list = image.bitmaps()?;
-        let infos = list
-            .iter()
-            .take(cap)
-            .map(to_c_info)
-            .collect::<CResult<Vec<_>>>()?;
-        for (i, info) in infos.into_iter().enumerate() {
-            // SAFETY: i < cap, and `out` is valid for `cap` entries per the contract.
-            unsafe { out.add(i).write(info) };
-        }
-        // SAFETY: non-NULL (checked) and writable per the contract.
-        unsafe { count.write(list.len()) };
-        Ok(())
+        // SAFETY: `out` is NULL or valid for `cap` entries, `count` NULL or valid for one
+        // `size_t`, per the contract.
+        unsafe { copy_list(out, cap, count, || image.bitmaps(), to_c_info) }
     };
     // SAFETY: forwarded from this function's contract; NULL `err`.
     unsafe { with_image(img, ptr::null_mut(), body) }
@@ -316,15 +266,8 @@ pub unsafe extern "C" fn oxcow_bitmap_status(
             return einval("count is 0");
         }
         let e = image.bitmap_status(name, offset, count)?;
-        let r = oxcow_extent {
-            offset: e.offset,
-            length: e.length,
-            host_offset: e.host_offset,
-            flags: e.flags,
-            reserved: 0,
-        };
-        // SAFETY: non-NULL and writable for one extent per the contract.
-        unsafe { out.write(r) };
+        // SAFETY: non-NULL (checked above) and valid for one extent per the contract.
+        unsafe { write_extent(out, &e) };
         Ok(())
     };
     // SAFETY: forwarded from this function's contract; NULL `err`.

@@ -5,7 +5,8 @@
 use super::create::c_path;
 use super::error::{call, einval, oxcow_error, CResult};
 use super::types::*;
-use crate::{CorruptionEvent, Error, EventHandler, Image, OpenOptions, OverlapCheck, ZeroFlags};
+use super::util::{copy_c_string, write_extent};
+use crate::{CorruptionEvent, EventHandler, Image, OpenOptions, OverlapCheck, ZeroFlags};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::ptr;
 use std::sync::Arc;
@@ -471,22 +472,6 @@ pub unsafe extern "C" fn oxcow_reopen(
     unsafe { with_image(img, err, body) }
 }
 
-/// Copies `s` into a fixed C char array, NUL-terminated; -ERANGE when it does not fit.
-fn copy_c_string(dst: &mut [c_char], s: &str, what: &str) -> CResult<()> {
-    let b = s.as_bytes();
-    if b.len() >= dst.len() || b.contains(&0) {
-        return Err(Error::io(
-            format!("{what} ({} bytes) does not fit in oxcow_info", b.len()),
-            std::io::Error::from_raw_os_error(libc::ERANGE),
-        ));
-    }
-    for (d, &c) in dst.iter_mut().zip(b) {
-        *d = c as c_char;
-    }
-    dst[b.len()] = 0;
-    Ok(())
-}
-
 /// Fills `*out` (initialised with oxcow_info_init()) with static facts about the image: sizes,
 /// version, refcount width, compression type, OXCOW_INFO_* flags, snapshot count, backing file
 /// name and format. On success `out->struct_size` is set to the number of bytes filled.
@@ -524,10 +509,10 @@ pub unsafe extern "C" fn oxcow_get_info(img: *mut oxcow_image, out: *mut oxcow_i
             | bit(i.backing_file.is_some(), OXCOW_INFO_HAS_BACKING);
         r.snapshot_count = i.snapshot_count;
         if let Some(b) = &i.backing_file {
-            copy_c_string(&mut r.backing_file, b, "backing file name")?;
+            copy_c_string(&mut r.backing_file, b, "backing file name", "oxcow_info")?;
         }
         if let Some(f) = &i.backing_format {
-            copy_c_string(&mut r.backing_format, f, "backing format")?;
+            copy_c_string(&mut r.backing_format, f, "backing format", "oxcow_info")?;
         }
         // SAFETY: non-NULL, and at least INFO_V1_SIZE bytes writable (checked above).
         unsafe { out.write(r) };
@@ -558,15 +543,8 @@ pub unsafe extern "C" fn oxcow_block_status(
             return einval("out is NULL");
         }
         let e = image.block_status(offset, count)?;
-        let r = oxcow_extent {
-            offset: e.offset,
-            length: e.length,
-            host_offset: e.host_offset,
-            flags: e.flags,
-            reserved: 0,
-        };
-        // SAFETY: non-NULL and writable for one extent per the contract.
-        unsafe { out.write(r) };
+        // SAFETY: non-NULL (checked above) and valid for one extent per the contract.
+        unsafe { write_extent(out, &e) };
         Ok(())
     };
     // SAFETY: `img` is NULL or live per the contract; NULL `err`.

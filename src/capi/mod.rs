@@ -19,6 +19,7 @@ pub mod image;
 pub mod resize;
 pub mod snapshot;
 pub mod types;
+mod util;
 pub mod version;
 
 pub use bitmap::{

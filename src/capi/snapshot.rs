@@ -4,23 +4,26 @@
 use super::error::{einval, oxcow_error, CResult};
 use super::image::{oxcow_image, with_image};
 use super::types::*;
+use super::util::{c_str, copy_list, with_c_str};
 use crate::format::snapshot::Snapshot;
 use crate::Image;
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int};
 
-/// Borrows a caller's snapshot name or id (non-empty UTF-8).
+/// Borrows a caller's snapshot name or id: [`c_str`]'s checks, and empty keys give -EINVAL.
 ///
 /// # Safety
 /// `p` is NULL or a valid NUL-terminated string that outlives the returned reference.
 unsafe fn c_key<'a>(p: *const c_char, what: &str) -> CResult<&'a str> {
-    if p.is_null() {
-        return einval(format!("{what} is NULL"));
-    }
-    // SAFETY: non-NULL, NUL-terminated and live per the caller's contract.
-    match unsafe { CStr::from_ptr(p) }.to_str() {
-        Ok("") => einval(format!("{what} is empty")),
-        Ok(s) => Ok(s),
-        Err(_) => einval(format!("{what} is not valid UTF-8")),
+    // SAFETY: forwarded from this function's contract.
+    let s = unsafe { c_str(p, what) }?;
+    non_empty(s, what)
+}
+
+/// -EINVAL for an empty snapshot name or id (named `what`).
+fn non_empty<'a>(s: &'a str, what: &str) -> CResult<&'a str> {
+    match s {
+        "" => einval(format!("{what} is empty")),
+        s => Ok(s),
     }
 }
 
@@ -89,13 +92,10 @@ pub unsafe extern "C" fn oxcow_snapshot_create(
     name: *const c_char,
     err: *mut *mut oxcow_error,
 ) -> c_int {
-    let body = |image: &Image| {
-        // SAFETY: NULL or NUL-terminated per the contract.
-        let name = unsafe { c_key(name, "name") }?;
-        image.snapshot_create(name).map(drop)
-    };
-    // SAFETY: `img` is NULL or live; `err` is NULL or writable, per the contract.
-    unsafe { with_image(img, err, body) }
+    let f = |image: &Image, name: &str| image.snapshot_create(non_empty(name, "name")?).map(drop);
+    // SAFETY: `img` is NULL or live, `name` NULL or NUL-terminated, `err` NULL or writable,
+    // per the contract.
+    unsafe { with_c_str(img, name, "name", err, f) }
 }
 
 /// Reverts the disk to the snapshot whose id, else whose name, is `name_or_id`, like
@@ -114,13 +114,10 @@ pub unsafe extern "C" fn oxcow_snapshot_apply(
     name_or_id: *const c_char,
     err: *mut *mut oxcow_error,
 ) -> c_int {
-    let body = |image: &Image| {
-        // SAFETY: NULL or NUL-terminated per the contract.
-        let key = unsafe { c_key(name_or_id, "name_or_id") }?;
-        image.snapshot_apply(key)
-    };
-    // SAFETY: `img` is NULL or live; `err` is NULL or writable, per the contract.
-    unsafe { with_image(img, err, body) }
+    let f = |image: &Image, key: &str| image.snapshot_apply(non_empty(key, "name_or_id")?);
+    // SAFETY: `img` is NULL or live, `name_or_id` NULL or NUL-terminated, `err` NULL or writable,
+    // per the contract.
+    unsafe { with_c_str(img, name_or_id, "name_or_id", err, f) }
 }
 
 /// Deletes the snapshot whose id, else whose name, is `name_or_id`, like `qemu-img snapshot
@@ -137,13 +134,10 @@ pub unsafe extern "C" fn oxcow_snapshot_delete(
     name_or_id: *const c_char,
     err: *mut *mut oxcow_error,
 ) -> c_int {
-    let body = |image: &Image| {
-        // SAFETY: NULL or NUL-terminated per the contract.
-        let key = unsafe { c_key(name_or_id, "name_or_id") }?;
-        image.snapshot_delete(key)
-    };
-    // SAFETY: `img` is NULL or live; `err` is NULL or writable, per the contract.
-    unsafe { with_image(img, err, body) }
+    let f = |image: &Image, key: &str| image.snapshot_delete(non_empty(key, "name_or_id")?);
+    // SAFETY: `img` is NULL or live, `name_or_id` NULL or NUL-terminated, `err` NULL or writable,
+    // per the contract.
+    unsafe { with_c_str(img, name_or_id, "name_or_id", err, f) }
 }
 
 /// Lists the internal snapshots in table order: the first `min(cap, total)` are written to
@@ -163,20 +157,10 @@ pub unsafe extern "C" fn oxcow_snapshot_list(
     count: *mut usize,
 ) -> c_int {
     let body = |image: &Image| {
-        if count.is_null() {
-            return einval("count is NULL");
-        }
-        if out.is_null() && cap > 0 {
-            return einval("out is NULL with a non-zero cap");
-        }
-        let list = image.snapshot_list();
-        for (i, s) in list.iter().take(cap).enumerate() {
-            // SAFETY: i < cap and `out` is writable for `cap` entries per the contract.
-            unsafe { out.add(i).write(to_c(s)) };
-        }
-        // SAFETY: non-NULL (checked) and writable per the contract.
-        unsafe { count.write(list.len()) };
-        Ok(())
+        let list = || Ok(image.snapshot_list());
+        // SAFETY: `out` is NULL or writable for `cap` entries, `count` NULL or writable, per
+        // the contract.
+        unsafe { copy_list(out, cap, count, list, |s| Ok(to_c(s))) }
     };
     // SAFETY: `img` is NULL or live per the contract; no error object is requested.
     unsafe { with_image(img, std::ptr::null_mut(), body) }

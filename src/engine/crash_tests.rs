@@ -14,10 +14,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-struct Scratch(PathBuf);
+// The simulated-file scaffolding below is shared with the crash tests of the bitmap and
+// snapshot operations (engine::bitmap::crash_tests, engine::snapshot::crash_tests).
+
+/// A scratch directory, removed on drop; `tag` names it and must be unique in the process.
+pub(super) struct Scratch(pub(super) PathBuf);
 
 impl Scratch {
-    fn new(tag: &str) -> Scratch {
+    pub(super) fn new(tag: &str) -> Scratch {
         let p = std::env::temp_dir().join(format!("oxcow-crash-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("scratch dir");
@@ -32,10 +36,10 @@ impl Drop for Scratch {
 }
 
 /// xorshift: deterministic workloads without a dependency.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -48,18 +52,27 @@ impl Rng {
 
 const SIZE: u64 = 4 << 20;
 
-fn rw() -> OpenOptions {
+/// Read-write open options.
+pub(super) fn rw() -> OpenOptions {
     OpenOptions {
         writable: true,
         ..Default::default()
     }
 }
 
-fn open_sim(bytes: Vec<u8>, path: &Path) -> (Arc<SimFile>, Image) {
+/// Opens `bytes` read-write as an image on a simulated host file named `path`.
+pub(super) fn open_sim(bytes: Vec<u8>, path: &Path) -> (Arc<SimFile>, Image) {
     let sim = Arc::new(SimFile::new(bytes));
     let file = HostFile::new(sim.clone(), path.display().to_string());
     let img = Image::open_file(file, path, &rw(), 0).expect("open simulated image");
     (sim, img)
+}
+
+/// The first `len` guest bytes of `img`.
+pub(super) fn read_guest(img: &Image, len: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len as usize];
+    img.read_at(&mut v, 0).expect("read guest");
+    v
 }
 
 /// Guest contents plus which bytes the second phase touched.
@@ -157,7 +170,12 @@ fn check_state(dir: &Path, bytes: &[u8], flushed: &Model, lazy: bool, what: &str
 
 /// The file after the writes `journal[..k]` on top of `base`; `drop` removes some of the
 /// writes made after the last sync before `k` (a disk may reorder them).
-fn state_at(base: &[u8], journal: &[Event], k: usize, drop: &dyn Fn(usize) -> bool) -> Vec<u8> {
+pub(super) fn state_at(
+    base: &[u8],
+    journal: &[Event],
+    k: usize,
+    drop: &dyn Fn(usize) -> bool,
+) -> Vec<u8> {
     let last_sync = journal[..k]
         .iter()
         .rposition(|e| matches!(e, Event::Sync))
@@ -171,6 +189,37 @@ fn state_at(base: &[u8], journal: &[Event], k: usize, drop: &dyn Fn(usize) -> bo
         }
     }
     f
+}
+
+/// Runs `check` on the crash states of `journal` on top of `base`: about `points` prefixes
+/// spread over it and the whole journal, each as written and then reordered (the writes after
+/// its last sync dropped where bit `i % 64` of `mask(k)` is set). `check` gets the file and a
+/// description; returns the number of states checked.
+pub(super) fn each_crash_state(
+    base: &[u8],
+    journal: &[Event],
+    points: usize,
+    mut mask: impl FnMut(usize) -> u64,
+    mut check: impl FnMut(&[u8], &str),
+) -> usize {
+    let n = journal.len();
+    let step = (n / points).max(1);
+    let ks = (0..=n).step_by(step).chain((n % step != 0).then_some(n));
+    let mut states = 0;
+    for k in ks {
+        let what = format!("crash after {k}/{n} journal entries");
+        check(&state_at(base, journal, k, &|_| false), &what);
+        let m = mask(k);
+        let reordered = state_at(base, journal, k, &|i| m >> (i % 64) & 1 == 1);
+        check(&reordered, &format!("{what}, reordered"));
+        states += 2;
+    }
+    states
+}
+
+/// What a crash right after the whole `journal` leaves: only the writes up to the last sync.
+pub(super) fn durable_state(base: &[u8], journal: &[Event]) -> Vec<u8> {
+    state_at(base, journal, journal.len(), &|_| true)
 }
 
 fn crash_points(tag: &str, opts: CreateOptions, seed: u64) {
@@ -205,28 +254,13 @@ fn crash_points(tag: &str, opts: CreateOptions, seed: u64) {
         touched: m.touched.clone(),
     };
     // Every prefix, at most ~120 of them spread over the journal, plus reorderings.
-    let step = (journal.len() / 120).max(1);
-    let mut states = 0;
-    for k in (0..=journal.len()).step_by(step) {
-        let what = format!("{tag}: crash after {k}/{} journal entries", journal.len());
-        check_state(
-            &dir.0,
-            &state_at(&base, &journal, k, &|_| false),
-            &flushed,
-            lazy,
-            &what,
-        );
-        let mask = rng.next();
-        let reordered = state_at(&base, &journal, k, &|i| mask >> (i % 64) & 1 == 1);
-        check_state(
-            &dir.0,
-            &reordered,
-            &flushed,
-            lazy,
-            &format!("{what}, reordered"),
-        );
-        states += 2;
-    }
+    let states = each_crash_state(
+        &base,
+        &journal,
+        120,
+        |_| rng.next(),
+        |bytes, what| check_state(&dir.0, bytes, &flushed, lazy, &format!("{tag}: {what}")),
+    );
     // The completed second flush makes everything durable.
     let all = state_at(&base, &journal, journal.len(), &|_| false);
     let done = Model {
@@ -356,8 +390,7 @@ fn an_io_error_at_any_write_leaves_at_most_leaks_and_keeps_flushed_data() {
         let what = format!("EIO at write {n}/{total}");
         check_state(&dir.0, &sim.contents(), &flushed, false, &what);
         // And a crash right after: only what was synced.
-        let journal = sim.journal();
-        let durable = state_at(&base, &journal, journal.len(), &|_| true);
+        let durable = durable_state(&base, &sim.journal());
         check_state(
             &dir.0,
             &durable,

@@ -28,8 +28,17 @@ pub fn path_str(p: &Path) -> &str {
 
 /// Runs a program and returns its exit code and output.
 pub fn run(prog: &str, args: &[&str]) -> CmdOut {
-    let out = Command::new(prog)
-        .args(args)
+    output_of(Command::new(prog).args(args), prog)
+}
+
+/// Runs a program in `dir` (relative names resolve like in a user's shell).
+pub fn run_in(dir: &Path, prog: &str, args: &[&str]) -> CmdOut {
+    output_of(Command::new(prog).args(args).current_dir(dir), prog)
+}
+
+/// Runs `cmd` (the program `prog`) to completion and collects its exit code and output.
+fn output_of(cmd: &mut Command, prog: &str) -> CmdOut {
+    let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
     CmdOut {

@@ -99,8 +99,13 @@ pub fn table_entries(p: &Path) -> Vec<Entry> {
 
 /// `qemu-img snapshot -l` without the DATE column.
 pub fn listing(p: &Path) -> Vec<String> {
-    let o = qemu_img(&["snapshot", "-l", path_str(p)]);
-    o.stdout
+    undated(&qemu_img(&["snapshot", "-l", path_str(p)]).stdout)
+}
+
+/// A snapshot table (`snapshot -l` output) without the DATE column (dates differ between
+/// two runs).
+pub fn undated(stdout: &str) -> Vec<String> {
+    stdout
         .lines()
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();

@@ -161,18 +161,7 @@ func Create(path string, size uint64, opts *CreateOptions) *Err {
 
 // Open calls oxcow_open. cacheSize 0 means the library default.
 func Open(path string, flags uint32, cacheSize uint64) (Handle, *Err) {
-	cpath := C.CString(path)
-	defer C.free(unsafe.Pointer(cpath))
-	var copts C.oxcow_open_options
-	C.oxcow_open_options_init(&copts)
-	copts.cache_size = C.uint64_t(cacheSize)
-	var img *C.oxcow_image
-	var e *C.oxcow_error
-	rc := C.oxcow_open(cpath, C.uint32_t(flags), &copts, &img, &e)
-	if err := fromErr(rc, e); err != nil {
-		return Handle{}, err
-	}
-	return Handle{p: img}, nil
+	return OpenWith(path, flags, cacheSize, "")
 }
 
 // Close calls oxcow_close. The handle is freed even when the flush fails.

@@ -326,15 +326,7 @@ pub fn map_dirty(
     json: bool,
     force_share: bool,
 ) -> CliResult<()> {
-    let img = Image::open(
-        file,
-        &OpenOptions {
-            force_share,
-            no_backing: true,
-            ..OpenOptions::default()
-        },
-    )
-    .map_err(|e| CliError::op(format!("could not open '{file}': {e}")))?;
+    let img = crate::info::open_layer(file, force_share)?;
     let size = img.virtual_size();
     let start = start.min(size);
     let end = start.saturating_add(max_len).min(size);
@@ -349,7 +341,11 @@ pub fn map_dirty(
     } else {
         println!("{:<16}Length", "Offset");
         for &(s, l, _) in rows.iter().filter(|r| r.2) {
-            println!("{}{}", hex16(s), hex16(l).trim_end());
+            println!(
+                "{}{}",
+                crate::map::hex16(s),
+                crate::map::hex16(l).trim_end()
+            );
         }
     }
     Ok(())
@@ -376,16 +372,6 @@ fn dirty_rows(
         off += len;
     }
     Ok(rows)
-}
-
-/// `%#-16x` as C prints it: zero has no 0x prefix.
-fn hex16(v: u64) -> String {
-    let s = if v == 0 {
-        "0".to_string()
-    } else {
-        format!("{v:#x}")
-    };
-    format!("{s:<16}")
 }
 
 /// The bitmaps `convert --bitmaps` copies from `src` (`None`: SRC is raw), checked before DST

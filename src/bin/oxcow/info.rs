@@ -100,9 +100,10 @@ pub fn run(args: &[String]) -> CliResult<()> {
     Ok(())
 }
 
-/// Opens `file` read-only and gathers what qemu-img would print about it.
-fn describe(file: &str, force_share: bool) -> CliResult<Described> {
-    let img = Image::open(
+/// Opens `file` alone (read-only, without its backing chain), as info and map inspect each
+/// image of a chain; the error names the file like qemu-img's.
+pub(crate) fn open_layer(file: &str, force_share: bool) -> CliResult<Image> {
+    Image::open(
         file,
         &OpenOptions {
             force_share,
@@ -110,7 +111,12 @@ fn describe(file: &str, force_share: bool) -> CliResult<Described> {
             ..OpenOptions::default()
         },
     )
-    .map_err(|e| CliError::op(format!("could not open '{file}': {e}")))?;
+    .map_err(|e| CliError::op(format!("could not open '{file}': {e}")))
+}
+
+/// Opens `file` read-only and gathers what qemu-img would print about it.
+fn describe(file: &str, force_share: bool) -> CliResult<Described> {
+    let img = open_layer(file, force_share)?;
     let info = img.info()?;
     let snapshots = img.snapshots().to_vec();
     let bitmaps = img

@@ -2,7 +2,7 @@
 //! layer by layer so that `depth` and the backing file's host offsets are reported like qemu-img.
 
 use crate::args::{opt, parse_size, scan, Arg, CliError, CliResult, OptSpec};
-use oxcow::{Image, OpenOptions, EXTENT_ALLOCATED, EXTENT_COMPRESSED, EXTENT_ZERO};
+use oxcow::{Image, EXTENT_ALLOCATED, EXTENT_COMPRESSED, EXTENT_ZERO};
 
 /// `oxcow map --help`.
 pub const HELP: &str = "\
@@ -125,15 +125,7 @@ fn open_chain(file: &str, force_share: bool, no_probe: bool) -> CliResult<Vec<La
             layers.push(Layer::Raw { name, size });
             return Ok(layers);
         }
-        let img = Image::open(
-            &name,
-            &OpenOptions {
-                force_share,
-                no_backing: true,
-                ..OpenOptions::default()
-            },
-        )
-        .map_err(|e| CliError::op(format!("could not open '{name}': {e}")))?;
+        let img = crate::info::open_layer(&name, force_share)?;
         let info = img.info()?;
         let next = info
             .backing_file
@@ -232,7 +224,7 @@ fn map_rows(layers: &[Layer], start: u64, end: u64) -> CliResult<Vec<Row>> {
 }
 
 /// `%#-16x` as C prints it: zero has no 0x prefix.
-fn hex16(v: u64) -> String {
+pub(crate) fn hex16(v: u64) -> String {
     let s = if v == 0 {
         "0".to_string()
     } else {

@@ -5,8 +5,11 @@
 //! and complete: its dirty set covers every byte that differs from the image before the
 //! session, and everything it held before. Never a consistent bitmap that misses a write.
 
+use crate::engine::crash_tests::{
+    durable_state, each_crash_state, open_sim, read_guest, rw, Rng, Scratch,
+};
 use crate::engine::Image;
-use crate::storage::sim::{apply, Event, SimFile};
+use crate::storage::sim::{Event, SimFile};
 use crate::storage::HostFile;
 use crate::{BitmapAddOptions, CreateOptions, OpenOptions, BITMAP_INCONSISTENT};
 use std::path::{Path, PathBuf};
@@ -14,37 +17,6 @@ use std::process::Command;
 use std::sync::Arc;
 
 const SIZE: u64 = 4 << 20;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("oxcow-bmcrash-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("scratch dir");
-        Scratch(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn opts(writable: bool) -> OpenOptions {
-    OpenOptions {
-        writable,
-        ..Default::default()
-    }
-}
-
-fn open_sim(bytes: Vec<u8>, path: &Path) -> (Arc<SimFile>, Image) {
-    let sim = Arc::new(SimFile::new(bytes));
-    let file = HostFile::new(sim.clone(), path.display().to_string());
-    let img = Image::open_file(file, path, &opts(true), 0).expect("open simulated image");
-    (sim, img)
-}
 
 /// Per-bitmap dirty granules as a bool per byte-granule of 4 KiB (the test granularity).
 fn dirty_map(img: &Image, name: &str) -> Vec<bool> {
@@ -63,15 +35,28 @@ fn dirty_map(img: &Image, name: &str) -> Vec<bool> {
 }
 
 fn guest(img: &Image) -> Vec<u8> {
-    let mut b = vec![0u8; SIZE as usize];
-    img.read_at(&mut b, 0).expect("read guest");
-    b
+    read_guest(img, SIZE)
 }
 
 /// The state of the disk before the session: guest data and each bitmap's dirty map.
 struct Before {
     data: Vec<u8>,
     bitmaps: Vec<(String, Vec<bool>)>,
+}
+
+/// The disk as `bytes` hold it (written to `dir`/before.qcow2): guest data and the dirty
+/// maps of the base image's bitmaps.
+fn before(dir: &Path, bytes: &[u8]) -> Before {
+    let p = dir.join("before.qcow2");
+    std::fs::write(&p, bytes).expect("write");
+    let img = Image::open(&p, &OpenOptions::default()).expect("open before");
+    Before {
+        data: guest(&img),
+        bitmaps: ["b", "off"]
+            .iter()
+            .map(|n| (n.to_string(), dirty_map(&img, n)))
+            .collect(),
+    }
 }
 
 fn check_state(dir: &Path, bytes: &[u8], before: &Before, what: &str) {
@@ -87,7 +72,8 @@ fn check_state(dir: &Path, bytes: &[u8], before: &Before, what: &str) {
         "{what}: qemu-img check exit {code}: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let img = Image::open(&p, &opts(false)).unwrap_or_else(|e| panic!("{what}: open: {e}"));
+    let img =
+        Image::open(&p, &OpenOptions::default()).unwrap_or_else(|e| panic!("{what}: open: {e}"));
     let data = guest(&img);
     for b in img.bitmaps().expect("list") {
         if b.flags & BITMAP_INCONSISTENT != 0 {
@@ -112,24 +98,6 @@ fn check_state(dir: &Path, bytes: &[u8], before: &Before, what: &str) {
             );
         }
     }
-}
-
-/// The file after `journal[..k]` on top of `base`, dropping the writes after the last sync
-/// that `drop` selects (a disk may reorder them).
-fn state_at(base: &[u8], journal: &[Event], k: usize, drop: &dyn Fn(usize) -> bool) -> Vec<u8> {
-    let last_sync = journal[..k]
-        .iter()
-        .rposition(|e| matches!(e, Event::Sync))
-        .map_or(0, |i| i + 1);
-    let mut f = base.to_vec();
-    for (i, e) in journal[..k].iter().enumerate() {
-        if let Event::Write(off, data) = e {
-            if i < last_sync || !drop(i) {
-                apply(&mut f, *off, data);
-            }
-        }
-    }
-    f
 }
 
 /// A base image with consistent bitmaps "b" (some history) and "off" (disabled).
@@ -180,45 +148,25 @@ fn session(img: &Image, add_remove: bool) {
 }
 
 fn crash_points(tag: &str, cluster_size: u32, add_remove: bool) {
-    let dir = Scratch::new(tag);
+    let dir = Scratch::new(&format!("bitmap-{tag}"));
     let (base, path) = base_image(&dir.0, cluster_size);
-    let before = {
-        let p = dir.0.join("before.qcow2");
-        std::fs::write(&p, &base).expect("write");
-        let img = Image::open(&p, &opts(false)).expect("open before");
-        Before {
-            data: guest(&img),
-            bitmaps: ["b", "off"]
-                .iter()
-                .map(|n| (n.to_string(), dirty_map(&img, n)))
-                .collect(),
-        }
-    };
+    let before = before(&dir.0, &base);
     let (sim, img) = open_sim(base.clone(), &path);
     session(&img, add_remove);
     img.close().expect("close");
     let journal = sim.journal();
-    let step = (journal.len() / 100).max(1);
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ cluster_size as u64;
-    for k in (0..=journal.len()).step_by(step).chain([journal.len()]) {
-        let what = format!("{tag}: crash after {k}/{}", journal.len());
-        check_state(
-            &dir.0,
-            &state_at(&base, &journal, k, &|_| false),
-            &before,
-            &what,
-        );
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let mask = rng;
-        let reordered = state_at(&base, &journal, k, &|i| mask >> (i % 64) & 1 == 1);
-        check_state(&dir.0, &reordered, &before, &format!("{what}, reordered"));
-    }
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15u64 ^ cluster_size as u64);
+    each_crash_state(
+        &base,
+        &journal,
+        100,
+        |_| rng.next(),
+        |bytes, what| check_state(&dir.0, bytes, &before, &format!("{tag}: {what}")),
+    );
     // After the completed close every bitmap is consistent again.
     let p = dir.0.join("final.qcow2");
     std::fs::write(&p, sim.contents()).expect("write");
-    let img = Image::open(&p, &opts(false)).expect("open final");
+    let img = Image::open(&p, &OpenOptions::default()).expect("open final");
     assert!(img
         .bitmaps()
         .expect("list")
@@ -241,27 +189,16 @@ fn every_crash_point_of_add_and_remove_leaves_no_stale_consistent_bitmap() {
 /// after a crash right then) holds no stale consistent bitmap and at worst leaks.
 #[test]
 fn an_io_error_at_any_bitmap_write_leaves_no_stale_consistent_bitmap() {
-    let dir = Scratch::new("eio");
+    let dir = Scratch::new("bitmap-eio");
     let (base, path) = base_image(&dir.0, 4096);
-    let p = dir.0.join("before.qcow2");
-    std::fs::write(&p, &base).expect("write");
-    let before = {
-        let img = Image::open(&p, &opts(false)).expect("open before");
-        Before {
-            data: guest(&img),
-            bitmaps: ["b", "off"]
-                .iter()
-                .map(|n| (n.to_string(), dirty_map(&img, n)))
-                .collect(),
-        }
-    };
+    let before = before(&dir.0, &base);
     let run = |fail: Option<u64>| -> Arc<SimFile> {
         let sim = Arc::new(SimFile::new(base.clone()));
         if let Some(n) = fail {
             sim.fail_write_after(n);
         }
         let file = HostFile::new(sim.clone(), path.display().to_string());
-        if let Ok(img) = Image::open_file(file, &path, &opts(true), 0) {
+        if let Ok(img) = Image::open_file(file, &path, &rw(), 0) {
             let _ = img.bitmap_add("n", BitmapAddOptions::default());
             for i in 0..6u64 {
                 let _ = img.write_at(&[i as u8 + 1; 7000], i * 500_000);
@@ -281,8 +218,7 @@ fn an_io_error_at_any_bitmap_write_leaves_no_stale_consistent_bitmap() {
         let sim = run(Some(n));
         let what = format!("EIO at write {n}/{total}");
         check_state(&dir.0, &sim.contents(), &before, &what);
-        let journal = sim.journal();
-        let durable = state_at(&base, &journal, journal.len(), &|_| true);
+        let durable = durable_state(&base, &sim.journal());
         check_state(&dir.0, &durable, &before, &format!("{what}, then a crash"));
     }
 }

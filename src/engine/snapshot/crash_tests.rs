@@ -6,48 +6,18 @@
 //! follows it, which QEMU has too; harmless: the next write copies needlessly).
 
 use super::super::Image;
-use crate::storage::sim::{apply, Event, SimFile};
-use crate::storage::HostFile;
+use crate::engine::crash_tests::{
+    durable_state, each_crash_state, open_sim, read_guest, rw, state_at, Scratch,
+};
+use crate::storage::sim::Event;
 use crate::{CreateOptions, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 
 const SIZE: u64 = 1 << 20;
 
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch(tag: &str) -> Scratch {
-    let p = std::env::temp_dir().join(format!("oxcow-snapcrash-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).expect("scratch dir");
-    Scratch(p)
-}
-
-fn rw() -> OpenOptions {
-    OpenOptions {
-        writable: true,
-        ..Default::default()
-    }
-}
-
-fn open_sim(bytes: Vec<u8>, path: &Path) -> (Arc<SimFile>, Image) {
-    let sim = Arc::new(SimFile::new(bytes));
-    let file = HostFile::new(sim.clone(), path.display().to_string());
-    let img = Image::open_file(file, path, &rw(), 0).expect("open simulated image");
-    (sim, img)
-}
-
 fn read_all(img: &Image) -> Vec<u8> {
-    let mut v = vec![0u8; SIZE as usize];
-    img.read_at(&mut v, 0).expect("read");
-    v
+    read_guest(img, SIZE)
 }
 
 fn names(img: &Image) -> Vec<String> {
@@ -104,26 +74,10 @@ fn check_state(dir: &Path, bytes: &[u8], want: &Outcomes, what: &str) {
     );
 }
 
-fn state_at(base: &[u8], journal: &[Event], k: usize, drop: &dyn Fn(usize) -> bool) -> Vec<u8> {
-    let last_sync = journal[..k]
-        .iter()
-        .rposition(|e| matches!(e, Event::Sync))
-        .map_or(0, |i| i + 1);
-    let mut f = base.to_vec();
-    for (i, e) in journal[..k].iter().enumerate() {
-        if let Event::Write(off, data) = e {
-            if i < last_sync || !drop(i) {
-                apply(&mut f, *off, data);
-            }
-        }
-    }
-    f
-}
-
 /// Writes data over many L2 tables, takes snapshot "s0", changes some of it, flushes; then
 /// runs `op` and checks every crash point of it.
 fn crash_points(tag: &str, opts: CreateOptions, op: &dyn Fn(&Image)) {
-    let dir = scratch(tag);
+    let dir = Scratch::new(&format!("snapshot-{tag}"));
     let path = dir.0.join("img.qcow2");
     crate::create(&path, SIZE, &opts).expect("create");
     let (sim, img) = open_sim(std::fs::read(&path).expect("read"), &path);
@@ -160,21 +114,14 @@ fn crash_points(tag: &str, opts: CreateOptions, op: &dyn Fn(&Image)) {
         journal.len()
     );
     let want = Outcomes { old, new };
-    let step = (journal.len() / 100).max(1);
     let mut mask = 0x9e37_79b9_7f4a_7c15u64;
-    for k in (0..=journal.len()).step_by(step) {
-        let what = format!("{tag}: crash after {k}/{} journal entries", journal.len());
-        check_state(
-            &dir.0,
-            &state_at(&base, &journal, k, &|_| false),
-            &want,
-            &what,
-        );
+    let next_mask = |k: usize| {
         mask = mask.rotate_left(7) ^ (k as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
-        let m = mask;
-        let reordered = state_at(&base, &journal, k, &|i| m >> (i % 64) & 1 == 1);
-        check_state(&dir.0, &reordered, &want, &format!("{what}, reordered"));
-    }
+        mask
+    };
+    each_crash_state(&base, &journal, 100, next_mask, |bytes, what| {
+        check_state(&dir.0, bytes, &want, &format!("{tag}: {what}"))
+    });
     let done = state_at(&base, &journal, journal.len(), &|_| false);
     let p = dir.0.join("done.qcow2");
     std::fs::write(&p, done).expect("write");
@@ -276,7 +223,7 @@ fn prepared(path: &Path, opts: CreateOptions, op: &dyn Fn(&Image)) -> (Vec<u8>, 
 /// closed, and the file (and what a crash right after would leave) is the old or the new
 /// state with at worst leaks.
 fn eio_points(tag: &str, opts: CreateOptions, op: &dyn Fn(&Image)) {
-    let dir = scratch(tag);
+    let dir = Scratch::new(&format!("snapshot-{tag}"));
     let path = dir.0.join("img.qcow2");
     let (base, want, writes) = prepared(&path, opts, op);
     assert!(writes > 2, "{tag}: too few writes ({writes})");
@@ -287,8 +234,7 @@ fn eio_points(tag: &str, opts: CreateOptions, op: &dyn Fn(&Image)) {
         drop(img);
         let what = format!("{tag}: EIO at write {n}/{writes}");
         check_state(&dir.0, &sim.contents(), &want, &what);
-        let journal = sim.journal();
-        let durable = state_at(&base, &journal, journal.len(), &|_| true);
+        let durable = durable_state(&base, &sim.journal());
         check_state(&dir.0, &durable, &want, &format!("{what}, then a crash"));
     }
 }

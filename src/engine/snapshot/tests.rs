@@ -3,24 +3,17 @@
 //! the on-disk one.
 
 use super::super::Image;
+use crate::engine::crash_tests::{rw, Scratch};
 use crate::format::HostOffset;
 use crate::storage::MetaKind;
-use crate::{CreateOptions, OpenOptions};
+use crate::CreateOptions;
 
-fn scratch_image(tag: &str) -> (std::path::PathBuf, Image) {
-    let dir = std::env::temp_dir().join(format!("oxcow-snapguard-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("g.qcow2");
+/// A fresh 4 MiB image opened read-write in a scratch directory (removed when dropped).
+fn scratch_image(tag: &str) -> (Scratch, Image) {
+    let dir = Scratch::new(&format!("snapguard-{tag}"));
+    let path = dir.0.join("g.qcow2");
     crate::create(&path, 4 << 20, &CreateOptions::default()).expect("create");
-    let img = Image::open(
-        &path,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .expect("open");
+    let img = Image::open(&path, &rw()).expect("open");
     (dir, img)
 }
 
@@ -62,7 +55,7 @@ fn the_guard_protects_new_snapshot_tables_and_forgets_freed_ones() {
     assert_eq!(kind(&img, table2), None);
     assert_eq!(kind(&img, s2.l1_table_offset), None);
     drop(img);
-    let _ = std::fs::remove_dir_all(dir);
+    drop(dir);
 }
 
 #[test]
@@ -81,5 +74,5 @@ fn apply_moves_the_active_l1_and_the_guard_with_it() {
     img.read_at(&mut b, 0).expect("read");
     assert!(b.iter().all(|&x| x == 1));
     drop(img);
-    let _ = std::fs::remove_dir_all(dir);
+    drop(dir);
 }
