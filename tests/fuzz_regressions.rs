@@ -120,6 +120,14 @@ fn qemu_counts(path: &Path) -> Option<(u64, u64)> {
     Some((n("corruptions"), n("check-errors")))
 }
 
+/// `qemu-img check -r all` of `path` (its verdict is read afterwards with [`qemu_counts`]).
+fn qemu_repair(path: &Path) {
+    run(
+        "qemu-img",
+        &["check", "-f", "qcow2", "-r", "all", common::path_str(path)],
+    );
+}
+
 /// Whether `a` has more corruptions or more check errors than `b`.
 fn is_worse(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 > b.0 || a.1 > b.1
@@ -143,17 +151,7 @@ fn check_repair_qemu_parity_reproducers() {
             let _ = Image::check_path(&p, CheckFix::All, false, None);
         })
         .unwrap_or_else(|e| panic!("{e}"));
-        run(
-            "qemu-img",
-            &[
-                "check",
-                "-f",
-                "qcow2",
-                "-r",
-                "all",
-                common::path_str(&by_qemu),
-            ],
-        );
+        qemu_repair(&by_qemu);
         let (ours, qemus) = (qemu_counts(&by_oxcow), qemu_counts(&by_qemu));
         assert!(
             ours.is_some(),
@@ -198,17 +196,7 @@ fn repair_never_worse_for_qemu() {
             continue;
         }
         std::fs::copy(input, &by_qemu).expect("copy the image");
-        run(
-            "qemu-img",
-            &[
-                "check",
-                "-f",
-                "qcow2",
-                "-r",
-                "all",
-                common::path_str(&by_qemu),
-            ],
-        );
+        qemu_repair(&by_qemu);
         let qemu_after = qemu_counts(&by_qemu);
         match (after, qemu_after) {
             (Some(a), Some(q)) if !is_worse(a, q) => {}
