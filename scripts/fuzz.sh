@@ -7,7 +7,7 @@
 # Environment:
 #   FUZZ_SECONDS_PER_TARGET  seconds per target (default: header 10, image_io 25,
 #                            check_repair 25, about a minute in all); 3600 for a long run
-#   FUZZ_TARGETS             targets to run (default: "header image_io check_repair")
+#   FUZZ_TARGETS             targets to run (default: "header image_io check_repair manage")
 #   FUZZ_TIMEOUT             seconds one input may run before it counts as a hang (default 10;
 #                            a short one keeps long runs going when a known hang is frequent).
 #                            The targets' own watchdog enforces it (OXCOW_FUZZ_WATCHDOG_SECS,
@@ -67,7 +67,12 @@ default_secs() {
   esac
 }
 corpus_of() {
-  echo "$root/fuzz/corpus/$1"
+  case "$1" in
+    # Management operations run on the same images as image_io: its corpus seeds them (a
+    # corpus of its own would add tens of MiB to the repository for little more coverage).
+    manage) echo "$root/fuzz/corpus/image_io" ;;
+    *) echo "$root/fuzz/corpus/$1" ;;
+  esac
 }
 # Headers are parsed from cluster 0: 4 KiB of it is plenty. Images stay below 512 KiB.
 max_len_of() {
@@ -79,7 +84,7 @@ max_len_of() {
 
 failed=()
 replay_failed=()
-for t in ${FUZZ_TARGETS:-header image_io check_repair}; do
+for t in ${FUZZ_TARGETS:-header image_io check_repair manage}; do
   secs="${FUZZ_SECONDS_PER_TARGET:-$(default_secs "$t")}"
   corpus="$(corpus_of "$t")"
   max_len="$(max_len_of "$t")"

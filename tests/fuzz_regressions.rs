@@ -65,6 +65,7 @@ fn replay(target: &str) {
             "header" => ops::header(&data),
             "image_io" => ops::image_io(&data, &wd),
             "check_repair" => ops::check_repair(&data, &wd),
+            "manage" => ops::manage(&data, &wd),
             other => panic!("unknown fuzz target {other}"),
         });
         if let Err(e) = r {
@@ -96,6 +97,11 @@ fn image_io_reproducers() {
 #[test]
 fn check_repair_reproducers() {
     replay("check_repair");
+}
+
+#[test]
+fn manage_reproducers() {
+    replay("manage");
 }
 
 /// `qemu-img check --output=json` of `path`: (corruptions, check errors), or `None` when

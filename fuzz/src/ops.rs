@@ -317,3 +317,104 @@ pub fn check_repair(data: &[u8], wd: &Workdir) {
         }
     }
 }
+
+/// Target `manage`: the input is an image. When `check` finds it sound, opens it read-write
+/// (without backing) and runs the management operations the last bytes of the input
+/// describe (internal snapshots created, applied, deleted; persistent bitmaps added,
+/// cleared, removed; resizes; writes and flushes between them), closes it, and checks it
+/// again: operations on a sound image may leak clusters after a failure, never corrupt it.
+/// On a damaged image they only must not panic or hang.
+pub fn manage(data: &[u8], wd: &Workdir) {
+    wd.put(data);
+    let path = wd.image();
+    let sound = Image::check_path(path, CheckFix::None, false, None)
+        .is_ok_and(|r| r.corruptions == 0 && r.check_errors == 0);
+    let rw = OpenOptions {
+        writable: true,
+        no_backing: true,
+        ..OpenOptions::default()
+    };
+    let Ok(img) = Image::open(path, &rw) else {
+        return;
+    };
+    let tail = &data[data.len().saturating_sub(OP_TAIL)..];
+    for (n, op) in tail.chunks_exact(8).enumerate() {
+        run_manage_op(&img, n, op);
+    }
+    let fenced = img.flush().is_err();
+    let _ = img.close();
+    if !sound || fenced {
+        return;
+    }
+    match Image::check_path(path, CheckFix::None, false, None) {
+        Ok(r) => assert!(
+            r.corruptions == 0 && r.check_errors == 0,
+            "management operations corrupted a sound image: {r:#?}"
+        ),
+        Err(e) => panic!("a sound image does not check after management operations: {e}"),
+    }
+}
+
+/// Largest size change one resize operation asks for.
+const MAX_RESIZE_DELTA: u64 = 4 << 20;
+
+/// One management operation from 8 bytes: kind, an argument, and a fill byte.
+fn run_manage_op(img: &Image, n: usize, op: &[u8]) {
+    let size = img.virtual_size();
+    let arg = u32::from_be_bytes([op[1], op[2], op[3], op[4]]);
+    match op[0] % 10 {
+        0 | 1 if size > 0 => {
+            let off = ((size as u128 * arg as u128) >> 32) as u64 & !511;
+            let len = (u16::from_be_bytes([op[5], op[6]]) as u64 * 512 % MAX_OP_LEN + 512)
+                .min(size - off);
+            let _ = img.write_at(&vec![op[7]; len as usize], off);
+        }
+        2 => {
+            let _ = img.snapshot_create(&format!("s{n}"));
+        }
+        3 | 4 => {
+            let list = img.snapshots();
+            if !list.is_empty() {
+                let s = &list[arg as usize % list.len()];
+                let _ = if op[0] % 10 == 3 {
+                    img.snapshot_apply(&s.id)
+                } else {
+                    img.snapshot_delete(&s.id)
+                };
+            }
+        }
+        5 => {
+            let g = 512u64 << (op[5] % 12);
+            let _ = img.bitmap_add(
+                &format!("b{}", op[6] % 4),
+                oxcow::BitmapAddOptions {
+                    granularity: g,
+                    disabled: op[7] & 1 == 1,
+                },
+            );
+        }
+        6 => {
+            let name = format!("b{}", op[6] % 4);
+            let _ = match op[7] % 3 {
+                0 => img.bitmap_remove(&name),
+                1 => img.bitmap_clear(&name),
+                _ => img.bitmap_merge(&name, &format!("b{}", op[5] % 4)),
+            };
+        }
+        7 => {
+            let delta = (u64::from(arg) % MAX_RESIZE_DELTA) & !511;
+            let new = if op[5] & 1 == 0 {
+                size.saturating_add(delta)
+            } else {
+                size.saturating_sub(delta)
+            };
+            let _ = img.resize(new, true);
+        }
+        8 => {
+            let _ = img.flush();
+        }
+        _ => {
+            let _ = img.write_zeroes(0, size.min(1 << 20), ZeroFlags { may_unmap: true });
+        }
+    }
+}
