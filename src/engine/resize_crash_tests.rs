@@ -5,36 +5,13 @@
 //! resize has returned, the image is clean.
 
 use super::Image;
-use crate::storage::sim::{apply, Event, SimFile};
+use crate::engine::crash_tests::{durable_state, rw, state_at, Scratch};
+use crate::storage::sim::{Event, SimFile};
 use crate::storage::HostFile;
 use crate::{CreateOptions, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("oxcow-rzcrash-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("scratch dir");
-        Scratch(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rw() -> OpenOptions {
-    OpenOptions {
-        writable: true,
-        ..Default::default()
-    }
-}
 
 fn qemu(args: &[&str]) -> (i32, String) {
     let out = Command::new(args[0])
@@ -57,24 +34,6 @@ fn guest(p: &Path) -> Vec<u8> {
     let mut v = vec![0u8; img.virtual_size() as usize];
     img.read_at(&mut v, 0).expect("read crash state");
     v
-}
-
-/// The file after `journal[..k]` on top of `base`, dropping the writes since the last sync
-/// for which `drop` holds.
-fn state_at(base: &[u8], journal: &[Event], k: usize, drop: &dyn Fn(usize) -> bool) -> Vec<u8> {
-    let last_sync = journal[..k]
-        .iter()
-        .rposition(|e| matches!(e, Event::Sync))
-        .map_or(0, |i| i + 1);
-    let mut f = base.to_vec();
-    for (i, e) in journal[..k].iter().enumerate() {
-        if let Event::Write(off, data) = e {
-            if i < last_sync || !drop(i) {
-                apply(&mut f, *off, data);
-            }
-        }
-    }
-    f
 }
 
 /// One crash state: at worst leaks (`clean`: none), and the old or the new guest.
@@ -165,17 +124,12 @@ fn crash_points(dir: &Path, path: &Path, new_size: u64, shrink: bool, tag: &str)
 
 fn create_with_data(path: &Path, size: u64, opts: &CreateOptions, chunks: &[(u64, u64, u8)]) {
     crate::create(path, size, opts).expect("create");
-    let img = Image::open(path, &rw()).expect("open");
-    for &(off, len, tag) in chunks {
-        let buf: Vec<u8> = (0..len).map(|i| tag ^ (i as u8)).collect();
-        img.write_at(&buf, off).expect("write");
-    }
-    img.close().expect("close");
+    write_chunks(path, chunks);
 }
 
 #[test]
 fn every_crash_point_of_a_growth_within_the_l1_table_leaves_old_or_new() {
-    let dir = Scratch::new("grow-in");
+    let dir = Scratch::new("resize-grow-in");
     let p = dir.0.join("img.qcow2");
     let opts = CreateOptions {
         cluster_size: 4096,
@@ -192,7 +146,7 @@ fn every_crash_point_of_a_growth_within_the_l1_table_leaves_old_or_new() {
 
 #[test]
 fn every_crash_point_of_an_l1_relocation_leaves_old_or_new() {
-    let dir = Scratch::new("grow-past");
+    let dir = Scratch::new("resize-grow-past");
     let p = dir.0.join("img.qcow2");
     // 512-byte clusters: the L1 table of 1 MiB is one cluster, of 8 MiB four.
     let opts = CreateOptions {
@@ -205,7 +159,7 @@ fn every_crash_point_of_an_l1_relocation_leaves_old_or_new() {
 
 #[test]
 fn every_crash_point_of_a_growth_over_a_longer_backing_leaves_old_or_new() {
-    let dir = Scratch::new("grow-backing");
+    let dir = Scratch::new("resize-grow-backing");
     let base = dir.0.join("base.qcow2");
     create_with_data(
         &base,
@@ -226,7 +180,7 @@ fn every_crash_point_of_a_growth_over_a_longer_backing_leaves_old_or_new() {
 
 #[test]
 fn every_crash_point_of_a_shrink_with_data_past_the_cut_leaves_old_or_new() {
-    let dir = Scratch::new("shrink");
+    let dir = Scratch::new("resize-shrink");
     let p = dir.0.join("img.qcow2");
     let opts = CreateOptions {
         cluster_size: 4096,
@@ -252,7 +206,7 @@ fn every_crash_point_of_a_shrink_with_data_past_the_cut_leaves_old_or_new() {
         p.to_str().expect("utf-8"),
     ]);
     assert_eq!(code, 0, "{out}");
-    create_extra(&p, &[(size - 8192, 8192, 4), (5 << 20, 4096, 6)]);
+    write_chunks(&p, &[(size - 8192, 8192, 4), (5 << 20, 4096, 6)]);
     crash_points(&dir.0, &p, (3 << 20) + 6144, true, "shrink");
     // And without the snapshot's references, on a fresh copy.
     let q = dir.0.join("plain.qcow2");
@@ -260,12 +214,18 @@ fn every_crash_point_of_a_shrink_with_data_past_the_cut_leaves_old_or_new() {
     crash_points(&dir.0, &q, 1 << 20, true, "shrink, no snapshot");
 }
 
-fn create_extra(path: &Path, chunks: &[(u64, u64, u8)]) {
-    let img = Image::open(path, &rw()).expect("open");
+/// Writes each `(offset, length, tag)` chunk (bytes `tag ^ i`) through `img`.
+fn write_into(img: &Image, chunks: &[(u64, u64, u8)]) {
     for &(off, len, tag) in chunks {
         let buf: Vec<u8> = (0..len).map(|i| tag ^ (i as u8)).collect();
         img.write_at(&buf, off).expect("write");
     }
+}
+
+/// Writes the chunks into the image at `path` (see [`write_into`]) and closes it.
+fn write_chunks(path: &Path, chunks: &[(u64, u64, u8)]) {
+    let img = Image::open(path, &rw()).expect("open");
+    write_into(&img, chunks);
     img.close().expect("close");
 }
 
@@ -298,8 +258,7 @@ fn io_errors(dir: &Path, path: &Path, new_size: u64, shrink: bool, tag: &str) {
         drop(img);
         let what = format!("{tag}: EIO at write {n}/{writes}");
         check_state(dir, &sim.contents(), &old, &new, false, &what);
-        let journal = sim.journal();
-        let durable = state_at(&base, &journal, journal.len(), &|_| true);
+        let durable = durable_state(&base, &sim.journal());
         check_state(
             dir,
             &durable,
@@ -313,7 +272,7 @@ fn io_errors(dir: &Path, path: &Path, new_size: u64, shrink: bool, tag: &str) {
 
 #[test]
 fn an_io_error_at_any_write_of_a_resize_leaves_old_or_new_with_at_most_leaks() {
-    let dir = Scratch::new("eio");
+    let dir = Scratch::new("resize-eio");
     let p = dir.0.join("img.qcow2");
     let opts = CreateOptions {
         cluster_size: 512,
@@ -326,7 +285,7 @@ fn an_io_error_at_any_write_of_a_resize_leaves_old_or_new_with_at_most_leaks() {
 
 #[test]
 fn every_crash_point_of_a_resize_of_a_lazy_refcounts_image_is_repaired_to_old_or_new() {
-    let dir = Scratch::new("lazy");
+    let dir = Scratch::new("resize-lazy");
     let p = dir.0.join("img.qcow2");
     let opts = CreateOptions {
         cluster_size: 512,
@@ -346,10 +305,7 @@ fn every_crash_point_of_a_resize_of_a_lazy_refcounts_image_is_repaired_to_old_or
 /// would have: lazily counted, dirty.
 fn create_extra_dirty(path: &Path, chunks: &[(u64, u64, u8)]) {
     let img = Image::open(path, &rw()).expect("open");
-    for &(off, len, tag) in chunks {
-        let buf: Vec<u8> = (0..len).map(|i| tag ^ (i as u8)).collect();
-        img.write_at(&buf, off).expect("write");
-    }
+    write_into(&img, chunks);
     img.flush().expect("flush");
     // The file as a crash would leave it (dirty bit set), restored after the clean close.
     let dirty = std::fs::read(path).expect("read dirty image");
