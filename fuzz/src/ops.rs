@@ -144,12 +144,7 @@ pub fn image_io(data: &[u8], wd: &Workdir) {
             }
         }
     }
-    let rw = OpenOptions {
-        writable: true,
-        no_backing: true,
-        ..OpenOptions::default()
-    };
-    let Ok(img) = Image::open(path, &rw) else {
+    let Ok(img) = Image::open(path, &writable_without_backing()) else {
         return;
     };
     let tail = &data[data.len().saturating_sub(OP_TAIL)..];
@@ -159,6 +154,15 @@ pub fn image_io(data: &[u8], wd: &Workdir) {
     let _ = img.flush();
     read_around(&img);
     let _ = img.close();
+}
+
+/// Read-write, without the backing chain: the operations exercise this image's metadata.
+fn writable_without_backing() -> OpenOptions {
+    OpenOptions {
+        writable: true,
+        no_backing: true,
+        ..OpenOptions::default()
+    }
 }
 
 /// Info, a block-status walk and reads over the whole disk (or spread over a big one).
@@ -329,12 +333,7 @@ pub fn manage(data: &[u8], wd: &Workdir) {
     let path = wd.image();
     let sound = Image::check_path(path, CheckFix::None, false, None)
         .is_ok_and(|r| r.corruptions == 0 && r.check_errors == 0);
-    let rw = OpenOptions {
-        writable: true,
-        no_backing: true,
-        ..OpenOptions::default()
-    };
-    let Ok(img) = Image::open(path, &rw) else {
+    let Ok(img) = Image::open(path, &writable_without_backing()) else {
         return;
     };
     let tail = &data[data.len().saturating_sub(OP_TAIL)..];
