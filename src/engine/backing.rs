@@ -99,12 +99,17 @@ impl Backing {
         }
     }
 
-    /// Reads guest bytes of the backing image; bytes past its end read as zeros.
-    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let size = match self {
+    /// Guest-visible size of the backing image in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
             Backing::Qcow2(img) => img.virtual_size(),
             Backing::Raw { size, .. } => *size,
-        };
+        }
+    }
+
+    /// Reads guest bytes of the backing image; bytes past its end read as zeros.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.size();
         if offset >= size {
             buf.fill(0);
             return Ok(());

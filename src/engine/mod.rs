@@ -54,7 +54,9 @@ pub struct Image {
     mode: mode::OpenMode,
     /// The write gate and the fence.
     io: gate::IoGate,
-    backing: Option<Backing>,
+    /// The backing file, replaceable while the image is open (rebase, commit): readers take
+    /// a reference under the read lock only when a read falls through to it.
+    backing: std::sync::RwLock<Option<Arc<Backing>>>,
     /// The snapshot table (changed by snapshot operations, under the quiesced gate and the
     /// metadata mutex).
     snapshots: std::sync::RwLock<snapshot::Snapshots>,
@@ -164,7 +166,7 @@ impl Image {
                 ..opts.clone()
             }),
             io: gate::IoGate::default(),
-            backing,
+            backing: std::sync::RwLock::new(backing.map(Arc::new)),
             snapshots: std::sync::RwLock::new(snapshot::Snapshots {
                 list: snapshots,
                 table_len: snapshot_table_len,
@@ -180,6 +182,30 @@ impl Image {
             img.events.notice(format!("{name}: {h}"));
         }
         Ok(img)
+    }
+
+    /// The backing file, if the image has one open.
+    pub(crate) fn backing(&self) -> Option<Arc<Backing>> {
+        self.backing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether a backing file is open.
+    pub(crate) fn has_backing(&self) -> bool {
+        self.backing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Replaces the open backing file (rebase, commit); returns the old one. Callers
+    /// quiesce writers first: a write decides copy-on-write sources by the backing it sees.
+    #[allow(dead_code)]
+    pub(crate) fn replace_backing(&self, new: Option<Backing>) -> Option<Arc<Backing>> {
+        let mut b = self.backing.write().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *b, new.map(Arc::new))
     }
 
     /// Guest-visible size in bytes.

@@ -193,7 +193,7 @@ fn read_segment(img: &Image, out: &mut [u8], guest: GuestOffset, source: Source)
             out.fill(0);
             Ok(())
         }
-        Source::Backing => match &img.backing {
+        Source::Backing => match img.backing() {
             Some(b) => b.read(out, guest.get()),
             None => {
                 out.fill(0);
@@ -237,7 +237,7 @@ fn status_of(source: Source, has_backing: bool) -> (u32, u64) {
 
 /// Allocation status from `offset`, as far as it stays the same (at most `count` bytes).
 pub fn block_status(img: &Image, offset: GuestOffset, count: u64) -> Result<Extent> {
-    let has_backing = img.backing.is_some();
+    let has_backing = img.has_backing();
     let mut first: Option<(u32, u64)> = None;
     let mut len = 0u64;
     let mut segments = SegBuf::new();

@@ -88,13 +88,10 @@ impl Image {
     /// longer than the old size (so that its data does not appear). A version-2 image has no
     /// zero flag to do it with: refused like QEMU refuses it.
     fn backing_shows_through(&self, old: u64) -> Result<bool> {
-        let Some(b) = &self.backing else {
+        let Some(b) = self.backing() else {
             return Ok(false);
         };
-        let len = match b {
-            super::backing::Backing::Qcow2(img) => img.virtual_size(),
-            super::backing::Backing::Raw { size, .. } => *size,
-        };
+        let len = b.size();
         if len <= old {
             return Ok(false);
         }

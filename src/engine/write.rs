@@ -520,7 +520,7 @@ fn fill(
             out.fill(0);
             Ok(())
         }
-        SubclusterState::Unallocated => match &img.backing {
+        SubclusterState::Unallocated => match img.backing() {
             Some(b) => b.read(out, (guest + at).get()),
             None => {
                 out.fill(0);

@@ -177,7 +177,7 @@ pub fn write_zeroes(img: &Image, offset: GuestOffset, count: u64, may_unmap: boo
     }
     let policy = ZeroPolicy {
         geo: img.geo,
-        has_backing: img.backing.is_some(),
+        has_backing: img.has_backing(),
         v3: img.version >= 3,
         may_unmap,
     };
@@ -210,7 +210,7 @@ pub fn discard(img: &Image, offset: GuestOffset, count: u64) -> Result<()> {
     if start >= end {
         return Ok(());
     }
-    let has_backing = img.backing.is_some();
+    let has_backing = img.has_backing();
     let target = if has_backing && img.version >= 3 {
         if geo.extended_l2 {
             Mapping::Unallocated { zero: u32::MAX }
