@@ -23,6 +23,7 @@ pub use engine::bitmap::{
     BitmapAddOptions, BitmapInfo, BITMAP_AUTO, BITMAP_ENABLED, BITMAP_INCONSISTENT,
 };
 pub use engine::check::{CheckFix, CheckReport};
+pub use engine::commit::CommitOptions;
 pub use engine::create::create;
 pub use engine::events::{CorruptionEvent, EventHandler};
 pub use engine::Image;

@@ -5,10 +5,11 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::MAGIC;
 use crate::format::HostOffset;
 use crate::options::{BackingFormat, OpenOptions};
-use crate::storage::{HostFile, LockMode, PosixFile};
+use crate::storage::{HostFile, LockMode, PosixFile, WriteKind};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// An open backing file, always read-only.
@@ -19,8 +20,8 @@ pub enum Backing {
     Raw {
         /// The file (holding its read-only lock).
         file: HostFile,
-        /// Its size in bytes.
-        size: u64,
+        /// Its size in bytes (grown by a commit into it).
+        size: AtomicU64,
     },
 }
 
@@ -93,7 +94,7 @@ impl Backing {
                 };
                 f.lock(&name, mode)?;
                 let file = HostFile::new(Arc::new(f), name);
-                let size = file.len()?;
+                let size = AtomicU64::new(file.len()?);
                 Ok(Backing::Raw { file, size })
             }
         }
@@ -103,7 +104,7 @@ impl Backing {
     pub fn size(&self) -> u64 {
         match self {
             Backing::Qcow2(img) => img.virtual_size(),
-            Backing::Raw { size, .. } => *size,
+            Backing::Raw { size, .. } => size.load(Ordering::Acquire),
         }
     }
 
@@ -122,6 +123,105 @@ impl Backing {
             Backing::Raw { file, .. } => {
                 file.read_zero_padded(inside, HostOffset::new(offset), "backing data")
             }
+        }
+    }
+}
+
+/// Writing into a backing file (commit): the file is reopened read-write for the operation
+/// and read-only again afterwards, through the same transactional reopen as
+/// [`Image::reopen`] (identity check by device and inode, locks moved without a gap).
+impl Backing {
+    /// The file name the backing file was opened from.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            Backing::Qcow2(img) => img.path().to_path_buf(),
+            Backing::Raw { file, .. } => PathBuf::from(file.name()),
+        }
+    }
+
+    /// The backing qcow2 image, `None` for a raw file.
+    pub fn image(&self) -> Option<&Image> {
+        match self {
+            Backing::Qcow2(img) => Some(img),
+            Backing::Raw { .. } => None,
+        }
+    }
+
+    /// Reopens the file read-write (`writable`) or read-only again. -EAGAIN while another
+    /// process uses it, -ESTALE when its path names another file now; on error nothing
+    /// changed. Going read-only makes everything written durable first.
+    pub fn set_writable(&self, writable: bool) -> Result<()> {
+        match self {
+            Backing::Qcow2(img) => img.reopen(&OpenOptions {
+                writable,
+                direct: img.mode.direct,
+                no_backing: img.mode.no_backing,
+                overlap_check: img.overlap_check(),
+                ..OpenOptions::default()
+            }),
+            Backing::Raw { file, .. } if writable => file.reopen(true, LockMode::ReadWrite),
+            Backing::Raw { file, .. } => {
+                file.sync()?;
+                file.reopen(false, LockMode::ReadOnly)
+            }
+        }
+    }
+
+    /// Grows the guest-visible size to `size` bytes when it is smaller (a qcow2 image by
+    /// its resize, a raw file by extending it); the new area reads as zeros.
+    pub fn grow_to(&self, size: u64) -> Result<()> {
+        if self.size() >= size {
+            return Ok(());
+        }
+        match self {
+            Backing::Qcow2(img) => img.resize(size, false),
+            Backing::Raw { file, size: s } => {
+                file.set_len(size)?;
+                s.store(size, Ordering::Release);
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes guest data (the file is open read-write, see [`Self::set_writable`]).
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        match self {
+            Backing::Qcow2(img) => img.write_at(buf, offset),
+            Backing::Raw { file, .. } => file.write(buf, HostOffset::new(offset), WriteKind::Data),
+        }
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros without writing zeros where the range
+    /// already reads as zeros: a qcow2 image deallocates or sets zero flags; a raw file is
+    /// written only where it holds nonzero bytes.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        match self {
+            Backing::Qcow2(img) => {
+                img.write_zeroes(offset, len, crate::ZeroFlags { may_unmap: true })
+            }
+            Backing::Raw { .. } => {
+                const STEP: u64 = 1 << 20;
+                let mut buf = vec![0u8; STEP.min(len) as usize];
+                let mut pos = offset;
+                while pos < offset + len {
+                    let n = STEP.min(offset + len - pos) as usize;
+                    self.read(&mut buf[..n], pos)?;
+                    if buf[..n].iter().any(|&b| b != 0) {
+                        buf[..n].fill(0);
+                        self.write(&buf[..n], pos)?;
+                    }
+                    pos += n as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes everything written durable.
+    pub fn flush(&self) -> Result<()> {
+        match self {
+            Backing::Qcow2(img) => img.flush(),
+            Backing::Raw { file, .. } => file.sync(),
         }
     }
 }

@@ -4,6 +4,9 @@ mod backing;
 pub mod bitmap;
 mod cache;
 pub mod check;
+pub mod commit;
+#[cfg(test)]
+mod commit_crash_tests;
 pub mod compress;
 #[cfg(test)]
 mod crash_tests;

@@ -64,6 +64,9 @@ pub struct Bitmaps {
     /// The recording bitmaps.
     recording: ShardedLock<Vec<Arc<DirtyBits>>>,
     state: Mutex<State>,
+    /// Trackers that are not persistent bitmaps (a commit's record of the writes it must
+    /// copy again); recorded like enabled bitmaps. Lock order: `state` before this one.
+    transient: Mutex<Vec<Arc<DirtyBits>>>,
 }
 
 impl Bitmaps {
@@ -93,10 +96,30 @@ impl Bitmaps {
             .iter()
             .filter(|b| b.enabled && !b.inconsistent)
             .map(|b| Arc::clone(&b.bits))
+            .chain(self.transient_list().iter().cloned())
             .collect();
         let any = !list.is_empty();
         *self.recording.write().unwrap_or_else(|p| p.into_inner()) = list;
         self.any.store(any, Ordering::Release);
+    }
+
+    fn transient_list(&self) -> MutexGuard<'_, Vec<Arc<DirtyBits>>> {
+        self.transient.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records every later guest write in `bits` too, until [`Self::untrack`]; callers hold
+    /// writers quiesced so that no write slips between the call and its first bit.
+    pub fn track(&self, bits: Arc<DirtyBits>) {
+        let s = self.lock();
+        self.transient_list().push(bits);
+        self.publish(&s);
+    }
+
+    /// Stops recording into `bits` (see [`Self::track`]).
+    pub fn untrack(&self, bits: &Arc<DirtyBits>) {
+        let s = self.lock();
+        self.transient_list().retain(|b| !Arc::ptr_eq(b, bits));
+        self.publish(&s);
     }
 
     /// Replaces the whole state (open, reopen) and publishes it.

@@ -1,0 +1,244 @@
+//! Commit: write what the top image (and, with a deeper base, the images between) holds into
+//! a backing file, like `qemu-img commit` (QEMU 10), on a live read-write handle.
+//!
+//! The base is reopened read-write (the transactional reopen: same file by device and inode,
+//! locks moved without a gap, -EAGAIN while another process uses it), grown to the top's size
+//! when it is shorter, and filled range by range with what the chain above it holds: data is
+//! copied (as zeros when it is all zeros), zero clusters become zeros, unallocated ranges are
+//! left alone. The base is flushed and reopened read-only. Only then, and only when the commit
+//! goes into the direct backing file without `keep_top` (qemu-img's default; a named base
+//! implies `-d`, as in qemu-img), the top is emptied: every mapping is dropped so it reads
+//! through to the base, which now holds the same bytes.
+//!
+//! Guest writes continue during the copy and go to the top. When the top is emptied, the
+//! ranges written meanwhile are recorded and copied again with writers quiesced just before
+//! the top's mappings are dropped, so no write is lost. A failure at any step leaves the top
+//! untouched (its mappings are dropped only after the base is durable), the base consistent
+//! (its own crash-safe write path, made durable by the read-only reopen) and the handle on the
+//! old chain; the caller gets the first error and may retry.
+
+use super::backing::{resolve, Backing};
+use super::bitmap::bits::DirtyBits;
+use super::{Image, MAX_BACKING_DEPTH};
+use crate::error::{invalid, Error, ErrorKind, Result};
+use crate::options::{EXTENT_ALLOCATED, EXTENT_ZERO};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Bytes looked at (and copied) per step.
+const STEP: u64 = 1 << 20;
+
+/// Parameters of [`Image::commit`].
+#[derive(Default)]
+pub struct CommitOptions<'a> {
+    /// The backing file to commit into, by file name (as the chain names it, or any path
+    /// to the same file); `None`: the direct backing file. Naming a base keeps the top
+    /// (qemu-img's `-b` implies `-d`).
+    pub base: Option<PathBuf>,
+    /// Keep the top's data after the commit (`-d`); otherwise the top is emptied.
+    pub keep_top: bool,
+    /// Called with (bytes done, bytes total) as the copy advances.
+    pub progress: Option<&'a dyn Fn(u64, u64)>,
+}
+
+/// What the chain above the base holds for a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Data (possibly compressed) to copy.
+    Data,
+    /// Reads as zeros (zero clusters, or past the end of an image in between).
+    Zero,
+    /// Nothing: the range reads from the base already.
+    Unallocated,
+}
+
+/// The images between the top and the base, and the base.
+struct Chain {
+    /// The images strictly between the top and the base (qcow2, top-most first).
+    between: Vec<Arc<Backing>>,
+    base: Arc<Backing>,
+}
+
+impl Image {
+    /// Commits the top image into a backing file, like `qemu-img commit` (see the module
+    /// documentation for the steps). Works on a live read-write handle: guest writes during
+    /// the commit go to the top and stay visible.
+    ///
+    /// Errors: -EINVAL when the image has no backing file or `base` is not in its chain;
+    /// -EROFS read-only handle; -EAGAIN when another process uses the base; -ESTALE when the
+    /// base's path names another file now; -EIO/-ENOSPC from either file. On error both files
+    /// are consistent, the top reads as before and the handle keeps its chain; a retry
+    /// resumes from scratch.
+    pub fn commit(&self, opts: &CommitOptions) -> Result<()> {
+        self.check_writable()?;
+        // The top's size is the range to copy: no resize of the top while it runs.
+        let _serial = self.view.resizing();
+        let chain = self.commit_chain(opts.base.as_deref())?;
+        let empty_top = opts.base.is_none() && !opts.keep_top;
+        chain.base.set_writable(true)?;
+        let r = self.commit_into(&chain, empty_top, opts.progress);
+        // Read-only again in every case: this also makes what was written durable.
+        let back = chain.base.set_writable(false);
+        self.finish(r.and(back))
+    }
+
+    /// The copy with the base open read-write; the top emptied last when `empty_top`.
+    fn commit_into(
+        &self,
+        chain: &Chain,
+        empty_top: bool,
+        progress: Option<&dyn Fn(u64, u64)>,
+    ) -> Result<()> {
+        let size = self.virtual_size();
+        chain.base.grow_to(size)?;
+        if !empty_top {
+            self.copy_above(chain, 0, size, progress)?;
+            return chain.base.flush();
+        }
+        let written = Arc::new(DirtyBits::new(
+            size,
+            self.geo.cluster_bits as u8,
+            self.geo.cluster_bits,
+        ));
+        {
+            let _gate = self.io.quiesce();
+            self.bitmaps.track(Arc::clone(&written));
+        }
+        let r = self.copy_above(chain, 0, size, progress);
+        let _gate = self.io.quiesce();
+        self.bitmaps.untrack(&written);
+        r?;
+        // Writers are drained: what they wrote during the copy goes to the base as well.
+        let mut again = Vec::new();
+        written.for_each_dirty(|off, len| again.push((off, len)));
+        for (off, len) in again {
+            self.copy_above(chain, off, len, None)?;
+        }
+        chain.base.flush()?;
+        self.empty_top()
+    }
+
+    /// Finds the base (and the images in between) in the backing chain.
+    fn commit_chain(&self, base: Option<&Path>) -> Result<Chain> {
+        let Some(mut cur) = self.backing() else {
+            return invalid!("Image does not have a backing file");
+        };
+        let Some(wanted) = base else {
+            return Ok(Chain {
+                between: Vec::new(),
+                base: cur,
+            });
+        };
+        let mut between = Vec::new();
+        for _ in 0..MAX_BACKING_DEPTH {
+            if same_file(&self.path, wanted, &cur.path()) {
+                return Ok(Chain { between, base: cur });
+            }
+            let next = cur.image().and_then(|img| img.backing());
+            let Some(next) = next else { break };
+            between.push(std::mem::replace(&mut cur, next));
+        }
+        invalid!(
+            "Did not find '{}' in the backing chain of '{}'",
+            wanted.display(),
+            self.path.display()
+        )
+    }
+
+    /// Writes into the base what the chain above it holds for `[offset, offset + len)`.
+    fn copy_above(
+        &self,
+        chain: &Chain,
+        offset: u64,
+        len: u64,
+        progress: Option<&dyn Fn(u64, u64)>,
+    ) -> Result<()> {
+        let end = offset + len;
+        let mut buf = vec![0u8; STEP.min(len) as usize];
+        let mut pos = offset;
+        while pos < end {
+            let (held, n) = self.held_above(chain, pos, STEP.min(end - pos))?;
+            match held {
+                Held::Unallocated => {}
+                Held::Zero => chain.base.write_zeroes(pos, n)?,
+                Held::Data => {
+                    // n <= STEP, the buffer's size.
+                    let data = &mut buf[..n as usize];
+                    self.read_at(data, pos)?;
+                    if data.iter().all(|&b| b == 0) {
+                        chain.base.write_zeroes(pos, n)?;
+                    } else {
+                        chain.base.write(data, pos)?;
+                    }
+                }
+            }
+            pos += n;
+            if let Some(p) = progress {
+                p(pos - offset, len);
+            }
+        }
+        Ok(())
+    }
+
+    /// What the top and the images between hold from `offset` (at most `len` bytes, at least
+    /// one byte): the first image that allocates the range decides.
+    fn held_above(&self, chain: &Chain, offset: u64, len: u64) -> Result<(Held, u64)> {
+        let mut len = len;
+        let layers = std::iter::once(self).chain(chain.between.iter().filter_map(|b| b.image()));
+        for img in layers {
+            let size = img.virtual_size();
+            if offset >= size {
+                // The image above reads zeros past this image's end.
+                return Ok((Held::Zero, len));
+            }
+            len = len.min(size - offset);
+            let ext = img.block_status(offset, len)?;
+            if ext.length == 0 || ext.length > len {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!("block status of {} made no progress", img.path.display()),
+                ));
+            }
+            if ext.flags & EXTENT_ALLOCATED != 0 {
+                let held = if ext.flags & EXTENT_ZERO != 0 {
+                    Held::Zero
+                } else {
+                    Held::Data
+                };
+                return Ok((held, ext.length));
+            }
+            len = ext.length;
+        }
+        Ok((Held::Unallocated, len))
+    }
+
+    /// Drops every mapping of the top (writers quiesced by the caller), so that it reads
+    /// through to its backing file, and makes that durable. Clusters shared with internal
+    /// snapshots stay theirs.
+    fn empty_top(&self) -> Result<()> {
+        while self.inflight.claims() > 0 {
+            self.inflight.wait_idle();
+        }
+        let mut m = self.lock_meta();
+        for i in 0..self.view.l1_len() {
+            m.drop_l2_table(&self.file, i)?;
+        }
+        m.writeback(&self.file)
+    }
+}
+
+/// Whether `wanted` (a name as the user gave it: relative to the working directory, or to
+/// the top's directory as backing names are) names the file at `layer`.
+fn same_file(top: &Path, wanted: &Path, layer: &Path) -> bool {
+    let Ok(layer) = layer.canonicalize() else {
+        return wanted == layer;
+    };
+    let candidates = [
+        wanted.to_path_buf(),
+        resolve(top, wanted.as_os_str().as_bytes()),
+    ];
+    candidates
+        .iter()
+        .any(|c| c.canonicalize().is_ok_and(|c| c == layer))
+}
