@@ -1,0 +1,307 @@
+//! Commit against QEMU: every scenario builds one backing chain, copies it, runs `qemu-img
+//! commit` on one copy and `Image::commit` on the other, then compares every layer pairwise:
+//! `qemu-img check` clean, `qemu-img compare` identical, `qemu-img info --output=json` equal
+//! (apart from the host-side sizes: qemu-img truncates an emptied top, oxcow drops its
+//! mappings in place).
+
+mod common;
+
+use common::*;
+use oxcow::{CommitOptions, Image, OpenOptions};
+use std::path::{Path, PathBuf};
+
+/// A chain built twice: `q` for qemu-img, `o` for oxcow; `layers` lists (file name, format)
+/// from the base up, the last one is the top.
+struct Twin {
+    _dir: TempDir,
+    q: PathBuf,
+    o: PathBuf,
+    layers: Vec<(&'static str, &'static str)>,
+}
+
+fn twin(tag: &str, layers: &[(&'static str, &'static str)], setup: impl FnOnce(&Path)) -> Twin {
+    let dir = TempDir::new(tag);
+    let q = dir.join("q");
+    let o = dir.join("o");
+    std::fs::create_dir_all(&q).expect("mkdir");
+    std::fs::create_dir_all(&o).expect("mkdir");
+    setup(&q);
+    for (name, _) in layers {
+        std::fs::copy(q.join(name), o.join(name)).expect("copy layer");
+    }
+    Twin {
+        _dir: dir,
+        q,
+        o,
+        layers: layers.to_vec(),
+    }
+}
+
+fn top(t: &Twin) -> &'static str {
+    t.layers.last().expect("a top layer").0
+}
+
+/// `qemu-img commit [-d] [-b base] top` in the qemu copy.
+fn qemu_commit(t: &Twin, base: Option<&str>, keep: bool) {
+    let mut args = vec!["commit", "-q", "-f", "qcow2"];
+    if keep {
+        args.push("-d");
+    }
+    if let Some(b) = base {
+        args.extend(["-b", b]);
+    }
+    args.push(top(t));
+    let o = run_in(&t.q, "qemu-img", &args);
+    assert_eq!(o.code, 0, "qemu-img {args:?}: {}", o.all());
+}
+
+/// The same commit through oxcow's API in the oxcow copy.
+fn oxcow_commit(t: &Twin, base: Option<&str>, keep: bool) {
+    let img = Image::open(
+        t.o.join(top(t)),
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .expect("open top");
+    let opts = CommitOptions {
+        base: base.map(|b| t.o.join(b)),
+        keep_top: keep,
+        ..Default::default()
+    };
+    img.commit(&opts).expect("commit");
+    img.close().expect("close");
+}
+
+/// `qemu-img info --output=json` without what differs between two correct results: the
+/// host file's sizes (`actual-size`, the protocol child).
+fn info_without_sizes(dir: &Path, name: &str, fmt: &str) -> Json {
+    let o = run_in(dir, "qemu-img", &["info", "--output=json", "-f", fmt, name]);
+    assert_eq!(o.code, 0, "qemu-img info {name}: {}", o.all());
+    match Json::parse(&o.stdout) {
+        Json::Obj(mut m) => {
+            m.remove("actual-size");
+            m.remove("children");
+            if fmt == "raw" {
+                // A raw file's virtual size is its length: keep that one.
+                return Json::Obj(m);
+            }
+            Json::Obj(m)
+        }
+        j => panic!("info is not an object: {j:?}"),
+    }
+}
+
+/// The guest ranges a qcow2 image itself allocates, and how (data or zeros).
+fn own_allocations(p: &Path) -> Vec<(u64, u64, bool)> {
+    qemu_map(p)
+        .into_iter()
+        .filter(|e| e.depth == 0 && e.present)
+        .map(|e| (e.start, e.length, e.zero))
+        .collect()
+}
+
+/// Every layer: check clean, same guest contents, same info; the layers above the base
+/// allocate the same ranges (emptied or kept alike). The base may differ in how it stores
+/// zeros (qemu-img sets zero flags where the base reads zeros already, oxcow leaves those).
+fn assert_same_layers(t: &Twin) {
+    for (name, _) in t.layers.iter().skip(1) {
+        assert_eq!(
+            own_allocations(&t.q.join(name)),
+            own_allocations(&t.o.join(name)),
+            "{name}: allocations differ"
+        );
+    }
+    for (name, fmt) in &t.layers {
+        let (q, o) = (t.q.join(name), t.o.join(name));
+        if *fmt == "qcow2" {
+            assert_check_clean(&q);
+            assert_check_clean(&o);
+        }
+        let c = run(
+            "qemu-img",
+            &["compare", "-f", fmt, "-F", fmt, path_str(&q), path_str(&o)],
+        );
+        assert_eq!(c.code, 0, "{name}: qemu-img compare: {}", c.all());
+        assert_eq!(
+            info_without_sizes(&t.q, name, fmt),
+            info_without_sizes(&t.o, name, fmt),
+            "{name}: qemu-img info differs"
+        );
+    }
+}
+
+fn run_both(t: &Twin, base: Option<&str>, keep: bool) {
+    qemu_commit(t, base, keep);
+    oxcow_commit(t, base, keep);
+    assert_same_layers(t);
+}
+
+fn io(dir: &Path, name: &str, fmt: &str, cmds: &[&str]) {
+    let cmds: Vec<String> = cmds.iter().map(|c| c.to_string()).collect();
+    qemu_io_fmt(&dir.join(name), fmt, &cmds);
+}
+
+fn create(dir: &Path, name: &str, size: &str, backing: Option<(&str, &str)>, opts: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    if let Some((b, f)) = backing {
+        args.extend(["-b", b, "-F", f]);
+    }
+    args.extend([name, size]);
+    let o = run_in(dir, "qemu-img", &args);
+    assert_eq!(o.code, 0, "qemu-img {args:?}: {}", o.all());
+}
+
+/// A qcow2 base with data, and a top holding data, zero clusters over base data and over
+/// nothing, a compressed cluster and a cluster of written zeros.
+fn two_levels(dir: &Path, opts: &str, base_size: &str) {
+    create(dir, "base.qcow2", base_size, None, opts);
+    io(
+        dir,
+        "base.qcow2",
+        "qcow2",
+        &["write -P 0x11 0 1M", "write -P 0x12 1536k 256k"],
+    );
+    create(dir, "top.qcow2", "4M", Some(("base.qcow2", "qcow2")), opts);
+    io(
+        dir,
+        "top.qcow2",
+        "qcow2",
+        &[
+            "write -P 0x21 64k 64k",
+            "write -z 128k 128k",
+            "write -z 3M 128k",
+            "write -c -P 0x33 512k 64k",
+            "write -P 0 1600k 64k",
+            "write -P 0x24 3500k 300k",
+        ],
+    );
+}
+
+const TWO: &[(&str, &str)] = &[("base.qcow2", "qcow2"), ("top.qcow2", "qcow2")];
+const THREE: &[(&str, &str)] = &[
+    ("base.qcow2", "qcow2"),
+    ("mid.qcow2", "qcow2"),
+    ("top.qcow2", "qcow2"),
+];
+
+#[test]
+fn commit_into_qcow2_empties_the_top_like_qemu_img() {
+    let t = twin("commit-q2", TWO, |d| two_levels(d, "", "4M"));
+    run_both(&t, None, false);
+    // The emptied top reads everything from the base.
+    assert_eq!(own_allocations(&t.o.join("top.qcow2")), vec![]);
+}
+
+#[test]
+fn commit_with_keep_top_leaves_the_top_as_it_was() {
+    let t = twin("commit-q2-d", TWO, |d| two_levels(d, "", "4M"));
+    run_both(&t, None, true);
+}
+
+#[test]
+fn commit_grows_a_base_shorter_than_the_top() {
+    let t = twin("commit-short", TWO, |d| two_levels(d, "", "2M"));
+    run_both(&t, None, false);
+    let t = twin("commit-short-d", TWO, |d| two_levels(d, "", "2M"));
+    run_both(&t, None, true);
+}
+
+#[test]
+fn commit_of_extended_l2_and_small_clusters_matches_qemu_img() {
+    let opts = "cluster_size=16k,extended_l2=on";
+    let t = twin("commit-ext", TWO, |d| two_levels(d, opts, "4M"));
+    run_both(&t, None, false);
+    let t = twin("commit-v2", TWO, |d| {
+        create(d, "base.qcow2", "4M", None, "compat=0.10");
+        io(d, "base.qcow2", "qcow2", &["write -P 0x11 0 1M"]);
+        create(
+            d,
+            "top.qcow2",
+            "4M",
+            Some(("base.qcow2", "qcow2")),
+            "compat=0.10",
+        );
+        io(
+            d,
+            "top.qcow2",
+            "qcow2",
+            &["write -P 0x21 64k 200k", "write -c -P 0x33 2M 64k"],
+        );
+    });
+    run_both(&t, None, false);
+}
+
+/// A raw base of 1 MiB under a 4 MiB top.
+fn raw_base(dir: &Path) {
+    std::fs::write(dir.join("base.raw"), vec![0x5au8; 1 << 20]).expect("raw base");
+    create(dir, "top.qcow2", "4M", Some(("base.raw", "raw")), "");
+    io(
+        dir,
+        "top.qcow2",
+        "qcow2",
+        &[
+            "write -P 0x21 64k 64k",
+            "write -z 0 64k",
+            "write -z 2M 64k",
+            "write -c -P 0x33 512k 64k",
+            "write -P 0x24 3M 100k",
+        ],
+    );
+}
+
+#[test]
+fn commit_into_a_raw_base_grows_it_like_qemu_img() {
+    let layers: &[(&str, &str)] = &[("base.raw", "raw"), ("top.qcow2", "qcow2")];
+    let t = twin("commit-raw", layers, raw_base);
+    run_both(&t, None, false);
+    let t = twin("commit-raw-d", layers, raw_base);
+    run_both(&t, None, true);
+    let len = |p: PathBuf| std::fs::metadata(p).expect("stat").len();
+    assert_eq!(len(t.q.join("base.raw")), len(t.o.join("base.raw")));
+}
+
+/// base <- mid <- top: the mid holds a zero cluster over base data and a compressed
+/// cluster, the top data over both.
+fn three_levels(dir: &Path) {
+    create(dir, "base.qcow2", "4M", None, "");
+    io(dir, "base.qcow2", "qcow2", &["write -P 0x11 0 2M"]);
+    create(dir, "mid.qcow2", "4M", Some(("base.qcow2", "qcow2")), "");
+    io(
+        dir,
+        "mid.qcow2",
+        "qcow2",
+        &[
+            "write -P 0x22 1M 512k",
+            "write -z 0 64k",
+            "write -c -P 0x23 3M 64k",
+        ],
+    );
+    create(dir, "top.qcow2", "4M", Some(("mid.qcow2", "qcow2")), "");
+    io(
+        dir,
+        "top.qcow2",
+        "qcow2",
+        &[
+            "write -P 0x33 1200k 64k",
+            "write -z 3M 32k",
+            "write -P 0x34 3900k 8k",
+        ],
+    );
+}
+
+#[test]
+fn commit_with_a_base_three_levels_down_keeps_top_and_mid_like_qemu_img() {
+    let t = twin("commit-3", THREE, three_levels);
+    run_both(&t, Some("base.qcow2"), false);
+}
+
+#[test]
+fn commit_with_the_direct_backing_named_keeps_the_top_like_qemu_img() {
+    let t = twin("commit-3-mid", THREE, three_levels);
+    run_both(&t, Some("mid.qcow2"), false);
+}
