@@ -62,6 +62,12 @@
 #define OXCOW_BITMAP_NAME_LEN 1024
 
 /**
+ * oxcow_commit_options.flags: keep the top's data after the commit (`qemu-img commit -d`);
+ * without it the top is emptied, as qemu-img does by default.
+ */
+#define OXCOW_COMMIT_KEEP_TOP 1u
+
+/**
  * oxcow_resize() flag: allow a new size smaller than the current one (like
  * `qemu-img resize --shrink`); the data past the new end is deleted.
  */
@@ -392,6 +398,35 @@ typedef struct oxcow_check_result {
      */
     uint64_t image_end_offset;
 } oxcow_check_result;
+
+/**
+ * Parameters of oxcow_commit(). Initialise with oxcow_commit_options_init(), then change the
+ * fields you need.
+ */
+typedef struct oxcow_commit_options {
+    /**
+     * sizeof(oxcow_commit_options) as the caller knows it; set by the _init function.
+     */
+    uint32_t struct_size;
+    /**
+     * OXCOW_COMMIT_* flags.
+     */
+    uint32_t flags;
+    /**
+     * The backing file to commit into, by file name (as the chain names it, or any path to
+     * the same file), or NULL for the direct backing file. Naming a base keeps the top, as
+     * `qemu-img commit -b` implies `-d`. Must be valid UTF-8.
+     */
+    const char *base;
+    /**
+     * Called now and then on the calling thread with the bytes done and the total, or NULL.
+     */
+    void (*progress)(void *opaque, uint64_t done, uint64_t total);
+    /**
+     * Passed back to `progress` unchanged.
+     */
+    void *progress_opaque;
+} oxcow_commit_options;
 
 /**
  * Parameters of oxcow_create(). Initialise with oxcow_create_options_init(), then change the
@@ -759,6 +794,45 @@ int oxcow_check(struct oxcow_image *img,
                 uint32_t fix,
                 struct oxcow_check_result *out,
                 struct oxcow_error **err);
+
+/**
+ * Fills `*opts` with the defaults (direct backing file, top emptied, no progress callback)
+ * and sets `struct_size`. NULL is a no-op.
+ *
+ * # Safety
+ * `opts` is NULL or points to writable memory for one `oxcow_commit_options`.
+ */
+void oxcow_commit_options_init(struct oxcow_commit_options *opts);
+
+/**
+ * Commits the image into a backing file like `qemu-img commit` (QEMU 10), on a live
+ * read-write handle: the base (`opts->base`, NULL = the direct backing file) is reopened
+ * read-write through the same transactional reopen as oxcow_reopen() (same file by device
+ * and inode, QEMU-compatible locks moved without a gap), grown when shorter than the image,
+ * filled with what the image (and the images between) hold (data copied, zero clusters
+ * written as zeros, unallocated ranges left alone; never zeros where the base reads zeros
+ * already), flushed and reopened read-only. Then, unless OXCOW_COMMIT_KEEP_TOP or a named
+ * base, the image is emptied so that it reads through to the base. `opts` may be NULL (the
+ * defaults).
+ *
+ * Other threads may keep reading and writing the image meanwhile: their writes go to the
+ * image and stay visible (before the image is emptied, writers are held back while the
+ * ranges they wrote during the copy are copied again).
+ *
+ * Returns 0, or -EINVAL (NULL handle, short struct_size, unknown flags, no backing file,
+ * base not in the chain), -EROFS (read-only handle), -EAGAIN (another process uses the
+ * base), -ESTALE (the base's path names another file now), -ENOMEDIUM (fenced handle),
+ * -EIO, -ENOSPC. On error both files are consistent, the image reads as before on its old
+ * chain, and the call may be retried.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `opts` is NULL or points to an initialised
+ * `oxcow_commit_options` whose `base` is NULL or a NUL-terminated string; `err` is NULL or
+ * valid for writing one pointer.
+ */
+int oxcow_commit(struct oxcow_image *img,
+                 const struct oxcow_commit_options *opts,
+                 struct oxcow_error **err);
 
 /**
  * Creates a new qcow2 image at `path` (replacing any existing file) with `virtual_size`

@@ -13,6 +13,7 @@
 
 pub mod bitmap;
 pub mod check;
+pub mod commit;
 pub mod create;
 pub mod error;
 pub mod image;
@@ -28,6 +29,9 @@ pub use bitmap::{
     oxcow_bitmap_status,
 };
 pub use check::oxcow_check;
+pub use commit::{
+    oxcow_commit, oxcow_commit_options, oxcow_commit_options_init, OXCOW_COMMIT_KEEP_TOP,
+};
 pub use create::oxcow_create;
 pub use error::{oxcow_error, oxcow_error_errno, oxcow_error_free, oxcow_error_message};
 pub use image::{
