@@ -40,6 +40,7 @@ fn qemu_io_holding(path: &Path) -> Child {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("qemu-io did not lock {}", path.display());
 }
 
