@@ -305,3 +305,66 @@ fn commit_with_the_direct_backing_named_keeps_the_top_like_qemu_img() {
     let t = twin("commit-3-mid", THREE, three_levels);
     run_both(&t, Some("mid.qcow2"), false);
 }
+
+/// `args` run as `qemu-img commit ARGS top` in the qemu copy and `oxcow commit ARGS top` in
+/// the oxcow copy: same exit code, same message, same layers.
+fn cli_both(t: &Twin, args: &[&str]) {
+    let mut full = vec!["commit"];
+    full.extend(args);
+    full.push(top(t));
+    let q = run_in(&t.q, "qemu-img", &full);
+    let o = run_in(&t.o, env!("CARGO_BIN_EXE_oxcow"), &full);
+    assert_eq!(q.code, 0, "qemu-img {full:?}: {}", q.all());
+    assert_eq!(o.code, 0, "oxcow {full:?}: {}", o.all());
+    // qemu-img draws -p progress on stdout, oxcow on stderr: the messages are the last line.
+    let last = |s: &str| s.lines().last().unwrap_or("").to_string();
+    assert_eq!(last(&o.stdout), last(&q.stdout), "stdout of {full:?}");
+    if args.contains(&"-p") {
+        assert!(o.stderr.contains("(100.00/100%)"), "oxcow -p: {}", o.stderr);
+    }
+    assert_same_layers(t);
+}
+
+#[test]
+fn cli_commit_matches_qemu_img_commit() {
+    let t = twin("commit-cli", TWO, |d| two_levels(d, "", "2M"));
+    cli_both(&t, &[]);
+    assert_eq!(
+        run_in(&t.o, env!("CARGO_BIN_EXE_oxcow"), &["commit", "top.qcow2"]).stdout,
+        "Image committed.\n"
+    );
+    let t = twin("commit-cli-d", TWO, |d| two_levels(d, "", "4M"));
+    cli_both(&t, &["-d", "-q"]);
+    let t = twin("commit-cli-b", THREE, three_levels);
+    cli_both(&t, &["-b", "base.qcow2", "-f", "qcow2"]);
+    let layers: &[(&str, &str)] = &[("base.raw", "raw"), ("top.qcow2", "qcow2")];
+    let t = twin("commit-cli-raw", layers, raw_base);
+    cli_both(&t, &["-p"]);
+}
+
+#[test]
+fn cli_commit_refusals_match_qemu_img() {
+    let t = twin("commit-cli-err", THREE, three_levels);
+    for args in [
+        &["commit", "-b", "nowhere.qcow2", "top.qcow2"][..],
+        &["commit", "base.qcow2"][..],
+    ] {
+        let q = run_in(&t.q, "qemu-img", args);
+        let o = run_in(&t.o, env!("CARGO_BIN_EXE_oxcow"), args);
+        assert_eq!(
+            (q.code, o.code),
+            (1, 1),
+            "{args:?}: {} / {}",
+            q.all(),
+            o.all()
+        );
+        let msg = q.stderr.trim_start_matches("qemu-img: ").trim();
+        assert!(
+            o.stderr.contains(msg),
+            "{args:?}: qemu-img says {msg:?}, oxcow {:?}",
+            o.stderr
+        );
+    }
+    let o = run_in(&t.o, env!("CARGO_BIN_EXE_oxcow"), &["commit", "--help"]);
+    assert!(o.stdout.contains("-b BASE"), "{}", o.stdout);
+}
