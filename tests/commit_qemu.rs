@@ -368,3 +368,37 @@ fn cli_commit_refusals_match_qemu_img() {
     let o = run_in(&t.o, env!("CARGO_BIN_EXE_oxcow"), &["commit", "--help"]);
     assert!(o.stdout.contains("-b BASE"), "{}", o.stdout);
 }
+
+#[test]
+fn commit_of_a_top_with_an_internal_snapshot_and_a_bitmap_matches_qemu_img() {
+    let t = twin("commit-snap", TWO, |d| {
+        two_levels(d, "", "4M");
+        let o = run_in(d, "qemu-img", &["snapshot", "-c", "s1", "top.qcow2"]);
+        assert_eq!(o.code, 0, "{}", o.all());
+        io(d, "top.qcow2", "qcow2", &["write -P 0x44 64k 32k"]);
+        let o = run_in(d, "qemu-img", &["bitmap", "--add", "top.qcow2", "b0"]);
+        assert_eq!(o.code, 0, "{}", o.all());
+    });
+    run_both(&t, None, false);
+    // The snapshot still reads as it was taken, in both copies.
+    for dir in [&t.q, &t.o] {
+        let o = run_in(
+            dir,
+            "qemu-img",
+            &[
+                "convert",
+                "-l",
+                "snapshot.name=s1",
+                "-O",
+                "raw",
+                "top.qcow2",
+                "s1.raw",
+            ],
+        );
+        assert_eq!(o.code, 0, "{}", o.all());
+    }
+    assert_eq!(
+        read_file(&t.q.join("s1.raw")),
+        read_file(&t.o.join("s1.raw"))
+    );
+}
