@@ -116,6 +116,8 @@ impl Image {
             self.copy_above(chain, off, len, None)?;
         }
         chain.base.flush()?;
+        // A reopen to read-only may have happened meanwhile: then the top stays as it is.
+        self.check_writable()?;
         self.empty_top()
     }
 

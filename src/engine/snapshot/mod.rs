@@ -154,6 +154,9 @@ impl Image {
         ops::check_applicable(self, &s)?;
         let r = ops::apply(self, &mut m, &mut snaps, &s);
         drop((snaps, m));
+        // The whole disk may read differently now: write trackers (a commit's record of what
+        // to copy again; persistent bitmaps were refused above) see it as written.
+        self.bitmaps.mark(0, self.virtual_size());
         self.finish(r)
     }
 
