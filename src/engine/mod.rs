@@ -7,6 +7,8 @@ pub mod check;
 pub mod compress;
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod host_space_crash_tests;
 pub mod create;
 pub mod events;
 mod gate;
@@ -147,6 +149,7 @@ impl Image {
         if opts.writable {
             meta.enable_lazy_refcounts();
         }
+        meta.rc.set_punch_freed(opts.writable && opts.discard_unmap);
         let (bitmap_state, hint) = bitmap::lifecycle::open(&file, &mut meta, opts.writable)
             .map_err(|e| e.with_file(&name))?;
         let img = Image {
