@@ -57,7 +57,13 @@ fn check_and_read(dir: &Path, bytes: &[u8], what: &str) -> Vec<u8> {
 /// Fills every cluster with stale bytes, discards them all and makes that durable, then
 /// writes `len` bytes at `at` into every cluster (reusing the freed clusters) and checks every
 /// crash state: around the new bytes every cluster reads as zeros, never as the stale bytes.
-fn reused_clusters_read_as_zeros(tag: &str, opts: CreateOptions, at: u64, len: u64, fallocate: bool) {
+fn reused_clusters_read_as_zeros(
+    tag: &str,
+    opts: CreateOptions,
+    at: u64,
+    len: u64,
+    fallocate: bool,
+) {
     let dir = Scratch::new(tag);
     let path = dir.0.join("img.qcow2");
     let cs = u64::from(opts.cluster_size);
@@ -86,17 +92,23 @@ fn reused_clusters_read_as_zeros(tag: &str, opts: CreateOptions, at: u64, len: u
     let journal = sim.journal()[start..].to_vec();
     std::mem::forget(img); // the process "dies" here
     let mut rng = Rng(31);
-    let states = each_crash_state(&base, &journal, 60, |_| rng.next(), |bytes, what| {
-        let what = format!("{tag}: {what}");
-        let got = check_and_read(&dir.0, bytes, &what);
-        for (i, &b) in got.iter().enumerate() {
-            let inside = (at..at + len).contains(&(i as u64 % cs));
-            assert!(
-                b == 0 || (inside && b == NEW),
-                "{what}: guest byte {i:#x} reads {b:#x} (a reused cluster's stale bytes?)"
-            );
-        }
-    });
+    let states = each_crash_state(
+        &base,
+        &journal,
+        60,
+        |_| rng.next(),
+        |bytes, what| {
+            let what = format!("{tag}: {what}");
+            let got = check_and_read(&dir.0, bytes, &what);
+            for (i, &b) in got.iter().enumerate() {
+                let inside = (at..at + len).contains(&(i as u64 % cs));
+                assert!(
+                    b == 0 || (inside && b == NEW),
+                    "{what}: guest byte {i:#x} reads {b:#x} (a reused cluster's stale bytes?)"
+                );
+            }
+        },
+    );
     assert!(states > 20, "{tag}: too few crash states ({states})");
     // After the completed flush every new byte is there.
     let all = super::crash_tests::state_at(&base, &journal, journal.len(), &|_| false);
@@ -203,26 +215,35 @@ fn every_crash_point_of_discard_with_unmap_keeps_the_data_still_mapped() {
     let journal = sim.journal()[start..].to_vec();
     std::mem::forget(img); // the process "dies" here
     let mut rng = Rng(43);
-    let states = each_crash_state(&base, &journal, 100, |_| rng.next(), |bytes, what| {
-        let k: usize = what
-            .split_whitespace()
-            .nth(2)
-            .and_then(|f| f.split('/').next())
-            .and_then(|n| n.parse().ok())
-            .expect("crash point in the description");
-        let Some((_, flushed, touched)) = flushes.iter().rev().find(|f| f.0 <= k) else {
-            return;
-        };
-        let got = check_and_read(&dir.0, bytes, &format!("unmap: {what}"));
-        for (i, &g) in got.iter().enumerate() {
-            assert!(
-                touched[i] || g == flushed[i],
-                "unmap: {what}: flushed byte {i:#x} reads {g:#x}, expected {:#x}",
-                flushed[i]
-            );
-        }
-    });
+    let states = each_crash_state(
+        &base,
+        &journal,
+        100,
+        |_| rng.next(),
+        |bytes, what| {
+            let k: usize = what
+                .split_whitespace()
+                .nth(2)
+                .and_then(|f| f.split('/').next())
+                .and_then(|n| n.parse().ok())
+                .expect("crash point in the description");
+            let Some((_, flushed, touched)) = flushes.iter().rev().find(|f| f.0 <= k) else {
+                return;
+            };
+            let got = check_and_read(&dir.0, bytes, &format!("unmap: {what}"));
+            for (i, &g) in got.iter().enumerate() {
+                assert!(
+                    touched[i] || g == flushed[i],
+                    "unmap: {what}: flushed byte {i:#x} reads {g:#x}, expected {:#x}",
+                    flushed[i]
+                );
+            }
+        },
+    );
     assert!(states > 40, "too few crash states ({states})");
     let all = super::crash_tests::state_at(&base, &journal, journal.len(), &|_| false);
-    assert_eq!(check_and_read(&dir.0, &all, "unmap: after the last flush"), model);
+    assert_eq!(
+        check_and_read(&dir.0, &all, "unmap: after the last flush"),
+        model
+    );
 }

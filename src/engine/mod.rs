@@ -7,11 +7,11 @@ pub mod check;
 pub mod compress;
 #[cfg(test)]
 mod crash_tests;
-#[cfg(test)]
-mod host_space_crash_tests;
 pub mod create;
 pub mod events;
 mod gate;
+#[cfg(test)]
+mod host_space_crash_tests;
 mod inflight;
 mod mapview;
 mod meta;
