@@ -264,6 +264,59 @@ static void test_discard(void) {
     pair_finish(&p);
 }
 
+/* Allocated 512-byte blocks of a host file. */
+static long long host_blocks(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 ? (long long)st.st_blocks : -1;
+}
+
+/* Writes 8 MiB, flushes, discards 90 % of it (cluster-aligned) and flushes again; returns the
+ * host file's allocated blocks before and after the discard. `flags` are the open flags. */
+static void discard_ninety_percent(struct pair *p, uint32_t flags, long long *before,
+                                   long long *after) {
+    const uint64_t data = 8 * MiB, cut = (data / CL) * 9 / 10 * CL;
+    CHECK_EQ(oxcow_close(p->img), 0);
+    p->img = open_image(p->qcow2, flags);
+    REQUIRE(p->img != NULL);
+    pair_write(p, 0, (size_t)data, 7);
+    CHECK_EQ(oxcow_flush(p->img), 0);
+    *before = host_blocks(p->qcow2);
+    CHECK_EQ(oxcow_discard(p->img, 0, cut), 0);
+    ref_zero(p, 0, (size_t)cut);
+    CHECK_EQ(oxcow_flush(p->img), 0);
+    *after = host_blocks(p->qcow2);
+    compare_with_ref(p->img, p->raw, p->size);
+}
+
+/* OXCOW_OPEN_DISCARD_UNMAP punches the freed clusters: the host file's allocated blocks drop
+ * with the discarded data, and the image stays clean with the remaining data intact. Without
+ * the flag the blocks stay. */
+static void test_discard_unmap(void) {
+    struct pair p;
+    long long before, after;
+    REQUIRE(pair_create(&p, 16 * MiB) == 0);
+    discard_ninety_percent(&p, OXCOW_OPEN_RDWR | OXCOW_OPEN_DISCARD_UNMAP, &before, &after);
+    /* 8 MiB of data is 16384 blocks; 90 % of it goes. Metadata stays. */
+    CHECK(before >= 16384);
+    CHECK(after <= before - 16384 * 85 / 100);
+    pair_finish(&p);
+
+    REQUIRE(pair_create(&p, 16 * MiB) == 0);
+    discard_ninety_percent(&p, OXCOW_OPEN_RDWR, &before, &after);
+    CHECK(after >= before - 64);
+    /* The flag can be switched on by a reopen; the freed clusters of later discards are
+     * punched. */
+    CHECK_EQ(oxcow_reopen(p.img, OXCOW_OPEN_RDWR | OXCOW_OPEN_DISCARD_UNMAP, NULL), 0);
+    pair_write(&p, 12 * MiB, 2 * MiB, 9);
+    CHECK_EQ(oxcow_flush(p.img), 0);
+    before = host_blocks(p.qcow2);
+    CHECK_EQ(oxcow_discard(p.img, 12 * MiB, 2 * MiB), 0);
+    ref_zero(&p, 12 * MiB, 2 * MiB);
+    CHECK_EQ(oxcow_flush(p.img), 0);
+    CHECK(host_blocks(p.qcow2) <= before - 4096 * 9 / 10);
+    pair_finish(&p);
+}
+
 /* After a flush, the file on disk is a complete, clean image even while still open. */
 static void test_flush(void) {
     struct pair p;
@@ -619,6 +672,7 @@ int main(int argc, char **argv) {
         {"vectored", test_vectored},
         {"write_zeroes", test_write_zeroes},
         {"discard", test_discard},
+        {"discard_unmap", test_discard_unmap},
         {"flush", test_flush},
         {"writethrough", test_writethrough},
         {"block_status", test_block_status},

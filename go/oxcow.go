@@ -105,6 +105,10 @@ type OpenOptions struct {
 	// backing file's format, instead of guessing the format from the backing file's
 	// contents, which a guest may control. Set it for untrusted images.
 	NoProbe bool
+	// DiscardUnmap is QEMU's discard=unmap (writable opens): clusters freed by Discard or an
+	// unmapping WriteZeroes have their host ranges punched once the free is durable (after
+	// the next Flush), so the file's allocated blocks shrink. Without it nothing is punched.
+	DiscardUnmap bool
 	// CacheSize is the metadata cache budget in bytes; 0 means the library default.
 	CacheSize uint64
 	// Snapshot, when not empty, opens a read-only view of the internal snapshot with this
@@ -135,6 +139,9 @@ func (o *OpenOptions) flags() uint32 {
 	}
 	if o.NoProbe {
 		f |= capi.OpenNoProbe
+	}
+	if o.DiscardUnmap {
+		f |= capi.OpenDiscardUnmap
 	}
 	return f
 }

@@ -114,6 +114,15 @@
 #define OXCOW_OPEN_NO_PROBE 64u
 
 /**
+ * Open flag (read-write opens): QEMU's `discard=unmap`. Clusters freed by oxcow_discard()
+ * or an unmapping oxcow_write_zeroes() have their host ranges punched
+ * (`fallocate(PUNCH_HOLE|KEEP_SIZE)`) once the free is durable (after the next flush) and
+ * no request can still touch them, so the file's allocated blocks shrink. Without it freed
+ * clusters keep their blocks until reused. May change in oxcow_reopen().
+ */
+#define OXCOW_OPEN_DISCARD_UNMAP 128u
+
+/**
  * oxcow_write_zeroes() flag: the clusters may be deallocated instead of kept allocated.
  */
 #define OXCOW_ZERO_MAY_UNMAP 1u
@@ -1027,7 +1036,8 @@ int oxcow_flush(struct oxcow_image *img);
  * Changes the open flags of a live handle without closing it (QEMU's reopen): `flags` are
  * the complete new OXCOW_OPEN_* set. Switching OXCOW_OPEN_RDWR off flushes everything and
  * drops the write locks; switching it on takes the write locks and re-validates the image.
- * OXCOW_OPEN_WRITETHROUGH and (read-only) OXCOW_OPEN_FORCE_SHARE may change too;
+ * OXCOW_OPEN_WRITETHROUGH, OXCOW_OPEN_DISCARD_UNMAP and (read-only) OXCOW_OPEN_FORCE_SHARE
+ * may change too;
  * OXCOW_OPEN_DIRECT and OXCOW_OPEN_NO_BACKING must stay as they were. OXCOW_OPEN_NO_PROBE
  * is accepted and has no effect (the backing chain is not reopened). The path must still
  * name the file that was opened.

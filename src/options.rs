@@ -114,6 +114,13 @@ pub struct OpenOptions {
     pub keep_read_only: bool,
     /// Which metadata structures the overlap guard protects from writes (default: all).
     pub overlap_check: crate::storage::OverlapCheck,
+    /// QEMU's `discard=unmap` (read-write opens): when a guest discard or an unmapping
+    /// write_zeroes frees clusters, their host ranges are punched
+    /// (`fallocate(PUNCH_HOLE|KEEP_SIZE)`) once the free is durable and no request can still
+    /// touch them, so the host file's allocated blocks shrink. Without it nothing is punched:
+    /// freed clusters keep their blocks until reused. Ignored where the file system cannot
+    /// punch holes.
+    pub discard_unmap: bool,
     /// Open a read-only view of this internal snapshot's disk (an id, else a name) instead
     /// of the active state, like `qemu-img convert -l`. Requires a read-only open
     /// (`InvalidArgument` otherwise); `NotFound` when no snapshot matches.

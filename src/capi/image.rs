@@ -21,7 +21,8 @@ const OPEN_FLAGS: u32 = OXCOW_OPEN_RDWR
     | OXCOW_OPEN_DIRECT
     | OXCOW_OPEN_WRITETHROUGH
     | OXCOW_OPEN_KEEP_READ_ONLY
-    | OXCOW_OPEN_NO_PROBE;
+    | OXCOW_OPEN_NO_PROBE
+    | OXCOW_OPEN_DISCARD_UNMAP;
 
 /// The engine's options for OXCOW_OPEN_* `flags` (already checked against OPEN_FLAGS).
 fn options_from_flags(flags: u32) -> OpenOptions {
@@ -33,6 +34,7 @@ fn options_from_flags(flags: u32) -> OpenOptions {
         direct: flags & OXCOW_OPEN_DIRECT != 0,
         writethrough: flags & OXCOW_OPEN_WRITETHROUGH != 0,
         keep_read_only: flags & OXCOW_OPEN_KEEP_READ_ONLY != 0,
+        discard_unmap: flags & OXCOW_OPEN_DISCARD_UNMAP != 0,
         overlap_check: OverlapCheck::All,
         snapshot: None,
     }
@@ -438,7 +440,8 @@ pub unsafe extern "C" fn oxcow_flush(img: *mut oxcow_image) -> c_int {
 /// Changes the open flags of a live handle without closing it (QEMU's reopen): `flags` are
 /// the complete new OXCOW_OPEN_* set. Switching OXCOW_OPEN_RDWR off flushes everything and
 /// drops the write locks; switching it on takes the write locks and re-validates the image.
-/// OXCOW_OPEN_WRITETHROUGH and (read-only) OXCOW_OPEN_FORCE_SHARE may change too;
+/// OXCOW_OPEN_WRITETHROUGH, OXCOW_OPEN_DISCARD_UNMAP and (read-only) OXCOW_OPEN_FORCE_SHARE
+/// may change too;
 /// OXCOW_OPEN_DIRECT and OXCOW_OPEN_NO_BACKING must stay as they were. OXCOW_OPEN_NO_PROBE
 /// is accepted and has no effect (the backing chain is not reopened). The path must still
 /// name the file that was opened.

@@ -26,6 +26,12 @@ pub const OXCOW_OPEN_KEEP_READ_ONLY: u32 = 32u32;
 /// backing file's format, instead of guessing it from the backing file's contents (which a
 /// guest may control). Set it for untrusted images. A recorded format is always obeyed.
 pub const OXCOW_OPEN_NO_PROBE: u32 = 64u32;
+/// Open flag (read-write opens): QEMU's `discard=unmap`. Clusters freed by oxcow_discard()
+/// or an unmapping oxcow_write_zeroes() have their host ranges punched
+/// (`fallocate(PUNCH_HOLE|KEEP_SIZE)`) once the free is durable (after the next flush) and
+/// no request can still touch them, so the file's allocated blocks shrink. Without it freed
+/// clusters keep their blocks until reused. May change in oxcow_reopen().
+pub const OXCOW_OPEN_DISCARD_UNMAP: u32 = 128u32;
 
 /// oxcow_write_zeroes() flag: the clusters may be deallocated instead of kept allocated.
 pub const OXCOW_ZERO_MAY_UNMAP: u32 = 1u32;

@@ -503,7 +503,13 @@ impl Meta {
             // run before the tables that dropped those references are on disk.
             file.sync()?;
         }
-        self.apply_deferred_frees(file)
+        self.apply_deferred_frees(file)?;
+        if self.rc.punches_freed() {
+            // discard=unmap: the frees just made durable are punched as soon as no request
+            // can touch them, rather than at the next allocation.
+            self.rc.release_drained(file);
+        }
+        Ok(())
     }
 
     /// Writes every dirty L2 table; true when there was any.

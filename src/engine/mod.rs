@@ -13,6 +13,8 @@ mod crash_tests;
 pub mod create;
 pub mod events;
 mod gate;
+#[cfg(test)]
+mod host_space_crash_tests;
 mod inflight;
 mod mapview;
 mod meta;
@@ -150,6 +152,7 @@ impl Image {
         if opts.writable {
             meta.enable_lazy_refcounts();
         }
+        meta.rc.set_punch_freed(opts.writable && opts.discard_unmap);
         let (bitmap_state, hint) = bitmap::lifecycle::open(&file, &mut meta, opts.writable)
             .map_err(|e| e.with_file(&name))?;
         let img = Image {

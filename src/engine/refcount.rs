@@ -40,6 +40,8 @@ pub struct Refcounts {
     lazy: Lazy,
     /// The image version while `lazy` is on (the dirty bit's header word exists there).
     lazy_version: u32,
+    /// discard=unmap: punch the host range of every cluster leaving quarantine.
+    punch_freed: bool,
 }
 
 /// Where a lazy-refcounts image stands with its dirty bit.
@@ -79,6 +81,7 @@ impl Refcounts {
             held: HashSet::new(),
             lazy: Lazy::Off,
             lazy_version: 0,
+            punch_freed: false,
         };
         file.guard().insert(
             table_offset.cluster(&geo).0,
@@ -262,24 +265,63 @@ impl Refcounts {
         Ok(())
     }
 
+    /// discard=unmap: whether clusters freed by guest discards and unmapping write_zeroes
+    /// have their host ranges punched when their grace period ends (see [`Self::retire`]).
+    pub fn set_punch_freed(&mut self, on: bool) {
+        self.punch_freed = on;
+    }
+
+    /// Whether freed clusters are punched (discard=unmap).
+    pub fn punches_freed(&self) -> bool {
+        self.punch_freed
+    }
+
     /// Returns to the allocator the quarantined clusters whose grace period is over, and
-    /// starts a new grace period for the rest.
-    fn release_drained(&mut self, file: &HostFile) {
+    /// starts a new grace period for the rest. With discard=unmap, their host ranges are
+    /// punched first: a quarantined cluster was retired only after the metadata that dropped
+    /// its last reference was durable (see `Meta::writeback`), no request can still touch it
+    /// once drained, and it cannot be handed out before it reaches the free set.
+    pub fn release_drained(&mut self, file: &HostFile) {
         if self.quarantine.is_empty() {
             return;
         }
         let grace = file.grace();
         grace.try_advance();
+        let mut punch = Vec::new();
         while let Some(&(tag, c)) = self.quarantine.front() {
             if !grace.drained(tag) {
                 break;
             }
             self.quarantine.pop_front();
             self.held.remove(&c);
+            if self.punch_freed {
+                punch.push(c);
+            }
             if c < self.cursor {
                 // pop_free re-checks the refcount, in case the cluster was reused meanwhile.
                 self.free_set.insert(c);
             }
+        }
+        self.punch_runs(file, punch);
+    }
+
+    /// Punches the host ranges of `clusters`, one call per run of adjacent clusters. Best
+    /// effort: a cluster that keeps its blocks (no file-system support, an error) only costs
+    /// space; it reads as whatever the next allocation writes or zeroes there.
+    fn punch_runs(&self, file: &HostFile, mut clusters: Vec<u64>) {
+        clusters.sort_unstable();
+        let cs = self.geo.cluster_size();
+        let mut i = 0;
+        while i < clusters.len() {
+            let mut j = i + 1;
+            while j < clusters.len() && clusters[j] == clusters[j - 1] + 1 {
+                j += 1;
+            }
+            let at = HostCluster(clusters[i]).offset(&self.geo);
+            if !matches!(file.punch_hole(at, (j - i) as u64 * cs), Ok(true)) {
+                return; // unsupported or failing: the rest would fail the same way
+            }
+            i = j;
         }
     }
 

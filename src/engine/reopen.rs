@@ -89,6 +89,7 @@ impl Image {
             _ => {}
         }
         self.mode.switch(opts);
+        m.rc.set_punch_freed(opts.writable && opts.discard_unmap);
         self.file.guard().set_mode(opts.overlap_check);
         Ok(())
     }

@@ -29,6 +29,9 @@ enum Action {
         host: HostOffset,
         /// Allocated by this batch (give back on error).
         fresh: bool,
+        /// The host cluster is known to read as zeros (allocated past everything ever
+        /// written to the file): bytes that are to be zero need no write.
+        zeroed: bool,
         /// Mapping before the write (fill source, references to drop).
         old: Mapping,
         /// Subclusters written in full, filled from `old` where the request does not cover.
@@ -113,6 +116,7 @@ fn decide(
                 Action::Link {
                     host,
                     fresh: false,
+                    zeroed: false,
                     old,
                     fill_mask: touched & !a,
                     new: Mapping::Data {
@@ -127,6 +131,7 @@ fn decide(
         Mapping::Zero { host, copied: true } if host != HostOffset::ZERO => Action::Link {
             host,
             fresh: false,
+            zeroed: false,
             old,
             fill_mask: all,
             new: Mapping::Data {
@@ -153,6 +158,7 @@ fn decide(
             Action::Link {
                 host,
                 fresh: true,
+                zeroed: false,
                 old,
                 fill_mask,
                 new: Mapping::Data {
@@ -293,8 +299,19 @@ fn plan_cluster(
 ) -> Result<Action> {
     let old = m.lookup(&img.file, pos)?;
     let file = &img.file;
-    let mut alloc = || m.rc.alloc(file, 1);
-    decide(&img.geo, old, start, len, &mut alloc).and_then(|a| not_metadata(img, &img.geo, a))
+    let mut past_end = false;
+    let mut alloc = || {
+        let host = m.rc.alloc(file, 1)?;
+        // Decided under the allocator's lock, for a cluster only this batch may write: it
+        // stays true until the batch writes it.
+        past_end = file.reads_as_zeros_from(host);
+        Ok(host)
+    };
+    let mut action = decide(&img.geo, old, start, len, &mut alloc)?;
+    if let Action::Link { zeroed, .. } = &mut action {
+        *zeroed = past_end;
+    }
+    not_metadata(img, &img.geo, action)
 }
 
 /// Refuses, before any I/O, a write whose target cluster holds metadata (the host file's
@@ -382,10 +399,14 @@ fn do_io(img: &Image, buf: &[u8], ops: &[Op]) -> Result<()> {
             Action::InPlace { host } => pending.push((host + op.start, Piece::Borrowed(req))),
             Action::Link {
                 host,
+                zeroed,
                 old,
                 fill_mask,
                 ..
-            } => cluster_pieces(img, op, req, host, old, fill_mask, &mut pending)?,
+            } => {
+                let target = Target { host, zeroed };
+                cluster_pieces(img, op, req, target, old, fill_mask, &mut pending)?
+            }
         }
     }
     // Merge host-contiguous slices of the caller's buffer into single writes.
@@ -424,18 +445,47 @@ fn adjacent(first: &[u8], len: usize, b: &[u8]) -> bool {
     first.as_ptr() as usize + len == b.as_ptr() as usize
 }
 
-/// Produces the host writes of one cluster being written into `host`: runs of subclusters in
-/// `fill_mask` are written in full (request bytes plus fill from `old`), and request bytes in
-/// subclusters outside it (already allocated in place) are written as they are.
+/// The host cluster a linking write goes to.
+#[derive(Clone, Copy)]
+struct Target {
+    host: HostOffset,
+    /// Known to read as zeros already (see [`Action::Link`]).
+    zeroed: bool,
+}
+
+/// Whether the fill of subclusters `first..=last` from `old` is zeros without reading
+/// anything: zero subclusters, or unallocated ones with no backing file behind them.
+fn fill_is_zero(img: &Image, old: Mapping, first: u32, last: u32) -> bool {
+    let backing = img.has_backing();
+    (first..=last).all(|s| match old.subcluster(&img.geo, s) {
+        SubclusterState::Zero => true,
+        SubclusterState::Unallocated => !backing,
+        _ => false,
+    })
+}
+
+/// Whether host bytes `[a, b)` of the target cluster read as zeros, or were just made to
+/// (`fallocate`), so a fill of zeros there needs no write. Where neither holds, the caller
+/// writes the zeros. Ordered like a data write: before the link, made durable by the sync
+/// that precedes the L2 update, so a crash never exposes stale bytes of a reused cluster.
+fn zeros_in_place(img: &Image, t: Target, a: u64, b: u64) -> Result<bool> {
+    Ok(t.zeroed || img.file.zero_range(t.host + a, b - a)?)
+}
+
+/// Produces the host writes of one cluster being written into `t.host`: runs of subclusters in
+/// `fill_mask` are written in full (request bytes plus fill from `old`; a fill of zeros is
+/// left to the host range where it reads as zeros), and request bytes in subclusters outside
+/// it (already allocated in place) are written as they are.
 fn cluster_pieces<'a>(
     img: &Image,
     op: &Op,
     req: &'a [u8],
-    host: HostOffset,
+    t: Target,
     old: Mapping,
     fill_mask: u32,
     out: &mut Vec<(HostOffset, Piece<'a>)>,
 ) -> Result<()> {
+    let host = t.host;
     let geo = img.geo;
     let sub = geo.subcluster_size();
     let n = if geo.extended_l2 { SUBCLUSTERS } else { 1 };
@@ -470,6 +520,15 @@ fn cluster_pieces<'a>(
                 host + a,
                 Piece::Borrowed(&req[(a - rs) as usize..(b - rs) as usize]),
             ));
+        } else if fill_is_zero(img, old, sc, last) && zeros_in_place(img, t, a, b)? {
+            // Only the request's bytes: the rest of the run reads as zeros on the host.
+            let (ca, cb) = (rs.max(a), re.min(b));
+            if ca < cb {
+                out.push((
+                    host + ca,
+                    Piece::Borrowed(&req[(ca - rs) as usize..(cb - rs) as usize]),
+                ));
+            }
         } else {
             let mut bounce = vec![0u8; (b - a) as usize];
             for s in sc..=last {

@@ -21,7 +21,7 @@ pub use posix::PosixFile;
 use crate::error::{Error, Result};
 use crate::format::HostOffset;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A positioned-I/O device holding one image file.
@@ -40,6 +40,21 @@ pub trait Backend: Send + Sync {
     }
     /// Truncates or extends the file.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes `[offset, offset+len)` read as zeros without writing them, where the device can
+    /// do it cheaply (`fallocate` ZERO_RANGE, else PUNCH_HOLE|KEEP_SIZE); never changes the
+    /// file's size. Like a write, the change is durable after the next [`Self::sync`].
+    /// Returns `Ok(false)` when the device cannot (the caller writes zeros instead).
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (offset, len);
+        Ok(false)
+    }
+    /// Gives the host blocks of `[offset, offset+len)` back to the file system
+    /// (`fallocate` PUNCH_HOLE|KEEP_SIZE): the range reads as zeros afterwards and the file
+    /// keeps its size. Returns `Ok(false)` when the device cannot.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (offset, len);
+        Ok(false)
+    }
     /// Reopens the same file with new access and lock mode, atomically for concurrent I/O
     /// (see [`PosixFile::reopen_in_place`]). Backends that cannot do that refuse.
     fn reopen(&self, name: &str, writable: bool, mode: LockMode) -> Result<()> {
@@ -97,18 +112,41 @@ pub struct HostFile {
     /// marked them clean, so a later successful fsync would prove nothing: every later sync
     /// fails too (the PostgreSQL/QEMU lesson), and the caller must treat unflushed data as lost.
     sync_failed: AtomicBool,
+    /// No byte at or past this offset has ever been written through this handle, and the file
+    /// held none there when it was opened (or last resized): host ranges from here on read as
+    /// zeros. Raised before every write starts, so it never lags a write in progress.
+    written_end: AtomicU64,
+    /// Set once the backend refused `zero_range`, so the allocating write path stops asking.
+    no_zero_range: AtomicBool,
 }
 
 impl HostFile {
     /// Wraps a backend; `name` appears in error messages.
     pub fn new(backend: Arc<dyn Backend>, name: impl Into<String>) -> HostFile {
+        // A size we cannot learn is taken as "everything may hold data": no range is then
+        // assumed to read as zeros.
+        let end = backend.len().unwrap_or(u64::MAX);
         HostFile {
             backend,
             name: name.into(),
             guard: Arc::new(OverlapGuard::default()),
             grace: Box::default(),
             sync_failed: AtomicBool::new(false),
+            written_end: AtomicU64::new(end),
+            no_zero_range: AtomicBool::new(false),
         }
+    }
+
+    /// Whether `[offset, ..)` is known to read as zeros: nothing was ever written at or past
+    /// `offset` (the allocator hands out clusters past the end of the file, which hold no
+    /// stale data). Callers decide this for a cluster nobody else may write (freshly
+    /// allocated, under the allocator's lock), so the answer stays true until they write it.
+    pub fn reads_as_zeros_from(&self, offset: HostOffset) -> bool {
+        offset.get() >= self.written_end.load(Ordering::Acquire)
+    }
+
+    fn raise_written_end(&self, end: u64) {
+        self.written_end.fetch_max(end, Ordering::AcqRel);
     }
 
     /// The metadata-overlap guard consulted by [`Self::write`] (empty until the engine fills
@@ -172,6 +210,7 @@ impl HostFile {
         let offset = offset.get();
         self.guard
             .check_write(offset, buf.len() as u64, kind.updates())?;
+        self.raise_written_end(offset.saturating_add(buf.len() as u64));
         self.backend.write_at(buf, offset).map_err(|e| {
             Error::io(
                 format!(
@@ -216,14 +255,59 @@ impl HostFile {
 
     /// Reopens the file in place with new access and lock mode (see [`Backend::reopen`]).
     pub fn reopen(&self, writable: bool, mode: LockMode) -> Result<()> {
-        self.backend.reopen(&self.name, writable, mode)
+        self.backend.reopen(&self.name, writable, mode)?;
+        // Another writer may have grown the file while this handle was read-only.
+        self.raise_written_end(self.backend.len().unwrap_or(u64::MAX));
+        Ok(())
     }
 
-    /// Truncates or extends the file.
+    /// Truncates or extends the file. Callers quiesce writers first (resize, create, repair).
     pub fn set_len(&self, len: u64) -> Result<()> {
+        // Conservative while the size changes: a failed resize leaves the old bytes.
+        self.raise_written_end(len);
         self.backend
             .set_len(len)
-            .map_err(|e| Error::io(format!("resizing {} to {len}", self.name), e))
+            .map_err(|e| Error::io(format!("resizing {} to {len}", self.name), e))?;
+        // Bytes past the new length are gone; an extension reads as zeros.
+        self.written_end.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes the guest-data range `[offset, offset+len)` read as zeros without writing it,
+    /// if the backend can do that cheaply (see [`Backend::zero_range`]); the overlap guard
+    /// checks the range like a data write. Returns `Ok(false)` when it cannot: the caller
+    /// writes zeros. The change is durable after the next [`Self::sync`], like a write.
+    pub fn zero_range(&self, offset: HostOffset, len: u64) -> Result<bool> {
+        if len == 0 || self.no_zero_range.load(Ordering::Relaxed) {
+            return Ok(len == 0);
+        }
+        let at = offset.get();
+        self.guard.check_write(at, len, None)?;
+        let done = self.backend.zero_range(at, len).map_err(|e| {
+            Error::io(
+                format!("zeroing {len} bytes at {at:#x} of {}", self.name),
+                e,
+            )
+        })?;
+        if !done {
+            self.no_zero_range.store(true, Ordering::Relaxed);
+        }
+        Ok(done)
+    }
+
+    /// Gives the host blocks of `[offset, offset+len)` back to the file system (discard=unmap
+    /// of freed clusters); the file keeps its size. Returns `Ok(false)` when the backend
+    /// cannot. Callers punch only clusters that no durable metadata references and no request
+    /// can still touch.
+    pub fn punch_hole(&self, offset: HostOffset, len: u64) -> Result<bool> {
+        let at = offset.get();
+        self.guard.check_write(at, len, None)?;
+        self.backend.punch_hole(at, len).map_err(|e| {
+            Error::io(
+                format!("punching {len} bytes at {at:#x} of {}", self.name),
+                e,
+            )
+        })
     }
 }
 

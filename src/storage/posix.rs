@@ -246,6 +246,31 @@ impl PosixFile {
     }
 }
 
+impl PosixFile {
+    /// `fallocate(mode)` over `[offset, offset+len)`. `Ok(false)` when the file system or
+    /// device does not support `mode` (EOPNOTSUPP, ENOSYS; EINVAL for modes some file
+    /// systems reject outright), so callers can fall back.
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<bool> {
+        let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        loop {
+            // SAFETY: fallocate takes a descriptor and three integers and touches no memory of
+            // ours; the descriptor is owned by `self.file`, open for the whole call.
+            let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, n) };
+            if rc == 0 {
+                return Ok(true);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => return Ok(false),
+                _ => return Err(e),
+            }
+        }
+    }
+}
+
 impl Backend for PosixFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         match self.direct {
@@ -278,6 +303,27 @@ impl Backend for PosixFile {
 
     fn reopen(&self, name: &str, writable: bool, mode: LockMode) -> Result<()> {
         self.reopen_in_place(name, writable, mode)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        // ZERO_RANGE keeps the blocks allocated (as unwritten extents), so the data write
+        // that follows does not fragment the cluster; file systems without it can still punch.
+        if self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )? {
+            return Ok(true);
+        }
+        self.punch_hole(offset, len)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
     }
 }
 
@@ -372,6 +418,39 @@ mod tests {
             let want = (i / 64) as u8 + 1;
             assert!(chunk.iter().all(|&b| b == want), "bytes of slot {i} lost");
         }
+        std::fs::remove_file(&p).ok();
+    }
+
+    #[test]
+    fn zero_range_and_punch_hole_read_as_zeros_keep_the_size_and_punch_frees_blocks() {
+        use std::os::unix::fs::MetadataExt;
+        let p = scratch("punch");
+        let f = PosixFile::open(&p, true, false).expect("open");
+        f.write_at(&vec![0xa5u8; 1 << 20], 0).expect("fill");
+        f.sync().expect("sync");
+        let blocks = || std::fs::metadata(&p).expect("stat").blocks();
+        let before = blocks();
+        assert!(
+            f.zero_range(4096, 65536).expect("zero_range"),
+            "ext4 zeroes ranges"
+        );
+        assert!(
+            f.punch_hole(512 << 10, 256 << 10).expect("punch"),
+            "ext4 punches"
+        );
+        assert_eq!(f.len().expect("len"), 1 << 20, "the size is kept");
+        let mut got = vec![0u8; 1 << 20];
+        assert_eq!(f.read_at(&mut got, 0).expect("read"), 1 << 20);
+        for (i, &b) in got.iter().enumerate() {
+            let zero = (4096..4096 + 65536).contains(&i) || ((512 << 10)..(768 << 10)).contains(&i);
+            assert_eq!(b, if zero { 0 } else { 0xa5 }, "byte {i:#x}");
+        }
+        assert!(
+            blocks() + (256 << 10) / 512 <= before,
+            "the punched range still holds blocks ({} -> {})",
+            before,
+            blocks()
+        );
         std::fs::remove_file(&p).ok();
     }
 }

@@ -21,6 +21,8 @@ struct State {
     journal: Vec<Event>,
     writes: u64,
     fail_write: Option<u64>,
+    /// `zero_range`/`punch_hole` report "unsupported", as on a file system without them.
+    no_fallocate: bool,
 }
 
 /// The simulated file.
@@ -48,6 +50,11 @@ impl SimFile {
     pub fn fail_write_after(&self, n: u64) {
         let mut s = self.lock();
         s.fail_write = Some(s.writes + n);
+    }
+
+    /// Makes `zero_range` and `punch_hole` report "unsupported" from now on.
+    pub fn refuse_fallocate(&self) {
+        self.lock().no_fallocate = true;
     }
 
     /// The journal so far.
@@ -106,5 +113,33 @@ impl Backend for SimFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.lock().current.resize(len as usize, 0);
         Ok(())
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.punch_hole(offset, len)
+    }
+
+    /// Journaled as a write of zeros over the part of the range inside the file (the size is
+    /// kept), so crash states reorder it like any write between two syncs; it counts as a
+    /// write for fault injection.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let mut s = self.lock();
+        if s.no_fallocate {
+            return Ok(false);
+        }
+        let size = s.current.len() as u64;
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Ok(true);
+        }
+        let seq = s.writes;
+        s.writes += 1;
+        if s.fail_write == Some(seq) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let zeros = vec![0u8; (end - offset) as usize];
+        apply(&mut s.current, offset, &zeros);
+        s.journal.push(Event::Write(offset, zeros));
+        Ok(true)
     }
 }

@@ -29,6 +29,7 @@ const (
 	OpenDirect       = uint32(C.OXCOW_OPEN_DIRECT)
 	OpenWritethrough = uint32(C.OXCOW_OPEN_WRITETHROUGH)
 	OpenNoProbe      = uint32(C.OXCOW_OPEN_NO_PROBE)
+	OpenDiscardUnmap = uint32(C.OXCOW_OPEN_DISCARD_UNMAP)
 )
 
 // Other flag values from oxcow.h.

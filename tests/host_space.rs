@@ -1,0 +1,239 @@
+//! Host space: allocating writes write only their data where the new cluster already reads as
+//! zeros (no zero-fill of the rest), reused clusters still read as zeros around new data, and
+//! discard_unmap gives freed clusters' blocks back to the file system. qemu-img is the oracle.
+
+mod common;
+
+use common::*;
+use oxcow::{Image, OpenOptions, ZeroFlags};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+const CS: u64 = 64 * KIB;
+
+/// Bytes this thread has passed to write system calls so far (`wchar` of
+/// /proc/thread-self/io): oxcow does its I/O on the calling thread.
+fn written_by_this_thread() -> u64 {
+    let io = std::fs::read_to_string("/proc/thread-self/io").expect("/proc/thread-self/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("wchar line")
+}
+
+fn open_with(path: &Path, discard_unmap: bool) -> Image {
+    Image::open(
+        path,
+        &OpenOptions {
+            writable: true,
+            discard_unmap,
+            ..Default::default()
+        },
+    )
+    .expect("open read-write")
+}
+
+fn host_blocks(path: &Path) -> u64 {
+    std::fs::metadata(path).expect("stat").blocks()
+}
+
+/// Writes `n` 4 KiB requests at `stride` into a fresh image with a final flush and returns the
+/// host bytes written, after checking the image against the model with qemu-img.
+fn host_bytes_of_4k_writes(tag: &str, n: u64, stride: u64) -> u64 {
+    let dir = TempDir::new(tag);
+    let path = dir.join("img.qcow2");
+    let size = n * stride;
+    qemu_create(&path, size, "");
+    let img = open_with(&path, false);
+    let mut model = RawModel::new(size, CS);
+    let before = written_by_this_thread();
+    for i in 0..n {
+        let data = tagged_data(i as u8 | 1, i * stride, 4096);
+        img.write_at(&data, i * stride).expect("write");
+        model.write(i * stride, &data);
+    }
+    img.flush().expect("flush");
+    let written = written_by_this_thread() - before;
+    img.close().expect("close");
+    assert_check_clean(&path);
+    assert_compare_model(&path, &model, &dir);
+    written
+}
+
+#[test]
+fn strided_allocating_4k_writes_put_about_their_data_on_the_host() {
+    // One 4 KiB write per 64 KiB cluster: without the zero-fill elision every write would
+    // put a whole cluster (16x the data) on the host.
+    let n = 2000;
+    let data = n * 4096;
+    let written = host_bytes_of_4k_writes("strided", n, CS);
+    // Metadata: 2000 L2 entries and refcounts, written back once.
+    assert!(
+        written < data + data / 4,
+        "{written} host bytes for {data} bytes of data"
+    );
+}
+
+#[test]
+fn sequential_allocating_4k_writes_put_about_their_data_on_the_host() {
+    let n = 4096; // 16 MiB
+    let data = n * 4096;
+    let written = host_bytes_of_4k_writes("sequential", n, 4096);
+    assert!(
+        written < data + data / 20,
+        "{written} host bytes for {data} bytes of data"
+    );
+}
+
+/// Fills the image, discards everything, flushes (the clusters become free, holding stale
+/// bytes), then writes a little into every cluster: the rest of every cluster reads as zeros.
+fn partial_writes_into_freed_clusters(tag: &str, create_opts: &str, at: u64, len: usize) {
+    let dir = TempDir::new(tag);
+    let path = dir.join("img.qcow2");
+    let size = 4 * MIB;
+    qemu_create(&path, size, create_opts);
+    let img = open_with(&path, false);
+    img.write_at(&vec![0xee; size as usize], 0).expect("fill");
+    img.flush().expect("flush");
+    img.discard(0, size).expect("discard");
+    img.flush().expect("flush");
+    let mut model = RawModel::new(size, CS);
+    for c in 0..size / CS {
+        let data = tagged_data(c as u8 | 1, c * CS + at, len);
+        img.write_at(&data, c * CS + at).expect("write");
+        model.write(c * CS + at, &data);
+    }
+    img.close().expect("close");
+    assert_check_clean(&path);
+    assert_compare_model(&path, &model, &dir);
+    // The freed clusters were reused, not appended.
+    assert!(
+        std::fs::metadata(&path).expect("stat").len() < 2 * size,
+        "{tag}: the file grew instead of reusing the freed clusters"
+    );
+}
+
+#[test]
+fn partial_writes_into_reused_clusters_read_as_zeros_around_the_data() {
+    partial_writes_into_freed_clusters("reuse", "", 8192, 4096);
+    partial_writes_into_freed_clusters("reuse-unaligned", "", 1000, 333);
+    partial_writes_into_freed_clusters("reuse-extl2", "extended_l2=on", 5000, 700);
+}
+
+#[test]
+fn partial_writes_into_preallocated_clusters_read_as_zeros_around_the_data() {
+    let dir = TempDir::new("prealloc");
+    let path = dir.join("img.qcow2");
+    let size = 4 * MIB;
+    qemu_create(&path, size, "preallocation=metadata");
+    let img = open_with(&path, false);
+    let mut model = RawModel::new(size, CS);
+    for c in 0..size / CS {
+        let data = tagged_data(c as u8 | 1, c * CS + 4096, 4096);
+        img.write_at(&data, c * CS + 4096).expect("write");
+        model.write(c * CS + 4096, &data);
+    }
+    img.close().expect("close");
+    assert_check_clean(&path);
+    assert_compare_model(&path, &model, &dir);
+}
+
+/// Writes 8 MiB, discards 90 % of it (or unmaps it with write_zeroes) and flushes: returns the
+/// host blocks before and after, having checked the image against the model.
+fn discard_ninety_percent(tag: &str, discard_unmap: bool, zeroes: bool) -> (u64, u64) {
+    let dir = TempDir::new(tag);
+    let path = dir.join("img.qcow2");
+    let (size, data) = (16 * MIB, 8 * MIB);
+    let cut = data / CS * 9 / 10 * CS;
+    qemu_create(&path, size, "");
+    let img = open_with(&path, discard_unmap);
+    let mut model = RawModel::new(size, CS);
+    let bytes = tagged_data(7, 0, data as usize);
+    img.write_at(&bytes, 0).expect("write");
+    model.write(0, &bytes);
+    img.flush().expect("flush");
+    let before = host_blocks(&path);
+    if zeroes {
+        img.write_zeroes(0, cut, ZeroFlags { may_unmap: true })
+            .expect("write_zeroes");
+    } else {
+        img.discard(0, cut).expect("discard");
+    }
+    model.zero(0, cut);
+    img.flush().expect("flush");
+    let after = host_blocks(&path);
+    img.close().expect("close");
+    assert_check_clean(&path);
+    assert_compare_model(&path, &model, &dir);
+    (before, after)
+}
+
+#[test]
+fn discard_unmap_gives_the_blocks_of_discarded_clusters_back() {
+    let cut_blocks = 8 * MIB / CS * 9 / 10 * CS / 512;
+    for zeroes in [false, true] {
+        let (before, after) = discard_ninety_percent("unmap", true, zeroes);
+        assert!(
+            after + cut_blocks * 95 / 100 <= before,
+            "zeroes={zeroes}: {before} blocks before, {after} after discarding {cut_blocks}"
+        );
+    }
+}
+
+#[test]
+fn without_discard_unmap_nothing_is_punched() {
+    let (before, after) = discard_ninety_percent("keep", false, false);
+    assert!(
+        after + 64 >= before,
+        "{before} blocks before, {after} after: something was punched"
+    );
+}
+
+#[test]
+fn discard_unmap_never_punches_clusters_a_snapshot_still_uses() {
+    let dir = TempDir::new("unmap-snap");
+    let path = dir.join("img.qcow2");
+    let size = 4 * MIB;
+    qemu_create(&path, size, "");
+    let mut model = RawModel::new(size, CS);
+    {
+        let img = open_with(&path, false);
+        let bytes = tagged_data(3, 0, size as usize);
+        img.write_at(&bytes, 0).expect("write");
+        model.write(0, &bytes);
+        img.close().expect("close");
+    }
+    qemu_img(&["snapshot", "-c", "snap", path_str(&path)]);
+    let img = open_with(&path, true);
+    img.discard(0, size).expect("discard");
+    img.flush().expect("flush");
+    img.close().expect("close");
+    assert_check_clean(&path);
+    // The snapshot still holds every byte.
+    let snap = dir.join("snap.raw");
+    qemu_img(&[
+        "convert",
+        "-l",
+        "snap",
+        "-O",
+        "raw",
+        path_str(&path),
+        path_str(&snap),
+    ]);
+    assert_compare_model(&snap_as_qcow2(&dir, &snap), &model, &dir);
+}
+
+/// `qemu-img compare` wants the tested image as qcow2: wraps a raw file in one.
+fn snap_as_qcow2(dir: &TempDir, raw: &Path) -> std::path::PathBuf {
+    let q = dir.join("snap.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        path_str(raw),
+        path_str(&q),
+    ]);
+    q
+}
