@@ -15,6 +15,7 @@ mod mapview;
 mod meta;
 mod mode;
 mod read;
+pub mod rebase;
 mod refcount;
 mod reopen;
 mod resize;

@@ -16,6 +16,7 @@ mod info;
 mod json;
 mod map;
 mod progress;
+mod rebase;
 mod resize;
 mod snapshot;
 
@@ -33,6 +34,7 @@ Commands:
   convert   copy an image to a new qcow2 or raw image, optionally compressed
   check     check an image's metadata, optionally repair it
   resize    grow or shrink an image (like qemu-img resize)
+  rebase    change or remove the backing file (like qemu-img rebase)
   snapshot  list, create, apply or delete internal snapshots (like qemu-img snapshot)
   bench     measure I/O throughput through the engine (like qemu-img bench)
   bitmap    add, remove, clear, enable, disable or merge persistent dirty bitmaps
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         "convert" => Some(convert::HELP),
         "bench" => Some(bench::HELP),
         "resize" => Some(resize::HELP),
+        "rebase" => Some(rebase::HELP),
         "snapshot" => Some(snapshot::HELP),
         "bitmap" => Some(bitmap::HELP),
         _ => None,
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         "convert" => convert::run(rest).map(|()| 0),
         "bench" => bench::run(rest).map(|()| 0),
         "resize" => resize::run(rest).map(|()| 0),
+        "rebase" => rebase::run(rest).map(|()| 0),
         "snapshot" => snapshot::run(rest).map(|()| 0),
         "bitmap" => bitmap::run(rest).map(|()| 0),
         "check" => check::run(rest).map_err(CliError::op),
@@ -86,7 +90,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         other => Err(CliError::usage(format!(
-            "unknown command '{other}' (commands: create, info, map, convert, check, resize, bench, snapshot, bitmap)"
+            "unknown command '{other}' (commands: create, info, map, convert, check, resize, rebase, bench, snapshot, bitmap)"
         ))),
     };
     match result {
