@@ -134,7 +134,7 @@ impl Image {
             .map(Some)
             .map_err(|e| {
                 let msg = format!("Could not open new backing file '{name}': {e}");
-                Error::new(e.kind(), msg)
+                e.with_message(msg)
             })
     }
 
@@ -207,7 +207,8 @@ impl Image {
     /// bytes (`old` holds them from `base` on) elsewhere.
     fn write_copy(&self, (s, e, zeros): (u64, u64, bool), base: u64, old: &[u8]) -> Result<()> {
         if zeros {
-            zero::write_zeroes(self, GuestOffset::new(s), e - s, false)
+            // Zero clusters even when no backing file is open yet: one is about to be.
+            zero::write_zeroes_as(self, GuestOffset::new(s), e - s, false, true)
         } else {
             let bytes = &old[(s - base) as usize..(e - base) as usize];
             write::write(self, bytes, GuestOffset::new(s))
