@@ -1,5 +1,8 @@
 //! The live image: open, the read and write paths, zeroing and discard, flush, backing chain.
 
+pub mod amend;
+mod amend_refcount;
+mod amend_zero;
 mod backing;
 pub mod bitmap;
 mod cache;

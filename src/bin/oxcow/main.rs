@@ -6,6 +6,7 @@
 
 use std::process::ExitCode;
 
+mod amend;
 mod args;
 mod bench;
 mod bitmap;
@@ -35,6 +36,7 @@ Commands:
   check     check an image's metadata, optionally repair it
   resize    grow or shrink an image (like qemu-img resize)
   rebase    change or remove the backing file (like qemu-img rebase)
+  amend     change compat, lazy_refcounts or refcount_bits (like qemu-img amend)
   snapshot  list, create, apply or delete internal snapshots (like qemu-img snapshot)
   bench     measure I/O throughput through the engine (like qemu-img bench)
   bitmap    add, remove, clear, enable, disable or merge persistent dirty bitmaps
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         "bench" => Some(bench::HELP),
         "resize" => Some(resize::HELP),
         "rebase" => Some(rebase::HELP),
+        "amend" => Some(amend::HELP),
         "snapshot" => Some(snapshot::HELP),
         "bitmap" => Some(bitmap::HELP),
         _ => None,
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest).map(|()| 0),
         "resize" => resize::run(rest).map(|()| 0),
         "rebase" => rebase::run(rest).map(|()| 0),
+        "amend" => amend::run(rest).map(|()| 0),
         "snapshot" => snapshot::run(rest).map(|()| 0),
         "bitmap" => bitmap::run(rest).map(|()| 0),
         "check" => check::run(rest).map_err(CliError::op),
@@ -90,7 +94,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         other => Err(CliError::usage(format!(
-            "unknown command '{other}' (commands: create, info, map, convert, check, resize, rebase, bench, snapshot, bitmap)"
+            "unknown command '{other}' (commands: create, info, map, convert, check, resize, rebase, amend, bench, snapshot, bitmap)"
         ))),
     };
     match result {
