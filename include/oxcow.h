@@ -68,6 +68,12 @@
 #define OXCOW_COMMIT_KEEP_TOP 1u
 
 /**
+ * oxcow_rebase() flag: unsafe mode (like `qemu-img rebase -u`): only the backing file name
+ * and format in the header change; the guest-visible content may change.
+ */
+#define OXCOW_REBASE_UNSAFE 1u
+
+/**
  * oxcow_resize() flag: allow a new size smaller than the current one (like
  * `qemu-img resize --shrink`); the data past the new end is deleted.
  */
@@ -1111,6 +1117,41 @@ int oxcow_set_overlap_check(struct oxcow_image *img, uint32_t mode);
  * with `opaque` until it is replaced or the image is closed.
  */
 int oxcow_set_event_callback(struct oxcow_image *img, oxcow_event_fn cb, void *opaque);
+
+/**
+ * Changes the backing file of a read-write handle while other threads may keep doing I/O
+ * on it, like `qemu-img rebase` (QEMU 10).
+ *
+ * `backing` is the name stored in the header (a relative name is relative to the image's
+ * directory); NULL or "" removes the backing file. `backing_format` ("qcow2" or "raw"; in
+ * unsafe mode any format name QEMU knows) is required with a backing file and ignored
+ * without one.
+ *
+ * Safe mode (no flag): the guest-visible content does not change. The new backing file is
+ * opened first; wherever this image is unallocated and the old and new chains differ, the
+ * old content is copied into this image (per subcluster, as qemu-img does), then the header
+ * is switched in one write and the handle reads through the new chain. Writers are held back
+ * only one extent at a time; readers are never blocked. With OXCOW_REBASE_UNSAFE only the
+ * header changes (the new backing file is opened for the handle unless it was opened with
+ * OXCOW_OPEN_NO_BACKING). A crash leaves the old chain (with copies that read the same) or
+ * the new one. Concurrent rebases and resizes are serialised.
+ *
+ * Returns 0, or -EINVAL (NULL handle, unknown flags, a backing file without a format, a
+ * format name QEMU does not know, a name over 1023 bytes or not UTF-8), -ENOTSUP (safe mode
+ * with a format oxcow cannot read, or on a handle opened without its backing chain),
+ * -ENOSPC (the name does not fit in the header cluster; nothing changed), -ENOENT and other
+ * errors opening the new backing file (nothing changed), -EAGAIN (the new backing file is
+ * locked by a writer), -EROFS (read-only handle), -ENOMEDIUM (fenced handle), -EIO.
+ *
+ * # Safety
+ * `img` is NULL or a live handle; `backing` and `backing_format` are NULL or NUL-terminated
+ * strings live for the call; `err` is NULL or valid for writing one pointer.
+ */
+int oxcow_rebase(struct oxcow_image *img,
+                 const char *backing,
+                 const char *backing_format,
+                 uint32_t flags,
+                 struct oxcow_error **err);
 
 /**
  * Changes the virtual size of a read-write handle to `new_size` bytes while other threads

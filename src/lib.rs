@@ -19,6 +19,7 @@ pub mod format;
 mod options;
 pub mod storage;
 
+pub use engine::amend::{amend, AmendOptions};
 pub use engine::bitmap::{
     BitmapAddOptions, BitmapInfo, BITMAP_AUTO, BITMAP_ENABLED, BITMAP_INCONSISTENT,
 };
@@ -26,6 +27,7 @@ pub use engine::check::{CheckFix, CheckReport};
 pub use engine::commit::CommitOptions;
 pub use engine::create::create;
 pub use engine::events::{CorruptionEvent, EventHandler};
+pub use engine::rebase::is_known_backing_format;
 pub use engine::Image;
 pub use error::{Error, ErrorKind, Result};
 pub use options::{

@@ -17,6 +17,7 @@ pub mod commit;
 pub mod create;
 pub mod error;
 pub mod image;
+pub mod rebase;
 pub mod resize;
 pub mod snapshot;
 pub mod types;
@@ -39,6 +40,7 @@ pub use image::{
     oxcow_open, oxcow_pread, oxcow_preadv, oxcow_pwrite, oxcow_pwritev, oxcow_reopen,
     oxcow_set_event_callback, oxcow_set_overlap_check, oxcow_write_compressed, oxcow_write_zeroes,
 };
+pub use rebase::{oxcow_rebase, OXCOW_REBASE_UNSAFE};
 pub use resize::{oxcow_resize, OXCOW_RESIZE_SHRINK};
 pub use snapshot::{
     oxcow_snapshot_apply, oxcow_snapshot_create, oxcow_snapshot_delete, oxcow_snapshot_list,

@@ -1,5 +1,10 @@
 //! The live image: open, the read and write paths, zeroing and discard, flush, backing chain.
 
+pub mod amend;
+#[cfg(test)]
+mod amend_crash_tests;
+mod amend_refcount;
+mod amend_zero;
 mod backing;
 pub mod bitmap;
 mod cache;
@@ -20,6 +25,7 @@ mod mapview;
 mod meta;
 mod mode;
 mod read;
+pub mod rebase;
 mod refcount;
 mod reopen;
 mod resize;

@@ -172,12 +172,24 @@ impl ZeroPolicy {
 
 /// Makes `[offset, offset+count)` read as zeros.
 pub fn write_zeroes(img: &Image, offset: GuestOffset, count: u64, may_unmap: bool) -> Result<()> {
+    write_zeroes_as(img, offset, count, may_unmap, img.has_backing())
+}
+
+/// [`write_zeroes`] deciding as if a backing file were open (`has_backing`) or not: a rebase
+/// that adds a backing file zeroes unallocated clusters before the new one is open.
+pub fn write_zeroes_as(
+    img: &Image,
+    offset: GuestOffset,
+    count: u64,
+    may_unmap: bool,
+    has_backing: bool,
+) -> Result<()> {
     if count == 0 {
         return Ok(());
     }
     let policy = ZeroPolicy {
         geo: img.geo,
-        has_backing: img.has_backing(),
+        has_backing,
         v3: img.version >= 3,
         may_unmap,
     };

@@ -6,6 +6,7 @@
 
 use std::process::ExitCode;
 
+mod amend;
 mod args;
 mod bench;
 mod bitmap;
@@ -17,6 +18,7 @@ mod info;
 mod json;
 mod map;
 mod progress;
+mod rebase;
 mod resize;
 mod snapshot;
 
@@ -35,6 +37,8 @@ Commands:
   check     check an image's metadata, optionally repair it
   resize    grow or shrink an image (like qemu-img resize)
   commit    commit an overlay into its backing file (like qemu-img commit)
+  rebase    change or remove the backing file (like qemu-img rebase)
+  amend     change compat, lazy_refcounts or refcount_bits (like qemu-img amend)
   snapshot  list, create, apply or delete internal snapshots (like qemu-img snapshot)
   bench     measure I/O throughput through the engine (like qemu-img bench)
   bitmap    add, remove, clear, enable, disable or merge persistent dirty bitmaps
@@ -62,6 +66,8 @@ fn main() -> ExitCode {
         "bench" => Some(bench::HELP),
         "resize" => Some(resize::HELP),
         "commit" => Some(commit::HELP),
+        "rebase" => Some(rebase::HELP),
+        "amend" => Some(amend::HELP),
         "snapshot" => Some(snapshot::HELP),
         "bitmap" => Some(bitmap::HELP),
         _ => None,
@@ -78,6 +84,8 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest).map(|()| 0),
         "resize" => resize::run(rest).map(|()| 0),
         "commit" => commit::run(rest).map(|()| 0),
+        "rebase" => rebase::run(rest).map(|()| 0),
+        "amend" => amend::run(rest).map(|()| 0),
         "snapshot" => snapshot::run(rest).map(|()| 0),
         "bitmap" => bitmap::run(rest).map(|()| 0),
         "check" => check::run(rest).map_err(CliError::op),
@@ -90,7 +98,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         other => Err(CliError::usage(format!(
-            "unknown command '{other}' (commands: create, info, map, convert, check, resize, commit, bench, snapshot, bitmap)"
+            "unknown command '{other}' (commands: create, info, map, convert, check, resize, commit, rebase, amend, bench, snapshot, bitmap)"
         ))),
     };
     match result {

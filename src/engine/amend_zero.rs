@@ -1,0 +1,111 @@
+//! Amend's downgrade to version 2: zero clusters, which version 2 cannot express, are
+//! expanded first. An unallocated zero cluster of an image without a backing file becomes
+//! unallocated (it reads as zeros either way); a zero cluster with a host cluster gets that
+//! cluster filled with zeros (made durable) before the zero flag is cleared. Every entry
+//! change keeps what the entry reads as, so any crash (even a torn table write) leaves the
+//! guest content intact. Like QEMU, compressed clusters refuse a downgrade of a zstd image.
+
+use super::amend_refcount::read_all;
+use crate::error::{unsupported, Result};
+use crate::format::entry::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use crate::format::header::Header;
+use crate::format::{be, HostOffset};
+use crate::storage::{HostFile, WriteKind};
+use std::collections::{BTreeMap, HashSet};
+
+/// The L2 tables to rewrite (host offset -> new entries) and the host clusters to zero.
+#[derive(Default)]
+struct Plan {
+    tables: BTreeMap<u64, Vec<u64>>,
+    zero_clusters: Vec<u64>,
+    compressed: bool,
+}
+
+/// Expands the zero clusters of every L2 table (active and snapshots) of the image `h`.
+pub(super) fn expand_zero_clusters(file: &HostFile, h: &Header) -> Result<()> {
+    let plan = plan(file, h)?;
+    if plan.compressed && h.compression_type != 0 {
+        return unsupported!(
+            "Cannot downgrade an image with zstd compression type and existing compressed clusters"
+        );
+    }
+    if plan.tables.is_empty() {
+        return Ok(());
+    }
+    let cs = h.cluster_size();
+    let zeros = vec![0u8; cs as usize];
+    for &c in &plan.zero_clusters {
+        file.write(&zeros, HostOffset::new(c), WriteKind::Data)?;
+    }
+    file.sync()?;
+    for (at, entries) in &plan.tables {
+        file.write(
+            &be::u64_table_bytes(entries),
+            HostOffset::new(*at),
+            WriteKind::L2,
+        )?;
+    }
+    file.sync()
+}
+
+/// Walks every L2 table once and plans the entry changes.
+fn plan(file: &HostFile, h: &Header) -> Result<Plan> {
+    let cs = h.cluster_size();
+    let (snapshots, _) = super::snapshot::read_table(file, h)?;
+    let mut l1s = vec![(h.l1_table_offset, h.l1_size)];
+    l1s.extend(snapshots.iter().map(|s| (s.l1_table_offset, s.l1_size)));
+    let has_backing = h.backing_file.is_some();
+    let mut seen = HashSet::new();
+    let mut plan = Plan::default();
+    let mut counts = None;
+    for (off, size) in l1s {
+        // Sizes were validated at open (active) and by the snapshot table reader.
+        let mut raw = vec![0u8; size as usize * 8];
+        file.read_zero_padded(&mut raw, HostOffset::new(off), "L1 table")?;
+        for e in be::u64_table(&raw) {
+            let l2 = e & OFFSET_MASK;
+            if l2 == 0 || !seen.insert(l2) {
+                continue;
+            }
+            let mut t = vec![0u8; cs as usize];
+            file.read_zero_padded(&mut t, HostOffset::new(l2), "L2 table")?;
+            let mut entries = be::u64_table(&t);
+            let mut changed = false;
+            for w in entries.iter_mut() {
+                if *w & COMPRESSED != 0 {
+                    plan.compressed = true;
+                    continue;
+                }
+                if *w & ZERO == 0 {
+                    continue;
+                }
+                let host = *w & OFFSET_MASK;
+                if host == 0 {
+                    if has_backing {
+                        return unsupported!(
+                            "Cannot downgrade: zero clusters over a backing file would need new clusters (QEMU allocates them; oxcow does not)"
+                        );
+                    }
+                    *w = 0;
+                } else {
+                    if counts.is_none() {
+                        counts = Some(read_all(file, h)?.counts);
+                    }
+                    let rc = counts.as_ref().and_then(|c| c.get((host / cs) as usize));
+                    if rc != Some(&1) {
+                        return unsupported!(
+                            "Cannot downgrade: the zero cluster at {host:#x} is shared"
+                        );
+                    }
+                    plan.zero_clusters.push(host);
+                    *w = host | COPIED;
+                }
+                changed = true;
+            }
+            if changed {
+                plan.tables.insert(l2, entries);
+            }
+        }
+    }
+    Ok(plan)
+}
