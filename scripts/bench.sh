@@ -4,10 +4,11 @@
 # tmpfs and on the work disk. Prints medians of interleaved runs and the ratios
 # qcow2/raw and oxcow/qemu-img. Benchmarks never gate CI: scripts/test.sh does not run this.
 #
-# Usage: scripts/bench.sh [--quick] [--reps N] [--dirs "DIR1 DIR2"] [--keep]
+# Usage: scripts/bench.sh [--quick] [--reps N] [--dirs "DIR1 DIR2"] [--only "W1 W2"] [--keep]
 #   --quick   smoke run: small image, one repetition (well under 30 s)
 #   --reps N  repetitions per measurement (default 5; the median is reported)
 #   --dirs    where the image files live (default: /dev/shm and ${TMPDIR:-/var/tmp})
+#   --only    run only the named workloads (e.g. "alloc-4k-seq alloc-4k-strided")
 #   --keep    keep the raw measurements file (its path is printed)
 #   OXCOW_BIN=path in the environment benchmarks that binary instead of building one
 #
@@ -22,12 +23,14 @@ cd "$(dirname "$0")/.."
 QUICK=0
 REPS=5
 DIRS=""
+ONLY=""
 KEEP=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; REPS=1 ;;
         --reps) REPS="$2"; shift ;;
         --dirs) DIRS="$2"; shift ;;
+        --only) ONLY="$2"; shift ;;
         --keep) KEEP=1 ;;
         -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench.sh: unknown argument '$1' (try --help)" >&2; exit 1 ;;
@@ -72,6 +75,7 @@ WORKLOADS=(
     "overwrite-4k|-w -c $N4 -s 4k|data"
     "overwrite-4k-bitmap|-w -c $N4 -s 4k|databm"
     "alloc-4k-seq|-w -c $N4 -s 4k --flush-interval $N4|fresh"
+    "alloc-4k-strided|-w -c $NCOW -s 4k -S 64k --flush-interval $NCOW|fresh"
     "cow-4k|-w -c $NCOW -s 4k -S 64k --flush-interval $NCOW|cow"
     "read-1m-seq|-c $N1 -s 1M|data"
     "write-1m-seq|-w -c $N1 -s 1M --flush-interval $N1|fresh"
@@ -198,6 +202,7 @@ for rep in $(seq "$REPS"); do
         pushd "$w" >/dev/null
         for wl in "${WORKLOADS[@]}"; do
             IFS='|' read -r name opts kind <<<"$wl"
+            case " ${ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
             for depth in 1 2; do
                 # Interleave the tools so drift (thermal, page cache) hits all of them alike.
                 for tool in oxcow raw qemu; do

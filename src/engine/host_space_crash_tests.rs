@@ -54,15 +54,17 @@ fn check_and_read(dir: &Path, bytes: &[u8], what: &str) -> Vec<u8> {
     got
 }
 
-/// Fills every cluster with stale bytes, discards them all and makes that durable, then
-/// writes `len` bytes at `at` into every cluster (reusing the freed clusters) and checks every
-/// crash state: around the new bytes every cluster reads as zeros, never as the stale bytes.
+/// Fills every cluster with stale bytes, clears them all (`discard`: the clusters are freed;
+/// else write_zeroes without unmap: they stay allocated as zero clusters, stale bytes and all)
+/// and makes that durable, then writes `len` bytes at `at` into every cluster (reusing the
+/// freed or zero clusters) and checks every crash state: around the new bytes every cluster
+/// reads as zeros, never as the stale bytes.
 fn reused_clusters_read_as_zeros(
     tag: &str,
     opts: CreateOptions,
-    at: u64,
-    len: u64,
+    (at, len): (u64, u64),
     fallocate: bool,
+    discard: bool,
 ) {
     let dir = Scratch::new(tag);
     let path = dir.0.join("img.qcow2");
@@ -75,7 +77,12 @@ fn reused_clusters_read_as_zeros(
     img.write_at(&vec![STALE; SIZE as usize], 0).expect("fill");
     img.flush().expect("flush fill");
     let stale_hosts = host_clusters(&img);
-    img.discard(0, SIZE).expect("discard");
+    if discard {
+        img.discard(0, SIZE).expect("discard");
+    } else {
+        let keep = crate::ZeroFlags { may_unmap: false };
+        img.write_zeroes(0, SIZE, keep).expect("write_zeroes");
+    }
     img.flush().expect("flush discard");
     let base = sim.contents();
     let start = sim.journal().len();
@@ -125,14 +132,19 @@ fn every_crash_point_of_partial_writes_into_reused_clusters_reads_zeros_around_t
         cluster_size: 4096,
         ..Default::default()
     };
-    reused_clusters_read_as_zeros("reuse-falloc", plain.clone(), 1024, 512, true);
-    reused_clusters_read_as_zeros("reuse-nofalloc", plain, 1024, 512, false);
+    let span = (1024, 512);
+    reused_clusters_read_as_zeros("reuse-falloc", plain.clone(), span, true, true);
+    reused_clusters_read_as_zeros("reuse-nofalloc", plain.clone(), span, false, true);
+    // Zero clusters that kept their host cluster (write_zeroes without unmap).
+    reused_clusters_read_as_zeros("zero-falloc", plain.clone(), span, true, false);
+    reused_clusters_read_as_zeros("zero-nofalloc", plain, span, false, false);
     let ext = CreateOptions {
         cluster_size: 16384,
         extended_l2: true,
         ..Default::default()
     };
-    reused_clusters_read_as_zeros("reuse-extl2", ext, 1024 + 50, 100, true);
+    reused_clusters_read_as_zeros("reuse-extl2", ext.clone(), (1024 + 50, 100), true, true);
+    reused_clusters_read_as_zeros("zero-extl2", ext, (1024 + 50, 100), true, false);
 }
 
 /// Opens `bytes` read-write with discard=unmap on a simulated file named `path`.

@@ -29,8 +29,8 @@ enum Action {
         host: HostOffset,
         /// Allocated by this batch (give back on error).
         fresh: bool,
-        /// The host cluster is known to read as zeros (allocated past everything ever
-        /// written to the file): bytes that are to be zero need no write.
+        /// The host cluster is known to read as zeros (it lies past everything ever written
+        /// to the file): bytes that are to be zero need no write.
         zeroed: bool,
         /// Mapping before the write (fill source, references to drop).
         old: Mapping,
@@ -299,17 +299,12 @@ fn plan_cluster(
 ) -> Result<Action> {
     let old = m.lookup(&img.file, pos)?;
     let file = &img.file;
-    let mut past_end = false;
-    let mut alloc = || {
-        let host = m.rc.alloc(file, 1)?;
-        // Decided under the allocator's lock, for a cluster only this batch may write: it
-        // stays true until the batch writes it.
-        past_end = file.reads_as_zeros_from(host);
-        Ok(host)
-    };
+    let mut alloc = || m.rc.alloc(file, 1);
     let mut action = decide(&img.geo, old, start, len, &mut alloc)?;
-    if let Action::Link { zeroed, .. } = &mut action {
-        *zeroed = past_end;
+    if let Action::Link { host, zeroed, .. } = &mut action {
+        // Decided under the metadata lock for a cluster only this batch may write (freshly
+        // allocated, or owned and claimed in flight): it stays true until the batch writes it.
+        *zeroed = file.reads_as_zeros_from(*host);
     }
     not_metadata(img, &img.geo, action)
 }

@@ -41,6 +41,8 @@ pub struct Cfg {
     pub lazy_refcounts: bool,
     /// Overlay on a qcow2 backing file written by qemu-io (0 = no backing file).
     pub backing_cluster: u64,
+    /// Open with discard_unmap: freed clusters are punched while the others run.
+    pub discard_unmap: bool,
     pub rounds: usize,
     pub ops_per_round: usize,
     pub seed: u64,
@@ -54,6 +56,7 @@ impl Cfg {
             extended_l2: false,
             lazy_refcounts: false,
             backing_cluster: 0,
+            discard_unmap: false,
             rounds: 12 * rounds_factor(),
             ops_per_round: 80,
             seed: seed_override().unwrap_or(seed),
@@ -65,6 +68,10 @@ impl Cfg {
     }
     pub fn extended_l2(mut self) -> Cfg {
         self.extended_l2 = true;
+        self
+    }
+    pub fn discard_unmap(mut self) -> Cfg {
+        self.discard_unmap = true;
         self
     }
     pub fn lazy(mut self) -> Cfg {

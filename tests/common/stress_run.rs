@@ -392,7 +392,15 @@ pub fn run_stress(cfg: Cfg) {
         },
     )
     .unwrap_or_else(|e| panic!("{what}: create: {e}"));
-    let img = open_rw(&path);
+    let img = oxcow::Image::open(
+        &path,
+        &oxcow::OpenOptions {
+            writable: true,
+            discard_unmap: cfg.discard_unmap,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{what}: open: {e}"));
 
     let sh = Shared {
         cfg,
