@@ -92,6 +92,7 @@ unsafe fn convert(o: &oxcow_create_options) -> CResult<CreateOptions> {
         backing_file: backing_file.map(str::to_owned),
         backing_format,
         preallocation,
+        ..d
     })
 }
 

@@ -188,7 +188,7 @@ pub fn read(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
 
 fn read_segment(img: &Image, out: &mut [u8], guest: GuestOffset, source: Source) -> Result<()> {
     match source {
-        Source::Data(host) => img.file.read_zero_padded(out, host, "guest data"),
+        Source::Data(host) => img.data_file().read_zero_padded(out, host, "guest data"),
         Source::Zero => {
             out.fill(0);
             Ok(())

@@ -194,7 +194,7 @@ fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset
         run = match run {
             Some((h, a, e)) if h + (e - a) as u64 == host => Some((h, a, e + len as usize)),
             Some((h, a, e)) => {
-                img.file.write(&buf[a..e], h, WriteKind::Data)?;
+                img.data_file().write(&buf[a..e], h, WriteKind::Data)?;
                 Some((host, b, b + len as usize))
             }
             None => Some((host, b, b + len as usize)),
@@ -202,7 +202,7 @@ fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset
         pos += len;
     }
     if let Some((h, a, e)) = run {
-        img.file.write(&buf[a..e], h, WriteKind::Data)?;
+        img.data_file().write(&buf[a..e], h, WriteKind::Data)?;
     }
     Ok(pos.since(offset) as usize)
 }
@@ -293,7 +293,14 @@ fn plan_cluster(
 ) -> Result<Action> {
     let old = m.lookup(&img.file, pos)?;
     let file = &img.file;
-    let mut alloc = || m.rc.alloc(file, 1);
+    let external = img.geo.external_data;
+    let mut alloc = || {
+        if external {
+            Ok(super::datafile::data_cluster(&img.geo, pos))
+        } else {
+            m.rc.alloc(file, 1)
+        }
+    };
     decide(&img.geo, old, start, len, &mut alloc).and_then(|a| not_metadata(img, &img.geo, a))
 }
 
@@ -303,7 +310,7 @@ fn not_metadata(img: &Image, geo: &Geometry, a: Action) -> Result<Action> {
     let host = match a {
         Action::InPlace { host } | Action::Link { host, .. } => host,
     };
-    img.file
+    img.data_file()
         .guard()
         .check_write(host.get(), geo.cluster_size(), None)
         .map(|()| a)
@@ -351,7 +358,8 @@ fn abandon(img: &Image, m: &mut super::meta::Meta, ops: &[Op]) {
                 Ok(cur) => cur.host_cluster() != Some(host),
                 Err(_) => false,
             };
-            if still_unlinked {
+            // Clusters of an external data file have no refcount to give back.
+            if still_unlinked && !img.geo.external_data {
                 let _ = m.rc.update(&img.file, host.cluster(&img.geo), -1);
             }
         }
@@ -408,11 +416,12 @@ fn do_io(img: &Image, buf: &[u8], ops: &[Op]) -> Result<()> {
             }
             // The merged pieces are consecutive sub-slices of `buf`: re-slice it once for one write.
             let start = first.as_ptr() as usize - buf.as_ptr() as usize;
-            img.file
+            img.data_file()
                 .write(&buf[start..start + len], host, WriteKind::Data)?;
             i = j;
         } else {
-            img.file.write(piece.bytes(), host, WriteKind::Data)?;
+            img.data_file()
+                .write(piece.bytes(), host, WriteKind::Data)?;
             i += 1;
         }
     }
@@ -532,7 +541,7 @@ fn fill(
                 out.fill(0);
                 return Ok(());
             };
-            img.file
+            img.data_file()
                 .read_zero_padded(out, h + at, "copy-on-write source")
         }
         SubclusterState::Compressed => {
