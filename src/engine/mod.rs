@@ -9,6 +9,8 @@ pub mod compress;
 mod crash_tests;
 pub mod create;
 mod datafile;
+#[cfg(test)]
+mod datafile_crash_tests;
 pub mod events;
 mod gate;
 mod inflight;
