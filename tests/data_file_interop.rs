@@ -422,3 +422,32 @@ fn reopen_moves_the_data_file_between_read_only_and_read_write() {
     assert_same_bytes(&read_file(&data), &want, "data file");
     assert_check_clean(&img);
 }
+
+#[test]
+fn a_data_cluster_away_from_its_guest_offset_is_a_corruption_like_in_qemu() {
+    let dir = TempDir::new("df-misplaced");
+    let (img, _) = oxcow_data_image(&dir, "c", false, 65536);
+    {
+        let im = open_rw(&img);
+        im.write_at(&[3u8; 65536], 65536).expect("write");
+        im.close().expect("close");
+    }
+    let l1 = be64(&img, 0x30000) & 0x00ff_ffff_ffff_fe00;
+    // Guest cluster 1 now claims to live at data-file offset 2 clusters.
+    poke(&img, l1 + 8, &(0x8000_0000_0002_0000u64).to_be_bytes());
+    let im = open_ro(&img);
+    let mut buf = vec![0u8; 4096];
+    let e = im.read_at(&mut buf, 65536).expect_err("misplaced cluster");
+    assert!(
+        e.to_string()
+            .contains("External data file host cluster offset 0x20000 does not match"),
+        "{e}"
+    );
+    drop(im);
+    let q = run("qemu-io", &["-r", "-c", "read 64k 4k", path_str(&img)]);
+    assert!(
+        q.all().contains("does not match guest cluster offset"),
+        "{}",
+        q.all()
+    );
+}

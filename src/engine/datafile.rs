@@ -11,7 +11,7 @@
 //! `d.raw` opens from the directory holding `d.raw` and fails elsewhere); oxcow does the same.
 
 use super::Image;
-use crate::error::{invalid, Error, Result};
+use crate::error::{corrupt, invalid, Error, Result};
 use crate::format::entry::Mapping;
 use crate::format::header::Header;
 use crate::format::{Geometry, GuestOffset, HostOffset};
@@ -54,6 +54,18 @@ pub(super) fn open(header: &Header, image: &str, opts: &OpenOptions) -> Result<O
         .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
     posix.lock(&name, lock_mode(opts))?;
     Ok(Some(HostFile::new(Arc::new(posix), name)))
+}
+
+/// QEMU's rule for images with a data file: a data cluster lives at its guest offset in the
+/// data file; an entry pointing anywhere else is a corruption (reported with QEMU's words).
+pub(super) fn check_mapping(geo: &Geometry, guest: GuestOffset, m: &Mapping) -> Result<()> {
+    let expected = data_cluster(geo, guest);
+    match *m {
+        Mapping::Data { host, .. } if geo.external_data && host != expected => corrupt!(
+            "External data file host cluster offset {host:#x} does not match guest cluster offset: {expected:#x}"
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Creates (or truncates) the data file `name` of a new image and gives it the disk's size,

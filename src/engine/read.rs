@@ -99,6 +99,7 @@ fn map_range(
         let Some(mapping) = lookup(pos)? else {
             return Ok(pos);
         };
+        super::datafile::check_mapping(geo, pos, &mapping)?;
         let cluster = pos.cluster_start(geo);
         let cluster_end = cluster + geo.cluster_size();
         while pos < end.min(cluster_end) {

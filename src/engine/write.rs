@@ -186,7 +186,21 @@ fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset
                 copied: true,
                 alloc,
                 ..
-            }) if touched_mask(&geo, start, len) & !alloc == 0 => host + start,
+            }) if touched_mask(&geo, start, len) & !alloc == 0
+                && super::datafile::check_mapping(
+                    &geo,
+                    pos,
+                    &Mapping::Data {
+                        host,
+                        copied: true,
+                        alloc,
+                        zero: 0,
+                    },
+                )
+                .is_ok() =>
+            {
+                host + start
+            }
             _ => break,
         };
         // Within the request, so it fits the buffer.
@@ -292,6 +306,7 @@ fn plan_cluster(
     len: u64,
 ) -> Result<Action> {
     let old = m.lookup(&img.file, pos)?;
+    super::datafile::check_mapping(&img.geo, pos, &old)?;
     let file = &img.file;
     let external = img.geo.external_data;
     let mut alloc = || {

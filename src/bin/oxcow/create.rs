@@ -169,11 +169,28 @@ pub fn formatting_line(file: &str, size: u64, o: &CreateOptions) -> String {
     s
 }
 
+/// qemu-img echoes `data_file_raw=off` when it was given explicitly: insert it after the
+/// data file name in `line` when one of the `-o` lists named it.
+fn echo_explicit_raw_off(line: String, lists: &[String], o: &CreateOptions) -> String {
+    let given = lists
+        .iter()
+        .flat_map(|l| l.split(','))
+        .any(|kv| kv.starts_with("data_file_raw="));
+    match &o.data_file {
+        Some(d) if given && !o.data_file_raw => {
+            let at = format!(" data_file={d}");
+            line.replacen(&at, &format!("{at} data_file_raw=off"), 1)
+        }
+        _ => line,
+    }
+}
+
 /// Runs `oxcow create ARGS`.
 pub fn run(args: &[String]) -> CliResult<()> {
     let mut o = CreateOptions::default();
     let mut quiet = false;
     let mut pos = Vec::new();
+    let mut lists = Vec::new();
     for a in scan("create", args, SPECS)? {
         match a {
             Arg::Opt("-f", Some(f)) => crate::require_qcow2("create", &f)?,
@@ -181,6 +198,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
                 if apply_create_options(&mut o, &l)? {
                     return Ok(());
                 }
+                lists.push(l);
             }
             Arg::Opt("-b", Some(b)) => o.backing_file = Some(b),
             Arg::Opt("-F", Some(f)) => o.backing_format = Some(backing_format(&f)?),
@@ -222,7 +240,8 @@ pub fn run(args: &[String]) -> CliResult<()> {
         } else {
             size
         };
-        println!("{}", formatting_line(file, size, &o));
+        let line = formatting_line(file, size, &o);
+        println!("{}", echo_explicit_raw_off(line, &lists, &o));
     }
     Ok(())
 }
