@@ -451,3 +451,43 @@ fn a_data_cluster_away_from_its_guest_offset_is_a_corruption_like_in_qemu() {
         q.all()
     );
 }
+
+#[test]
+fn the_data_file_is_locked_like_qemus_data_child() {
+    // QEMU's data child shares write but not resize (observed with qemu-nbd): a raw writer
+    // of the data file may open it, a resize of it is refused while the image is open.
+    let dir = TempDir::new("df-locks");
+    let (img, data) = oxcow_data_image(&dir, "l", false, 65536);
+    let resize = || run("qemu-img", &["resize", "-f", "raw", path_str(&data), "8M"]);
+    let raw_io = || {
+        run(
+            "qemu-io",
+            &["-f", "raw", "-c", "read 0 512", path_str(&data)],
+        )
+    };
+    for writable in [true, false] {
+        let im = if writable {
+            open_rw(&img)
+        } else {
+            open_ro(&img)
+        };
+        let held = resize();
+        assert_ne!(held.code, 0, "resized the data file of an open image");
+        assert!(held.all().contains("\"resize\" lock"), "{}", held.all());
+        assert_eq!(raw_io().code, 0, "QEMU shares write on its data child");
+        drop(im);
+    }
+    let free = resize();
+    assert_eq!(free.code, 0, "{}", free.all());
+}
+
+#[test]
+fn an_unknown_autoclear_bit_is_cleared_but_data_file_raw_is_kept() {
+    let dir = TempDir::new("df-autoclear");
+    let (img, _) = oxcow_data_image(&dir, "a", true, 65536);
+    // Autoclear features live at header offset 88.
+    poke(&img, 88, &(0x22u64).to_be_bytes());
+    open_rw(&img).close().expect("close");
+    assert_eq!(be64(&img, 88), 0x2, "only data_file_raw stays");
+    assert_check_clean(&img);
+}
