@@ -491,3 +491,33 @@ fn an_unknown_autoclear_bit_is_cleared_but_data_file_raw_is_kept() {
     assert_eq!(be64(&img, 88), 0x2, "only data_file_raw stays");
     assert_check_clean(&img);
 }
+
+#[test]
+fn a_header_naming_the_image_itself_as_its_data_file_is_refused() {
+    let dir = TempDir::new("df-self");
+    let img = dir.join("s.qcow2");
+    // Made with another data file, then the header is pointed at the image itself.
+    let other = dir.join("other.data");
+    let o = CreateOptions {
+        data_file: Some(path_str(&other).to_string()),
+        ..Default::default()
+    };
+    oxcow::create(&img, MIB, &o).expect("create");
+    let (ext, len) = common::malformed::find_ext(&img, 0x4441_5441).expect("data file ext");
+    let own = path_str(&img).as_bytes().to_vec();
+    assert!(own.len() <= len as usize, "the own name is the shorter one");
+    let mut field = own.clone();
+    field.resize(len as usize, 0);
+    poke(&img, ext + 8, &field);
+    poke(&img, ext + 4, &(own.len() as u32).to_be_bytes());
+    let e = Image::open(
+        &img,
+        &oxcow::OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("the image as its own data file");
+    assert!(e.to_string().contains("is the image itself"), "{e}");
+}

@@ -50,10 +50,28 @@ pub(super) fn open(header: &Header, image: &str, opts: &OpenOptions) -> Result<O
         return invalid!("{image}: 'data-file' is required for this image");
     };
     let path = PathBuf::from(&name);
+    refuse_self_reference(image, &path)?;
     let mut posix = PosixFile::open(&path, opts.writable, opts.direct)
         .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
     posix.lock(&name, lock_mode(opts))?;
     Ok(Some(HostFile::new(Arc::new(posix), name)))
+}
+
+/// Refuses a data file that is the image file itself (a hostile header can name it): guest
+/// writes would land on the metadata, where the overlap guard of the data file cannot see
+/// them. QEMU refuses it through its own locks; this check does not depend on them.
+fn refuse_self_reference(image: &str, data: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(a), Ok(b)) = (std::fs::metadata(image), std::fs::metadata(data)) else {
+        return Ok(()); // a missing data file fails its own open with QEMU's message
+    };
+    if (a.dev(), a.ino()) == (b.dev(), b.ino()) {
+        return invalid!(
+            "{image}: the data file '{}' is the image itself",
+            data.display()
+        );
+    }
+    Ok(())
 }
 
 /// QEMU's rule for images with a data file: a data cluster lives at its guest offset in the
