@@ -232,6 +232,37 @@ fn a_raw_data_file_image_maps_every_cluster_one_to_one_like_qemu() {
     assert_eq!(file_len(&od), SIZE);
     assert_eq!(file_len(&q), file_len(&o), "same metadata layout");
     assert_check_clean(&o);
+    // With extended L2 entries QEMU maps the clusters but marks no subcluster allocated.
+    let (q, _) = qemu_data_image(&dir, "qx", true, ",extended_l2=on");
+    let (o, _) = dir_image_extl2(&dir, "ox");
+    let strip = |m: Vec<MapEntry>| {
+        m.iter()
+            .map(|e| (e.start, e.length, e.present, e.zero, e.data, e.offset))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        strip(qemu_map(&q)),
+        strip(qemu_map(&o)),
+        "extended L2 raw layout"
+    );
+    assert_eq!(
+        read_file(&q)[0x40000..0x50000],
+        read_file(&o)[0x40000..0x50000]
+    );
+}
+
+/// A raw data-file image with extended L2 entries, made by oxcow.
+fn dir_image_extl2(dir: &TempDir, name: &str) -> (PathBuf, PathBuf) {
+    let img = dir.join(&format!("{name}.qcow2"));
+    let data = dir.join(&format!("{name}.data"));
+    let o = CreateOptions {
+        extended_l2: true,
+        data_file: Some(path_str(&data).to_string()),
+        data_file_raw: true,
+        ..Default::default()
+    };
+    oxcow::create(&img, SIZE, &o).expect("oxcow create");
+    (img, data)
 }
 
 fn file_len(p: &Path) -> u64 {

@@ -296,17 +296,18 @@ fn preallocate_metadata(path: &Path, size: u64) -> Result<()> {
                 d
             };
             for i in 0..n {
-                m.set_mapping(
-                    &img.file,
-                    table,
-                    i as usize,
+                let mapping = if geo.external_data {
+                    let guest = crate::format::GuestOffset::new((first + i) * cs);
+                    super::datafile::raw_mapping(&geo, guest)
+                } else {
                     crate::format::entry::Mapping::Data {
                         host: data + i * cs,
                         copied: true,
                         alloc: u32::MAX,
                         zero: 0,
-                    },
-                )?;
+                    }
+                };
+                m.set_mapping(&img.file, table, i as usize, mapping)?;
             }
             first += n;
             l1 += 1;

@@ -86,6 +86,18 @@ pub(super) fn check_mapping(geo: &Geometry, guest: GuestOffset, m: &Mapping) -> 
     }
 }
 
+/// The mapping QEMU gives each cluster of a raw data file at creation and growth: the
+/// cluster at its guest offset, with (extended L2) no subcluster marked allocated yet, so
+/// that they read as zeros like the fresh data file does.
+pub(super) fn raw_mapping(geo: &Geometry, guest: GuestOffset) -> Mapping {
+    Mapping::Data {
+        host: data_cluster(geo, guest),
+        copied: true,
+        alloc: if geo.extended_l2 { 0 } else { u32::MAX },
+        zero: 0,
+    }
+}
+
 /// Creates (or truncates) the data file `name` of a new image and gives it the disk's size,
 /// as `qemu-img create -o data_file=` does: an existing file loses its contents.
 pub(super) fn create_data_file(name: &str, size: u64) -> Result<()> {
@@ -157,13 +169,12 @@ impl Image {
         while pos.get() < new {
             if let Mapping::Unallocated { zero: 0 } = m.lookup(&self.file, pos)? {
                 let table = m.l2_for_write(&self.file, pos.l1_index(&geo))?;
-                let data = Mapping::Data {
-                    host: data_cluster(&geo, pos),
-                    copied: true,
-                    alloc: u32::MAX,
-                    zero: 0,
-                };
-                m.set_mapping(&self.file, table, pos.l2_index(&geo), data)?;
+                m.set_mapping(
+                    &self.file,
+                    table,
+                    pos.l2_index(&geo),
+                    raw_mapping(&geo, pos),
+                )?;
             }
             pos += cs;
         }
