@@ -552,3 +552,45 @@ fn a_header_naming_the_image_itself_as_its_data_file_is_refused() {
     .expect("the image as its own data file");
     assert!(e.to_string().contains("is the image itself"), "{e}");
 }
+
+#[test]
+fn an_overlay_with_a_data_file_copies_on_write_from_its_backing_file() {
+    let dir = TempDir::new("df-backing");
+    let base = dir.join("base.qcow2");
+    qemu_create(&base, SIZE, "");
+    qemu_io(&base, &[Op::Write(0, SIZE, 0x77).qemu_io()]);
+    let mut twins = Vec::new();
+    for name in ["q", "o"] {
+        let img = dir.join(&format!("{name}.qcow2"));
+        let data = dir.join(&format!("{name}.data"));
+        let opts = format!(
+            "data_file={},backing_file={},backing_fmt=qcow2",
+            path_str(&data),
+            path_str(&base)
+        );
+        qemu_create(&img, SIZE, &opts);
+        twins.push(img);
+    }
+    let ops = [
+        Op::Write(4096, 512, 1),
+        Op::Write(MIB + 100, 70 * KIB, 2),
+        Op::Discard(2 * MIB, 128 * KIB),
+        Op::Zero(3 * MIB, 64 * KIB),
+    ];
+    qemu_io(
+        &twins[0],
+        &ops.iter().map(|o| o.qemu_io()).collect::<Vec<_>>(),
+    );
+    let im = open_rw(&twins[1]);
+    for op in ops {
+        op.oxcow(&im);
+    }
+    im.close().expect("close");
+    assert_check_clean(&twins[1]);
+    assert_same_guest(&twins[0], &twins[1]);
+    assert_same_bytes(
+        &oxcow_read_all(&open_ro(&twins[1])),
+        &qemu_to_raw(&twins[0], "qcow2", &dir),
+        "oxcow read of the overlay",
+    );
+}
