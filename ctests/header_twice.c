@@ -5,7 +5,8 @@
 
 #define STATIC_ASSERT(name, cond) typedef char static_assert_##name[(cond) ? 1 : -1]
 
-STATIC_ASSERT(create_options_size, sizeof(oxcow_create_options) == 48);
+STATIC_ASSERT(create_options_size, sizeof(oxcow_create_options) == 56);
+STATIC_ASSERT(create_options_data_file, offsetof(oxcow_create_options, data_file) == 48);
 STATIC_ASSERT(create_options_backing, offsetof(oxcow_create_options, backing_file) == 32);
 STATIC_ASSERT(open_options_size, sizeof(oxcow_open_options) == 24);
 STATIC_ASSERT(snapshot_info_size, sizeof(oxcow_snapshot_info) == 432);

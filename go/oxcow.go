@@ -58,6 +58,12 @@ type CreateOptions struct {
 	// a size of 0 means the backing file's size.
 	BackingFile   string
 	BackingFormat string
+	// DataFile puts the guest data in an external data file (qemu-img's -o data_file=),
+	// created or truncated to the disk's size; a relative name resolves against the current
+	// directory, as in QEMU. DataFileRaw keeps it a valid raw image of the disk
+	// (data_file_raw=on; no backing file).
+	DataFile    string
+	DataFileRaw bool
 }
 
 // Create creates a new qcow2 image at path (replacing any existing file) with size bytes of
@@ -76,6 +82,10 @@ func Create(path string, size uint64, opts *CreateOptions) error {
 			Preallocation:   uint32(opts.Preallocation),
 			BackingFile:     opts.BackingFile,
 			BackingFormat:   opts.BackingFormat,
+			DataFile:        opts.DataFile,
+		}
+		if opts.DataFileRaw {
+			co.Flags |= capi.CreateDataFileRaw
 		}
 		if opts.LazyRefcounts {
 			co.Flags |= capi.CreateLazyRefcounts

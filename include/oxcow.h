@@ -145,6 +145,12 @@
 #define OXCOW_CREATE_EXTENDED_L2 2u
 
 /**
+ * oxcow_create_options flag: keep the data file a valid raw image of the disk
+ * (`data_file_raw=on`; needs `data_file`, excludes a backing file).
+ */
+#define OXCOW_CREATE_DATA_FILE_RAW 4u
+
+/**
  * Compression type "deflate" (QEMU's "zlib"), header value 0.
  */
 #define OXCOW_COMPRESSION_DEFLATE 0u
@@ -489,6 +495,13 @@ typedef struct oxcow_create_options {
      * Format of the backing file, "qcow2" or "raw"; required with backing_file, NULL without.
      */
     const char *backing_format;
+    /**
+     * Version 2: external data file for the guest data (qemu-img's `-o data_file=`), or
+     * NULL for none. Created or truncated to the virtual size; the name is stored as given
+     * and a relative one resolves against the current directory (as QEMU does). Version 3
+     * images only. Must be valid UTF-8.
+     */
+    const char *data_file;
 } oxcow_create_options;
 
 /**

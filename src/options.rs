@@ -70,6 +70,13 @@ pub struct CreateOptions {
     pub backing_format: Option<BackingFormat>,
     /// Preallocation mode.
     pub preallocation: Preallocation,
+    /// External data file for the guest data (`-o data_file=`, version 3 only), created or
+    /// truncated to the virtual size like qemu-img does. A relative name is stored as given
+    /// and resolved against the current directory, as QEMU resolves it.
+    pub data_file: Option<String>,
+    /// Declare the data file a valid raw image of the disk (`-o data_file_raw=on`): every
+    /// cluster is mapped 1:1 at creation (metadata preallocation), no backing file allowed.
+    pub data_file_raw: bool,
 }
 
 impl Default for CreateOptions {
@@ -84,6 +91,8 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             preallocation: Preallocation::Off,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
@@ -165,6 +174,10 @@ pub struct ImageInfo {
     pub backing_format: Option<String>,
     /// Size of the image file in bytes.
     pub file_size: u64,
+    /// The external data file's name as recorded in the header (`None`: data in the image).
+    pub data_file: Option<String>,
+    /// Whether the data file is declared a valid raw image of the disk (autoclear bit 1).
+    pub data_file_raw: bool,
 }
 
 /// Allocation status of a guest range, returned by [`crate::Image::block_status`].

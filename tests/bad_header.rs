@@ -168,7 +168,8 @@ fn malformed_headers_give_clean_errors() {
         ),
         case(
             "external-data-file-bit",
-            &[ENOTSUP, EUCLEAN],
+            // The bit without a data-file name: "'data-file' is required for this image".
+            &[EINVAL],
             &["data file", "data-file", "data_file"],
             |p| put_be64(p, H_INCOMPAT, 1 << 2),
         ),

@@ -47,7 +47,7 @@ unsafe fn c_opt_str<'a>(p: *const c_char, what: &str) -> CResult<Option<&'a str>
 unsafe fn convert(o: &oxcow_create_options) -> CResult<CreateOptions> {
     super::check_flags(
         o.flags,
-        OXCOW_CREATE_LAZY_REFCOUNTS | OXCOW_CREATE_EXTENDED_L2,
+        OXCOW_CREATE_LAZY_REFCOUNTS | OXCOW_CREATE_EXTENDED_L2 | OXCOW_CREATE_DATA_FILE_RAW,
         "oxcow_create_options",
     )?;
     if o.reserved != 0 {
@@ -77,6 +77,9 @@ unsafe fn convert(o: &oxcow_create_options) -> CResult<CreateOptions> {
             }
         },
     };
+    // SAFETY: forwarded from this function's contract (a version-2 field, defaulted to NULL
+    // for version-1 callers by read_versioned).
+    let data_file = unsafe { c_opt_str(o.data_file, "data_file") }?;
     if backing_file == Some("") {
         return einval("backing_file is empty (use NULL for no backing file)");
     }
@@ -92,6 +95,8 @@ unsafe fn convert(o: &oxcow_create_options) -> CResult<CreateOptions> {
         backing_file: backing_file.map(str::to_owned),
         backing_format,
         preallocation,
+        data_file: data_file.map(str::to_owned),
+        data_file_raw: o.flags & OXCOW_CREATE_DATA_FILE_RAW != 0,
     })
 }
 
@@ -122,8 +127,11 @@ pub unsafe extern "C" fn oxcow_create(
         // SAFETY: `path` is NULL or NUL-terminated per the contract.
         let path = unsafe { c_path(path, "path") }?;
         // SAFETY: `opts` is NULL or an initialised struct per the contract.
-        let o = unsafe { super::read_options(opts, "oxcow_create_options") }?
-            .unwrap_or_else(oxcow_create_options::defaults);
+        let v1 = CREATE_OPTIONS_V1_SIZE as usize;
+        let defaults = oxcow_create_options::defaults();
+        // SAFETY: `opts` is NULL or an initialised struct per the contract.
+        let o = unsafe { super::read_versioned(opts, "oxcow_create_options", v1, defaults) }?
+            .unwrap_or(defaults);
         // SAFETY: the strings in `o` are NULL or NUL-terminated per the contract.
         let ropts = unsafe { convert(&o) }?;
         crate::create(path, virtual_size, &ropts)

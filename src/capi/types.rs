@@ -41,6 +41,9 @@ pub const OXCOW_CREATE_LAZY_REFCOUNTS: u32 = 1u32;
 /// oxcow_create_options flag: extended L2 entries with 32 subclusters (version 3 only,
 /// cluster size at least 16 KiB).
 pub const OXCOW_CREATE_EXTENDED_L2: u32 = 2u32;
+/// oxcow_create_options flag: keep the data file a valid raw image of the disk
+/// (`data_file_raw=on`; needs `data_file`, excludes a backing file).
+pub const OXCOW_CREATE_DATA_FILE_RAW: u32 = 4u32;
 
 /// Compression type "deflate" (QEMU's "zlib"), header value 0.
 pub const OXCOW_COMPRESSION_DEFLATE: u32 = 0u32;
@@ -113,6 +116,11 @@ pub struct oxcow_create_options {
     pub backing_file: *const c_char,
     /// Format of the backing file, "qcow2" or "raw"; required with backing_file, NULL without.
     pub backing_format: *const c_char,
+    /// Version 2: external data file for the guest data (qemu-img's `-o data_file=`), or
+    /// NULL for none. Created or truncated to the virtual size; the name is stored as given
+    /// and a relative one resolves against the current directory (as QEMU does). Version 3
+    /// images only. Must be valid UTF-8.
+    pub data_file: *const c_char,
 }
 
 /// Parameters of oxcow_open(). Initialise with oxcow_open_options_init().
@@ -253,7 +261,10 @@ pub struct oxcow_check_result {
     pub image_end_offset: u64,
 }
 
-pub(crate) const CREATE_OPTIONS_V1_SIZE: u32 = size_of::<oxcow_create_options>() as u32;
+/// Version 1 of oxcow_create_options ends before `data_file`.
+pub(crate) const CREATE_OPTIONS_V1_SIZE: u32 =
+    std::mem::offset_of!(oxcow_create_options, data_file) as u32;
+pub(crate) const CREATE_OPTIONS_V2_SIZE: u32 = size_of::<oxcow_create_options>() as u32;
 /// Version 1 of oxcow_open_options ends before `snapshot`.
 pub(crate) const OPEN_OPTIONS_V1_SIZE: u32 =
     std::mem::offset_of!(oxcow_open_options, snapshot) as u32;
@@ -265,7 +276,7 @@ impl oxcow_create_options {
     /// The defaults oxcow_create_options_init() writes.
     pub(crate) fn defaults() -> oxcow_create_options {
         oxcow_create_options {
-            struct_size: CREATE_OPTIONS_V1_SIZE,
+            struct_size: CREATE_OPTIONS_V2_SIZE,
             cluster_size: 65536,
             version: 3,
             refcount_bits: 16,
@@ -275,6 +286,7 @@ impl oxcow_create_options {
             reserved: 0,
             backing_file: std::ptr::null(),
             backing_format: std::ptr::null(),
+            data_file: std::ptr::null(),
         }
     }
 }
@@ -372,7 +384,8 @@ mod tests {
     /// These sizes and offsets are ABI (ctests/header_twice.c pins the same values from C).
     #[test]
     fn struct_layout_is_stable() {
-        assert_eq!(size_of::<oxcow_create_options>(), 48);
+        assert_eq!(size_of::<oxcow_create_options>(), 56);
+        assert_eq!(CREATE_OPTIONS_V1_SIZE, 48);
         assert_eq!(offset_of!(oxcow_create_options, backing_file), 32);
         assert_eq!(size_of::<oxcow_open_options>(), 24);
         assert_eq!(OPEN_OPTIONS_V1_SIZE, 16);

@@ -54,6 +54,7 @@ fn validate(virtual_size: u64, o: &CreateOptions) -> Result<Geometry> {
         (None, Some(_)) => return invalid!("backing format given without a backing file"),
         _ => {}
     }
+    validate_data_file(o)?;
     if o.backing_file.is_some() && o.preallocation != Preallocation::Off {
         return invalid!(
             "Backing file and preallocation can only be used at the same time if preallocation=off"
@@ -63,6 +64,7 @@ fn validate(virtual_size: u64, o: &CreateOptions) -> Result<Geometry> {
         cluster_bits: cs.trailing_zeros(),
         extended_l2: o.extended_l2,
         refcount_order: rb.trailing_zeros(),
+        external_data: false,
     };
     let l1 = geo.l1_entries_for(virtual_size);
     if l1 * 8 > header::MAX_L1_BYTES || l1 > i32::MAX as u64 / 8 {
@@ -85,7 +87,10 @@ pub fn create(path: impl AsRef<Path>, virtual_size: u64, opts: &CreateOptions) -
     // Refuse to write something we would not accept ourselves.
     Header::parse(&cluster0)?;
     write_image(path, &geo, &layout, &cluster0)?;
-    if opts.preallocation == Preallocation::Metadata {
+    if let Some(d) = &opts.data_file {
+        super::datafile::create_data_file(d, size)?;
+    }
+    if opts.preallocation == Preallocation::Metadata || opts.data_file_raw {
         preallocate_metadata(path, size)?;
     }
     Ok(())
@@ -199,8 +204,30 @@ fn new_header(geo: &Geometry, layout: &Layout, size: u64, opts: &CreateOptions) 
         if geo.cluster_size() > 4096 {
             h.feature_names = Header::qemu_feature_table();
         }
+        if let Some(d) = &opts.data_file {
+            h.incompatible_features |= header::INCOMPAT_DATA_FILE;
+            h.data_file = Some(d.as_bytes().to_vec());
+            if opts.data_file_raw {
+                h.autoclear_features |= header::AUTOCLEAR_DATA_FILE_RAW;
+            }
+        }
     }
     h
+}
+
+/// qemu-img's rules for `data_file` and `data_file_raw`, in its words.
+fn validate_data_file(o: &CreateOptions) -> Result<()> {
+    match &o.data_file {
+        None if o.data_file_raw => invalid!("data-file-raw requires data-file"),
+        Some(d) if d.is_empty() => invalid!("data-file name is empty"),
+        Some(_) if o.version < 3 => invalid!(
+            "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+        ),
+        Some(_) if o.data_file_raw && o.backing_file.is_some() => {
+            invalid!("Backing file and data-file-raw cannot be used at the same time")
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Writes the header, the refcount structures (counting every metadata cluster) and an empty
@@ -260,20 +287,27 @@ fn preallocate_metadata(path: &Path, size: u64) -> Result<()> {
         while first < total_clusters {
             let table = m.l2_for_write(&img.file, l1)?;
             let n = (total_clusters - first).min(entries);
-            let data = m.rc.alloc(&img.file, n)?;
-            end = end.max(data + n * cs);
+            // An external data file maps every cluster at its guest offset, unrefcounted.
+            let data = if geo.external_data {
+                HostOffset::new(first * cs)
+            } else {
+                let d = m.rc.alloc(&img.file, n)?;
+                end = end.max(d + n * cs);
+                d
+            };
             for i in 0..n {
-                m.set_mapping(
-                    &img.file,
-                    table,
-                    i as usize,
+                let mapping = if geo.external_data {
+                    let guest = crate::format::GuestOffset::new((first + i) * cs);
+                    super::datafile::raw_mapping(&geo, guest)
+                } else {
                     crate::format::entry::Mapping::Data {
                         host: data + i * cs,
                         copied: true,
                         alloc: u32::MAX,
                         zero: 0,
-                    },
-                )?;
+                    }
+                };
+                m.set_mapping(&img.file, table, i as usize, mapping)?;
             }
             first += n;
             l1 += 1;

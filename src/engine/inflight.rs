@@ -206,6 +206,7 @@ mod tests {
             cluster_bits: 16,
             extended_l2: false,
             refcount_order: 4,
+            external_data: false,
         };
         let max = max_guest_clusters(&geo);
         assert_eq!(max, (1 << 22) * 8192);

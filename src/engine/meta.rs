@@ -31,6 +31,9 @@ pub struct Meta {
     /// a reference on; `None` when the next compressed cluster starts a fresh host cluster.
     compressed_tail: Option<HostOffset>,
     geo: Geometry,
+    /// The external data file, synced before any table is written back so that data is
+    /// durable before the entries that point at it (`None`: data lives in the image file).
+    pub data: Option<Arc<HostFile>>,
 }
 
 /// Adds the bitmap directory and every bitmap table to the overlap guard's index. A stale
@@ -226,6 +229,7 @@ impl Meta {
             deferred_frees: Vec::new(),
             compressed_tail: None,
             geo,
+            data: None,
         })
     }
 
@@ -356,6 +360,10 @@ impl Meta {
                     "Invalid cluster entry found (L2 offset: {:#x}, L2 index: {:#x})",
                     slot.table, slot.index
                 ),
+                EntryError::CompressedWithDataFile => format!(
+                    "Compressed cluster entry found in image with external data file (L2 offset: {:#x}, L2 index: {:#x})",
+                    slot.table, slot.index
+                ),
             };
             Error::corrupt(msg)
         })
@@ -463,6 +471,8 @@ impl Meta {
     /// Queues the release of every host cluster a mapping references.
     pub fn release(&mut self, m: Mapping) {
         match m {
+            // Clusters of an external data file have no refcounts.
+            Mapping::Data { .. } | Mapping::Zero { .. } if self.geo.external_data => {}
             Mapping::Data { host, .. } | Mapping::Zero { host, .. } if host != HostOffset::ZERO => {
                 self.deferred_frees.push((host, self.geo.cluster_size()));
             }
@@ -487,6 +497,9 @@ impl Meta {
         // so the stages need no syncs between them: one at the end makes the flush durable.
         let lazy = self.rc.lazy_dirty();
         let stage_done = |file: &HostFile| if lazy { Ok(()) } else { file.sync() };
+        if let Some(d) = &self.data {
+            d.sync()?;
+        }
         self.rc.write_dirty_blocks(file)?;
         stage_done(file)?;
         if self.rc.write_dirty_table(file)? {

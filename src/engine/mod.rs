@@ -16,6 +16,9 @@ pub mod compress;
 #[cfg(test)]
 mod crash_tests;
 pub mod create;
+mod datafile;
+#[cfg(test)]
+mod datafile_crash_tests;
 pub mod events;
 mod gate;
 #[cfg(test)]
@@ -56,6 +59,8 @@ const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 pub struct Image {
     path: PathBuf,
     file: HostFile,
+    /// The external data file holding guest data, when the header says so (see `datafile`).
+    data: Option<Arc<HostFile>>,
     geo: Geometry,
     version: u32,
     /// Guest-visible size; changed only by a resize (see `resize`).
@@ -113,6 +118,18 @@ impl Image {
     /// Opens the image held by `file` (already opened and locked; `path` names it and
     /// anchors relative backing names). Tests use it with simulated backends.
     fn open_file(file: HostFile, path: &Path, opts: &OpenOptions, depth: u32) -> Result<Image> {
+        Self::open_file_with(file, None, path, opts, depth)
+    }
+
+    /// [`Self::open_file`] with the data file given (tests use simulated ones); `None` opens
+    /// the one the header names, if it names one.
+    fn open_file_with(
+        file: HostFile,
+        data: Option<HostFile>,
+        path: &Path,
+        opts: &OpenOptions,
+        depth: u32,
+    ) -> Result<Image> {
         let name = file.name().to_string();
         let mut header = read_header(&file, &name)?;
         let geo = header.geometry();
@@ -125,6 +142,10 @@ impl Image {
         // unallocated, and a refcount table past the end refuses every allocation as a
         // corruption. `check` reports the damage.
         validate_bitmaps(&file, &header).map_err(|e| e.with_file(&name))?;
+        let data = match data {
+            Some(d) if header.has_data_file() => Some(Arc::new(d)),
+            _ => datafile::open(&header, &name, opts)?.map(Arc::new),
+        };
         let (snapshots, snapshot_table_len) =
             snapshot::read_table(&file, &header).map_err(|e| e.with_file(&name))?;
         let backing = match (&header.backing_file, opts.no_backing) {
@@ -159,11 +180,13 @@ impl Image {
             meta.enable_lazy_refcounts();
         }
         meta.rc.set_punch_freed(opts.writable && opts.discard_unmap);
+        meta.data = data.clone();
         let (bitmap_state, hint) = bitmap::lifecycle::open(&file, &mut meta, opts.writable)
             .map_err(|e| e.with_file(&name))?;
         let img = Image {
             path: path.to_path_buf(),
             file,
+            data,
             geo,
             version: header.version,
             virtual_size: header.size.into(),
@@ -253,6 +276,11 @@ impl Image {
                 .map(|b| String::from_utf8_lossy(b).into_owned()),
             backing_format: h.backing_format.clone(),
             file_size: self.file.len()?,
+            data_file: h
+                .has_data_file()
+                .then(|| datafile::recorded_name(h))
+                .flatten(),
+            data_file_raw: h.data_file_raw(),
         })
     }
 
@@ -611,11 +639,15 @@ fn refuse_unwritable(header: &Header, name: &str) -> Result<()> {
 /// owners not to trust what we will not keep in sync. Bit 0 (bitmaps) stays while it vouches
 /// for a bitmaps extension: oxcow keeps those bitmaps (in use while open, stored at close).
 fn clear_autoclear(file: &HostFile, header: &mut Header) -> Result<()> {
-    let keep = if header.bitmaps.is_some() {
+    let mut keep = if header.bitmaps.is_some() {
         header.autoclear_features & header::AUTOCLEAR_BITMAPS
     } else {
         0
     };
+    // oxcow keeps a raw data file raw (see `datafile`), so the promise stays.
+    if header.data_file_raw() {
+        keep |= header::AUTOCLEAR_DATA_FILE_RAW;
+    }
     if header.autoclear_features != keep {
         file.write_header_fields(&layout::AUTOCLEAR_FEATURES.update(header.version, keep)?)?;
         file.sync()?;

@@ -99,6 +99,7 @@ fn map_range(
         let Some(mapping) = lookup(pos)? else {
             return Ok(pos);
         };
+        super::datafile::check_mapping(geo, pos, &mapping)?;
         let cluster = pos.cluster_start(geo);
         let cluster_end = cluster + geo.cluster_size();
         while pos < end.min(cluster_end) {
@@ -188,7 +189,7 @@ pub fn read(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
 
 fn read_segment(img: &Image, out: &mut [u8], guest: GuestOffset, source: Source) -> Result<()> {
     match source {
-        Source::Data(host) => img.file.read_zero_padded(out, host, "guest data"),
+        Source::Data(host) => img.data_file().read_zero_padded(out, host, "guest data"),
         Source::Zero => {
             out.fill(0);
             Ok(())

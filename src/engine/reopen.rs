@@ -69,7 +69,8 @@ impl Image {
                 self.store_bitmaps(&mut m)?;
                 let r = m
                     .writeback_and_mark_clean(&self.file)
-                    .and_then(|()| self.file.reopen(false, new_mode));
+                    .and_then(|()| self.file.reopen(false, new_mode))
+                    .and_then(|()| self.reopen_data_file(false, new_mode));
                 if let Err(e) = r {
                     // Still writable: the stored bitmaps must be in use again first.
                     self.remark_bitmaps(&mut m);
@@ -78,14 +79,22 @@ impl Image {
             }
             (true, true) => {
                 self.file.reopen(true, new_mode)?;
+                if let Err(e) = self.reopen_data_file(true, new_mode) {
+                    let _ = self.file.reopen(false, old_mode);
+                    return Err(e);
+                }
                 if let Err(e) = self.prepare_for_writing(&mut m, &name) {
                     // Back to the read-only description and locks; the metadata in memory
                     // was not replaced.
                     let _ = self.file.reopen(false, old_mode);
+                    let _ = self.reopen_data_file(false, old_mode);
                     return Err(e);
                 }
             }
-            (true, false) if new_mode != old_mode => self.file.reopen(false, new_mode)?,
+            (true, false) if new_mode != old_mode => {
+                self.file.reopen(false, new_mode)?;
+                self.reopen_data_file(false, new_mode)?;
+            }
             _ => {}
         }
         self.mode.switch(opts);
@@ -131,6 +140,7 @@ impl Image {
         )?;
         clear_autoclear(&self.file, &mut header)?;
         *m = fresh;
+        m.data = self.external_data().cloned();
         m.header = header;
         m.enable_lazy_refcounts();
         // Bitmaps in use on disk before the first write can happen on this handle.

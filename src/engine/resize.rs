@@ -64,6 +64,7 @@ impl Image {
         } else {
             Ok(())
         };
+        let r = r.and_then(|()| self.resize_data_file(old, new_size));
         self.finish(r)
     }
 

@@ -192,7 +192,21 @@ fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset
                 copied: true,
                 alloc,
                 ..
-            }) if touched_mask(&geo, start, len) & !alloc == 0 => host + start,
+            }) if touched_mask(&geo, start, len) & !alloc == 0
+                && super::datafile::check_mapping(
+                    &geo,
+                    pos,
+                    &Mapping::Data {
+                        host,
+                        copied: true,
+                        alloc,
+                        zero: 0,
+                    },
+                )
+                .is_ok() =>
+            {
+                host + start
+            }
             _ => break,
         };
         // Within the request, so it fits the buffer.
@@ -200,7 +214,7 @@ fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset
         run = match run {
             Some((h, a, e)) if h + (e - a) as u64 == host => Some((h, a, e + len as usize)),
             Some((h, a, e)) => {
-                img.file.write(&buf[a..e], h, WriteKind::Data)?;
+                img.data_file().write(&buf[a..e], h, WriteKind::Data)?;
                 Some((host, b, b + len as usize))
             }
             None => Some((host, b, b + len as usize)),
@@ -208,7 +222,7 @@ fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset
         pos += len;
     }
     if let Some((h, a, e)) = run {
-        img.file.write(&buf[a..e], h, WriteKind::Data)?;
+        img.data_file().write(&buf[a..e], h, WriteKind::Data)?;
     }
     Ok(pos.since(offset) as usize)
 }
@@ -298,13 +312,21 @@ fn plan_cluster(
     len: u64,
 ) -> Result<Action> {
     let old = m.lookup(&img.file, pos)?;
+    super::datafile::check_mapping(&img.geo, pos, &old)?;
     let file = &img.file;
-    let mut alloc = || m.rc.alloc(file, 1);
+    let external = img.geo.external_data;
+    let mut alloc = || {
+        if external {
+            Ok(super::datafile::data_cluster(&img.geo, pos))
+        } else {
+            m.rc.alloc(file, 1)
+        }
+    };
     let mut action = decide(&img.geo, old, start, len, &mut alloc)?;
     if let Action::Link { host, zeroed, .. } = &mut action {
         // Decided under the metadata lock for a cluster only this batch may write (freshly
         // allocated, or owned and claimed in flight): it stays true until the batch writes it.
-        *zeroed = file.reads_as_zeros_from(*host);
+        *zeroed = img.data_file().reads_as_zeros_from(*host);
     }
     not_metadata(img, &img.geo, action)
 }
@@ -315,7 +337,7 @@ fn not_metadata(img: &Image, geo: &Geometry, a: Action) -> Result<Action> {
     let host = match a {
         Action::InPlace { host } | Action::Link { host, .. } => host,
     };
-    img.file
+    img.data_file()
         .guard()
         .check_write(host.get(), geo.cluster_size(), None)
         .map(|()| a)
@@ -363,7 +385,8 @@ fn abandon(img: &Image, m: &mut super::meta::Meta, ops: &[Op]) {
                 Ok(cur) => cur.host_cluster() != Some(host),
                 Err(_) => false,
             };
-            if still_unlinked {
+            // Clusters of an external data file have no refcount to give back.
+            if still_unlinked && !img.geo.external_data {
                 let _ = m.rc.update(&img.file, host.cluster(&img.geo), -1);
             }
         }
@@ -424,11 +447,12 @@ fn do_io(img: &Image, buf: &[u8], ops: &[Op]) -> Result<()> {
             }
             // The merged pieces are consecutive sub-slices of `buf`: re-slice it once for one write.
             let start = first.as_ptr() as usize - buf.as_ptr() as usize;
-            img.file
+            img.data_file()
                 .write(&buf[start..start + len], host, WriteKind::Data)?;
             i = j;
         } else {
-            img.file.write(piece.bytes(), host, WriteKind::Data)?;
+            img.data_file()
+                .write(piece.bytes(), host, WriteKind::Data)?;
             i += 1;
         }
     }
@@ -464,7 +488,7 @@ fn fill_is_zero(img: &Image, old: Mapping, first: u32, last: u32) -> bool {
 /// writes the zeros. Ordered like a data write: before the link, made durable by the sync
 /// that precedes the L2 update, so a crash never exposes stale bytes of a reused cluster.
 fn zeros_in_place(img: &Image, t: Target, a: u64, b: u64) -> Result<bool> {
-    Ok(t.zeroed || img.file.zero_range(t.host + a, b - a)?)
+    Ok(t.zeroed || img.data_file().zero_range(t.host + a, b - a)?)
 }
 
 /// Produces the host writes of one cluster being written into `t.host`: runs of subclusters in
@@ -586,7 +610,7 @@ fn fill(
                 out.fill(0);
                 return Ok(());
             };
-            img.file
+            img.data_file()
                 .read_zero_padded(out, h + at, "copy-on-write source")
         }
         SubclusterState::Compressed => {

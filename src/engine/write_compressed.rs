@@ -31,6 +31,7 @@ impl Image {
 
     fn write_compressed_gated(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
+        self.refuse_with_data_file("a compressed write")?;
         let offset = self.check_range(offset, buf.len() as u64)?;
         let cluster = self.whole_cluster(buf, offset)?;
         self.bitmaps.mark(offset.get(), buf.len() as u64);

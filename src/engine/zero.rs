@@ -205,6 +205,8 @@ pub fn write_zeroes_as(
     if offset < mid_start {
         explicit.push((offset, mid_start.since(offset)));
     }
+    // A raw data file must read as the guest disk does: zeros first, then the metadata.
+    img.zero_raw_data(mid_start, mid_end.since(mid_start))?;
     let mut decide = |old: Mapping, a: u64, b: u64| policy.decide(old, a, b);
     explicit.extend(update_clusters(img, mid_start, mid_end, &mut decide)?);
     if mid_end < end {
@@ -222,6 +224,8 @@ pub fn discard(img: &Image, offset: GuestOffset, count: u64) -> Result<()> {
     if start >= end {
         return Ok(());
     }
+    // A raw data file must read as the guest disk does: zeros first, then the metadata.
+    img.zero_raw_data(start, end.since(start))?;
     let has_backing = img.has_backing();
     let target = if has_backing && img.version >= 3 {
         if geo.extended_l2 {

@@ -85,6 +85,8 @@ pub enum EntryError {
     /// Extended L2 bitmap with both bits set for a subcluster, or allocation bits on an
     /// unallocated cluster.
     InvalidBitmap,
+    /// A compressed cluster in an image whose data lives in an external data file.
+    CompressedWithDataFile,
 }
 
 /// An L1 table entry as stored (big-endian on disk, native here).
@@ -201,7 +203,9 @@ impl L2Entry {
             } else {
                 L2Kind::ZeroPlain
             }
-        } else if self.host() == HostOffset::ZERO {
+        } else if self.host() == HostOffset::ZERO && !(geo.external_data && self.copied()) {
+            // With an external data file, offset 0 is guest cluster 0's place; every data
+            // cluster there has the COPIED flag, which tells it from "unallocated".
             L2Kind::Unallocated
         } else {
             L2Kind::Normal
@@ -261,6 +265,7 @@ impl L2Entry {
         let (host, copied) = (self.host(), self.copied());
         let (alloc, zero) = (self.alloc_bits(), self.zero_bits());
         match self.kind(geo) {
+            L2Kind::Compressed if geo.external_data => Err(EntryError::CompressedWithDataFile),
             L2Kind::Compressed => {
                 let c = self.compressed(geo);
                 Ok(Mapping::Compressed {
@@ -481,6 +486,7 @@ mod tests {
             cluster_bits: bits,
             extended_l2: ext,
             refcount_order: 4,
+            external_data: false,
         }
     }
 

@@ -20,6 +20,10 @@ pub struct Geometry {
     pub extended_l2: bool,
     /// log2 of the refcount width in bits (0..=6).
     pub refcount_order: u32,
+    /// Guest data lives in an external data file (incompatible bit 2): a data cluster's host
+    /// offset is its guest offset in that file, so offset 0 with the COPIED flag is guest
+    /// cluster 0 rather than "unallocated", and data clusters have no refcounts.
+    pub external_data: bool,
 }
 
 impl Geometry {
@@ -146,6 +150,7 @@ mod tests {
             cluster_bits: bits,
             extended_l2: ext,
             refcount_order: 4,
+            external_data: false,
         }
     }
 

@@ -65,6 +65,13 @@ pub enum LockMode {
     /// A read-only open that shares everything (QEMU's `force-share=on` / `-U`): coexists with
     /// every other opener, including a writer, and guarantees nothing about consistency.
     ForceShare,
+    /// The external data file of a read-write qcow2 open: uses consistent read, write and
+    /// resize and refuses to share resize, but shares write (QEMU's data child: 100, 101,
+    /// 103, 203).
+    DataReadWrite,
+    /// The external data file of a read-only qcow2 open: consistent read, refuses resize,
+    /// shares write (100, 203).
+    DataReadOnly,
 }
 
 impl LockMode {
@@ -72,7 +79,10 @@ impl LockMode {
     fn perm(self) -> u8 {
         match self {
             LockMode::ReadWrite => PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
-            LockMode::ReadOnly | LockMode::ForceShare => PERM_CONSISTENT_READ,
+            LockMode::ReadOnly | LockMode::ForceShare | LockMode::DataReadOnly => {
+                PERM_CONSISTENT_READ
+            }
+            LockMode::DataReadWrite => PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
         }
     }
 
@@ -81,6 +91,7 @@ impl LockMode {
         match self {
             LockMode::ReadWrite | LockMode::ReadOnly => PERM_WRITE | PERM_RESIZE,
             LockMode::ForceShare => 0,
+            LockMode::DataReadWrite | LockMode::DataReadOnly => PERM_RESIZE,
         }
     }
 

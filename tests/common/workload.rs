@@ -531,6 +531,7 @@ pub fn setup(dir: &TempDir, v: &Variant) -> (PathBuf, RawModel) {
             } else {
                 Preallocation::Off
             },
+            ..Default::default()
         };
         oxcow::create(&p, v.vsize, &o)
             .unwrap_or_else(|e| panic!("oxcow::create {}: {e}", v.name()));

@@ -38,6 +38,7 @@ const (
 
 	CreateLazyRefcounts = uint32(C.OXCOW_CREATE_LAZY_REFCOUNTS)
 	CreateExtendedL2    = uint32(C.OXCOW_CREATE_EXTENDED_L2)
+	CreateDataFileRaw   = uint32(C.OXCOW_CREATE_DATA_FILE_RAW)
 
 	CompressionDeflate = uint32(C.OXCOW_COMPRESSION_DEFLATE)
 	CompressionZstd    = uint32(C.OXCOW_COMPRESSION_ZSTD)
@@ -129,6 +130,7 @@ type CreateOptions struct {
 	Preallocation   uint32
 	BackingFile     string
 	BackingFormat   string
+	DataFile        string
 }
 
 // Create calls oxcow_create. A nil opts means the library defaults.
@@ -153,6 +155,10 @@ func Create(path string, size uint64, opts *CreateOptions) *Err {
 		if opts.BackingFormat != "" {
 			copts.backing_format = C.CString(opts.BackingFormat)
 			defer C.free(unsafe.Pointer(copts.backing_format))
+		}
+		if opts.DataFile != "" {
+			copts.data_file = C.CString(opts.DataFile)
+			defer C.free(unsafe.Pointer(copts.data_file))
 		}
 	}
 	var e *C.oxcow_error

@@ -21,6 +21,9 @@ Options:
                   compression_type=zlib|zstd
                   preallocation=off|metadata
                   backing_file=NAME, backing_fmt=qcow2|raw
+                  data_file=NAME          guest data in this file (v3; relative to the
+                                          current directory, created or truncated)
+                  data_file_raw=on|off    keep the data file a raw image of the disk
                 'help' lists these options
   -b BACKING    backing file name, stored as given (relative names resolve next to FILE)
   -F FMT        backing file format: qcow2 or raw (required with -b)
@@ -31,6 +34,7 @@ Examples:
   oxcow create disk.qcow2 10G
   oxcow create -o cluster_size=2M,lazy_refcounts=on big.qcow2 1T
   oxcow create -b base.qcow2 -F qcow2 overlay.qcow2
+  oxcow create -o data_file=disk.raw,data_file_raw=on disk.qcow2 10G
 ";
 
 const SPECS: &[OptSpec] = &[
@@ -97,6 +101,8 @@ pub fn apply_create_option(o: &mut CreateOptions, kv: &str) -> CliResult<()> {
         }
         "backing_file" => o.backing_file = Some(v.to_string()),
         "backing_fmt" => o.backing_format = Some(backing_format(v)?),
+        "data_file" => o.data_file = Some(v.to_string()),
+        "data_file_raw" => o.data_file_raw = parse_bool(k, v)?,
         "size" => {}
         _ => {
             return Err(CliError::usage(format!(
@@ -146,6 +152,12 @@ pub fn formatting_line(file: &str, size: u64, o: &CreateOptions) -> String {
     if o.version == 2 {
         s.push_str(" compat=0.10");
     }
+    if let Some(d) = &o.data_file {
+        s.push_str(&format!(" data_file={d}"));
+    }
+    if o.data_file_raw {
+        s.push_str(" data_file_raw=on");
+    }
     if o.preallocation == Preallocation::Metadata {
         s.push_str(" preallocation=metadata");
     }
@@ -157,11 +169,28 @@ pub fn formatting_line(file: &str, size: u64, o: &CreateOptions) -> String {
     s
 }
 
+/// qemu-img echoes `data_file_raw=off` when it was given explicitly: insert it after the
+/// data file name in `line` when one of the `-o` lists named it.
+fn echo_explicit_raw_off(line: String, lists: &[String], o: &CreateOptions) -> String {
+    let given = lists
+        .iter()
+        .flat_map(|l| l.split(','))
+        .any(|kv| kv.starts_with("data_file_raw="));
+    match &o.data_file {
+        Some(d) if given && !o.data_file_raw => {
+            let at = format!(" data_file={d}");
+            line.replacen(&at, &format!("{at} data_file_raw=off"), 1)
+        }
+        _ => line,
+    }
+}
+
 /// Runs `oxcow create ARGS`.
 pub fn run(args: &[String]) -> CliResult<()> {
     let mut o = CreateOptions::default();
     let mut quiet = false;
     let mut pos = Vec::new();
+    let mut lists = Vec::new();
     for a in scan("create", args, SPECS)? {
         match a {
             Arg::Opt("-f", Some(f)) => crate::require_qcow2("create", &f)?,
@@ -169,6 +198,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
                 if apply_create_options(&mut o, &l)? {
                     return Ok(());
                 }
+                lists.push(l);
             }
             Arg::Opt("-b", Some(b)) => o.backing_file = Some(b),
             Arg::Opt("-F", Some(f)) => o.backing_format = Some(backing_format(&f)?),
@@ -210,7 +240,8 @@ pub fn run(args: &[String]) -> CliResult<()> {
         } else {
             size
         };
-        println!("{}", formatting_line(file, size, &o));
+        let line = formatting_line(file, size, &o);
+        println!("{}", echo_explicit_raw_off(line, &lists, &o));
     }
     Ok(())
 }

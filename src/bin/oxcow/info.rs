@@ -238,6 +238,10 @@ fn to_json(d: &Described) -> Obj {
         data.list("bitmaps", list);
     }
     data.num("refcount-bits", i.refcount_bits as u64);
+    if let Some(f) = &i.data_file {
+        data.str("data-file", f);
+        data.bool("data-file-raw", i.data_file_raw);
+    }
     if i.version >= 3 {
         data.bool("corrupt", i.corrupt);
         data.bool("extended-l2", i.extended_l2);
@@ -356,6 +360,10 @@ fn print_human(d: &Described) {
         }
     }
     println!("    refcount bits: {}", i.refcount_bits);
+    if let Some(f) = &i.data_file {
+        println!("    data file: {f}");
+        println!("    data file raw: {}", i.data_file_raw);
+    }
     if i.version >= 3 {
         println!("    corrupt: {}", i.corrupt);
         println!("    extended l2: {}", i.extended_l2);

@@ -628,8 +628,14 @@ impl Checker<'_> {
             if !matches!(e.kind(&geo), L2Kind::Normal | L2Kind::ZeroAlloc) {
                 continue;
             }
-            let Some(rc) = self.disk_refcount(e.host().cluster(&geo))? else {
-                continue;
+            // A cluster of an external data file is owned by this image alone.
+            let rc = if geo.external_data {
+                1
+            } else {
+                match self.disk_refcount(e.host().cluster(&geo))? {
+                    Some(rc) => rc,
+                    None => continue,
+                }
             };
             if (rc == 1) != e.copied() {
                 res.corruptions += 1;

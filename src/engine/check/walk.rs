@@ -443,7 +443,10 @@ impl<'a> Checker<'a> {
                             }
                             next_contiguous = Some(host + geo.cluster_size());
                         }
-                        self.inc(res, host, geo.cluster_size())?;
+                        // Clusters of an external data file are not refcounted.
+                        if !geo.external_data {
+                            self.inc(res, host, geo.cluster_size())?;
+                        }
                     }
                 }
                 L2Kind::ZeroPlain => {}
@@ -470,6 +473,14 @@ impl<'a> Checker<'a> {
         active: bool,
     ) -> Result<()> {
         let c = e.compressed(&self.geo);
+        if self.geo.external_data {
+            self.msg(format!(
+                "ERROR compressed cluster {index} with data file, entry={:#x}",
+                e.word0
+            ));
+            res.corruptions += 1;
+            return Ok(());
+        }
         if e.copied() {
             self.msg(format!(
                 "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",

@@ -107,6 +107,7 @@ impl Image {
     /// QEMU fails with EINVAL too), I/O errors.
     pub fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
         self.check_writable()?;
+        self.refuse_with_data_file("an internal snapshot")?;
         if name.is_empty() || name.len() > MAX_NAME_LEN || name.contains('\0') {
             return Err(Error::invalid(format!(
                 "snapshot name must be 1 to {MAX_NAME_LEN} bytes long, without NUL bytes"

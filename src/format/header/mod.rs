@@ -148,7 +148,19 @@ impl Header {
             cluster_bits: self.cluster_bits,
             extended_l2: self.incompatible_features & INCOMPAT_EXTL2 != 0,
             refcount_order: self.refcount_order,
+            external_data: self.has_data_file(),
         }
+    }
+
+    /// Whether guest data lives in an external data file (incompatible bit 2).
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & INCOMPAT_DATA_FILE != 0
+    }
+
+    /// Whether the external data file is declared a valid raw image of the guest disk
+    /// (autoclear bit 1; meaningful only with [`Self::has_data_file`]).
+    pub fn data_file_raw(&self) -> bool {
+        self.has_data_file() && self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
     }
 
     /// Cluster size in bytes.
@@ -281,12 +293,7 @@ impl Header {
                 unknown
             );
         }
-        if self.incompatible_features & INCOMPAT_DATA_FILE != 0 {
-            return unsupported!(
-                "Unsupported qcow2 feature(s): external data file (not supported by oxcow yet)"
-            );
-        }
-        if self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
+        if self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 && !self.has_data_file() {
             return corrupt!("data-file-raw requires a data file");
         }
         if self.crypt_method != 0 {
@@ -575,6 +582,19 @@ mod tests {
     }
 
     #[test]
+    fn data_file_header_parses_back_with_its_name_and_raw_bit() {
+        let mut h = base();
+        h.backing_file = None;
+        h.backing_format = None;
+        h.incompatible_features = INCOMPAT_DATA_FILE;
+        h.autoclear_features = AUTOCLEAR_DATA_FILE_RAW;
+        h.data_file = Some(b"disk.raw".to_vec());
+        let back = Header::parse(&h.to_cluster0().unwrap()).unwrap();
+        assert_eq!(back, h);
+        assert!(back.geometry().external_data && back.data_file_raw());
+    }
+
+    #[test]
     fn bad_magic_is_not_qcow2() {
         let mut b = base().to_cluster0().unwrap();
         b[0] = 0;
@@ -623,8 +643,8 @@ mod tests {
             (|h| h.refcount_order = 7, "Reference count entry width"),
             (|h| h.crypt_method = 1, "Encrypted"),
             (
-                |h| h.incompatible_features = INCOMPAT_DATA_FILE,
-                "external data file",
+                |h| h.autoclear_features = AUTOCLEAR_DATA_FILE_RAW,
+                "data-file-raw requires a data file",
             ),
             (|h| h.compression_type = 1, "feature bit must be set"),
             (
