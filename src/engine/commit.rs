@@ -19,6 +19,7 @@
 
 use super::backing::{resolve, Backing};
 use super::bitmap::bits::DirtyBits;
+use super::check::{self, CheckFix};
 use super::{Image, MAX_BACKING_DEPTH};
 use crate::error::{invalid, Error, ErrorKind, Result};
 use crate::options::{EXTENT_ALLOCATED, EXTENT_ZERO};
@@ -118,7 +119,8 @@ impl Image {
         chain.base.flush()?;
         // A reopen to read-only may have happened meanwhile: then the top stays as it is.
         self.check_writable()?;
-        self.empty_top()
+        self.empty_top()?;
+        self.trim_top()
     }
 
     /// Finds the base (and the images in between) in the backing chain.
@@ -227,6 +229,52 @@ impl Image {
             m.drop_l2_table(&self.file, i)?;
         }
         m.writeback(&self.file)
+    }
+}
+
+impl Image {
+    /// Gives the emptied top's free tail back to the host, as qemu-img does for a version-3
+    /// image without snapshots or bitmaps (it rewrites such an image to its bare structures):
+    /// the file then ends after its last allocated cluster. Only for an image that checks
+    /// clean (a lazy-refcounts image still dirty keeps its length), and only once no reader
+    /// can still read a dropped cluster.
+    fn trim_top(&self) -> Result<()> {
+        if self.version < 3 || !self.snapshots().is_empty() || !self.bitmap_directory()?.is_empty()
+        {
+            return Ok(());
+        }
+        if !self.wait_readers_of_freed() {
+            return Ok(());
+        }
+        let m = self.lock_meta();
+        let report = check::check_file(&self.file, m.header.clone(), CheckFix::None, None).0?;
+        if report.corruptions + report.leaks + report.check_errors != 0 {
+            return Ok(());
+        }
+        if report.image_end_offset < self.file.len()? {
+            self.file.set_len(report.image_end_offset)?;
+            self.file.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Waits (at most about ten seconds) until every request that started before now has
+    /// finished, so that clusters freed so far are read by nobody; false on timeout.
+    fn wait_readers_of_freed(&self) -> bool {
+        let grace = self.file.grace();
+        let tag = grace.current();
+        for _ in 0..10_000 {
+            if grace.drained(tag) {
+                return true;
+            }
+            {
+                // Advances are serialised under the metadata lock.
+                let _m = self.lock_meta();
+                grace.try_advance();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        false
     }
 }
 
