@@ -414,3 +414,18 @@ fn commit_of_a_top_with_an_internal_snapshot_and_a_bitmap_matches_qemu_img() {
         read_file(&t.o.join("s1.raw"))
     );
 }
+
+#[test]
+fn commit_through_a_shorter_middle_image_zeroes_what_the_top_reads_as_zeros() {
+    // The top reads zeros past the middle image's end, over base data: the base gets zeros.
+    let t = twin("commit-short-mid", THREE, |d| {
+        create(d, "base.qcow2", "4M", None, "");
+        io(d, "base.qcow2", "qcow2", &["write -P 0x11 0 4M"]);
+        create(d, "mid.qcow2", "2M", Some(("base.qcow2", "qcow2")), "");
+        create(d, "top.qcow2", "4M", Some(("mid.qcow2", "qcow2")), "");
+        io(d, "top.qcow2", "qcow2", &["write -P 0x33 3M 64k"]);
+    });
+    run_both(&t, Some("base.qcow2"), false);
+    let b = qemu_to_raw(&t.o.join("base.qcow2"), "qcow2", &t._dir);
+    assert!(b[2 << 20..3 << 20].iter().all(|&x| x == 0));
+}
