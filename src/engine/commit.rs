@@ -81,7 +81,13 @@ impl Image {
         let r = self.commit_into(&chain, empty_top, opts.progress);
         // Read-only again in every case: this also makes what was written durable.
         let back = chain.base.set_writable(false);
-        self.finish(r.and(back))
+        let r = r.and(back);
+        let r = if empty_top {
+            r.and_then(|()| self.trim_top())
+        } else {
+            r
+        };
+        self.finish(r)
     }
 
     /// The copy with the base open read-write; the top emptied last when `empty_top`.
@@ -119,8 +125,7 @@ impl Image {
         chain.base.flush()?;
         // A reopen to read-only may have happened meanwhile: then the top stays as it is.
         self.check_writable()?;
-        self.empty_top()?;
-        self.trim_top()
+        self.empty_top()
     }
 
     /// Finds the base (and the images in between) in the backing chain.
@@ -236,8 +241,9 @@ impl Image {
     /// Gives the emptied top's free tail back to the host, as qemu-img does for a version-3
     /// image without snapshots or bitmaps (it rewrites such an image to its bare structures):
     /// the file then ends after its last allocated cluster. Only for an image that checks
-    /// clean (a lazy-refcounts image still dirty keeps its length), and only once no reader
-    /// can still read a dropped cluster.
+    /// clean (a lazy-refcounts image still dirty keeps its length), and only once no request
+    /// can still read a dropped cluster. Called with writers free to run (a writer waiting
+    /// for the gate holds its request open), then quiesces them for the cut.
     fn trim_top(&self) -> Result<()> {
         if self.version < 3 || !self.snapshots().is_empty() || !self.bitmap_directory()?.is_empty()
         {
@@ -246,7 +252,13 @@ impl Image {
         if !self.wait_readers_of_freed() {
             return Ok(());
         }
-        let m = self.lock_meta();
+        let _gate = self.io.quiesce();
+        while self.inflight.claims() > 0 {
+            self.inflight.wait_idle();
+        }
+        let mut m = self.lock_meta();
+        // The check reads the file: everything allocated since the emptying is on disk first.
+        m.writeback(&self.file)?;
         let report = check::check_file(&self.file, m.header.clone(), CheckFix::None, None).0?;
         if report.corruptions + report.leaks + report.check_errors != 0 {
             return Ok(());
