@@ -18,7 +18,7 @@ const BLK: u64 = 4096;
 fn block(tag: u64, off: u64) -> Vec<u8> {
     let mut b = vec![0u8; BLK as usize];
     for (i, x) in b.iter_mut().enumerate() {
-        *x = (tag.wrapping_mul(31) ^ (off + i as u64) / 7) as u8 | 1;
+        *x = (tag.wrapping_mul(31) ^ ((off + i as u64) / 7)) as u8 | 1;
     }
     b
 }
