@@ -8,7 +8,9 @@
 //! left alone. The base is flushed and reopened read-only. Only then, and only when the commit
 //! goes into the direct backing file without `keep_top` (qemu-img's default; a named base
 //! implies `-d`, as in qemu-img), the top is emptied: every mapping is dropped so it reads
-//! through to the base, which now holds the same bytes.
+//! through to the base, which now holds the same bytes. Where qemu-img rewrites the emptied
+//! top to its bare structures (version 3, no snapshots, no bitmaps), the file is cut after its
+//! last allocated cluster, so it ends up as long as qemu-img leaves it.
 //!
 //! Guest writes continue during the copy and go to the top. When the top is emptied, the
 //! ranges written meanwhile are recorded and copied again with writers quiesced just before
