@@ -28,14 +28,21 @@ fn qemu_io_holding(path: &Path) -> Child {
     let mut child = Command::new("qemu-io")
         .args(["-r", "-f", "qcow2", "-c", "sleep 60000", path_str(path)])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn qemu-io");
     // Wait until it holds its locks (more OFD locks on the file than before).
     let before = locks_on(path);
-    for _ in 0..500 {
+    // Generous: the machine may be busy.
+    for _ in 0..3000 {
         if locks_on(path) > before {
             return child;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "qemu-io exited ({status}) before locking {}",
+                path.display()
+            );
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

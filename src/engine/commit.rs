@@ -8,7 +8,9 @@
 //! left alone. The base is flushed and reopened read-only. Only then, and only when the commit
 //! goes into the direct backing file without `keep_top` (qemu-img's default; a named base
 //! implies `-d`, as in qemu-img), the top is emptied: every mapping is dropped so it reads
-//! through to the base, which now holds the same bytes.
+//! through to the base, which now holds the same bytes. Where qemu-img rewrites the emptied
+//! top to its bare structures (version 3, no snapshots, no bitmaps), the file is cut after its
+//! last allocated cluster, so it ends up as long as qemu-img leaves it.
 //!
 //! Guest writes continue during the copy and go to the top. When the top is emptied, the
 //! ranges written meanwhile are recorded and copied again with writers quiesced just before
@@ -19,6 +21,7 @@
 
 use super::backing::{resolve, Backing};
 use super::bitmap::bits::DirtyBits;
+use super::check::{self, CheckFix};
 use super::{Image, MAX_BACKING_DEPTH};
 use crate::error::{invalid, Error, ErrorKind, Result};
 use crate::options::{EXTENT_ALLOCATED, EXTENT_ZERO};
@@ -80,7 +83,13 @@ impl Image {
         let r = self.commit_into(&chain, empty_top, opts.progress);
         // Read-only again in every case: this also makes what was written durable.
         let back = chain.base.set_writable(false);
-        self.finish(r.and(back))
+        let r = r.and(back);
+        let r = if empty_top {
+            r.and_then(|()| self.trim_top())
+        } else {
+            r
+        };
+        self.finish(r)
     }
 
     /// The copy with the base open read-write; the top emptied last when `empty_top`.
@@ -227,6 +236,59 @@ impl Image {
             m.drop_l2_table(&self.file, i)?;
         }
         m.writeback(&self.file)
+    }
+}
+
+impl Image {
+    /// Gives the emptied top's free tail back to the host, as qemu-img does for a version-3
+    /// image without snapshots or bitmaps (it rewrites such an image to its bare structures):
+    /// the file then ends after its last allocated cluster. Only for an image that checks
+    /// clean (a lazy-refcounts image still dirty keeps its length), and only once no request
+    /// can still read a dropped cluster. Called with writers free to run (a writer waiting
+    /// for the gate holds its request open), then quiesces them for the cut.
+    fn trim_top(&self) -> Result<()> {
+        if self.version < 3 || !self.snapshots().is_empty() || !self.bitmap_directory()?.is_empty()
+        {
+            return Ok(());
+        }
+        if !self.wait_readers_of_freed() {
+            return Ok(());
+        }
+        let _gate = self.io.quiesce();
+        while self.inflight.claims() > 0 {
+            self.inflight.wait_idle();
+        }
+        let mut m = self.lock_meta();
+        // The check reads the file: everything allocated since the emptying is on disk first.
+        m.writeback(&self.file)?;
+        let report = check::check_file(&self.file, m.header.clone(), CheckFix::None, None).0?;
+        if report.corruptions + report.leaks + report.check_errors != 0 {
+            return Ok(());
+        }
+        if report.image_end_offset < self.file.len()? {
+            self.file.set_len(report.image_end_offset)?;
+            self.file.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Waits (at most about ten seconds) until every request that started before now has
+    /// finished, so that clusters freed so far are read by nobody; false on timeout.
+    fn wait_readers_of_freed(&self) -> bool {
+        let grace = self.file.grace();
+        let tag = grace.current();
+        for _ in 0..10_000 {
+            if grace.drained(tag) {
+                return true;
+            }
+            {
+                // Advances are serialised under the metadata lock.
+                let _m = self.lock_meta();
+                grace.try_advance();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        false
     }
 }
 
