@@ -37,8 +37,11 @@ fn compat_downgrade_and_upgrade_like_qemu_img() {
         "compat=1.1,lazy_refcounts=on,refcount_bits=2",
     );
     let over_backing = "qemu-img create -q -f qcow2 b.qcow2 1M
+        qemu-io -c 'write -P 7 0 1M' b.qcow2 >/dev/null
         qemu-img create -q -f qcow2 -b b.qcow2 -F qcow2 top.qcow2 1M
-        qemu-io -c 'write -P 1 0 64k' top.qcow2 >/dev/null";
+        qemu-io -c 'write -P 1 0 64k' -c 'write -z 128k 64k' top.qcow2 >/dev/null
+        qemu-img snapshot -c s1 top.qcow2
+        qemu-io -c 'write -z 512k 128k' top.qcow2 >/dev/null";
     same("am-down-backing", over_backing, "compat=0.10");
     let zstd = "qemu-img create -q -f qcow2 -o compression_type=zstd top.qcow2 1M";
     same("am-down-zstd", zstd, "compat=0.10");

@@ -35,9 +35,10 @@ pub struct AmendOptions {
 /// refcount width that is not a power of two up to 64, lazy refcounts or a width other than
 /// 16 on version 2, a downgrade with a width other than 16, a narrower width than a cluster's
 /// refcount needs; -ENOTSUP for a downgrade of an image with incompatible features other
-/// than zstd compression without compressed clusters, with persistent bitmaps, with zero
-/// clusters over a backing file or shared zero-allocated clusters (QEMU allocates or leaks
-/// there; oxcow refuses), or whose refcounts would need more than 2^25 clusters in memory.
+/// than zstd compression without compressed clusters, with persistent bitmaps or with
+/// shared zero-allocated clusters (QEMU 10 leaks, or breaks a snapshot, there; oxcow
+/// refuses), or whose refcounts would need more than 2^25 clusters in memory. A downgrade
+/// gives zero clusters over a backing file new clusters of zeros, as QEMU does.
 /// -EUCLEAN for a corrupt image; -EIO/-ENOSPC from the host file.
 pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
     let name = path.display().to_string();
