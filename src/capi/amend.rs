@@ -57,6 +57,7 @@ fn convert(o: &oxcow_amend_options) -> CResult<AmendOptions> {
         version: some(o.version),
         refcount_bits: some(o.refcount_bits),
         lazy_refcounts: lazy,
+        size: None,
     })
 }
 

@@ -26,6 +26,9 @@ pub struct AmendOptions {
     pub lazy_refcounts: Option<bool>,
     /// Refcount entry width in bits: a power of two up to 64 (not 16: version 3 only).
     pub refcount_bits: Option<u32>,
+    /// New virtual size in bytes (a multiple of 512; smaller sizes shrink, as QEMU's
+    /// amend does), applied through [`crate::Image::resize`] after the other changes.
+    pub size: Option<u64>,
 }
 
 /// Changes the format options of the qcow2 image at `path` like `qemu-img amend -o` (QEMU
@@ -46,7 +49,18 @@ pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
         PosixFile::open(path, true, false).map_err(|e| Error::io(format!("opening {name}"), e))?;
     posix.lock(&name, LockMode::ReadWrite)?;
     let file = HostFile::new(Arc::new(posix), name.clone());
-    amend_file(&file, opts).map_err(|e| e.with_file(&name))
+    amend_file(&file, opts).map_err(|e| e.with_file(&name))?;
+    drop(file); // releases the lock for the resizing open
+    if let Some(size) = opts.size {
+        let rw = crate::OpenOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let img = super::Image::open(path, &rw)?;
+        img.resize(size, true)?;
+        img.close()?;
+    }
+    Ok(())
 }
 
 /// [`amend`] on an opened and locked host file (tests use simulated files).
@@ -58,6 +72,9 @@ pub(super) fn amend_file(file: &HostFile, opts: &AmendOptions) -> Result<()> {
     let target = opts.version.unwrap_or(h.version);
     let bits = opts.refcount_bits.unwrap_or(h.geometry().refcount_bits());
     validate(&h, opts, target, bits)?;
+    if opts.size.is_some_and(|s| s % 512 != 0) {
+        return invalid!("The new size must be a multiple of 512");
+    }
     if target > h.version {
         h = rewrite_header(file, upgrade)?;
     }

@@ -114,6 +114,7 @@ fn amend_crash_points_leave_the_old_or_the_new_image() {
         version: Some(3),
         refcount_bits: Some(8),
         lazy_refcounts: Some(true),
+        size: None,
     };
     let v2 = format!("{SETUP_ALONE}\nqemu-img amend -o compat=0.10 top.qcow2");
     amend_crash("amend-v3", &v2, both);
