@@ -157,11 +157,73 @@ static void test_arguments(void) {
     CHECK(run("qemu-img info '%s' | grep -q 'backing file: old.qcow2'", top) == 0);
 }
 
+/* oxcow_amend(): refcount width and version changes match qemu-img's view, keep the
+ * content, and the refusals change nothing. */
+static void test_amend(void) {
+    const char *dir = scratch_dir();
+    char top[4096], out[4096];
+    struct oxcow_amend_options o;
+    oxcow_error *err = NULL;
+    oxcow_image *img;
+    snprintf(top, sizeof top, "%s/a.qcow2", dir);
+    REQUIRE(run("cd '%s' && qemu-img create -q -f qcow2 a.qcow2 4M && "
+                "qemu-io -c 'write -P 0x11 0 1M' -c 'write -z 1M 64k' a.qcow2 >/dev/null && "
+                "qemu-img snapshot -c s1 a.qcow2 && cp a.qcow2 ref.qcow2",
+                dir) == 0);
+    oxcow_amend_options_init(&o);
+    o.refcount_bits = 64;
+    o.lazy_refcounts = OXCOW_AMEND_LAZY_ON;
+    CHECK_EQ(oxcow_amend(top, &o, NULL), 0);
+    CHECK_EQ(qemu_check(top), 0);
+    CHECK(capture(out, sizeof out, "qemu-img info '%s'", top) == 0);
+    CHECK(strstr(out, "refcount bits: 64") != NULL);
+    CHECK(strstr(out, "lazy refcounts: true") != NULL);
+    /* A downgrade needs 16-bit refcounts: refused, nothing changed. */
+    oxcow_amend_options_init(&o);
+    o.version = 2;
+    CHECK_ERR(oxcow_amend(top, &o, &err), err, EINVAL);
+    err = NULL;
+    o.refcount_bits = 16;
+    CHECK_EQ(oxcow_amend(top, &o, NULL), 0);
+    CHECK_EQ(qemu_check(top), 0);
+    CHECK(capture(out, sizeof out, "qemu-img info '%s'", top) == 0);
+    CHECK(strstr(out, "compat: 0.10") != NULL);
+    CHECK(run("qemu-img compare -q '%s' '%s/ref.qcow2'", top, dir) == 0);
+    /* Arguments and refusals. */
+    oxcow_amend_options_init(&o);
+    CHECK_ERR(oxcow_amend(NULL, &o, &err), err, EINVAL);
+    err = NULL;
+    CHECK_ERR(oxcow_amend(top, NULL, &err), err, EINVAL);
+    err = NULL;
+    o.lazy_refcounts = 7;
+    CHECK_ERR(oxcow_amend(top, &o, &err), err, EINVAL);
+    err = NULL;
+    oxcow_amend_options_init(&o);
+    o.lazy_refcounts = OXCOW_AMEND_LAZY_ON;
+    CHECK_ERR(oxcow_amend(top, &o, &err), err, EINVAL); /* version 2 */
+    err = NULL;
+    o.lazy_refcounts = OXCOW_AMEND_LAZY_KEEP;
+    o.refcount_bits = 3;
+    CHECK_ERR(oxcow_amend(top, &o, &err), err, EINVAL);
+    err = NULL;
+    img = open_image(top, OXCOW_OPEN_RDWR);
+    REQUIRE(img != NULL);
+    oxcow_amend_options_init(&o);
+    o.version = 3;
+    CHECK_ERR(oxcow_amend(top, &o, &err), err, EAGAIN);
+    err = NULL;
+    CHECK_EQ(oxcow_close(img), 0);
+    CHECK_EQ(oxcow_amend(top, &o, NULL), 0);
+    CHECK_EQ(qemu_check(top), 0);
+    CHECK(run("qemu-img compare -q '%s' '%s/ref.qcow2'", top, dir) == 0);
+}
+
 int main(int argc, char **argv) {
     static const struct test_case tests[] = {
         {"safe_live", test_safe_live},
         {"unsafe", test_unsafe},
         {"arguments", test_arguments},
+        {"amend", test_amend},
     };
     return run_tests(tests, sizeof tests / sizeof tests[0], argc, argv);
 }

@@ -30,6 +30,21 @@
 #define OXCOW_VERSION_NUMBER (OXCOW_VERSION_MAJOR * 10000 + OXCOW_VERSION_MINOR * 100 + OXCOW_VERSION_PATCH)
 
 /**
+ * oxcow_amend_options.lazy_refcounts: keep the current setting.
+ */
+#define OXCOW_AMEND_LAZY_KEEP 0
+
+/**
+ * oxcow_amend_options.lazy_refcounts: turn lazy refcounts off.
+ */
+#define OXCOW_AMEND_LAZY_OFF 1
+
+/**
+ * oxcow_amend_options.lazy_refcounts: turn lazy refcounts on (version 3 only).
+ */
+#define OXCOW_AMEND_LAZY_ON 2
+
+/**
  * oxcow_bitmap_add() flag: create the bitmap disabled (not recording guest writes), like
  * `qemu-img bitmap --add --disable`. A bit of its own, distinct from the OXCOW_BITMAP_*
  * state flags of oxcow_bitmap_info, so that passing a state flag to oxcow_bitmap_add() is
@@ -316,6 +331,29 @@ typedef struct oxcow_error oxcow_error;
  * threads may use one handle at once, except that oxcow_close() must not race other calls.
  */
 typedef struct oxcow_image oxcow_image;
+
+/**
+ * What oxcow_amend() changes. Initialise with oxcow_amend_options_init() (which keeps
+ * everything), then set the fields to change. Zero in a field means "keep".
+ */
+typedef struct oxcow_amend_options {
+    /**
+     * sizeof(oxcow_amend_options) as the caller knows it; set by the _init function.
+     */
+    uint32_t struct_size;
+    /**
+     * qcow2 version to convert to: 2 (compat=0.10) or 3 (compat=1.1); 0 keeps it.
+     */
+    uint32_t version;
+    /**
+     * Refcount width in bits: a power of two up to 64 (not 16: version 3); 0 keeps it.
+     */
+    uint32_t refcount_bits;
+    /**
+     * OXCOW_AMEND_LAZY_* value.
+     */
+    uint32_t lazy_refcounts;
+} oxcow_amend_options;
 
 /**
  * One persistent bitmap, as oxcow_bitmap_list() reports it.
@@ -670,6 +708,34 @@ typedef struct oxcow_snapshot_info {
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * Fills `*opts` with "change nothing" and sets `struct_size`. NULL is a no-op.
+ *
+ * # Safety
+ * `opts` is NULL or points to writable memory for one `oxcow_amend_options`.
+ */
+void oxcow_amend_options_init(struct oxcow_amend_options *opts);
+
+/**
+ * Changes format options of the qcow2 image at `path` like `qemu-img amend -o` (QEMU 10):
+ * the version (compat 0.10 <-> 1.1), lazy refcounts and the refcount width. The image must
+ * not be open anywhere (this call opens and locks it read-write; a dirty lazy-refcounts
+ * image is repaired first). Each step is crash-safe: a crash leaves the image before or
+ * after it, at worst with leaked clusters; the guest content never changes.
+ *
+ * Returns 0, or -EINVAL (NULL/empty path or options, a short struct_size, unknown values,
+ * QEMU's refusals: an unknown version, a width that is not a power of two up to 64, lazy
+ * refcounts or a width other than 16 on version 2, a width too narrow for a refcount),
+ * -ENOTSUP (a downgrade of an image with extended L2 entries, zstd-compressed clusters,
+ * persistent bitmaps or shared zero-allocated clusters), -EAGAIN (the image is in use),
+ * -EUCLEAN (a corrupt image), -ENOENT, -EIO, -ENOSPC.
+ *
+ * # Safety
+ * `path` is NULL or a NUL-terminated string; `opts` is NULL or points to an initialised
+ * `oxcow_amend_options`; `err` is NULL or valid for writing one pointer.
+ */
+int oxcow_amend(const char *path, const struct oxcow_amend_options *opts, struct oxcow_error **err);
 
 /**
  * Adds an empty persistent bitmap `name` that records guest writes from now on (stored with

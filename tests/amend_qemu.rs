@@ -37,8 +37,11 @@ fn compat_downgrade_and_upgrade_like_qemu_img() {
         "compat=1.1,lazy_refcounts=on,refcount_bits=2",
     );
     let over_backing = "qemu-img create -q -f qcow2 b.qcow2 1M
+        qemu-io -c 'write -P 7 0 1M' b.qcow2 >/dev/null
         qemu-img create -q -f qcow2 -b b.qcow2 -F qcow2 top.qcow2 1M
-        qemu-io -c 'write -P 1 0 64k' top.qcow2 >/dev/null";
+        qemu-io -c 'write -P 1 0 64k' -c 'write -z 128k 64k' top.qcow2 >/dev/null
+        qemu-img snapshot -c s1 top.qcow2
+        qemu-io -c 'write -z 512k 128k' top.qcow2 >/dev/null";
     same("am-down-backing", over_backing, "compat=0.10");
     let zstd = "qemu-img create -q -f qcow2 -o compression_type=zstd top.qcow2 1M";
     same("am-down-zstd", zstd, "compat=0.10");
@@ -65,11 +68,23 @@ fn lazy_refcounts_on_and_off_like_qemu_img() {
 }
 
 #[test]
+fn size_grows_and_shrinks_like_qemu_img() {
+    let setup = "qemu-img create -q -f qcow2 top.qcow2 4M
+        qemu-io -c 'write -P 1 1M 64k' -c 'write -P 2 3M 64k' top.qcow2 >/dev/null";
+    for opts in ["size=2M", "size=8M", "size=8M,refcount_bits=32"] {
+        let o = both("am-size", setup, "amend", &["-o", opts]);
+        assert_eq!(o.oxcow.code, 0, "{opts}: {}", o.oxcow.all());
+        o.assert_same_images();
+    }
+}
+
+#[test]
 fn refusals_match_qemu_img_and_change_nothing() {
     let cases: &[(&str, &str)] = &[
         (V3, "refcount_bits=1"), // the snapshot's clusters have refcount 2
         (V3, "refcount_bits=3"),
         (V3, "compat=2"),
+        (V3, "size=8000001"),
         (V3, "foo=1"),
         (V3, "cluster_size=4k"),
         (V3, "backing_file=x.qcow2"),

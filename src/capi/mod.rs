@@ -11,6 +11,7 @@
 // The C names (oxcow_image, oxcow_info, ...) are the ABI; keep them as they are.
 #![allow(non_camel_case_types)]
 
+pub mod amend;
 pub mod bitmap;
 pub mod check;
 pub mod commit;
@@ -24,6 +25,10 @@ pub mod types;
 mod util;
 pub mod version;
 
+pub use amend::{
+    oxcow_amend, oxcow_amend_options, oxcow_amend_options_init, OXCOW_AMEND_LAZY_KEEP,
+    OXCOW_AMEND_LAZY_OFF, OXCOW_AMEND_LAZY_ON,
+};
 pub use bitmap::{
     oxcow_bitmap_add, oxcow_bitmap_clear, oxcow_bitmap_disable, oxcow_bitmap_enable,
     oxcow_bitmap_info, oxcow_bitmap_list, oxcow_bitmap_merge, oxcow_bitmap_remove,

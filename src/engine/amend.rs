@@ -26,6 +26,9 @@ pub struct AmendOptions {
     pub lazy_refcounts: Option<bool>,
     /// Refcount entry width in bits: a power of two up to 64 (not 16: version 3 only).
     pub refcount_bits: Option<u32>,
+    /// New virtual size in bytes (a multiple of 512; smaller sizes shrink, as QEMU's
+    /// amend does), applied through [`crate::Image::resize`] after the other changes.
+    pub size: Option<u64>,
 }
 
 /// Changes the format options of the qcow2 image at `path` like `qemu-img amend -o` (QEMU
@@ -35,9 +38,10 @@ pub struct AmendOptions {
 /// refcount width that is not a power of two up to 64, lazy refcounts or a width other than
 /// 16 on version 2, a downgrade with a width other than 16, a narrower width than a cluster's
 /// refcount needs; -ENOTSUP for a downgrade of an image with incompatible features other
-/// than zstd compression without compressed clusters, with persistent bitmaps, with zero
-/// clusters over a backing file or shared zero-allocated clusters (QEMU allocates or leaks
-/// there; oxcow refuses), or whose refcounts would need more than 2^25 clusters in memory.
+/// than zstd compression without compressed clusters, with persistent bitmaps or with
+/// shared zero-allocated clusters (QEMU 10 leaks, or breaks a snapshot, there; oxcow
+/// refuses), or whose refcounts would need more than 2^25 clusters in memory. A downgrade
+/// gives zero clusters over a backing file new clusters of zeros, as QEMU does.
 /// -EUCLEAN for a corrupt image; -EIO/-ENOSPC from the host file.
 pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
     let name = path.display().to_string();
@@ -45,7 +49,18 @@ pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
         PosixFile::open(path, true, false).map_err(|e| Error::io(format!("opening {name}"), e))?;
     posix.lock(&name, LockMode::ReadWrite)?;
     let file = HostFile::new(Arc::new(posix), name.clone());
-    amend_file(&file, opts).map_err(|e| e.with_file(&name))
+    amend_file(&file, opts).map_err(|e| e.with_file(&name))?;
+    drop(file); // releases the lock for the resizing open
+    if let Some(size) = opts.size {
+        let rw = crate::OpenOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let img = super::Image::open(path, &rw)?;
+        img.resize(size, true)?;
+        img.close()?;
+    }
+    Ok(())
 }
 
 /// [`amend`] on an opened and locked host file (tests use simulated files).
@@ -57,6 +72,9 @@ pub(super) fn amend_file(file: &HostFile, opts: &AmendOptions) -> Result<()> {
     let target = opts.version.unwrap_or(h.version);
     let bits = opts.refcount_bits.unwrap_or(h.geometry().refcount_bits());
     validate(&h, opts, target, bits)?;
+    if opts.size.is_some_and(|s| s % 512 != 0) {
+        return invalid!("The new size must be a multiple of 512");
+    }
     if target > h.version {
         h = rewrite_header(file, upgrade)?;
     }

@@ -102,10 +102,19 @@ fn amend_crash_points_leave_the_old_or_the_new_image() {
         ..Default::default()
     };
     amend_crash("amend-v2", SETUP_ALONE, compat(2));
+    // Zero clusters over a backing file, in a table shared with a snapshot and not.
+    let zeros = "qemu-img create -q -f qcow2 old.qcow2 2M
+        qemu-io -c 'write -P 1 0 2M' old.qcow2 >/dev/null
+        qemu-img create -q -f qcow2 -b old.qcow2 -F qcow2 top.qcow2
+        qemu-io -c 'write -P 3 0 64k' -c 'write -z 128k 64k' top.qcow2 >/dev/null
+        qemu-img snapshot -c s1 top.qcow2
+        qemu-io -c 'write -z 1M 128k' top.qcow2 >/dev/null";
+    amend_crash("amend-v2-backing", zeros, compat(2));
     let both = AmendOptions {
         version: Some(3),
         refcount_bits: Some(8),
         lazy_refcounts: Some(true),
+        size: None,
     };
     let v2 = format!("{SETUP_ALONE}\nqemu-img amend -o compat=0.10 top.qcow2");
     amend_crash("amend-v3", &v2, both);

@@ -75,10 +75,7 @@ fn too_big<T>(clusters: u64) -> Result<T> {
 /// documentation).
 pub(super) fn change_refcount_order(file: &HostFile, h: &Header, new_order: u32) -> Result<()> {
     let cs = h.cluster_size();
-    let Refcounts {
-        mut counts,
-        structures,
-    } = read_all(file, h)?;
+    let Refcounts { counts, structures } = read_all(file, h)?;
     let bits = 1u32 << new_order;
     let max = if bits == 64 {
         u64::MAX
@@ -91,11 +88,32 @@ pub(super) fn change_refcount_order(file: &HostFile, h: &Header, new_order: u32)
             i as u64 * cs
         );
     }
-    for c in structures {
-        if let Some(v) = counts.get_mut(c as usize) {
-            *v = 0;
+    let counts = Refcounts { counts, structures }.without_structures();
+    write_structures(file, h, new_order, counts)
+}
+
+impl Refcounts {
+    /// The counts with the current refcount structures' clusters free (the counts a new
+    /// set of structures records once the header points at it).
+    pub(super) fn without_structures(mut self) -> Vec<u64> {
+        for &c in &self.structures {
+            if let Some(v) = self.counts.get_mut(c as usize) {
+                *v = 0;
+            }
         }
+        self.counts
     }
+}
+
+/// Writes refcount structures of `2^new_order` bits recording `counts` (index = host
+/// cluster) past them, plus themselves, syncs, and switches the header to them.
+pub(super) fn write_structures(
+    file: &HostFile,
+    h: &Header,
+    new_order: u32,
+    mut counts: Vec<u64>,
+) -> Result<()> {
+    let cs = h.cluster_size();
     let start = counts.len() as u64;
     let per_block = (cs * 8) >> new_order;
     let (blocks, table_clusters) = layout(start, per_block, cs)?;

@@ -13,6 +13,12 @@
 //! name fits wherever QEMU's does), synced, and the open backing file is replaced with
 //! writers quiesced. A crash before the header write leaves the old chain and copies that
 //! read the same as what they cover; after it, the new chain. Unsafe mode only switches.
+//!
+//! Where oxcow departs from QEMU 10: a version-2 image without a backing file gets its
+//! zeros as data where the new chain has data (QEMU's zero write is a no-op there, so the
+//! new data shows through); a missing backing format is refused before anything is copied
+//! (QEMU copies, then refuses). Resizes and other rebases are serialised with a rebase; an
+//! internal snapshot applied on the same handle while a safe rebase copies is not detected.
 
 use super::backing::Backing;
 use super::{read, write, zero, Image};

@@ -80,6 +80,20 @@ impl Outcome {
         assert_same_guest(&q, &o);
         assert_eq!(own_map(&o), own_map(&q), "the top's own allocation");
         assert_eq!(info_text(&o, "o/"), info_text(&q, "q/"), "qemu-img info");
+        self.assert_other_layers_untouched();
+    }
+
+    /// Every file but the top is as both tools found it (backing layers are never written).
+    pub fn assert_other_layers_untouched(&self) {
+        for e in std::fs::read_dir(self.dir.join("q")).expect("read q") {
+            let name = e.expect("entry").file_name();
+            if name == "top.qcow2" {
+                continue;
+            }
+            let q = std::fs::read(self.dir.join("q").join(&name)).expect("read");
+            let o = std::fs::read(self.dir.join("o").join(&name)).expect("read");
+            assert!(q == o, "{name:?} differs between the two runs");
+        }
     }
 
     /// The first 64 KiB of both tops are the same bytes (header-only changes, where the

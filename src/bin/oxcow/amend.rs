@@ -16,6 +16,8 @@ Usage: oxcow amend [-q] [-p] [-f qcow2] -o OPTIONS FILE
   lazy_refcounts=on|off    postpone refcount updates (version 3 only)
   refcount_bits=N          refcount width: 1, 2, 4, 8, 16, 32 or 64 (not 16: version 3
                            only); the refcount structures are rewritten crash-safely
+  size=SIZE                new virtual size (a multiple of 512; smaller shrinks, as
+                           qemu-img amend does)
   -o help                  list these options
   backing_file and backing_fmt cannot be amended (as in qemu-img 10): use 'oxcow rebase'.
   -f qcow2  the image format (only qcow2)
@@ -31,6 +33,7 @@ Amend options for 'qcow2':
   compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size
 ";
 
 /// Runs `oxcow amend ARGS`.
@@ -97,9 +100,18 @@ fn parse_options(list: &str) -> CliResult<AmendOptions> {
                     "Cannot amend the backing file\nYou can use 'oxcow rebase' instead.",
                 ))
             }
-            "size" | "data_file" | "data_file_raw" => {
+            "size" => {
+                o.size = Some(crate::args::parse_size(v).map_err(|_| {
+                    CliError::op(
+                        "Parameter 'size' expects a non-negative number below 2^64\n\
+                         Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                         and exabytes, respectively.",
+                    )
+                })?)
+            }
+            "data_file" | "data_file_raw" => {
                 return Err(CliError::op(format!(
-                    "Amending '{k}' is not supported by oxcow (use 'oxcow resize' for the size)"
+                    "Amending '{k}' is not supported by oxcow"
                 )))
             }
             "cluster_size" | "preallocation" | "extended_l2" | "compression_type"
