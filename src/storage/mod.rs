@@ -344,6 +344,31 @@ mod tests {
     }
 
     #[test]
+    fn only_ranges_past_everything_written_read_as_zeros() {
+        let sim = Arc::new(super::sim::SimFile::new(vec![1u8; 4096]));
+        let f = HostFile::new(sim.clone(), "sim");
+        let at = |o: u64| f.reads_as_zeros_from(HostOffset::new(o));
+        assert!(
+            !at(4095) && at(4096),
+            "the length at open is the first bound"
+        );
+        f.write(&[2u8; 512], HostOffset::new(65536), WriteKind::Data)
+            .expect("write");
+        assert!(!at(4096) && !at(66047) && at(66048), "a write raises it");
+        f.set_len(8192).expect("truncate");
+        assert!(!at(8191) && at(8192), "a truncation drops what lay past it");
+        assert!(f.zero_range(HostOffset::new(0), 4096).expect("zero"));
+        assert_eq!(sim.contents()[..4096], [0u8; 4096], "zeroed in place");
+        assert_eq!(sim.contents().len(), 8192, "zeroing keeps the size");
+        sim.refuse_fallocate();
+        assert!(!f.zero_range(HostOffset::new(0), 4096).expect("zero"));
+        assert!(
+            !f.punch_hole(HostOffset::new(0), 4096).expect("punch"),
+            "an unsupported punch says so"
+        );
+    }
+
+    #[test]
     fn after_a_failed_sync_every_later_sync_fails_too() {
         let f = HostFile::new(
             Arc::new(FlakySync {
