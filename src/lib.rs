@@ -25,6 +25,7 @@ pub use engine::bitmap::{
 pub use engine::check::{CheckFix, CheckReport};
 pub use engine::create::create;
 pub use engine::events::{CorruptionEvent, EventHandler};
+pub use engine::CompressedCluster;
 pub use engine::Image;
 pub use error::{Error, ErrorKind, Result};
 pub use options::{

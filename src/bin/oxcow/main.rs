@@ -10,6 +10,7 @@ mod args;
 mod bench;
 mod bitmap;
 mod check;
+mod compress_pipe;
 mod convert;
 mod create;
 mod info;
