@@ -325,7 +325,9 @@ impl Input {
             )),
             "raw" => {
                 let f = std::fs::File::open(file).map_err(|e| open_err(e.to_string()))?;
-                let size = f.metadata().map_err(|e| open_err(e.to_string()))?.len();
+                let len = f.metadata().map_err(|e| open_err(e.to_string()))?.len();
+                // QEMU sees a raw file in whole sectors: a partial last sector counts.
+                let size = len.div_ceil(512).saturating_mul(512);
                 Ok(Input::Raw { file: f, size })
             }
             other => Err(CliError::op(format!(
