@@ -211,6 +211,31 @@ mod tests {
     }
 
     #[test]
+    fn partly_random_clusters_of_every_size_compress_without_panicking() {
+        // Regression: zlib-rs 0.6.8 overflowed its pending buffer (a panic) on some
+        // half-random clusters when the output was capped below the input size.
+        let mut x = 7u64;
+        for cs in [512usize, 4096, 16384, 65536, 2 << 20] {
+            for random_part in [cs / 64, cs / 4, cs / 2, cs - cs / 16, cs] {
+                let mut data = vec![0u8; cs];
+                for b in &mut data[..random_part] {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *b = x as u8;
+                }
+                for kind in [CompressionType::Deflate, CompressionType::Zstd] {
+                    if let Some(c) = compress(kind, &data).unwrap() {
+                        let mut out = vec![0u8; cs];
+                        decompress(kind, &c, &mut out).unwrap();
+                        assert_eq!(out, data);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn compression_is_deterministic_across_threads() {
         let data = sample();
         for kind in [CompressionType::Deflate, CompressionType::Zstd] {

@@ -11,7 +11,7 @@
 use super::Image;
 use crate::error::{invalid, Result};
 use crate::format::entry::Mapping;
-use crate::format::{GuestCluster, GuestOffset, HostOffset};
+use crate::format::{GuestOffset, HostOffset};
 use crate::storage::WriteKind;
 use std::borrow::Cow;
 
@@ -38,6 +38,11 @@ impl CompressedCluster {
     /// The guest offset the cluster will be written at.
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    /// Whether the data compressed (otherwise it is stored as a normal cluster).
+    pub fn is_compressed(&self) -> bool {
+        self.raw.is_none()
     }
 
     /// Bytes the cluster takes on the host: the compressed size, or the raw size when it did
@@ -111,7 +116,7 @@ impl Image {
         }
         let data = &c.compressed;
         let gidx = offset.cluster(&self.geo);
-        let host = self.reserve_compressed(gidx, data.len() as u64)?;
+        let host = self.reserve_compressed(offset, data.len() as u64)?;
         // I/O without the lock.
         let io = self.file.write(data, host, WriteKind::Data);
         let result = self.link_compressed(io, offset, host, data.len() as u64);
@@ -142,14 +147,20 @@ impl Image {
         Ok(Cow::Owned(padded))
     }
 
-    /// Claims guest cluster `gidx` (waiting for another writer of it) and reserves `len`
-    /// host bytes for its compressed data.
-    fn reserve_compressed(&self, gidx: GuestCluster, len: u64) -> Result<HostOffset> {
+    /// Claims the guest cluster at `offset` (waiting for another writer of it) and reserves
+    /// `len` host bytes for its compressed data. The L2 table is made writable first, as
+    /// QEMU does: a table allocated between two compressed clusters would cut the packed
+    /// stream and leave the rest of the packing cluster as a hole.
+    fn reserve_compressed(&self, offset: GuestOffset, len: u64) -> Result<HostOffset> {
+        let gidx = offset.cluster(&self.geo);
         let mut m = self.lock_meta();
         while self.inflight.is_claimed(gidx) {
             drop(m);
             self.inflight.wait_released(gidx);
             m = self.lock_meta();
+        }
+        if let Err(e) = m.l2_for_write(&self.file, offset.l1_index(&self.geo)) {
+            return Err(self.on_error(e));
         }
         let host = match m.alloc_compressed_bytes(&self.file, len) {
             Ok(h) => h,

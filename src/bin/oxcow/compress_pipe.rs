@@ -2,7 +2,9 @@
 //! N compressor threads compress them (no lock is held while compressing), and one writer
 //! thread stores them back in guest order, so compressed clusters are packed one after
 //! another on the host exactly as a single thread would pack them: the output file is the
-//! same whatever the thread count.
+//! same whatever the thread count. Clusters that do not compress are written in batches
+//! after the compressed ones around them, so they do not cut the packed stream into pieces
+//! with holes between them.
 
 use crate::args::{CliError, CliResult};
 use oxcow::{CompressedCluster, Image};
@@ -112,23 +114,46 @@ fn compressor(img: &Image, jobs: &Mutex<Receiver<Job>>, done: &SyncSender<Done>)
     }
 }
 
+/// Bytes of clusters that did not compress held back by the writer (bounds its memory).
+const DEFER_BYTES: usize = 16 << 20;
+
 /// The writer thread: stores clusters strictly in sequence order, holding the ones that
-/// arrive early (at most the number in flight, bounded by the queues).
+/// arrive early (at most the number in flight, bounded by the queues). Clusters that did not
+/// compress are held back and written in batches: each one written between two compressed
+/// clusters would end the packing cluster early and leave the rest of it as a hole.
 fn writer(img: &Image, done: Receiver<Done>, dst: &str) -> CliResult<()> {
+    // With 1-bit refcounts nothing is packed (a host cluster holds one compressed cluster),
+    // so holding back gains nothing and would only end the file on a whole cluster.
+    let defer = img.info().map_or(true, |i| i.refcount_bits > 1);
     let mut early: BTreeMap<u64, oxcow::Result<CompressedCluster>> = BTreeMap::new();
+    let mut deferred: Vec<CompressedCluster> = Vec::new();
+    let mut deferred_bytes = 0usize;
     let mut next = 0u64;
     for (seq, result) in done {
         early.insert(seq, result);
         while let Some(result) = early.remove(&next) {
             let c = result.map_err(|e| CliError::op(format!("compressing for '{dst}': {e}")))?;
-            img.write_compressed_cluster(&c).map_err(|e| {
-                CliError::op(format!(
-                    "compressed write to '{dst}' at {:#x}: {e}",
-                    c.offset()
-                ))
-            })?;
             next += 1;
+            if c.is_compressed() || !defer {
+                store(img, &c, dst)?;
+                continue;
+            }
+            deferred_bytes += c.stored_len();
+            deferred.push(c);
+            if deferred_bytes >= DEFER_BYTES {
+                deferred.drain(..).try_for_each(|c| store(img, &c, dst))?;
+                deferred_bytes = 0;
+            }
         }
     }
-    Ok(())
+    deferred.iter().try_for_each(|c| store(img, c, dst))
+}
+
+fn store(img: &Image, c: &CompressedCluster, dst: &str) -> CliResult<()> {
+    img.write_compressed_cluster(c).map_err(|e| {
+        CliError::op(format!(
+            "compressed write to '{dst}' at {:#x}: {e}",
+            c.offset()
+        ))
+    })
 }

@@ -381,10 +381,21 @@ fn copy(source: &Source, target: &Target, size: u64, req: &Request) -> CliResult
             img,
             compressed: true,
         } => crate::compress_pipe::run(img, req.threads, dst, |sink| {
+            // DST's size is SRC's rounded up to whole sectors: the short last cluster is
+            // padded with zeros up to DST's end, as compressed writes take whole clusters.
+            let dst_size = img.virtual_size();
             read_data(source, size, unit, src, req.progress, |b, off| {
                 for (i, piece) in b.chunks(unit as usize).enumerate() {
                     if piece.iter().any(|&x| x != 0) {
-                        sink.push(off + i as u64 * unit, piece)?;
+                        let at = off + i as u64 * unit;
+                        let want = unit.min(dst_size.saturating_sub(at)) as usize;
+                        if piece.len() < want {
+                            let mut padded = piece.to_vec();
+                            padded.resize(want, 0);
+                            sink.push(at, &padded)?;
+                        } else {
+                            sink.push(at, piece)?;
+                        }
                     }
                 }
                 Ok(())
