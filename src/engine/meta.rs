@@ -492,6 +492,12 @@ impl Meta {
         if self.rc.write_dirty_table(file)? {
             stage_done(file)?;
         }
+        if lazy && self.l2.has_dirty() {
+            // Even lazily, guest data must be durable before the L2 entries that point at
+            // it (QEMU orders them too): a crash must not leave an entry over stale bytes,
+            // which for a compressed cluster do not even decompress.
+            file.sync()?;
+        }
         if self.write_dirty_l2(file)? {
             stage_done(file)?;
         }
