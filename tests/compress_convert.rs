@@ -269,3 +269,35 @@ fn concurrent_compressed_writers_pack_without_corruption() {
     let j = Json::parse(&info);
     assert_eq!(j.get("compressed-clusters").as_u64(), 256);
 }
+
+#[test]
+fn holes_and_zeros_of_a_raw_source_stay_unallocated() {
+    let dir = TempDir::new("compress-rawholes");
+    let d = dir.path();
+    let src = dir.join("src.raw");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(32 * MIB + 1000).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&text_like(100_000, 9), 3 * MIB).unwrap();
+    f.write_all_at(&vec![0u8; 1 << 20], 10 * MIB).unwrap(); // written zeros
+    f.write_all_at(b"tail", 32 * MIB + 996).unwrap();
+    drop(f);
+    for c in [true, false] {
+        let out = if c { "c.qcow2" } else { "u.qcow2" };
+        let mut args = vec!["convert", "-f", "raw"];
+        if c {
+            args.push("-c");
+        }
+        args.extend(["-O", "qcow2", "src.raw", out]);
+        oxcow_ok(d, &args);
+        assert_check_clean(&dir.join(out));
+        assert_compare_identical(&dir.join(out), &src);
+        let data: u64 = qemu_map(&dir.join(out))
+            .iter()
+            .filter(|e| e.data)
+            .map(|e| e.length)
+            .sum();
+        // 100 000 bytes at 3 MiB touch two 64 KiB clusters; the tail touches the last one.
+        assert_eq!(data, 2 * 65536 + (32 * MIB + 1024 - 32 * MIB), "{out}");
+    }
+}

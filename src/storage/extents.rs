@@ -43,6 +43,25 @@ pub fn data_ranges(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
+/// Whether `off` (below `size`) lies in data or in a hole, and how many bytes from `off` stay
+/// so (at most `size - off`). A file system that cannot tell reports data throughout.
+pub fn extent_at(file: &File, off: u64, size: u64) -> io::Result<(bool, u64)> {
+    if off >= size {
+        return Ok((false, 0));
+    }
+    match seek(file, off, libc::SEEK_DATA) {
+        Ok(d) if d > off => Ok((false, d.min(size) - off)),
+        Ok(_) => {
+            let hole = seek(file, off, libc::SEEK_HOLE)?.min(size);
+            Ok((true, hole.max(off + 1) - off))
+        }
+        // No data at or after `off`: a hole up to the end.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok((false, size - off)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((true, size - off)),
+        Err(e) => Err(e),
+    }
+}
+
 fn seek(file: &File, off: u64, whence: i32) -> io::Result<u64> {
     let off =
         libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -74,7 +93,6 @@ mod tests {
         f.set_len(16 << 20).unwrap();
         f.write_all_at(&[1u8; 4096], 8 << 20).unwrap();
         let r = data_ranges(&f, 16 << 20).unwrap();
-        std::fs::remove_file(&dir).unwrap();
         // File systems without hole reporting answer "all data"; both cover the write.
         assert!(r
             .iter()

@@ -88,7 +88,14 @@ impl Source {
                     || e.flags & (EXTENT_ALLOCATED | EXTENT_BACKING) == 0;
                 Ok((zero, e.length))
             }
-            Source::Raw(..) => Ok((false, max)),
+            // Holes of a sparse raw file are skipped without reading them.
+            Source::Raw(f, size) => {
+                let (data, len) =
+                    oxcow::storage::extents::extent_at(f, off, *size).map_err(|e| {
+                        CliError::op(format!("reading the allocation at {off:#x}: {e}"))
+                    })?;
+                Ok((!data, len.clamp(1, max)))
+            }
         }
     }
 
