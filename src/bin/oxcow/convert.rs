@@ -259,7 +259,7 @@ fn parse_threads(v: &str) -> CliResult<usize> {
     match v.parse::<usize>() {
         Ok(n) if (1..=crate::compress_pipe::MAX_THREADS).contains(&n) => Ok(n),
         _ => Err(CliError::usage(format!(
-            "Invalid number of coroutines. Allowed number of coroutines is between 1 and {}",
+            "Invalid number of coroutines specified. Must be between 1 and {}.",
             crate::compress_pipe::MAX_THREADS
         ))),
     }
