@@ -267,3 +267,7 @@ for key in order:
 EOF
 echo
 echo "total time: $(($(date +%s) - start)) s; load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+
+# Compression row (issue 18): oxcow convert -c against qemu-img convert -c, in its own script.
+OXCOW_BIN="$OX" scripts/bench-compress.sh --reps "$REPS" --size "$SIZE_MB"

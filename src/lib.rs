@@ -28,6 +28,7 @@ pub use engine::commit::CommitOptions;
 pub use engine::create::create;
 pub use engine::events::{CorruptionEvent, EventHandler};
 pub use engine::rebase::is_known_backing_format;
+pub use engine::CompressedCluster;
 pub use engine::Image;
 pub use error::{Error, ErrorKind, Result};
 pub use options::{

@@ -98,7 +98,7 @@ impl Model {
     }
 }
 
-/// Random writes, write_zeroes and discards. Errors are returned (fault injection expects
+/// Random writes, compressed writes, write_zeroes and discards. Errors are returned (fault injection expects
 /// them); the model records only operations that succeeded.
 fn workload(img: &Image, m: &mut Model, rng: &mut Rng, n: usize, phase2: bool, cs: u64) {
     for _ in 0..n {
@@ -122,6 +122,22 @@ fn workload(img: &Image, m: &mut Model, rng: &mut Rng, n: usize, phase2: bool, c
                 let b = (off + len) / cs * cs;
                 if img.discard(off, len).is_ok() && a < b {
                     m.zero(a, b - a, phase2);
+                }
+            }
+            2 => {
+                // A compressed cluster: a random prefix of random length, then zeros, so the
+                // compressed sizes vary and packed clusters often span two host clusters.
+                let at = off / cs * cs;
+                let mut buf = vec![0u8; cs as usize];
+                let noisy = rng.below(cs * 3 / 4) as usize;
+                for b in &mut buf[..noisy] {
+                    *b = rng.next() as u8;
+                }
+                if phase2 {
+                    m.touched[at as usize..(at + cs) as usize].fill(true);
+                }
+                if img.write_compressed(&buf, at).is_ok() {
+                    m.write(at, &buf, phase2);
                 }
             }
             _ => {

@@ -505,6 +505,12 @@ impl Meta {
         if self.rc.write_dirty_table(file)? {
             stage_done(file)?;
         }
+        if lazy && self.l2.has_dirty() {
+            // Even lazily, guest data must be durable before the L2 entries that point at
+            // it (QEMU orders them too): a crash must not leave an entry over stale bytes,
+            // which for a compressed cluster do not even decompress.
+            file.sync()?;
+        }
         if self.write_dirty_l2(file)? {
             stage_done(file)?;
         }
@@ -627,9 +633,11 @@ impl Meta {
     }
 
     /// Reserves `len` bytes (at most one cluster) for compressed data and returns their host
-    /// offset. The bytes share the packing cluster when they fit and its refcount can take
-    /// one more reference; otherwise a fresh cluster is allocated. Either way the host
-    /// cluster gains one reference for the new compressed cluster.
+    /// offset, packed byte-aligned right after the previous compressed cluster as QEMU packs
+    /// them. When the bytes do not fit in the rest of the packing cluster, the next cluster
+    /// is allocated: if it is the one right after, the data spans both (no hole left behind),
+    /// otherwise it starts at the new cluster. Every host cluster the bytes touch gains one
+    /// reference (the allocation gives a new cluster its first one).
     pub fn alloc_compressed_bytes(&mut self, file: &HostFile, len: u64) -> Result<HostOffset> {
         let cs = self.geo.cluster_size();
         if len == 0 || len > cs {
@@ -637,32 +645,49 @@ impl Meta {
                 "compressed cluster of {len} bytes does not fit a {cs}-byte cluster"
             )));
         }
-        if let Some(tail) = self.compressed_tail {
-            let cluster = tail.cluster(&self.geo);
-            let room = cs - tail.in_cluster(&self.geo);
-            let max = self.geo.refcount_max();
-            if len <= room && self.rc.get(file, cluster)? < max {
-                self.rc.update(file, cluster, 1)?;
-                self.compressed_tail = (len < room).then_some(tail + len);
-                return Ok(tail);
+        let tail = match self.compressed_tail {
+            Some(t) if self.rc.get(file, t.cluster(&self.geo))? < self.geo.refcount_max() => {
+                Some(t)
             }
-        }
-        let host = self.rc.alloc(file, 1)?;
-        self.compressed_tail = (len < cs).then_some(host + len);
+            _ => None,
+        };
+        let host = match tail {
+            Some(t) if len <= cs - t.in_cluster(&self.geo) => {
+                self.rc.update(file, t.cluster(&self.geo), 1)?;
+                t
+            }
+            Some(t) => {
+                let next = self.rc.alloc(file, 1)?;
+                let contiguous = next.cluster(&self.geo).0 == t.cluster(&self.geo).0 + 1;
+                if contiguous {
+                    // The new cluster's reference came with the allocation.
+                    if let Err(e) = self.rc.update(file, t.cluster(&self.geo), 1) {
+                        let _ = self.rc.update(file, next.cluster(&self.geo), -1);
+                        return Err(e);
+                    }
+                    t
+                } else {
+                    next
+                }
+            }
+            None => self.rc.alloc(file, 1)?,
+        };
+        let end = host + len;
+        self.compressed_tail = (end.in_cluster(&self.geo) != 0).then_some(end);
         Ok(host)
     }
 
-    /// Drops the reference a failed compressed write took on the cluster holding `host`.
-    /// Best effort: a failure here leaves a leak, never a corruption.
-    pub fn give_back_compressed_bytes(&mut self, file: &HostFile, host: HostOffset) {
-        let cluster = host.cluster(&self.geo);
-        if self
-            .compressed_tail
-            .is_some_and(|t| t.cluster(&self.geo) == cluster)
-        {
-            self.compressed_tail = None;
+    /// Drops the references a failed compressed write took on the clusters that
+    /// `[host, host+len)` touches. Best effort: a failure here leaves a leak, never a
+    /// corruption.
+    pub fn give_back_compressed_bytes(&mut self, file: &HostFile, host: HostOffset, len: u64) {
+        // The packing cursor may sit right after these bytes: never pack there again.
+        self.compressed_tail = None;
+        let first = host.cluster(&self.geo).0;
+        let last = (host + (len.max(1) - 1)).cluster(&self.geo).0;
+        for c in first..=last {
+            let _ = self.rc.update(file, HostCluster(c), -1);
         }
-        let _ = self.rc.update(file, cluster, -1);
     }
 
     /// Whether anything is waiting to be written back.

@@ -49,6 +49,7 @@ use crossbeam_utils::sync::ShardedLockReadGuard;
 use meta::Meta;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+pub use write_compressed::CompressedCluster;
 
 /// Deepest backing chain oxcow opens.
 pub const MAX_BACKING_DEPTH: u32 = 64;

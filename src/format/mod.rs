@@ -7,6 +7,7 @@ pub mod bitmap;
 pub mod entry;
 pub mod geometry;
 pub mod header;
+pub mod measure;
 pub mod offset;
 pub mod refcount;
 pub mod snapshot;

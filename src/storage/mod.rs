@@ -6,6 +6,7 @@
 //! through [`HostFile::write`], where the metadata-overlap guard and fault injection hang.
 
 mod aligned;
+pub mod extents;
 pub mod grace;
 pub mod guard;
 pub mod lock;

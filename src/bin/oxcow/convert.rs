@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 
 /// `oxcow convert --help`.
 pub const HELP: &str = "\
-Usage: oxcow convert [-f qcow2|raw] [-O qcow2|raw] [-o OPTIONS] [-c] [-p] [-q] [-U] [--no-probe]
+Usage: oxcow convert [-f qcow2|raw] [-O qcow2|raw] [-o OPTIONS] [-c] [-m N] [-p] [-q] [-U] [--no-probe]
                      [--bitmaps [--skip-broken-bitmaps]] SRC DST
 
 Copy the guest-visible contents of SRC (including everything it reads from its backing chain)
@@ -23,7 +23,10 @@ Options:
   -o OPTIONS         qcow2 creation options for DST, as for 'oxcow create -o'
                      (cluster_size=, compat=, refcount_bits=, compression_type=, ...)
   -c                 write DST's clusters compressed (qcow2 only; compression_type= picks zlib
-                     or zstd)
+                     or zstd). Clusters are compressed on all cores and written in guest
+                     order, packed back to back like qemu-img packs them
+  -m N               compress on N threads (1 to 16; default: one per core). The output
+                     file is the same whatever N is
   -p                 show a progress line on stderr
   -q                 quiet (no progress line even with -p)
   -U, --force-share  read SRC even if another process holds it
@@ -50,6 +53,7 @@ const SPECS: &[OptSpec] = &[
     opt(&["-O", "--target-format"], true),
     opt(&["-o", "--options"], true),
     opt(&["-c", "--compress"], false),
+    opt(&["-m"], true),
     opt(&["-p", "--progress"], false),
     opt(&["-q", "--quiet"], false),
     opt(&["-U", "--force-share"], false),
@@ -84,7 +88,14 @@ impl Source {
                     || e.flags & (EXTENT_ALLOCATED | EXTENT_BACKING) == 0;
                 Ok((zero, e.length))
             }
-            Source::Raw(..) => Ok((false, max)),
+            // Holes of a sparse raw file are skipped without reading them.
+            Source::Raw(f, size) => {
+                let (data, len) =
+                    oxcow::storage::extents::extent_at(f, off, *size).map_err(|e| {
+                        CliError::op(format!("reading the allocation at {off:#x}: {e}"))
+                    })?;
+                Ok((!data, len.clamp(1, max)))
+            }
         }
     }
 
@@ -132,13 +143,6 @@ pub fn probe(path: &str) -> CliResult<&'static str> {
     })
 }
 
-/// Writes one whole cluster (or the short last cluster) compressed; the library stores data
-/// that does not compress as a normal cluster, as qemu-img does.
-fn write_compressed(img: &Image, buf: &[u8], off: u64) -> CliResult<()> {
-    img.write_compressed(buf, off)
-        .map_err(|e| CliError::op(format!("compressed write at {off:#x}: {e}")))
-}
-
 /// What `oxcow convert` was asked to do.
 struct Request {
     src: String,
@@ -147,6 +151,8 @@ struct Request {
     out_fmt: String,
     create: CreateOptions,
     compress: bool,
+    /// Compressor threads for `-c`.
+    threads: usize,
     progress: bool,
     force_share: bool,
     no_probe: bool,
@@ -176,15 +182,21 @@ pub fn run(args: &[String]) -> CliResult<()> {
     if req.bitmaps {
         crate::bitmap::convert_target_check(&req.out_fmt, req.create.version)?;
     }
-    let (src, dst) = (&req.src, &req.dst);
-    copy(&source, &target, size, src, dst, &req.create, req.progress)?;
+    copy(&source, &target, size, &req)?;
     if let (Source::Qcow2(s), Target::Qcow2 { img, .. }) = (&source, &target) {
         crate::bitmap::convert_copy(s, img, &bitmaps)?;
     }
+    let dst = &req.dst;
     match target {
-        Target::Qcow2 { img, .. } => (*img)
-            .close()
-            .map_err(|e| CliError::op(format!("closing '{dst}': {e}"))),
+        Target::Qcow2 { img, compressed } => {
+            (*img)
+                .close()
+                .map_err(|e| CliError::op(format!("closing '{dst}': {e}")))?;
+            if compressed {
+                align_end(dst)?;
+            }
+            Ok(())
+        }
         Target::Raw(f) => f
             .sync_all()
             .map_err(|e| CliError::op(format!("syncing '{dst}': {e}"))),
@@ -200,6 +212,7 @@ fn parse(args: &[String]) -> CliResult<Option<Request>> {
         out_fmt: "raw".to_string(),
         create: CreateOptions::default(),
         compress: false,
+        threads: crate::compress_pipe::default_threads(),
         progress: false,
         force_share: false,
         no_probe: false,
@@ -219,6 +232,7 @@ fn parse(args: &[String]) -> CliResult<Option<Request>> {
                 }
             }
             Arg::Opt("-c", _) => req.compress = true,
+            Arg::Opt("-m", Some(n)) => req.threads = parse_threads(&n)?,
             Arg::Opt("-p", _) => req.progress = true,
             Arg::Opt("-q", _) => quiet = true,
             Arg::Opt("-U", _) => req.force_share = true,
@@ -238,6 +252,17 @@ fn parse(args: &[String]) -> CliResult<Option<Request>> {
     req.dst = dst.clone();
     req.progress &= !quiet;
     Ok(Some(req))
+}
+
+/// `-m N`: 1 to 16, with qemu-img's message otherwise.
+fn parse_threads(v: &str) -> CliResult<usize> {
+    match v.parse::<usize>() {
+        Ok(n) if (1..=crate::compress_pipe::MAX_THREADS).contains(&n) => Ok(n),
+        _ => Err(CliError::usage(format!(
+            "Invalid number of coroutines specified. Must be between 1 and {}.",
+            crate::compress_pipe::MAX_THREADS
+        ))),
+    }
 }
 
 /// Refuses what convert cannot do before anything is created.
@@ -348,22 +373,60 @@ fn create_target(req: &Request, size: u64) -> CliResult<Target> {
     })
 }
 
-/// The copy loop: chunks aligned to the target's allocation unit, zero units skipped.
-fn copy(
-    source: &Source,
-    target: &Target,
-    size: u64,
-    src: &str,
-    dst: &str,
-    o: &CreateOptions,
-    progress: bool,
-) -> CliResult<()> {
+/// The copy loop: chunks aligned to the target's allocation unit, zero units skipped; a
+/// compressed target gets its clusters through the parallel compressor pipeline.
+fn copy(source: &Source, target: &Target, size: u64, req: &Request) -> CliResult<()> {
     // The unit that is either written or left out: a qcow2 cluster, or a 4 KiB block for raw
     // (qemu-img's default -S sparseness granularity).
     let unit = match target {
-        Target::Qcow2 { .. } => o.cluster_size as u64,
+        Target::Qcow2 { .. } => req.create.cluster_size as u64,
         Target::Raw(_) => 4096,
     };
+    let (src, dst) = (req.src.as_str(), req.dst.as_str());
+    match target {
+        Target::Qcow2 {
+            img,
+            compressed: true,
+        } => crate::compress_pipe::run(img, req.threads, dst, |sink| {
+            // DST's size is SRC's rounded up to whole sectors: the short last cluster is
+            // padded with zeros up to DST's end, as compressed writes take whole clusters.
+            let dst_size = img.virtual_size();
+            read_data(source, size, unit, src, req.progress, |b, off| {
+                for (i, piece) in b.chunks(unit as usize).enumerate() {
+                    if piece.iter().any(|&x| x != 0) {
+                        let at = off + i as u64 * unit;
+                        let want = unit.min(dst_size.saturating_sub(at)) as usize;
+                        if piece.len() < want {
+                            let mut padded = piece.to_vec();
+                            padded.resize(want, 0);
+                            sink.push(at, &padded)?;
+                        } else {
+                            sink.push(at, piece)?;
+                        }
+                    }
+                }
+                Ok(())
+            })
+        }),
+        _ => read_data(source, size, unit, src, req.progress, |b, off| {
+            write_nonzero(target, b, off, unit, dst)
+        }),
+    }
+}
+
+/// Reads SRC in unit-aligned chunks of whole units, in guest order, skipping whole units it
+/// knows read as zeros, and hands each chunk read to `sink` with its guest offset.
+fn read_data<F>(
+    source: &Source,
+    size: u64,
+    unit: u64,
+    src: &str,
+    progress: bool,
+    mut sink: F,
+) -> CliResult<()>
+where
+    F: FnMut(&[u8], u64) -> CliResult<()>,
+{
     let chunk = (4u64 << 20).max(unit);
     let mut buf = vec![0u8; chunk as usize];
     let mut p = Progress::new(progress);
@@ -382,15 +445,35 @@ fn copy(
         let n = known.div_ceil(unit).saturating_mul(unit).min(size - off);
         let b = &mut buf[..n as usize];
         source.read(b, off, src)?;
-        write_nonzero(target, b, off, unit, dst)?;
+        sink(b, off)?;
         off += n;
     }
     p.finish();
     Ok(())
 }
 
+/// Extends a compressed image's file to a whole number of 512-byte sectors, as qemu-img
+/// does: the last compressed cluster may end mid-sector, and sector-based readers (O_DIRECT)
+/// read whole sectors. The extension is a hole of at most 511 bytes.
+fn align_end(dst: &str) -> CliResult<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dst)
+        .map_err(|e| CliError::op(format!("could not open '{dst}': {e}")))?;
+    let len = f
+        .metadata()
+        .map_err(|e| CliError::op(format!("{dst}: {e}")))?
+        .len();
+    if len % 512 != 0 {
+        f.set_len(len.div_ceil(512) * 512)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| CliError::op(format!("sizing '{dst}': {e}")))?;
+    }
+    Ok(())
+}
+
 /// Writes the units of `b` (guest offset `off`) that hold a non-zero byte, merging runs of
-/// consecutive data units into one request (except for compression, which is per cluster).
+/// consecutive data units into one request.
 fn write_nonzero(target: &Target, b: &[u8], off: u64, unit: u64, dst: &str) -> CliResult<()> {
     let mut run_start: Option<usize> = None;
     let mut i = 0usize;
@@ -410,19 +493,10 @@ fn write_nonzero(target: &Target, b: &[u8], off: u64, unit: u64, dst: &str) -> C
         let e = (i + unit as usize).min(b.len());
         let piece = &b[i..e];
         let nonzero = piece.iter().any(|&x| x != 0);
-        match target {
-            Target::Qcow2 {
-                img,
-                compressed: true,
-            } if nonzero => write_compressed(img, piece, off + i as u64)?,
-            _ if nonzero => {
-                run_start.get_or_insert(i);
-            }
-            _ => {
-                if let Some(s) = run_start.take() {
-                    flush_run(s, i)?;
-                }
-            }
+        if nonzero {
+            run_start.get_or_insert(i);
+        } else if let Some(s) = run_start.take() {
+            flush_run(s, i)?;
         }
         i = e;
     }

@@ -12,11 +12,13 @@ mod bench;
 mod bitmap;
 mod check;
 mod commit;
+mod compress_pipe;
 mod convert;
 mod create;
 mod info;
 mod json;
 mod map;
+mod measure;
 mod progress;
 mod rebase;
 mod resize;
@@ -33,6 +35,7 @@ Commands:
   create    create a qcow2 image (optionally over a backing file)
   info      describe an image (human or --output json, like qemu-img info)
   map       show where each guest range comes from (like qemu-img map)
+  measure   size a new image would need (like qemu-img measure)
   convert   copy an image to a new qcow2 or raw image, optionally compressed
   check     check an image's metadata, optionally repair it
   resize    grow or shrink an image (like qemu-img resize)
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         "create" => Some(create::HELP),
         "info" => Some(info::HELP),
         "map" => Some(map::HELP),
+        "measure" => Some(measure::HELP),
         "convert" => Some(convert::HELP),
         "bench" => Some(bench::HELP),
         "resize" => Some(resize::HELP),
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
         "create" => create::run(rest).map(|()| 0),
         "info" => info::run(rest).map(|()| 0),
         "map" => map::run(rest).map(|()| 0),
+        "measure" => measure::run(rest).map(|()| 0),
         "convert" => convert::run(rest).map(|()| 0),
         "bench" => bench::run(rest).map(|()| 0),
         "resize" => resize::run(rest).map(|()| 0),
@@ -98,7 +103,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         other => Err(CliError::usage(format!(
-            "unknown command '{other}' (commands: create, info, map, convert, check, resize, commit, rebase, amend, bench, snapshot, bitmap)"
+            "unknown command '{other}' (commands: create, info, map, measure, convert, check, resize, commit, rebase, amend, bench, snapshot, bitmap)"
         ))),
     };
     match result {

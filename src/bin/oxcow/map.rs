@@ -48,7 +48,7 @@ const SPECS: &[OptSpec] = &[
 
 /// One image of the chain, opened on its own (without its backing file) so its own allocation
 /// status can be asked for.
-enum Layer {
+pub(crate) enum Layer {
     Qcow2 {
         img: Box<Image>,
         name: String,
@@ -61,12 +61,12 @@ enum Layer {
 }
 
 impl Layer {
-    fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         match self {
             Layer::Qcow2 { name, .. } | Layer::Raw { name, .. } => name,
         }
     }
-    fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         match self {
             Layer::Qcow2 { img, .. } => img.virtual_size(),
             Layer::Raw { size, .. } => *size,
@@ -112,7 +112,7 @@ impl Row {
     }
 }
 
-fn open_chain(file: &str, force_share: bool, no_probe: bool) -> CliResult<Vec<Layer>> {
+pub(crate) fn open_chain(file: &str, force_share: bool, no_probe: bool) -> CliResult<Vec<Layer>> {
     let mut layers = Vec::new();
     let mut name = file.to_string();
     let mut raw = false;
@@ -209,7 +209,7 @@ fn row_at(layers: &[Layer], off: u64, len: u64) -> CliResult<Row> {
 }
 
 /// Maps `[start, end)` of the chain into merged rows.
-fn map_rows(layers: &[Layer], start: u64, end: u64) -> CliResult<Vec<Row>> {
+pub(crate) fn map_rows(layers: &[Layer], start: u64, end: u64) -> CliResult<Vec<Row>> {
     let mut rows: Vec<Row> = Vec::new();
     let mut off = start;
     while off < end {
