@@ -1,9 +1,103 @@
-//! A small write-back cache of metadata tables keyed by host offset, with LRU eviction of
+//! A small write-back cache of metadata slices keyed by host offset, with LRU eviction of
 //! clean entries. Dirty entries are never evicted: the owner writes them back in crash-safe
 //! order first (see `Meta::writeback`).
+//!
+//! The L2 and refcount caches hold slices of tables (a power of two from 512 bytes up to a
+//! whole cluster), keyed by the slice's own host offset (table offset + slice index * slice
+//! size): a miss reads one slice, so a scattered working set over a large image costs one
+//! small read per slice instead of a whole table.
 
-use crate::format::HostOffset;
+use crate::format::{Geometry, HostOffset};
 use std::collections::HashMap;
+use std::time::Duration;
+
+/// Default slice size (QEMU's default L2 cache entry size on 4 KiB-page hosts).
+pub const DEFAULT_SLICE_BYTES: u64 = 4096;
+/// Smallest slice (one sector).
+pub const MIN_SLICE_BYTES: u64 = 512;
+/// Cap of the default L2 cache (QEMU 10's default maximum on Linux): covers 256 GiB of guest
+/// at 64 KiB clusters. A larger image gets this much and evicts.
+pub const DEFAULT_MAX_L2_BYTES: u64 = 32 << 20;
+/// Default refcount cache, in clusters (QEMU's rule: four clusters).
+pub const DEFAULT_REFCOUNT_CLUSTERS: u64 = 4;
+/// Default idle interval after which unused cache entries are dropped (QEMU's
+/// cache-clean-interval default).
+pub const DEFAULT_CLEAN_INTERVAL: Duration = Duration::from_secs(600);
+/// Most slices one cache holds, whatever is asked: bounds the bookkeeping.
+const MAX_SLICES: u64 = 1 << 20;
+
+/// The metadata cache sizes of one open image, resolved from [`crate::OpenOptions`]
+/// against its geometry and virtual size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Slice size in bytes: a power of two, 512 up to the cluster size.
+    pub slice_bytes: u64,
+    /// Slices the L2 cache holds (at least 2).
+    pub l2_slices: usize,
+    /// Slices the refcount cache holds (at least 2).
+    pub refcount_slices: usize,
+    /// Entries unused for this long are dropped at the next miss or flush (None: never).
+    pub clean_interval: Option<Duration>,
+}
+
+impl CacheConfig {
+    /// Resolves the caller's settings (0 = default) for an image of `geo` and `virtual_size`.
+    ///
+    /// Defaults follow QEMU: an L2 cache large enough to map the whole image, capped at
+    /// [`DEFAULT_MAX_L2_BYTES`]; a refcount cache of four clusters; 4 KiB slices. A slice
+    /// size must be a power of two from 512 bytes up to the cluster size (`InvalidArgument`
+    /// otherwise, as qemu's l2-cache-entry-size); `OXCOW_L2_SLICE_SIZE` and
+    /// `OXCOW_L2_CACHE_SIZE` in the environment override the defaults (the test suites run
+    /// with several slice sizes through them; "cluster" means whole tables).
+    pub fn resolve(
+        geo: &Geometry,
+        virtual_size: u64,
+        l2_bytes: u64,
+        refcount_bytes: u64,
+        slice_bytes: u64,
+        clean_interval: Option<Duration>,
+    ) -> crate::Result<CacheConfig> {
+        let cs = geo.cluster_size();
+        let slice = match slice_bytes {
+            0 => env_bytes("OXCOW_L2_SLICE_SIZE", cs).unwrap_or(DEFAULT_SLICE_BYTES.min(cs)),
+            s => s,
+        };
+        if !slice.is_power_of_two() || !(MIN_SLICE_BYTES..=cs).contains(&slice) {
+            return Err(crate::Error::invalid(format!(
+                "L2 cache entry size must be a power of two between {MIN_SLICE_BYTES} and the cluster size ({cs})"
+            )));
+        }
+        let entry = if geo.extended_l2 { 16 } else { 8 };
+        let cover = virtual_size
+            .div_ceil(cs)
+            .saturating_mul(entry)
+            .min(DEFAULT_MAX_L2_BYTES);
+        let l2 = match l2_bytes {
+            0 => env_bytes("OXCOW_L2_CACHE_SIZE", cs).unwrap_or(cover),
+            b => b,
+        };
+        let rc = match refcount_bytes {
+            0 => DEFAULT_REFCOUNT_CLUSTERS * cs,
+            b => b,
+        };
+        let slices = |bytes: u64| (bytes / slice).clamp(2, MAX_SLICES) as usize;
+        Ok(CacheConfig {
+            slice_bytes: slice,
+            l2_slices: slices(l2),
+            refcount_slices: slices(rc),
+            clean_interval: clean_interval.filter(|d| !d.is_zero()),
+        })
+    }
+}
+
+/// A byte count from the environment ("cluster" = `cluster`), for the test suites' overrides.
+fn env_bytes(name: &str, cluster: u64) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    match v.trim() {
+        "cluster" | "table" => Some(cluster),
+        n => n.parse().ok().filter(|&b| b > 0),
+    }
+}
 
 struct Slot<T> {
     data: T,
@@ -16,16 +110,48 @@ pub struct TableCache<T> {
     slots: HashMap<HostOffset, Slot<T>>,
     capacity: usize,
     clock: u64,
+    /// The clock at the last idle clean: entries not used since are idle.
+    clean_mark: u64,
 }
 
 impl<T> TableCache<T> {
-    /// A cache holding at most `capacity` tables (at least 4).
+    /// A cache holding at most `capacity` slices (at least 2). Filled lazily: an idle cache
+    /// costs nothing but its map header.
     pub fn new(capacity: usize) -> TableCache<T> {
         TableCache {
             slots: HashMap::new(),
-            capacity: capacity.max(4),
+            capacity: capacity.max(2),
             clock: 0,
+            clean_mark: 0,
         }
+    }
+
+    /// Number of cached slices.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Drops the clean entries not used since the previous call (by this cache or, as
+    /// `used(data)` reports, by lock-free readers) and returns their offsets; the owner
+    /// calls it once per clean interval. Dirty entries stay.
+    pub fn clean_idle(&mut self, mut used: impl FnMut(&T) -> bool) -> Vec<HostOffset> {
+        let mark = self.clean_mark;
+        let idle: Vec<HostOffset> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| !s.dirty && s.last_use <= mark && !used(&s.data))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &idle {
+            self.slots.remove(k);
+        }
+        if self.slots.is_empty() {
+            // Give the memory of a once-large map back too.
+            self.slots = HashMap::new();
+        }
+        self.clean_mark = self.clock;
+        idle
     }
 
     /// Whether the table at `offset` is cached.
@@ -197,5 +323,51 @@ mod tests {
         assert!(!c.evict_one_clean());
         assert!(c.contains(h(2)));
         assert_eq!(c.dirty_offsets(), vec![h(2)]);
+    }
+
+    #[test]
+    fn idle_clean_drops_only_clean_entries_unused_since_the_last_clean() {
+        let mut c = TableCache::new(8);
+        c.insert(h(1), 1u32, false);
+        c.insert(h(2), 2u32, true);
+        c.insert(h(3), 3u32, false);
+        // Everything was used since the (initial) mark: the first clean keeps it all but a
+        // reader-referenced check is not even needed.
+        assert!(c.clean_idle(|_| false).is_empty());
+        c.get(h(3));
+        let mut dropped = c.clean_idle(|&v| v == 4);
+        dropped.sort_unstable();
+        assert_eq!(dropped, vec![h(1)], "3 was used, 2 is dirty");
+        // Used by a lock-free reader: spared.
+        assert!(c.clean_idle(|&v| v == 3).is_empty());
+        assert_eq!(c.clean_idle(|_| false), vec![h(3)]);
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn slice_sizes_follow_qemu_rules() {
+        let geo = Geometry {
+            cluster_bits: 16,
+            extended_l2: false,
+            refcount_order: 4,
+        };
+        // The test suites may override the defaults through the environment.
+        if std::env::var_os("OXCOW_L2_CACHE_SIZE").is_none()
+            && std::env::var_os("OXCOW_L2_SLICE_SIZE").is_none()
+        {
+            let c = CacheConfig::resolve(&geo, 1 << 40, 0, 0, 0, None).unwrap();
+            assert_eq!(c.l2_slices as u64, DEFAULT_MAX_L2_BYTES / 4096);
+            let small = CacheConfig::resolve(&geo, 1 << 30, 0, 0, 4096, None).unwrap();
+            assert_eq!(
+                small.l2_slices, 32,
+                "1 GiB needs 128 KiB of L2: 32 slices of 4 KiB"
+            );
+            assert_eq!(small.refcount_slices, 64);
+        }
+        assert!(CacheConfig::resolve(&geo, 1 << 30, 0, 0, 1000, None).is_err());
+        assert!(CacheConfig::resolve(&geo, 1 << 30, 0, 0, 256, None).is_err());
+        assert!(CacheConfig::resolve(&geo, 1 << 30, 0, 0, 1 << 17, None).is_err());
+        let two = CacheConfig::resolve(&geo, 1 << 30, 1, 1, 512, None).unwrap();
+        assert_eq!((two.l2_slices, two.refcount_slices), (2, 2));
     }
 }
