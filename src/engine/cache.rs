@@ -46,9 +46,10 @@ impl CacheConfig {
     /// Defaults follow QEMU: an L2 cache large enough to map the whole image, capped at
     /// [`DEFAULT_MAX_L2_BYTES`]; a refcount cache of four clusters; 4 KiB slices. A slice
     /// size must be a power of two from 512 bytes up to the cluster size (`InvalidArgument`
-    /// otherwise, as qemu's l2-cache-entry-size); `OXCOW_L2_SLICE_SIZE` and
-    /// `OXCOW_L2_CACHE_SIZE` in the environment override the defaults (the test suites run
-    /// with several slice sizes through them; "cluster" means whole tables).
+    /// otherwise, as qemu's l2-cache-entry-size); `OXCOW_L2_SLICE_SIZE`,
+    /// `OXCOW_L2_CACHE_SIZE` and `OXCOW_REFCOUNT_CACHE_SIZE` in the environment override the
+    /// defaults (the test suites run with several slice sizes through them; "cluster" means
+    /// whole tables).
     pub fn resolve(
         geo: &Geometry,
         virtual_size: u64,
@@ -77,7 +78,9 @@ impl CacheConfig {
             b => b,
         };
         let rc = match refcount_bytes {
-            0 => DEFAULT_REFCOUNT_CLUSTERS * cs,
+            0 => {
+                env_bytes("OXCOW_REFCOUNT_CACHE_SIZE", cs).unwrap_or(DEFAULT_REFCOUNT_CLUSTERS * cs)
+            }
             b => b,
         };
         let slices = |bytes: u64| (bytes / slice).clamp(2, MAX_SLICES) as usize;
@@ -100,18 +103,31 @@ fn env_bytes(name: &str, cluster: u64) -> Option<u64> {
 }
 
 struct Slot<T> {
+    key: HostOffset,
     data: T,
     dirty: bool,
+    /// Used through this cache since the clock hand last passed (second chance).
+    recent: bool,
+    /// Value of the use counter at the last use (idle cleaning).
     last_use: u64,
 }
 
-/// Cached tables of type `T` (decoded L2 words, raw refcount block bytes).
+/// Cached slices of type `T` (decoded L2 words, raw refcount block bytes), evicted by CLOCK
+/// (second chance): a hit is a hash lookup and a flag store, and an eviction moves a hand
+/// over the slots, so both cost O(1) on average whatever the cache size (a cache of tens of
+/// thousands of slices is normal for a large image).
 pub struct TableCache<T> {
-    slots: HashMap<HostOffset, Slot<T>>,
+    slots: Vec<Slot<T>>,
+    index: HashMap<HostOffset, usize>,
     capacity: usize,
+    /// Next slot the clock hand looks at.
+    hand: usize,
+    /// Use counter: bumped on every use.
     clock: u64,
-    /// The clock at the last idle clean: entries not used since are idle.
+    /// The counter at the last idle clean: entries not used since are idle.
     clean_mark: u64,
+    /// Number of dirty slots.
+    dirty: usize,
 }
 
 impl<T> TableCache<T> {
@@ -119,10 +135,13 @@ impl<T> TableCache<T> {
     /// costs nothing but its map header.
     pub fn new(capacity: usize) -> TableCache<T> {
         TableCache {
-            slots: HashMap::new(),
+            slots: Vec::new(),
+            index: HashMap::new(),
             capacity: capacity.max(2),
+            hand: 0,
             clock: 0,
             clean_mark: 0,
+            dirty: 0,
         }
     }
 
@@ -132,155 +151,196 @@ impl<T> TableCache<T> {
         self.slots.len()
     }
 
+    /// Whether the slice at `offset` is cached.
+    pub fn contains(&self, offset: HostOffset) -> bool {
+        self.index.contains_key(&offset)
+    }
+
+    fn slot_mut(&mut self, offset: HostOffset) -> Option<&mut Slot<T>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let i = *self.index.get(&offset)?;
+        let s = &mut self.slots[i];
+        s.recent = true;
+        s.last_use = clock;
+        Some(s)
+    }
+
+    /// The cached slice, marked as recently used.
+    pub fn get(&mut self, offset: HostOffset) -> Option<&T> {
+        self.slot_mut(offset).map(|s| &s.data)
+    }
+
+    /// The cached slice for modification; marks it dirty.
+    pub fn get_mut(&mut self, offset: HostOffset) -> Option<&mut T> {
+        let i = *self.index.get(&offset)?;
+        if !self.slots[i].dirty {
+            self.dirty += 1;
+        }
+        let s = self.slot_mut(offset)?;
+        s.dirty = true;
+        Some(&mut s.data)
+    }
+
+    /// Whether inserting another slice needs an eviction first.
+    pub fn is_full(&self) -> bool {
+        self.slots.len() >= self.capacity
+    }
+
+    /// Evicts a clean slice (second chance for recently used ones). Returns false if every
+    /// slice is dirty.
+    pub fn evict_one_clean(&mut self) -> bool {
+        self.evict_clean_second_chance(|_| false).is_some()
+    }
+
+    /// Evicts a clean slice chosen by CLOCK: a candidate used since the hand last passed
+    /// (through this cache, or as `used(data)` reports for lock-free readers; `used` may
+    /// clear that mark) is kept this time. Returns the evicted offset, or None if every slice
+    /// is dirty.
+    pub fn evict_clean_second_chance(
+        &mut self,
+        mut used: impl FnMut(&T) -> bool,
+    ) -> Option<HostOffset> {
+        if self.dirty >= self.slots.len() {
+            return None;
+        }
+        // Bound: one sweep clears every mark; readers may mark slices as fast as we clear
+        // them, so after two sweeps the first clean slice goes regardless.
+        let n = self.slots.len();
+        for _ in 0..2 * n {
+            if self.hand >= self.slots.len() {
+                self.hand = 0;
+            }
+            let s = &mut self.slots[self.hand];
+            if !s.dirty {
+                let referenced = std::mem::take(&mut s.recent) | used(&s.data);
+                if !referenced {
+                    return Some(self.remove_at(self.hand));
+                }
+            }
+            self.hand += 1;
+        }
+        let i = self.slots.iter().position(|s| !s.dirty)?;
+        Some(self.remove_at(i))
+    }
+
+    /// Removes slot `i` (moving the last slot into its place) and returns its key.
+    fn remove_at(&mut self, i: usize) -> HostOffset {
+        let s = self.slots.swap_remove(i);
+        self.index.remove(&s.key);
+        if let Some(moved) = self.slots.get(i) {
+            self.index.insert(moved.key, i);
+        }
+        if s.dirty {
+            self.dirty -= 1;
+        }
+        s.key
+    }
+
     /// Drops the clean entries not used since the previous call (by this cache or, as
     /// `used(data)` reports, by lock-free readers) and returns their offsets; the owner
     /// calls it once per clean interval. Dirty entries stay.
     pub fn clean_idle(&mut self, mut used: impl FnMut(&T) -> bool) -> Vec<HostOffset> {
         let mark = self.clean_mark;
-        let idle: Vec<HostOffset> = self
-            .slots
-            .iter()
-            .filter(|(_, s)| !s.dirty && s.last_use <= mark && !used(&s.data))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in &idle {
-            self.slots.remove(k);
-        }
+        let mut idle = Vec::new();
+        self.slots.retain(|s| {
+            let keep = s.dirty || s.last_use > mark || used(&s.data);
+            if !keep {
+                idle.push(s.key);
+            }
+            keep
+        });
         if self.slots.is_empty() {
-            // Give the memory of a once-large map back too.
-            self.slots = HashMap::new();
+            // Give the memory of a once-large cache back too.
+            self.slots = Vec::new();
+            self.index = HashMap::new();
+        } else {
+            self.reindex();
         }
         self.clean_mark = self.clock;
         idle
     }
 
-    /// Whether the table at `offset` is cached.
-    pub fn contains(&self, offset: HostOffset) -> bool {
-        self.slots.contains_key(&offset)
-    }
-
-    /// The cached table, marked as recently used.
-    pub fn get(&mut self, offset: HostOffset) -> Option<&T> {
-        self.clock += 1;
-        let clock = self.clock;
-        self.slots.get_mut(&offset).map(|s| {
-            s.last_use = clock;
-            &s.data
-        })
-    }
-
-    /// The cached table for modification; marks it dirty.
-    pub fn get_mut(&mut self, offset: HostOffset) -> Option<&mut T> {
-        self.clock += 1;
-        let clock = self.clock;
-        self.slots.get_mut(&offset).map(|s| {
-            s.last_use = clock;
-            s.dirty = true;
-            &mut s.data
-        })
-    }
-
-    /// Whether inserting another table needs an eviction first.
-    pub fn is_full(&self) -> bool {
-        self.slots.len() >= self.capacity
-    }
-
-    /// Evicts the least recently used clean table. Returns false if every table is dirty.
-    pub fn evict_one_clean(&mut self) -> bool {
-        let victim = self
-            .slots
-            .iter()
-            .filter(|(_, s)| !s.dirty)
-            .min_by_key(|(_, s)| s.last_use)
-            .map(|(k, _)| *k);
-        match victim {
-            Some(k) => {
-                self.slots.remove(&k);
-                true
-            }
-            None => false,
+    fn reindex(&mut self) {
+        self.index.clear();
+        for (i, s) in self.slots.iter().enumerate() {
+            self.index.insert(s.key, i);
         }
     }
 
-    /// Evicts a clean table chosen by LRU with a second chance: a candidate for which
-    /// `used(data)` reports recent use elsewhere (lock-free readers) is kept this time and
-    /// counts as just used. Returns the evicted offset, or None if every table is dirty.
-    pub fn evict_clean_second_chance(
-        &mut self,
-        mut used: impl FnMut(&T) -> bool,
-    ) -> Option<HostOffset> {
-        // Readers may mark tables as fast as we clear the marks: spare each table at most
-        // about once, then take the least recently used regardless.
-        let mut spares = self.slots.len();
-        loop {
-            let victim = self
-                .slots
-                .iter()
-                .filter(|(_, s)| !s.dirty)
-                .min_by_key(|(_, s)| s.last_use)
-                .map(|(k, _)| *k)?;
-            let spared = spares > 0 && self.slots.get(&victim).is_some_and(|s| used(&s.data));
-            if !spared {
-                self.slots.remove(&victim);
-                return Some(victim);
-            }
-            spares -= 1;
-            self.clock += 1;
-            if let Some(s) = self.slots.get_mut(&victim) {
-                s.last_use = self.clock;
-            }
-        }
-    }
-
-    /// Inserts a table (replacing any cached one at the same offset).
+    /// Inserts a slice (replacing any cached one at the same offset).
     pub fn insert(&mut self, offset: HostOffset, data: T, dirty: bool) {
         self.clock += 1;
-        self.slots.insert(
-            offset,
-            Slot {
-                data,
-                dirty,
-                last_use: self.clock,
-            },
-        );
+        let slot = Slot {
+            key: offset,
+            data,
+            dirty,
+            recent: false,
+            last_use: self.clock,
+        };
+        if dirty {
+            self.dirty += 1;
+        }
+        match self.index.get(&offset) {
+            Some(&i) => {
+                if self.slots[i].dirty {
+                    self.dirty -= 1;
+                }
+                self.slots[i] = slot;
+            }
+            None => {
+                self.index.insert(offset, self.slots.len());
+                self.slots.push(slot);
+            }
+        }
     }
 
-    /// Drops every table without writing it (the owner wrote the dirty ones back first).
+    /// Drops every slice without writing it (the owner wrote the dirty ones back first).
     pub fn clear(&mut self) {
         self.slots.clear();
+        self.index.clear();
+        self.dirty = 0;
+        self.hand = 0;
     }
 
-    /// Drops a table from the cache without writing it.
+    /// Drops a slice from the cache without writing it.
     pub fn remove(&mut self, offset: HostOffset) {
-        self.slots.remove(&offset);
+        if let Some(&i) = self.index.get(&offset) {
+            self.remove_at(i);
+        }
     }
 
-    /// Offsets of the dirty tables, in ascending order (sequential write-back).
+    /// Offsets of the dirty slices, in ascending order (sequential write-back).
     pub fn dirty_offsets(&self) -> Vec<HostOffset> {
+        if self.dirty == 0 {
+            return Vec::new();
+        }
         let mut v: Vec<HostOffset> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.dirty)
-            .map(|(k, _)| *k)
+            .filter(|s| s.dirty)
+            .map(|s| s.key)
             .collect();
         v.sort_unstable();
         v
     }
 
-    /// Whether any table is dirty.
+    /// Whether any slice is dirty.
     pub fn has_dirty(&self) -> bool {
-        self.slots.values().any(|s| s.dirty)
+        self.dirty > 0
     }
 
-    /// The table at `offset` without touching LRU state or dirtiness.
+    /// The slice at `offset` without touching the use marks or dirtiness.
     pub fn peek(&self, offset: HostOffset) -> Option<&T> {
-        self.slots.get(&offset).map(|s| &s.data)
+        self.index.get(&offset).map(|&i| &self.slots[i].data)
     }
 
-    /// Marks a table clean after it was written.
+    /// Marks a slice clean after it was written.
     pub fn mark_clean(&mut self, offset: HostOffset) {
-        if let Some(s) = self.slots.get_mut(&offset) {
-            s.dirty = false;
+        if let Some(&i) = self.index.get(&offset) {
+            if std::mem::take(&mut self.slots[i].dirty) {
+                self.dirty -= 1;
+            }
         }
     }
 }
@@ -299,7 +359,7 @@ mod tests {
         c.insert(h(1), 1u32, false);
         c.insert(h(2), 2u32, false);
         c.insert(h(3), 3u32, true);
-        // Table 1 (least recent) is in use: table 2 goes instead.
+        // Table 1 is in use (lock-free readers): table 2 goes instead.
         assert_eq!(c.evict_clean_second_chance(|&v| v == 1), Some(h(2)));
         // Everything clean is always in use: something is evicted anyway.
         assert_eq!(c.evict_clean_second_chance(|_| true), Some(h(1)));
@@ -308,7 +368,7 @@ mod tests {
     }
 
     #[test]
-    fn eviction_takes_the_least_recent_clean_table_and_never_a_dirty_one() {
+    fn eviction_spares_recently_used_tables_and_never_takes_a_dirty_one() {
         let mut c = TableCache::new(4);
         c.insert(h(1), 1, false);
         c.insert(h(2), 2, true);
@@ -317,12 +377,20 @@ mod tests {
         c.get(h(1));
         assert!(c.is_full());
         assert!(c.evict_one_clean());
+        assert!(
+            c.contains(h(1)),
+            "used since the hand passed: second chance"
+        );
         assert!(!c.contains(h(3)));
         assert!(c.evict_one_clean());
         assert!(c.evict_one_clean());
         assert!(!c.evict_one_clean());
         assert!(c.contains(h(2)));
         assert_eq!(c.dirty_offsets(), vec![h(2)]);
+        c.mark_clean(h(2));
+        assert!(!c.has_dirty());
+        assert!(c.evict_one_clean());
+        assert_eq!(c.len(), 0);
     }
 
     #[test]
@@ -352,8 +420,13 @@ mod tests {
             refcount_order: 4,
         };
         // The test suites may override the defaults through the environment.
-        if std::env::var_os("OXCOW_L2_CACHE_SIZE").is_none()
-            && std::env::var_os("OXCOW_L2_SLICE_SIZE").is_none()
+        if [
+            "OXCOW_L2_CACHE_SIZE",
+            "OXCOW_L2_SLICE_SIZE",
+            "OXCOW_REFCOUNT_CACHE_SIZE",
+        ]
+        .iter()
+        .all(|v| std::env::var_os(v).is_none())
         {
             let c = CacheConfig::resolve(&geo, 1 << 40, 0, 0, 0, None).unwrap();
             assert_eq!(c.l2_slices as u64, DEFAULT_MAX_L2_BYTES / 4096);
