@@ -651,17 +651,47 @@ static void test_open_flags_and_locking(void) {
     }
 }
 
-/* Open options struct: accepted with defaults and with a cache size. */
+/* Open options struct: accepted with defaults and with cache sizes; a version-2 caller
+ * (struct_size 24) keeps working and never has the version-3 fields read. */
 static void test_open_options(void) {
     const char *path;
     oxcow_open_options oo;
     oxcow_image *img = NULL;
+    char buf[4096], back[4096];
     scratch_dir();
     path = scratch_path("oo.qcow2");
     REQUIRE_OK(create_default(path, MiB));
     oxcow_open_options_init(&oo);
+    CHECK_EQ(oo.struct_size, sizeof oo);
+    CHECK_EQ(oo.refcount_cache_size, 0);
+    CHECK_EQ(oo.l2_slice_size, 0);
     oo.cache_size = 4 * MiB;
     CHECK_EQ(oxcow_open(path, OXCOW_OPEN_RDWR, &oo, &img, NULL), 0);
+    CHECK(img != NULL);
+    CHECK_EQ(oxcow_close(img), 0);
+
+    /* Smallest caches: two 512-byte slices each, constant eviction; data still round-trips. */
+    oo.cache_size = 1;
+    oo.refcount_cache_size = 1;
+    oo.l2_slice_size = 512;
+    img = NULL;
+    CHECK_EQ(oxcow_open(path, OXCOW_OPEN_RDWR, &oo, &img, NULL), 0);
+    REQUIRE(img != NULL);
+    memset(buf, 0x5a, sizeof buf);
+    CHECK_EQ(oxcow_pwrite(img, buf, sizeof buf, 512 * 1024), 0);
+    CHECK_EQ(oxcow_pread(img, back, sizeof back, 512 * 1024), 0);
+    CHECK(memcmp(buf, back, sizeof buf) == 0);
+    CHECK_EQ(oxcow_close(img), 0);
+    CHECK_EQ(qemu_check(path), 0);
+
+    /* Not a power of two: refused like qemu's l2-cache-entry-size. */
+    oo.l2_slice_size = 1000;
+    img = NULL;
+    CHECK_EQ(oxcow_open(path, 0, &oo, &img, NULL), -EINVAL);
+    CHECK(img == NULL);
+    /* A version-2 caller: the bad slice size past its struct_size is never read. */
+    oo.struct_size = 24;
+    CHECK_EQ(oxcow_open(path, 0, &oo, &img, NULL), 0);
     CHECK(img != NULL);
     CHECK_EQ(oxcow_close(img), 0);
 }

@@ -119,8 +119,16 @@ type OpenOptions struct {
 	// unmapping WriteZeroes have their host ranges punched once the free is durable (after
 	// the next Flush), so the file's allocated blocks shrink. Without it nothing is punched.
 	DiscardUnmap bool
-	// CacheSize is the metadata cache budget in bytes; 0 means the library default.
+	// CacheSize is the L2 cache size in bytes; 0 means the library default (enough to map
+	// the whole image, at most 32 MiB, as QEMU).
 	CacheSize uint64
+	// RefcountCacheSize is the refcount cache size in bytes; 0 means the default (four
+	// clusters).
+	RefcountCacheSize uint64
+	// L2SliceSize is the size of one cached slice of an L2 table or refcount block (qemu's
+	// l2-cache-entry-size); 0 means 4 KiB. Otherwise a power of two from 512 up to the
+	// cluster size (EINVAL).
+	L2SliceSize uint64
 	// Snapshot, when not empty, opens a read-only view of the internal snapshot with this
 	// id, else this name (like qemu-img convert -l); EINVAL with Writable, ENOENT when
 	// there is no such snapshot.
@@ -183,12 +191,13 @@ type Image struct {
 // Open opens the image at path.
 func Open(path string, opts *OpenOptions) (*Image, error) {
 	flags := opts.flags()
-	var cache uint64
+	var caches capi.CacheSizes
 	var snapshot string
 	if opts != nil {
-		cache, snapshot = opts.CacheSize, opts.Snapshot
+		caches = capi.CacheSizes{L2: opts.CacheSize, Refcount: opts.RefcountCacheSize, Slice: opts.L2SliceSize}
+		snapshot = opts.Snapshot
 	}
-	h, cerr := capi.OpenWith(path, flags, cache, snapshot)
+	h, cerr := capi.OpenWithCaches(path, flags, caches, snapshot)
 	if cerr != nil {
 		return nil, wrap("open", path, cerr)
 	}

@@ -556,7 +556,8 @@ typedef struct oxcow_open_options {
      */
     uint32_t overlap_check;
     /**
-     * Metadata cache budget in bytes; 0 means the default. Accepted, currently ignored.
+     * L2 cache size in bytes; 0 means the default: enough to map the whole image, at most
+     * 32 MiB (QEMU's rule). At least two slices are cached whatever is asked.
      */
     uint64_t cache_size;
     /**
@@ -566,6 +567,16 @@ typedef struct oxcow_open_options {
      * matches. Read during oxcow_open() only.
      */
     const char *snapshot;
+    /**
+     * Version 3: refcount cache size in bytes; 0 means the default (four clusters).
+     */
+    uint64_t refcount_cache_size;
+    /**
+     * Version 3: size in bytes of one cached slice of an L2 table or refcount block (like
+     * qemu's l2-cache-entry-size); 0 means the default, 4 KiB (the cluster size when
+     * smaller). Otherwise a power of two from 512 up to the cluster size (-EINVAL at open).
+     */
+    uint64_t l2_slice_size;
 } oxcow_open_options;
 
 /**

@@ -5,7 +5,12 @@
 # qcow2/raw and oxcow/qemu-img. Benchmarks never gate CI: scripts/test.sh does not run this.
 #
 # Usage: scripts/bench.sh [--quick] [--reps N] [--dirs "DIR1 DIR2"] [--only "W1 W2"] [--keep]
-#   --quick   smoke run: small image, one repetition (well under 30 s)
+#                        [--large|--no-large]
+#   --quick   smoke run: small image, one repetition (well under 30 s; no large-image rows)
+#   --large / --no-large  add (default without --quick) or leave out the large-image rows: a
+#             1 TiB image made by qemu-img create -o preallocation=metadata (about 160 MiB of
+#             metadata on the last of --dirs) and a 1 TiB sparse raw file, read with 4 KiB
+#             requests at a 513 MiB stride (every request in another L2 table) and at random
 #   --reps N  repetitions per measurement (default 5; the median is reported)
 #   --dirs    where the image files live (default: /dev/shm and ${TMPDIR:-/var/tmp})
 #   --only    run only the named workloads (e.g. "alloc-4k-seq alloc-4k-strided")
@@ -25,6 +30,7 @@ REPS=5
 DIRS=""
 ONLY=""
 KEEP=0
+LARGE=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; REPS=1 ;;
@@ -32,12 +38,15 @@ while [ $# -gt 0 ]; do
         --dirs) DIRS="$2"; shift ;;
         --only) ONLY="$2"; shift ;;
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --large) LARGE=1 ;;
+        --no-large) LARGE=0 ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench.sh: unknown argument '$1' (try --help)" >&2; exit 1 ;;
     esac
     shift
 done
 [ -n "$DIRS" ] || DIRS="/dev/shm ${TMPDIR:-/var/tmp}"
+[ -n "$LARGE" ] || LARGE=$((1 - QUICK))
 
 command -v qemu-img >/dev/null || { echo "bench.sh: qemu-img is required" >&2; exit 1; }
 # OXCOW_BIN=path benchmarks a given binary instead of building target/release/oxcow.
@@ -54,6 +63,7 @@ else
     SIZE_MB=256; N4=65536; N1=256
 fi
 NCOW=$((SIZE_MB * 16)) # one 4 KiB write into every 64 KiB cluster
+NLARGE=$((N4 / 2))     # requests per large-image run
 
 RESULTS=$(mktemp "${TMPDIR:-/tmp}/oxcow-bench.XXXXXX")
 WORKDIRS=()
@@ -80,6 +90,14 @@ WORKLOADS=(
     "read-1m-seq|-c $N1 -s 1M|data"
     "write-1m-seq|-w -c $N1 -s 1M --flush-interval $N1|fresh"
 )
+#   large = the 1 TiB metadata-preallocated image / 1 TiB sparse raw file (last dir only)
+if [ "$LARGE" = 1 ]; then
+    WORKLOADS+=(
+        "large-4k-stride513M|-c $NLARGE -s 4k -S 513M|large"
+        "large-4k-rand|-c $NLARGE -s 4k --random|large"
+    )
+fi
+LARGE_DIR=""
 
 # Prepares the shared files in $1: data.raw (random bytes) and data.qcow2 (same contents, every
 # cluster allocated, as qemu-img convert writes it).
@@ -138,6 +156,9 @@ measure() {
     esac
     case "$kind" in
         data) img="$dir/data.$fmt" ;;
+        large)
+            [ "$dir" = "$LARGE_DIR" ] || return 0
+            img="$dir/large.$fmt" ;;
         databm) img="$dir/data.$fmt"; [ "$fmt" = qcow2 ] && img="$dir/databm.qcow2" ;;
         fresh)
             img="$dir/fresh.$fmt"
@@ -191,7 +212,22 @@ for dir in $DIRS; do
     WORKDIRS+=("$w")
     prepare "$w"
     baseline "$w" "$(fs_name "$w" "$dir")"
+    LARGE_DIR=$w
 done
+if [ "$LARGE" = 1 ]; then
+    avail=$(df --output=avail -k "$LARGE_DIR" | tail -1)
+    if [ "$avail" -lt $((1 << 20)) ]; then
+        echo "bench.sh: less than 1 GiB free in $LARGE_DIR: no large-image rows" >&2
+        LARGE_DIR=""
+    else
+        echo "  creating the 1 TiB metadata-preallocated image in $LARGE_DIR"
+        qemu-img create -q -f qcow2 -o preallocation=metadata "$LARGE_DIR/large.qcow2" 1T
+        truncate -s 1T "$LARGE_DIR/large.raw"
+        # Warm page cache like the other rows: the metadata (L1, L2, refcounts) sits in
+        # the first ~160 MiB of the file.
+        dd if="$LARGE_DIR/large.qcow2" of=/dev/null bs=1M count=256 status=none
+    fi
+fi
 for rep in $(seq "$REPS"); do
     i=0
     for dir in $DIRS; do
@@ -241,6 +277,18 @@ for key in order:
     r1 = f"{ox / raw:10.2f}" if ox and raw else "       n/a"
     r2 = f"{ox / qm:8.2f}" if ox and qm else "     n/a"
     print(f"{key[0]:<14}{key[1]:<20}{key[2]:>2} {f(ox)} {f(raw)} {f(qm)} {r1} {r2}")
+
+large = [k for k in order if k[1].startswith("large-")]
+if large:
+    print()
+    print("Large image (1 TiB, metadata preallocated): targets stride >= 0.5x raw and >= 5x")
+    print("qemu-img bench; random >= 0.3x raw (qemu-img bench has no random mode).")
+    for key in large:
+        ox, raw, qm = med(key, "oxcow"), med(key, "raw"), med(key, "qemu")
+        iops = lambda x: f"{x * 256:9.0f}" if x else "      n/a"
+        r1 = f"{ox / raw:.2f}x raw" if ox and raw else ""
+        r2 = f", {ox / qm:.1f}x qemu-img" if ox and qm else ""
+        print(f"{key[1]:<20} d={key[2]}  IOPS oxcow {iops(ox)} raw {iops(raw)} qemu-img {iops(qm)}  {r1}{r2}")
 
 print()
 print("Dirty-tracking cost: oxcow's overwrite-4k throughput with one enabled bitmap / without")

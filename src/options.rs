@@ -130,6 +130,19 @@ pub struct OpenOptions {
     /// freed clusters keep their blocks until reused. Ignored where the file system cannot
     /// punch holes.
     pub discard_unmap: bool,
+    /// L2 cache size in bytes; 0 means the default: enough to map the whole image, at most
+    /// 32 MiB (QEMU's rule). At least two slices are cached whatever is asked.
+    pub l2_cache_size: u64,
+    /// Refcount cache size in bytes; 0 means the default (four clusters, QEMU's rule).
+    pub refcount_cache_size: u64,
+    /// Size of one cached slice of an L2 table or refcount block in bytes (QEMU's
+    /// l2-cache-entry-size); 0 means the default, 4 KiB (or the cluster size when smaller).
+    /// Must be a power of two from 512 up to the cluster size (`InvalidArgument` otherwise).
+    pub l2_slice_size: u64,
+    /// Cache entries unused for this long are dropped at the next cache miss or flush, so
+    /// an idle handle gives its cache memory back (QEMU's cache-clean-interval). None means
+    /// the default (600 s); a zero duration keeps entries until evicted.
+    pub cache_clean_interval: Option<std::time::Duration>,
     /// Open a read-only view of this internal snapshot's disk (an id, else a name) instead
     /// of the active state, like `qemu-img convert -l`. Requires a read-only open
     /// (`InvalidArgument` otherwise); `NotFound` when no snapshot matches.

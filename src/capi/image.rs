@@ -37,6 +37,7 @@ fn options_from_flags(flags: u32) -> OpenOptions {
         discard_unmap: flags & OXCOW_OPEN_DISCARD_UNMAP != 0,
         overlap_check: OverlapCheck::All,
         snapshot: None,
+        ..OpenOptions::default()
     }
 }
 
@@ -167,13 +168,20 @@ pub unsafe extern "C" fn oxcow_open(
         super::check_flags(flags, OPEN_FLAGS, "open")?;
         // SAFETY: `opts` is NULL or an initialised struct per the contract.
         let mut ropts = options_from_flags(flags);
-        let v1 = OPEN_OPTIONS_V1_SIZE as usize;
+        let versions = [
+            OPEN_OPTIONS_V1_SIZE as usize,
+            OPEN_OPTIONS_V2_SIZE as usize,
+            OPEN_OPTIONS_V3_SIZE as usize,
+        ];
         let defaults = oxcow_open_options::defaults();
         // SAFETY: `opts` is NULL or an initialised struct per the contract.
-        if let Some(o) = unsafe { super::read_versioned(opts, "oxcow_open_options", v1, defaults) }?
+        if let Some(o) =
+            unsafe { super::read_versions(opts, "oxcow_open_options", &versions, defaults) }?
         {
             ropts.overlap_check = overlap_mode(o.overlap_check)?;
-            // cache_size is accepted; the engine does not take a budget yet.
+            ropts.l2_cache_size = o.cache_size;
+            ropts.refcount_cache_size = o.refcount_cache_size;
+            ropts.l2_slice_size = o.l2_slice_size;
             // SAFETY: NULL or NUL-terminated per the contract (version 2 field).
             ropts.snapshot = unsafe { super::snapshot::c_key_opt(o.snapshot) }?;
         }

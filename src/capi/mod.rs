@@ -122,18 +122,18 @@ fn check_flags(flags: u32, known: u32, what: &str) -> error::CResult<()> {
     Ok(())
 }
 
-/// Reads a caller's option struct of which versions up to `T` exist: at least `v1` bytes
-/// (its version-1 size) are required; fields past what the caller's `struct_size` covers
-/// keep their values from `defaults`. A size between versions counts as the smaller one.
-/// NULL gives `None`.
+/// Reads a caller's option struct of which versions up to `T` exist: `sizes` lists the size
+/// of every version in increasing order (the first, version 1, is required; the last is
+/// `size_of::<T>()`). Fields past what the caller's `struct_size` covers keep their values
+/// from `defaults`; a size between versions counts as the smaller one. NULL gives `None`.
 ///
 /// # Safety
 /// `p` is NULL or points to a readable struct starting with a `u32` struct size, readable
 /// for that many bytes (at most `size_of::<T>()` are read).
-unsafe fn read_versioned<T: Copy>(
+unsafe fn read_versions<T: Copy>(
     p: *const T,
     name: &str,
-    v1: usize,
+    sizes: &[usize],
     defaults: T,
 ) -> error::CResult<Option<T>> {
     if p.is_null() {
@@ -141,19 +141,28 @@ unsafe fn read_versioned<T: Copy>(
     }
     // SAFETY: every option struct starts with `uint32_t struct_size`, readable per contract.
     let size = unsafe { p.cast::<u32>().read() } as usize;
-    if size < v1 {
+    let full = std::mem::size_of::<T>();
+    let Some(&n) = sizes.iter().rev().find(|&&v| v <= size && v <= full) else {
+        let v1 = sizes.first().copied().unwrap_or(full);
         return error::einval(format!(
             "{name}.struct_size is {size}, smaller than the {v1} bytes of version 1; \
              initialise the struct with its _init function"
         ));
-    }
-    let full = std::mem::size_of::<T>();
-    let n = if size >= full { full } else { v1 };
+    };
+    // SAFETY: forwarded contract; `n` is a version boundary at most `size`.
+    unsafe { read_prefix(p, n, defaults) }.map(Some)
+}
+
+/// Copies the first `n` bytes of the caller's struct over `defaults`.
+///
+/// # Safety
+/// `p` is readable for `n <= size_of::<T>()` bytes.
+unsafe fn read_prefix<T: Copy>(p: *const T, n: usize, defaults: T) -> error::CResult<T> {
     let mut out = defaults;
     // SAFETY: the caller's struct is readable for `size >= n` bytes; `out` is a T, writable
     // for `n <= size_of::<T>()` bytes; both are plain data and do not overlap.
     unsafe {
         std::ptr::copy_nonoverlapping(p.cast::<u8>(), (&raw mut out).cast::<u8>(), n);
     }
-    Ok(Some(out))
+    Ok(out)
 }

@@ -132,13 +132,20 @@ pub struct oxcow_open_options {
     /// Which metadata the overlap guard protects from writes: OXCOW_OVERLAP_* (0, the
     /// default, means OXCOW_OVERLAP_ALL).
     pub overlap_check: u32,
-    /// Metadata cache budget in bytes; 0 means the default. Accepted, currently ignored.
+    /// L2 cache size in bytes; 0 means the default: enough to map the whole image, at most
+    /// 32 MiB (QEMU's rule). At least two slices are cached whatever is asked.
     pub cache_size: u64,
     /// Version 2: NULL for the active state, or a NUL-terminated snapshot id or name to open
     /// a read-only view of that internal snapshot's disk (like `qemu-img convert -l`); the
     /// open must then be read-only (-EINVAL with OXCOW_OPEN_RDWR), -ENOENT when no snapshot
     /// matches. Read during oxcow_open() only.
     pub snapshot: *const c_char,
+    /// Version 3: refcount cache size in bytes; 0 means the default (four clusters).
+    pub refcount_cache_size: u64,
+    /// Version 3: size in bytes of one cached slice of an L2 table or refcount block (like
+    /// qemu's l2-cache-entry-size); 0 means the default, 4 KiB (the cluster size when
+    /// smaller). Otherwise a power of two from 512 up to the cluster size (-EINVAL at open).
+    pub l2_slice_size: u64,
 }
 
 /// Overlap-check mode: the default (OXCOW_OVERLAP_ALL).
@@ -268,7 +275,10 @@ pub(crate) const CREATE_OPTIONS_V2_SIZE: u32 = size_of::<oxcow_create_options>()
 /// Version 1 of oxcow_open_options ends before `snapshot`.
 pub(crate) const OPEN_OPTIONS_V1_SIZE: u32 =
     std::mem::offset_of!(oxcow_open_options, snapshot) as u32;
-pub(crate) const OPEN_OPTIONS_V2_SIZE: u32 = size_of::<oxcow_open_options>() as u32;
+/// Version 2 of oxcow_open_options ends before `refcount_cache_size`.
+pub(crate) const OPEN_OPTIONS_V2_SIZE: u32 =
+    std::mem::offset_of!(oxcow_open_options, refcount_cache_size) as u32;
+pub(crate) const OPEN_OPTIONS_V3_SIZE: u32 = size_of::<oxcow_open_options>() as u32;
 pub(crate) const INFO_V1_SIZE: u32 = size_of::<oxcow_info>() as u32;
 pub(crate) const CHECK_RESULT_V1_SIZE: u32 = size_of::<oxcow_check_result>() as u32;
 
@@ -295,10 +305,12 @@ impl oxcow_open_options {
     /// The defaults oxcow_open_options_init() writes.
     pub(crate) fn defaults() -> oxcow_open_options {
         oxcow_open_options {
-            struct_size: OPEN_OPTIONS_V2_SIZE,
+            struct_size: OPEN_OPTIONS_V3_SIZE,
             overlap_check: OXCOW_OVERLAP_DEFAULT,
             cache_size: 0,
             snapshot: std::ptr::null(),
+            refcount_cache_size: 0,
+            l2_slice_size: 0,
         }
     }
 }
@@ -387,8 +399,9 @@ mod tests {
         assert_eq!(size_of::<oxcow_create_options>(), 56);
         assert_eq!(CREATE_OPTIONS_V1_SIZE, 48);
         assert_eq!(offset_of!(oxcow_create_options, backing_file), 32);
-        assert_eq!(size_of::<oxcow_open_options>(), 24);
+        assert_eq!(size_of::<oxcow_open_options>(), 40);
         assert_eq!(OPEN_OPTIONS_V1_SIZE, 16);
+        assert_eq!(OPEN_OPTIONS_V2_SIZE, 24);
         assert_eq!(size_of::<oxcow_snapshot_info>(), 432);
         assert_eq!(offset_of!(oxcow_snapshot_info, date_sec), 384);
         assert_eq!(size_of::<oxcow_info>(), 48 + 1024 + 32);

@@ -1,160 +1,346 @@
-//! A small write-back cache of metadata tables keyed by host offset, with LRU eviction of
+//! A small write-back cache of metadata slices keyed by host offset, with LRU eviction of
 //! clean entries. Dirty entries are never evicted: the owner writes them back in crash-safe
 //! order first (see `Meta::writeback`).
+//!
+//! The L2 and refcount caches hold slices of tables (a power of two from 512 bytes up to a
+//! whole cluster), keyed by the slice's own host offset (table offset + slice index * slice
+//! size): a miss reads one slice, so a scattered working set over a large image costs one
+//! small read per slice instead of a whole table.
 
-use crate::format::HostOffset;
+use crate::format::{Geometry, HostOffset};
 use std::collections::HashMap;
+use std::time::Duration;
+
+/// Default slice size (QEMU's default L2 cache entry size on 4 KiB-page hosts).
+pub const DEFAULT_SLICE_BYTES: u64 = 4096;
+/// Smallest slice (one sector).
+pub const MIN_SLICE_BYTES: u64 = 512;
+/// Cap of the default L2 cache (QEMU 10's default maximum on Linux): covers 256 GiB of guest
+/// at 64 KiB clusters. A larger image gets this much and evicts.
+pub const DEFAULT_MAX_L2_BYTES: u64 = 32 << 20;
+/// Default refcount cache, in clusters (QEMU's rule: four clusters).
+pub const DEFAULT_REFCOUNT_CLUSTERS: u64 = 4;
+/// Default idle interval after which unused cache entries are dropped (QEMU's
+/// cache-clean-interval default).
+pub const DEFAULT_CLEAN_INTERVAL: Duration = Duration::from_secs(600);
+/// Most slices one cache holds, whatever is asked: bounds the bookkeeping.
+const MAX_SLICES: u64 = 1 << 20;
+
+/// The metadata cache sizes of one open image, resolved from [`crate::OpenOptions`]
+/// against its geometry and virtual size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Slice size in bytes: a power of two, 512 up to the cluster size.
+    pub slice_bytes: u64,
+    /// Slices the L2 cache holds (at least 2).
+    pub l2_slices: usize,
+    /// Slices the refcount cache holds (at least 2).
+    pub refcount_slices: usize,
+    /// Entries unused for this long are dropped at the next miss or flush (None: never).
+    pub clean_interval: Option<Duration>,
+}
+
+impl CacheConfig {
+    /// Resolves the caller's settings (0 = default) for an image of `geo` and `virtual_size`.
+    ///
+    /// Defaults follow QEMU: an L2 cache large enough to map the whole image, capped at
+    /// [`DEFAULT_MAX_L2_BYTES`]; a refcount cache of four clusters; 4 KiB slices. A slice
+    /// size must be a power of two from 512 bytes up to the cluster size (`InvalidArgument`
+    /// otherwise, as qemu's l2-cache-entry-size); `OXCOW_L2_SLICE_SIZE`,
+    /// `OXCOW_L2_CACHE_SIZE` and `OXCOW_REFCOUNT_CACHE_SIZE` in the environment override the
+    /// defaults (the test suites run with several slice sizes through them; "cluster" means
+    /// whole tables).
+    pub fn resolve(
+        geo: &Geometry,
+        virtual_size: u64,
+        l2_bytes: u64,
+        refcount_bytes: u64,
+        slice_bytes: u64,
+        clean_interval: Option<Duration>,
+    ) -> crate::Result<CacheConfig> {
+        let cs = geo.cluster_size();
+        let slice = match slice_bytes {
+            0 => env_bytes("OXCOW_L2_SLICE_SIZE", cs).unwrap_or(DEFAULT_SLICE_BYTES.min(cs)),
+            s => s,
+        };
+        if !slice.is_power_of_two() || !(MIN_SLICE_BYTES..=cs).contains(&slice) {
+            return Err(crate::Error::invalid(format!(
+                "L2 cache entry size must be a power of two between {MIN_SLICE_BYTES} and the cluster size ({cs})"
+            )));
+        }
+        let entry = if geo.extended_l2 { 16 } else { 8 };
+        let cover = virtual_size
+            .div_ceil(cs)
+            .saturating_mul(entry)
+            .min(DEFAULT_MAX_L2_BYTES);
+        let l2 = match l2_bytes {
+            0 => env_bytes("OXCOW_L2_CACHE_SIZE", cs).unwrap_or(cover),
+            b => b,
+        };
+        let rc = match refcount_bytes {
+            0 => {
+                env_bytes("OXCOW_REFCOUNT_CACHE_SIZE", cs).unwrap_or(DEFAULT_REFCOUNT_CLUSTERS * cs)
+            }
+            b => b,
+        };
+        let slices = |bytes: u64| (bytes / slice).clamp(2, MAX_SLICES) as usize;
+        Ok(CacheConfig {
+            slice_bytes: slice,
+            l2_slices: slices(l2),
+            refcount_slices: slices(rc),
+            clean_interval: clean_interval.filter(|d| !d.is_zero()),
+        })
+    }
+}
+
+/// A byte count from the environment ("cluster" = `cluster`), for the test suites' overrides.
+fn env_bytes(name: &str, cluster: u64) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    match v.trim() {
+        "cluster" | "table" => Some(cluster),
+        n => n.parse().ok().filter(|&b| b > 0),
+    }
+}
 
 struct Slot<T> {
+    key: HostOffset,
     data: T,
     dirty: bool,
+    /// Used through this cache since the clock hand last passed (second chance).
+    recent: bool,
+    /// Value of the use counter at the last use (idle cleaning).
     last_use: u64,
 }
 
-/// Cached tables of type `T` (decoded L2 words, raw refcount block bytes).
+/// Cached slices of type `T` (decoded L2 words, raw refcount block bytes), evicted by CLOCK
+/// (second chance): a hit is a hash lookup and a flag store, and an eviction moves a hand
+/// over the slots, so both cost O(1) on average whatever the cache size (a cache of tens of
+/// thousands of slices is normal for a large image).
 pub struct TableCache<T> {
-    slots: HashMap<HostOffset, Slot<T>>,
+    slots: Vec<Slot<T>>,
+    index: HashMap<HostOffset, usize>,
     capacity: usize,
+    /// Next slot the clock hand looks at.
+    hand: usize,
+    /// Use counter: bumped on every use.
     clock: u64,
+    /// The counter at the last idle clean: entries not used since are idle.
+    clean_mark: u64,
+    /// Number of dirty slots.
+    dirty: usize,
 }
 
 impl<T> TableCache<T> {
-    /// A cache holding at most `capacity` tables (at least 4).
+    /// A cache holding at most `capacity` slices (at least 2). Filled lazily: an idle cache
+    /// costs nothing but its map header.
     pub fn new(capacity: usize) -> TableCache<T> {
         TableCache {
-            slots: HashMap::new(),
-            capacity: capacity.max(4),
+            slots: Vec::new(),
+            index: HashMap::new(),
+            capacity: capacity.max(2),
+            hand: 0,
             clock: 0,
+            clean_mark: 0,
+            dirty: 0,
         }
     }
 
-    /// Whether the table at `offset` is cached.
+    /// Number of cached slices.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the slice at `offset` is cached.
     pub fn contains(&self, offset: HostOffset) -> bool {
-        self.slots.contains_key(&offset)
+        self.index.contains_key(&offset)
     }
 
-    /// The cached table, marked as recently used.
+    fn slot_mut(&mut self, offset: HostOffset) -> Option<&mut Slot<T>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let i = *self.index.get(&offset)?;
+        let s = &mut self.slots[i];
+        s.recent = true;
+        s.last_use = clock;
+        Some(s)
+    }
+
+    /// The cached slice, marked as recently used.
     pub fn get(&mut self, offset: HostOffset) -> Option<&T> {
-        self.clock += 1;
-        let clock = self.clock;
-        self.slots.get_mut(&offset).map(|s| {
-            s.last_use = clock;
-            &s.data
-        })
+        self.slot_mut(offset).map(|s| &s.data)
     }
 
-    /// The cached table for modification; marks it dirty.
+    /// The cached slice for modification; marks it dirty.
     pub fn get_mut(&mut self, offset: HostOffset) -> Option<&mut T> {
-        self.clock += 1;
-        let clock = self.clock;
-        self.slots.get_mut(&offset).map(|s| {
-            s.last_use = clock;
-            s.dirty = true;
-            &mut s.data
-        })
+        let i = *self.index.get(&offset)?;
+        if !self.slots[i].dirty {
+            self.dirty += 1;
+        }
+        let s = self.slot_mut(offset)?;
+        s.dirty = true;
+        Some(&mut s.data)
     }
 
-    /// Whether inserting another table needs an eviction first.
+    /// Whether inserting another slice needs an eviction first.
     pub fn is_full(&self) -> bool {
         self.slots.len() >= self.capacity
     }
 
-    /// Evicts the least recently used clean table. Returns false if every table is dirty.
+    /// Evicts a clean slice (second chance for recently used ones). Returns false if every
+    /// slice is dirty.
     pub fn evict_one_clean(&mut self) -> bool {
-        let victim = self
-            .slots
-            .iter()
-            .filter(|(_, s)| !s.dirty)
-            .min_by_key(|(_, s)| s.last_use)
-            .map(|(k, _)| *k);
-        match victim {
-            Some(k) => {
-                self.slots.remove(&k);
-                true
-            }
-            None => false,
-        }
+        self.evict_clean_second_chance(|_| false).is_some()
     }
 
-    /// Evicts a clean table chosen by LRU with a second chance: a candidate for which
-    /// `used(data)` reports recent use elsewhere (lock-free readers) is kept this time and
-    /// counts as just used. Returns the evicted offset, or None if every table is dirty.
+    /// Evicts a clean slice chosen by CLOCK: a candidate used since the hand last passed
+    /// (through this cache, or as `used(data)` reports for lock-free readers; `used` may
+    /// clear that mark) is kept this time. Returns the evicted offset, or None if every slice
+    /// is dirty.
     pub fn evict_clean_second_chance(
         &mut self,
         mut used: impl FnMut(&T) -> bool,
     ) -> Option<HostOffset> {
-        // Readers may mark tables as fast as we clear the marks: spare each table at most
-        // about once, then take the least recently used regardless.
-        let mut spares = self.slots.len();
-        loop {
-            let victim = self
-                .slots
-                .iter()
-                .filter(|(_, s)| !s.dirty)
-                .min_by_key(|(_, s)| s.last_use)
-                .map(|(k, _)| *k)?;
-            let spared = spares > 0 && self.slots.get(&victim).is_some_and(|s| used(&s.data));
-            if !spared {
-                self.slots.remove(&victim);
-                return Some(victim);
+        if self.dirty >= self.slots.len() {
+            return None;
+        }
+        // Bound: one sweep clears every mark; readers may mark slices as fast as we clear
+        // them, so after two sweeps the first clean slice goes regardless.
+        let n = self.slots.len();
+        for _ in 0..2 * n {
+            if self.hand >= self.slots.len() {
+                self.hand = 0;
             }
-            spares -= 1;
-            self.clock += 1;
-            if let Some(s) = self.slots.get_mut(&victim) {
-                s.last_use = self.clock;
+            let s = &mut self.slots[self.hand];
+            if !s.dirty {
+                let referenced = std::mem::take(&mut s.recent) | used(&s.data);
+                if !referenced {
+                    return Some(self.remove_at(self.hand));
+                }
+            }
+            self.hand += 1;
+        }
+        let i = self.slots.iter().position(|s| !s.dirty)?;
+        Some(self.remove_at(i))
+    }
+
+    /// Removes slot `i` (moving the last slot into its place) and returns its key.
+    fn remove_at(&mut self, i: usize) -> HostOffset {
+        let s = self.slots.swap_remove(i);
+        self.index.remove(&s.key);
+        if let Some(moved) = self.slots.get(i) {
+            self.index.insert(moved.key, i);
+        }
+        if s.dirty {
+            self.dirty -= 1;
+        }
+        s.key
+    }
+
+    /// Drops the clean entries not used since the previous call (by this cache or, as
+    /// `used(data)` reports, by lock-free readers) and returns their offsets; the owner
+    /// calls it once per clean interval. Dirty entries stay.
+    pub fn clean_idle(&mut self, mut used: impl FnMut(&T) -> bool) -> Vec<HostOffset> {
+        let mark = self.clean_mark;
+        let mut idle = Vec::new();
+        self.slots.retain(|s| {
+            let keep = s.dirty || s.last_use > mark || used(&s.data);
+            if !keep {
+                idle.push(s.key);
+            }
+            keep
+        });
+        if self.slots.is_empty() {
+            // Give the memory of a once-large cache back too.
+            self.slots = Vec::new();
+            self.index = HashMap::new();
+        } else {
+            self.reindex();
+        }
+        self.clean_mark = self.clock;
+        idle
+    }
+
+    fn reindex(&mut self) {
+        self.index.clear();
+        for (i, s) in self.slots.iter().enumerate() {
+            self.index.insert(s.key, i);
+        }
+    }
+
+    /// Inserts a slice (replacing any cached one at the same offset).
+    pub fn insert(&mut self, offset: HostOffset, data: T, dirty: bool) {
+        self.clock += 1;
+        let slot = Slot {
+            key: offset,
+            data,
+            dirty,
+            recent: false,
+            last_use: self.clock,
+        };
+        if dirty {
+            self.dirty += 1;
+        }
+        match self.index.get(&offset) {
+            Some(&i) => {
+                if self.slots[i].dirty {
+                    self.dirty -= 1;
+                }
+                self.slots[i] = slot;
+            }
+            None => {
+                self.index.insert(offset, self.slots.len());
+                self.slots.push(slot);
             }
         }
     }
 
-    /// Inserts a table (replacing any cached one at the same offset).
-    pub fn insert(&mut self, offset: HostOffset, data: T, dirty: bool) {
-        self.clock += 1;
-        self.slots.insert(
-            offset,
-            Slot {
-                data,
-                dirty,
-                last_use: self.clock,
-            },
-        );
-    }
-
-    /// Drops every table without writing it (the owner wrote the dirty ones back first).
+    /// Drops every slice without writing it (the owner wrote the dirty ones back first).
     pub fn clear(&mut self) {
         self.slots.clear();
+        self.index.clear();
+        self.dirty = 0;
+        self.hand = 0;
     }
 
-    /// Drops a table from the cache without writing it.
+    /// Drops a slice from the cache without writing it.
     pub fn remove(&mut self, offset: HostOffset) {
-        self.slots.remove(&offset);
+        if let Some(&i) = self.index.get(&offset) {
+            self.remove_at(i);
+        }
     }
 
-    /// Offsets of the dirty tables, in ascending order (sequential write-back).
+    /// Offsets of the dirty slices, in ascending order (sequential write-back).
     pub fn dirty_offsets(&self) -> Vec<HostOffset> {
+        if self.dirty == 0 {
+            return Vec::new();
+        }
         let mut v: Vec<HostOffset> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.dirty)
-            .map(|(k, _)| *k)
+            .filter(|s| s.dirty)
+            .map(|s| s.key)
             .collect();
         v.sort_unstable();
         v
     }
 
-    /// Whether any table is dirty.
+    /// Whether any slice is dirty.
     pub fn has_dirty(&self) -> bool {
-        self.slots.values().any(|s| s.dirty)
+        self.dirty > 0
     }
 
-    /// The table at `offset` without touching LRU state or dirtiness.
+    /// The slice at `offset` without touching the use marks or dirtiness.
     pub fn peek(&self, offset: HostOffset) -> Option<&T> {
-        self.slots.get(&offset).map(|s| &s.data)
+        self.index.get(&offset).map(|&i| &self.slots[i].data)
     }
 
-    /// Marks a table clean after it was written.
+    /// Marks a slice clean after it was written.
     pub fn mark_clean(&mut self, offset: HostOffset) {
-        if let Some(s) = self.slots.get_mut(&offset) {
-            s.dirty = false;
+        if let Some(&i) = self.index.get(&offset) {
+            if std::mem::take(&mut self.slots[i].dirty) {
+                self.dirty -= 1;
+            }
         }
     }
 }
@@ -173,7 +359,7 @@ mod tests {
         c.insert(h(1), 1u32, false);
         c.insert(h(2), 2u32, false);
         c.insert(h(3), 3u32, true);
-        // Table 1 (least recent) is in use: table 2 goes instead.
+        // Table 1 is in use (lock-free readers): table 2 goes instead.
         assert_eq!(c.evict_clean_second_chance(|&v| v == 1), Some(h(2)));
         // Everything clean is always in use: something is evicted anyway.
         assert_eq!(c.evict_clean_second_chance(|_| true), Some(h(1)));
@@ -182,7 +368,7 @@ mod tests {
     }
 
     #[test]
-    fn eviction_takes_the_least_recent_clean_table_and_never_a_dirty_one() {
+    fn eviction_spares_recently_used_tables_and_never_takes_a_dirty_one() {
         let mut c = TableCache::new(4);
         c.insert(h(1), 1, false);
         c.insert(h(2), 2, true);
@@ -191,11 +377,70 @@ mod tests {
         c.get(h(1));
         assert!(c.is_full());
         assert!(c.evict_one_clean());
+        assert!(
+            c.contains(h(1)),
+            "used since the hand passed: second chance"
+        );
         assert!(!c.contains(h(3)));
         assert!(c.evict_one_clean());
         assert!(c.evict_one_clean());
         assert!(!c.evict_one_clean());
         assert!(c.contains(h(2)));
         assert_eq!(c.dirty_offsets(), vec![h(2)]);
+        c.mark_clean(h(2));
+        assert!(!c.has_dirty());
+        assert!(c.evict_one_clean());
+        assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn idle_clean_drops_only_clean_entries_unused_since_the_last_clean() {
+        let mut c = TableCache::new(8);
+        c.insert(h(1), 1u32, false);
+        c.insert(h(2), 2u32, true);
+        c.insert(h(3), 3u32, false);
+        // Everything was used since the (initial) mark: the first clean keeps it all but a
+        // reader-referenced check is not even needed.
+        assert!(c.clean_idle(|_| false).is_empty());
+        c.get(h(3));
+        let mut dropped = c.clean_idle(|&v| v == 4);
+        dropped.sort_unstable();
+        assert_eq!(dropped, vec![h(1)], "3 was used, 2 is dirty");
+        // Used by a lock-free reader: spared.
+        assert!(c.clean_idle(|&v| v == 3).is_empty());
+        assert_eq!(c.clean_idle(|_| false), vec![h(3)]);
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn slice_sizes_follow_qemu_rules() {
+        let geo = Geometry {
+            cluster_bits: 16,
+            extended_l2: false,
+            refcount_order: 4,
+        };
+        // The test suites may override the defaults through the environment.
+        if [
+            "OXCOW_L2_CACHE_SIZE",
+            "OXCOW_L2_SLICE_SIZE",
+            "OXCOW_REFCOUNT_CACHE_SIZE",
+        ]
+        .iter()
+        .all(|v| std::env::var_os(v).is_none())
+        {
+            let c = CacheConfig::resolve(&geo, 1 << 40, 0, 0, 0, None).unwrap();
+            assert_eq!(c.l2_slices as u64, DEFAULT_MAX_L2_BYTES / 4096);
+            let small = CacheConfig::resolve(&geo, 1 << 30, 0, 0, 4096, None).unwrap();
+            assert_eq!(
+                small.l2_slices, 32,
+                "1 GiB needs 128 KiB of L2: 32 slices of 4 KiB"
+            );
+            assert_eq!(small.refcount_slices, 64);
+        }
+        assert!(CacheConfig::resolve(&geo, 1 << 30, 0, 0, 1000, None).is_err());
+        assert!(CacheConfig::resolve(&geo, 1 << 30, 0, 0, 256, None).is_err());
+        assert!(CacheConfig::resolve(&geo, 1 << 30, 0, 0, 1 << 17, None).is_err());
+        let two = CacheConfig::resolve(&geo, 1 << 30, 1, 1, 512, None).unwrap();
+        assert_eq!((two.l2_slices, two.refcount_slices), (2, 2));
     }
 }

@@ -1,12 +1,13 @@
 //! The lock-free view of the active mapping (L1 and cached L2 tables) that reads and in-place
 //! overwrites use without the metadata mutex.
 //!
-//! The L1 table is an array of atomics. Cached L2 tables are shared (`Arc`) between the
-//! metadata cache, which owns and mutates them under the metadata mutex, and this view, where
-//! readers find them through a sharded map. Each table is a seqlock: the single writer (the
-//! metadata mutex holder) bumps the sequence around every entry update, and readers retry
-//! until they read a pair of words that no update overlapped, so an extended-L2 entry
-//! (descriptor plus subcluster bitmap) is never torn.
+//! The L1 table is an array of atomics. Cached L2 slices (a power-of-two part of a table,
+//! keyed by its own host offset) are shared (`Arc`) between the metadata cache, which owns
+//! and mutates them under the metadata mutex, and this view, where readers find them through
+//! a sharded map. Each slice is a seqlock: the single writer (the metadata mutex holder)
+//! bumps the sequence around every entry update, and readers retry until they read a pair of
+//! words that no update overlapped, so an extended-L2 entry (descriptor plus subcluster
+//! bitmap) is never torn.
 //!
 //! The L1 table can grow and shrink on a live handle (resize): its entries live in fixed-size
 //! chunks that never move once allocated, behind a length that readers load first, so a
@@ -17,6 +18,7 @@
 //! what a request overlapping a concurrent write may see. Host clusters it maps stay valid
 //! for the request's duration thanks to [`crate::storage::Grace`].
 
+use super::cache::CacheConfig;
 use crate::format::entry::{decode_l2, L1Entry, Mapping};
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crossbeam_utils::sync::ShardedLock;
@@ -28,7 +30,8 @@ const L1_CHUNK: usize = 4096;
 /// Most L1 entries any image may have (QEMU's 32 MiB L1 limit).
 pub const MAX_L1_ENTRIES: usize = (crate::format::header::MAX_L1_BYTES / 8) as usize;
 
-/// A cached L2 table: entries as atomics behind a sequence counter.
+/// A cached L2 slice (a whole table when the slice size is the cluster size): entries as
+/// atomics behind a sequence counter.
 #[derive(Debug)]
 pub struct L2Table {
     seq: AtomicU64,
@@ -124,12 +127,20 @@ pub struct MapView {
     /// Bumped whenever a table's on-disk contents change (write-back), so that a table read
     /// from disk without the mutex can be checked for staleness before it is installed.
     generation: AtomicU64,
+    /// The handle's cache sizes (fixed for its life).
+    cache: CacheConfig,
+    /// log2 of L2 entries per slice.
+    per_slice_shift: u32,
+    /// log2 of the slice size.
+    slice_shift: u32,
 }
 
 impl MapView {
     /// An empty view for an L1 table of `l1_len` entries (at most [`MAX_L1_ENTRIES`]; the
-    /// header parser enforces it).
-    pub fn new(l1_len: usize) -> MapView {
+    /// header parser enforces it), caching slices as `cache` says for L2 entries of
+    /// `entry_bytes` (8, or 16 with extended L2).
+    pub fn new(l1_len: usize, cache: CacheConfig, entry_bytes: u64) -> MapView {
+        let slice_shift = cache.slice_bytes.trailing_zeros();
         let v = MapView {
             l1: (0..MAX_L1_ENTRIES.div_ceil(L1_CHUNK))
                 .map(|_| OnceLock::new())
@@ -138,9 +149,32 @@ impl MapView {
             resizing: Mutex::new(()),
             tables: ShardedLock::new(OffsetMap::default()),
             generation: AtomicU64::new(0),
+            cache,
+            per_slice_shift: slice_shift - entry_bytes.trailing_zeros(),
+            slice_shift,
         };
         v.set_l1_len(l1_len);
         v
+    }
+
+    /// The handle's cache sizes.
+    pub fn cache(&self) -> CacheConfig {
+        self.cache
+    }
+
+    /// Where entry `index` of the L2 table at `table` is cached: the slice's host offset
+    /// (its cache key) and the entry's index within the slice.
+    #[inline]
+    pub fn slice_of(&self, table: HostOffset, index: usize) -> (HostOffset, usize) {
+        let slice = (index >> self.per_slice_shift) as u64;
+        let within = index & ((1usize << self.per_slice_shift) - 1);
+        (table + (slice << self.slice_shift), within)
+    }
+
+    /// The host offsets of the slices of the table at `table` (one cluster of `geo`).
+    pub fn slices_of(&self, geo: &Geometry, table: HostOffset) -> impl Iterator<Item = HostOffset> {
+        let step = self.cache.slice_bytes;
+        (0..geo.cluster_size() / step).map(move |i| table + i * step)
     }
 
     /// Held for a whole resize (see the `resizing` field).
@@ -205,7 +239,7 @@ impl MapView {
             .collect()
     }
 
-    /// The cached L2 table at host offset `off`.
+    /// The cached L2 slice at host offset `off`.
     pub fn table(&self, off: HostOffset) -> Option<Arc<L2Table>> {
         self.tables
             .read()
@@ -265,13 +299,14 @@ impl MapView {
         if !off.is_cluster_aligned(geo) {
             return None;
         }
+        let (slice, i) = self.slice_of(off, guest.l2_index(geo));
         // Read the entry under the (thread-local shard of the) read lock rather than cloning
-        // the Arc, whose count all readers of the table would share.
+        // the Arc, whose count all readers of the slice would share.
         let (w0, w1) = {
             let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
-            let t = tables.get(&off)?;
+            let t = tables.get(&slice)?;
             t.touch();
-            t.entry(guest.l2_index(geo), geo.extended_l2)
+            t.entry(i, geo.extended_l2)
         };
         decode_l2(geo, version, w0, w1).ok()
     }
@@ -280,6 +315,27 @@ impl MapView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn test_cache() -> CacheConfig {
+        CacheConfig {
+            slice_bytes: 4096,
+            l2_slices: 16,
+            refcount_slices: 4,
+            clean_interval: None,
+        }
+    }
+
+    #[test]
+    fn entries_map_to_their_slice_and_index_within_it() {
+        let v = MapView::new(1, test_cache(), 8);
+        let t = HostOffset::new(0x5_0000);
+        assert_eq!(v.slice_of(t, 0), (t, 0));
+        assert_eq!(v.slice_of(t, 511), (t, 511));
+        assert_eq!(v.slice_of(t, 512), (t + 4096, 0));
+        assert_eq!(v.slice_of(t, 8191), (t + 15 * 4096, 511));
+        let ext = MapView::new(1, test_cache(), 16);
+        assert_eq!(ext.slice_of(t, 256), (t + 4096, 0));
+    }
 
     #[test]
     fn extended_entries_are_never_torn_under_concurrent_updates() {
@@ -311,7 +367,7 @@ mod tests {
 
     #[test]
     fn tables_are_found_by_offset_and_l1_entries_round_trip() {
-        let v = MapView::new(4);
+        let v = MapView::new(4, test_cache(), 8);
         v.reset(&[0, 0x1_0000 | (1 << 63), 0, 0]);
         assert_eq!(v.l1_entry(1), Some(0x1_0000 | (1 << 63)));
         assert_eq!(v.l1_entry(4), None);
@@ -328,7 +384,7 @@ mod tests {
 
     #[test]
     fn the_l1_grows_and_shrinks_keeping_entries_and_zeroing_new_ones() {
-        let v = MapView::new(3);
+        let v = MapView::new(3, test_cache(), 8);
         v.set_l1(2, 0x3_0000);
         v.set_l1_len(L1_CHUNK * 2 + 5);
         assert_eq!(v.l1_len(), L1_CHUNK * 2 + 5);
@@ -351,7 +407,7 @@ mod tests {
 
     #[test]
     fn readers_see_old_entries_while_the_l1_grows() {
-        let v = Arc::new(MapView::new(1));
+        let v = Arc::new(MapView::new(1, test_cache(), 8));
         v.set_l1(0, 0x7_0000);
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {

@@ -3,7 +3,7 @@
 //!
 //! Everything here runs under the image's metadata mutex; no guest data I/O happens here.
 
-use super::cache::TableCache;
+use super::cache::{CacheConfig, TableCache};
 use super::mapview::{L2Table, MapView};
 use super::refcount::Refcounts;
 use crate::error::{corrupt, Error, ErrorKind, Result};
@@ -13,6 +13,7 @@ use crate::format::{Geometry, GuestOffset, Header, HostCluster, HostOffset};
 use crate::storage::{HostFile, MetaKind, WriteKind};
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Mutable metadata state, guarded by the image's mutex.
 pub struct Meta {
@@ -21,7 +22,10 @@ pub struct Meta {
     /// The active L1 table and the cached L2 tables, shared with lock-free readers.
     view: Arc<MapView>,
     l1_dirty: BTreeSet<u64>,
+    /// Cached L2 slices by their host offset (see [`MapView::slice_of`]).
     l2: TableCache<Arc<L2Table>>,
+    /// When idle cache entries were last dropped (see [`CacheConfig::clean_interval`]).
+    last_clean: Instant,
     /// Refcount structures and allocator.
     pub rc: Refcounts,
     /// Host byte ranges whose clusters lose one reference once the metadata change that
@@ -185,26 +189,27 @@ pub struct Slot {
 }
 
 impl Meta {
-    /// Loads the L1 and refcount tables of a validated header.
+    /// Loads the L1 and refcount tables of a validated header. The caches are sized as the
+    /// view's [`CacheConfig`] says and start empty.
     pub fn load(
         file: &HostFile,
         header: Header,
         snapshots: &[crate::format::snapshot::Snapshot],
         snapshot_table_len: u64,
-        cache_bytes: u64,
         view: Arc<MapView>,
     ) -> Result<Meta> {
         let geo = header.geometry();
+        let cache: CacheConfig = view.cache();
         // The overlap guard's index is rebuilt from scratch along with the tables.
         file.guard().reset(geo.cluster_bits);
         let l1 = read_active_l1(file, &header, &view)?;
-        let tables = (cache_bytes / geo.cluster_size()).clamp(16, 65536) as usize;
-        let rc = Refcounts::load(
+        let rc = Refcounts::load_sliced(
             file,
             geo,
             refcount_table_as_loaded(file, &header)?,
             header.refcount_table_clusters,
-            tables / 4,
+            cache.refcount_slices,
+            cache.slice_bytes,
         )?;
         index_active_tables(file, &header, &l1);
         if snapshot_table_len > 0 {
@@ -224,7 +229,8 @@ impl Meta {
             header,
             view,
             l1_dirty: BTreeSet::new(),
-            l2: TableCache::new(tables),
+            l2: TableCache::new(cache.l2_slices),
+            last_clean: Instant::now(),
             rc,
             deferred_frees: Vec::new(),
             compressed_tail: None,
@@ -245,7 +251,7 @@ impl Meta {
         Ok(off)
     }
 
-    /// Makes room for one more L2 table: evicts a clean one (second chance for tables that
+    /// Makes room for one more L2 slice: evicts a clean one (second chance for slices that
     /// lock-free readers use), writing dirty ones back first when all are dirty.
     fn make_room_l2(&mut self, file: &HostFile) -> Result<()> {
         // Bound: two rounds. A successful write-back leaves every cached table clean, and a
@@ -278,23 +284,72 @@ impl Meta {
         self.l2.insert(off, table, dirty);
     }
 
-    /// Makes sure the L2 table at `off` is cached, evicting (after write-back if needed).
-    fn ensure_l2(&mut self, file: &HostFile, off: HostOffset) -> Result<()> {
-        if self.l2.contains(off) {
-            return Ok(());
+    /// Makes sure the L2 slice holding entry `index` of the table at `table` is cached
+    /// (evicting, after write-back if needed), and returns its key and the entry's index in
+    /// it.
+    fn ensure_l2(
+        &mut self,
+        file: &HostFile,
+        table: HostOffset,
+        index: usize,
+    ) -> Result<(HostOffset, usize)> {
+        let (slice, i) = self.view.slice_of(table, index);
+        if self.l2.contains(slice) {
+            return Ok((slice, i));
         }
+        self.clean_if_due();
         self.make_room_l2(file)?;
         // A table past the end of the file reads as zeros (unallocated), as in QEMU; `check`
         // reports the entry.
-        let mut raw = vec![0u8; self.geo.cluster_size() as usize];
-        file.read_zero_padded(&mut raw, off, "L2 table")?;
-        self.cache_l2(off, L2Table::new(crate::format::be::u64_table(&raw)), false);
-        Ok(())
+        let mut raw = vec![0u8; self.view.cache().slice_bytes as usize];
+        file.read_zero_padded(&mut raw, slice, "L2 table")?;
+        self.cache_l2(
+            slice,
+            L2Table::new(crate::format::be::u64_table(&raw)),
+            false,
+        );
+        Ok((slice, i))
     }
 
-    /// Installs an L2 table that a reader loaded from disk without the mutex, unless the
-    /// on-disk tables changed since `generation` (the read may be stale) or it is cached
-    /// already. Returns whether the table is cached now.
+    /// The cached slice at `slice` (ensured just before).
+    fn l2_slice(&mut self, slice: HostOffset) -> Result<&Arc<L2Table>> {
+        self.l2
+            .get(slice)
+            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))
+    }
+
+    /// The words of the whole L2 table at `table` (two per entry with extended L2), read
+    /// slice by slice through the cache (so dirty slices count).
+    fn l2_words(&mut self, file: &HostFile, table: HostOffset) -> Result<Vec<u64>> {
+        let mut words = Vec::with_capacity(self.geo.u64_per_cluster() as usize);
+        let per_slice = (self.view.cache().slice_bytes / self.geo.l2_entry_size()) as usize;
+        for first in (0..self.geo.l2_entries() as usize).step_by(per_slice) {
+            let (slice, _) = self.ensure_l2(file, table, first)?;
+            words.extend(self.l2_slice(slice)?.to_vec());
+        }
+        Ok(words)
+    }
+
+    /// Drops idle cache entries when the clean interval has passed (QEMU's
+    /// cache-clean-interval): called on cache misses and flushes, so an idle handle gives its
+    /// cache memory back at its next miss or flush and no timer thread is needed.
+    fn clean_if_due(&mut self) {
+        let Some(every) = self.view.cache().clean_interval else {
+            return;
+        };
+        if self.last_clean.elapsed() < every {
+            return;
+        }
+        self.last_clean = Instant::now();
+        for off in self.l2.clean_idle(|t| t.take_referenced()) {
+            self.view.remove_table(off);
+        }
+        self.rc.clean_idle();
+    }
+
+    /// Installs an L2 slice (key `off`) that a reader loaded from disk without the mutex,
+    /// unless the on-disk tables changed since `generation` (the read may be stale) or it is
+    /// cached already. Returns whether the slice is cached now.
     pub fn install_l2(
         &mut self,
         file: &HostFile,
@@ -331,18 +386,14 @@ impl Meta {
         if slot.table == HostOffset::ZERO {
             return Ok(Mapping::Unallocated { zero: 0 });
         }
-        self.ensure_l2(file, slot.table)?;
-        let (w0, w1) = self.raw_entry(slot)?;
+        let (w0, w1) = self.raw_entry(file, slot)?;
         self.decode(w0, w1, slot)
     }
 
-    fn raw_entry(&mut self, slot: Slot) -> Result<(u64, u64)> {
+    fn raw_entry(&mut self, file: &HostFile, slot: Slot) -> Result<(u64, u64)> {
         let ext = self.geo.extended_l2;
-        let t = self
-            .l2
-            .get(slot.table)
-            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
-        Ok(t.entry(slot.index, ext))
+        let (slice, i) = self.ensure_l2(file, slot.table, slot.index)?;
+        Ok(self.l2_slice(slice)?.entry(i, ext))
     }
 
     fn decode(&self, w0: u64, w1: u64, slot: Slot) -> Result<Mapping> {
@@ -385,19 +436,25 @@ impl Meta {
         let table = if old == HostOffset::ZERO {
             vec![0u64; words]
         } else {
-            self.ensure_l2(file, old)?;
-            self.l2
-                .get(old)
-                .map(|t| t.to_vec())
-                .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?
+            self.l2_words(file, old)?
         };
         let new = self.rc.alloc(file, 1)?;
-        self.make_room_l2(file)?;
-        // Published before the L1 entry points at it, so lock-free readers find it.
-        self.cache_l2(new, L2Table::new(table), true);
         let geo = self.geo;
         file.guard()
             .insert(new.cluster(&geo).0, 1, MetaKind::ActiveL2);
+        // The new table is written whole now, like a new data cluster: nothing on disk
+        // points at it until the L1 entry below is written back (after this write and the
+        // refcount that counts it), so a crash in between leaves at worst a leak. Its slices
+        // are then read back (from the page cache) as they are needed, so a table never has
+        // to fit the cache whole.
+        if let Err(e) = file.write(&u64_table_bytes(&table), new, WriteKind::L2) {
+            file.guard()
+                .remove(new.cluster(&geo).0, 1, MetaKind::ActiveL2);
+            let _ = self.rc.update(file, new.cluster(&geo), -1);
+            return Err(e);
+        }
+        // Slices of this offset read without the mutex before now are stale.
+        self.view.bump_generation();
         if old != HostOffset::ZERO {
             // The old table stays a snapshot's (inactive) L2 table, if it is one.
             file.guard()
@@ -420,14 +477,14 @@ impl Meta {
         index: usize,
         m: Mapping,
     ) -> Result<()> {
-        self.ensure_l2(file, table)?;
+        let (slice, i) = self.ensure_l2(file, table, index)?;
         let (w0, w1) = encode_l2(&self.geo, m);
         let ext = self.geo.extended_l2;
         let t = self
             .l2
-            .get_mut(table)
+            .get_mut(slice)
             .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
-        t.set_entry(index, ext, w0, w1);
+        t.set_entry(i, ext, w0, w1);
         Ok(())
     }
 
@@ -439,26 +496,27 @@ impl Meta {
         if off == HostOffset::ZERO {
             return Ok(());
         }
-        self.ensure_l2(file, off)?;
+        let words = self.l2_words(file, off)?;
         let ext = self.geo.extended_l2;
-        let per_table = self.geo.l2_entries() as usize;
-        let t = self
-            .l2
-            .get(off)
-            .cloned()
-            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
         let mut mappings = Vec::new();
-        for index in 0..per_table {
-            let (w0, w1) = t.entry(index, ext);
+        for index in 0..self.geo.l2_entries() as usize {
+            let (w0, w1) = if ext {
+                (words[2 * index], words[2 * index + 1])
+            } else {
+                (words[index], 0)
+            };
             mappings.push(self.decode(w0, w1, Slot { table: off, index })?);
         }
         self.view.set_l1(l1_index, 0);
         self.l1_dirty
             .insert(l1_index as u64 / self.geo.u64_per_cluster());
         // The table is no longer written back: its clusters are released below instead.
-        self.l2.remove(off);
-        self.view.remove_table(off);
         let geo = self.geo;
+        let slices: Vec<HostOffset> = self.view.slices_of(&geo, off).collect();
+        for slice in slices {
+            self.l2.remove(slice);
+            self.view.remove_table(slice);
+        }
         file.guard()
             .remove(off.cluster(&geo).0, 1, MetaKind::ActiveL2);
         for mapping in mappings {
@@ -493,26 +551,28 @@ impl Meta {
     /// L1 table, sync. Refcounts are durable before any table that uses the clusters, data
     /// before the L2 entries that point at it, new tables before the pointers to them.
     pub fn writeback(&mut self, file: &HostFile) -> Result<()> {
+        self.clean_if_due();
         // With lazy refcounts and the dirty bit on disk, a crash is repaired from the tables,
         // so the stages need no syncs between them: one at the end makes the flush durable.
+        // Lazy refcounts drop only the refcount orderings: guest data (and tables written
+        // whole at allocation) must still be durable before the L2 or L1 entries that point
+        // at them, or a crash leaves entries pointing at garbage or past the end of the file.
         let lazy = self.rc.lazy_dirty();
         let stage_done = |file: &HostFile| if lazy { Ok(()) } else { file.sync() };
         if let Some(d) = &self.data {
             d.sync()?;
         }
+        let pointers_dirty = self.l2.has_dirty() || !self.l1_dirty.is_empty();
         self.rc.write_dirty_blocks(file)?;
-        stage_done(file)?;
+        if !lazy || pointers_dirty {
+            file.sync()?;
+        }
         if self.rc.write_dirty_table(file)? {
             stage_done(file)?;
         }
-        if lazy && self.l2.has_dirty() {
-            // Even lazily, guest data must be durable before the L2 entries that point at
-            // it (QEMU orders them too): a crash must not leave an entry over stale bytes,
-            // which for a compressed cluster do not even decompress.
+        let l1_dirty = !self.l1_dirty.is_empty();
+        if self.write_dirty_l2(file)? && (!lazy || l1_dirty) {
             file.sync()?;
-        }
-        if self.write_dirty_l2(file)? {
-            stage_done(file)?;
         }
         if self.write_dirty_l1(file)? {
             stage_done(file)?;
@@ -531,7 +591,7 @@ impl Meta {
         Ok(())
     }
 
-    /// Writes every dirty L2 table; true when there was any.
+    /// Writes every dirty L2 slice; true when there was any.
     fn write_dirty_l2(&mut self, file: &HostFile) -> Result<bool> {
         let dirty = self.l2.dirty_offsets();
         for off in &dirty {
@@ -703,13 +763,10 @@ impl Meta {
     // Internal snapshots (engine::snapshot) edit the active tree's COPIED flags and replace
     // the active L1 table; these are their only ways in.
 
-    /// The words of the L2 table at `off` (two per entry with extended L2), cached first.
+    /// The words of the L2 table at `off` (two per entry with extended L2), through the
+    /// cache.
     pub fn l2_table(&mut self, file: &HostFile, off: HostOffset) -> Result<Vec<u64>> {
-        self.ensure_l2(file, off)?;
-        self.l2
-            .get(off)
-            .map(|t| t.to_vec())
-            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))
+        self.l2_words(file, off)
     }
 
     /// Replaces the descriptor word of entry `i` of the L2 table at `off` (a flag change),
@@ -721,11 +778,11 @@ impl Meta {
         i: usize,
         w0: u64,
     ) -> Result<()> {
-        self.ensure_l2(file, off)?;
+        let (slice, i) = self.ensure_l2(file, off, i)?;
         let ext = self.geo.extended_l2;
         let t = self
             .l2
-            .get_mut(off)
+            .get_mut(slice)
             .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
         let (_, w1) = t.entry(i, ext);
         t.set_entry(i, ext, w0, w1);

@@ -53,8 +53,6 @@ pub use write_compressed::CompressedCluster;
 
 /// Deepest backing chain oxcow opens.
 pub const MAX_BACKING_DEPTH: u32 = 64;
-/// Default metadata cache budget per image, in bytes of L2 tables.
-const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 
 /// An open qcow2 image. All methods take `&self` and may be called from many threads at once.
 pub struct Image {
@@ -167,13 +165,28 @@ impl Image {
             snapshot::view_header(&mut header, &snapshots, key, opts.writable)
                 .map_err(|e| e.with_file(&name))?;
         }
-        let view = Arc::new(mapview::MapView::new(header.l1_size as usize));
+        let cache = cache::CacheConfig::resolve(
+            &geo,
+            header.size,
+            opts.l2_cache_size,
+            opts.refcount_cache_size,
+            opts.l2_slice_size,
+            Some(
+                opts.cache_clean_interval
+                    .unwrap_or(cache::DEFAULT_CLEAN_INTERVAL),
+            ),
+        )
+        .map_err(|e| e.with_file(&name))?;
+        let view = Arc::new(mapview::MapView::new(
+            header.l1_size as usize,
+            cache,
+            geo.l2_entry_size(),
+        ));
         let mut meta = Meta::load(
             &file,
             header.clone(),
             &snapshots,
             snapshot_table_len,
-            DEFAULT_CACHE_BYTES,
             Arc::clone(&view),
         )
         .map_err(|e| e.with_file(&name))?;
@@ -407,9 +420,9 @@ impl Image {
         self.file.guard().set_mode(mode);
     }
 
-    /// Loads the L2 table that maps `guest` into the cache without holding the metadata
+    /// Loads the L2 slice that maps `guest` into the cache without holding the metadata
     /// mutex during the disk read, so that a cache miss does not stall other requests.
-    /// Returns whether the table is cached now (false: the caller takes the slow path).
+    /// Returns whether the slice is cached now (false: the caller takes the slow path).
     fn prefetch_l2(&self, guest: GuestOffset) -> Result<bool> {
         let l1_index = guest.l1_index(&self.geo);
         let Some(e) = self.view.l1_entry(l1_index) else {
@@ -419,22 +432,23 @@ impl Image {
         if off == HostOffset::ZERO || !off.is_cluster_aligned(&self.geo) {
             return Ok(false); // nothing to load, or the slow path reports the corruption
         }
-        if self.view.table(off).is_some() {
+        let (slice, _) = self.view.slice_of(off, guest.l2_index(&self.geo));
+        if self.view.table(slice).is_some() {
             return Ok(true);
         }
         let generation = self.view.generation();
         if off.get() >= self.file.len()? {
             return Ok(false); // the slow path reports the corruption
         }
-        let mut raw = vec![0u8; self.geo.cluster_size() as usize];
-        self.file.read_zero_padded(&mut raw, off, "L2 table")?;
+        let mut raw = vec![0u8; self.view.cache().slice_bytes as usize];
+        self.file.read_zero_padded(&mut raw, slice, "L2 table")?;
         let words = crate::format::be::u64_table(&raw);
         let mut m = self.lock_meta();
         // The L1 entry may have moved on (copy-on-write of a shared table) meanwhile.
         if self.view.l1_entry(l1_index) != Some(e) {
             return Ok(false);
         }
-        m.install_l2(&self.file, off, words, generation)
+        m.install_l2(&self.file, slice, words, generation)
     }
 
     /// The current overlap-check mode.

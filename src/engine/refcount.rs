@@ -24,7 +24,10 @@ pub struct Refcounts {
     table_offset: HostOffset,
     /// Indices of refcount-table clusters that differ from disk.
     table_dirty: BTreeSet<u64>,
+    /// Cached slices of refcount blocks, keyed by the slice's host offset.
     blocks: TableCache<Vec<u8>>,
+    /// Bytes per cached slice (a power of two, at most a cluster).
+    slice_bytes: u64,
     /// Every cluster below this index has been examined by the allocator: the free ones are
     /// in `free_set` (or were allocated since).
     cursor: u64,
@@ -58,13 +61,28 @@ enum Lazy {
 }
 
 impl Refcounts {
-    /// Loads the refcount table described by the header.
+    /// Loads the refcount table described by the header, caching up to `cache_tables` whole
+    /// blocks.
     pub fn load(
         file: &HostFile,
         geo: Geometry,
         table_offset: HostOffset,
         table_clusters: u32,
         cache_tables: usize,
+    ) -> Result<Refcounts> {
+        let cs = geo.cluster_size();
+        Self::load_sliced(file, geo, table_offset, table_clusters, cache_tables, cs)
+    }
+
+    /// Loads the refcount table described by the header, caching up to `slices` slices of
+    /// `slice_bytes` (a power of two from 512 up to the cluster size; clamped into it).
+    pub fn load_sliced(
+        file: &HostFile,
+        geo: Geometry,
+        table_offset: HostOffset,
+        table_clusters: u32,
+        slices: usize,
+        slice_bytes: u64,
     ) -> Result<Refcounts> {
         let bytes = (table_clusters as u64) << geo.cluster_bits;
         let mut raw = vec![0u8; bytes as usize];
@@ -74,7 +92,11 @@ impl Refcounts {
             table: u64_table(&raw),
             table_offset,
             table_dirty: BTreeSet::new(),
-            blocks: TableCache::new(cache_tables),
+            blocks: TableCache::new(slices),
+            slice_bytes: slice_bytes
+                .clamp(super::cache::MIN_SLICE_BYTES, geo.cluster_size())
+                .next_power_of_two()
+                .min(geo.cluster_size()),
             cursor: 1,
             free_set: BTreeSet::new(),
             quarantine: VecDeque::new(),
@@ -110,18 +132,46 @@ impl Refcounts {
         Ok(off)
     }
 
-    fn ensure_block(&mut self, file: &HostFile, off: HostOffset) -> Result<()> {
+    /// Where entry `idx` of the refcount block at `block` is cached: the slice's host offset
+    /// (its cache key) and the entry's index within the slice.
+    fn slice_of(&self, block: HostOffset, idx: u64) -> (HostOffset, usize) {
+        let per = (self.slice_bytes * 8) >> self.geo.refcount_order;
+        let slice = idx / per;
+        (block + slice * self.slice_bytes, (idx % per) as usize)
+    }
+
+    /// Makes sure the slice holding entry `idx` of the block at `block` is cached and returns
+    /// its key and the entry's index in it.
+    fn ensure_block(
+        &mut self,
+        file: &HostFile,
+        block: HostOffset,
+        idx: u64,
+    ) -> Result<(HostOffset, usize)> {
+        let (off, i) = self.slice_of(block, idx);
         if self.blocks.contains(off) {
-            return Ok(());
+            return Ok((off, i));
         }
         self.make_room(file)?;
-        if off.get() >= file.len()? {
-            return corrupt!("Refcount block at {off:#x} is beyond the end of the file");
+        if block.get() >= file.len()? {
+            return corrupt!("Refcount block at {block:#x} is beyond the end of the file");
         }
-        let mut data = vec![0u8; self.geo.cluster_size() as usize];
+        let mut data = vec![0u8; self.slice_bytes as usize];
         file.read_zero_padded(&mut data, off, "refcount block")?;
         self.blocks.insert(off, data, false);
-        Ok(())
+        Ok((off, i))
+    }
+
+    /// Drops the cached slices nobody used since the previous call (idle clean).
+    pub fn clean_idle(&mut self) {
+        self.blocks.clean_idle(|_| false);
+    }
+
+    /// Forgets every cached slice of the block at `block` without writing it.
+    fn forget_block(&mut self, block: HostOffset) {
+        for i in 0..self.geo.cluster_size() / self.slice_bytes {
+            self.blocks.remove(block + i * self.slice_bytes);
+        }
     }
 
     /// Frees a slot in the block cache. Bound: at most two rounds, because writing every
@@ -151,16 +201,12 @@ impl Refcounts {
         if block == HostOffset::ZERO {
             return Ok(0);
         }
-        self.ensure_block(file, block)?;
+        let (slice, i) = self.ensure_block(file, block, cluster.refblock_entry(&self.geo))?;
         let data = self
             .blocks
-            .get(block)
+            .get(slice)
             .ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
-        Ok(refcount::get(
-            data,
-            self.geo.refcount_order,
-            cluster.refblock_entry(&self.geo) as usize,
-        ))
+        Ok(refcount::get(data, self.geo.refcount_order, i))
     }
 
     /// Turns lazy refcounts on for a writable image of `version` whose header has the
@@ -230,14 +276,13 @@ impl Refcounts {
                 "Refcount update for cluster {cluster:#x} which no refcount block covers"
             );
         }
-        self.ensure_block(file, block)?;
+        let (slice, idx) = self.ensure_block(file, block, cluster % per)?;
         let order = self.geo.refcount_order;
         let max = self.geo.refcount_max();
         let data = self
             .blocks
-            .get_mut(block)
+            .get_mut(slice)
             .ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
-        let idx = (cluster % per) as usize;
         let old = refcount::get(data, order, idx);
         let new = if delta >= 0 {
             match old.checked_add(delta as u64) {
@@ -496,9 +541,14 @@ impl Refcounts {
                 "Preventing invalid allocation of refcount block at offset 0 (reftable index: {b:#x})"
             )));
         }
-        self.make_room(file)?;
-        self.blocks.insert(off, data, true);
         file.guard().insert(cluster, 1, MetaKind::RefcountBlock);
+        // Written whole now (nothing points at it until the table entry below is written
+        // back, after this), so the cache only ever holds slices of it.
+        if let Err(e) = file.write(&data, off, WriteKind::RefcountBlock) {
+            file.guard().remove(cluster, 1, MetaKind::RefcountBlock);
+            return Err(e);
+        }
+        self.forget_block(off);
         self.table[b as usize] = off.get();
         self.table_dirty.insert(b * 8 / self.geo.cluster_size());
         Ok(())
@@ -597,7 +647,7 @@ impl Refcounts {
             let off = HostCluster(region + i).offset(&self.geo);
             file.write(&data, off, WriteKind::RefcountBlock)?;
             new_table[(first_block + i) as usize] = off.get();
-            self.blocks.remove(off);
+            self.forget_block(off);
             file.guard().insert(region + i, 1, MetaKind::RefcountBlock);
         }
         Ok(())

@@ -8,7 +8,6 @@
 use super::meta::Meta;
 use super::{
     clear_autoclear, lock_mode, read_header, refuse_unwritable, repair_if_dirty, snapshot, Image,
-    DEFAULT_CACHE_BYTES,
 };
 use crate::error::ErrorKind;
 use crate::error::{invalid, Error, Result};
@@ -135,7 +134,6 @@ impl Image {
             header.clone(),
             &snapshots,
             table_len,
-            DEFAULT_CACHE_BYTES,
             Arc::clone(&self.view),
         )?;
         clear_autoclear(&self.file, &mut header)?;

@@ -17,11 +17,23 @@ const (
 // OpenWith calls oxcow_open with a cache size and, when snapshot is not empty, the snapshot
 // view key of oxcow_open_options.
 func OpenWith(path string, flags uint32, cacheSize uint64, snapshot string) (Handle, *Err) {
+	return OpenWithCaches(path, flags, CacheSizes{L2: cacheSize}, snapshot)
+}
+
+// CacheSizes are the metadata cache fields of oxcow_open_options (0 = library default).
+type CacheSizes struct {
+	L2, Refcount, Slice uint64
+}
+
+// OpenWithCaches calls oxcow_open with oxcow_open_options (version 3).
+func OpenWithCaches(path string, flags uint32, caches CacheSizes, snapshot string) (Handle, *Err) {
 	cpath := C.CString(path)
 	defer C.free(unsafe.Pointer(cpath))
 	var copts C.oxcow_open_options
 	C.oxcow_open_options_init(&copts)
-	copts.cache_size = C.uint64_t(cacheSize)
+	copts.cache_size = C.uint64_t(caches.L2)
+	copts.refcount_cache_size = C.uint64_t(caches.Refcount)
+	copts.l2_slice_size = C.uint64_t(caches.Slice)
 	if snapshot != "" {
 		csnap := C.CString(snapshot)
 		defer C.free(unsafe.Pointer(csnap))

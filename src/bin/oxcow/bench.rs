@@ -19,7 +19,9 @@ pub const HELP: &str = "\
 Usage: oxcow bench [-f qcow2|raw] [-c COUNT] [-s SIZE] [-S STEP] [-d DEPTH] [-w]
                    [--pattern BYTE] [-t CACHE] [-o OFFSET] [--random] [--seed N]
                    [--flush-interval N] [--no-drain] [-U] [-q] [--output human|json]
-                   [--overlap-check none|constant|cached|all] [--no-probe] FILE
+                   [--overlap-check none|constant|cached|all] [--no-probe]
+                   [--l2-cache-size SIZE] [--refcount-cache-size SIZE] [--slice-size SIZE]
+                   FILE
 
 Run COUNT read (or, with -w, write) requests of SIZE bytes against FILE and report the time,
 throughput and IOPS. Options mirror 'qemu-img bench', so the same request stream can be sent
@@ -48,6 +50,12 @@ Options:
   -q                  quiet: print only the result
   --output FMT        human (default) or json (one machine-readable line)
   --overlap-check M   metadata-overlap guard: none, constant, cached or all (default all)
+  --l2-cache-size SIZE       L2 cache size (qemu's l2-cache-size; default: enough to map
+                             the whole image, at most 32M)
+  --refcount-cache-size SIZE refcount cache size (default: four clusters)
+  --slice-size SIZE          cached slice of an L2 table or refcount block (qemu's
+                             l2-cache-entry-size): a power of two, 512 up to the cluster
+                             size (default 4k)
   -h, --help          this text
 
 Offsets wrap around to OFFSET when a request would pass the end of the image.
@@ -78,6 +86,9 @@ const SPECS: &[OptSpec] = &[
     opt(&["--output"], true),
     opt(&["--overlap-check"], true),
     opt(&["--no-probe"], false),
+    opt(&["--l2-cache-size"], true),
+    opt(&["--refcount-cache-size"], true),
+    opt(&["--slice-size", "--l2-cache-entry-size"], true),
 ];
 
 /// The parsed request stream and run options.
@@ -103,6 +114,9 @@ struct Params {
     quiet: bool,
     json: bool,
     overlap_check: oxcow::OverlapCheck,
+    l2_cache_size: u64,
+    refcount_cache_size: u64,
+    slice_size: u64,
 }
 
 /// The device under test: the qcow2 engine or the raw file with the same harness.
@@ -209,6 +223,9 @@ fn parse(args: &[String]) -> CliResult<Params> {
         quiet: false,
         json: false,
         overlap_check: oxcow::OverlapCheck::All,
+        l2_cache_size: 0,
+        refcount_cache_size: 0,
+        slice_size: 0,
     };
     let mut fmt = None;
     let mut files = Vec::new();
@@ -263,6 +280,11 @@ fn parse(args: &[String]) -> CliResult<Params> {
                     }
                 }
             }
+            Arg::Opt("--l2-cache-size", Some(v)) => p.l2_cache_size = parse_size(&v)?,
+            Arg::Opt("--refcount-cache-size", Some(v)) => {
+                p.refcount_cache_size = parse_size(&v)?
+            }
+            Arg::Opt("--slice-size", Some(v)) => p.slice_size = parse_size(&v)?,
             Arg::Pos(f) => files.push(f),
             Arg::Opt(..) => unreachable!("every spec is handled"),
         }
@@ -336,6 +358,9 @@ fn open(p: &Params) -> CliResult<Target> {
                 direct: p.direct,
                 writethrough: p.writethrough,
                 overlap_check: p.overlap_check,
+                l2_cache_size: p.l2_cache_size,
+                refcount_cache_size: p.refcount_cache_size,
+                l2_slice_size: p.slice_size,
                 ..OpenOptions::default()
             },
         )

@@ -120,14 +120,7 @@ impl Image {
             // The repair changed metadata under the engine: start again from the disk.
             let reloaded = parse_header_cluster(&self.file).and_then(|h| {
                 let (snaps, len) = super::snapshot::read_table(&self.file, &h)?;
-                let fresh = Meta::load(
-                    &self.file,
-                    h,
-                    &snaps,
-                    len,
-                    super::DEFAULT_CACHE_BYTES,
-                    Arc::clone(&self.view),
-                )?;
+                let fresh = Meta::load(&self.file, h, &snaps, len, Arc::clone(&self.view))?;
                 // The repair may have rewritten the snapshot table.
                 *self.snapshots.write().unwrap_or_else(|p| p.into_inner()) =
                     super::snapshot::Snapshots {
