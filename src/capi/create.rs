@@ -78,7 +78,7 @@ unsafe fn convert(o: &oxcow_create_options) -> CResult<CreateOptions> {
         },
     };
     // SAFETY: forwarded from this function's contract (a version-2 field, defaulted to NULL
-    // for version-1 callers by read_versioned).
+    // for version-1 callers by read_versions).
     let data_file = unsafe { c_opt_str(o.data_file, "data_file") }?;
     if backing_file == Some("") {
         return einval("backing_file is empty (use NULL for no backing file)");
@@ -130,7 +130,8 @@ pub unsafe extern "C" fn oxcow_create(
         let v1 = CREATE_OPTIONS_V1_SIZE as usize;
         let defaults = oxcow_create_options::defaults();
         // SAFETY: `opts` is NULL or an initialised struct per the contract.
-        let o = unsafe { super::read_versioned(opts, "oxcow_create_options", v1, defaults) }?
+        let sizes = [v1, std::mem::size_of::<oxcow_create_options>()];
+        let o = unsafe { super::read_versions(opts, "oxcow_create_options", &sizes, defaults) }?
             .unwrap_or(defaults);
         // SAFETY: the strings in `o` are NULL or NUL-terminated per the contract.
         let ropts = unsafe { convert(&o) }?;

@@ -78,7 +78,6 @@ unsafe fn init_struct<T>(p: *mut T, value: T) {
 /// # Safety
 /// `p` is NULL or points to a readable `T` whose first field is a `u32` struct size; when that
 /// size is at least `size_of::<T>()`, the whole `T` is readable.
-#[allow(dead_code)] // for option structs that have a single version
 unsafe fn read_options<T: Copy>(p: *const T, name: &str) -> error::CResult<Option<T>> {
     if p.is_null() {
         return Ok(None);

@@ -418,6 +418,7 @@ mod tests {
             cluster_bits: 16,
             extended_l2: false,
             refcount_order: 4,
+            external_data: false,
         };
         // The test suites may override the defaults through the environment.
         if [
