@@ -277,6 +277,27 @@ fn commit_into_a_raw_base_grows_it_like_qemu_img() {
     assert_eq!(len(t.q.join("base.raw")), len(t.o.join("base.raw")));
 }
 
+#[test]
+fn commit_punches_zeroed_ranges_out_of_a_raw_base_like_qemu_img() {
+    let layers: &[(&str, &str)] = &[("base.raw", "raw"), ("top.qcow2", "qcow2")];
+    let t = twin("commit-raw-punch", layers, raw_base);
+    run_both(&t, None, true);
+    // qemu-img punches the zero cluster over the base's data: the host file's allocation
+    // (what `map` reports for a raw file) must be the same, not zeros written as data.
+    let map = |dir: &Path| {
+        let o = run_in(
+            dir,
+            "qemu-img",
+            &["map", "--output=json", "-f", "raw", "base.raw"],
+        );
+        assert_eq!(o.code, 0, "qemu-img map: {}", o.all());
+        o.stdout
+    };
+    let (q, o) = (map(&t.q), map(&t.o));
+    assert!(q.contains("\"zero\": true"), "qemu-img left no hole: {q}");
+    assert_eq!(q, o, "raw base allocation differs from qemu-img's");
+}
+
 /// base <- mid <- top: the mid holds a zero cluster over base data and a compressed
 /// cluster, the top data over both.
 fn three_levels(dir: &Path) {

@@ -192,13 +192,15 @@ impl Backing {
     }
 
     /// Makes `[offset, offset + len)` read as zeros without writing zeros where the range
-    /// already reads as zeros: a qcow2 image deallocates or sets zero flags; a raw file is
+    /// already reads as zeros: a qcow2 image deallocates or sets zero flags; a raw file gets
+    /// a hole punched (as qemu-img commit does), or, where the file system cannot punch, is
     /// written only where it holds nonzero bytes.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         match self {
             Backing::Qcow2(img) => {
                 img.write_zeroes(offset, len, crate::ZeroFlags { may_unmap: true })
             }
+            Backing::Raw { file, .. } if file.punch_hole(HostOffset::new(offset), len)? => Ok(()),
             Backing::Raw { .. } => {
                 const STEP: u64 = 1 << 20;
                 let mut buf = vec![0u8; STEP.min(len) as usize];
