@@ -23,6 +23,13 @@ git diff --exit-code -- include/oxcow.h || { echo "include/oxcow.h is stale: com
 echo "== cargo test"
 cargo test --release --no-fail-fast
 
+echo "== sliced metadata caches: engine, crash and stress tests again with 512-byte and whole-table slices"
+for slice in 512 cluster; do
+  OXCOW_L2_SLICE_SIZE=$slice cargo test --release --lib engine::
+  OXCOW_L2_SLICE_SIZE=$slice cargo test --release --test stress_threads --test interop_write_cow \
+    --test lazy_refcounts --test snapshots_live --test resize_live
+done
+
 echo "== fuzz: replay each target's corpus, then explore for a bounded time (about a minute; fuzz/README.md)"
 FUZZ_NEW_FINDINGS_FAIL=0 ./scripts/fuzz.sh
 
