@@ -16,7 +16,6 @@ use crate::storage::{Backend, HostFile, LockMode};
 use crate::{CreateOptions, OpenOptions, ZeroFlags};
 use std::io;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -205,18 +204,7 @@ fn check_pair(b: &Before, base: &[u8], top: &[u8], what: &str) {
 }
 
 fn qemu_check(p: &Path, what: &str) {
-    let out = Command::new("qemu-img")
-        .args(["check", "-q", "-f", "qcow2", p.to_str().expect("utf-8")])
-        .output()
-        .expect("qemu-img");
-    let code = out.status.code().unwrap_or(-1);
-    assert!(
-        code == 0 || code == 3,
-        "{what}: qemu-img check {} exit {code}: {}{}",
-        p.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::engine::crash_tests::assert_qemu_check(p, &[0, 3], what);
 }
 
 fn no_fault() -> Arc<Clock> {

@@ -171,6 +171,29 @@ fn workload(img: &Image, m: &mut Model, rng: &mut Rng, n: usize, phase2: bool, c
     }
 }
 
+/// Runs `qemu-img check` on the qcow2 image at `p`: its exit code must be in `allowed`
+/// (0: clean, 3: leaked clusters only).
+pub(crate) fn assert_qemu_check(p: &Path, allowed: &[i32], what: &str) {
+    let out = Command::new("qemu-img")
+        .args([
+            "check",
+            "-q",
+            "-f",
+            "qcow2",
+            p.to_str().expect("utf-8 path"),
+        ])
+        .output()
+        .expect("qemu-img");
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        allowed.contains(&code),
+        "{what}: qemu-img check {} exit {code}: {}{}",
+        p.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Checks one crash state: qemu-img finds at worst leaks (after the repairing open for lazy
 /// refcounts), and every byte flushed in phase one and untouched since reads back.
 fn check_state(dir: &Path, bytes: &[u8], flushed: &Model, lazy: bool, what: &str) {
@@ -180,18 +203,7 @@ fn check_state(dir: &Path, bytes: &[u8], flushed: &Model, lazy: bool, what: &str
         let img = Image::open(&p, &rw()).unwrap_or_else(|e| panic!("{what}: repairing open: {e}"));
         img.close().expect("close");
     }
-    let out = Command::new("qemu-img")
-        .args(["check", "-q", p.to_str().expect("utf-8 path")])
-        .output()
-        .expect("qemu-img");
-    let code = out.status.code().unwrap_or(-1);
-    let allowed: &[i32] = if lazy { &[0] } else { &[0, 3] };
-    assert!(
-        allowed.contains(&code),
-        "{what}: qemu-img check exit {code}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_qemu_check(&p, if lazy { &[0] } else { &[0, 3] }, what);
     let img = Image::open(&p, &OpenOptions::default())
         .unwrap_or_else(|e| panic!("{what}: open after crash: {e}"));
     let mut got = vec![0u8; SIZE as usize];

@@ -13,7 +13,6 @@ use crate::storage::{Backend, HostFile};
 use crate::{CreateOptions, OpenOptions, ZeroFlags};
 use std::io;
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 const SIZE: u64 = 2 << 20;
@@ -128,17 +127,7 @@ fn run_ops(img: &Image, guest: &mut [u8], rng: &mut Rng) {
 fn check_state(img_path: &Path, data_path: &Path, files: &[Vec<u8>; 2], ctx: &Ctx, what: &str) {
     std::fs::write(img_path, &files[0]).expect("write image state");
     std::fs::write(data_path, &files[1]).expect("write data state");
-    let out = Command::new("qemu-img")
-        .args(["check", "-q", img_path.to_str().expect("utf-8 path")])
-        .output()
-        .expect("qemu-img");
-    let code = out.status.code().unwrap_or(-1);
-    assert!(
-        code == 0 || code == 3,
-        "{what}: qemu-img check exit {code}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::engine::crash_tests::assert_qemu_check(img_path, &[0, 3], what);
     let img = Image::open(img_path, &OpenOptions::default())
         .unwrap_or_else(|e| panic!("{what}: open after crash: {e}"));
     let mut got = vec![0u8; SIZE as usize];

@@ -11,7 +11,6 @@ use crate::storage::HostFile;
 use crate::{CreateOptions, OpenOptions};
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 const SIZE: u64 = 1 << 20;
@@ -45,17 +44,7 @@ fn check_and_read_lazy(dir: &Path, bytes: &[u8], lazy: bool, what: &str) -> Vec<
         let img = Image::open(&p, &rw()).unwrap_or_else(|e| panic!("{what}: repairing open: {e}"));
         img.close().expect("close");
     }
-    let out = Command::new("qemu-img")
-        .args(["check", "-q", p.to_str().expect("utf-8 path")])
-        .output()
-        .expect("qemu-img");
-    let code = out.status.code().unwrap_or(-1);
-    assert!(
-        code == 0 || (code == 3 && !lazy),
-        "{what}: qemu-img check exit {code}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::engine::crash_tests::assert_qemu_check(&p, if lazy { &[0] } else { &[0, 3] }, what);
     let img = Image::open(&p, &OpenOptions::default())
         .unwrap_or_else(|e| panic!("{what}: open after crash: {e}"));
     let mut got = vec![0u8; SIZE as usize];

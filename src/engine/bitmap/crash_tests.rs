@@ -13,7 +13,6 @@ use crate::storage::sim::{Event, SimFile};
 use crate::storage::HostFile;
 use crate::{BitmapAddOptions, CreateOptions, OpenOptions, BITMAP_INCONSISTENT};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 const SIZE: u64 = 4 << 20;
@@ -62,16 +61,7 @@ fn before(dir: &Path, bytes: &[u8]) -> Before {
 fn check_state(dir: &Path, bytes: &[u8], before: &Before, what: &str) {
     let p = dir.join("state.qcow2");
     std::fs::write(&p, bytes).expect("write state");
-    let out = Command::new("qemu-img")
-        .args(["check", "-q", p.to_str().expect("utf-8")])
-        .output()
-        .expect("qemu-img");
-    let code = out.status.code().unwrap_or(-1);
-    assert!(
-        code == 0 || code == 3,
-        "{what}: qemu-img check exit {code}: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    crate::engine::crash_tests::assert_qemu_check(&p, &[0, 3], what);
     let img =
         Image::open(&p, &OpenOptions::default()).unwrap_or_else(|e| panic!("{what}: open: {e}"));
     let data = guest(&img);
