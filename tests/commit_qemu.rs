@@ -450,3 +450,63 @@ fn commit_through_a_shorter_middle_image_zeroes_what_the_top_reads_as_zeros() {
     let b = qemu_to_raw(&t.o.join("base.qcow2"), "qcow2", &t._dir);
     assert!(b[2 << 20..3 << 20].iter().all(|&x| x == 0));
 }
+
+/// A base whose guest data lives in a raw data file (named by its absolute path, so each
+/// copy of the chain uses its own), under a top with data and zero clusters.
+fn data_file_chain(dir: &Path) {
+    let data = dir.join("base.data");
+    let opts = format!("data_file={},data_file_raw=on", path_str(&data));
+    create(dir, "base.qcow2", "4M", None, &opts);
+    io(dir, "base.qcow2", "qcow2", &["write -P 0x11 0 2M"]);
+    create(dir, "top.qcow2", "4M", Some(("base.qcow2", "qcow2")), "");
+    io(
+        dir,
+        "top.qcow2",
+        "qcow2",
+        &[
+            "write -P 0x22 512k 1M",
+            "write -z 64k 64k",
+            "write -P 0x23 3M 64k",
+        ],
+    );
+}
+
+#[test]
+fn commit_into_a_base_with_a_raw_data_file_matches_qemu_img() {
+    let dir = TempDir::new("commit-data-file");
+    let (q, o) = (dir.join("q"), dir.join("o"));
+    for d in [&q, &o] {
+        std::fs::create_dir_all(d).expect("mkdir");
+        data_file_chain(d);
+    }
+    let c = run_in(&q, "qemu-img", &["commit", "-q", "top.qcow2"]);
+    assert_eq!(c.code, 0, "qemu-img commit: {}", c.all());
+    let img = Image::open(
+        o.join("top.qcow2"),
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .expect("open top");
+    img.commit(&CommitOptions::default()).expect("commit");
+    img.close().expect("close");
+    for name in ["base.qcow2", "top.qcow2"] {
+        let (a, b) = (q.join(name), o.join(name));
+        assert_check_clean(&a);
+        assert_check_clean(&b);
+        let c = run("qemu-img", &["compare", path_str(&a), path_str(&b)]);
+        assert_eq!(c.code, 0, "{name}: qemu-img compare: {}", c.all());
+        assert_eq!(
+            own_allocations(&a),
+            own_allocations(&b),
+            "{name}: allocations"
+        );
+    }
+    // data_file_raw: the data file is the guest disk, in both copies.
+    let read = |p: PathBuf| std::fs::read(p).expect("read data file");
+    assert!(
+        read(q.join("base.data")) == read(o.join("base.data")),
+        "the raw data files differ"
+    );
+}
