@@ -453,8 +453,14 @@ impl Meta {
             let _ = self.rc.update(file, new.cluster(&geo), -1);
             return Err(e);
         }
-        // Slices of this offset read without the mutex before now are stale.
+        // Slices of this offset read without the mutex before now are stale, and so are
+        // cached slices of a table that lived here before its cluster was freed and reused.
         self.view.bump_generation();
+        let stale: Vec<HostOffset> = self.view.slices_of(&geo, new).collect();
+        for slice in stale {
+            self.l2.remove(slice);
+            self.view.remove_table(slice);
+        }
         if old != HostOffset::ZERO {
             // The old table stays a snapshot's (inactive) L2 table, if it is one.
             file.guard()
