@@ -25,6 +25,8 @@ fn chain(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf) {
 /// A qemu-io process holding `path` open read-only (which denies writers, as QEMU's
 /// read-only users do), until killed.
 fn qemu_io_holding(path: &Path) -> Child {
+    // Counted before the spawn: qemu-io may take its locks before we look.
+    let before = locks_on(path);
     let mut child = Command::new("qemu-io")
         .args(["-r", "-f", "qcow2", "-c", "sleep 60000", path_str(path)])
         .stdout(Stdio::null())
@@ -32,7 +34,6 @@ fn qemu_io_holding(path: &Path) -> Child {
         .spawn()
         .expect("spawn qemu-io");
     // Wait until it holds its locks (more OFD locks on the file than before).
-    let before = locks_on(path);
     // Generous: the machine may be busy.
     for _ in 0..3000 {
         if locks_on(path) > before {
