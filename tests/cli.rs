@@ -11,20 +11,6 @@ use std::process::Command;
 
 const MIB: u64 = 1 << 20;
 
-/// Runs the built `oxcow` binary in `dir` (so relative names work like a user's shell).
-fn oxcow_in(dir: &Path, args: &[&str]) -> CmdOut {
-    let out = Command::new(env!("CARGO_BIN_EXE_oxcow"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run oxcow");
-    CmdOut {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 /// Runs `oxcow` and requires exit 0.
 fn oxcow_ok(dir: &Path, args: &[&str]) -> CmdOut {
     let o = oxcow_in(dir, args);

@@ -10,21 +10,11 @@ use common::*;
 use oxcow::{Image, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
 
 /// Runs the built `oxcow` binary in `dir` and requires exit 0.
 fn oxcow_ok(dir: &Path, args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_oxcow"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run oxcow");
-    assert!(
-        out.status.success(),
-        "oxcow {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = oxcow_in(dir, args);
+    assert_eq!(out.code, 0, "oxcow {}: {}", args.join(" "), out.all());
 }
 
 /// Text-like data: words from a skewed vocabulary, spaces and newlines (compresses about

@@ -5,21 +5,6 @@
 mod common;
 
 use common::*;
-use std::path::Path;
-use std::process::Command;
-
-fn oxcow_in(dir: &Path, args: &[&str]) -> CmdOut {
-    let out = Command::new(env!("CARGO_BIN_EXE_oxcow"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run oxcow");
-    CmdOut {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 fn ok(o: CmdOut, what: &str) -> CmdOut {
     assert_eq!(o.code, 0, "{what} failed: {}", o.all());

@@ -207,12 +207,12 @@ fn oxcow_info_json_equals_qemu_img_info_on_data_file_images() {
     let dir = TempDir::new("df-info");
     for raw in [false, true] {
         let (img, _) = oxcow_data_image(&dir, &format!("i{raw}"), raw, 65536);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_oxcow"))
-            .args(["info", "--output=json", path_str(&img)])
-            .output()
-            .expect("run oxcow info");
-        assert!(out.status.success(), "oxcow info failed");
-        let ours = Json::parse(&String::from_utf8_lossy(&out.stdout));
+        let out = run(
+            env!("CARGO_BIN_EXE_oxcow"),
+            &["info", "--output=json", path_str(&img)],
+        );
+        assert_eq!(out.code, 0, "oxcow info: {}", out.all());
+        let ours = Json::parse(&out.stdout);
         assert_eq!(ours, qemu_info(&img), "info --output=json (raw={raw})");
     }
 }

@@ -36,6 +36,11 @@ pub fn run_in(dir: &Path, prog: &str, args: &[&str]) -> CmdOut {
     output_of(Command::new(prog).args(args).current_dir(dir), prog)
 }
 
+/// Runs the built `oxcow` binary in `dir` (relative names resolve like in a user's shell).
+pub fn oxcow_in(dir: &Path, args: &[&str]) -> CmdOut {
+    run_in(dir, env!("CARGO_BIN_EXE_oxcow"), args)
+}
+
 /// Runs `cmd` (the program `prog`) to completion and collects its exit code and output.
 fn output_of(cmd: &mut Command, prog: &str) -> CmdOut {
     let out = cmd
