@@ -147,7 +147,11 @@ impl HostFile {
     }
 
     fn raise_written_end(&self, end: u64) {
-        self.written_end.fetch_max(end, Ordering::AcqRel);
+        // Most writes (overwrites, metadata) end below the mark: a load keeps the shared
+        // cache line clean for them; only a write past it pays the read-modify-write.
+        if end > self.written_end.load(Ordering::Acquire) {
+            self.written_end.fetch_max(end, Ordering::AcqRel);
+        }
     }
 
     /// The metadata-overlap guard consulted by [`Self::write`] (empty until the engine fills
