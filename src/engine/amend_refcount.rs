@@ -44,6 +44,10 @@ pub(super) fn read_all(file: &HostFile, h: &Header) -> Result<Refcounts> {
         if at == 0 {
             continue;
         }
+        // Bounded by the clusters amend can hold, not by the (hostile) table's length.
+        if i as u64 * per_block >= MAX_CLUSTERS {
+            return too_big(i as u64 * per_block + 1);
+        }
         if at % cs != 0 {
             return corrupt!("Refcount block offset {at:#x} is not cluster-aligned");
         }

@@ -58,13 +58,20 @@ fn plan(file: &HostFile, h: &Header) -> Result<Plan> {
     let cs = h.cluster_size();
     let (snapshots, _) = super::snapshot::read_table(file, h)?;
     let mut l1s = vec![(h.l1_table_offset, h.l1_size)];
-    l1s.extend(snapshots.iter().map(|s| (s.l1_table_offset, s.l1_size)));
+    for s in &snapshots {
+        // The snapshot table reader does not validate entries: a hostile L1 size must not
+        // size an allocation.
+        if let Some(problem) = s.l1_problem(cs) {
+            return corrupt!("{problem}");
+        }
+        l1s.push((s.l1_table_offset, s.l1_size));
+    }
     let has_backing = h.backing_file.is_some();
     let mut seen = HashSet::new();
     let mut plan = Plan::default();
     let mut counts = None;
     for (off, size) in l1s {
-        // Sizes were validated at open (active) and by the snapshot table reader.
+        // Sizes were validated at open (active) and just above (snapshots).
         let mut raw = vec![0u8; size as usize * 8];
         file.read_zero_padded(&mut raw, HostOffset::new(off), "L1 table")?;
         for e in be::u64_table(&raw) {

@@ -91,7 +91,10 @@ fn read_entries(file: &HostFile, header: &Header, repair: bool) -> Result<Checke
         }
         t.snapshots
             .push(snapshot::parse(&entry, i as usize, repair)?);
-        off += len;
+        // The table's offset comes from the header: a hostile one must not wrap around.
+        off = off
+            .checked_add(len)
+            .ok_or_else(|| crate::Error::corrupt("Snapshot table offset invalid"))?;
     }
     Ok(t)
 }
