@@ -144,6 +144,18 @@ fn malformed_headers_give_clean_errors() {
                 put_be64(p, H_SNAP_OFF, 0x10_0000_0000);
             },
         ),
+        // Entries from the last aligned cluster of the offset space run past u64::MAX: QEMU
+        // refuses the offset ("Snapshot table offset invalid"); reading must not wrap around
+        // to the start of the file.
+        case(
+            "snapshot-table-offset-wraps",
+            &[EUCLEAN, EINVAL],
+            &["snapshot table offset"],
+            |p| {
+                put_be32(p, H_NB_SNAP, 2000);
+                put_be64(p, H_SNAP_OFF, 0xffff_ffff_ffff_0000);
+            },
+        ),
         case(
             "unknown-incompat-bit-unnamed",
             &[ENOTSUP],
