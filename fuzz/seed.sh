@@ -3,8 +3,8 @@
 # supports: v2 (compat=0.10) and v3, cluster sizes 512 B/4 KiB/16 KiB/64 KiB, refcount_bits 1..64,
 # extended L2, lazy refcounts (clean and dirty), deflate and zstd compressed clusters, zero
 # clusters, raw and qcow2 backing files, internal snapshots, persistent bitmaps, metadata
-# preallocation. Images are kept small (1-4 MiB virtual, a few clusters of data) so one
-# execution stays fast.
+# preallocation, external data files. Images are kept small (1-4 MiB virtual, a few clusters of
+# data) so one execution stays fast.
 #
 # Usage: fuzz/seed.sh [OUTDIR]   (default fuzz/seeds; not committed: fuzz/corpus/ is the
 # minimized corpus made from it, see fuzz/README.md)
@@ -119,6 +119,15 @@ qi bitmap --add -g 65536 "$n.qcow2" b1
 qio "$n.qcow2" -c 'write -P 0x09 0 8k' -c 'write -P 0x0a 1M 4k'
 qi bitmap --disable "$n.qcow2" b1
 keep "$n"
+# External data files (v3 only): guest data in data.raw (the targets create a data.raw of their
+# own, 2 MiB of 'd', before each input that names it), with and without data_file_raw.
+for raw in off on; do
+  n="datafile-raw$raw"
+  rm -f data.raw
+  qi create -f qcow2 -o cluster_size=4096,data_file=data.raw,data_file_raw=$raw "$n.qcow2" 2M
+  qio "$n.qcow2" -c 'write -P 0x61 0 8k' -c 'write -z 64k 4k' -c 'write -P 0x62 1M 4k'
+  keep "$n"
+done
 n=prealloc; qi create -f qcow2 -o cluster_size=4096,preallocation=metadata "$n.qcow2" 256K; keep "$n"
 n=bigger-cs512; qi create -f qcow2 -o cluster_size=512 "$n.qcow2" 4M
 qio "$n.qcow2" -c 'write -P 0x10 0 3k' -c 'write -P 0x20 3M 1k' -c 'write -P 0x30 2047k 2k'

@@ -7,6 +7,10 @@ use std::sync::OnceLock;
 static WORKDIR: OnceLock<Workdir> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
-    let wd = WORKDIR.get_or_init(|| Workdir::new("check_repair"));
+    let wd = WORKDIR.get_or_init(|| {
+        let wd = Workdir::new("check_repair");
+        wd.enter();
+        wd
+    });
     oxcow_fuzz::guarded(|| oxcow_fuzz::check_repair(data, wd));
 });

@@ -7,6 +7,10 @@ use std::sync::OnceLock;
 static WORKDIR: OnceLock<Workdir> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
-    let wd = WORKDIR.get_or_init(|| Workdir::new("image_io"));
+    let wd = WORKDIR.get_or_init(|| {
+        let wd = Workdir::new("image_io");
+        wd.enter();
+        wd
+    });
     oxcow_fuzz::guarded(|| oxcow_fuzz::image_io(data, wd));
 });

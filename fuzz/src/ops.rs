@@ -23,9 +23,18 @@ const MAX_EXTENTS: usize = 64;
 const OP_TAIL: usize = 48;
 /// Longest write, zero or discard an operation asks for.
 const MAX_OP_LEN: u64 = 128 << 10;
+/// The external data file the data-file seeds name (relative: resolved against the working
+/// directory, which `Workdir::enter` makes the work directory).
+const DATA_FILE: &str = "data.raw";
+
+/// What fuzz/seed.sh writes into `data.raw` before qemu-io's writes: 2 MiB of 'd'.
+fn data_file_content() -> Vec<u8> {
+    vec![b'd'; 2 << 20]
+}
 
 /// A private directory for one fuzzing process (or one regression test) holding the image
-/// under test and the backing files the seed images name (`backing.raw`, `backing.qcow2`).
+/// under test, the backing files the seed images name (`backing.raw`, `backing.qcow2`) and the
+/// external data file they name (`data.raw`).
 pub struct Workdir {
     dir: PathBuf,
     image: PathBuf,
@@ -65,7 +74,23 @@ impl Workdir {
             .expect("write backing.qcow2");
         img.close().expect("close backing.qcow2");
         let image = dir.join("image.qcow2");
-        Workdir { dir, image }
+        let wd = Workdir { dir, image };
+        wd.restore_data_file();
+        wd
+    }
+
+    /// Makes this directory the process's working directory. Relative external data-file
+    /// names resolve against it (as in QEMU), and a mutated header may name any file: a fuzzing
+    /// process must never write into the checkout it was started from. The libFuzzer targets
+    /// call this once; the regression tests (many work directories in one process) do not, so
+    /// a reproducer whose data file is `data.raw` replays only under the fuzzer.
+    pub fn enter(&self) {
+        std::env::set_current_dir(&self.dir).expect("enter the fuzz work directory");
+    }
+
+    /// `data.raw`, the raw external data file the data-file seeds name, as fuzz/seed.sh made it.
+    fn restore_data_file(&self) {
+        fs::write(self.dir.join(DATA_FILE), data_file_content()).expect("write data.raw");
     }
 
     /// The path the image under test is written to.
@@ -73,9 +98,17 @@ impl Workdir {
         &self.image
     }
 
-    /// Replaces the image under test with `data`.
+    /// Replaces the image under test with `data`. An input that may name the data file gets a
+    /// fresh copy of it: writes through an earlier input must not change how this one runs
+    /// (every execution is a function of its input alone, or findings do not reproduce).
     fn put(&self, data: &[u8]) {
         fs::write(&self.image, data).expect("write the image under test");
+        if data
+            .windows(DATA_FILE.len())
+            .any(|w| w == DATA_FILE.as_bytes())
+        {
+            self.restore_data_file();
+        }
     }
 }
 
