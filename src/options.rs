@@ -110,6 +110,13 @@ pub struct OpenOptions {
     pub no_probe: bool,
     /// Read-only open that ignores other writers' locks (like `qemu-img -U`).
     pub force_share: bool,
+    /// Metadata-only open of an image with an external data file (read-only opens only,
+    /// `InvalidArgument` otherwise): the data file is neither opened nor locked, so an image
+    /// whose data file is missing still reports its header, snapshots and bitmaps, as
+    /// `qemu-img info` does. Reading guest data that lives in the data file fails with
+    /// `Io` (-EIO); unallocated and zero clusters still read as zeros. No effect on images
+    /// without a data file.
+    pub no_data_file: bool,
     /// Open the image file with O_DIRECT (bypass the host page cache). Requests of any
     /// alignment are accepted: transfers are bounced through 4 KiB-aligned buffers and
     /// unaligned writes become read-modify-write of whole 4 KiB blocks, so aligned 4 KiB

@@ -124,3 +124,79 @@ fn a_relative_data_file_name_is_resolved_against_the_current_directory_like_qemu
     assert!(q.all().contains("Could not open 'rel.raw'"), "{}", q.all());
     assert!(o.all().contains("Could not open 'rel.raw'"), "{}", o.all());
 }
+
+#[test]
+fn info_reports_an_image_whose_data_file_is_missing_like_qemu_img_while_map_and_check_fail() {
+    let dir = TempDir::new("df-missing");
+    let d = dir.path();
+    ok(
+        run_in(
+            d,
+            "qemu-img",
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "data_file=gone.raw",
+                "a.qcow2",
+                "1M",
+            ],
+        ),
+        "qemu-img create",
+    );
+    std::fs::remove_file(d.join("gone.raw")).expect("remove the data file");
+    let ours = ok(
+        oxcow_in(d, &["info", "--output=json", "a.qcow2"]),
+        "oxcow info",
+    );
+    let theirs = ok(
+        run_in(d, "qemu-img", &["info", "--output=json", "a.qcow2"]),
+        "qemu-img info",
+    );
+    assert_eq!(ours.stdout, theirs.stdout, "info --output=json");
+    let human = ok(oxcow_in(d, &["info", "a.qcow2"]), "oxcow info");
+    assert!(
+        human.stdout.contains("data file: gone.raw"),
+        "{}",
+        human.stdout
+    );
+    // Only info is metadata-only in qemu-img: the rest needs the data file.
+    for cmd in [&["map", "a.qcow2"][..], &["check", "a.qcow2"][..]] {
+        let o = oxcow_in(d, cmd);
+        let q = run_in(d, "qemu-img", cmd);
+        assert_ne!(o.code, 0, "oxcow {cmd:?} succeeded without the data file");
+        assert_eq!(o.code, q.code, "exit code of {cmd:?}: {}", o.all());
+        assert!(o.all().contains("gone.raw"), "{cmd:?}: {}", o.all());
+    }
+}
+
+#[test]
+fn check_repair_keeps_the_data_file_raw_promise_like_qemu_img() {
+    let dir = TempDir::new("df-repair");
+    let d = dir.path();
+    for (tool, img) in [("oxcow", "o.qcow2"), ("qemu-img", "q.qcow2")] {
+        let opts = format!("data_file={img}.raw,data_file_raw=on");
+        ok(
+            run_in(
+                d,
+                "qemu-img",
+                &["create", "-f", "qcow2", "-o", &opts, img, "1M"],
+            ),
+            "qemu-img create",
+        );
+        let args = ["check", "-r", "all", img];
+        let out = if tool == "oxcow" {
+            oxcow_in(d, &args)
+        } else {
+            run_in(d, tool, &args)
+        };
+        ok(out, tool);
+        let info = ok(run_in(d, "qemu-img", &["info", img]), "qemu-img info");
+        assert!(
+            info.stdout.contains("data file raw: true"),
+            "{tool} check -r all dropped data_file_raw:\n{}",
+            info.stdout
+        );
+    }
+}

@@ -594,3 +594,37 @@ fn an_overlay_with_a_data_file_copies_on_write_from_its_backing_file() {
         "oxcow read of the overlay",
     );
 }
+
+#[test]
+fn a_metadata_only_open_reads_zeros_where_nothing_is_mapped_and_fails_data_reads_with_eio() {
+    let dir = TempDir::new("df-metaonly");
+    let (img, data) = qemu_data_image(&dir, "m", false, "");
+    qemu_io(&img, &["write -P 0x5a 0 64k".to_string()]);
+    std::fs::remove_file(&data).expect("remove the data file");
+    let meta_only = oxcow::OpenOptions {
+        no_data_file: true,
+        ..Default::default()
+    };
+    let h = Image::open(&img, &meta_only).expect("metadata-only open without the data file");
+    assert_eq!(h.virtual_size(), SIZE);
+    let mut buf = vec![0xffu8; 4096];
+    h.read_at(&mut buf, 1 << 20)
+        .expect("an unmapped cluster reads");
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "unmapped cluster must read as zeros"
+    );
+    let e = h
+        .read_at(&mut buf, 0)
+        .expect_err("data in the data file cannot be read");
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    drop(h);
+    let writable = oxcow::OpenOptions {
+        writable: true,
+        ..meta_only
+    };
+    let e = Image::open(&img, &writable)
+        .err()
+        .expect("writable metadata-only open");
+    assert_eq!(e.errno(), libc::EINVAL, "{e}");
+}

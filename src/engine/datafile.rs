@@ -16,7 +16,7 @@ use crate::format::entry::Mapping;
 use crate::format::header::Header;
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crate::options::OpenOptions;
-use crate::storage::{Backend, HostFile, LockMode, PosixFile, WriteKind};
+use crate::storage::{Absent, Backend, HostFile, LockMode, PosixFile, WriteKind};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -49,6 +49,10 @@ pub(super) fn open(header: &Header, image: &str, opts: &OpenOptions) -> Result<O
     let Some(name) = recorded_name(header) else {
         return invalid!("{image}: 'data-file' is required for this image");
     };
+    if opts.no_data_file {
+        let why = format!("the data file '{name}' is not open (metadata-only open)");
+        return Ok(Some(HostFile::new(Arc::new(Absent::new(why)), name)));
+    }
     let path = PathBuf::from(&name);
     refuse_self_reference(image, &path)?;
     let mut posix = PosixFile::open(&path, opts.writable, opts.direct)

@@ -99,6 +99,9 @@ impl Image {
         if opts.snapshot.is_some() && opts.writable {
             return invalid!("a snapshot can only be opened read-only");
         }
+        if opts.no_data_file && opts.writable {
+            return invalid!("a metadata-only open (no data file) must be read-only");
+        }
         let name = path.display().to_string();
         let mut posix = PosixFile::open(path, opts.writable, opts.direct).map_err(|e| {
             if opts.direct && e.raw_os_error() == Some(libc::EINVAL) {

@@ -5,6 +5,7 @@
 //! [`HostFile`] wraps it with the image's name for error messages and funnels every write
 //! through [`HostFile::write`], where the metadata-overlap guard and fault injection hang.
 
+mod absent;
 mod aligned;
 pub mod extents;
 pub mod grace;
@@ -14,6 +15,7 @@ mod posix;
 #[cfg(test)]
 pub mod sim;
 
+pub use absent::Absent;
 pub use grace::{Grace, Pin};
 pub use guard::{MetaKind, OverlapCheck, OverlapGuard, OverlapHit};
 pub use lock::{ImageLock, LockMode};

@@ -103,11 +103,16 @@ pub fn run(args: &[String]) -> CliResult<()> {
 /// Opens `file` alone (read-only, without its backing chain), as info and map inspect each
 /// image of a chain; the error names the file like qemu-img's.
 pub(crate) fn open_layer(file: &str, force_share: bool) -> CliResult<Image> {
+    open_with(file, force_share, false)
+}
+
+fn open_with(file: &str, force_share: bool, no_data_file: bool) -> CliResult<Image> {
     Image::open(
         file,
         &OpenOptions {
             force_share,
             no_backing: true,
+            no_data_file,
             ..OpenOptions::default()
         },
     )
@@ -116,7 +121,8 @@ pub(crate) fn open_layer(file: &str, force_share: bool) -> CliResult<Image> {
 
 /// Opens `file` read-only and gathers what qemu-img would print about it.
 fn describe(file: &str, force_share: bool) -> CliResult<Described> {
-    let img = open_layer(file, force_share)?;
+    // Metadata only, like qemu-img info: a missing data file does not hide the header.
+    let img = open_with(file, force_share, true)?;
     let info = img.info()?;
     let snapshots = img.snapshots().to_vec();
     let bitmaps = img

@@ -16,7 +16,7 @@ mod walk;
 use super::meta::Meta;
 use super::{parse_header_cluster, Image};
 use crate::error::{Error, Result};
-use crate::format::header::{layout, AUTOCLEAR_BITMAPS};
+use crate::format::header::{layout, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW};
 use crate::format::Header;
 use crate::storage::{HostFile, LockMode, PosixFile};
 use std::path::Path;
@@ -178,9 +178,19 @@ impl Image {
         // Parsed as QEMU's check mode does: a refcount table of 0 clusters is accepted (and
         // rebuilt by a full repair).
         let mut header = parse_header_cluster(&file).map_err(|e| e.with_file(&name))?;
-        let unknown_autoclear = header.autoclear_features & !AUTOCLEAR_BITMAPS;
+        // QEMU's check opens (and locks) the data file too, and fails without it. Held until
+        // the check ends; data clusters have no refcounts, so nothing is read from it.
+        let opts = crate::OpenOptions {
+            writable,
+            force_share,
+            ..crate::OpenOptions::default()
+        };
+        let _data = super::datafile::open(&header, &name, &opts)?;
+        // Known bits stay: bitmaps (the repair keeps them) and a raw data file (untouched).
+        let known = AUTOCLEAR_BITMAPS | (header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW);
+        let unknown_autoclear = header.autoclear_features & !known;
         if writable && unknown_autoclear != 0 {
-            let keep = header.autoclear_features & AUTOCLEAR_BITMAPS;
+            let keep = header.autoclear_features & known;
             file.write_header_fields(&layout::AUTOCLEAR_FEATURES.update(header.version, keep)?)?;
             file.sync()?;
             header.autoclear_features = keep;
