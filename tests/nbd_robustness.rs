@@ -244,3 +244,36 @@ fn disconnecting_at_every_byte_of_the_handshake_and_requests_is_harmless() {
     srv.stop();
     assert_check_clean(&img);
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap_or("VmRSS: 0 kB");
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_client_that_never_reads_replies_cannot_grow_the_server_or_block_its_stop() {
+    let dir = TempDir::new("nbd-no-reader");
+    let img = dir.join("a.qcow2");
+    qemu_create_with_data(&img, 32 * MIB, "", 0x11, 32 * MIB);
+    let mut srv = NbdServer::unix(Server::Oxcow, &dir, &img, &["-t", "-r"]);
+    let mut s = transmission(srv.socket.as_ref().unwrap());
+    // 4 GiB of reads requested, none of the replies read.
+    let mut reqs = Vec::new();
+    for i in 0..1024u64 {
+        reqs.extend(request(0, 0, i, (i % 8) * 4 * MIB, 4 << 20));
+    }
+    s.write_all(&reqs).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let rss = rss_kib(srv.pid());
+    assert!(rss < 400 * 1024, "server RSS {rss} KiB");
+    let code = srv.signal_and_wait("TERM", Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{}", srv.stderr_text());
+    drop(s);
+}

@@ -1,7 +1,8 @@
 //! Listening, accepting, one thread per connection, and the graceful stop: on SIGTERM,
 //! SIGINT or SIGHUP the server stops accepting, shuts the read side of every connection (a
-//! request already read is still executed and answered), waits for them, and leaves the
-//! image to the caller to close (which flushes it and stores its bitmaps).
+//! request already read is still executed and answered), waits for them (closing sockets
+//! whose client stopped reading after [`DRAIN_LIMIT`]), and leaves the image to the caller
+//! to close (which flushes it and stores its bitmaps).
 
 use std::io::{self, BufReader};
 use std::net::{Shutdown, TcpListener};
@@ -109,13 +110,29 @@ pub fn serve(l: &Listener, ex: &Arc<Export>, p: &Policy) -> io::Result<()> {
             p.handshake_limit,
         )?);
     }
-    for (_, s) in lock(&live).iter() {
+    wind_down(&live, conns);
+    Ok(())
+}
+
+/// Time connections get to answer what they already read before their sockets are closed
+/// under them (a client that stops reading replies would otherwise hold the stop forever).
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Ends every connection: no more requests are read; the ones already read run to the end.
+fn wind_down(live: &Registry, conns: Vec<JoinHandle<()>>) {
+    for (_, s) in lock(live).iter() {
         s.shutdown(Shutdown::Read);
+    }
+    let t = Instant::now();
+    while conns.iter().any(|h| !h.is_finished()) && t.elapsed() < DRAIN_LIMIT {
+        thread::sleep(Duration::from_millis(10));
+    }
+    for (_, s) in lock(live).iter() {
+        s.shutdown(Shutdown::Both);
     }
     for h in conns {
         let _ = h.join();
     }
-    Ok(())
 }
 
 fn lock(r: &Registry) -> std::sync::MutexGuard<'_, Vec<(u64, Stream)>> {
