@@ -99,7 +99,9 @@ fn fork_reports_a_startup_failure_in_the_exit_code() {
         .output()
         .expect("run oxcow nbd --fork");
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.qcow2"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.qcow2"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one message: {err}");
 }
 
 #[test]

@@ -97,12 +97,14 @@ pub fn run(args: &[String]) -> CliResult<()> {
             }
             serve(listener, export, &cfg)
         }
-        Err(e) => {
-            if let Some(r) = ready {
+        Err(e) => match ready {
+            // The waiting parent prints the message and exits 1.
+            Some(r) => {
                 r.fail(&e.message);
+                std::process::exit(1)
             }
-            Err(e)
-        }
+            None => Err(e),
+        },
     }
 }
 

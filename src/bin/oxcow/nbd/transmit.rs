@@ -167,9 +167,9 @@ pub fn validate(ex: &Export, f: Framing, req: &Request) -> Result<(), (u32, &'st
     if writes && ex.read_only {
         return Err((EPERM, "export is read-only"));
     }
+    // qemu-nbd answers EINVAL here, structured replies or not (EOVERFLOW is allowed too).
     if matches!(req.command, CMD_READ | CMD_WRITE) && req.length > MAX_PAYLOAD {
-        let err = if f.structured { EOVERFLOW } else { EINVAL };
-        return Err((err, "request larger than the maximum block size"));
+        return Err((EINVAL, "request larger than the maximum block size"));
     }
     if req.command == CMD_BLOCK_STATUS {
         if !f.structured || !f.contexts.any() {
