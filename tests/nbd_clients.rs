@@ -263,3 +263,29 @@ fn libnbd_tools_read_info_and_copy() {
     assert_check_clean(&a);
     assert_eq!(std::fs::read(&copy).expect("copy").len(), 16 << 20);
 }
+
+#[test]
+fn allocation_through_a_backing_chain_matches_qemu_nbd() {
+    let dir = TempDir::new("nbd-chain");
+    let base = dir.join("base.qcow2");
+    qemu_create(&base, 4 * MIB, "");
+    qemu_io(&base, &["write -P 1 0 1M".into(), "write -z 3M 64k".into()]);
+    let mid = dir.join("mid.qcow2");
+    qemu_create_overlay(&mid, Some(6 * MIB), "", "base.qcow2", "qcow2");
+    qemu_io(&mid, &["write -P 2 1536k 64k".into()]);
+    let top = dir.join("top.qcow2");
+    qemu_create_overlay(&top, Some(8 * MIB), "", "mid.qcow2", "qcow2");
+    qemu_io(
+        &top,
+        &["write -P 3 2M 1M".into(), "write -z 512k 64k".into()],
+    );
+    let ox = NbdServer::unix(Server::Oxcow, &dir, &top, &["-r", "-t"]);
+    let qemu = NbdServer::unix(Server::QemuNbd, &dir, &top, &["-r", "-t"]);
+    let got = nbd_map(&ox.uri);
+    assert_eq!(got, nbd_map(&qemu.uri));
+    assert!(
+        got.len() >= 6,
+        "data, zeroes and holes at several depths: {got:?}"
+    );
+    assert_same_export(&ox, &qemu, &dir);
+}

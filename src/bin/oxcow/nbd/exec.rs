@@ -33,6 +33,9 @@ pub struct Export {
     pub discard: bool,
     /// WRITE_ZEROES is metadata-only (qcow2 v3 zero clusters); FAST_ZERO fails otherwise.
     pub fast_zero: bool,
+    /// The qcow2 backing chain below `image`, opened read-only (sharing) only to answer
+    /// `base:allocation` for ranges the image leaves to its backing file, like qemu-nbd.
+    pub backing: Vec<Image>,
 }
 
 impl Export {
@@ -203,7 +206,7 @@ fn extents(
     let mut out: Vec<(u32, u32)> = Vec::new();
     while off < end {
         let e = match bitmap {
-            None => ex.image.block_status(off, end - off)?,
+            None => chain_status(ex, off, end - off)?,
             Some(b) => ex.image.bitmap_status(b, off, end - off)?,
         };
         let len = e.length.clamp(1, end - off);
@@ -224,6 +227,29 @@ fn extents(
         }
     }
     Ok(out)
+}
+
+/// The status of `[off, off+len)` through the chain: the image's own, or for a range read from
+/// the backing file, the first backing image's that holds it (beyond a shorter backing file,
+/// zeros). Past the opened chain (e.g. a raw backing file) the range stays "from backing".
+fn chain_status(ex: &Export, off: u64, len: u64) -> oxcow::Result<oxcow::Extent> {
+    let mut e = ex.image.block_status(off, len)?;
+    for img in &ex.backing {
+        if e.flags & oxcow::EXTENT_BACKING == 0 {
+            break;
+        }
+        let size = img.virtual_size();
+        if off >= size {
+            e.flags = EXTENT_ZERO;
+            break;
+        }
+        let b = img.block_status(off, e.length.min(size - off))?;
+        e = oxcow::Extent {
+            length: b.length.min(e.length),
+            ..b
+        };
+    }
+    Ok(e)
 }
 
 /// base:allocation flags like qemu-nbd's: a hole unless this image holds data for the range

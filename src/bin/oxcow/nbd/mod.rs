@@ -243,7 +243,9 @@ fn open_export(c: &Config) -> CliResult<exec::Export> {
             return Err(CliError::op(format!("Bitmap '{b}' is not found")));
         }
     }
-    let fast_zero = image.info()?.version >= 3;
+    let info = image.info()?;
+    let fast_zero = info.version >= 3;
+    let backing = open_chain(&c.file, info);
     Ok(exec::Export {
         image: Arc::new(image),
         name: c.name.clone(),
@@ -252,7 +254,40 @@ fn open_export(c: &Config) -> CliResult<exec::Export> {
         bitmap: c.bitmap.clone(),
         discard: c.discard,
         fast_zero,
+        backing,
     })
+}
+
+/// Deepest backing chain opened for block status.
+const MAX_CHAIN: usize = 16;
+
+/// Opens the qcow2 images below `file` read-only, sharing them with the image's own handle,
+/// for block status through the chain. Stops quietly at a raw or unopenable backing file:
+/// its ranges are then reported as data, which is always safe.
+fn open_chain(file: &str, mut info: oxcow::ImageInfo) -> Vec<Image> {
+    let mut chain = Vec::new();
+    let mut path = file.to_string();
+    while chain.len() < MAX_CHAIN {
+        let Some(b) = info.backing_file.as_deref() else {
+            break;
+        };
+        if !matches!(info.backing_format.as_deref(), None | Some("qcow2")) {
+            break;
+        }
+        path = crate::resolve_backing(&path, b);
+        let opts = OpenOptions {
+            force_share: true,
+            no_probe: info.backing_format.is_none(),
+            ..OpenOptions::default()
+        };
+        let Ok(img) = Image::open(&path, &opts) else {
+            break;
+        };
+        let Ok(next) = img.info() else { break };
+        chain.push(img);
+        info = next;
+    }
+    chain
 }
 
 /// Serves until stopped, then closes the image cleanly.
