@@ -277,3 +277,31 @@ fn a_client_that_never_reads_replies_cannot_grow_the_server_or_block_its_stop() 
     assert_eq!(code, Some(0), "{}", srv.stderr_text());
     drop(s);
 }
+
+#[test]
+fn a_handshake_trickling_in_byte_by_byte_is_cut_at_the_handshake_limit() {
+    let dir = TempDir::new("nbd-slow-handshake");
+    let img = dir.join("a.qcow2");
+    qemu_create(&img, SIZE, "");
+    let args = ["-t", "--handshake-limit", "2"];
+    let srv = NbdServer::unix(Server::Oxcow, &dir, &img, &args);
+    let mut s = hello(srv.socket.as_ref().unwrap());
+    let opt = option(9, &vec![0u8; 1000]);
+    let t = std::time::Instant::now();
+    let mut cut = false;
+    for b in opt.iter() {
+        if s.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if t.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+    }
+    assert!(cut || matches!(s.read(&mut [0u8; 8]), Ok(0) | Err(_)));
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "not cut within the limit"
+    );
+}

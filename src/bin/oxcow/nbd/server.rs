@@ -9,6 +9,7 @@ use std::net::{Shutdown, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -162,9 +163,12 @@ fn connection(s: Stream, ex: &Arc<Export>, limit: Duration) -> io::Result<()> {
     s.set_nodelay();
     s.set_read_timeout(Some(limit))?;
     let mut w = s.try_clone()?;
+    let watchdog = Watchdog::start(s.try_clone()?, limit);
     let mut r = BufReader::with_capacity(256 << 10, s);
     let deadline = Instant::now() + limit;
-    match negotiate::negotiate(&mut r, &mut w, ex, deadline)? {
+    let end = negotiate::negotiate(&mut r, &mut w, ex, deadline);
+    watchdog.disarm();
+    match end? {
         End::Close => {
             w.shutdown(Shutdown::Both);
             Ok(())
@@ -174,5 +178,31 @@ fn connection(s: Stream, ex: &Arc<Export>, limit: Duration) -> io::Result<()> {
             transmit::serve(r, w, ex.clone(), f);
             Ok(())
         }
+    }
+}
+
+/// Closes a connection whose handshake outlives the limit, however slowly its bytes trickle
+/// in (the per-read timeout alone would let a client send one byte every few seconds).
+struct Watchdog(Arc<AtomicBool>);
+
+impl Watchdog {
+    fn start(s: Stream, limit: Duration) -> Watchdog {
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        thread::spawn(move || {
+            let t = Instant::now();
+            while !d.load(Ordering::Acquire) && !sys::stop_requested() {
+                if t.elapsed() > limit {
+                    s.shutdown(Shutdown::Both);
+                    return;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Watchdog(done)
+    }
+
+    fn disarm(self) {
+        self.0.store(true, Ordering::Release);
     }
 }
