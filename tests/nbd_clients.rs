@@ -289,3 +289,18 @@ fn allocation_through_a_backing_chain_matches_qemu_nbd() {
     );
     assert_same_export(&ox, &qemu, &dir);
 }
+
+#[test]
+fn nbdcopy_against_a_single_client_server_does_not_wait_for_a_second_connection() {
+    if !have("nbdcopy") {
+        eprintln!("skipped: libnbd-bin (nbdcopy) is not installed");
+        return;
+    }
+    let dir = TempDir::new("nbd-single-client");
+    let (a, _) = twin_images(&dir, false);
+    let mut ox = NbdServer::unix(Server::Oxcow, &dir, &a, &["-t"]);
+    let copy = dir.join("copy.raw");
+    // Multi-conn is not offered with -e 1, so nbdcopy keeps to one connection.
+    client_ok("nbdcopy", &[&ox.uri, path_str(&copy)]);
+    ox.stop();
+}

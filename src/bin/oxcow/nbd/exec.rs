@@ -33,6 +33,11 @@ pub struct Export {
     pub discard: bool,
     /// WRITE_ZEROES is metadata-only (qcow2 v3 zero clusters); FAST_ZERO fails otherwise.
     pub fast_zero: bool,
+    /// Advertise NBD_FLAG_CAN_MULTI_CONN. Every connection shares one image handle, so a
+    /// flush on any connection covers writes completed on all of them; it is offered only
+    /// when `-e` admits more than one client (like qemu-nbd), or clients such as nbdcopy
+    /// would open connections the server does not accept yet.
+    pub multi_conn: bool,
     /// The qcow2 backing chain below `image`, opened read-only (sharing) only to answer
     /// `base:allocation` for ranges the image leaves to its backing file, like qemu-nbd.
     pub backing: Vec<Image>,
@@ -41,10 +46,10 @@ pub struct Export {
 impl Export {
     /// The transmission flags advertised for this export.
     pub fn transmission_flags(&self, structured: bool) -> u16 {
-        // Every connection shares one image handle, so a flush on any connection covers
-        // writes completed on all of them: multi-conn is safe.
         let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_CACHE;
-        f |= TFLAG_CAN_MULTI_CONN;
+        if self.multi_conn {
+            f |= TFLAG_CAN_MULTI_CONN;
+        }
         if structured {
             f |= TFLAG_SEND_DF;
         }

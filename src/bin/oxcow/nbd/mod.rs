@@ -254,6 +254,7 @@ fn open_export(c: &Config) -> CliResult<exec::Export> {
         bitmap: c.bitmap.clone(),
         discard: c.discard,
         fast_zero,
+        multi_conn: c.shared > 1,
         backing,
     })
 }
