@@ -44,6 +44,17 @@ fn sigterm_with_writes_in_flight_leaves_a_clean_image_and_a_stored_bitmap() {
     assert!(m.iter().any(|r| !r.2), "no dirty range stored: {m:?}");
 }
 
+/// Kills the daemon (SIGKILL) when the test ends, whether it passed or not.
+struct KillOnDrop(String);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if run("kill", &["-0", &self.0]).code == 0 {
+            run("kill", &["-KILL", &self.0]);
+        }
+    }
+}
+
 #[test]
 fn fork_returns_once_listening_and_the_pid_file_names_the_server() {
     let dir = TempDir::new("nbd-fork");
@@ -63,6 +74,7 @@ fn fork_returns_once_listening_and_the_pid_file_names_the_server() {
         .expect("run oxcow nbd --fork");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let pid_text = std::fs::read_to_string(&pid).expect("pid file");
+    let _reaper = KillOnDrop(pid_text.trim().to_string());
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     qemu_io_nbd(
         &uri,
