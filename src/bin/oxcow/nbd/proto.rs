@@ -17,88 +17,141 @@ pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// Handshake flags (server).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+/// NBD_FLAG_NO_ZEROES in the protocol document.
 pub const FLAG_NO_ZEROES: u16 = 1 << 1;
 /// Client flags.
 pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+/// NBD_FLAG_C_NO_ZEROES in the protocol document.
 pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
 /// Options.
 pub const OPT_EXPORT_NAME: u32 = 1;
+/// NBD_OPT_ABORT in the protocol document.
 pub const OPT_ABORT: u32 = 2;
+/// NBD_OPT_LIST in the protocol document.
 pub const OPT_LIST: u32 = 3;
+/// NBD_OPT_STARTTLS in the protocol document.
 pub const OPT_STARTTLS: u32 = 5;
+/// NBD_OPT_INFO in the protocol document.
 pub const OPT_INFO: u32 = 6;
+/// NBD_OPT_GO in the protocol document.
 pub const OPT_GO: u32 = 7;
+/// NBD_OPT_STRUCTURED_REPLY in the protocol document.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+/// NBD_OPT_LIST_META_CONTEXT in the protocol document.
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
+/// NBD_OPT_SET_META_CONTEXT in the protocol document.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 /// Option reply types.
 pub const REP_ACK: u32 = 1;
+/// NBD_REP_SERVER in the protocol document.
 pub const REP_SERVER: u32 = 2;
+/// NBD_REP_INFO in the protocol document.
 pub const REP_INFO: u32 = 3;
+/// NBD_REP_META_CONTEXT in the protocol document.
 pub const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
+/// NBD_REP_ERR_UNSUP in the protocol document.
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
+/// NBD_REP_ERR_POLICY in the protocol document.
 pub const REP_ERR_POLICY: u32 = REP_ERR | 2;
+/// NBD_REP_ERR_INVALID in the protocol document.
 pub const REP_ERR_INVALID: u32 = REP_ERR | 3;
+/// NBD_REP_ERR_UNKNOWN in the protocol document.
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
+/// NBD_REP_ERR_TOO_BIG in the protocol document.
 pub const REP_ERR_TOO_BIG: u32 = REP_ERR | 9;
 
 /// NBD_OPT_INFO/GO information types.
 pub const INFO_EXPORT: u16 = 0;
+/// NBD_INFO_NAME in the protocol document.
 pub const INFO_NAME: u16 = 1;
+/// NBD_INFO_DESCRIPTION in the protocol document.
 pub const INFO_DESCRIPTION: u16 = 2;
+/// NBD_INFO_BLOCK_SIZE in the protocol document.
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
 /// Transmission flags.
 pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+/// Transmission flag NBD_FLAG_READ_ONLY in the protocol document.
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+/// Transmission flag NBD_FLAG_SEND_FLUSH in the protocol document.
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+/// Transmission flag NBD_FLAG_SEND_FUA in the protocol document.
 pub const TFLAG_SEND_FUA: u16 = 1 << 3;
+/// Transmission flag NBD_FLAG_SEND_TRIM in the protocol document.
 pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
+/// Transmission flag NBD_FLAG_SEND_WRITE_ZEROES in the protocol document.
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// Transmission flag NBD_FLAG_SEND_DF in the protocol document.
 pub const TFLAG_SEND_DF: u16 = 1 << 7;
+/// Transmission flag NBD_FLAG_CAN_MULTI_CONN in the protocol document.
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// Transmission flag NBD_FLAG_SEND_CACHE in the protocol document.
 pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
+/// Transmission flag NBD_FLAG_SEND_FAST_ZERO in the protocol document.
 pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Commands.
 pub const CMD_READ: u16 = 0;
+/// NBD_CMD_WRITE in the protocol document.
 pub const CMD_WRITE: u16 = 1;
+/// NBD_CMD_DISC in the protocol document.
 pub const CMD_DISC: u16 = 2;
+/// NBD_CMD_FLUSH in the protocol document.
 pub const CMD_FLUSH: u16 = 3;
+/// NBD_CMD_TRIM in the protocol document.
 pub const CMD_TRIM: u16 = 4;
+/// NBD_CMD_CACHE in the protocol document.
 pub const CMD_CACHE: u16 = 5;
+/// NBD_CMD_WRITE_ZEROES in the protocol document.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// NBD_CMD_BLOCK_STATUS in the protocol document.
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
+/// NBD_CMD_FLAG_NO_HOLE in the protocol document.
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// NBD_CMD_FLAG_DF in the protocol document.
 pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// NBD_CMD_FLAG_REQ_ONE in the protocol document.
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+/// NBD_CMD_FLAG_FAST_ZERO in the protocol document.
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 /// Structured reply chunk flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+/// NBD_REPLY_TYPE_NONE in the protocol document.
 pub const REPLY_TYPE_NONE: u16 = 0;
+/// NBD_REPLY_TYPE_OFFSET_DATA in the protocol document.
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// NBD_REPLY_TYPE_BLOCK_STATUS in the protocol document.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// NBD_REPLY_TYPE_ERROR in the protocol document.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 
 /// Error values on the wire (fixed by the protocol, not the host's errno numbering).
 pub const EPERM: u32 = 1;
+/// NBD_EIO in the protocol document.
 pub const EIO: u32 = 5;
+/// NBD_ENOMEM in the protocol document.
 pub const ENOMEM: u32 = 12;
+/// NBD_EINVAL in the protocol document.
 pub const EINVAL: u32 = 22;
+/// NBD_ENOSPC in the protocol document.
 pub const ENOSPC: u32 = 28;
+/// NBD_EOVERFLOW in the protocol document.
 pub const EOVERFLOW: u32 = 75;
+/// NBD_ENOTSUP in the protocol document.
 pub const ENOTSUP: u32 = 95;
+/// NBD_ESHUTDOWN in the protocol document.
 pub const ESHUTDOWN: u32 = 108;
 
 /// base:allocation flags.
 pub const STATE_HOLE: u32 = 1 << 0;
+/// NBD_STATE_ZERO in the protocol document.
 pub const STATE_ZERO: u32 = 1 << 1;
 /// qemu:dirty-bitmap flag.
 pub const STATE_DIRTY: u32 = 1 << 0;
