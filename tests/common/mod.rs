@@ -14,6 +14,7 @@ mod qemu;
 
 pub mod bitmaps;
 pub mod malformed;
+pub mod nbd;
 pub mod stress;
 pub mod stress_model;
 pub mod stress_run;

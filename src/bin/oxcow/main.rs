@@ -19,6 +19,7 @@ mod info;
 mod json;
 mod map;
 mod measure;
+mod nbd;
 mod progress;
 mod rebase;
 mod resize;
@@ -45,6 +46,7 @@ Commands:
   snapshot  list, create, apply or delete internal snapshots (like qemu-img snapshot)
   bench     measure I/O throughput through the engine (like qemu-img bench)
   bitmap    add, remove, clear, enable, disable or merge persistent dirty bitmaps
+  nbd       serve an image over NBD (like qemu-nbd)
 
 Run 'oxcow COMMAND --help' for the options of a command and examples.
 Sizes accept suffixes k, M, G, T (powers of 1024): 64k, 512M, 10G.
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         "amend" => Some(amend::HELP),
         "snapshot" => Some(snapshot::HELP),
         "bitmap" => Some(bitmap::HELP),
+        "nbd" => Some(nbd::HELP),
         _ => None,
     };
     if let (true, Some(h)) = (wants_help, help) {
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
         "amend" => amend::run(rest).map(|()| 0),
         "snapshot" => snapshot::run(rest).map(|()| 0),
         "bitmap" => bitmap::run(rest).map(|()| 0),
+        "nbd" => nbd::run(rest).map(|()| 0),
         "check" => check::run(rest).map_err(CliError::op),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
@@ -103,7 +107,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         other => Err(CliError::usage(format!(
-            "unknown command '{other}' (commands: create, info, map, measure, convert, check, resize, commit, rebase, amend, bench, snapshot, bitmap)"
+            "unknown command '{other}' (commands: create, info, map, measure, convert, check, resize, commit, rebase, amend, bench, snapshot, bitmap, nbd)"
         ))),
     };
     match result {

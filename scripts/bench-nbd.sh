@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# NBD server throughput (issue 16): the same client, `qemu-img bench -f raw nbd+unix://...`,
+# against `oxcow nbd`, `qemu-nbd` and `qemu-storage-daemon` serving the same qcow2 image, in
+# interleaved rounds; prints the median ops/s of each server per case and the ratios.
+#
+# Cases: 4 KiB reads, overwrites and allocating writes (on a fresh image) at depth 1 and 16,
+# 4 KiB steps of 1 MiB + 4 KiB ("random-ish": every request in another cluster), and 1 MiB
+# sequential reads and writes at depth 16. Target: oxcow >= 1.5x qemu-nbd at 4 KiB, depth 16.
+#
+# Usage: scripts/bench-nbd.sh [--reps N] [--count N] [--size MIB]
+#   --reps N    interleaved rounds (default 3; medians are reported)
+#   --count N   requests per 4 KiB run (default 20000; 1 MiB runs do count/40)
+#   --size MIB  image size (default 512)
+#   OXCOW_BIN=path benchmarks that binary instead of building one
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPS=3
+COUNT=20000
+SIZE_MB=512
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --reps) REPS="$2"; shift ;;
+        --count) COUNT="$2"; shift ;;
+        --size) SIZE_MB="$2"; shift ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "bench-nbd.sh: unknown argument '$1' (try --help)" >&2; exit 1 ;;
+    esac
+    shift
+done
+for t in qemu-img qemu-io qemu-nbd qemu-storage-daemon; do
+    command -v $t >/dev/null || { echo "bench-nbd.sh: $t is required" >&2; exit 1; }
+done
+if [ -n "${OXCOW_BIN:-}" ]; then
+    OX=$(realpath "$OXCOW_BIN")
+else
+    cargo build --release --quiet --bin oxcow
+    OX="$PWD/target/release/oxcow"
+fi
+DIR=$(mktemp -d "${TMPDIR:-/var/tmp}/oxcow-bench-nbd.XXXXXX")
+SERVER_PID=""
+cleanup() {
+    [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+SOCK="$DIR/nbd.sock"
+FULL="$DIR/full.qcow2"
+qemu-img create -q -f qcow2 "$DIR/written.qcow2" "${SIZE_MB}M"
+qemu-io -f qcow2 -c "write -P 0x5a 0 ${SIZE_MB}M" "$DIR/written.qcow2" >/dev/null
+# A plain copy: on ext4, overwriting the blocks of the file qemu-io just wrote runs ~20x slower
+# in the kernel (ext4_block_write_begin) than overwriting a copy, for every server and for raw
+# pwrite alike; the copy measures the servers rather than that file-system state.
+cp "$DIR/written.qcow2" "$FULL"
+rm "$DIR/written.qcow2"
+
+# start_server NAME IMAGE: serves IMAGE on $SOCK with server NAME, waits for the socket.
+start_server() {
+    rm -f "$SOCK"
+    case "$1" in
+        oxcow) "$OX" nbd -k "$SOCK" -t -f qcow2 "$2" & ;;
+        qemu-nbd) qemu-nbd -k "$SOCK" -t -f qcow2 --cache=writeback --aio=threads "$2" & ;;
+        qsd) qemu-storage-daemon \
+                --blockdev "driver=file,filename=$2,node-name=file,cache.direct=off,aio=threads" \
+                --blockdev driver=qcow2,file=file,node-name=disk \
+                --nbd-server "addr.type=unix,addr.path=$SOCK" \
+                --export type=nbd,id=e0,node-name=disk,name=,writable=on & ;;
+    esac
+    SERVER_PID=$!
+    for _ in $(seq 200); do [ -S "$SOCK" ] && return 0; sleep 0.05; done
+    echo "bench-nbd.sh: $1 did not start" >&2; exit 1
+}
+
+stop_server() {
+    kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
+}
+
+# run_case SERVER CASE: prints ops/s of one qemu-img bench run.
+run_case() {
+    local img="$FULL" args
+    case "$2" in
+        read4k-d1) args="-d 1 -s 4k -S 1052672 -c $COUNT" ;;
+        read4k-d16) args="-d 16 -s 4k -S 1052672 -c $COUNT" ;;
+        over4k-d1) args="-w -d 1 -s 4k -S 1052672 -c $COUNT" ;;
+        over4k-d16) args="-w -d 16 -s 4k -S 1052672 -c $COUNT" ;;
+        alloc4k-d1|alloc4k-d16)
+            img="$DIR/fresh.qcow2"; rm -f "$img"
+            qemu-img create -q -f qcow2 "$img" "${SIZE_MB}M"
+            args="-w -d ${2#alloc4k-d} -s 4k -S 69632 -c $COUNT" ;;
+        read1m-d16) args="-d 16 -s 1M -c $((COUNT / 40))" ;;
+        write1m-d16) args="-w -d 16 -s 1M -c $((COUNT / 40))" ;;
+    esac
+    start_server "$1" "$img"
+    local out secs n=$COUNT
+    # shellcheck disable=SC2086
+    out=$(qemu-img bench -f raw $args "nbd+unix:///?socket=$SOCK")
+    stop_server
+    # qemu-img bench times the requests only (not its start-up or the connection).
+    secs=$(echo "$out" | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p')
+    case "$2" in *1m*) n=$((COUNT / 40)) ;; esac
+    python3 -c "print(f'{$n / $secs:.0f}')"
+}
+
+CASES="read4k-d1 read4k-d16 over4k-d1 over4k-d16 alloc4k-d1 alloc4k-d16 read1m-d16 write1m-d16"
+SERVERS="oxcow qemu-nbd qsd"
+echo "load before: $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) cpus"
+for r in $(seq "$REPS"); do
+    for c in $CASES; do
+        for s in $SERVERS; do
+            echo "$c $s $(run_case "$s" "$c")" >> "$DIR/results"
+        done
+    done
+done
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+python3 - "$DIR/results" "$CASES" <<'PY'
+import sys, statistics
+rows = {}
+for line in open(sys.argv[1]):
+    c, s, v = line.split()
+    rows.setdefault((c, s), []).append(float(v))
+print(f"{'case':<13}{'oxcow op/s':>12}{'qemu-nbd':>12}{'qsd':>12}{'ox/qemu-nbd':>13}{'ox/qsd':>9}")
+for c in sys.argv[2].split():
+    m = {s: statistics.median(rows[(c, s)]) for s in ("oxcow", "qemu-nbd", "qsd")}
+    print(f"{c:<13}{m['oxcow']:>12.0f}{m['qemu-nbd']:>12.0f}{m['qsd']:>12.0f}"
+          f"{m['oxcow'] / m['qemu-nbd']:>12.2f}x{m['oxcow'] / m['qsd']:>8.2f}x")
+PY

@@ -1,0 +1,307 @@
+//! Hostile NBD clients over a raw socket: malformed options and requests get an error reply
+//! or a closed connection, never a crash or a write outside the request, and the server keeps
+//! serving other clients; disconnecting at every byte of the handshake is harmless too.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use common::nbd::{qemu_io_nbd, NbdServer, Server};
+use common::*;
+
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REQ_MAGIC: u32 = 0x2560_9513;
+const EPERM: u32 = 1;
+const EINVAL: u32 = 22;
+
+fn connect(path: &Path) -> UnixStream {
+    let s = UnixStream::connect(path).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = IHAVEOPT.to_be_bytes().to_vec();
+    v.extend_from_slice(&opt.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// NBD_OPT_GO for export "" with no info requests.
+fn go() -> Vec<u8> {
+    option(7, &[0, 0, 0, 0, 0, 0])
+}
+
+/// Reads one option reply: (option, type, data).
+fn option_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).expect("option reply");
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+    let mut d = vec![0u8; len as usize];
+    s.read_exact(&mut d).expect("option reply data");
+    let be = |r: std::ops::Range<usize>| u32::from_be_bytes(h[r].try_into().unwrap());
+    (be(8..12), be(12..16), d)
+}
+
+/// Greeting and client flags; returns the stream ready for options.
+fn hello(path: &Path) -> UnixStream {
+    let mut s = connect(path);
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).expect("greeting");
+    assert_eq!(&g[..8], b"NBDMAGIC");
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s
+}
+
+/// A connection in transmission with simple replies.
+fn transmission(path: &Path) -> UnixStream {
+    let mut s = hello(path);
+    s.write_all(&go()).unwrap();
+    loop {
+        let (_, kind, _) = option_reply(&mut s);
+        if kind == 1 {
+            return s;
+        }
+        assert_eq!(kind, 3, "NBD_REP_INFO before the ACK");
+    }
+}
+
+fn request(cmd: u16, flags: u16, cookie: u64, off: u64, len: u32) -> Vec<u8> {
+    let mut v = REQ_MAGIC.to_be_bytes().to_vec();
+    v.extend_from_slice(&flags.to_be_bytes());
+    v.extend_from_slice(&cmd.to_be_bytes());
+    v.extend_from_slice(&cookie.to_be_bytes());
+    v.extend_from_slice(&off.to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    v
+}
+
+/// Reads a simple reply header: (error, cookie).
+fn simple_reply(s: &mut UnixStream) -> (u32, u64) {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).expect("simple reply");
+    assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes());
+    let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+    (err, u64::from_be_bytes(h[8..16].try_into().unwrap()))
+}
+
+fn expect_error(s: &mut UnixStream, req: Vec<u8>, payload: &[u8], cookie: u64, err: u32) {
+    s.write_all(&req).unwrap();
+    s.write_all(payload).unwrap();
+    assert_eq!(simple_reply(s), (err, cookie));
+}
+
+fn assert_closed(s: &mut UnixStream) {
+    let mut b = [0u8; 64];
+    assert!(
+        matches!(s.read(&mut b), Ok(0) | Err(_)),
+        "connection should be closed"
+    );
+}
+
+const SIZE: u64 = 4 * MIB;
+
+#[test]
+fn malformed_requests_get_errors_and_nothing_outside_them_is_written() {
+    let dir = TempDir::new("nbd-bad-requests");
+    let img = dir.join("a.qcow2");
+    qemu_create_with_data(&img, SIZE, "", 0x11, SIZE);
+    let mut srv = NbdServer::unix(Server::Oxcow, &dir, &img, &["-t", "-e", "4"]);
+    let sock = srv.socket.clone().unwrap();
+    let mut s = transmission(&sock);
+    let junk = vec![0xeeu8; 4096];
+    // Out of range, wrapping, bad flags, unknown command, no context negotiated.
+    expect_error(&mut s, request(0, 0, 1, SIZE - 512, 4096), &[], 1, EINVAL);
+    expect_error(&mut s, request(1, 0, 2, SIZE, 4096), &junk, 2, EINVAL);
+    expect_error(
+        &mut s,
+        request(1, 0, 3, u64::MAX - 100, 4096),
+        &junk,
+        3,
+        EINVAL,
+    );
+    expect_error(&mut s, request(0, 0x8000, 4, 0, 512), &[], 4, EINVAL);
+    expect_error(&mut s, request(1, 1 << 3, 5, 0, 4096), &junk, 5, EINVAL);
+    expect_error(&mut s, request(99, 0, 6, 0, 512), &[], 6, EINVAL);
+    expect_error(&mut s, request(7, 0, 7, 0, 512), &[], 7, EINVAL);
+    expect_error(&mut s, request(6, 1 << 2, 8, 0, 512), &[], 8, EINVAL);
+    // Oversized: a read is refused; a write's payload is skipped without being stored.
+    expect_error(&mut s, request(0, 0, 9, 0, (32 << 20) + 1), &[], 9, EINVAL);
+    let big = vec![0xeeu8; (32 << 20) + 4096];
+    expect_error(
+        &mut s,
+        request(1, 0, 10, 0, big.len() as u32),
+        &big,
+        10,
+        EINVAL,
+    );
+    // The connection still works: a valid write and read.
+    let ok = vec![0x22u8; 4096];
+    expect_error(&mut s, request(1, 0, 11, 8192, 4096), &ok, 11, 0);
+    s.write_all(&request(0, 0, 12, 8192, 4096)).unwrap();
+    assert_eq!(simple_reply(&mut s), (0, 12));
+    let mut back = vec![0u8; 4096];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(back, ok);
+    // Bad magic ends the connection.
+    let mut bad = request(0, 0, 13, 0, 512);
+    bad[0] ^= 0xff;
+    s.write_all(&bad).unwrap();
+    assert_closed(&mut s);
+    // Another client is still served; only the one valid write landed.
+    let io = qemu_io_nbd(
+        &srv.uri,
+        &["read -P 0x22 8k 4k".into(), "read -P 0x11 0 8k".into()],
+    );
+    assert!(io.stdout.contains("read 4096/4096"));
+    srv.stop();
+    assert_check_clean(&img);
+    qemu_io(
+        &img,
+        &["read -P 0x11 0 8k".into(), "read -P 0x11 12k 4084k".into()],
+    );
+}
+
+#[test]
+fn read_only_export_refuses_writes_with_eperm() {
+    let dir = TempDir::new("nbd-ro");
+    let img = dir.join("a.qcow2");
+    qemu_create_with_data(&img, SIZE, "", 0x11, MIB);
+    let srv = NbdServer::unix(Server::Oxcow, &dir, &img, &["-t", "-r"]);
+    let mut s = transmission(srv.socket.as_ref().unwrap());
+    let junk = vec![0xeeu8; 4096];
+    expect_error(&mut s, request(1, 0, 1, 0, 4096), &junk, 1, EPERM);
+    expect_error(&mut s, request(4, 0, 2, 0, 4096), &[], 2, EPERM);
+    expect_error(&mut s, request(6, 0, 3, 0, 4096), &[], 3, EPERM);
+    expect_error(&mut s, request(3, 0, 4, 0, 0), &[], 4, 0);
+}
+
+#[test]
+fn malformed_options_get_option_errors() {
+    let dir = TempDir::new("nbd-bad-options");
+    let img = dir.join("a.qcow2");
+    qemu_create(&img, SIZE, "");
+    let srv = NbdServer::unix(Server::Oxcow, &dir, &img, &["-t", "-e", "2", "-x", "disk"]);
+    let sock = srv.socket.clone().unwrap();
+    let mut s = hello(&sock);
+    let cases: Vec<(Vec<u8>, u32)> = vec![
+        (option(77, b""), (1 << 31) | 1), // unknown: ERR_UNSUP
+        (option(3, b"x"), (1 << 31) | 3), // LIST with data: ERR_INVALID
+        (option(7, &[0, 0, 0, 9, b'a']), (1 << 31) | 3), // GO, name runs past the data
+        (option(7, &[0, 0, 0, 0, 0, 0]), (1 << 31) | 6), // GO, unknown export
+        (option(10, &[0; 8]), (1 << 31) | 3), // SET_META without structured
+        (option(6, &[0xff; 12]), (1 << 31) | 3), // INFO, name length 4 GiB
+        (option(8, &[1]), (1 << 31) | 3), // STRUCTURED_REPLY with data
+        (option(5, b""), (1 << 31) | 2),  // STARTTLS: ERR_POLICY
+        (option(9, &vec![0u8; 200_000]), (1 << 31) | 9), // too long: ERR_TOO_BIG
+    ];
+    for (i, (opt, want)) in cases.into_iter().enumerate() {
+        s.write_all(&opt).unwrap();
+        let (_, kind, _) = option_reply(&mut s);
+        assert_eq!(kind, want, "case {i}");
+    }
+    // The connection still negotiates normally afterwards.
+    let mut name = 4u32.to_be_bytes().to_vec();
+    name.extend_from_slice(b"disk\0\0");
+    s.write_all(&option(7, &name)).unwrap();
+    while option_reply(&mut s).1 != 1 {}
+    s.write_all(&request(3, 0, 1, 0, 0)).unwrap();
+    assert_eq!(simple_reply(&mut s), (0, 1));
+    // NBD_OPT_EXPORT_NAME with an unknown name can only be answered by closing.
+    let mut t = hello(&sock);
+    t.write_all(&option(1, b"nope")).unwrap();
+    assert_closed(&mut t);
+}
+
+#[test]
+fn disconnecting_at_every_byte_of_the_handshake_and_requests_is_harmless() {
+    let dir = TempDir::new("nbd-early-disconnect");
+    let img = dir.join("a.qcow2");
+    qemu_create_with_data(&img, SIZE, "", 0x11, MIB);
+    let mut srv = NbdServer::unix(Server::Oxcow, &dir, &img, &["-t"]);
+    let sock = srv.socket.clone().unwrap();
+    let mut script = 3u32.to_be_bytes().to_vec();
+    script.extend(option(8, b""));
+    let mut meta = 0u32.to_be_bytes().to_vec();
+    meta.extend_from_slice(&1u32.to_be_bytes());
+    meta.extend_from_slice(&15u32.to_be_bytes());
+    meta.extend_from_slice(b"base:allocation");
+    script.extend(option(10, &meta));
+    script.extend(go());
+    script.extend(request(1, 0, 1, 0, 512));
+    script.extend(vec![0x99u8; 512]);
+    for cut in 0..script.len() {
+        let mut s = connect(&sock);
+        let _ = s.write_all(&script[..cut]);
+        // Close without reading: the server must cope with replies it cannot send.
+    }
+    // The truncated write never completed, so nothing changed; the server still serves.
+    qemu_io_nbd(&srv.uri, &["read -P 0x11 0 1M".into()]);
+    srv.stop();
+    assert_check_clean(&img);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap_or("VmRSS: 0 kB");
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_client_that_never_reads_replies_cannot_grow_the_server_or_block_its_stop() {
+    let dir = TempDir::new("nbd-no-reader");
+    let img = dir.join("a.qcow2");
+    qemu_create_with_data(&img, 32 * MIB, "", 0x11, 32 * MIB);
+    let mut srv = NbdServer::unix(Server::Oxcow, &dir, &img, &["-t", "-r"]);
+    let mut s = transmission(srv.socket.as_ref().unwrap());
+    // 4 GiB of reads requested, none of the replies read.
+    let mut reqs = Vec::new();
+    for i in 0..1024u64 {
+        reqs.extend(request(0, 0, i, (i % 8) * 4 * MIB, 4 << 20));
+    }
+    s.write_all(&reqs).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let rss = rss_kib(srv.pid());
+    assert!(rss < 400 * 1024, "server RSS {rss} KiB");
+    let code = srv.signal_and_wait("TERM", Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{}", srv.stderr_text());
+    drop(s);
+}
+
+#[test]
+fn a_handshake_trickling_in_byte_by_byte_is_cut_at_the_handshake_limit() {
+    let dir = TempDir::new("nbd-slow-handshake");
+    let img = dir.join("a.qcow2");
+    qemu_create(&img, SIZE, "");
+    let args = ["-t", "--handshake-limit", "2"];
+    let srv = NbdServer::unix(Server::Oxcow, &dir, &img, &args);
+    let mut s = hello(srv.socket.as_ref().unwrap());
+    let opt = option(9, &vec![0u8; 1000]);
+    let t = std::time::Instant::now();
+    let mut cut = false;
+    for b in opt.iter() {
+        if s.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if t.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+    }
+    assert!(cut || matches!(s.read(&mut [0u8; 8]), Ok(0) | Err(_)));
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "not cut within the limit"
+    );
+}
