@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the base image (Rust toolchain, gcc, python3,
 # qemu-utils) when it is missing: cmake (C harness), Go (binding), pkg-config (packaging
-# checks), clippy/rustfmt, and optionally libnbd-bin (NBD client tests). Uses apt-get, as root or through sudo; does nothing when all is
-# there.
+# checks), clippy/rustfmt, and optionally libnbd-bin (NBD client tests). Uses apt-get, as root
+# or through sudo; does nothing when all is there.
 set -euo pipefail
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
@@ -22,7 +22,11 @@ fi
 if ! command -v nbdcopy >/dev/null 2>&1; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libnbd-bin >/dev/null 2>&1 ||
+  export DEBIAN_FRONTEND=noninteractive
+  # A fresh machine may have no package lists yet: update once when the first try fails.
+  $sudo apt-get install -y -qq libnbd-bin >/dev/null 2>&1 ||
+    { $sudo apt-get update -qq >/dev/null 2>&1 &&
+      $sudo apt-get install -y -qq libnbd-bin >/dev/null 2>&1; } ||
     echo "== libnbd-bin not installed (nbdinfo/nbdcopy tests will be skipped)"
 fi
 if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
