@@ -10,6 +10,7 @@ pub mod extents;
 pub mod grace;
 pub mod guard;
 pub mod lock;
+pub mod notify;
 mod posix;
 #[cfg(test)]
 pub mod sim;
