@@ -14,6 +14,8 @@ pub mod notify;
 mod posix;
 #[cfg(test)]
 pub mod sim;
+#[cfg(target_os = "linux")]
+pub mod uring;
 
 pub use grace::{Grace, Pin};
 pub use guard::{MetaKind, OverlapCheck, OverlapGuard, OverlapHit};
