@@ -225,6 +225,7 @@ pub unsafe extern "C" fn oxcow_aio_queue_backend(q: *const oxcow_aio_queue) -> c
     // SAFETY: forwarded from the contract.
     match unsafe { queue(q) }.map(|q| q.q.backend()) {
         Some(AioBackend::Threads) => OXCOW_AIO_BACKEND_THREADS,
+        Some(AioBackend::IoUring) => OXCOW_AIO_BACKEND_IO_URING,
         None => -libc::EINVAL,
     }
 }

@@ -52,6 +52,23 @@ impl EventFd {
     }
 }
 
+impl EventFd {
+    /// Waits until the descriptor is readable or `timeout` passes (`None`: no limit).
+    /// Returns whether it is readable.
+    pub fn wait(&self, timeout: Option<std::time::Duration>) -> bool {
+        let ms = timeout.map_or(-1, |t| {
+            t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+        });
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd for the duration of the call.
+        unsafe { libc::poll(&mut p, 1, ms) > 0 }
+    }
+}
+
 impl AsRawFd for EventFd {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()

@@ -9,11 +9,18 @@
 //!
 //! Backends: a small worker pool runs each request on the synchronous engine
 //! ([`AioBackend::Threads`]); every ordering rule of the synchronous path holds because it is
-//! the synchronous path. Requests in flight are not ordered against each other (as in
+//! the synchronous path. With [`AioBackend::IoUring`], reads inside one cluster whose mapping
+//! is cached go to an io_uring instead (or are zero-filled at once), holding the same grace
+//! pin as a synchronous read until their completion; everything else still runs on the pool.
+//! io_uring is used where the kernel allows it (not: ENOSYS, EPERM from seccomp or
+//! kernel.io_uring_disabled), unless [`AioOptions::force_threads`] or
+//! `OXCOW_AIO_BACKEND=threads` asks for the pool. Requests in flight are not ordered against each other (as in
 //! io_uring and NBD): a flush covers the writes that completed before it runs.
 
+mod hot;
 mod op;
 mod pool;
+mod ring;
 
 pub use op::{AioBuf, AioOp};
 
@@ -21,6 +28,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::storage::notify::EventFd;
 use crate::Image;
 use pool::{Pool, Shared};
+use ring::RingPath;
 use std::ops::Deref;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -41,6 +49,8 @@ pub const MAX_WORKERS: u32 = 64;
 pub enum AioBackend {
     /// A worker pool running the synchronous engine.
     Threads,
+    /// io_uring for the hot path, the worker pool for the rest.
+    IoUring,
 }
 
 /// Parameters of [`AioQueue::new`]; zero fields take the defaults.
@@ -80,6 +90,7 @@ where
 {
     shared: Arc<Shared<I, B, T>>,
     pool: Pool,
+    ring: Option<RingPath<B, T>>,
     depth: usize,
     next_cookie: AtomicU64,
     /// Submitted and not yet returned by poll.
@@ -109,9 +120,16 @@ where
         let efd = EventFd::new().map_err(|e| Error::io("creating the queue's eventfd", e))?;
         let shared = Arc::new(Shared::new(image, efd));
         let pool = Pool::start(&shared, workers as usize)?;
+        let threads_only = opts.force_threads
+            || std::env::var_os("OXCOW_AIO_BACKEND").is_some_and(|v| v == "threads");
+        // Where io_uring is unavailable the pool serves everything: same API, same results.
+        let ring = (!threads_only)
+            .then(|| RingPath::new(shared.efd.as_raw_fd(), depth).ok())
+            .flatten();
         Ok(AioQueue {
             shared,
             pool,
+            ring,
             depth: depth as usize,
             next_cookie: AtomicU64::new(1),
             outstanding: AtomicUsize::new(0),
@@ -125,7 +143,10 @@ where
 
     /// The backend executing the requests.
     pub fn backend(&self) -> AioBackend {
-        AioBackend::Threads
+        match self.ring {
+            Some(_) => AioBackend::IoUring,
+            None => AioBackend::Threads,
+        }
     }
 
     /// The queue's depth (most requests in flight).
@@ -165,7 +186,13 @@ where
             return Err((e, op, user));
         }
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
-        self.shared.push_job(cookie, op, user);
+        let slow = match &self.ring {
+            Some(r) => r.try_submit(&self.shared, cookie, op, user),
+            None => Some((op, user)),
+        };
+        if let Some((op, user)) = slow {
+            self.shared.push_job(cookie, op, user);
+        }
         Ok(cookie)
     }
 
@@ -178,9 +205,36 @@ where
         } else {
             timeout
         };
-        let done = self.shared.take_done(max, wait);
+        let done = match &self.ring {
+            Some(ring) => self.poll_ring(ring, max, wait),
+            None => self.shared.take_done(max, wait),
+        };
         self.outstanding.fetch_sub(done.len(), Ordering::AcqRel);
         done
+    }
+
+    /// [`Self::poll`] with a ring: both the ring and the pool signal the eventfd, so the
+    /// wait is on it; a completion the kernel posts while the list is being emptied
+    /// re-signals it, so it never reads as quiet with completions pending.
+    fn poll_ring(
+        &self,
+        ring: &RingPath<B, T>,
+        max: usize,
+        wait: Option<Duration>,
+    ) -> Vec<AioCompletion<B, T>> {
+        let deadline = wait.map(|w| std::time::Instant::now() + w);
+        loop {
+            ring.reap(&self.shared);
+            let done = self.shared.take_done(max, Some(Duration::ZERO));
+            if ring.has_completions() {
+                self.shared.efd.signal();
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+            if !done.is_empty() || left == Some(Duration::ZERO) {
+                return done;
+            }
+            self.shared.efd.wait(left);
+        }
     }
 }
 
@@ -190,9 +244,12 @@ where
     B: AioBuf,
     T: Send + 'static,
 {
-    /// Lets the workers finish every queued request, then joins them; completions not yet
-    /// polled are dropped.
+    /// Waits for the requests on the ring, lets the workers finish every queued request,
+    /// then joins them; completions not yet polled are dropped.
     fn drop(&mut self) {
+        if let Some(ring) = &self.ring {
+            ring.drain(&self.shared);
+        }
         self.shared.shut_down();
         self.pool.join();
     }
