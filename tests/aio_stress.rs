@@ -14,6 +14,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 type Queue = AioQueue<Arc<Image>, Vec<u8>, (u64, u64)>;
+/// What `Queue::submit` returns.
+type Submitted = Result<u64, (oxcow::Error, AioOp<Vec<u8>>, (u64, u64))>;
 
 fn queue(img: &Arc<Image>, depth: u32, force_threads: bool) -> Queue {
     let opts = AioOptions {
@@ -169,7 +171,7 @@ fn submit_refuses_bad_ranges_read_only_writes_and_a_full_queue() {
     qemu_create(&path, MIB, "");
     let img = open(&path, true);
     let q = queue(&img, 2, false);
-    let kind = |r: Result<u64, (oxcow::Error, AioOp<Vec<u8>>, (u64, u64))>| {
+    let kind = |r: Submitted| {
         r.map_err(|(e, _, _)| e.kind()).unwrap_err()
     };
     let read = |off| AioOp::Read {
