@@ -54,9 +54,9 @@ prep() {
         read|overwrite)
             if [ ! -f "$DIR/w.qcow2" ]; then
                 qemu-img create -q -f qcow2 "$DIR/w.qcow2" 128M
-                qemu-io -q -f qcow2 -c "write -P 0x5a 0 128M" "$DIR/w.qcow2"
+                qemu-io -f qcow2 -c "write -P 0x5a 0 128M" "$DIR/w.qcow2" >/dev/null
                 rm -f "$DIR/w.raw"; truncate -s 128M "$DIR/w.raw"
-                qemu-io -q -f raw -c "write -P 0x5a 0 128M" "$DIR/w.raw"
+                qemu-io -f raw -c "write -P 0x5a 0 128M" "$DIR/w.raw" >/dev/null
             fi ;;
         alloc)
             rm -f "$DIR/a.qcow2" "$DIR/a.raw"
