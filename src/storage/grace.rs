@@ -157,6 +157,19 @@ mod tests {
     }
 
     #[test]
+    fn a_detached_pin_holds_the_free_back_until_released_on_another_thread() {
+        let g = Grace::default();
+        let t = g.pin_detached(); // an io_uring read in flight
+        let tag = g.current();
+        assert!(g.try_advance());
+        assert!(!g.drained(tag), "the read in flight may still touch the cluster");
+        std::thread::scope(|s| {
+            s.spawn(|| g.unpin(t)); // reaped on another thread than the submitter's
+        });
+        assert!(g.drained(tag));
+    }
+
+    #[test]
     fn nothing_pinned_drains_after_one_advance() {
         let g = Grace::default();
         let tag = g.current();
