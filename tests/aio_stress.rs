@@ -9,13 +9,44 @@ mod common;
 
 use common::stress::seed_override;
 use common::*;
-use oxcow::{AioBackend, AioOp, AioOptions, AioQueue, ErrorKind, Image, OpenOptions, ZeroFlags};
+use oxcow::{
+    AioBackend, AioBuf, AioOp, AioOptions, AioQueue, ErrorKind, Image, OpenOptions, ZeroFlags,
+};
 use std::path::Path;
 use std::sync::Arc;
 
-type Queue = AioQueue<Arc<Image>, Vec<u8>, (u64, u64)>;
+type Queue = AioQueue<Arc<Image>, Buf, (u64, u64)>;
 /// What `Queue::submit` returns.
-type Submitted = Result<u64, (oxcow::Error, AioOp<Vec<u8>>, (u64, u64))>;
+type Submitted = Result<u64, (oxcow::Error, AioOp<Buf>, (u64, u64))>;
+
+/// A request buffer aligned to 4 KiB (as O_DIRECT needs for the io_uring path).
+struct Buf {
+    v: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl Buf {
+    fn new(len: usize, fill: u8) -> Buf {
+        let mut v = vec![fill; len + 4096];
+        let start = (4096 - v.as_mut_ptr() as usize % 4096) % 4096;
+        Buf { v, start, len }
+    }
+    fn from(data: &[u8]) -> Buf {
+        let mut b = Buf::new(data.len(), 0);
+        b.bytes_mut().copy_from_slice(data);
+        b
+    }
+}
+
+impl AioBuf for Buf {
+    fn bytes(&self) -> &[u8] {
+        &self.v[self.start..self.start + self.len]
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.v[self.start..self.start + self.len]
+    }
+}
 
 fn queue(img: &Arc<Image>, depth: u32, force_threads: bool) -> Queue {
     let opts = AioOptions {
@@ -27,11 +58,16 @@ fn queue(img: &Arc<Image>, depth: u32, force_threads: bool) -> Queue {
 }
 
 fn open(path: &Path, writable: bool) -> Arc<Image> {
+    open_with(path, writable, false).expect("open")
+}
+
+fn open_with(path: &Path, writable: bool, direct: bool) -> oxcow::Result<Arc<Image>> {
     let opts = OpenOptions {
         writable,
+        direct,
         ..OpenOptions::default()
     };
-    Arc::new(Image::open(path, &opts).expect("open"))
+    Image::open(path, &opts).map(Arc::new)
 }
 
 /// Disjoint random ranges covering parts of `[0, size)`: 1 to 3 slots of `slot` bytes
@@ -70,19 +106,22 @@ fn run_round(q: &Queue, rng: &mut Rng, model: &mut [u8], round: u64) {
                 let data = tagged_data((round * 7 + i as u64) as u8 | 1, off, len as usize);
                 model[off as usize..(off + len) as usize].copy_from_slice(&data);
                 AioOp::Write {
-                    bufs: vec![data],
+                    bufs: vec![Buf::from(&data)],
                     offset: off,
                 }
             }
             5..=7 => AioOp::Read {
-                bufs: vec![vec![0xAA; len as usize]],
+                bufs: vec![Buf::new(len as usize, 0xAA)],
                 offset: off,
             },
             8 => {
                 // Vectored read in two pieces.
                 let cut = len / 3;
                 AioOp::Read {
-                    bufs: vec![vec![0xAA; cut as usize], vec![0x55; (len - cut) as usize]],
+                    bufs: vec![
+                        Buf::new(cut as usize, 0xAA),
+                        Buf::new((len - cut) as usize, 0x55),
+                    ],
                     offset: off,
                 }
             }
@@ -112,7 +151,7 @@ fn run_round(q: &Queue, rng: &mut Rng, model: &mut [u8], round: u64) {
                 .unwrap_or_else(|e| panic!("request {}: {e}", c.cookie));
             let (off, len) = c.user;
             if let AioOp::Read { bufs, .. } = c.op {
-                let got: Vec<u8> = bufs.concat();
+                let got: Vec<u8> = bufs.iter().flat_map(|b| b.bytes().to_vec()).collect();
                 assert_same_bytes(&got, &before[off as usize..(off + len) as usize], "read");
             }
             assert!(kinds.remove(&c.cookie).is_some(), "cookie completed twice");
@@ -121,13 +160,20 @@ fn run_round(q: &Queue, rng: &mut Rng, model: &mut [u8], round: u64) {
     assert_eq!(q.in_flight(), 0);
 }
 
-fn stress(force_threads: bool, cluster: &str) {
+fn stress(force_threads: bool, cluster: &str, direct: bool) {
     let seed = seed_override().unwrap_or(0xA10_5EED);
     let dir = TempDir::new("aio-stress");
     let path = dir.join("s.qcow2");
     let size = 16 * MIB;
     qemu_create(&path, size, &format!("cluster_size={cluster}"));
-    let img = open(&path, true);
+    let img = match open_with(&path, true, direct) {
+        Ok(img) => img,
+        Err(e) if direct && e.kind() == ErrorKind::Unsupported => {
+            eprintln!("no O_DIRECT under {}: skipped ({e})", dir.path().display());
+            return;
+        }
+        Err(e) => panic!("open: {e}"),
+    };
     let q = queue(&img, 8192, force_threads);
     if force_threads {
         assert_eq!(q.backend(), AioBackend::Threads);
@@ -156,12 +202,17 @@ fn stress(force_threads: bool, cluster: &str) {
 
 #[test]
 fn thousands_in_flight_match_the_model_default_backend() {
-    stress(false, "64k");
+    stress(false, "64k", false);
+}
+
+#[test]
+fn thousands_in_flight_match_the_model_direct_io() {
+    stress(false, "64k", true);
 }
 
 #[test]
 fn thousands_in_flight_match_the_model_worker_pool() {
-    stress(true, "4k");
+    stress(true, "4k", false);
 }
 
 #[test]
@@ -171,11 +222,9 @@ fn submit_refuses_bad_ranges_read_only_writes_and_a_full_queue() {
     qemu_create(&path, MIB, "");
     let img = open(&path, true);
     let q = queue(&img, 2, false);
-    let kind = |r: Submitted| {
-        r.map_err(|(e, _, _)| e.kind()).unwrap_err()
-    };
+    let kind = |r: Submitted| r.map_err(|(e, _, _)| e.kind()).unwrap_err();
     let read = |off| AioOp::Read {
-        bufs: vec![vec![0u8; 4096]],
+        bufs: vec![Buf::new(4096, 0)],
         offset: off,
     };
     assert_eq!(
@@ -200,7 +249,7 @@ fn submit_refuses_bad_ranges_read_only_writes_and_a_full_queue() {
     let img = open(&path, false);
     let q = queue(&img, 0, false);
     let w = AioOp::Write {
-        bufs: vec![vec![1u8; 512]],
+        bufs: vec![Buf::new(512, 1)],
         offset: 0,
     };
     assert_eq!(kind(q.submit(w, (0, 0))), ErrorKind::ReadOnly);
@@ -233,7 +282,7 @@ fn aio_crash_child() {
         while next < batch_end && q.in_flight() < 128 {
             let data = tagged_data((next % 251) as u8 | 1, next * 8192, 4096);
             let op = AioOp::Write {
-                bufs: vec![data],
+                bufs: vec![Buf::from(&data)],
                 offset: next * 8192,
             };
             q.submit(op, (next, 0)).map_err(|(e, _, _)| e).unwrap();

@@ -162,7 +162,10 @@ mod tests {
         let t = g.pin_detached(); // an io_uring read in flight
         let tag = g.current();
         assert!(g.try_advance());
-        assert!(!g.drained(tag), "the read in flight may still touch the cluster");
+        assert!(
+            !g.drained(tag),
+            "the read in flight may still touch the cluster"
+        );
         std::thread::scope(|s| {
             s.spawn(|| g.unpin(t)); // reaped on another thread than the submitter's
         });
