@@ -160,6 +160,7 @@ static void test_errors(void) {
     oxcow_error *err = NULL;
     struct req r = {0};
     uint64_t cookie = 99;
+    int callbacks_before = g_callbacks;
     REQUIRE(create_default(path, 1 * MiB) == 0);
     REQUIRE((img = open_image(path, OXCOW_OPEN_RDWR)) != NULL);
     CHECK_ERR(oxcow_aio_queue_new(NULL, NULL, &q, &err), err, EINVAL);
@@ -196,7 +197,7 @@ static void test_errors(void) {
     CHECK_EQ(oxcow_aio_write_zeroes(q, 8192, 512, OXCOW_ZERO_MAY_UNMAP, NULL, NULL, NULL), 0);
     CHECK_EQ(oxcow_aio_flush(q, on_done, &r, &cookie), -EBUSY);
     CHECK_EQ(oxcow_aio_poll(q, 0, -1) + oxcow_aio_poll(q, 0, -1), 2);
-    CHECK_EQ(g_callbacks, 0);
+    CHECK_EQ(g_callbacks, callbacks_before); /* NULL callbacks are not called */
     oxcow_aio_queue_free(q);
     CHECK_EQ(oxcow_close(img), 0);
     /* Read-only: writes refused at once, reads fine; a damaged L1 entry fails the read in
