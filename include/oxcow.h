@@ -30,6 +30,22 @@
 #define OXCOW_VERSION_NUMBER (OXCOW_VERSION_MAJOR * 10000 + OXCOW_VERSION_MINOR * 100 + OXCOW_VERSION_PATCH)
 
 /**
+ * oxcow_aio_options.flags: use the worker-pool backend even where io_uring is available
+ * (the environment variable OXCOW_AIO_BACKEND=threads does the same).
+ */
+#define OXCOW_AIO_FORCE_THREADS 1
+
+/**
+ * oxcow_aio_queue_backend(): requests run on a pool of worker threads.
+ */
+#define OXCOW_AIO_BACKEND_THREADS 1
+
+/**
+ * oxcow_aio_queue_backend(): the hot path's host I/O goes through io_uring.
+ */
+#define OXCOW_AIO_BACKEND_IO_URING 2
+
+/**
  * oxcow_amend_options.lazy_refcounts: keep the current setting.
  */
 #define OXCOW_AMEND_LAZY_KEEP 0
@@ -320,6 +336,12 @@
 #define OXCOW_SNAPSHOT_HAS_ICOUNT 2u
 
 /**
+ * An asynchronous I/O queue on one image (opaque). Use it from one thread at a time (it is
+ * the event loop's object); several queues may share an image.
+ */
+typedef struct oxcow_aio_queue oxcow_aio_queue;
+
+/**
  * An error: a positive errno and a human-readable message naming what failed. Created by the
  * library on failure when the caller passes a non-NULL `oxcow_error **err`; read it with
  * oxcow_error_message() / oxcow_error_errno() and free it with oxcow_error_free().
@@ -331,6 +353,42 @@ typedef struct oxcow_error oxcow_error;
  * threads may use one handle at once, except that oxcow_close() must not race other calls.
  */
 typedef struct oxcow_image oxcow_image;
+
+/**
+ * Parameters of oxcow_aio_queue_new(). Initialise with oxcow_aio_options_init(), then
+ * change the fields to set. Zero in `depth` or `workers` takes the default.
+ */
+typedef struct oxcow_aio_options {
+    /**
+     * sizeof(oxcow_aio_options) as the caller knows it; set by the _init function.
+     */
+    uint32_t struct_size;
+    /**
+     * Most requests in flight (submitted, callback not yet run): 1 to 65536, 0 = 128.
+     * A submission beyond it fails with -EBUSY.
+     */
+    uint32_t depth;
+    /**
+     * Worker threads for the requests the worker pool runs: 1 to 64, 0 = 4.
+     */
+    uint32_t workers;
+    /**
+     * OXCOW_AIO_* flags.
+     */
+    uint32_t flags;
+} oxcow_aio_options;
+
+/**
+ * Receives one completion, on the thread that called oxcow_aio_poll(): `opaque` and the
+ * `cookie` of the submission, `result` 0 or a negative errno, and when `result` is negative
+ * an error object with the message (valid only during the callback; NULL on success). The
+ * request's buffers belong to the caller again when the callback runs. The callback may
+ * submit new requests on the same queue; it must not free the queue.
+ */
+typedef void (*oxcow_aio_callback)(void *opaque,
+                                   uint64_t cookie,
+                                   int result,
+                                   const struct oxcow_error *err);
 
 /**
  * What oxcow_amend() changes. Initialise with oxcow_amend_options_init() (which keeps
@@ -719,6 +777,191 @@ typedef struct oxcow_snapshot_info {
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * Fills `*opts` with the defaults and sets `struct_size`. NULL is a no-op.
+ *
+ * # Safety
+ * `opts` is NULL or points to writable memory for one `oxcow_aio_options`.
+ */
+void oxcow_aio_options_init(struct oxcow_aio_options *opts);
+
+/**
+ * Creates an asynchronous I/O queue on `img`; `opts` may be NULL (defaults). On success
+ * `*out` receives the queue, to be released with oxcow_aio_queue_free() before `img` is
+ * closed. The queue is the object of one event-loop thread: its calls must not race each
+ * other (other threads may keep using `img` with the synchronous calls or their own queues).
+ *
+ * Returns 0, or -EINVAL (NULL handle or out, short struct_size, unknown flags, depth or
+ * workers out of range), -EIO/-EMFILE (eventfd or thread creation failed).
+ *
+ * # Safety
+ * `img` is NULL or a live handle that stays open until the queue is freed; `opts` is NULL
+ * or initialised; `out` and `err` are NULL or valid for writing one pointer.
+ */
+int oxcow_aio_queue_new(struct oxcow_image *img,
+                        const struct oxcow_aio_options *opts,
+                        struct oxcow_aio_queue **out,
+                        struct oxcow_error **err);
+
+/**
+ * Waits for every request in flight to finish, then frees the queue. Callbacks of requests
+ * not yet polled are NOT called (their buffers belong to the caller again when this
+ * returns). NULL is a no-op.
+ *
+ * # Safety
+ * `q` is NULL or a live queue, not used after this call nor from inside its callbacks.
+ */
+void oxcow_aio_queue_free(struct oxcow_aio_queue *q);
+
+/**
+ * The queue's eventfd: readable while completions wait for oxcow_aio_poll()
+ * (level-triggered; polling them all makes it unreadable again). Owned by the queue: do
+ * not close it. Returns the descriptor, or -EINVAL for a NULL queue.
+ *
+ * # Safety
+ * `q` is NULL or a live queue.
+ */
+int oxcow_aio_queue_fd(const struct oxcow_aio_queue *q);
+
+/**
+ * Which backend runs the queue's requests: OXCOW_AIO_BACKEND_IO_URING or
+ * OXCOW_AIO_BACKEND_THREADS (io_uring unavailable: old kernel, seccomp, disabled by
+ * sysctl, or forced). -EINVAL for a NULL queue.
+ *
+ * # Safety
+ * `q` is NULL or a live queue.
+ */
+int oxcow_aio_queue_backend(const struct oxcow_aio_queue *q);
+
+/**
+ * Requests submitted whose callback has not run yet, or -EINVAL for a NULL queue.
+ *
+ * # Safety
+ * `q` is NULL or a live queue.
+ */
+int oxcow_aio_in_flight(const struct oxcow_aio_queue *q);
+
+/**
+ * Submits a read of `count` bytes at guest `offset` into `buf`. Returns at once: 0 (the
+ * request is queued; `*cookie_out`, when not NULL, receives its cookie, and `cb`, when not
+ * NULL, will run with `opaque` inside a later oxcow_aio_poll()) or a negative errno (nothing
+ * queued, no callback): -EINVAL (NULL queue, NULL buf with count > 0, range beyond the
+ * virtual size), -EBUSY (the queue holds `depth` requests: poll first). Errors of the I/O
+ * itself (-EIO, -EUCLEAN, -ENOMEDIUM, ...) arrive in the callback.
+ *
+ * # Safety
+ * `q` is NULL or a live queue; `buf` is NULL or writable for `count` bytes and belongs to
+ * the request until its callback ran (or oxcow_aio_queue_free() returned); `cookie_out` is
+ * NULL or writable.
+ */
+int oxcow_aio_pread(struct oxcow_aio_queue *q,
+                    void *buf,
+                    size_t count,
+                    uint64_t offset,
+                    oxcow_aio_callback cb,
+                    void *opaque,
+                    uint64_t *cookie_out);
+
+/**
+ * Submits a write of `count` bytes from `buf` at guest `offset`; as oxcow_aio_pread(), and
+ * -EROFS at once on a read-only handle.
+ *
+ * # Safety
+ * As oxcow_aio_pread(), with `buf` readable and unmodified until the callback ran.
+ */
+int oxcow_aio_pwrite(struct oxcow_aio_queue *q,
+                     const void *buf,
+                     size_t count,
+                     uint64_t offset,
+                     oxcow_aio_callback cb,
+                     void *opaque,
+                     uint64_t *cookie_out);
+
+/**
+ * Submits a vectored read (as oxcow_preadv(); -EINVAL for the same iovec errors). The
+ * iovec array is copied: only the memory it names belongs to the request.
+ *
+ * # Safety
+ * `q` is NULL or a live queue; `iov` is NULL or points to `iovcnt` readable iovecs naming
+ * writable, non-overlapping memory that belongs to the request until its callback ran;
+ * `cookie_out` is NULL or writable.
+ */
+int oxcow_aio_preadv(struct oxcow_aio_queue *q,
+                     const struct iovec *iov,
+                     int iovcnt,
+                     uint64_t offset,
+                     oxcow_aio_callback cb,
+                     void *opaque,
+                     uint64_t *cookie_out);
+
+/**
+ * Submits a vectored write (as oxcow_pwritev()); -EROFS at once on a read-only handle.
+ *
+ * # Safety
+ * As oxcow_aio_preadv(), with the memory readable and unmodified until the callback ran.
+ */
+int oxcow_aio_pwritev(struct oxcow_aio_queue *q,
+                      const struct iovec *iov,
+                      int iovcnt,
+                      uint64_t offset,
+                      oxcow_aio_callback cb,
+                      void *opaque,
+                      uint64_t *cookie_out);
+
+/**
+ * Submits oxcow_write_zeroes(offset, count, flags) (flags: OXCOW_ZERO_MAY_UNMAP); errors at
+ * once as oxcow_aio_pwrite(), plus -EINVAL for unknown flags.
+ *
+ * # Safety
+ * `q` is NULL or a live queue; `cookie_out` is NULL or writable.
+ */
+int oxcow_aio_write_zeroes(struct oxcow_aio_queue *q,
+                           uint64_t offset,
+                           uint64_t count,
+                           uint32_t flags,
+                           oxcow_aio_callback cb,
+                           void *opaque,
+                           uint64_t *cookie_out);
+
+/**
+ * Submits oxcow_discard(offset, count); errors at once as oxcow_aio_pwrite().
+ *
+ * # Safety
+ * `q` is NULL or a live queue; `cookie_out` is NULL or writable.
+ */
+int oxcow_aio_discard(struct oxcow_aio_queue *q,
+                      uint64_t offset,
+                      uint64_t count,
+                      oxcow_aio_callback cb,
+                      void *opaque,
+                      uint64_t *cookie_out);
+
+/**
+ * Submits a flush: it makes durable every write whose callback ran before it was
+ * submitted (requests in flight are not ordered against each other, as in io_uring and
+ * NBD). A no-op on read-only handles. Errors at once: -EINVAL (NULL queue), -EBUSY.
+ *
+ * # Safety
+ * `q` is NULL or a live queue; `cookie_out` is NULL or writable.
+ */
+int oxcow_aio_flush(struct oxcow_aio_queue *q,
+                    oxcow_aio_callback cb,
+                    void *opaque,
+                    uint64_t *cookie_out);
+
+/**
+ * Collects up to `max` completions (0: all that are ready) and runs their callbacks on
+ * this thread, in completion order. Waits for the first up to `timeout_ms` milliseconds
+ * (-1: as long as requests are in flight; 0: not at all); returns at once when nothing is
+ * in flight. Returns the number of requests completed (0 on timeout), or -EINVAL (NULL
+ * queue, timeout_ms below -1).
+ *
+ * # Safety
+ * `q` is NULL or a live queue not used by another thread during the call; the callbacks
+ * must be safe to call with their opaque pointers.
+ */
+int oxcow_aio_poll(struct oxcow_aio_queue *q, uint32_t max, int timeout_ms);
 
 /**
  * Fills `*opts` with "change nothing" and sets `struct_size`. NULL is a no-op.

@@ -22,6 +22,20 @@ impl oxcow_error {
     }
 }
 
+impl oxcow_error {
+    /// The error object for an engine error (errno 0 or less reads as EIO), for callers
+    /// that pass it to a callback instead of through `oxcow_error **`.
+    pub(crate) fn from_error(e: &Error) -> oxcow_error {
+        let errno = e.errno();
+        oxcow_error::new(if errno > 0 { errno } else { libc::EIO }, &e.to_string())
+    }
+
+    /// The positive errno.
+    pub(crate) fn errno(&self) -> c_int {
+        self.errno
+    }
+}
+
 /// The result type of the bodies of the exports.
 pub(crate) type CResult<T> = Result<T, Error>;
 

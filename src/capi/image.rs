@@ -63,7 +63,7 @@ pub struct oxcow_image {
 ///
 /// # Safety
 /// `img` is NULL or a live handle from oxcow_open() that stays open for `'a`.
-unsafe fn resolve<'a>(img: *const oxcow_image) -> Option<&'a Image> {
+pub(super) unsafe fn resolve<'a>(img: *const oxcow_image) -> Option<&'a Image> {
     // SAFETY: NULL or a live handle per the contract; only shared access is created, which is
     // sound because Image is Sync and every method takes &self.
     unsafe { img.as_ref() }.map(|h| &h.inner)
@@ -90,7 +90,7 @@ pub(super) unsafe fn with_image(
 }
 
 /// Checks that `count` bytes can form one Rust slice.
-fn check_len(count: usize) -> CResult<()> {
+pub(super) fn check_len(count: usize) -> CResult<()> {
     if count > isize::MAX as usize {
         return einval(format!("buffer of {count} bytes is too large"));
     }
@@ -102,7 +102,10 @@ fn check_len(count: usize) -> CResult<()> {
 /// # Safety
 /// When `iovcnt` is in range and `iov` is not NULL, `iov` points to `iovcnt` readable iovecs
 /// that outlive `'a`.
-unsafe fn iov_slice<'a>(iov: *const libc::iovec, iovcnt: c_int) -> CResult<&'a [libc::iovec]> {
+pub(super) unsafe fn iov_slice<'a>(
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+) -> CResult<&'a [libc::iovec]> {
     if !(0..=IOV_MAX).contains(&iovcnt) {
         return einval(format!("iovcnt {iovcnt} is outside 0..={IOV_MAX}"));
     }
@@ -117,7 +120,7 @@ unsafe fn iov_slice<'a>(iov: *const libc::iovec, iovcnt: c_int) -> CResult<&'a [
 }
 
 /// Checks each iovec (NULL base only with length 0) and the total length.
-fn check_iov(iov: &[libc::iovec]) -> CResult<()> {
+pub(super) fn check_iov(iov: &[libc::iovec]) -> CResult<()> {
     let mut total: usize = 0;
     for (i, v) in iov.iter().enumerate() {
         if v.iov_base.is_null() && v.iov_len > 0 {
@@ -253,7 +256,7 @@ pub unsafe extern "C" fn oxcow_pread(
 ///
 /// # Safety
 /// `buf` is NULL or valid for reading `count` bytes, not modified while the slice lives.
-unsafe fn input_slice<'a>(buf: *const c_void, count: usize) -> CResult<&'a [u8]> {
+pub(super) unsafe fn input_slice<'a>(buf: *const c_void, count: usize) -> CResult<&'a [u8]> {
     check_len(count)?;
     if count == 0 {
         return Ok(&[]);

@@ -11,6 +11,7 @@
 // The C names (oxcow_image, oxcow_info, ...) are the ABI; keep them as they are.
 #![allow(non_camel_case_types)]
 
+pub mod aio;
 pub mod amend;
 pub mod bitmap;
 pub mod check;
@@ -25,6 +26,13 @@ pub mod types;
 mod util;
 pub mod version;
 
+pub use aio::{
+    oxcow_aio_callback, oxcow_aio_discard, oxcow_aio_flush, oxcow_aio_in_flight, oxcow_aio_options,
+    oxcow_aio_options_init, oxcow_aio_poll, oxcow_aio_pread, oxcow_aio_preadv, oxcow_aio_pwrite,
+    oxcow_aio_pwritev, oxcow_aio_queue, oxcow_aio_queue_backend, oxcow_aio_queue_fd,
+    oxcow_aio_queue_free, oxcow_aio_queue_new, oxcow_aio_write_zeroes, OXCOW_AIO_BACKEND_IO_URING,
+    OXCOW_AIO_BACKEND_THREADS, OXCOW_AIO_FORCE_THREADS,
+};
 pub use amend::{
     oxcow_amend, oxcow_amend_options, oxcow_amend_options_init, OXCOW_AMEND_LAZY_KEEP,
     OXCOW_AMEND_LAZY_OFF, OXCOW_AMEND_LAZY_ON,

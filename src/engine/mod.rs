@@ -1,5 +1,6 @@
 //! The live image: open, the read and write paths, zeroing and discard, flush, backing chain.
 
+pub mod aio;
 pub mod amend;
 #[cfg(test)]
 mod amend_crash_tests;

@@ -41,6 +41,14 @@ pub struct Pin<'a> {
     slot: usize,
 }
 
+/// A detached pin (see [`Grace::pin_detached`]): not tied to a borrow, released explicitly.
+#[derive(Debug)]
+#[must_use = "a detached pin must be released with Grace::unpin"]
+pub struct PinToken {
+    shard: usize,
+    slot: usize,
+}
+
 impl Drop for Pin<'_> {
     fn drop(&mut self) {
         self.grace.active[self.shard][self.slot].fetch_sub(1, Ordering::SeqCst);
@@ -66,6 +74,25 @@ impl Grace {
             }
             self.active[shard][slot].fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    /// Pins a request whose I/O outlives the call that started it (an asynchronous queue's
+    /// io_uring reads): the same pin as [`Self::pin`], released by [`Self::unpin`] exactly
+    /// once. A token never released keeps freed clusters from reuse (a leak, never a
+    /// corruption).
+    pub fn pin_detached(&self) -> PinToken {
+        let p = self.pin();
+        let t = PinToken {
+            shard: p.shard,
+            slot: p.slot,
+        };
+        std::mem::forget(p);
+        t
+    }
+
+    /// Releases a pin taken with [`Self::pin_detached`] on this `Grace`.
+    pub fn unpin(&self, t: PinToken) {
+        self.active[t.shard][t.slot].fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Requests pinned in `slot`, over all shards. A request pinned for good is counted; one
@@ -126,6 +153,22 @@ mod tests {
         assert!(g.drained(tag));
         assert!(g.try_advance());
         drop(young);
+        assert!(g.drained(tag));
+    }
+
+    #[test]
+    fn a_detached_pin_holds_the_free_back_until_released_on_another_thread() {
+        let g = Grace::default();
+        let t = g.pin_detached(); // an io_uring read in flight
+        let tag = g.current();
+        assert!(g.try_advance());
+        assert!(
+            !g.drained(tag),
+            "the read in flight may still touch the cluster"
+        );
+        std::thread::scope(|s| {
+            s.spawn(|| g.unpin(t)); // reaped on another thread than the submitter's
+        });
         assert!(g.drained(tag));
     }
 

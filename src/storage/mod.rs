@@ -11,12 +11,15 @@ pub mod extents;
 pub mod grace;
 pub mod guard;
 pub mod lock;
+pub mod notify;
 mod posix;
 #[cfg(test)]
 pub mod sim;
+#[cfg(target_os = "linux")]
+pub mod uring;
 
 pub use absent::Absent;
-pub use grace::{Grace, Pin};
+pub use grace::{Grace, Pin, PinToken};
 pub use guard::{MetaKind, OverlapCheck, OverlapGuard, OverlapHit};
 pub use lock::{ImageLock, LockMode};
 pub use posix::PosixFile;
@@ -57,6 +60,12 @@ pub trait Backend: Send + Sync {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
         let _ = (offset, len);
         Ok(false)
+    }
+    /// The descriptor and O_DIRECT alignment (0: buffered) for I/O submitted outside the
+    /// backend (the asynchronous queue's io_uring path); `None` when the device has no
+    /// descriptor of its own (simulated files), which keeps such I/O on the backend.
+    fn uring_target(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        None
     }
     /// Reopens the same file with new access and lock mode, atomically for concurrent I/O
     /// (see [`PosixFile::reopen_in_place`]). Backends that cannot do that refuse.
@@ -154,6 +163,11 @@ impl HostFile {
         if end > self.written_end.load(Ordering::Acquire) {
             self.written_end.fetch_max(end, Ordering::AcqRel);
         }
+    }
+
+    /// See [`Backend::uring_target`].
+    pub fn uring_target(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        self.backend.uring_target()
     }
 
     /// The metadata-overlap guard consulted by [`Self::write`] (empty until the engine fills

@@ -301,6 +301,18 @@ impl Backend for PosixFile {
         self.file.set_len(len)
     }
 
+    fn uring_target(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        use std::os::fd::AsRawFd;
+        // reopen_in_place keeps the descriptor number (dup3 onto it), so the number stays
+        // valid for the file's life.
+        let align = if self.direct.is_some() {
+            DIRECT_ALIGN as usize
+        } else {
+            0
+        };
+        Some((self.file.as_raw_fd(), align))
+    }
+
     fn reopen(&self, name: &str, writable: bool, mode: LockMode) -> Result<()> {
         self.reopen_in_place(name, writable, mode)
     }

@@ -1,0 +1,63 @@
+//! The hot path of asynchronous reads: a request inside one cluster whose L2 entry the
+//! lock-free view holds is mapped here, with the same grace pin as a synchronous read, and
+//! either filled with zeros at once or handed to io_uring; everything else (L2 miss,
+//! compressed cluster, backing file, several clusters, unaligned O_DIRECT buffer, fenced
+//! handle) goes to the worker pool, which runs the synchronous engine.
+
+use super::super::Image;
+use crate::format::entry::SubclusterState;
+use crate::format::GuestOffset;
+use std::os::fd::RawFd;
+
+/// What a read needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ReadPlan {
+    /// The range reads as zeros (zero subclusters, or unallocated without a backing file).
+    Zeros,
+    /// One host read: descriptor and host offset.
+    Host(RawFd, u64),
+    /// The synchronous engine must do it.
+    Slow,
+}
+
+/// Plans a read of `len` bytes into memory at `addr` from guest `offset`. The caller holds
+/// a grace pin taken before this call until the I/O has completed (as `Image::read_at`
+/// holds one), so the host cluster cannot be reused under the read.
+pub(super) fn plan_read(img: &Image, offset: u64, addr: usize, len: usize) -> ReadPlan {
+    if len == 0 || img.check_usable().is_err() {
+        return ReadPlan::Slow;
+    }
+    let geo = &img.geo;
+    let Some(end) = offset.checked_add(len as u64) else {
+        return ReadPlan::Slow;
+    };
+    if end > img.virtual_size() || geo.cluster_start(offset) != geo.cluster_start(end - 1) {
+        return ReadPlan::Slow;
+    }
+    let pos = GuestOffset::new(offset);
+    let Some(mapping) = img.view.lookup(geo, img.version, pos) else {
+        return ReadPlan::Slow;
+    };
+    if super::super::datafile::check_mapping(geo, pos, &mapping).is_err() {
+        return ReadPlan::Slow;
+    }
+    let sub = geo.subcluster_size();
+    let sc = pos.subcluster(geo);
+    let run_end = geo.cluster_start(offset) + u64::from(sc + mapping.run_from(geo, sc)) * sub;
+    if run_end < end {
+        return ReadPlan::Slow;
+    }
+    match mapping.subcluster(geo, sc) {
+        SubclusterState::Zero => ReadPlan::Zeros,
+        SubclusterState::Unallocated if !img.has_backing() => ReadPlan::Zeros,
+        SubclusterState::Data(h) => {
+            let host = h.get() + pos.in_cluster(geo) % sub;
+            match img.data_file().uring_target() {
+                Some((fd, 0)) => ReadPlan::Host(fd, host),
+                Some((fd, a)) if (addr | len | host as usize) % a == 0 => ReadPlan::Host(fd, host),
+                _ => ReadPlan::Slow,
+            }
+        }
+        _ => ReadPlan::Slow,
+    }
+}
