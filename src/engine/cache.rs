@@ -8,6 +8,7 @@
 //! small read per slice instead of a whole table.
 
 use crate::format::{Geometry, HostOffset};
+use crate::storage::guard::U64BuildHasher;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -118,7 +119,9 @@ struct Slot<T> {
 /// thousands of slices is normal for a large image).
 pub struct TableCache<T> {
     slots: Vec<Slot<T>>,
-    index: HashMap<HostOffset, usize>,
+    /// Slot of each cached offset (keys are aligned offsets of the image's own tables: the
+    /// cheap multiplicative hash spreads them).
+    index: HashMap<HostOffset, usize, U64BuildHasher>,
     capacity: usize,
     /// Next slot the clock hand looks at.
     hand: usize,
@@ -136,7 +139,7 @@ impl<T> TableCache<T> {
     pub fn new(capacity: usize) -> TableCache<T> {
         TableCache {
             slots: Vec::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             capacity: capacity.max(2),
             hand: 0,
             clock: 0,
@@ -253,7 +256,7 @@ impl<T> TableCache<T> {
         if self.slots.is_empty() {
             // Give the memory of a once-large cache back too.
             self.slots = Vec::new();
-            self.index = HashMap::new();
+            self.index = HashMap::default();
         } else {
             self.reindex();
         }

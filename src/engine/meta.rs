@@ -279,9 +279,21 @@ impl Meta {
         Ok(())
     }
 
+    /// Caches a slice for this (mutex-holding) side only; [`Self::publish_l2`] shows it to
+    /// lock-free readers once an L1 index for it is known.
     fn cache_l2(&mut self, off: HostOffset, table: Arc<L2Table>, dirty: bool) {
-        self.view.insert_table(off, Arc::clone(&table));
         self.l2.insert(off, table, dirty);
+    }
+
+    /// Publishes the cached slice `slice` (slice index `s` of the table under L1 entry `l1`,
+    /// which points at that table now) for lock-free readers, unless it is already.
+    fn publish_l2(&mut self, l1: usize, s: usize, slice: HostOffset) {
+        if self.view.is_published(slice) {
+            return;
+        }
+        if let Some(t) = self.l2.peek(slice) {
+            self.view.publish(l1, s, t);
+        }
     }
 
     /// Makes sure the L2 slice holding entry `index` of the table at `table` is cached
@@ -303,11 +315,7 @@ impl Meta {
         // reports the entry.
         let mut raw = vec![0u8; self.view.cache().slice_bytes as usize];
         file.read_zero_padded(&mut raw, slice, "L2 table")?;
-        self.cache_l2(
-            slice,
-            L2Table::new(crate::format::be::u64_table(&raw)),
-            false,
-        );
+        self.cache_l2(slice, L2Table::from_be_bytes(slice, &raw), false);
         Ok((slice, i))
     }
 
@@ -347,17 +355,22 @@ impl Meta {
         self.rc.clean_idle();
     }
 
-    /// Installs an L2 slice (key `off`) that a reader loaded from disk without the mutex,
-    /// unless the on-disk tables changed since `generation` (the read may be stale) or it is
-    /// cached already. Returns whether the slice is cached now.
+    /// Installs and publishes an L2 slice that a reader loaded from disk without the mutex
+    /// (slice index `s` of the table under L1 entry `l1`, which the caller checked still
+    /// points at it), unless the on-disk tables changed since `generation` (the read may be
+    /// stale); a slice cached already is published instead. Returns whether the slice is
+    /// cached now.
     pub fn install_l2(
         &mut self,
         file: &HostFile,
-        off: HostOffset,
-        words: Vec<u64>,
+        l1: usize,
+        s: usize,
+        t: Arc<L2Table>,
         generation: u64,
     ) -> Result<bool> {
+        let off = t.key();
         if self.l2.contains(off) {
+            self.publish_l2(l1, s, off);
             return Ok(true);
         }
         if self.view.generation() != generation {
@@ -368,7 +381,8 @@ impl Meta {
             // make_room_l2 may have written tables back.
             return Ok(false);
         }
-        self.cache_l2(off, L2Table::new(words), false);
+        self.view.publish(l1, s, &t);
+        self.cache_l2(off, t, false);
         Ok(true)
     }
 
@@ -381,19 +395,19 @@ impl Meta {
     }
 
     /// Decoded mapping of the guest cluster containing `guest`.
+    /// The slice it was found in is published for lock-free readers (so later reads and
+    /// overwrites of the cluster need no mutex).
     pub fn lookup(&mut self, file: &HostFile, guest: GuestOffset) -> Result<Mapping> {
         let slot = self.slot(guest)?;
         if slot.table == HostOffset::ZERO {
             return Ok(Mapping::Unallocated { zero: 0 });
         }
-        let (w0, w1) = self.raw_entry(file, slot)?;
-        self.decode(w0, w1, slot)
-    }
-
-    fn raw_entry(&mut self, file: &HostFile, slot: Slot) -> Result<(u64, u64)> {
         let ext = self.geo.extended_l2;
         let (slice, i) = self.ensure_l2(file, slot.table, slot.index)?;
-        Ok(self.l2_slice(slice)?.entry(i, ext))
+        let (w0, w1) = self.l2_slice(slice)?.entry(i, ext);
+        let s = self.view.slice_index(slot.index);
+        self.publish_l2(guest.l1_index(&self.geo), s, slice);
+        self.decode(w0, w1, slot)
     }
 
     fn decode(&self, w0: u64, w1: u64, slot: Slot) -> Result<Mapping> {

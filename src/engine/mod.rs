@@ -32,6 +32,7 @@ pub mod rebase;
 mod refcount;
 mod reopen;
 mod resize;
+mod slicedir;
 mod snapshot;
 mod write;
 mod write_compressed;
@@ -177,11 +178,7 @@ impl Image {
             ),
         )
         .map_err(|e| e.with_file(&name))?;
-        let view = Arc::new(mapview::MapView::new(
-            header.l1_size as usize,
-            cache,
-            geo.l2_entry_size(),
-        ));
+        let view = Arc::new(mapview::MapView::new(header.l1_size as usize, cache, &geo));
         let mut meta = Meta::load(
             &file,
             header.clone(),
@@ -432,23 +429,22 @@ impl Image {
         if off == HostOffset::ZERO || !off.is_cluster_aligned(&self.geo) {
             return Ok(false); // nothing to load, or the slow path reports the corruption
         }
-        let (slice, _) = self.view.slice_of(off, guest.l2_index(&self.geo));
-        if self.view.table(slice).is_some() {
+        let s = self.view.slice_index(guest.l2_index(&self.geo));
+        if self.view.published(l1_index, off, s) {
             return Ok(true);
         }
         let generation = self.view.generation();
-        if off.get() >= self.file.len()? {
-            return Ok(false); // the slow path reports the corruption
-        }
-        let mut raw = vec![0u8; self.view.cache().slice_bytes as usize];
-        self.file.read_zero_padded(&mut raw, slice, "L2 table")?;
-        let words = crate::format::be::u64_table(&raw);
+        let (slice, _) = self.view.slice_of(off, guest.l2_index(&self.geo));
+        let t = read::read_l2_slice(self, slice)?;
+        let Some(t) = t else {
+            return Ok(false); // past the end of the file: the slow path reads it as zeros
+        };
         let mut m = self.lock_meta();
         // The L1 entry may have moved on (copy-on-write of a shared table) meanwhile.
         if self.view.l1_entry(l1_index) != Some(e) {
             return Ok(false);
         }
-        m.install_l2(&self.file, slice, words, generation)
+        m.install_l2(&self.file, l1_index, s, t, generation)
     }
 
     /// The current overlap-check mode.

@@ -1,11 +1,14 @@
 //! The read path: map a guest range to host segments (lock-free when the L2 table is cached,
 //! under the metadata lock otherwise), then do the I/O with no lock held.
 
+use super::mapview::L2Table;
 use super::{compress, Image};
 use crate::error::Result;
 use crate::format::entry::{Mapping, SubclusterState};
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crate::options::{Extent, EXTENT_ALLOCATED, EXTENT_BACKING, EXTENT_COMPRESSED, EXTENT_ZERO};
+use std::cell::RefCell;
+use std::sync::Arc;
 
 /// Where the bytes of one guest segment come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,6 +210,33 @@ fn read_segment(img: &Image, out: &mut [u8], guest: GuestOffset, source: Source)
             Ok(())
         }
     }
+}
+
+/// Reads the L2 slice at host offset `slice` for the lock-free view (no lock held); None
+/// when it lies wholly past the end of the file (the caller leaves it to the slow path). A
+/// slice that straddles the end reads as zeros past it, as in QEMU.
+pub(super) fn read_l2_slice(img: &Image, slice: HostOffset) -> Result<Option<Arc<L2Table>>> {
+    thread_local! {
+        /// One slice buffer per thread: a miss then costs no allocation for the raw bytes.
+        static RAW: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    /// Larger slices (whole tables of large clusters) get a buffer of their own rather than
+    /// pinning that much memory to every reading thread.
+    const KEEP: usize = 16 << 10;
+    let len = img.view.cache().slice_bytes as usize;
+    let read = |raw: &mut Vec<u8>| {
+        raw.resize(len, 0);
+        let n = img.file.read_some(raw, slice, "L2 table")?;
+        if n == 0 {
+            return Ok(None);
+        }
+        raw[n..].fill(0);
+        Ok(Some(L2Table::from_be_bytes(slice, raw)))
+    };
+    if len > KEEP {
+        return read(&mut Vec::new());
+    }
+    RAW.with(|raw| read(&mut raw.borrow_mut()))
 }
 
 /// Reads and decompresses one compressed cluster.
