@@ -198,12 +198,12 @@ impl<T> TableCache<T> {
 
     /// Evicts a clean slice chosen by CLOCK: a candidate used since the hand last passed
     /// (through this cache, or as `used(data)` reports for lock-free readers; `used` may
-    /// clear that mark) is kept this time. Returns the evicted offset, or None if every slice
+    /// clear that mark) is kept this time. Returns the evicted slice, or None if every slice
     /// is dirty.
     pub fn evict_clean_second_chance(
         &mut self,
         mut used: impl FnMut(&T) -> bool,
-    ) -> Option<HostOffset> {
+    ) -> Option<(HostOffset, T)> {
         if self.dirty >= self.slots.len() {
             return None;
         }
@@ -227,8 +227,8 @@ impl<T> TableCache<T> {
         Some(self.remove_at(i))
     }
 
-    /// Removes slot `i` (moving the last slot into its place) and returns its key.
-    fn remove_at(&mut self, i: usize) -> HostOffset {
+    /// Removes slot `i` (moving the last slot into its place) and returns its key and data.
+    fn remove_at(&mut self, i: usize) -> (HostOffset, T) {
         let s = self.slots.swap_remove(i);
         self.index.remove(&s.key);
         if let Some(moved) = self.slots.get(i) {
@@ -237,38 +237,33 @@ impl<T> TableCache<T> {
         if s.dirty {
             self.dirty -= 1;
         }
-        s.key
+        (s.key, s.data)
     }
 
     /// Drops the clean entries not used since the previous call (by this cache or, as
-    /// `used(data)` reports, by lock-free readers) and returns their offsets; the owner
-    /// calls it once per clean interval. Dirty entries stay.
-    pub fn clean_idle(&mut self, mut used: impl FnMut(&T) -> bool) -> Vec<HostOffset> {
+    /// `used(data)` reports, by lock-free readers) and returns them; the owner calls it once
+    /// per clean interval. Dirty entries stay.
+    pub fn clean_idle(&mut self, mut used: impl FnMut(&T) -> bool) -> Vec<T> {
         let mark = self.clean_mark;
+        let mut keep = Vec::with_capacity(self.slots.len());
         let mut idle = Vec::new();
-        self.slots.retain(|s| {
-            let keep = s.dirty || s.last_use > mark || used(&s.data);
-            if !keep {
-                idle.push(s.key);
+        for s in self.slots.drain(..) {
+            if s.dirty || s.last_use > mark || used(&s.data) {
+                keep.push(s);
+            } else {
+                idle.push(s.data);
             }
-            keep
-        });
-        if self.slots.is_empty() {
-            // Give the memory of a once-large cache back too.
-            self.slots = Vec::new();
-            self.index = HashMap::default();
-        } else {
-            self.reindex();
         }
-        self.clean_mark = self.clock;
-        idle
-    }
-
-    fn reindex(&mut self) {
-        self.index.clear();
+        // Give the memory of a once-larger cache back too.
+        keep.shrink_to_fit();
+        self.slots = keep;
+        self.hand = 0;
+        self.index = HashMap::with_capacity_and_hasher(self.slots.len(), U64BuildHasher::default());
         for (i, s) in self.slots.iter().enumerate() {
             self.index.insert(s.key, i);
         }
+        self.clean_mark = self.clock;
+        idle
     }
 
     /// Inserts a slice (replacing any cached one at the same offset).
@@ -306,11 +301,10 @@ impl<T> TableCache<T> {
         self.hand = 0;
     }
 
-    /// Drops a slice from the cache without writing it.
-    pub fn remove(&mut self, offset: HostOffset) {
-        if let Some(&i) = self.index.get(&offset) {
-            self.remove_at(i);
-        }
+    /// Drops a slice from the cache without writing it; returns it.
+    pub fn remove(&mut self, offset: HostOffset) -> Option<T> {
+        let i = *self.index.get(&offset)?;
+        Some(self.remove_at(i).1)
     }
 
     /// Offsets of the dirty slices, in ascending order (sequential write-back).
@@ -363,9 +357,9 @@ mod tests {
         c.insert(h(2), 2u32, false);
         c.insert(h(3), 3u32, true);
         // Table 1 is in use (lock-free readers): table 2 goes instead.
-        assert_eq!(c.evict_clean_second_chance(|&v| v == 1), Some(h(2)));
+        assert_eq!(c.evict_clean_second_chance(|&v| v == 1), Some((h(2), 2)));
         // Everything clean is always in use: something is evicted anyway.
-        assert_eq!(c.evict_clean_second_chance(|_| true), Some(h(1)));
+        assert_eq!(c.evict_clean_second_chance(|_| true), Some((h(1), 1)));
         // Only a dirty table is left.
         assert_eq!(c.evict_clean_second_chance(|_| false), None);
     }
@@ -408,10 +402,10 @@ mod tests {
         c.get(h(3));
         let mut dropped = c.clean_idle(|&v| v == 4);
         dropped.sort_unstable();
-        assert_eq!(dropped, vec![h(1)], "3 was used, 2 is dirty");
+        assert_eq!(dropped, vec![1], "3 was used, 2 is dirty");
         // Used by a lock-free reader: spared.
         assert!(c.clean_idle(|&v| v == 3).is_empty());
-        assert_eq!(c.clean_idle(|_| false), vec![h(3)]);
+        assert_eq!(c.clean_idle(|_| false), vec![3]);
         assert_eq!(c.len(), 1);
     }
 

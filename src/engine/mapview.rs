@@ -42,14 +42,28 @@ pub struct L2Table {
     seq: AtomicU64,
     /// Set by lock-free readers; eviction gives referenced tables a second chance.
     referenced: AtomicBool,
+    /// Where the slice is published in the view's directory (L1 index << 32 | slice index;
+    /// [`NOWHERE`] when it is not). Written only by metadata mutex holders.
+    home: AtomicU64,
+    /// The entries as stored on disk (big-endian): filling a slice from disk is a plain copy,
+    /// and the byte swap happens per entry read.
     words: Box<[AtomicU64]>,
 }
+
+/// [`L2Table::home`] of a slice that is not published.
+const NOWHERE: u64 = u64::MAX;
 
 impl L2Table {
     /// The slice at host offset `key` holding `words` (decoded big-endian L2 words).
     #[cfg(test)]
     pub fn new(key: HostOffset, words: Vec<u64>) -> Arc<L2Table> {
-        Self::from_words(key, words.into_iter().map(AtomicU64::new).collect())
+        Self::from_words(
+            key,
+            words
+                .into_iter()
+                .map(|w| AtomicU64::new(w.to_be()))
+                .collect(),
+        )
     }
 
     /// The slice at host offset `key` as read from disk (big-endian words; a trailing
@@ -58,11 +72,7 @@ impl L2Table {
         Self::from_words(
             key,
             raw.chunks_exact(8)
-                .map(|c| {
-                    let mut w = [0u8; 8];
-                    w.copy_from_slice(c);
-                    AtomicU64::new(u64::from_be_bytes(w))
-                })
+                .map(|c| AtomicU64::new(u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]))))
                 .collect(),
         )
     }
@@ -72,13 +82,50 @@ impl L2Table {
             key,
             seq: AtomicU64::new(0),
             referenced: AtomicBool::new(false),
+            home: AtomicU64::new(NOWHERE),
             words,
         })
     }
 
-    /// The slice's host offset.
-    pub fn key(&self) -> HostOffset {
-        self.key
+    /// The slice at `key` read from disk as `raw`, in the memory of `old` (an evicted
+    /// slice) when nobody else holds it: a cache miss then allocates nothing.
+    pub fn reuse(mut old: Arc<L2Table>, key: HostOffset, raw: &[u8]) -> Arc<L2Table> {
+        if Arc::get_mut(&mut old).is_some_and(|t| t.refill(key, raw)) {
+            old
+        } else {
+            Self::from_be_bytes(key, raw)
+        }
+    }
+
+    /// Refills this slice in place; false (nothing changed) when the sizes differ.
+    fn refill(&mut self, key: HostOffset, raw: &[u8]) -> bool {
+        if raw.len() != self.words.len() * 8 {
+            return false;
+        }
+        self.key = key;
+        *self.seq.get_mut() = 0;
+        *self.referenced.get_mut() = false;
+        *self.home.get_mut() = NOWHERE;
+        // Plain stores into words nobody else sees: a copy the compiler vectorises.
+        for (w, c) in self.words.iter_mut().zip(raw.chunks_exact(8)) {
+            *w.get_mut() = u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
+        }
+        true
+    }
+
+    /// Where the slice is published: (L1 index, slice index).
+    pub fn home(&self) -> Option<(usize, usize)> {
+        match self.home.load(Ordering::Relaxed) {
+            NOWHERE => None,
+            h => Some(((h >> 32) as usize, (h & 0xffff_ffff) as usize)),
+        }
+    }
+
+    /// Records where the slice is published (None: withdrawn). Callers hold the metadata
+    /// mutex and pass indices below 2^32 (the directory refuses others).
+    pub fn set_home(&self, at: Option<(usize, usize)>) {
+        let h = at.map_or(NOWHERE, |(l1, s)| ((l1 as u64) << 32) | s as u64);
+        self.home.store(h, Ordering::Relaxed);
     }
 
     /// Entry `i` as (descriptor, bitmap word); the bitmap is 0 without extended L2.
@@ -90,9 +137,9 @@ impl L2Table {
                 std::hint::spin_loop();
                 continue;
             }
-            let w0 = self.words[a].load(Ordering::Relaxed);
+            let w0 = u64::from_be(self.words[a].load(Ordering::Relaxed));
             let w1 = if ext {
-                self.words[b].load(Ordering::Relaxed)
+                u64::from_be(self.words[b].load(Ordering::Relaxed))
             } else {
                 0
             };
@@ -109,10 +156,10 @@ impl L2Table {
         self.seq.store(s + 1, Ordering::Relaxed);
         fence(Ordering::Release);
         if ext {
-            self.words[2 * i].store(w0, Ordering::Relaxed);
-            self.words[2 * i + 1].store(w1, Ordering::Relaxed);
+            self.words[2 * i].store(w0.to_be(), Ordering::Relaxed);
+            self.words[2 * i + 1].store(w1.to_be(), Ordering::Relaxed);
         } else {
-            self.words[i].store(w0, Ordering::Relaxed);
+            self.words[i].store(w0.to_be(), Ordering::Relaxed);
         }
         self.seq.store(s + 2, Ordering::Release);
     }
@@ -122,7 +169,15 @@ impl L2Table {
     pub fn to_vec(&self) -> Vec<u64> {
         self.words
             .iter()
-            .map(|w| w.load(Ordering::Relaxed))
+            .map(|w| u64::from_be(w.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// The slice as stored on disk, for write-back (same caller rule as [`Self::to_vec`]).
+    pub fn to_disk_bytes(&self) -> Vec<u8> {
+        self.words
+            .iter()
+            .flat_map(|w| w.load(Ordering::Relaxed).to_ne_bytes())
             .collect()
     }
 
@@ -279,12 +334,6 @@ impl MapView {
         dir.get(l1, slice).is_some_and(|t| t.key == key)
     }
 
-    /// Whether the slice at `key` is published (under any L1 entry).
-    pub fn is_published(&self, key: HostOffset) -> bool {
-        let dir = self.dir.read().unwrap_or_else(|p| p.into_inner());
-        dir.is_published(key)
-    }
-
     /// Publishes a cached slice for lock-free readers: slice `slice` of the table under L1
     /// entry `l1` (the caller holds the metadata mutex, under which the entry points at the
     /// slice's table). Returns false when the directory is full (readers of that table then
@@ -296,12 +345,15 @@ impl MapView {
             .publish(l1, slice, t)
     }
 
-    /// Withdraws the slice at host offset `off` (evicted from or dropped by the cache).
-    pub fn remove_table(&self, off: HostOffset) {
+    /// Withdraws a slice (evicted from or dropped by the cache), if published.
+    pub fn unpublish(&self, t: &Arc<L2Table>) {
+        if t.home().is_none() {
+            return;
+        }
         self.dir
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .unpublish(off);
+            .unpublish(t);
     }
 
     /// Forgets every table and loads `l1` (a metadata reload), taking its length.
@@ -451,8 +503,9 @@ mod tests {
         assert_eq!(v.lookup(&g, 3, guest), None, "nothing published");
         let mut words = vec![0u64; 512];
         words[88] = 0x20_0000 | copied;
-        let slice = table + 4096;
-        assert!(v.publish(1, 1, &L2Table::new(slice, words)));
+        let t = L2Table::new(table + 4096, words);
+        assert!(v.publish(1, 1, &t));
+        assert_eq!(t.home(), Some((1, 1)));
         assert!(v.published(1, table, 1));
         let data =
             |m| matches!(m, Some(Mapping::Data { host, .. }) if host == HostOffset::new(0x20_0000));
@@ -463,9 +516,9 @@ mod tests {
         assert!(!v.published(1, HostOffset::new(0x9_0000), 1));
         v.set_l1(1, table.get() | copied);
         assert!(data(v.lookup(&g, 3, guest)));
-        v.remove_table(slice);
+        v.unpublish(&t);
         assert_eq!(v.lookup(&g, 3, guest), None);
-        assert!(!v.is_published(slice));
+        assert_eq!(t.home(), None);
     }
 
     #[test]

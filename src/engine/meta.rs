@@ -252,31 +252,50 @@ impl Meta {
     }
 
     /// Makes room for one more L2 slice: evicts a clean one (second chance for slices that
-    /// lock-free readers use), writing dirty ones back first when all are dirty.
-    fn make_room_l2(&mut self, file: &HostFile) -> Result<()> {
+    /// lock-free readers use), writing dirty ones back first when all are dirty. Returns the
+    /// evicted slice (withdrawn from the view), for reuse.
+    fn make_room_l2(&mut self, file: &HostFile) -> Result<Option<Arc<L2Table>>> {
         // Bound: two rounds. A successful write-back leaves every cached table clean, and a
         // clean table can always be evicted.
         for _ in 0..2 {
             if !self.l2.is_full() {
-                return Ok(());
+                return Ok(None);
             }
-            match self.l2.evict_clean_second_chance(|t| t.take_referenced()) {
-                Some(off) => self.view.remove_table(off),
+            match self.evict_l2() {
+                Some(t) => return Ok(Some(t)),
                 None => self.writeback(file)?,
             }
         }
         if self.l2.is_full() {
-            match self.l2.evict_clean_second_chance(|t| t.take_referenced()) {
-                Some(off) => self.view.remove_table(off),
-                None => {
-                    return Err(Error::new(
-                        ErrorKind::NoMemory,
-                        "the L2 table cache cannot make room",
-                    ))
-                }
+            return match self.evict_l2() {
+                Some(t) => Ok(Some(t)),
+                None => Err(Error::new(
+                    ErrorKind::NoMemory,
+                    "the L2 table cache cannot make room",
+                )),
+            };
+        }
+        Ok(None)
+    }
+
+    /// Evicts a clean L2 slice by CLOCK and withdraws it from the view; None when all are
+    /// dirty.
+    fn evict_l2(&mut self) -> Option<Arc<L2Table>> {
+        let (_, t) = self.l2.evict_clean_second_chance(|t| t.take_referenced())?;
+        self.view.unpublish(&t);
+        Some(t)
+    }
+
+    /// Drops the cached slices of the table at `table` without writing them (the table is
+    /// gone, or its cluster holds a new table).
+    fn forget_l2_table(&mut self, table: HostOffset) {
+        let geo = self.geo;
+        let slices: Vec<HostOffset> = self.view.slices_of(&geo, table).collect();
+        for slice in slices {
+            if let Some(t) = self.l2.remove(slice) {
+                self.view.unpublish(&t);
             }
         }
-        Ok(())
     }
 
     /// Caches a slice for this (mutex-holding) side only; [`Self::publish_l2`] shows it to
@@ -288,11 +307,10 @@ impl Meta {
     /// Publishes the cached slice `slice` (slice index `s` of the table under L1 entry `l1`,
     /// which points at that table now) for lock-free readers, unless it is already.
     fn publish_l2(&mut self, l1: usize, s: usize, slice: HostOffset) {
-        if self.view.is_published(slice) {
-            return;
-        }
         if let Some(t) = self.l2.peek(slice) {
-            self.view.publish(l1, s, t);
+            if t.home() != Some((l1, s)) {
+                self.view.publish(l1, s, t);
+            }
         }
     }
 
@@ -349,40 +367,45 @@ impl Meta {
             return;
         }
         self.last_clean = Instant::now();
-        for off in self.l2.clean_idle(|t| t.take_referenced()) {
-            self.view.remove_table(off);
+        for t in self.l2.clean_idle(|t| t.take_referenced()) {
+            self.view.unpublish(&t);
         }
         self.rc.clean_idle();
     }
 
-    /// Installs and publishes an L2 slice that a reader loaded from disk without the mutex
-    /// (slice index `s` of the table under L1 entry `l1`, which the caller checked still
-    /// points at it), unless the on-disk tables changed since `generation` (the read may be
-    /// stale); a slice cached already is published instead. Returns whether the slice is
-    /// cached now.
+    /// Installs and publishes the L2 slice at `key` that a reader read from disk as `raw`
+    /// without the mutex (slice index `s` of the table under L1 entry `l1`, which the caller
+    /// checked still points at it), unless the on-disk tables changed since `generation`
+    /// (the read may be stale); a slice cached already is published instead. The slice
+    /// evicted to make room is reused for it when nobody else holds it. Returns whether the
+    /// slice is cached now.
     pub fn install_l2(
         &mut self,
         file: &HostFile,
-        l1: usize,
-        s: usize,
-        t: Arc<L2Table>,
+        at: (usize, usize),
+        key: HostOffset,
+        raw: &[u8],
         generation: u64,
     ) -> Result<bool> {
-        let off = t.key();
-        if self.l2.contains(off) {
-            self.publish_l2(l1, s, off);
+        let (l1, s) = at;
+        if self.l2.contains(key) {
+            self.publish_l2(l1, s, key);
             return Ok(true);
         }
         if self.view.generation() != generation {
             return Ok(false);
         }
-        self.make_room_l2(file)?;
+        let evicted = self.make_room_l2(file)?;
         if self.view.generation() != generation {
             // make_room_l2 may have written tables back.
             return Ok(false);
         }
+        let t = match evicted {
+            Some(t) => L2Table::reuse(t, key, raw),
+            None => L2Table::from_be_bytes(key, raw),
+        };
         self.view.publish(l1, s, &t);
-        self.cache_l2(off, t, false);
+        self.cache_l2(key, t, false);
         Ok(true)
     }
 
@@ -470,11 +493,7 @@ impl Meta {
         // Slices of this offset read without the mutex before now are stale, and so are
         // cached slices of a table that lived here before its cluster was freed and reused.
         self.view.bump_generation();
-        let stale: Vec<HostOffset> = self.view.slices_of(&geo, new).collect();
-        for slice in stale {
-            self.l2.remove(slice);
-            self.view.remove_table(slice);
-        }
+        self.forget_l2_table(new);
         if old != HostOffset::ZERO {
             // The old table stays a snapshot's (inactive) L2 table, if it is one.
             file.guard()
@@ -532,11 +551,7 @@ impl Meta {
             .insert(l1_index as u64 / self.geo.u64_per_cluster());
         // The table is no longer written back: its clusters are released below instead.
         let geo = self.geo;
-        let slices: Vec<HostOffset> = self.view.slices_of(&geo, off).collect();
-        for slice in slices {
-            self.l2.remove(slice);
-            self.view.remove_table(slice);
-        }
+        self.forget_l2_table(off);
         file.guard()
             .remove(off.cluster(&geo).0, 1, MetaKind::ActiveL2);
         for mapping in mappings {
@@ -616,7 +631,7 @@ impl Meta {
         let dirty = self.l2.dirty_offsets();
         for off in &dirty {
             if let Some(t) = self.l2.peek(*off) {
-                file.write(&u64_table_bytes(&t.to_vec()), *off, WriteKind::L2)?;
+                file.write(&t.to_disk_bytes(), *off, WriteKind::L2)?;
             }
             self.l2.mark_clean(*off);
         }

@@ -435,16 +435,14 @@ impl Image {
         }
         let generation = self.view.generation();
         let (slice, _) = self.view.slice_of(off, guest.l2_index(&self.geo));
-        let t = read::read_l2_slice(self, slice)?;
-        let Some(t) = t else {
-            return Ok(false); // past the end of the file: the slow path reads it as zeros
-        };
-        let mut m = self.lock_meta();
-        // The L1 entry may have moved on (copy-on-write of a shared table) meanwhile.
-        if self.view.l1_entry(l1_index) != Some(e) {
-            return Ok(false);
-        }
-        m.install_l2(&self.file, l1_index, s, t, generation)
+        read::with_l2_slice(self, slice, |raw| {
+            let mut m = self.lock_meta();
+            // The L1 entry may have moved on (copy-on-write of a shared table) meanwhile.
+            if self.view.l1_entry(l1_index) != Some(e) {
+                return Ok(false);
+            }
+            m.install_l2(&self.file, (l1_index, s), slice, raw, generation)
+        })
     }
 
     /// The current overlap-check mode.

@@ -1,14 +1,12 @@
 //! The read path: map a guest range to host segments (lock-free when the L2 table is cached,
 //! under the metadata lock otherwise), then do the I/O with no lock held.
 
-use super::mapview::L2Table;
 use super::{compress, Image};
 use crate::error::Result;
 use crate::format::entry::{Mapping, SubclusterState};
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crate::options::{Extent, EXTENT_ALLOCATED, EXTENT_BACKING, EXTENT_COMPRESSED, EXTENT_ZERO};
 use std::cell::RefCell;
-use std::sync::Arc;
 
 /// Where the bytes of one guest segment come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,10 +210,15 @@ fn read_segment(img: &Image, out: &mut [u8], guest: GuestOffset, source: Source)
     }
 }
 
-/// Reads the L2 slice at host offset `slice` for the lock-free view (no lock held); None
-/// when it lies wholly past the end of the file (the caller leaves it to the slow path). A
-/// slice that straddles the end reads as zeros past it, as in QEMU.
-pub(super) fn read_l2_slice(img: &Image, slice: HostOffset) -> Result<Option<Arc<L2Table>>> {
+/// Reads the L2 slice at host offset `slice` for the lock-free view (no lock held) and hands
+/// its bytes to `install`; false without calling it when the slice lies wholly past the end
+/// of the file (the caller leaves it to the slow path). A slice that straddles the end reads
+/// as zeros past it, as in QEMU.
+pub(super) fn with_l2_slice(
+    img: &Image,
+    slice: HostOffset,
+    install: impl FnOnce(&[u8]) -> Result<bool>,
+) -> Result<bool> {
     thread_local! {
         /// One slice buffer per thread: a miss then costs no allocation for the raw bytes.
         static RAW: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -228,10 +231,10 @@ pub(super) fn read_l2_slice(img: &Image, slice: HostOffset) -> Result<Option<Arc
         raw.resize(len, 0);
         let n = img.file.read_some(raw, slice, "L2 table")?;
         if n == 0 {
-            return Ok(None);
+            return Ok(false);
         }
         raw[n..].fill(0);
-        Ok(Some(L2Table::from_be_bytes(slice, raw)))
+        install(raw)
     };
     if len > KEEP {
         return read(&mut Vec::new());

@@ -7,20 +7,16 @@
 //! published there, so readers check the slice's own key (its host offset) against the one
 //! the current L1 entry gives: a slot left over from the table the entry pointed at before is
 //! never used. Every published slice is also in the metadata cache, which unpublishes it when
-//! it evicts or drops it (the `published` index finds its slot), so the directory never
-//! holds more than the cache does.
+//! it evicts or drops it (the slice records its own slot, [`L2Table::home`]), so the
+//! directory never holds more than the cache does.
 //!
 //! Memory: 4 bytes per L1 entry up to the highest one with a published slice, 8 bytes per
 //! slot of each table with a published slice (a table has cluster size / slice size slots:
-//! 128 bytes per table at 64 KiB clusters and 4 KiB slices), about 24 bytes per published
-//! slice for the index; at most `max_blocks` tables at once (a table beyond that is not
-//! published and its readers take the metadata mutex), and everything is given back when the
-//! last slice is unpublished.
+//! 128 bytes per table at 64 KiB clusters and 4 KiB slices); at most `max_blocks` tables at
+//! once (a table beyond that is not published and its readers take the metadata mutex), and
+//! everything is given back when the last slice is unpublished.
 
 use super::mapview::L2Table;
-use crate::format::HostOffset;
-use crate::storage::guard::U64BuildHasher;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Published slices (see the module comment). Callers serialise changes (the view's write
@@ -39,8 +35,8 @@ pub struct SliceDir {
     blocks: Vec<(u32, u32)>,
     /// Blocks no L1 index owns.
     free: Vec<u32>,
-    /// Where each published slice sits: key -> (L1 index, slice index).
-    published: HashMap<HostOffset, (u32, u32), U64BuildHasher>,
+    /// Number of published slices.
+    published: usize,
 }
 
 impl SliceDir {
@@ -56,7 +52,7 @@ impl SliceDir {
             arena: Vec::new(),
             blocks: Vec::new(),
             free: Vec::new(),
-            published: HashMap::default(),
+            published: 0,
         }
     }
 
@@ -71,70 +67,65 @@ impl SliceDir {
         self.arena.get((b - 1) * self.per_table + slice)?.as_ref()
     }
 
-    /// Whether the slice at `key` is published (anywhere).
-    pub fn is_published(&self, key: HostOffset) -> bool {
-        self.published.contains_key(&key)
-    }
-
     /// Number of published slices.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.published.len()
+        self.published
     }
 
-    /// Publishes `t` (whose key is the host offset of slice `slice` of the table under L1
-    /// entry `l1`) for readers; replaces the slot's occupant and moves the slice if it was
-    /// published elsewhere. Returns false (nothing published) when every block is in use
-    /// and `l1` has none.
+    /// Publishes `t` (slice `slice` of the table under L1 entry `l1`) for readers; replaces
+    /// the slot's occupant and moves the slice if it was published elsewhere. Returns false
+    /// (nothing published) when every block is in use and `l1` has none.
     pub fn publish(&mut self, l1: usize, slice: usize, t: &Arc<L2Table>) -> bool {
-        let key = t.key();
         if slice >= self.per_table || l1 >= u32::MAX as usize {
             return false;
         }
-        match self.published.get(&key) {
-            Some(&at) if at == (l1 as u32, slice as u32) => {
-                if let Some(slot) = self.slot_mut(l1, slice) {
-                    *slot = Some(Arc::clone(t));
-                }
-                return true;
-            }
-            Some(_) => self.unpublish(key),
+        match t.home() {
+            Some(at) if at == (l1, slice) => return true,
+            Some(_) => self.unpublish(t),
             None => {}
         }
         let Some(block) = self.block_of(l1) else {
             return false;
         };
-        let i = block * self.per_table + slice;
-        match self.arena[i].replace(Arc::clone(t)) {
-            Some(old) => {
-                self.published.remove(&old.key());
+        match self.arena[block * self.per_table + slice].replace(Arc::clone(t)) {
+            Some(old) => old.set_home(None),
+            None => {
+                self.blocks[block].1 += 1;
+                self.published += 1;
             }
-            None => self.blocks[block].1 += 1,
         }
-        self.published.insert(key, (l1 as u32, slice as u32));
+        t.set_home(Some((l1, slice)));
         true
     }
 
-    /// Withdraws the slice at `key`, if published; a block left empty goes back to the free
-    /// list, and an empty directory gives its memory back.
-    pub fn unpublish(&mut self, key: HostOffset) {
-        let Some((l1, slice)) = self.published.remove(&key) else {
+    /// Withdraws `t`, if published; a block left empty goes back to the free list, and an
+    /// empty directory gives its memory back.
+    pub fn unpublish(&mut self, t: &Arc<L2Table>) {
+        let Some((l1, slice)) = t.home() else {
             return;
         };
-        let Some(b) = self.bases.get(l1 as usize).map(|&b| b as usize) else {
-            return;
-        };
+        t.set_home(None);
+        let b = self.bases.get(l1).map_or(0, |&b| b as usize);
         if b == 0 {
             return;
         }
-        let block = b - 1;
-        self.arena[block * self.per_table + slice as usize] = None;
-        let n = &mut self.blocks[block].1;
+        let Some(slot) = self.arena.get_mut((b - 1) * self.per_table + slice) else {
+            return;
+        };
+        // The slot is the slice's own (its home says so); check anyway rather than drop
+        // another slice.
+        if !slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, t)) {
+            return;
+        }
+        *slot = None;
+        self.published -= 1;
+        let n = &mut self.blocks[b - 1].1;
         *n -= 1;
         if *n == 0 {
-            self.bases[l1 as usize] = 0;
-            self.free.push(block as u32);
-            if self.published.is_empty() {
+            self.bases[l1] = 0;
+            self.free.push(b as u32 - 1);
+            if self.published == 0 {
                 self.clear();
             }
         }
@@ -142,15 +133,10 @@ impl SliceDir {
 
     /// Withdraws everything and gives the memory back.
     pub fn clear(&mut self) {
-        *self = SliceDir::new(self.per_table, self.max_blocks);
-    }
-
-    fn slot_mut(&mut self, l1: usize, slice: usize) -> Option<&mut Option<Arc<L2Table>>> {
-        let b = *self.bases.get(l1)? as usize;
-        if b == 0 {
-            return None;
+        for t in self.arena.iter().flatten() {
+            t.set_home(None);
         }
-        self.arena.get_mut((b - 1) * self.per_table + slice)
+        *self = SliceDir::new(self.per_table, self.max_blocks);
     }
 
     /// The block of `l1`, taking a free one (or growing the arena) if it has none.
@@ -182,13 +168,14 @@ impl SliceDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::HostOffset;
 
     fn slice(key: u64) -> Arc<L2Table> {
         L2Table::new(HostOffset::new(key), vec![key; 4])
     }
 
     #[test]
-    fn slices_are_found_by_l1_and_slice_index_and_withdrawn_by_key() {
+    fn slices_are_found_by_l1_and_slice_index_and_withdrawn_by_their_home() {
         let mut d = SliceDir::new(4, 8);
         let a = slice(0x1_0000);
         let b = slice(0x1_0200);
@@ -197,13 +184,15 @@ mod tests {
         assert!(d.publish(2, 3, &slice(0x9_0600)));
         assert!(Arc::ptr_eq(d.get(7, 0).expect("a"), &a));
         assert!(Arc::ptr_eq(d.get(7, 1).expect("b"), &b));
+        assert_eq!(b.home(), Some((7, 1)));
         assert!(d.get(7, 2).is_none());
         assert!(d.get(3, 0).is_none(), "an L1 index without a block");
         assert!(d.get(7, 4).is_none(), "past the slices of a table");
-        d.unpublish(HostOffset::new(0x1_0000));
+        d.unpublish(&a);
         assert!(d.get(7, 0).is_none());
-        assert!(!d.is_published(HostOffset::new(0x1_0000)));
-        assert_eq!(d.len(), 2);
+        assert_eq!(a.home(), None);
+        d.unpublish(&a);
+        assert_eq!(d.len(), 2, "withdrawing twice changes nothing");
     }
 
     #[test]
@@ -215,7 +204,12 @@ mod tests {
         // old one is no longer published anywhere.
         let new = slice(0x5_0000);
         assert!(d.publish(1, 0, &new));
-        assert!(!d.is_published(old.key()));
+        assert_eq!(old.home(), None);
+        d.unpublish(&old);
+        assert!(
+            Arc::ptr_eq(d.get(1, 0).expect("new"), &new),
+            "not the old one's slot"
+        );
         // The same slice reached through another L1 entry (a corrupt image) moves.
         assert!(d.publish(3, 0, &new));
         assert!(d.get(1, 0).is_none());
@@ -226,15 +220,20 @@ mod tests {
     #[test]
     fn blocks_are_bounded_reused_and_released() {
         let mut d = SliceDir::new(2, 2);
-        assert!(d.publish(0, 0, &slice(0x1000)));
-        assert!(d.publish(5, 1, &slice(0x5200)));
-        assert!(!d.publish(9, 0, &slice(0x9000)), "no third block");
-        assert!(d.publish(5, 0, &slice(0x5000)), "a block already owned");
-        d.unpublish(HostOffset::new(0x1000));
-        assert!(d.publish(9, 0, &slice(0x9000)), "the freed block is reused");
+        let s: Vec<Arc<L2Table>> = [0x1000, 0x5200, 0x9000, 0x5000]
+            .into_iter()
+            .map(slice)
+            .collect();
+        assert!(d.publish(0, 0, &s[0]));
+        assert!(d.publish(5, 1, &s[1]));
+        assert!(!d.publish(9, 0, &s[2]), "no third block");
+        assert_eq!(s[2].home(), None);
+        assert!(d.publish(5, 0, &s[3]), "a block already owned");
+        d.unpublish(&s[0]);
+        assert!(d.publish(9, 0, &s[2]), "the freed block is reused");
         assert!(d.get(0, 0).is_none());
-        for k in [0x5000, 0x5200, 0x9000] {
-            d.unpublish(HostOffset::new(k));
+        for t in &s[1..] {
+            d.unpublish(t);
         }
         assert_eq!(d.len(), 0);
         assert!(
