@@ -27,6 +27,23 @@ pub const DEFAULT_CLEAN_INTERVAL: Duration = Duration::from_secs(600);
 /// Most slices one cache holds, whatever is asked: bounds the bookkeeping.
 const MAX_SLICES: u64 = 1 << 20;
 
+/// Requests of one thread between two checks of whether an idle clean is due: reading the
+/// clock costs about as much as a small request's whole engine overhead, so it is sampled.
+const TICK_REQUESTS: u32 = 256;
+
+/// Counts a request of the calling thread; true every [`TICK_REQUESTS`] requests, when the
+/// caller checks whether an idle clean is due.
+pub fn tick() -> bool {
+    thread_local! {
+        static REQUESTS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    REQUESTS.with(|n| {
+        let v = n.get().wrapping_add(1);
+        n.set(v);
+        v % TICK_REQUESTS == 0
+    })
+}
+
 /// The metadata cache sizes of one open image, resolved from [`crate::OpenOptions`]
 /// against its geometry and virtual size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,8 +54,12 @@ pub struct CacheConfig {
     pub l2_slices: usize,
     /// Slices the refcount cache holds (at least 2).
     pub refcount_slices: usize,
-    /// Entries unused for this long are dropped at the next miss or flush (None: never).
+    /// Entries unused for this long are dropped at the next miss, flush or periodic check
+    /// (None: never).
     pub clean_interval: Option<Duration>,
+    /// The L2 size is the default cover of the image (nobody asked for a size): it grows
+    /// with the image (resize).
+    pub l2_cover: bool,
 }
 
 impl CacheConfig {
@@ -69,29 +90,45 @@ impl CacheConfig {
                 "L2 cache entry size must be a power of two between {MIN_SLICE_BYTES} and the cluster size ({cs})"
             )));
         }
-        let entry = if geo.extended_l2 { 16 } else { 8 };
-        let cover = virtual_size
-            .div_ceil(cs)
-            .saturating_mul(entry)
-            .min(DEFAULT_MAX_L2_BYTES);
         let l2 = match l2_bytes {
-            0 => env_bytes("OXCOW_L2_CACHE_SIZE", cs).unwrap_or(cover),
-            b => b,
+            0 => env_bytes("OXCOW_L2_CACHE_SIZE", cs),
+            b => Some(b),
         };
+        let l2_cover = l2.is_none();
+        let l2 = l2.unwrap_or_else(|| l2_cover_bytes(geo, virtual_size));
         let rc = match refcount_bytes {
             0 => {
                 env_bytes("OXCOW_REFCOUNT_CACHE_SIZE", cs).unwrap_or(DEFAULT_REFCOUNT_CLUSTERS * cs)
             }
             b => b,
         };
-        let slices = |bytes: u64| (bytes / slice).clamp(2, MAX_SLICES) as usize;
         Ok(CacheConfig {
             slice_bytes: slice,
-            l2_slices: slices(l2),
-            refcount_slices: slices(rc),
+            l2_slices: slices(l2, slice),
+            refcount_slices: slices(rc, slice),
             clean_interval: clean_interval.filter(|d| !d.is_zero()),
+            l2_cover,
         })
     }
+
+    /// The L2 slices the default cover needs for an image of `virtual_size` (a resize).
+    pub fn cover_slices(&self, geo: &Geometry, virtual_size: u64) -> usize {
+        slices(l2_cover_bytes(geo, virtual_size), self.slice_bytes)
+    }
+}
+
+/// Slices of `slice` bytes in a cache of `bytes` (at least two, at most [`MAX_SLICES`]).
+fn slices(bytes: u64, slice: u64) -> usize {
+    (bytes / slice).clamp(2, MAX_SLICES) as usize
+}
+
+/// QEMU's default L2 cache: enough to map the whole image, at most [`DEFAULT_MAX_L2_BYTES`].
+fn l2_cover_bytes(geo: &Geometry, virtual_size: u64) -> u64 {
+    let entry = if geo.extended_l2 { 16 } else { 8 };
+    virtual_size
+        .div_ceil(geo.cluster_size())
+        .saturating_mul(entry)
+        .min(DEFAULT_MAX_L2_BYTES)
 }
 
 /// A byte count from the environment ("cluster" = `cluster`), for the test suites' overrides.
@@ -183,6 +220,11 @@ impl<T> TableCache<T> {
         let s = self.slot_mut(offset)?;
         s.dirty = true;
         Some(&mut s.data)
+    }
+
+    /// Raises the number of slices the cache may hold (a grown image).
+    pub fn grow_capacity(&mut self, capacity: usize) {
+        self.capacity = self.capacity.max(capacity);
     }
 
     /// Whether inserting another slice needs an eviction first.

@@ -213,8 +213,13 @@ pub struct MapView {
     /// Bumped whenever a table's on-disk contents change (write-back), so that a table read
     /// from disk without the mutex can be checked for staleness before it is installed.
     generation: AtomicU64,
-    /// The handle's cache sizes (fixed for its life).
+    /// The handle's cache sizes (fixed for its life but for `l2_slices`, which grows with
+    /// the image when it is the default cover).
     cache: CacheConfig,
+    /// The L2 cache's current number of slices.
+    l2_slices: AtomicUsize,
+    /// Slices per table (slots per directory block).
+    per_table: usize,
     /// log2 of L2 entries per slice.
     per_slice_shift: u32,
     /// log2 of the slice size.
@@ -238,6 +243,8 @@ impl MapView {
             dir: ShardedLock::new(SliceDir::new(per_table, max_blocks(&cache, per_table))),
             generation: AtomicU64::new(0),
             cache,
+            l2_slices: AtomicUsize::new(cache.l2_slices),
+            per_table,
             per_slice_shift,
             slice_shift,
         };
@@ -247,7 +254,21 @@ impl MapView {
 
     /// The handle's cache sizes.
     pub fn cache(&self) -> CacheConfig {
-        self.cache
+        CacheConfig {
+            l2_slices: self.l2_slices.load(Ordering::Relaxed),
+            ..self.cache
+        }
+    }
+
+    /// Records a larger L2 cache (a grown image; callers hold the metadata mutex) and lets
+    /// the slice directory hold as many more tables.
+    pub fn grow_l2_slices(&self, n: usize) {
+        self.l2_slices.store(n, Ordering::Relaxed);
+        let max = max_blocks(&self.cache(), self.per_table);
+        self.dir
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .grow_max_blocks(max);
     }
 
     /// Where entry `index` of the L2 table at `table` is cached: the slice's host offset
@@ -437,6 +458,7 @@ mod tests {
             l2_slices: 16,
             refcount_slices: 4,
             clean_interval: None,
+            l2_cover: true,
         }
     }
 

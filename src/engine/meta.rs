@@ -26,6 +26,8 @@ pub struct Meta {
     l2: TableCache<Arc<L2Table>>,
     /// When idle cache entries were last dropped (see [`CacheConfig::clean_interval`]).
     last_clean: Instant,
+    /// An idle clean ran and the image has not released its tracker pages since.
+    tracker_idle: bool,
     /// Refcount structures and allocator.
     pub rc: Refcounts,
     /// Host byte ranges whose clusters lose one reference once the metadata change that
@@ -231,6 +233,7 @@ impl Meta {
             l1_dirty: BTreeSet::new(),
             l2: TableCache::new(cache.l2_slices),
             last_clean: Instant::now(),
+            tracker_idle: false,
             rc,
             deferred_frees: Vec::new(),
             compressed_tail: None,
@@ -356,21 +359,47 @@ impl Meta {
         Ok(words)
     }
 
+    /// Lets the L2 cache grow to the default cover of an image of `virtual_size` (a resize),
+    /// unless the caller chose its size.
+    pub fn fit_l2_cache(&mut self, virtual_size: u64) {
+        let c = self.view.cache();
+        let n = c.cover_slices(&self.geo, virtual_size);
+        if c.l2_cover && n > c.l2_slices {
+            self.l2.grow_capacity(n);
+            self.view.grow_l2_slices(n);
+        }
+    }
+
     /// Drops idle cache entries when the clean interval has passed (QEMU's
-    /// cache-clean-interval): called on cache misses and flushes, so an idle handle gives its
-    /// cache memory back at its next miss or flush and no timer thread is needed.
-    fn clean_if_due(&mut self) {
+    /// cache-clean-interval): called on cache misses and flushes, and every few hundred
+    /// requests (see `Image::idle_tick`), so an idle handle gives its cache memory back at its
+    /// next request and no timer thread is needed. Returns whether it cleaned.
+    pub fn clean_if_due(&mut self) -> bool {
         let Some(every) = self.view.cache().clean_interval else {
-            return;
+            return false;
         };
         if self.last_clean.elapsed() < every {
-            return;
+            return false;
         }
         self.last_clean = Instant::now();
+        self.tracker_idle = true;
         for t in self.l2.clean_idle(|t| t.take_referenced()) {
             self.view.unpublish(&t);
         }
         self.rc.clean_idle();
+        true
+    }
+
+    /// Whether the L2 slice at `slice` is cached (tests).
+    #[cfg(test)]
+    pub fn l2_cached(&self, slice: HostOffset) -> bool {
+        self.l2.contains(slice)
+    }
+
+    /// Whether an idle clean ran since the last call (the image then releases the in-flight
+    /// tracker's idle pages too).
+    pub fn take_tracker_idle(&mut self) -> bool {
+        std::mem::take(&mut self.tracker_idle)
     }
 
     /// Installs and publishes the L2 slice at `key` that a reader read from disk as `raw`

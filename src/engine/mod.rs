@@ -8,6 +8,8 @@ mod amend_zero;
 mod backing;
 pub mod bitmap;
 mod cache;
+#[cfg(test)]
+mod cache_tests;
 pub mod check;
 pub mod commit;
 #[cfg(test)]
@@ -374,6 +376,7 @@ impl Image {
     }
 
     fn check_usable(&self) -> Result<()> {
+        self.idle_tick();
         if self.io.is_fenced() {
             return Err(Error::new(
                 ErrorKind::Fenced,
@@ -384,6 +387,24 @@ impl Image {
             ));
         }
         Ok(())
+    }
+
+    /// Every few hundred requests of a thread: drops the cache entries (and the in-flight
+    /// tracker's pages) nobody used for the clean interval, if it has passed, so an idle
+    /// handle gives its memory back at its next requests without a timer thread. Never waits
+    /// for the metadata mutex (a busy one is tried again later).
+    fn idle_tick(&self) {
+        if !cache::tick() {
+            return;
+        }
+        let Ok(mut m) = self.meta.try_lock() else {
+            return;
+        };
+        let cleaned = m.clean_if_due() | m.take_tracker_idle();
+        drop(m);
+        if cleaned {
+            self.inflight.release_idle_pages();
+        }
     }
 
     fn check_writable(&self) -> Result<()> {

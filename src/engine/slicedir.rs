@@ -131,6 +131,12 @@ impl SliceDir {
         }
     }
 
+    /// Lets the directory hold up to `max_blocks` tables (never fewer than now).
+    pub fn grow_max_blocks(&mut self, max_blocks: usize) {
+        let cap = (u32::MAX as usize - 1) / self.per_table;
+        self.max_blocks = self.max_blocks.max(max_blocks.min(cap));
+    }
+
     /// Withdraws everything and gives the memory back.
     pub fn clear(&mut self) {
         for t in self.arena.iter().flatten() {
