@@ -166,6 +166,9 @@ fn map_segments(
 
 /// Reads `buf.len()` guest bytes at `offset` (range already checked).
 pub fn read(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+    if read_one_data_cluster(img, buf, offset)? {
+        return Ok(());
+    }
     let mut segments = SegBuf::new();
     let mut done = 0usize;
     let request_end = offset + buf.len() as u64;
@@ -186,6 +189,24 @@ pub fn read(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The common small request in one step: inside one cluster that the lock-free view maps to
+/// host data of the image file (no subclusters, no data file), read with one call and no
+/// segment list. False (nothing read) for anything else, which takes the general path.
+fn read_one_data_cluster(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<bool> {
+    let geo = &img.geo;
+    let start = offset.in_cluster(geo);
+    if geo.extended_l2 || geo.external_data || start + buf.len() as u64 > geo.cluster_size() {
+        return Ok(false);
+    }
+    match img.view.lookup(geo, img.version, offset) {
+        Some(Mapping::Data { host, .. }) => {
+            img.file.read_zero_padded(buf, host + start, "guest data")?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
 }
 
 fn read_segment(img: &Image, out: &mut [u8], guest: GuestOffset, source: Source) -> Result<()> {
