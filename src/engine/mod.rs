@@ -8,7 +8,7 @@ mod amend_zero;
 mod backing;
 pub mod bitmap;
 mod cache;
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod cache_tests;
 pub mod check;
 pub mod commit;
