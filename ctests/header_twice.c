@@ -8,8 +8,9 @@
 STATIC_ASSERT(create_options_size, sizeof(oxcow_create_options) == 56);
 STATIC_ASSERT(create_options_data_file, offsetof(oxcow_create_options, data_file) == 48);
 STATIC_ASSERT(create_options_backing, offsetof(oxcow_create_options, backing_file) == 32);
-STATIC_ASSERT(open_options_size, sizeof(oxcow_open_options) == 40);
+STATIC_ASSERT(open_options_size, sizeof(oxcow_open_options) == 48);
 STATIC_ASSERT(open_options_v3, offsetof(oxcow_open_options, refcount_cache_size) == 24);
+STATIC_ASSERT(open_options_v4, offsetof(oxcow_open_options, cache_clean_interval) == 40);
 STATIC_ASSERT(snapshot_info_size, sizeof(oxcow_snapshot_info) == 432);
 STATIC_ASSERT(info_size, sizeof(oxcow_info) == 48 + 1024 + 32);
 STATIC_ASSERT(info_backing, offsetof(oxcow_info, backing_file) == 48);

@@ -665,6 +665,7 @@ static void test_open_options(void) {
     CHECK_EQ(oo.struct_size, sizeof oo);
     CHECK_EQ(oo.refcount_cache_size, 0);
     CHECK_EQ(oo.l2_slice_size, 0);
+    CHECK_EQ(oo.cache_clean_interval, 0);
     oo.cache_size = 4 * MiB;
     CHECK_EQ(oxcow_open(path, OXCOW_OPEN_RDWR, &oo, &img, NULL), 0);
     CHECK(img != NULL);
@@ -691,6 +692,21 @@ static void test_open_options(void) {
     CHECK(img == NULL);
     /* A version-2 caller: the bad slice size past its struct_size is never read. */
     oo.struct_size = 24;
+    CHECK_EQ(oxcow_open(path, 0, &oo, &img, NULL), 0);
+    CHECK(img != NULL);
+    CHECK_EQ(oxcow_close(img), 0);
+
+    /* Version 4: idle cache entries dropped after 1 s, or never; data unchanged either way. */
+    oxcow_open_options_init(&oo);
+    oo.cache_clean_interval = 1;
+    img = NULL;
+    CHECK_EQ(oxcow_open(path, 0, &oo, &img, NULL), 0);
+    REQUIRE(img != NULL);
+    CHECK_EQ(oxcow_pread(img, back, sizeof back, 512 * 1024), 0);
+    CHECK(memcmp(buf, back, sizeof buf) == 0);
+    CHECK_EQ(oxcow_close(img), 0);
+    oo.cache_clean_interval = OXCOW_CACHE_CLEAN_NEVER;
+    img = NULL;
     CHECK_EQ(oxcow_open(path, 0, &oo, &img, NULL), 0);
     CHECK(img != NULL);
     CHECK_EQ(oxcow_close(img), 0);

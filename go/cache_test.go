@@ -5,6 +5,7 @@ import (
 	"errors"
 	"syscall"
 	"testing"
+	"time"
 
 	"oxcow.dev/oxcow"
 )
@@ -42,5 +43,31 @@ func TestBadSliceSizeIsRefused(t *testing.T) {
 	_, err := oxcow.Open(path, &oxcow.OpenOptions{L2SliceSize: 1000})
 	if !errors.Is(err, syscall.EINVAL) {
 		t.Fatalf("Open with L2SliceSize 1000: %v, want EINVAL", err)
+	}
+}
+
+// CacheCleanInterval is accepted whatever its value (default, one second, never) and idle
+// cleaning never changes what is read.
+func TestCacheCleanIntervalKeepsData(t *testing.T) {
+	path := newImage(t, 4*miB, nil)
+	img := mustOpen(t, path, &oxcow.OpenOptions{Writable: true})
+	if _, err := img.WriteAt(pattern(3, miB, 4096), miB); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []time.Duration{0, time.Millisecond, -1} {
+		img := mustOpen(t, path, &oxcow.OpenOptions{CacheCleanInterval: d})
+		got := make([]byte, 4096)
+		if _, err := img.ReadAt(got, miB); err != nil {
+			t.Fatalf("interval %v: ReadAt: %v", d, err)
+		}
+		if !bytes.Equal(got, pattern(3, miB, 4096)) {
+			t.Fatalf("interval %v: %s", d, firstDiff(got, pattern(3, miB, 4096)))
+		}
+		if err := img.Close(); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

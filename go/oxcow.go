@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"oxcow.dev/oxcow/internal/capi"
 )
@@ -129,6 +130,11 @@ type OpenOptions struct {
 	// l2-cache-entry-size); 0 means 4 KiB. Otherwise a power of two from 512 up to the
 	// cluster size (EINVAL).
 	L2SliceSize uint64
+	// CacheCleanInterval drops cache entries nobody used for this long, so an idle handle
+	// gives its cache memory back (qemu's cache-clean-interval; checked at cache misses,
+	// flushes and every few hundred requests). 0 means the default (600 s), a negative value
+	// never drops them; otherwise rounded up to whole seconds.
+	CacheCleanInterval time.Duration
 	// Snapshot, when not empty, opens a read-only view of the internal snapshot with this
 	// id, else this name (like qemu-img convert -l); EINVAL with Writable, ENOENT when
 	// there is no such snapshot.
@@ -188,13 +194,26 @@ type Image struct {
 	eventHandles []cgo.Handle
 }
 
+// cleanSeconds is oxcow_open_options.cache_clean_interval for d (see CacheCleanInterval).
+func cleanSeconds(d time.Duration) uint64 {
+	switch {
+	case d < 0:
+		return capi.CacheCleanNever
+	case d == 0:
+		return 0
+	default:
+		return uint64((d + time.Second - 1) / time.Second)
+	}
+}
+
 // Open opens the image at path.
 func Open(path string, opts *OpenOptions) (*Image, error) {
 	flags := opts.flags()
 	var caches capi.CacheSizes
 	var snapshot string
 	if opts != nil {
-		caches = capi.CacheSizes{L2: opts.CacheSize, Refcount: opts.RefcountCacheSize, Slice: opts.L2SliceSize}
+		caches = capi.CacheSizes{L2: opts.CacheSize, Refcount: opts.RefcountCacheSize, Slice: opts.L2SliceSize,
+			CleanInterval: cleanSeconds(opts.CacheCleanInterval)}
 		snapshot = opts.Snapshot
 	}
 	h, cerr := capi.OpenWithCaches(path, flags, caches, snapshot)

@@ -278,6 +278,11 @@
 #define OXCOW_INFO_BACKING_FORMAT_LEN 32
 
 /**
+ * oxcow_open_options.cache_clean_interval: never drop idle cache entries.
+ */
+#define OXCOW_CACHE_CLEAN_NEVER UINT64_MAX
+
+/**
  * Overlap-check mode: the default (OXCOW_OVERLAP_ALL).
  */
 #define OXCOW_OVERLAP_DEFAULT 0u
@@ -635,6 +640,13 @@ typedef struct oxcow_open_options {
      * smaller). Otherwise a power of two from 512 up to the cluster size (-EINVAL at open).
      */
     uint64_t l2_slice_size;
+    /**
+     * Version 4: seconds after which cache entries nobody used are dropped, so an idle
+     * handle gives its cache memory back (qemu's cache-clean-interval; checked at cache
+     * misses, flushes and every few hundred requests, no timer thread); 0 means the default
+     * (600), OXCOW_CACHE_CLEAN_NEVER keeps entries until evicted.
+     */
+    uint64_t cache_clean_interval;
 } oxcow_open_options;
 
 /**

@@ -138,6 +138,16 @@ pub(super) fn check_iov(iov: &[libc::iovec]) -> CResult<()> {
     Ok(())
 }
 
+/// The engine's idle-clean setting for oxcow_open_options.cache_clean_interval (seconds; 0 =
+/// default, OXCOW_CACHE_CLEAN_NEVER = never).
+fn clean_interval(secs: u64) -> Option<std::time::Duration> {
+    match secs {
+        0 => None,
+        OXCOW_CACHE_CLEAN_NEVER => Some(std::time::Duration::ZERO),
+        s => Some(std::time::Duration::from_secs(s)),
+    }
+}
+
 /// Opens the image at `path`. `flags` is a combination of OXCOW_OPEN_* (without
 /// OXCOW_OPEN_RDWR the image is read-only and no byte is ever written to any file). `opts` may
 /// be NULL; otherwise it must have been initialised with oxcow_open_options_init(). On success
@@ -175,6 +185,7 @@ pub unsafe extern "C" fn oxcow_open(
             OPEN_OPTIONS_V1_SIZE as usize,
             OPEN_OPTIONS_V2_SIZE as usize,
             OPEN_OPTIONS_V3_SIZE as usize,
+            OPEN_OPTIONS_V4_SIZE as usize,
         ];
         let defaults = oxcow_open_options::defaults();
         // SAFETY: `opts` is NULL or an initialised struct per the contract.
@@ -185,6 +196,7 @@ pub unsafe extern "C" fn oxcow_open(
             ropts.l2_cache_size = o.cache_size;
             ropts.refcount_cache_size = o.refcount_cache_size;
             ropts.l2_slice_size = o.l2_slice_size;
+            ropts.cache_clean_interval = clean_interval(o.cache_clean_interval);
             // SAFETY: NULL or NUL-terminated per the contract (version 2 field).
             ropts.snapshot = unsafe { super::snapshot::c_key_opt(o.snapshot) }?;
         }

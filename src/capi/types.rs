@@ -146,7 +146,15 @@ pub struct oxcow_open_options {
     /// qemu's l2-cache-entry-size); 0 means the default, 4 KiB (the cluster size when
     /// smaller). Otherwise a power of two from 512 up to the cluster size (-EINVAL at open).
     pub l2_slice_size: u64,
+    /// Version 4: seconds after which cache entries nobody used are dropped, so an idle
+    /// handle gives its cache memory back (qemu's cache-clean-interval; checked at cache
+    /// misses, flushes and every few hundred requests, no timer thread); 0 means the default
+    /// (600), OXCOW_CACHE_CLEAN_NEVER keeps entries until evicted.
+    pub cache_clean_interval: u64,
 }
+
+/// oxcow_open_options.cache_clean_interval: never drop idle cache entries.
+pub const OXCOW_CACHE_CLEAN_NEVER: u64 = u64::MAX;
 
 /// Overlap-check mode: the default (OXCOW_OVERLAP_ALL).
 pub const OXCOW_OVERLAP_DEFAULT: u32 = 0u32;
@@ -278,7 +286,10 @@ pub(crate) const OPEN_OPTIONS_V1_SIZE: u32 =
 /// Version 2 of oxcow_open_options ends before `refcount_cache_size`.
 pub(crate) const OPEN_OPTIONS_V2_SIZE: u32 =
     std::mem::offset_of!(oxcow_open_options, refcount_cache_size) as u32;
-pub(crate) const OPEN_OPTIONS_V3_SIZE: u32 = size_of::<oxcow_open_options>() as u32;
+/// Version 3 of oxcow_open_options ends before `cache_clean_interval`.
+pub(crate) const OPEN_OPTIONS_V3_SIZE: u32 =
+    std::mem::offset_of!(oxcow_open_options, cache_clean_interval) as u32;
+pub(crate) const OPEN_OPTIONS_V4_SIZE: u32 = size_of::<oxcow_open_options>() as u32;
 pub(crate) const INFO_V1_SIZE: u32 = size_of::<oxcow_info>() as u32;
 pub(crate) const CHECK_RESULT_V1_SIZE: u32 = size_of::<oxcow_check_result>() as u32;
 
@@ -305,12 +316,13 @@ impl oxcow_open_options {
     /// The defaults oxcow_open_options_init() writes.
     pub(crate) fn defaults() -> oxcow_open_options {
         oxcow_open_options {
-            struct_size: OPEN_OPTIONS_V3_SIZE,
+            struct_size: OPEN_OPTIONS_V4_SIZE,
             overlap_check: OXCOW_OVERLAP_DEFAULT,
             cache_size: 0,
             snapshot: std::ptr::null(),
             refcount_cache_size: 0,
             l2_slice_size: 0,
+            cache_clean_interval: 0,
         }
     }
 }
@@ -399,9 +411,10 @@ mod tests {
         assert_eq!(size_of::<oxcow_create_options>(), 56);
         assert_eq!(CREATE_OPTIONS_V1_SIZE, 48);
         assert_eq!(offset_of!(oxcow_create_options, backing_file), 32);
-        assert_eq!(size_of::<oxcow_open_options>(), 40);
+        assert_eq!(size_of::<oxcow_open_options>(), 48);
         assert_eq!(OPEN_OPTIONS_V1_SIZE, 16);
         assert_eq!(OPEN_OPTIONS_V2_SIZE, 24);
+        assert_eq!(OPEN_OPTIONS_V3_SIZE, 40);
         assert_eq!(size_of::<oxcow_snapshot_info>(), 432);
         assert_eq!(offset_of!(oxcow_snapshot_info, date_sec), 384);
         assert_eq!(size_of::<oxcow_info>(), 48 + 1024 + 32);

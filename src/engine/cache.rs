@@ -8,6 +8,7 @@
 //! small read per slice instead of a whole table.
 
 use crate::format::{Geometry, HostOffset};
+use crate::storage::guard::U64BuildHasher;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -26,6 +27,23 @@ pub const DEFAULT_CLEAN_INTERVAL: Duration = Duration::from_secs(600);
 /// Most slices one cache holds, whatever is asked: bounds the bookkeeping.
 const MAX_SLICES: u64 = 1 << 20;
 
+/// Requests of one thread between two checks of whether an idle clean is due: reading the
+/// clock costs about as much as a small request's whole engine overhead, so it is sampled.
+const TICK_REQUESTS: u32 = 256;
+
+/// Counts a request of the calling thread; true every [`TICK_REQUESTS`] requests, when the
+/// caller checks whether an idle clean is due.
+pub fn tick() -> bool {
+    thread_local! {
+        static REQUESTS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    REQUESTS.with(|n| {
+        let v = n.get().wrapping_add(1);
+        n.set(v);
+        v % TICK_REQUESTS == 0
+    })
+}
+
 /// The metadata cache sizes of one open image, resolved from [`crate::OpenOptions`]
 /// against its geometry and virtual size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,8 +54,12 @@ pub struct CacheConfig {
     pub l2_slices: usize,
     /// Slices the refcount cache holds (at least 2).
     pub refcount_slices: usize,
-    /// Entries unused for this long are dropped at the next miss or flush (None: never).
+    /// Entries unused for this long are dropped at the next miss, flush or periodic check
+    /// (None: never).
     pub clean_interval: Option<Duration>,
+    /// The L2 size is the default cover of the image (nobody asked for a size): it grows
+    /// with the image (resize).
+    pub l2_cover: bool,
 }
 
 impl CacheConfig {
@@ -68,29 +90,45 @@ impl CacheConfig {
                 "L2 cache entry size must be a power of two between {MIN_SLICE_BYTES} and the cluster size ({cs})"
             )));
         }
-        let entry = if geo.extended_l2 { 16 } else { 8 };
-        let cover = virtual_size
-            .div_ceil(cs)
-            .saturating_mul(entry)
-            .min(DEFAULT_MAX_L2_BYTES);
         let l2 = match l2_bytes {
-            0 => env_bytes("OXCOW_L2_CACHE_SIZE", cs).unwrap_or(cover),
-            b => b,
+            0 => env_bytes("OXCOW_L2_CACHE_SIZE", cs),
+            b => Some(b),
         };
+        let l2_cover = l2.is_none();
+        let l2 = l2.unwrap_or_else(|| l2_cover_bytes(geo, virtual_size));
         let rc = match refcount_bytes {
             0 => {
                 env_bytes("OXCOW_REFCOUNT_CACHE_SIZE", cs).unwrap_or(DEFAULT_REFCOUNT_CLUSTERS * cs)
             }
             b => b,
         };
-        let slices = |bytes: u64| (bytes / slice).clamp(2, MAX_SLICES) as usize;
         Ok(CacheConfig {
             slice_bytes: slice,
-            l2_slices: slices(l2),
-            refcount_slices: slices(rc),
+            l2_slices: slices(l2, slice),
+            refcount_slices: slices(rc, slice),
             clean_interval: clean_interval.filter(|d| !d.is_zero()),
+            l2_cover,
         })
     }
+
+    /// The L2 slices the default cover needs for an image of `virtual_size` (a resize).
+    pub fn cover_slices(&self, geo: &Geometry, virtual_size: u64) -> usize {
+        slices(l2_cover_bytes(geo, virtual_size), self.slice_bytes)
+    }
+}
+
+/// Slices of `slice` bytes in a cache of `bytes` (at least two, at most [`MAX_SLICES`]).
+fn slices(bytes: u64, slice: u64) -> usize {
+    (bytes / slice).clamp(2, MAX_SLICES) as usize
+}
+
+/// QEMU's default L2 cache: enough to map the whole image, at most [`DEFAULT_MAX_L2_BYTES`].
+fn l2_cover_bytes(geo: &Geometry, virtual_size: u64) -> u64 {
+    let entry = if geo.extended_l2 { 16 } else { 8 };
+    virtual_size
+        .div_ceil(geo.cluster_size())
+        .saturating_mul(entry)
+        .min(DEFAULT_MAX_L2_BYTES)
 }
 
 /// A byte count from the environment ("cluster" = `cluster`), for the test suites' overrides.
@@ -118,7 +156,9 @@ struct Slot<T> {
 /// thousands of slices is normal for a large image).
 pub struct TableCache<T> {
     slots: Vec<Slot<T>>,
-    index: HashMap<HostOffset, usize>,
+    /// Slot of each cached offset (keys are aligned offsets of the image's own tables: the
+    /// cheap multiplicative hash spreads them).
+    index: HashMap<HostOffset, usize, U64BuildHasher>,
     capacity: usize,
     /// Next slot the clock hand looks at.
     hand: usize,
@@ -136,7 +176,7 @@ impl<T> TableCache<T> {
     pub fn new(capacity: usize) -> TableCache<T> {
         TableCache {
             slots: Vec::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             capacity: capacity.max(2),
             hand: 0,
             clock: 0,
@@ -182,6 +222,11 @@ impl<T> TableCache<T> {
         Some(&mut s.data)
     }
 
+    /// Raises the number of slices the cache may hold (a grown image).
+    pub fn grow_capacity(&mut self, capacity: usize) {
+        self.capacity = self.capacity.max(capacity);
+    }
+
     /// Whether inserting another slice needs an eviction first.
     pub fn is_full(&self) -> bool {
         self.slots.len() >= self.capacity
@@ -195,12 +240,12 @@ impl<T> TableCache<T> {
 
     /// Evicts a clean slice chosen by CLOCK: a candidate used since the hand last passed
     /// (through this cache, or as `used(data)` reports for lock-free readers; `used` may
-    /// clear that mark) is kept this time. Returns the evicted offset, or None if every slice
+    /// clear that mark) is kept this time. Returns the evicted slice, or None if every slice
     /// is dirty.
     pub fn evict_clean_second_chance(
         &mut self,
         mut used: impl FnMut(&T) -> bool,
-    ) -> Option<HostOffset> {
+    ) -> Option<(HostOffset, T)> {
         if self.dirty >= self.slots.len() {
             return None;
         }
@@ -224,8 +269,8 @@ impl<T> TableCache<T> {
         Some(self.remove_at(i))
     }
 
-    /// Removes slot `i` (moving the last slot into its place) and returns its key.
-    fn remove_at(&mut self, i: usize) -> HostOffset {
+    /// Removes slot `i` (moving the last slot into its place) and returns its key and data.
+    fn remove_at(&mut self, i: usize) -> (HostOffset, T) {
         let s = self.slots.swap_remove(i);
         self.index.remove(&s.key);
         if let Some(moved) = self.slots.get(i) {
@@ -234,38 +279,33 @@ impl<T> TableCache<T> {
         if s.dirty {
             self.dirty -= 1;
         }
-        s.key
+        (s.key, s.data)
     }
 
     /// Drops the clean entries not used since the previous call (by this cache or, as
-    /// `used(data)` reports, by lock-free readers) and returns their offsets; the owner
-    /// calls it once per clean interval. Dirty entries stay.
-    pub fn clean_idle(&mut self, mut used: impl FnMut(&T) -> bool) -> Vec<HostOffset> {
+    /// `used(data)` reports, by lock-free readers) and returns them; the owner calls it once
+    /// per clean interval. Dirty entries stay.
+    pub fn clean_idle(&mut self, mut used: impl FnMut(&T) -> bool) -> Vec<T> {
         let mark = self.clean_mark;
+        let mut keep = Vec::with_capacity(self.slots.len());
         let mut idle = Vec::new();
-        self.slots.retain(|s| {
-            let keep = s.dirty || s.last_use > mark || used(&s.data);
-            if !keep {
-                idle.push(s.key);
+        for s in self.slots.drain(..) {
+            if s.dirty || s.last_use > mark || used(&s.data) {
+                keep.push(s);
+            } else {
+                idle.push(s.data);
             }
-            keep
-        });
-        if self.slots.is_empty() {
-            // Give the memory of a once-large cache back too.
-            self.slots = Vec::new();
-            self.index = HashMap::new();
-        } else {
-            self.reindex();
         }
-        self.clean_mark = self.clock;
-        idle
-    }
-
-    fn reindex(&mut self) {
-        self.index.clear();
+        // Give the memory of a once-larger cache back too.
+        keep.shrink_to_fit();
+        self.slots = keep;
+        self.hand = 0;
+        self.index = HashMap::with_capacity_and_hasher(self.slots.len(), U64BuildHasher::default());
         for (i, s) in self.slots.iter().enumerate() {
             self.index.insert(s.key, i);
         }
+        self.clean_mark = self.clock;
+        idle
     }
 
     /// Inserts a slice (replacing any cached one at the same offset).
@@ -303,11 +343,10 @@ impl<T> TableCache<T> {
         self.hand = 0;
     }
 
-    /// Drops a slice from the cache without writing it.
-    pub fn remove(&mut self, offset: HostOffset) {
-        if let Some(&i) = self.index.get(&offset) {
-            self.remove_at(i);
-        }
+    /// Drops a slice from the cache without writing it; returns it.
+    pub fn remove(&mut self, offset: HostOffset) -> Option<T> {
+        let i = *self.index.get(&offset)?;
+        Some(self.remove_at(i).1)
     }
 
     /// Offsets of the dirty slices, in ascending order (sequential write-back).
@@ -360,9 +399,9 @@ mod tests {
         c.insert(h(2), 2u32, false);
         c.insert(h(3), 3u32, true);
         // Table 1 is in use (lock-free readers): table 2 goes instead.
-        assert_eq!(c.evict_clean_second_chance(|&v| v == 1), Some(h(2)));
+        assert_eq!(c.evict_clean_second_chance(|&v| v == 1), Some((h(2), 2)));
         // Everything clean is always in use: something is evicted anyway.
-        assert_eq!(c.evict_clean_second_chance(|_| true), Some(h(1)));
+        assert_eq!(c.evict_clean_second_chance(|_| true), Some((h(1), 1)));
         // Only a dirty table is left.
         assert_eq!(c.evict_clean_second_chance(|_| false), None);
     }
@@ -405,10 +444,10 @@ mod tests {
         c.get(h(3));
         let mut dropped = c.clean_idle(|&v| v == 4);
         dropped.sort_unstable();
-        assert_eq!(dropped, vec![h(1)], "3 was used, 2 is dirty");
+        assert_eq!(dropped, vec![1], "3 was used, 2 is dirty");
         // Used by a lock-free reader: spared.
         assert!(c.clean_idle(|&v| v == 3).is_empty());
-        assert_eq!(c.clean_idle(|_| false), vec![h(3)]);
+        assert_eq!(c.clean_idle(|_| false), vec![3]);
         assert_eq!(c.len(), 1);
     }
 

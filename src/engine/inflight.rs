@@ -13,7 +13,10 @@
 //! An image's tracker covers every guest cluster its geometry allows (the largest L1 table
 //! QEMU accepts), with only the top level allocated up front: a resize on a live handle
 //! therefore never moves, re-indexes or reallocates it, and requests racing a resize keep
-//! their cluster's bit.
+//! their cluster's bit. Claims work under the read side of a sharded lock (each thread its
+//! own shard: no shared cache line); the idle clean takes the write side to free the pages
+//! in which nothing is claimed, so a handle that once wrote all over a large image does not
+//! keep the pages.
 
 use crate::format::GuestCluster;
 #[cfg(loom)]
@@ -43,7 +46,7 @@ type Chunk = Box<[OnceLock<Page>]>;
 /// The tracker for one image.
 pub struct Inflight {
     #[cfg(not(loom))]
-    chunks: Box<[OnceLock<Chunk>]>,
+    chunks: crossbeam_utils::sync::ShardedLock<Box<[OnceLock<Chunk>]>>,
     #[cfg(loom)]
     pages: Box<[Box<[AtomicU64]>]>,
     /// Number of claims held (for "wait until nothing is in flight").
@@ -69,9 +72,11 @@ impl Inflight {
         let pages = clusters.div_ceil(PAGE_BITS).max(1) as usize;
         Inflight {
             #[cfg(not(loom))]
-            chunks: (0..(pages as u64).div_ceil(CHUNK_PAGES))
-                .map(|_| OnceLock::new())
-                .collect(),
+            chunks: crossbeam_utils::sync::ShardedLock::new(
+                (0..(pages as u64).div_ceil(CHUNK_PAGES))
+                    .map(|_| OnceLock::new())
+                    .collect(),
+            ),
             #[cfg(loom)]
             pages: (0..pages)
                 .map(|_| (0..PAGE_WORDS).map(|_| AtomicU64::new(0)).collect())
@@ -90,32 +95,49 @@ impl Inflight {
         Self::new(max_guest_clusters(geo))
     }
 
-    /// The word holding `cluster`'s bit, and the bit. Clusters past the end share the last
-    /// word of the last page (callers only pass in-range clusters).
-    fn word(&self, cluster: u64) -> (&AtomicU64, u64) {
+    /// Runs `f` on the word holding `cluster`'s bit, and the bit; allocates its page when
+    /// `create`, else returns None for a page that does not exist (no bit set there).
+    /// Clusters past the end share the last word of the last page (callers only pass
+    /// in-range clusters).
+    fn with_word<R>(
+        &self,
+        cluster: u64,
+        create: bool,
+        f: impl FnOnce(&AtomicU64, u64) -> R,
+    ) -> Option<R> {
         let idx = ((cluster % PAGE_BITS) / 64) as usize;
         let bit = 1u64 << (cluster % 64);
         #[cfg(not(loom))]
-        let words = {
+        {
+            let chunks = self.chunks.read().unwrap_or_else(|p| p.into_inner());
             let page = cluster / PAGE_BITS;
-            let chunk = ((page / CHUNK_PAGES) as usize).min(self.chunks.len() - 1);
-            let pages = self.chunks[chunk]
-                .get_or_init(|| (0..CHUNK_PAGES).map(|_| OnceLock::new()).collect());
-            pages[(page % CHUNK_PAGES) as usize]
-                .get_or_init(|| (0..PAGE_WORDS).map(|_| AtomicU64::new(0)).collect())
-        };
+            let chunk = &chunks[((page / CHUNK_PAGES) as usize).min(chunks.len() - 1)];
+            let page = (page % CHUNK_PAGES) as usize;
+            let words = if create {
+                chunk.get_or_init(|| (0..CHUNK_PAGES).map(|_| OnceLock::new()).collect())[page]
+                    .get_or_init(|| (0..PAGE_WORDS).map(|_| AtomicU64::new(0)).collect())
+            } else {
+                chunk.get()?[page].get()?
+            };
+            Some(f(&words[idx], bit))
+        }
         #[cfg(loom)]
-        let words = &self.pages[((cluster / PAGE_BITS) as usize).min(self.pages.len() - 1)];
-        (&words[idx], bit)
+        {
+            let _ = create;
+            let words = &self.pages[((cluster / PAGE_BITS) as usize).min(self.pages.len() - 1)];
+            Some(f(&words[idx], bit))
+        }
     }
 
     /// Claims `cluster` for an allocation.
     pub fn try_claim(&self, cluster: GuestCluster) -> Claim {
-        let (w, bit) = self.word(cluster.0);
         // Count first, so that "nothing in flight" can never be observed while a claim is
         // being made.
         self.claims.fetch_add(1, Ordering::SeqCst);
-        if w.fetch_or(bit, Ordering::SeqCst) & bit != 0 {
+        let busy = self.with_word(cluster.0, true, |w, bit| {
+            w.fetch_or(bit, Ordering::SeqCst) & bit != 0
+        });
+        if busy == Some(true) {
             self.claims.fetch_sub(1, Ordering::SeqCst);
             return Claim::Busy;
         }
@@ -124,14 +146,18 @@ impl Inflight {
 
     /// Whether `cluster` is claimed.
     pub fn is_claimed(&self, cluster: GuestCluster) -> bool {
-        let (w, bit) = self.word(cluster.0);
-        w.load(Ordering::SeqCst) & bit != 0
+        self.with_word(cluster.0, false, |w, bit| {
+            w.load(Ordering::SeqCst) & bit != 0
+        })
+        .unwrap_or(false)
     }
 
     /// Releases a claim and wakes waiters. Releasing an unclaimed cluster does nothing.
     pub fn release(&self, cluster: GuestCluster) {
-        let (w, bit) = self.word(cluster.0);
-        if w.fetch_and(!bit, Ordering::SeqCst) & bit == 0 {
+        let held = self.with_word(cluster.0, false, |w, bit| {
+            w.fetch_and(!bit, Ordering::SeqCst) & bit != 0
+        });
+        if held != Some(true) {
             return;
         }
         self.claims.fetch_sub(1, Ordering::SeqCst);
@@ -143,6 +169,55 @@ impl Inflight {
             let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
             self.wake.notify_all();
         }
+    }
+
+    /// Frees every page in which no cluster is claimed, and every chunk left without pages
+    /// (the idle clean): claims made later allocate them again. Returns the number of pages
+    /// freed.
+    #[cfg(not(loom))]
+    pub fn release_idle_pages(&self) -> usize {
+        let mut chunks = self.chunks.write().unwrap_or_else(|p| p.into_inner());
+        let mut freed = 0;
+        for chunk in chunks.iter_mut() {
+            let Some(pages) = chunk.get_mut() else {
+                continue;
+            };
+            let mut kept = 0;
+            for page in pages.iter_mut() {
+                // Under the write lock nobody holds a word: plain reads see every claim.
+                let idle = match page.get_mut() {
+                    Some(words) => words.iter_mut().all(|w| *w.get_mut() == 0),
+                    None => continue,
+                };
+                if idle {
+                    page.take();
+                    freed += 1;
+                } else {
+                    kept += 1;
+                }
+            }
+            if kept == 0 {
+                chunk.take();
+            }
+        }
+        freed
+    }
+
+    /// Nothing to free in the loom model's fixed pages.
+    #[cfg(loom)]
+    pub fn release_idle_pages(&self) -> usize {
+        0
+    }
+
+    /// Pages allocated now (tests).
+    #[cfg(all(test, not(loom)))]
+    pub(super) fn pages(&self) -> usize {
+        let chunks = self.chunks.read().unwrap_or_else(|p| p.into_inner());
+        chunks
+            .iter()
+            .filter_map(|c| c.get())
+            .map(|p| p.iter().filter(|p| p.get().is_some()).count())
+            .sum()
     }
 
     /// Number of claims currently held.
@@ -220,6 +295,38 @@ mod tests {
         assert_eq!(t.try_claim(GuestCluster(1)), Claim::Claimed);
         assert!(!t.is_claimed(GuestCluster(max - 2)));
         assert_eq!(t.claims(), 3);
+    }
+
+    #[test]
+    fn idle_pages_are_freed_and_claimed_ones_kept() {
+        let t = Inflight::new(PAGE_BITS * CHUNK_PAGES * 3);
+        let far = GuestCluster(PAGE_BITS * CHUNK_PAGES * 2 + 5);
+        for c in [GuestCluster(1), GuestCluster(PAGE_BITS + 1), far] {
+            assert_eq!(t.try_claim(c), Claim::Claimed);
+        }
+        t.release(GuestCluster(1));
+        t.release(far);
+        assert_eq!(t.pages(), 3);
+        assert!(
+            !t.is_claimed(GuestCluster(PAGE_BITS * 5)),
+            "a test allocates nothing"
+        );
+        assert_eq!(t.pages(), 3);
+        assert_eq!(t.release_idle_pages(), 2, "the pages of released claims go");
+        assert_eq!(t.pages(), 1);
+        assert!(
+            t.is_claimed(GuestCluster(PAGE_BITS + 1)),
+            "a held claim survives"
+        );
+        assert!(!t.is_claimed(far));
+        t.release(GuestCluster(PAGE_BITS + 1));
+        assert_eq!(t.release_idle_pages(), 1);
+        assert_eq!(t.pages(), 0);
+        assert_eq!(
+            t.try_claim(far),
+            Claim::Claimed,
+            "pages come back on demand"
+        );
     }
     use std::sync::Arc;
 

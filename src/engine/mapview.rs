@@ -3,8 +3,9 @@
 //!
 //! The L1 table is an array of atomics. Cached L2 slices (a power-of-two part of a table,
 //! keyed by its own host offset) are shared (`Arc`) between the metadata cache, which owns
-//! and mutates them under the metadata mutex, and this view, where readers find them through
-//! a sharded map. Each slice is a seqlock: the single writer (the metadata mutex holder)
+//! and mutates them under the metadata mutex, and this view, where readers find them by L1
+//! index and slice index in a directory of arrays ([`super::slicedir`]: no hash probe) under
+//! a sharded lock. Each slice is a seqlock: the single writer (the metadata mutex holder)
 //! bumps the sequence around every entry update, and readers retry until they read a pair of
 //! words that no update overlapped, so an extended-L2 entry (descriptor plus subcluster
 //! bitmap) is never torn.
@@ -19,6 +20,7 @@
 //! for the request's duration thanks to [`crate::storage::Grace`].
 
 use super::cache::CacheConfig;
+use super::slicedir::SliceDir;
 use crate::format::entry::{decode_l2, L1Entry, Mapping};
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crossbeam_utils::sync::ShardedLock;
@@ -34,20 +36,96 @@ pub const MAX_L1_ENTRIES: usize = (crate::format::header::MAX_L1_BYTES / 8) as u
 /// atomics behind a sequence counter.
 #[derive(Debug)]
 pub struct L2Table {
+    /// The slice's host offset (its cache key): readers check it against the one their L1
+    /// entry gives.
+    key: HostOffset,
     seq: AtomicU64,
     /// Set by lock-free readers; eviction gives referenced tables a second chance.
     referenced: AtomicBool,
+    /// Where the slice is published in the view's directory (L1 index << 32 | slice index;
+    /// [`NOWHERE`] when it is not). Written only by metadata mutex holders.
+    home: AtomicU64,
+    /// The entries as stored on disk (big-endian): filling a slice from disk is a plain copy,
+    /// and the byte swap happens per entry read.
     words: Box<[AtomicU64]>,
 }
 
+/// [`L2Table::home`] of a slice that is not published.
+const NOWHERE: u64 = u64::MAX;
+
 impl L2Table {
-    /// A table holding `words` (decoded big-endian L2 words).
-    pub fn new(words: Vec<u64>) -> Arc<L2Table> {
+    /// The slice at host offset `key` holding `words` (decoded big-endian L2 words).
+    #[cfg(test)]
+    pub fn new(key: HostOffset, words: Vec<u64>) -> Arc<L2Table> {
+        Self::from_words(
+            key,
+            words
+                .into_iter()
+                .map(|w| AtomicU64::new(w.to_be()))
+                .collect(),
+        )
+    }
+
+    /// The slice at host offset `key` as read from disk (big-endian words; a trailing
+    /// partial word is ignored), without an intermediate copy.
+    pub fn from_be_bytes(key: HostOffset, raw: &[u8]) -> Arc<L2Table> {
+        Self::from_words(
+            key,
+            raw.chunks_exact(8)
+                .map(|c| AtomicU64::new(u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]))))
+                .collect(),
+        )
+    }
+
+    fn from_words(key: HostOffset, words: Box<[AtomicU64]>) -> Arc<L2Table> {
         Arc::new(L2Table {
+            key,
             seq: AtomicU64::new(0),
             referenced: AtomicBool::new(false),
-            words: words.into_iter().map(AtomicU64::new).collect(),
+            home: AtomicU64::new(NOWHERE),
+            words,
         })
+    }
+
+    /// The slice at `key` read from disk as `raw`, in the memory of `old` (an evicted
+    /// slice) when nobody else holds it: a cache miss then allocates nothing.
+    pub fn reuse(mut old: Arc<L2Table>, key: HostOffset, raw: &[u8]) -> Arc<L2Table> {
+        if Arc::get_mut(&mut old).is_some_and(|t| t.refill(key, raw)) {
+            old
+        } else {
+            Self::from_be_bytes(key, raw)
+        }
+    }
+
+    /// Refills this slice in place; false (nothing changed) when the sizes differ.
+    fn refill(&mut self, key: HostOffset, raw: &[u8]) -> bool {
+        if raw.len() != self.words.len() * 8 {
+            return false;
+        }
+        self.key = key;
+        *self.seq.get_mut() = 0;
+        *self.referenced.get_mut() = false;
+        *self.home.get_mut() = NOWHERE;
+        // Plain stores into words nobody else sees: a copy the compiler vectorises.
+        for (w, c) in self.words.iter_mut().zip(raw.chunks_exact(8)) {
+            *w.get_mut() = u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
+        }
+        true
+    }
+
+    /// Where the slice is published: (L1 index, slice index).
+    pub fn home(&self) -> Option<(usize, usize)> {
+        match self.home.load(Ordering::Relaxed) {
+            NOWHERE => None,
+            h => Some(((h >> 32) as usize, (h & 0xffff_ffff) as usize)),
+        }
+    }
+
+    /// Records where the slice is published (None: withdrawn). Callers hold the metadata
+    /// mutex and pass indices below 2^32 (the directory refuses others).
+    pub fn set_home(&self, at: Option<(usize, usize)>) {
+        let h = at.map_or(NOWHERE, |(l1, s)| ((l1 as u64) << 32) | s as u64);
+        self.home.store(h, Ordering::Relaxed);
     }
 
     /// Entry `i` as (descriptor, bitmap word); the bitmap is 0 without extended L2.
@@ -59,9 +137,9 @@ impl L2Table {
                 std::hint::spin_loop();
                 continue;
             }
-            let w0 = self.words[a].load(Ordering::Relaxed);
+            let w0 = u64::from_be(self.words[a].load(Ordering::Relaxed));
             let w1 = if ext {
-                self.words[b].load(Ordering::Relaxed)
+                u64::from_be(self.words[b].load(Ordering::Relaxed))
             } else {
                 0
             };
@@ -78,10 +156,10 @@ impl L2Table {
         self.seq.store(s + 1, Ordering::Relaxed);
         fence(Ordering::Release);
         if ext {
-            self.words[2 * i].store(w0, Ordering::Relaxed);
-            self.words[2 * i + 1].store(w1, Ordering::Relaxed);
+            self.words[2 * i].store(w0.to_be(), Ordering::Relaxed);
+            self.words[2 * i + 1].store(w1.to_be(), Ordering::Relaxed);
         } else {
-            self.words[i].store(w0, Ordering::Relaxed);
+            self.words[i].store(w0.to_be(), Ordering::Relaxed);
         }
         self.seq.store(s + 2, Ordering::Release);
     }
@@ -91,7 +169,15 @@ impl L2Table {
     pub fn to_vec(&self) -> Vec<u64> {
         self.words
             .iter()
-            .map(|w| w.load(Ordering::Relaxed))
+            .map(|w| u64::from_be(w.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// The slice as stored on disk, for write-back (same caller rule as [`Self::to_vec`]).
+    pub fn to_disk_bytes(&self) -> Vec<u8> {
+        self.words
+            .iter()
+            .flat_map(|w| w.load(Ordering::Relaxed).to_ne_bytes())
             .collect()
     }
 
@@ -102,13 +188,12 @@ impl L2Table {
         }
     }
 
-    /// Clears and returns the referenced bit (second-chance eviction).
+    /// Clears and returns the referenced bit (second-chance eviction). Reads first, so that
+    /// sweeping over unreferenced slices dirties no cache line.
     pub fn take_referenced(&self) -> bool {
-        self.referenced.swap(false, Ordering::Relaxed)
+        self.referenced.load(Ordering::Relaxed) && self.referenced.swap(false, Ordering::Relaxed)
     }
 }
-
-type OffsetMap<V> = std::collections::HashMap<HostOffset, V, crate::storage::guard::U64BuildHasher>;
 
 /// The active L1 table and the cached L2 tables, readable without the metadata mutex.
 #[derive(Debug)]
@@ -121,14 +206,20 @@ pub struct MapView {
     /// Serialises the control operations that change the guest extent (resize): each runs
     /// in phases with the write gate released in between.
     resizing: Mutex<()>,
-    /// Cached tables by host offset. A sharded lock: readers lock only their own thread's
-    /// shard (no shared cache line), the rare inserts and evictions lock all of them.
-    tables: ShardedLock<OffsetMap<Arc<L2Table>>>,
+    /// Published slices by L1 index and slice index. A sharded lock: readers lock only their
+    /// own thread's shard (no shared cache line), the rarer publications and evictions lock
+    /// all of them.
+    dir: ShardedLock<SliceDir>,
     /// Bumped whenever a table's on-disk contents change (write-back), so that a table read
     /// from disk without the mutex can be checked for staleness before it is installed.
     generation: AtomicU64,
-    /// The handle's cache sizes (fixed for its life).
+    /// The handle's cache sizes (fixed for its life but for `l2_slices`, which grows with
+    /// the image when it is the default cover).
     cache: CacheConfig,
+    /// The L2 cache's current number of slices.
+    l2_slices: AtomicUsize,
+    /// Slices per table (slots per directory block).
+    per_table: usize,
     /// log2 of L2 entries per slice.
     per_slice_shift: u32,
     /// log2 of the slice size.
@@ -137,20 +228,24 @@ pub struct MapView {
 
 impl MapView {
     /// An empty view for an L1 table of `l1_len` entries (at most [`MAX_L1_ENTRIES`]; the
-    /// header parser enforces it), caching slices as `cache` says for L2 entries of
-    /// `entry_bytes` (8, or 16 with extended L2).
-    pub fn new(l1_len: usize, cache: CacheConfig, entry_bytes: u64) -> MapView {
+    /// header parser enforces it), caching slices as `cache` says for the L2 tables of `geo`.
+    pub fn new(l1_len: usize, cache: CacheConfig, geo: &Geometry) -> MapView {
         let slice_shift = cache.slice_bytes.trailing_zeros();
+        let per_slice_shift = slice_shift - geo.l2_entry_size().trailing_zeros();
+        // Slices per table (a table is one cluster; a slice at most one).
+        let per_table = 1usize << geo.cluster_bits.saturating_sub(slice_shift).min(31);
         let v = MapView {
             l1: (0..MAX_L1_ENTRIES.div_ceil(L1_CHUNK))
                 .map(|_| OnceLock::new())
                 .collect(),
             l1_len: AtomicUsize::new(0),
             resizing: Mutex::new(()),
-            tables: ShardedLock::new(OffsetMap::default()),
+            dir: ShardedLock::new(SliceDir::new(per_table, max_blocks(&cache, per_table))),
             generation: AtomicU64::new(0),
             cache,
-            per_slice_shift: slice_shift - entry_bytes.trailing_zeros(),
+            l2_slices: AtomicUsize::new(cache.l2_slices),
+            per_table,
+            per_slice_shift,
             slice_shift,
         };
         v.set_l1_len(l1_len);
@@ -159,7 +254,21 @@ impl MapView {
 
     /// The handle's cache sizes.
     pub fn cache(&self) -> CacheConfig {
-        self.cache
+        CacheConfig {
+            l2_slices: self.l2_slices.load(Ordering::Relaxed),
+            ..self.cache
+        }
+    }
+
+    /// Records a larger L2 cache (a grown image; callers hold the metadata mutex) and lets
+    /// the slice directory hold as many more tables.
+    pub fn grow_l2_slices(&self, n: usize) {
+        self.l2_slices.store(n, Ordering::Relaxed);
+        let max = max_blocks(&self.cache(), self.per_table);
+        self.dir
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .grow_max_blocks(max);
     }
 
     /// Where entry `index` of the L2 table at `table` is cached: the slice's host offset
@@ -239,42 +348,55 @@ impl MapView {
             .collect()
     }
 
-    /// The cached L2 slice at host offset `off`.
-    pub fn table(&self, off: HostOffset) -> Option<Arc<L2Table>> {
-        self.tables
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&off)
-            .cloned()
+    /// Whether slice `slice` of the table at `table` is published under L1 entry `l1`.
+    pub fn published(&self, l1: usize, table: HostOffset, slice: usize) -> bool {
+        let key = self.slice_key(table, slice);
+        let dir = self.dir.read().unwrap_or_else(|p| p.into_inner());
+        dir.get(l1, slice).is_some_and(|t| t.key == key)
     }
 
-    /// Publishes a cached table.
-    pub fn insert_table(&self, off: HostOffset, t: Arc<L2Table>) {
-        self.tables
+    /// Publishes a cached slice for lock-free readers: slice `slice` of the table under L1
+    /// entry `l1` (the caller holds the metadata mutex, under which the entry points at the
+    /// slice's table). Returns false when the directory is full (readers of that table then
+    /// take the metadata mutex).
+    pub fn publish(&self, l1: usize, slice: usize, t: &Arc<L2Table>) -> bool {
+        self.dir
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(off, t);
+            .publish(l1, slice, t)
     }
 
-    /// Withdraws a table (evicted from the cache).
-    pub fn remove_table(&self, off: HostOffset) {
-        self.tables
+    /// Withdraws a slice (evicted from or dropped by the cache), if published.
+    pub fn unpublish(&self, t: &Arc<L2Table>) {
+        if t.home().is_none() {
+            return;
+        }
+        self.dir
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&off);
+            .unpublish(t);
     }
 
     /// Forgets every table and loads `l1` (a metadata reload), taking its length.
     pub fn reset(&self, l1: &[u64]) {
-        self.tables
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.dir.write().unwrap_or_else(|p| p.into_inner()).clear();
         self.set_l1_len(l1.len());
         for (i, &v) in l1.iter().enumerate().take(MAX_L1_ENTRIES) {
             self.set_l1(i, v);
         }
         self.bump_generation();
+    }
+
+    /// The index of the slice holding entry `index` of a table.
+    #[inline]
+    pub fn slice_index(&self, index: usize) -> usize {
+        index >> self.per_slice_shift
+    }
+
+    /// The host offset (cache key) of slice `slice` of the table at `table`.
+    #[inline]
+    fn slice_key(&self, table: HostOffset, slice: usize) -> HostOffset {
+        table + ((slice as u64) << self.slice_shift)
     }
 
     /// See the `generation` field.
@@ -291,7 +413,8 @@ impl MapView {
     /// the L2 table is not cached or the entry does not decode (the caller then takes the
     /// metadata mutex, which also produces the proper error).
     pub fn lookup(&self, geo: &Geometry, version: u32, guest: GuestOffset) -> Option<Mapping> {
-        let e = self.l1_entry(guest.l1_index(geo))?;
+        let l1 = guest.l1_index(geo);
+        let e = self.l1_entry(l1)?;
         let off = L1Entry(e).l2_offset();
         if off == HostOffset::ZERO {
             return Some(Mapping::Unallocated { zero: 0 });
@@ -299,17 +422,30 @@ impl MapView {
         if !off.is_cluster_aligned(geo) {
             return None;
         }
-        let (slice, i) = self.slice_of(off, guest.l2_index(geo));
+        let index = guest.l2_index(geo);
+        let slice = self.slice_index(index);
+        let key = self.slice_key(off, slice);
+        let within = index & ((1usize << self.per_slice_shift) - 1);
         // Read the entry under the (thread-local shard of the) read lock rather than cloning
-        // the Arc, whose count all readers of the slice would share.
+        // the Arc, whose count all readers of the slice would share. The slot may hold a
+        // slice of the table this L1 entry pointed at before: the key tells.
         let (w0, w1) = {
-            let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
-            let t = tables.get(&slice)?;
+            let dir = self.dir.read().unwrap_or_else(|p| p.into_inner());
+            let t = dir.get(l1, slice).filter(|t| t.key == key)?;
             t.touch();
-            t.entry(i, geo.extended_l2)
+            t.entry(within, geo.extended_l2)
         };
         decode_l2(geo, version, w0, w1).ok()
     }
+}
+
+/// Most tables the slice directory holds at once: every cached slice in its own table fits,
+/// unless the slots would cost more than a quarter of the cache itself (only with many
+/// slices per table, i.e. small slices of large clusters; readers of a table left out take
+/// the metadata mutex).
+fn max_blocks(cache: &CacheConfig, per_table: usize) -> usize {
+    let budget = (cache.l2_slices as u64 * cache.slice_bytes / 4) / (per_table as u64 * 8);
+    cache.l2_slices.min(budget.max(64) as usize)
 }
 
 #[cfg(test)]
@@ -322,24 +458,34 @@ mod tests {
             l2_slices: 16,
             refcount_slices: 4,
             clean_interval: None,
+            l2_cover: true,
+        }
+    }
+
+    fn geo(extended_l2: bool) -> Geometry {
+        Geometry {
+            cluster_bits: 16,
+            extended_l2,
+            refcount_order: 4,
+            external_data: false,
         }
     }
 
     #[test]
     fn entries_map_to_their_slice_and_index_within_it() {
-        let v = MapView::new(1, test_cache(), 8);
+        let v = MapView::new(1, test_cache(), &geo(false));
         let t = HostOffset::new(0x5_0000);
         assert_eq!(v.slice_of(t, 0), (t, 0));
         assert_eq!(v.slice_of(t, 511), (t, 511));
         assert_eq!(v.slice_of(t, 512), (t + 4096, 0));
         assert_eq!(v.slice_of(t, 8191), (t + 15 * 4096, 511));
-        let ext = MapView::new(1, test_cache(), 16);
+        let ext = MapView::new(1, test_cache(), &geo(true));
         assert_eq!(ext.slice_of(t, 256), (t + 4096, 0));
     }
 
     #[test]
     fn extended_entries_are_never_torn_under_concurrent_updates() {
-        let t = L2Table::new(vec![0; 16]);
+        let t = L2Table::new(HostOffset::new(0x1_0000), vec![0; 16]);
         let reads = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
@@ -366,25 +512,40 @@ mod tests {
     }
 
     #[test]
-    fn tables_are_found_by_offset_and_l1_entries_round_trip() {
-        let v = MapView::new(4, test_cache(), 8);
-        v.reset(&[0, 0x1_0000 | (1 << 63), 0, 0]);
-        assert_eq!(v.l1_entry(1), Some(0x1_0000 | (1 << 63)));
+    fn lookups_find_published_slices_by_l1_and_slice_index_checking_their_key() {
+        let g = geo(false);
+        let v = MapView::new(4, test_cache(), &g);
+        let table = HostOffset::new(0x1_0000);
+        let copied = 1u64 << 63;
+        v.reset(&[0, table.get() | copied, 0, 0]);
+        assert_eq!(v.l1_entry(1), Some(table.get() | copied));
         assert_eq!(v.l1_entry(4), None);
-        assert!(v.table(HostOffset::new(0x1_0000)).is_none());
-        v.insert_table(HostOffset::new(0x1_0000), L2Table::new(vec![7; 8]));
-        assert_eq!(
-            v.table(HostOffset::new(0x1_0000))
-                .map(|t| t.entry(2, false)),
-            Some((7, 0))
-        );
-        v.remove_table(HostOffset::new(0x1_0000));
-        assert!(v.table(HostOffset::new(0x1_0000)).is_none());
+        // Entry 600 of the table under L1 entry 1: slice 1, entry 88 in it.
+        let guest = GuestOffset::new((8192 + 600) << 16);
+        assert_eq!(v.lookup(&g, 3, guest), None, "nothing published");
+        let mut words = vec![0u64; 512];
+        words[88] = 0x20_0000 | copied;
+        let t = L2Table::new(table + 4096, words);
+        assert!(v.publish(1, 1, &t));
+        assert_eq!(t.home(), Some((1, 1)));
+        assert!(v.published(1, table, 1));
+        let data =
+            |m| matches!(m, Some(Mapping::Data { host, .. }) if host == HostOffset::new(0x20_0000));
+        assert!(data(v.lookup(&g, 3, guest)));
+        // The L1 entry moves to another table: the slot's slice is not used for it.
+        v.set_l1(1, 0x9_0000 | copied);
+        assert_eq!(v.lookup(&g, 3, guest), None);
+        assert!(!v.published(1, HostOffset::new(0x9_0000), 1));
+        v.set_l1(1, table.get() | copied);
+        assert!(data(v.lookup(&g, 3, guest)));
+        v.unpublish(&t);
+        assert_eq!(v.lookup(&g, 3, guest), None);
+        assert_eq!(t.home(), None);
     }
 
     #[test]
     fn the_l1_grows_and_shrinks_keeping_entries_and_zeroing_new_ones() {
-        let v = MapView::new(3, test_cache(), 8);
+        let v = MapView::new(3, test_cache(), &geo(false));
         v.set_l1(2, 0x3_0000);
         v.set_l1_len(L1_CHUNK * 2 + 5);
         assert_eq!(v.l1_len(), L1_CHUNK * 2 + 5);
@@ -407,7 +568,7 @@ mod tests {
 
     #[test]
     fn readers_see_old_entries_while_the_l1_grows() {
-        let v = Arc::new(MapView::new(1, test_cache(), 8));
+        let v = Arc::new(MapView::new(1, test_cache(), &geo(false)));
         v.set_l1(0, 0x7_0000);
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {

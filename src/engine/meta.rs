@@ -26,6 +26,8 @@ pub struct Meta {
     l2: TableCache<Arc<L2Table>>,
     /// When idle cache entries were last dropped (see [`CacheConfig::clean_interval`]).
     last_clean: Instant,
+    /// An idle clean ran and the image has not released its tracker pages since.
+    tracker_idle: bool,
     /// Refcount structures and allocator.
     pub rc: Refcounts,
     /// Host byte ranges whose clusters lose one reference once the metadata change that
@@ -231,6 +233,7 @@ impl Meta {
             l1_dirty: BTreeSet::new(),
             l2: TableCache::new(cache.l2_slices),
             last_clean: Instant::now(),
+            tracker_idle: false,
             rc,
             deferred_frees: Vec::new(),
             compressed_tail: None,
@@ -252,36 +255,66 @@ impl Meta {
     }
 
     /// Makes room for one more L2 slice: evicts a clean one (second chance for slices that
-    /// lock-free readers use), writing dirty ones back first when all are dirty.
-    fn make_room_l2(&mut self, file: &HostFile) -> Result<()> {
+    /// lock-free readers use), writing dirty ones back first when all are dirty. Returns the
+    /// evicted slice (withdrawn from the view), for reuse.
+    fn make_room_l2(&mut self, file: &HostFile) -> Result<Option<Arc<L2Table>>> {
         // Bound: two rounds. A successful write-back leaves every cached table clean, and a
         // clean table can always be evicted.
         for _ in 0..2 {
             if !self.l2.is_full() {
-                return Ok(());
+                return Ok(None);
             }
-            match self.l2.evict_clean_second_chance(|t| t.take_referenced()) {
-                Some(off) => self.view.remove_table(off),
+            match self.evict_l2() {
+                Some(t) => return Ok(Some(t)),
                 None => self.writeback(file)?,
             }
         }
         if self.l2.is_full() {
-            match self.l2.evict_clean_second_chance(|t| t.take_referenced()) {
-                Some(off) => self.view.remove_table(off),
-                None => {
-                    return Err(Error::new(
-                        ErrorKind::NoMemory,
-                        "the L2 table cache cannot make room",
-                    ))
-                }
-            }
+            return match self.evict_l2() {
+                Some(t) => Ok(Some(t)),
+                None => Err(Error::new(
+                    ErrorKind::NoMemory,
+                    "the L2 table cache cannot make room",
+                )),
+            };
         }
-        Ok(())
+        Ok(None)
     }
 
+    /// Evicts a clean L2 slice by CLOCK and withdraws it from the view; None when all are
+    /// dirty.
+    fn evict_l2(&mut self) -> Option<Arc<L2Table>> {
+        let (_, t) = self.l2.evict_clean_second_chance(|t| t.take_referenced())?;
+        self.view.unpublish(&t);
+        Some(t)
+    }
+
+    /// Drops the cached slices of the table at `table` without writing them (the table is
+    /// gone, or its cluster holds a new table).
+    fn forget_l2_table(&mut self, table: HostOffset) {
+        let geo = self.geo;
+        let slices: Vec<HostOffset> = self.view.slices_of(&geo, table).collect();
+        for slice in slices {
+            if let Some(t) = self.l2.remove(slice) {
+                self.view.unpublish(&t);
+            }
+        }
+    }
+
+    /// Caches a slice for this (mutex-holding) side only; [`Self::publish_l2`] shows it to
+    /// lock-free readers once an L1 index for it is known.
     fn cache_l2(&mut self, off: HostOffset, table: Arc<L2Table>, dirty: bool) {
-        self.view.insert_table(off, Arc::clone(&table));
         self.l2.insert(off, table, dirty);
+    }
+
+    /// Publishes the cached slice `slice` (slice index `s` of the table under L1 entry `l1`,
+    /// which points at that table now) for lock-free readers, unless it is already.
+    fn publish_l2(&mut self, l1: usize, s: usize, slice: HostOffset) {
+        if let Some(t) = self.l2.peek(slice) {
+            if t.home() != Some((l1, s)) {
+                self.view.publish(l1, s, t);
+            }
+        }
     }
 
     /// Makes sure the L2 slice holding entry `index` of the table at `table` is cached
@@ -303,11 +336,7 @@ impl Meta {
         // reports the entry.
         let mut raw = vec![0u8; self.view.cache().slice_bytes as usize];
         file.read_zero_padded(&mut raw, slice, "L2 table")?;
-        self.cache_l2(
-            slice,
-            L2Table::new(crate::format::be::u64_table(&raw)),
-            false,
-        );
+        self.cache_l2(slice, L2Table::from_be_bytes(slice, &raw), false);
         Ok((slice, i))
     }
 
@@ -330,45 +359,82 @@ impl Meta {
         Ok(words)
     }
 
-    /// Drops idle cache entries when the clean interval has passed (QEMU's
-    /// cache-clean-interval): called on cache misses and flushes, so an idle handle gives its
-    /// cache memory back at its next miss or flush and no timer thread is needed.
-    fn clean_if_due(&mut self) {
-        let Some(every) = self.view.cache().clean_interval else {
-            return;
-        };
-        if self.last_clean.elapsed() < every {
-            return;
+    /// Lets the L2 cache grow to the default cover of an image of `virtual_size` (a resize),
+    /// unless the caller chose its size.
+    pub fn fit_l2_cache(&mut self, virtual_size: u64) {
+        let c = self.view.cache();
+        let n = c.cover_slices(&self.geo, virtual_size);
+        if c.l2_cover && n > c.l2_slices {
+            self.l2.grow_capacity(n);
+            self.view.grow_l2_slices(n);
         }
-        self.last_clean = Instant::now();
-        for off in self.l2.clean_idle(|t| t.take_referenced()) {
-            self.view.remove_table(off);
-        }
-        self.rc.clean_idle();
     }
 
-    /// Installs an L2 slice (key `off`) that a reader loaded from disk without the mutex,
-    /// unless the on-disk tables changed since `generation` (the read may be stale) or it is
-    /// cached already. Returns whether the slice is cached now.
+    /// Drops idle cache entries when the clean interval has passed (QEMU's
+    /// cache-clean-interval): called on cache misses and flushes, and every few hundred
+    /// requests (see `Image::idle_tick`), so an idle handle gives its cache memory back at its
+    /// next request and no timer thread is needed. Returns whether it cleaned.
+    pub fn clean_if_due(&mut self) -> bool {
+        let Some(every) = self.view.cache().clean_interval else {
+            return false;
+        };
+        if self.last_clean.elapsed() < every {
+            return false;
+        }
+        self.last_clean = Instant::now();
+        self.tracker_idle = true;
+        for t in self.l2.clean_idle(|t| t.take_referenced()) {
+            self.view.unpublish(&t);
+        }
+        self.rc.clean_idle();
+        true
+    }
+
+    /// Whether the L2 slice at `slice` is cached (tests).
+    #[cfg(test)]
+    pub fn l2_cached(&self, slice: HostOffset) -> bool {
+        self.l2.contains(slice)
+    }
+
+    /// Whether an idle clean ran since the last call (the image then releases the in-flight
+    /// tracker's idle pages too).
+    pub fn take_tracker_idle(&mut self) -> bool {
+        std::mem::take(&mut self.tracker_idle)
+    }
+
+    /// Installs and publishes the L2 slice at `key` that a reader read from disk as `raw`
+    /// without the mutex (slice index `s` of the table under L1 entry `l1`, which the caller
+    /// checked still points at it), unless the on-disk tables changed since `generation`
+    /// (the read may be stale); a slice cached already is published instead. The slice
+    /// evicted to make room is reused for it when nobody else holds it. Returns whether the
+    /// slice is cached now.
     pub fn install_l2(
         &mut self,
         file: &HostFile,
-        off: HostOffset,
-        words: Vec<u64>,
+        at: (usize, usize),
+        key: HostOffset,
+        raw: &[u8],
         generation: u64,
     ) -> Result<bool> {
-        if self.l2.contains(off) {
+        let (l1, s) = at;
+        if self.l2.contains(key) {
+            self.publish_l2(l1, s, key);
             return Ok(true);
         }
         if self.view.generation() != generation {
             return Ok(false);
         }
-        self.make_room_l2(file)?;
+        let evicted = self.make_room_l2(file)?;
         if self.view.generation() != generation {
             // make_room_l2 may have written tables back.
             return Ok(false);
         }
-        self.cache_l2(off, L2Table::new(words), false);
+        let t = match evicted {
+            Some(t) => L2Table::reuse(t, key, raw),
+            None => L2Table::from_be_bytes(key, raw),
+        };
+        self.view.publish(l1, s, &t);
+        self.cache_l2(key, t, false);
         Ok(true)
     }
 
@@ -381,19 +447,19 @@ impl Meta {
     }
 
     /// Decoded mapping of the guest cluster containing `guest`.
+    /// The slice it was found in is published for lock-free readers (so later reads and
+    /// overwrites of the cluster need no mutex).
     pub fn lookup(&mut self, file: &HostFile, guest: GuestOffset) -> Result<Mapping> {
         let slot = self.slot(guest)?;
         if slot.table == HostOffset::ZERO {
             return Ok(Mapping::Unallocated { zero: 0 });
         }
-        let (w0, w1) = self.raw_entry(file, slot)?;
-        self.decode(w0, w1, slot)
-    }
-
-    fn raw_entry(&mut self, file: &HostFile, slot: Slot) -> Result<(u64, u64)> {
         let ext = self.geo.extended_l2;
         let (slice, i) = self.ensure_l2(file, slot.table, slot.index)?;
-        Ok(self.l2_slice(slice)?.entry(i, ext))
+        let (w0, w1) = self.l2_slice(slice)?.entry(i, ext);
+        let s = self.view.slice_index(slot.index);
+        self.publish_l2(guest.l1_index(&self.geo), s, slice);
+        self.decode(w0, w1, slot)
     }
 
     fn decode(&self, w0: u64, w1: u64, slot: Slot) -> Result<Mapping> {
@@ -456,11 +522,7 @@ impl Meta {
         // Slices of this offset read without the mutex before now are stale, and so are
         // cached slices of a table that lived here before its cluster was freed and reused.
         self.view.bump_generation();
-        let stale: Vec<HostOffset> = self.view.slices_of(&geo, new).collect();
-        for slice in stale {
-            self.l2.remove(slice);
-            self.view.remove_table(slice);
-        }
+        self.forget_l2_table(new);
         if old != HostOffset::ZERO {
             // The old table stays a snapshot's (inactive) L2 table, if it is one.
             file.guard()
@@ -518,11 +580,7 @@ impl Meta {
             .insert(l1_index as u64 / self.geo.u64_per_cluster());
         // The table is no longer written back: its clusters are released below instead.
         let geo = self.geo;
-        let slices: Vec<HostOffset> = self.view.slices_of(&geo, off).collect();
-        for slice in slices {
-            self.l2.remove(slice);
-            self.view.remove_table(slice);
-        }
+        self.forget_l2_table(off);
         file.guard()
             .remove(off.cluster(&geo).0, 1, MetaKind::ActiveL2);
         for mapping in mappings {
@@ -602,7 +660,7 @@ impl Meta {
         let dirty = self.l2.dirty_offsets();
         for off in &dirty {
             if let Some(t) = self.l2.peek(*off) {
-                file.write(&u64_table_bytes(&t.to_vec()), *off, WriteKind::L2)?;
+                file.write(&t.to_disk_bytes(), *off, WriteKind::L2)?;
             }
             self.l2.mark_clean(*off);
         }

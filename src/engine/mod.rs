@@ -9,6 +9,8 @@ mod amend_zero;
 mod backing;
 pub mod bitmap;
 mod cache;
+#[cfg(all(test, not(loom)))]
+mod cache_tests;
 pub mod check;
 pub mod commit;
 #[cfg(test)]
@@ -33,6 +35,7 @@ pub mod rebase;
 mod refcount;
 mod reopen;
 mod resize;
+mod slicedir;
 mod snapshot;
 mod write;
 mod write_compressed;
@@ -181,11 +184,7 @@ impl Image {
             ),
         )
         .map_err(|e| e.with_file(&name))?;
-        let view = Arc::new(mapview::MapView::new(
-            header.l1_size as usize,
-            cache,
-            geo.l2_entry_size(),
-        ));
+        let view = Arc::new(mapview::MapView::new(header.l1_size as usize, cache, &geo));
         let mut meta = Meta::load(
             &file,
             header.clone(),
@@ -381,6 +380,7 @@ impl Image {
     }
 
     fn check_usable(&self) -> Result<()> {
+        self.idle_tick();
         if self.io.is_fenced() {
             return Err(Error::new(
                 ErrorKind::Fenced,
@@ -391,6 +391,24 @@ impl Image {
             ));
         }
         Ok(())
+    }
+
+    /// Every few hundred requests of a thread: drops the cache entries (and the in-flight
+    /// tracker's pages) nobody used for the clean interval, if it has passed, so an idle
+    /// handle gives its memory back at its next requests without a timer thread. Never waits
+    /// for the metadata mutex (a busy one is tried again later).
+    fn idle_tick(&self) {
+        if !cache::tick() {
+            return;
+        }
+        let Ok(mut m) = self.meta.try_lock() else {
+            return;
+        };
+        let cleaned = m.clean_if_due() | m.take_tracker_idle();
+        drop(m);
+        if cleaned {
+            self.inflight.release_idle_pages();
+        }
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -436,23 +454,20 @@ impl Image {
         if off == HostOffset::ZERO || !off.is_cluster_aligned(&self.geo) {
             return Ok(false); // nothing to load, or the slow path reports the corruption
         }
-        let (slice, _) = self.view.slice_of(off, guest.l2_index(&self.geo));
-        if self.view.table(slice).is_some() {
+        let s = self.view.slice_index(guest.l2_index(&self.geo));
+        if self.view.published(l1_index, off, s) {
             return Ok(true);
         }
         let generation = self.view.generation();
-        if off.get() >= self.file.len()? {
-            return Ok(false); // the slow path reports the corruption
-        }
-        let mut raw = vec![0u8; self.view.cache().slice_bytes as usize];
-        self.file.read_zero_padded(&mut raw, slice, "L2 table")?;
-        let words = crate::format::be::u64_table(&raw);
-        let mut m = self.lock_meta();
-        // The L1 entry may have moved on (copy-on-write of a shared table) meanwhile.
-        if self.view.l1_entry(l1_index) != Some(e) {
-            return Ok(false);
-        }
-        m.install_l2(&self.file, slice, words, generation)
+        let (slice, _) = self.view.slice_of(off, guest.l2_index(&self.geo));
+        read::with_l2_slice(self, slice, |raw| {
+            let mut m = self.lock_meta();
+            // The L1 entry may have moved on (copy-on-write of a shared table) meanwhile.
+            if self.view.l1_entry(l1_index) != Some(e) {
+                return Ok(false);
+            }
+            m.install_l2(&self.file, (l1_index, s), slice, raw, generation)
+        })
     }
 
     /// The current overlap-check mode.

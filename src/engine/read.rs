@@ -6,6 +6,7 @@ use crate::error::Result;
 use crate::format::entry::{Mapping, SubclusterState};
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crate::options::{Extent, EXTENT_ALLOCATED, EXTENT_BACKING, EXTENT_COMPRESSED, EXTENT_ZERO};
+use std::cell::RefCell;
 
 /// Where the bytes of one guest segment come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +166,9 @@ fn map_segments(
 
 /// Reads `buf.len()` guest bytes at `offset` (range already checked).
 pub fn read(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+    if read_one_data_cluster(img, buf, offset)? {
+        return Ok(());
+    }
     let mut segments = SegBuf::new();
     let mut done = 0usize;
     let request_end = offset + buf.len() as u64;
@@ -187,6 +191,24 @@ pub fn read(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
     Ok(())
 }
 
+/// The common small request in one step: inside one cluster that the lock-free view maps to
+/// host data of the image file (no subclusters, no data file), read with one call and no
+/// segment list. False (nothing read) for anything else, which takes the general path.
+fn read_one_data_cluster(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<bool> {
+    let geo = &img.geo;
+    let start = offset.in_cluster(geo);
+    if geo.extended_l2 || geo.external_data || start + buf.len() as u64 > geo.cluster_size() {
+        return Ok(false);
+    }
+    match img.view.lookup(geo, img.version, offset) {
+        Some(Mapping::Data { host, .. }) => {
+            img.file.read_zero_padded(buf, host + start, "guest data")?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 fn read_segment(img: &Image, out: &mut [u8], guest: GuestOffset, source: Source) -> Result<()> {
     match source {
         Source::Data(host) => img.data_file().read_zero_padded(out, host, "guest data"),
@@ -207,6 +229,38 @@ fn read_segment(img: &Image, out: &mut [u8], guest: GuestOffset, source: Source)
             Ok(())
         }
     }
+}
+
+/// Reads the L2 slice at host offset `slice` for the lock-free view (no lock held) and hands
+/// its bytes to `install`; false without calling it when the slice lies wholly past the end
+/// of the file (the caller leaves it to the slow path). A slice that straddles the end reads
+/// as zeros past it, as in QEMU.
+pub(super) fn with_l2_slice(
+    img: &Image,
+    slice: HostOffset,
+    install: impl FnOnce(&[u8]) -> Result<bool>,
+) -> Result<bool> {
+    thread_local! {
+        /// One slice buffer per thread: a miss then costs no allocation for the raw bytes.
+        static RAW: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    /// Larger slices (whole tables of large clusters) get a buffer of their own rather than
+    /// pinning that much memory to every reading thread.
+    const KEEP: usize = 16 << 10;
+    let len = img.view.cache().slice_bytes as usize;
+    let read = |raw: &mut Vec<u8>| {
+        raw.resize(len, 0);
+        let n = img.file.read_some(raw, slice, "L2 table")?;
+        if n == 0 {
+            return Ok(false);
+        }
+        raw[n..].fill(0);
+        install(raw)
+    };
+    if len > KEEP {
+        return read(&mut Vec::new());
+    }
+    RAW.with(|raw| read(&mut raw.borrow_mut()))
 }
 
 /// Reads and decompresses one compressed cluster.

@@ -174,6 +174,7 @@ impl Image {
         self.file.write_header_fields(&update)?;
         self.file.sync()?;
         m.header.size = new;
+        m.fit_l2_cache(new);
         self.virtual_size.store(new, Ordering::SeqCst);
         // Writers are quiesced: no write lands between the new size and the bitmaps' size.
         self.bitmaps.resize(new);

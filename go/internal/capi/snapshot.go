@@ -21,11 +21,15 @@ func OpenWith(path string, flags uint32, cacheSize uint64, snapshot string) (Han
 }
 
 // CacheSizes are the metadata cache fields of oxcow_open_options (0 = library default).
+// CleanInterval is cache_clean_interval in seconds (CacheCleanNever: never).
 type CacheSizes struct {
-	L2, Refcount, Slice uint64
+	L2, Refcount, Slice, CleanInterval uint64
 }
 
-// OpenWithCaches calls oxcow_open with oxcow_open_options (version 3).
+// CacheCleanNever is OXCOW_CACHE_CLEAN_NEVER.
+const CacheCleanNever = uint64(C.OXCOW_CACHE_CLEAN_NEVER)
+
+// OpenWithCaches calls oxcow_open with oxcow_open_options (version 4).
 func OpenWithCaches(path string, flags uint32, caches CacheSizes, snapshot string) (Handle, *Err) {
 	cpath := C.CString(path)
 	defer C.free(unsafe.Pointer(cpath))
@@ -34,6 +38,7 @@ func OpenWithCaches(path string, flags uint32, caches CacheSizes, snapshot strin
 	copts.cache_size = C.uint64_t(caches.L2)
 	copts.refcount_cache_size = C.uint64_t(caches.Refcount)
 	copts.l2_slice_size = C.uint64_t(caches.Slice)
+	copts.cache_clean_interval = C.uint64_t(caches.CleanInterval)
 	if snapshot != "" {
 		csnap := C.CString(snapshot)
 		defer C.free(unsafe.Pointer(csnap))

@@ -15,7 +15,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// `oxcow bench --help`.
 pub const HELP: &str = "\
@@ -24,7 +24,7 @@ Usage: oxcow bench [-f qcow2|raw] [-c COUNT] [-s SIZE] [-S STEP] [-d DEPTH] [--a
                    [--flush-interval N] [--no-drain] [-U] [-q] [--output human|json]
                    [--overlap-check none|constant|cached|all] [--no-probe]
                    [--l2-cache-size SIZE] [--refcount-cache-size SIZE] [--slice-size SIZE]
-                   FILE
+                   [--cache-clean-interval SECONDS] FILE
 
 Run COUNT read (or, with -w, write) requests of SIZE bytes against FILE and report the time,
 throughput and IOPS. Options mirror 'qemu-img bench', so the same request stream can be sent
@@ -63,6 +63,8 @@ Options:
   --slice-size SIZE          cached slice of an L2 table or refcount block (qemu's
                              l2-cache-entry-size): a power of two, 512 up to the cluster
                              size (default 4k)
+  --cache-clean-interval SECONDS  drop cache entries unused for this long (qemu's
+                             cache-clean-interval; default 600, 0 = never)
   -h, --help          this text
 
 Offsets wrap around to OFFSET when a request would pass the end of the image.
@@ -98,6 +100,7 @@ const SPECS: &[OptSpec] = &[
     opt(&["--l2-cache-size"], true),
     opt(&["--refcount-cache-size"], true),
     opt(&["--slice-size", "--l2-cache-entry-size"], true),
+    opt(&["--cache-clean-interval"], true),
 ];
 
 /// The parsed request stream and run options.
@@ -127,6 +130,7 @@ struct Params {
     l2_cache_size: u64,
     refcount_cache_size: u64,
     slice_size: u64,
+    clean_interval: Option<Duration>,
 }
 
 /// The device under test: the qcow2 engine or the raw file with the same harness.
@@ -237,6 +241,7 @@ fn parse(args: &[String]) -> CliResult<Params> {
         l2_cache_size: 0,
         refcount_cache_size: 0,
         slice_size: 0,
+        clean_interval: None,
     };
     let mut fmt = None;
     let mut files = Vec::new();
@@ -297,6 +302,13 @@ fn parse(args: &[String]) -> CliResult<Params> {
                 p.refcount_cache_size = parse_size(&v)?
             }
             Arg::Opt("--slice-size", Some(v)) => p.slice_size = parse_size(&v)?,
+            Arg::Opt("--cache-clean-interval", Some(v)) => {
+                // qemu's cache-clean-interval: seconds, 0 disables the cleaning.
+                p.clean_interval = Some(Duration::from_secs(parse_num(
+                    "--cache-clean-interval",
+                    &v,
+                )?))
+            }
             Arg::Pos(f) => files.push(f),
             Arg::Opt(..) => unreachable!("every spec is handled"),
         }
@@ -373,6 +385,7 @@ fn open(p: &Params) -> CliResult<Target> {
                 l2_cache_size: p.l2_cache_size,
                 refcount_cache_size: p.refcount_cache_size,
                 l2_slice_size: p.slice_size,
+                cache_clean_interval: p.clean_interval,
                 ..OpenOptions::default()
             },
         )
