@@ -391,7 +391,7 @@ impl Meta {
     }
 
     /// Whether the L2 slice at `slice` is cached (tests).
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub fn l2_cached(&self, slice: HostOffset) -> bool {
         self.l2.contains(slice)
     }
