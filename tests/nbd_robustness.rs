@@ -279,6 +279,38 @@ fn a_client_that_never_reads_replies_cannot_grow_the_server_or_block_its_stop() 
 }
 
 #[test]
+fn a_client_that_pipelines_small_reads_and_never_reads_replies_cannot_grow_the_server() {
+    // Small reads run on the connection's reader thread, their replies collected in a batch:
+    // the batch must stay bounded too, the reader waiting for the client instead of reading on.
+    let dir = TempDir::new("nbd-no-reader-small");
+    let img = dir.join("a.qcow2");
+    qemu_create_with_data(&img, 32 * MIB, "", 0x11, 32 * MIB);
+    let mut srv = NbdServer::unix(Server::Oxcow, &dir, &img, &["-t", "-r"]);
+    let s = transmission(srv.socket.as_ref().unwrap());
+    let rss_before = rss_kib(srv.pid());
+    // 1 GiB of 64 KiB reads requested (16384 requests), none of the replies read; the
+    // requests are sent from another thread, as the server stops reading them.
+    let mut reqs = Vec::new();
+    for i in 0..16384u64 {
+        reqs.extend(request(0, 0, i, (i % 512) * (64 << 10), 64 << 10));
+    }
+    let mut w = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let _ = w.write_all(&reqs);
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let rss = rss_kib(srv.pid());
+    assert!(
+        rss < rss_before + 128 * 1024,
+        "server RSS {rss} KiB (before the requests: {rss_before} KiB)"
+    );
+    let code = srv.signal_and_wait("TERM", Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{}", srv.stderr_text());
+    drop(s);
+    sender.join().unwrap();
+}
+
+#[test]
 fn a_handshake_trickling_in_byte_by_byte_is_cut_at_the_handshake_limit() {
     let dir = TempDir::new("nbd-slow-handshake");
     let img = dir.join("a.qcow2");

@@ -2,8 +2,8 @@
 //! [`execute`] runs one validated request on the image and encodes its complete reply.
 //!
 //! Everything below the seam is the public `oxcow::Image` API, called synchronously from a
-//! worker thread; an asynchronous engine API can replace this one function without touching
-//! negotiation or the transmission loop.
+//! worker thread or the connection's reader thread; an asynchronous engine API can replace
+//! these functions without touching negotiation or the transmission loop.
 
 use std::sync::Arc;
 
@@ -41,6 +41,10 @@ pub struct Export {
     /// The qcow2 backing chain below `image`, opened read-only (sharing) only to answer
     /// `base:allocation` for ranges the image leaves to its backing file, like qemu-nbd.
     pub backing: Vec<Image>,
+    /// The image is served through the page cache without write-through (no `--cache=none`,
+    /// `directsync` or `writethrough`): a small read or write then costs memory copies, not
+    /// a wait for the disk, and may run on the connection's reader thread.
+    pub cached_io: bool,
 }
 
 impl Export {
@@ -79,6 +83,24 @@ pub struct Framing {
 /// Runs one request that passed [`super::transmit::validate`] and returns the whole reply.
 /// `payload` is the WRITE data (empty for other commands).
 pub fn execute(ex: &Export, f: Framing, req: &Request, payload: &[u8]) -> Vec<u8> {
+    if req.command == CMD_READ {
+        let mut out = Vec::new();
+        read(ex, f, req, &mut out);
+        return out;
+    }
+    execute_other(ex, f, req, payload)
+}
+
+/// Like [`execute`], but appends the reply to `out` (a READ's data is read into it in place).
+pub fn execute_into(ex: &Export, f: Framing, req: &Request, payload: &[u8], out: &mut Vec<u8>) {
+    if req.command == CMD_READ {
+        read(ex, f, req, out);
+    } else {
+        out.extend_from_slice(&execute_other(ex, f, req, payload));
+    }
+}
+
+fn execute_other(ex: &Export, f: Framing, req: &Request, payload: &[u8]) -> Vec<u8> {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let (off, len) = (req.offset, u64::from(req.length));
     let done = |r: oxcow::Result<()>| match r {
@@ -86,7 +108,6 @@ pub fn execute(ex: &Export, f: Framing, req: &Request, payload: &[u8]) -> Vec<u8
         Err(e) => error_reply(f, req.cookie, wire_error(&e), &e.to_string()),
     };
     match req.command {
-        CMD_READ => read(ex, f, req),
         CMD_WRITE => done(
             ex.image
                 .write_at(payload, off)
@@ -132,36 +153,39 @@ fn write_zeroes(ex: &Export, f: Framing, req: &Request) -> Vec<u8> {
     }
 }
 
-/// READ: one data chunk (or a simple reply followed by the data). The buffer is allocated
-/// with the reply header in front so the reply leaves in one write.
-fn read(ex: &Export, f: Framing, req: &Request) -> Vec<u8> {
+/// READ: appends one data chunk (or a simple reply followed by the data) to `out`. The data
+/// is read in place behind its header so the reply leaves with the others in one write.
+fn read(ex: &Export, f: Framing, req: &Request, out: &mut Vec<u8>) {
     let len = req.length as usize;
     if len == 0 {
-        return ok_reply(f, req.cookie);
+        out.extend_from_slice(&ok_reply(f, req.cookie));
+        return;
     }
     let head = if f.structured {
         CHUNK_HEADER_LEN + 8
     } else {
         16
     };
-    let mut out = vec![0u8; head + len];
-    if let Err(e) = ex.image.read_at(&mut out[head..], req.offset) {
-        return error_reply(f, req.cookie, wire_error(&e), &e.to_string());
+    let start = out.len();
+    if out.capacity() == 0 {
+        // A fresh zeroed allocation: large ones come as untouched zero pages, no memset.
+        *out = vec![0u8; head + len];
+    } else {
+        out.resize(start + head + len, 0);
+    }
+    let reply = &mut out[start..];
+    if let Err(e) = ex.image.read_at(&mut reply[head..], req.offset) {
+        out.truncate(start);
+        out.extend_from_slice(&error_reply(f, req.cookie, wire_error(&e), &e.to_string()));
+        return;
     }
     if f.structured {
         let kind = REPLY_TYPE_OFFSET_DATA;
-        chunk_header(
-            &mut out,
-            REPLY_FLAG_DONE,
-            kind,
-            req.cookie,
-            (len + 8) as u32,
-        );
-        out[20..28].copy_from_slice(&req.offset.to_be_bytes());
+        chunk_header(reply, REPLY_FLAG_DONE, kind, req.cookie, (len + 8) as u32);
+        reply[20..28].copy_from_slice(&req.offset.to_be_bytes());
     } else {
-        out[..16].copy_from_slice(&simple_reply(req.cookie, 0));
+        reply[..16].copy_from_slice(&simple_reply(req.cookie, 0));
     }
-    out
 }
 
 /// BLOCK_STATUS: one chunk per selected context, the last one marked done.

@@ -4,9 +4,10 @@
 //! library's public API (`Image::open`, `read_at`, `write_at`, `write_zeroes`, `discard`,
 //! `flush`, `block_status`, `bitmap_status`, `close`). Layout: `proto` (wire constants and
 //! structures), `negotiate` (handshake and options), `context` (metadata contexts),
-//! `transmit` (the request loop and worker pool), `exec` (one request on the image: the seam
-//! an asynchronous engine API would replace), `server` (listeners, connections, stop),
-//! `stream` (Unix/TCP sockets) and `sys` (signals, fork: the only unsafe code).
+//! `transmit` (the request loop: small page-cache requests inline with batched replies, the
+//! rest on a worker pool), `exec` (one request on the image: the seam an asynchronous engine
+//! API would replace), `server` (listeners, connections, stop), `stream` (Unix/TCP sockets)
+//! and `sys` (signals, fork: the only unsafe code).
 
 mod context;
 mod exec;
@@ -256,6 +257,7 @@ fn open_export(c: &Config) -> CliResult<exec::Export> {
         fast_zero,
         multi_conn: c.shared > 1,
         backing,
+        cached_io: !opts.direct && !opts.writethrough,
     })
 }
 

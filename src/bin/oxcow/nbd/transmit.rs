@@ -1,13 +1,26 @@
-//! The transmission phase of one connection: a reader thread takes requests off the socket,
-//! validates them and hands them to a small pool of workers, which run them concurrently on
-//! the shared image (through [`exec::execute`]) and write each complete reply under one lock,
-//! in whatever order they finish.
+//! The transmission phase of one connection. A reader thread takes requests off the socket
+//! and validates them. Small READs and WRITEs on an export served through the page cache
+//! ([`Export::cached_io`]) it runs itself, event-loop style: each reply is appended to a
+//! [`Batch`], which goes out in one write once no further complete request is buffered (or
+//! the batch is full), so a pipeline of requests costs one read and one write system call
+//! and no thread hand-off. Everything else (FLUSH, FUA, large transfers, zeroing, trimming,
+//! block status, any request on an O_DIRECT or write-through export) goes to a small pool of
+//! workers, which run requests concurrently on the shared image (through
+//! [`exec::execute`]) and write each complete reply under the writer lock, in whatever
+//! order they finish.
+//!
+//! Ordering: NBD lets replies come in any order; a FLUSH covers the writes whose replies
+//! were sent before it, and a request run on the reader is complete before its reply is
+//! even queued.
 //!
 //! Bounds: at most [`MAX_IN_FLIGHT`] requests and [`MAX_BYTES_IN_FLIGHT`] payload bytes are
-//! queued or running per connection; when either is reached the reader stops reading the
-//! socket until a reply has gone out, so a client cannot make the server buffer more.
+//! queued or running on the workers per connection; when either is reached the reader stops
+//! reading the socket until a reply has gone out. The reader's own batch holds at most
+//! [`MAX_BATCH`] bytes plus one reply of at most [`MAX_INLINE`] bytes: when it is full the
+//! reader writes it out (blocking while the client does not read) before it reads on. So a
+//! client cannot make the server buffer more.
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -22,6 +35,10 @@ pub const MAX_IN_FLIGHT: usize = 64;
 pub const MAX_BYTES_IN_FLIGHT: u64 = 64 << 20;
 /// Worker threads per connection.
 pub const WORKERS: usize = 16;
+/// Largest READ/WRITE the reader runs itself; larger ones go to the workers.
+pub const MAX_INLINE: u32 = 64 << 10;
+/// Reply bytes the reader collects before it writes them out even with requests pending.
+pub const MAX_BATCH: usize = 256 << 10;
 
 /// A request the reader accepted, with its WRITE payload.
 struct Job {
@@ -68,7 +85,9 @@ pub fn serve(mut r: BufReader<Stream>, w: Stream, ex: Arc<Export>, f: Framing) {
             thread::spawn(move || worker(&rx, &writer, &window, &ex, f))
         })
         .collect();
-    let _ = read_loop(&mut r, &tx, &writer, &window, &ex, f);
+    let mut batch = Batch::new(&writer);
+    let _ = read_loop(&mut r, &tx, &mut batch, &window, &ex, f);
+    batch.send();
     drop(tx);
     for t in workers {
         let _ = t.join();
@@ -105,15 +124,55 @@ fn send(writer: &Mutex<Stream>, reply: &[u8]) {
     }
 }
 
+/// Replies of the requests the reader ran itself, written out together.
+struct Batch<'a> {
+    out: Vec<u8>,
+    writer: &'a Mutex<Stream>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(writer: &'a Mutex<Stream>) -> Batch<'a> {
+        Batch {
+            out: Vec::new(),
+            writer,
+        }
+    }
+
+    /// Writes out the collected replies (the reader is about to wait or to stop).
+    fn send(&mut self) {
+        if !self.out.is_empty() {
+            send(self.writer, &self.out);
+            self.out.clear();
+        }
+    }
+
+    /// Writes out the collected replies unless `n` more bytes are already buffered to read
+    /// (the reader would then not wait on the socket).
+    fn send_unless_buffered(&mut self, r: &BufReader<Stream>, n: usize) {
+        if r.buffer().len() < n {
+            self.send();
+        }
+    }
+
+    /// Writes out the collected replies once they fill the batch.
+    fn send_if_full(&mut self) {
+        if self.out.len() >= MAX_BATCH {
+            self.send();
+        }
+    }
+}
+
 fn read_loop(
     r: &mut BufReader<Stream>,
     tx: &mpsc::Sender<Job>,
-    writer: &Mutex<Stream>,
+    batch: &mut Batch,
     window: &Window,
     ex: &Export,
     f: Framing,
 ) -> io::Result<()> {
+    let mut scratch = Vec::new();
     loop {
+        batch.send_unless_buffered(r, REQUEST_LEN);
         let mut h = [0u8; REQUEST_LEN];
         r.read_exact(&mut h)?;
         let Some(req) = Request::parse(&h) else {
@@ -125,11 +184,21 @@ fn read_loop(
         let has_payload = req.command == CMD_WRITE;
         if let Err((err, msg)) = validate(ex, f, &req) {
             if has_payload {
+                batch.send_unless_buffered(r, req.length as usize);
                 drop_bytes(r, u64::from(req.length))?;
             }
-            send(writer, &exec::error_reply(f, req.cookie, err, msg));
+            batch
+                .out
+                .extend_from_slice(&exec::error_reply(f, req.cookie, err, msg));
+            batch.send_if_full();
             continue;
         }
+        if runs_inline(ex, &req) {
+            run_inline(r, batch, &mut scratch, ex, f, &req)?;
+            batch.send_if_full();
+            continue;
+        }
+        batch.send();
         let cost = match req.command {
             CMD_READ | CMD_WRITE => u64::from(req.length),
             _ => 0,
@@ -148,6 +217,47 @@ fn read_loop(
             return Ok(());
         }
     }
+}
+
+/// Whether the reader runs `req` itself: it does not wait for the disk (page-cache I/O, no
+/// FUA) and is small, so it holds up the requests behind it less than a hand-off would cost.
+fn runs_inline(ex: &Export, req: &Request) -> bool {
+    if !ex.cached_io {
+        return false;
+    }
+    match req.command {
+        CMD_READ | CMD_WRITE => req.length <= MAX_INLINE && req.flags & CMD_FLAG_FUA == 0,
+        CMD_CACHE => true,
+        CMD_TRIM => !ex.discard, // accepted and ignored
+        _ => false,
+    }
+}
+
+/// Runs a validated request on the reader thread and appends its reply to the batch. A
+/// WRITE's payload is used where it lies in the read buffer when it is all there.
+fn run_inline(
+    r: &mut BufReader<Stream>,
+    batch: &mut Batch,
+    scratch: &mut Vec<u8>,
+    ex: &Export,
+    f: Framing,
+    req: &Request,
+) -> io::Result<()> {
+    if req.command != CMD_WRITE {
+        exec::execute_into(ex, f, req, &[], &mut batch.out);
+        return Ok(());
+    }
+    let len = req.length as usize;
+    if r.buffer().len() >= len {
+        exec::execute_into(ex, f, req, &r.buffer()[..len], &mut batch.out);
+        r.consume(len);
+    } else {
+        batch.send();
+        scratch.resize(len, 0);
+        r.read_exact(scratch)?;
+        exec::execute_into(ex, f, req, scratch, &mut batch.out);
+    }
+    Ok(())
 }
 
 /// Checks a request before any work or allocation: the error to reply otherwise.
