@@ -219,10 +219,23 @@ fn on_disk(img: &Path, r: &Req) -> Vec<u8> {
 
 #[test]
 fn pipelined_writes_flushes_and_reads_are_answered_once_each_with_the_modelled_bytes() {
+    pipelined_rounds(&["-t"], true);
+}
+
+#[test]
+fn pipelined_requests_on_a_write_through_export_all_run_on_the_workers_correctly() {
+    // Nothing runs on the reader here, so a FLUSH need not cover writes still running.
+    pipelined_rounds(&["-t", "--cache", "writethrough"], false);
+}
+
+/// Four rounds of pipelined writes with a FLUSH, each followed by pipelined reads checked
+/// against the model; with `flush_covers_small_writes`, the small writes sent before the
+/// FLUSH must be on disk when it is answered.
+fn pipelined_rounds(args: &[&str], flush_covers_small_writes: bool) {
     let dir = TempDir::new("nbd-pipeline");
     let img = dir.join("a.qcow2");
     qemu_create(&img, SIZE, "");
-    let mut srv = NbdServer::unix(Server::Oxcow, &dir, &img, &["-t"]);
+    let mut srv = NbdServer::unix(Server::Oxcow, &dir, &img, args);
     let mut s = transmission(srv.socket.as_ref().unwrap());
     let mut model = vec![0u8; SIZE as usize];
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -230,7 +243,10 @@ fn pipelined_writes_flushes_and_reads_are_answered_once_each_with_the_modelled_b
         let writes = write_round(&mut rng, round);
         assert!(writes.iter().any(|r| r.cmd == CMD_FLUSH), "round {round}");
         let flush = writes.iter().position(|r| r.cmd == CMD_FLUSH).unwrap() as u64;
-        let covered = small_writes_before_flush(&writes);
+        let mut covered = small_writes_before_flush(&writes);
+        if !flush_covers_small_writes {
+            covered.clear();
+        }
         let mut on_flush = Vec::new();
         pipeline(&mut s, &writes, |cookie| {
             if cookie == flush {
