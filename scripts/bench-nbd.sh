@@ -20,6 +20,7 @@
 #                   (default "oxcow qemu-nbd qsd", or "oxcow oxcow2 qemu-nbd" with OXCOW_BIN2)
 #   OXCOW_BIN=path benchmarks that binary instead of building one
 #   OXCOW_BIN2=path a second oxcow binary (server "oxcow2"), for old-vs-new runs
+#   VERBOSE=1 also prints every run (case, server, op/s, CPU us/request) in run order
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=3
@@ -139,6 +140,7 @@ for r in $(seq "$REPS"); do
     done
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+[ -n "${VERBOSE:-}" ] && cat "$DIR/results"
 python3 - "$DIR/results" "$CASES" "$SERVERS" <<'PY'
 import sys, statistics
 ops, cpu = {}, {}
