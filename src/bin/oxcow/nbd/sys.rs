@@ -1,6 +1,7 @@
 //! The few operating-system calls the NBD server needs that std does not offer: signal
 //! handlers for a graceful stop, `fork` for `--fork`, `poll` to wait for a connection while
-//! watching for a stop request, and `dup2` to detach a daemon from the caller's terminal.
+//! watching for a stop request, `dup2` to detach a daemon from the caller's terminal, and
+//! `getrusage` to see whether the reader thread's requests wait for the disk.
 //!
 //! They need `unsafe` libc calls, so they live together in this one small module, each
 //! with its safety argument, and the rest of the server stays safe code.
@@ -121,4 +122,21 @@ fn parent_wait(mut rd: File) -> ! {
         None => eprintln!("oxcow: the server process exited during startup"),
     }
     std::process::exit(1)
+}
+
+/// Blocks (512 bytes each) the calling thread has read from storage so far: it grows when a
+/// read missed the page cache. 0 where the kernel does not account it.
+pub fn thread_disk_blocks() -> u64 {
+    // SAFETY: `ru` is a plain C struct that getrusage fills in completely on success; it is
+    // only read when the call succeeded.
+    let (r, ru) = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        let r = libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        (r, ru)
+    };
+    if r == 0 {
+        ru.ru_inblock as u64
+    } else {
+        0
+    }
 }

@@ -9,9 +9,15 @@
 //! [`exec::execute`]) and write each complete reply under the writer lock, in whatever
 //! order they finish.
 //!
-//! Ordering: NBD lets replies come in any order; a FLUSH covers the writes whose replies
-//! were sent before it, and a request run on the reader is complete before its reply is
-//! even queued.
+//! A request that misses the page cache would hold up the whole pipeline on the reader while
+//! the workers could read in parallel: when the reader's thread read blocks from storage
+//! since it last waited for the socket ([`sys::thread_disk_blocks`]), the next
+//! [`COLD_OFFLOAD`] requests go to the workers, then the reader tries again.
+//!
+//! Ordering: NBD lets replies come in any order and only asks a FLUSH to cover the writes
+//! whose replies were sent before it. Here a FLUSH covers every write sent before it: a
+//! request run on the reader is complete before the reader reads on, and a FLUSH waits
+//! until the requests already on the workers are done before it starts.
 //!
 //! Bounds: at most [`MAX_IN_FLIGHT`] requests and [`MAX_BYTES_IN_FLIGHT`] payload bytes are
 //! queued or running on the workers per connection; when either is reached the reader stops
@@ -28,6 +34,7 @@ use std::thread;
 use super::exec::{self, Export, Framing, MAX_PAYLOAD};
 use super::proto::*;
 use super::stream::{drop_bytes, Stream};
+use super::sys;
 
 /// Requests queued or running per connection.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -39,6 +46,8 @@ pub const WORKERS: usize = 16;
 pub const MAX_INLINE: u32 = 64 << 10;
 /// Reply bytes the reader collects before it writes them out even with requests pending.
 pub const MAX_BATCH: usize = 256 << 10;
+/// Requests the reader hands to the workers after its own ones read from the disk.
+pub const COLD_OFFLOAD: u32 = 256;
 
 /// A request the reader accepted, with its WRITE payload.
 struct Job {
@@ -62,6 +71,14 @@ impl Window {
         }
         s.0 += 1;
         s.1 += cost;
+    }
+
+    /// Waits until nothing is queued or running on the workers.
+    fn wait_idle(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while s.0 > 0 {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     fn release(&self, cost: u64) {
@@ -171,8 +188,12 @@ fn read_loop(
     f: Framing,
 ) -> io::Result<()> {
     let mut scratch = Vec::new();
+    let mut cold = ColdCache::default();
     loop {
-        batch.send_unless_buffered(r, REQUEST_LEN);
+        if r.buffer().len() < REQUEST_LEN {
+            batch.send();
+            cold.check();
+        }
         let mut h = [0u8; REQUEST_LEN];
         r.read_exact(&mut h)?;
         let Some(req) = Request::parse(&h) else {
@@ -193,12 +214,15 @@ fn read_loop(
             batch.send_if_full();
             continue;
         }
-        if runs_inline(ex, &req) {
+        if runs_inline(ex, &req) && !cold.offload() {
             run_inline(r, batch, &mut scratch, ex, f, &req)?;
             batch.send_if_full();
             continue;
         }
         batch.send();
+        if req.command == CMD_FLUSH {
+            window.wait_idle(); // the FLUSH covers every write sent before it
+        }
         let cost = match req.command {
             CMD_READ | CMD_WRITE => u64::from(req.length),
             _ => 0,
@@ -216,6 +240,34 @@ fn read_loop(
             window.release(cost);
             return Ok(());
         }
+    }
+}
+
+/// Whether the reader's own requests went to the disk lately.
+#[derive(Default)]
+struct ColdCache {
+    blocks: u64,
+    offload_left: u32,
+}
+
+impl ColdCache {
+    /// Called when the reader is about to wait for the socket: if it read from storage
+    /// since the last call, the next [`COLD_OFFLOAD`] requests go to the workers.
+    fn check(&mut self) {
+        let now = sys::thread_disk_blocks();
+        if now > self.blocks {
+            self.offload_left = COLD_OFFLOAD;
+        }
+        self.blocks = now;
+    }
+
+    /// Whether to hand a request the reader could run to the workers instead.
+    fn offload(&mut self) -> bool {
+        if self.offload_left == 0 {
+            return false;
+        }
+        self.offload_left -= 1;
+        true
     }
 }
 
