@@ -47,7 +47,7 @@ pub const MAX_INLINE: u32 = 64 << 10;
 /// Reply bytes the reader collects before it writes them out even with requests pending.
 pub const MAX_BATCH: usize = 256 << 10;
 /// Requests the reader hands to the workers after its own ones read from the disk.
-pub const COLD_OFFLOAD: u32 = 256;
+pub const COLD_OFFLOAD: u32 = 1024;
 
 /// A request the reader accepted, with its WRITE payload.
 struct Job {
