@@ -3,11 +3,11 @@
 //! ([`Export::cached_io`]) it runs itself, event-loop style: each reply is appended to a
 //! [`Batch`], which goes out in one write once no further complete request is buffered (or
 //! the batch is full), so a pipeline of requests costs one read and one write system call
-//! and no thread hand-off. Everything else (FLUSH, FUA, large transfers, zeroing, trimming,
-//! block status, any request on an O_DIRECT or write-through export) goes to a small pool of
-//! workers, which run requests concurrently on the shared image (through
-//! [`exec::execute`]) and write each complete reply under the writer lock, in whatever
-//! order they finish.
+//! and no thread hand-off. Everything else (FLUSH, FUA, large transfers, zeroing, trims
+//! that free clusters, block status, any request on an O_DIRECT or write-through export)
+//! goes to a small pool of workers, which run requests concurrently on the shared image
+//! (through [`exec::execute`]) and write each complete reply under the writer lock, in
+//! whatever order they finish.
 //!
 //! A request that misses the page cache would hold up the whole pipeline on the reader while
 //! the workers could read in parallel: when the reader's thread read blocks from storage
@@ -188,7 +188,7 @@ fn read_loop(
     f: Framing,
 ) -> io::Result<()> {
     let mut scratch = Vec::new();
-    let mut cold = ColdCache::default();
+    let mut cold = ColdCache::new();
     loop {
         if r.buffer().len() < REQUEST_LEN {
             batch.send();
@@ -244,13 +244,20 @@ fn read_loop(
 }
 
 /// Whether the reader's own requests went to the disk lately.
-#[derive(Default)]
 struct ColdCache {
     blocks: u64,
     offload_left: u32,
 }
 
 impl ColdCache {
+    /// Starts from what the thread has read so far (the handshake is not a request).
+    fn new() -> ColdCache {
+        ColdCache {
+            blocks: sys::thread_disk_blocks(),
+            offload_left: 0,
+        }
+    }
+
     /// Called when the reader is about to wait for the socket: if it read from storage
     /// since the last call, the next [`COLD_OFFLOAD`] requests go to the workers.
     fn check(&mut self) {
