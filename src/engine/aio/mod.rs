@@ -11,7 +11,12 @@
 //! ([`AioBackend::Threads`]); every ordering rule of the synchronous path holds because it is
 //! the synchronous path. With [`AioBackend::IoUring`], reads inside one cluster whose mapping
 //! is cached go to an io_uring instead (or are zero-filled at once), holding the same grace
-//! pin as a synchronous read until their completion; everything else still runs on the pool.
+//! pin as a synchronous read until their completion, and so do in-place overwrites of data
+//! the image owns (one cluster, every touched subcluster allocated, not writethrough,
+//! O_DIRECT-aligned), which also hold a registration in the data file's ring writes until
+//! their completion: control operations that quiesce writers and O_DIRECT read-modify-write
+//! cycles wait for those as they wait for synchronous writers (see `storage::ringwrites`).
+//! Everything else still runs on the pool.
 //! io_uring is used where the kernel allows it (not: ENOSYS, EPERM from seccomp or
 //! kernel.io_uring_disabled), unless [`AioOptions::force_threads`] or
 //! `OXCOW_AIO_BACKEND=threads` asks for the pool. Requests in flight are not ordered against each other (as in
@@ -28,7 +33,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::storage::notify::EventFd;
 use crate::Image;
 use pool::{Pool, Shared};
-use ring::RingPath;
+use ring::{RingDrain, RingPath};
 use std::ops::Deref;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -90,7 +95,9 @@ where
 {
     shared: Arc<Shared<I, B, T>>,
     pool: Pool,
-    ring: Option<RingPath<B, T>>,
+    ring: Option<Arc<RingPath<B, T>>>,
+    /// The ring's drain hook, registered (weakly) with the data file's ring writes.
+    _drain: Option<Arc<dyn crate::storage::Drain>>,
     depth: usize,
     next_cookie: AtomicU64,
     /// Submitted and not yet returned by poll.
@@ -125,11 +132,21 @@ where
         // Where io_uring is unavailable the pool serves everything: same API, same results.
         let ring = (!threads_only)
             .then(|| RingPath::new(shared.efd.as_raw_fd(), depth).ok())
-            .flatten();
+            .flatten()
+            .map(Arc::new);
+        let drain = ring.as_ref().map(|ring| {
+            let d: Arc<dyn crate::storage::Drain> = Arc::new(RingDrain {
+                shared: Arc::clone(&shared),
+                ring: Arc::clone(ring),
+            });
+            shared.image.data_file().ring_writes().register(&d);
+            d
+        });
         Ok(AioQueue {
             shared,
             pool,
             ring,
+            _drain: drain,
             depth: depth as usize,
             next_cookie: AtomicU64::new(1),
             outstanding: AtomicUsize::new(0),
@@ -254,3 +271,6 @@ where
         self.pool.join();
     }
 }
+
+#[cfg(test)]
+mod tests;
