@@ -146,6 +146,11 @@ impl<T> Ring<T> {
         self.ring.submit_and_wait(want)
     }
 
+    /// Entries queued and not yet submitted to the kernel.
+    pub fn unsubmitted(&mut self) -> usize {
+        self.ring.submission().len()
+    }
+
     /// Whether completions are ready to reap.
     pub fn has_completions(&mut self) -> bool {
         !self.ring.completion().is_empty()

@@ -171,8 +171,9 @@ where
         self.depth
     }
 
-    /// A descriptor that is readable while completions wait to be polled (level-triggered:
-    /// poll drains it). Valid as long as the queue.
+    /// A descriptor that is readable while completions wait to be polled, or while requests
+    /// queued for io_uring wait for a poll to submit them as one batch (a poll may then
+    /// return nothing yet). Level-triggered: poll drains it. Valid as long as the queue.
     pub fn fd(&self) -> RawFd {
         self.shared.efd.as_raw_fd()
     }
@@ -213,6 +214,20 @@ where
         Ok(cookie)
     }
 
+    /// Opens a plugged section, which ends when the guard is dropped: requests for io_uring
+    /// submitted meanwhile are queued and handed to the kernel together, with one system
+    /// call, when the last open section ends (or earlier: by a poll, or when the submission
+    /// queue is full). Do not wait on [`Self::fd`] inside a section: its requests may not
+    /// have started. Without io_uring it changes nothing.
+    pub fn plug(&self) -> AioPlug<'_, B, T> {
+        if let Some(r) = &self.ring {
+            r.plug();
+        }
+        AioPlug {
+            ring: self.ring.as_deref(),
+        }
+    }
+
     /// Returns up to `max` finished requests, in completion order. Waits for the first one
     /// up to `timeout` (`None`: as long as requests are in flight; zero: not at all); returns
     /// an empty list at once when nothing is in flight.
@@ -251,6 +266,20 @@ where
                 return done;
             }
             self.shared.efd.wait(left);
+        }
+    }
+}
+
+/// An open plugged section of a queue (see [`AioQueue::plug`]).
+#[must_use = "the section ends (and its requests are submitted) when the guard is dropped"]
+pub struct AioPlug<'a, B: AioBuf, T: Send + 'static> {
+    ring: Option<&'a RingPath<B, T>>,
+}
+
+impl<B: AioBuf, T: Send + 'static> Drop for AioPlug<'_, B, T> {
+    fn drop(&mut self) {
+        if let Some(r) = self.ring {
+            r.unplug();
         }
     }
 }

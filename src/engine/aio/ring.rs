@@ -13,6 +13,7 @@ use crate::Image;
 use std::io;
 use std::ops::Deref;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A request on the ring, with the grace pin it holds until its completion (and, for a
@@ -34,6 +35,8 @@ impl<B: AioBuf, T> HotReq<B, T> {
 /// The ring and what runs on it.
 pub(super) struct RingPath<B, T> {
     ring: Mutex<Ring<HotReq<B, T>>>,
+    /// Open plugged sections (entries queued meanwhile are submitted when the last ends).
+    plugs: AtomicUsize,
 }
 
 /// The first buffer of a write request (empty for anything else).
@@ -59,6 +62,7 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         ring.register_eventfd(efd)?;
         Ok(RingPath {
             ring: Mutex::new(ring),
+            plugs: AtomicUsize::new(0),
         })
     }
 
@@ -118,8 +122,7 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
                 let mut ring = self.lock();
                 match ring.read(fd, host, req, |r| read_buf(&mut r.op)) {
                     Ok(()) => {
-                        // A failed submit leaves the entry queued; the next poll retries.
-                        let _ = ring.submit();
+                        self.submit_unless_plugged(&mut ring);
                         None
                     }
                     Err(refused) => {
@@ -172,8 +175,7 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         let mut ring = self.lock();
         match ring.write(fd, host, req, |r| write_buf(&r.op)) {
             Ok(()) => {
-                // A failed submit leaves the entry queued; the next poll retries.
-                let _ = ring.submit();
+                self.submit_unless_plugged(&mut ring);
                 None
             }
             Err(refused) => {
@@ -259,9 +261,41 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         }
     }
 
+    /// Entries queued and not yet handed to the kernel.
+    #[cfg(test)]
+    pub(super) fn unsubmitted(&self) -> usize {
+        self.lock().unsubmitted()
+    }
+
     /// Whether the kernel has posted completions not reaped yet.
     pub(super) fn has_completions(&self) -> bool {
         self.lock().has_completions()
+    }
+
+    /// Starts a plugged section (see [`super::AioQueue::plug`]).
+    pub(super) fn plug(&self) {
+        self.plugs.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Ends a plugged section; the last one submits what was queued meanwhile.
+    pub(super) fn unplug(&self) {
+        if self.plugs.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut ring = self.lock();
+            if ring.unsubmitted() > 0 {
+                // A failed submit leaves the entries queued; the next poll retries.
+                let _ = ring.submit();
+            }
+        }
+    }
+
+    /// Starts a queued entry now, unless a plugged section is open: then it waits for the
+    /// end of the section (or a poll, or a full submission queue) to go in one
+    /// io_uring_enter with the others.
+    fn submit_unless_plugged(&self, ring: &mut Ring<HotReq<B, T>>) {
+        if self.plugs.load(Ordering::Acquire) == 0 {
+            // A failed submit leaves the entry queued; the next poll retries.
+            let _ = ring.submit();
+        }
     }
 
     /// Waits for every request on the ring (queue shutdown), releasing their pins.

@@ -126,3 +126,37 @@ fn a_snapshot_taken_by_the_owner_waits_for_its_ring_writes_and_later_ones_copy()
         .expect("check");
     assert_eq!(report.corruptions + report.leaks, 0, "{report:?}");
 }
+
+fn unsubmitted(q: &Queue) -> usize {
+    q.ring.as_ref().map_or(0, |r| r.unsubmitted())
+}
+
+#[test]
+fn a_plugged_section_submits_its_ring_requests_together_at_its_end_or_at_a_poll() {
+    let (_d, img) = image("plug", OpenOptions::default());
+    let Some(q) = ring_queue(&img) else { return };
+    {
+        let _plug = q.plug();
+        for i in 0..4 {
+            write(&q, i * 4096, vec![9u8; 4096]);
+        }
+        assert_eq!(unsubmitted(&q), 4, "submitted inside the section");
+    }
+    assert_eq!(
+        unsubmitted(&q),
+        0,
+        "not submitted at the end of the section"
+    );
+    poll_all(&q);
+    // A poll inside a section starts what is queued instead of waiting forever.
+    let plug = q.plug();
+    write(&q, 8192, vec![6u8; 4096]);
+    assert_eq!(unsubmitted(&q), 1);
+    poll_all(&q);
+    drop(plug);
+    let mut buf = vec![0u8; 16384];
+    img.read_at(&mut buf, 0).expect("read");
+    assert!(buf[..8192].iter().all(|&b| b == 9));
+    assert!(buf[8192..12288].iter().all(|&b| b == 6));
+    assert!(buf[12288..].iter().all(|&b| b == 9));
+}
