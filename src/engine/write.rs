@@ -172,16 +172,22 @@ fn decide(
     })
 }
 
-/// Where `len` bytes at guest `pos` (within one cluster) can be overwritten in place, from
-/// the lock-free view alone: the host offset when the cluster is data this image owns
-/// (COPIED) with every touched subcluster allocated; `None` when the full write path must
+/// Where `len` bytes at guest `pos` (byte `start` of its cluster; the range within the
+/// cluster) can be overwritten in place, from the lock-free view alone: the host offset
+/// when the cluster is data this image owns (COPIED) with every touched subcluster
+/// allocated; `None` when the full write path must
 /// decide (L2 not cached, shared, compressed, zero or unallocated subclusters). The caller
 /// holds the write gate (or a ring-write registration) and a grace pin from before the
 /// lookup until its write has completed.
-#[inline]
-pub(super) fn in_place_target(img: &Image, pos: GuestOffset, len: u64) -> Option<HostOffset> {
+// Inlined: it is the synchronous overwrite's per-cluster step.
+#[inline(always)]
+pub(super) fn in_place_target(
+    img: &Image,
+    pos: GuestOffset,
+    start: u64,
+    len: u64,
+) -> Option<HostOffset> {
     let geo = img.geo;
-    let start = pos.in_cluster(&geo);
     match img.view.lookup(&geo, img.version, pos) {
         Some(Mapping::Data {
             host,
@@ -221,7 +227,7 @@ fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset
     while pos < end {
         let start = pos.in_cluster(&geo);
         let len = (cs - start).min(end.since(pos));
-        let Some(host) = in_place_target(img, pos, len) else {
+        let Some(host) = in_place_target(img, pos, start, len) else {
             break;
         };
         // Within the request, so it fits the buffer.

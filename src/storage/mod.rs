@@ -70,7 +70,8 @@ pub trait Backend: Send + Sync {
         None
     }
     /// Whether a write of `[offset, offset+len)` reads and rewrites blocks around it
-    /// (O_DIRECT with an unaligned range), so it must not run beside a ring write.
+    /// (O_DIRECT with an unaligned range), so it must not run beside a ring write. Only
+    /// asked for ranges not aligned to [`posix::DIRECT_ALIGN`].
     fn rewrites_around(&self, offset: u64, len: u64) -> bool {
         let _ = (offset, len);
         false
@@ -259,10 +260,21 @@ impl HostFile {
             .check_write(offset, buf.len() as u64, kind.updates())?;
         self.raise_written_end(offset.saturating_add(buf.len() as u64));
         // Ring writes go only to data clusters of at least one O_DIRECT block, so only a
-        // data write can rewrite a block one of them is changing.
-        let _excluded = (matches!(kind, WriteKind::Data)
-            && self.backend.rewrites_around(offset, buf.len() as u64))
-        .then(|| self.ring_writes.exclude());
+        // data write can rewrite a block one of them is changing. Aligned writes (the
+        // common case) skip the backend's check: no backend rewrites around a range
+        // aligned to its largest block.
+        if matches!(kind, WriteKind::Data)
+            && (offset | buf.len() as u64) % posix::DIRECT_ALIGN != 0
+            && self.backend.rewrites_around(offset, buf.len() as u64)
+        {
+            let _excluded = self.ring_writes.exclude();
+            return self.write_to_backend(buf, offset, kind);
+        }
+        self.write_to_backend(buf, offset, kind)
+    }
+
+    #[inline]
+    fn write_to_backend(&self, buf: &[u8], offset: u64, kind: WriteKind) -> Result<()> {
         self.backend.write_at(buf, offset).map_err(|e| {
             Error::io(
                 format!(

@@ -89,7 +89,8 @@ pub(super) fn plan_overwrite(
     if end > img.virtual_size() || geo.cluster_start(offset) != geo.cluster_start(end - 1) {
         return None;
     }
-    let host = super::super::write::in_place_target(img, GuestOffset::new(offset), len as u64)?;
+    let pos = GuestOffset::new(offset);
+    let host = super::super::write::in_place_target(img, pos, pos.in_cluster(geo), len as u64)?;
     let file = img.data_file();
     let fd = match file.uring_target() {
         Some((fd, 0)) => fd,
