@@ -16,11 +16,13 @@
 //! O_DIRECT-aligned), which also hold a registration in the data file's ring writes until
 //! their completion: control operations that quiesce writers and O_DIRECT read-modify-write
 //! cycles wait for those as they wait for synchronous writers (see `storage::ringwrites`).
-//! Everything else still runs on the pool.
+//! Everything else still runs on the pool. Ring requests start at once, or, inside a
+//! plugged section ([`AioQueue::plug`]), together when it ends (one system call for all).
 //! io_uring is used where the kernel allows it (not: ENOSYS, EPERM from seccomp or
 //! kernel.io_uring_disabled), unless [`AioOptions::force_threads`] or
-//! `OXCOW_AIO_BACKEND=threads` asks for the pool. Requests in flight are not ordered against each other (as in
-//! io_uring and NBD): a flush covers the writes that completed before it runs.
+//! `OXCOW_AIO_BACKEND=threads` asks for the pool. Requests in flight are not ordered
+//! against each other (as in io_uring and NBD): a flush covers the writes that completed
+//! before it runs.
 
 mod hot;
 mod op;

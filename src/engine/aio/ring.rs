@@ -217,7 +217,10 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         if ring.in_flight() == 0 {
             return;
         }
-        let _ = ring.submit();
+        // Entering with nothing to submit would cost a system call per poll for nothing.
+        if ring.needs_enter() {
+            let _ = ring.submit();
+        }
         ring.reap(&mut out);
         drop(ring);
         let img: &Image = &shared.image;
