@@ -150,6 +150,77 @@ static void test_poll_loop_threads(void) {
     run_poll_loop(OXCOW_AIO_FORCE_THREADS);
 }
 
+/* Overwrites of written clusters (the io_uring path where available), each callback
+ * submitting the next one: a chain of CHAINS requests in flight, driven by the poll() loop
+ * (requests submitted by callbacks are handed to the kernel after the last callback). */
+#define CHAINS 16
+#define CHAIN_LEN 40
+
+struct chain {
+    oxcow_aio_queue *q;
+    unsigned char *buf;
+    int index, step, done;
+};
+
+static uint64_t chain_offset(int index, int step) {
+    return ((uint64_t)step * CHAINS + (uint64_t)index) * 4 * KiB % (4 * MiB);
+}
+
+static void on_chain(void *opaque, uint64_t cookie, int result, const oxcow_error *err) {
+    struct chain *c = opaque;
+    (void)cookie;
+    (void)err;
+    CHECK_EQ(result, 0);
+    if (++c->step == CHAIN_LEN) {
+        c->done = 1;
+        return;
+    }
+    memset(c->buf, 0x40 + c->index, 4 * KiB);
+    CHECK_EQ(oxcow_aio_pwrite(c->q, c->buf, 4 * KiB, chain_offset(c->index, c->step), on_chain,
+                              c, NULL),
+             0);
+}
+
+static void test_overwrite_chains(void) {
+    const char *path = scratch_path("chain.qcow2");
+    struct chain chains[CHAINS];
+    unsigned char *fill = malloc(4 * MiB), *back = malloc(4 * KiB);
+    oxcow_image *img;
+    oxcow_aio_queue *q;
+    int i, done = 0, step;
+    REQUIRE(fill && back);
+    memset(fill, 0x11, 4 * MiB);
+    REQUIRE(create_default(path, SIZE) == 0);
+    REQUIRE((img = open_image(path, OXCOW_OPEN_RDWR)) != NULL);
+    CHECK_EQ(oxcow_pwrite(img, fill, 4 * MiB, 0), 0);
+    CHECK_EQ(oxcow_pread(img, fill, 4 * MiB, 0), 0);
+    REQUIRE((q = new_queue(img, 64, 0)) != NULL);
+    for (i = 0; i < CHAINS; i++) {
+        chains[i] = (struct chain){.q = q, .index = i};
+        REQUIRE(posix_memalign((void **)&chains[i].buf, 4096, 4 * KiB) == 0);
+        memset(chains[i].buf, 0x40 + i, 4 * KiB);
+        CHECK_EQ(oxcow_aio_pwrite(q, chains[i].buf, 4 * KiB, chain_offset(i, 0), on_chain,
+                                  &chains[i], NULL),
+                 0);
+    }
+    while (done < CHAINS * CHAIN_LEN)
+        done += wait_and_collect(q);
+    CHECK_EQ(oxcow_aio_in_flight(q), 0);
+    oxcow_aio_queue_free(q);
+    for (i = 0; i < CHAINS; i++) {
+        CHECK(chains[i].done);
+        for (step = 0; step < CHAIN_LEN; step++) {
+            CHECK_EQ(oxcow_pread(img, back, 4 * KiB, chain_offset(i, step)), 0);
+            CHECK(back[0] == 0x40 + i && back[4095] == 0x40 + i);
+        }
+        free(chains[i].buf);
+    }
+    CHECK_EQ(oxcow_close(img), 0);
+    CHECK_EQ(qemu_check(path), 0);
+    free(fill);
+    free(back);
+}
+
 /* Errors at submission (nothing queued, no callback) and in completions (with message). */
 static void test_errors(void) {
     const char *path = scratch_path("err.qcow2");
@@ -256,6 +327,7 @@ int main(int argc, char **argv) {
         {"poll_loop_threads", test_poll_loop_threads},
         {"errors", test_errors},
         {"free_outstanding", test_free_outstanding},
+        {"overwrite_chains", test_overwrite_chains},
     };
     return run_tests(tests, sizeof tests / sizeof tests[0], argc, argv);
 }

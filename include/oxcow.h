@@ -964,16 +964,19 @@ int oxcow_aio_flush(struct oxcow_aio_queue *q,
 
 /**
  * Collects up to `max` completions (0: all that are ready) and runs their callbacks on
- * this thread, in completion order. Waits for the first up to `timeout_ms` milliseconds
- * (-1: as long as requests are in flight; 0: not at all); returns at once when nothing is
- * in flight. Returns the number of requests completed (0 on timeout), or -EINVAL (NULL
+ * this thread, in completion order (requests the callbacks submit are handed to the
+ * kernel together after the last callback). Waits for the first up to `timeout_ms`
+ * milliseconds (-1: as long as requests are in flight; 0: not at all); returns at once
+ * when nothing is in flight. Returns the number of requests completed (0 on timeout), or -EINVAL (NULL
  * queue, timeout_ms below -1).
  *
  * # Safety
  * `q` is NULL or a live queue not used by another thread during the call; the callbacks
  * must be safe to call with their opaque pointers.
  */
-int oxcow_aio_poll(struct oxcow_aio_queue *q, uint32_t max, int timeout_ms);
+int oxcow_aio_poll(struct oxcow_aio_queue *q,
+                   uint32_t max,
+                   int timeout_ms);
 
 /**
  * Fills `*opts` with "change nothing" and sets `struct_size`. NULL is a no-op.

@@ -19,7 +19,7 @@ pub mod format;
 mod options;
 pub mod storage;
 
-pub use engine::aio::{AioBackend, AioBuf, AioCompletion, AioOp, AioOptions, AioQueue};
+pub use engine::aio::{AioBackend, AioBuf, AioCompletion, AioOp, AioOptions, AioPlug, AioQueue};
 pub use engine::amend::{amend, AmendOptions};
 pub use engine::bitmap::{
     BitmapAddOptions, BitmapInfo, BITMAP_AUTO, BITMAP_ENABLED, BITMAP_INCONSISTENT,

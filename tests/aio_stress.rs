@@ -264,25 +264,37 @@ fn submit_refuses_bad_ranges_read_only_writes_and_a_full_queue() {
 }
 
 const CHILD_ENV: &str = "OXCOW_AIO_CRASH_CHILD";
+/// `direct` when the child opens the image with O_DIRECT.
+const CHILD_DIRECT_ENV: &str = "OXCOW_AIO_CRASH_DIRECT";
 const SLOTS: u64 = 2048;
+/// The byte every slot holds before the child overwrites it (overwrite rounds).
+const OLD: u8 = 0xEE;
+
+/// What slot `k` holds once the child's write of it completed.
+fn slot_data(k: u64) -> Vec<u8> {
+    tagged_data((k % 251) as u8 | 1, k * 8192, 4096)
+}
 
 /// The child: writes slot k with tagged data, 128 in flight; every 256 completed writes it
-/// drains, flushes and prints how many writes the flush covers. Runs until killed.
+/// drains, flushes and prints how many writes the flush covers. Runs until killed. On a
+/// pre-written image these are overwrites in place (on the ring with the io_uring backend);
+/// on an empty one, allocating writes.
 #[test]
 fn aio_crash_child() {
     let Some(path) = std::env::var_os(CHILD_ENV) else {
         return;
     };
-    let img = open(Path::new(&path), true);
+    let direct = std::env::var_os(CHILD_DIRECT_ENV).is_some_and(|v| v == "direct");
+    let img = open_with(Path::new(&path), true, direct).expect("open");
     let q = queue(&img, 256, false);
+    println!("backend {:?}", q.backend());
     let (mut next, mut done) = (0u64, 0u64);
     while done < SLOTS {
         // Up to the next multiple of 256, 128 in flight; then drain and flush.
         let batch_end = (done / 256 + 1) * 256;
         while next < batch_end && q.in_flight() < 128 {
-            let data = tagged_data((next % 251) as u8 | 1, next * 8192, 4096);
             let op = AioOp::Write {
-                bufs: vec![Buf::from(&data)],
+                bufs: vec![Buf::from(&slot_data(next))],
                 offset: next * 8192,
             };
             q.submit(op, (next, 0)).map_err(|(e, _, _)| e).unwrap();
@@ -303,55 +315,135 @@ fn aio_crash_child() {
     std::thread::sleep(std::time::Duration::from_secs(600));
 }
 
+/// One child killed with writes in flight: allocating writes into an empty image, or
+/// overwrites of a written one; `direct` opens it with O_DIRECT, `backend` is passed as
+/// OXCOW_AIO_BACKEND (`threads` forces the pool). Then `qemu-img check` finds at worst
+/// leaks, every write a flush covered reads back, and with overwrites every other slot
+/// holds either its old or its new data.
+fn kill_with_writes_in_flight(
+    dir: &TempDir,
+    rng: &mut Rng,
+    round: u32,
+    overwrite: bool,
+    direct: bool,
+    backend: &str,
+) {
+    use std::io::{BufRead, BufReader};
+    let path = dir.join(&format!("c{round}.qcow2"));
+    if overwrite {
+        qemu_create_with_data(&path, SLOTS * 8192, "cluster_size=4k", OLD, SLOTS * 8192);
+    } else {
+        qemu_create(&path, SLOTS * 8192, "cluster_size=4k");
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "aio_crash_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &path)
+        .env(CHILD_DIRECT_ENV, if direct { "direct" } else { "buffered" })
+        .env("OXCOW_AIO_BACKEND", backend)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let wait_flushes = rng.range(1, 5);
+    let mut flushed = 0u64;
+    let mut seen = 0;
+    let mut lines = BufReader::new(stdout).lines();
+    for line in &mut lines {
+        let Ok(line) = line else { break };
+        if line.contains("backend ") {
+            eprintln!("round {round}: {line}, overwrite {overwrite}, direct {direct}");
+        }
+        if let Some(n) = line.strip_prefix("flushed ") {
+            flushed = n.trim().parse().unwrap();
+            seen += 1;
+            if seen == wait_flushes {
+                break;
+            }
+        }
+    }
+    // Kill with requests in flight (the child went on submitting after the flush).
+    std::thread::sleep(std::time::Duration::from_micros(rng.below(3000)));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(flushed > 0, "round {round}: the child never flushed");
+    let (code, out) = check_once_unlocked(&path);
+    assert!(code == 0 || code == 3, "qemu-img check exit {code}:\n{out}");
+    let img = open(&path, false);
+    let mut buf = vec![0u8; 4096];
+    for k in 0..SLOTS {
+        img.read_at(&mut buf, k * 8192).unwrap();
+        let new = slot_data(k);
+        if k < flushed {
+            assert!(
+                buf == new,
+                "round {round}: write {k} of {flushed} flushed ones lost"
+            );
+        } else if overwrite {
+            assert!(
+                buf == new || buf.iter().all(|&b| b == OLD),
+                "round {round}: slot {k} (not flushed) holds neither its old nor its new data"
+            );
+        }
+    }
+}
+
 #[test]
 fn killed_with_requests_in_flight_keeps_flushed_writes_and_at_worst_leaks() {
-    use std::io::{BufRead, BufReader};
     let dir = TempDir::new("aio-crash");
     let seed = seed_override().unwrap_or(5);
     let mut rng = Rng::new(seed);
     for round in 0..3 {
-        let path = dir.join(&format!("c{round}.qcow2"));
-        qemu_create(&path, SLOTS * 8192, "cluster_size=4k");
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "aio_crash_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, &path)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let wait_flushes = rng.range(1, 5);
-        let mut flushed = 0u64;
-        let mut seen = 0;
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(n) = line.strip_prefix("flushed ") {
-                flushed = n.trim().parse().unwrap();
-                seen += 1;
-                if seen == wait_flushes {
-                    break;
-                }
+        kill_with_writes_in_flight(&dir, &mut rng, round, false, false, "io_uring");
+    }
+}
+
+#[test]
+fn killed_with_overwrites_in_flight_keeps_flushed_writes_on_both_backends() {
+    let dir = TempDir::new("aio-crash-ow");
+    let seed = seed_override().unwrap_or(7);
+    let mut rng = Rng::new(seed);
+    let mut round = 0;
+    for backend in ["io_uring", "threads"] {
+        for direct in [false, true] {
+            if direct && !direct_io_supported(&dir) {
+                eprintln!(
+                    "no O_DIRECT under {}: direct rounds skipped",
+                    dir.path().display()
+                );
+                continue;
+            }
+            for _ in 0..2 {
+                kill_with_writes_in_flight(&dir, &mut rng, round, true, direct, backend);
+                round += 1;
             }
         }
-        // Kill with requests in flight (the child went on submitting after the flush).
-        std::thread::sleep(std::time::Duration::from_micros(rng.below(3000)));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let (code, out) = qemu_img_check(&path);
-        assert!(code == 0 || code == 3, "qemu-img check exit {code}:\n{out}");
-        let img = open(&path, false);
-        for k in 0..flushed {
-            let mut buf = vec![0u8; 4096];
-            img.read_at(&mut buf, k * 8192).unwrap();
-            let want = tagged_data((k % 251) as u8 | 1, k * 8192, 4096);
-            assert!(
-                buf == want,
-                "round {round}: write {k} of {flushed} flushed ones lost"
-            );
-        }
     }
+}
+
+/// Whether files under `dir` can be opened with O_DIRECT (tmpfs cannot).
+fn direct_io_supported(dir: &TempDir) -> bool {
+    let path = dir.join("probe.qcow2");
+    qemu_create(&path, MIB, "");
+    let ok = open_with(&path, false, true).is_ok();
+    let _ = std::fs::remove_file(&path);
+    ok
+}
+
+/// `qemu-img check`, retried while the killed child's lock lingers: the kernel tears down a
+/// dead process's io_uring (and drops the file references of its requests in flight, and
+/// with the last one the file's locks) asynchronously, shortly after the process is reaped.
+fn check_once_unlocked(path: &Path) -> (i32, String) {
+    for _ in 0..100 {
+        let (code, out) = qemu_img_check(path);
+        if !out.contains("Failed to get shared \"write\" lock") {
+            return (code, out);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    qemu_img_check(path)
 }

@@ -480,9 +480,10 @@ pub unsafe extern "C" fn oxcow_aio_flush(
 }
 
 /// Collects up to `max` completions (0: all that are ready) and runs their callbacks on
-/// this thread, in completion order. Waits for the first up to `timeout_ms` milliseconds
-/// (-1: as long as requests are in flight; 0: not at all); returns at once when nothing is
-/// in flight. Returns the number of requests completed (0 on timeout), or -EINVAL (NULL
+/// this thread, in completion order (requests the callbacks submit are handed to the
+/// kernel together after the last callback). Waits for the first up to `timeout_ms`
+/// milliseconds (-1: as long as requests are in flight; 0: not at all); returns at once
+/// when nothing is in flight. Returns the number of requests completed (0 on timeout), or -EINVAL (NULL
 /// queue, timeout_ms below -1).
 ///
 /// # Safety
@@ -510,9 +511,12 @@ pub unsafe extern "C" fn oxcow_aio_poll(
         || {
             let done = q.q.poll(max, timeout);
             let n = done.len();
+            // Requests the callbacks submit go to the kernel together when they all ran.
+            let plug = q.q.plug();
             for c in done {
                 deliver(c.cookie, &c.result, &c.user);
             }
+            drop(plug);
             c_int::try_from(n).unwrap_or(c_int::MAX)
         },
         |_| -libc::EIO,

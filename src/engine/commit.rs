@@ -111,11 +111,11 @@ impl Image {
             self.geo.cluster_bits,
         ));
         {
-            let _gate = self.io.quiesce();
+            let _gate = self.quiesce();
             self.bitmaps.track(Arc::clone(&written));
         }
         let r = self.copy_above(chain, 0, size, progress);
-        let _gate = self.io.quiesce();
+        let _gate = self.quiesce();
         self.bitmaps.untrack(&written);
         r?;
         // Writers are drained: what they wrote during the copy goes to the base as well.
@@ -254,7 +254,7 @@ impl Image {
         if !self.wait_readers_of_freed() {
             return Ok(());
         }
-        let _gate = self.io.quiesce();
+        let _gate = self.quiesce();
         while self.inflight.claims() > 0 {
             self.inflight.wait_idle();
         }

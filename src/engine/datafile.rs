@@ -166,7 +166,7 @@ impl Image {
     fn map_raw_clusters(&self, old: u64, new: u64) -> Result<()> {
         let geo = self.geo;
         let cs = geo.cluster_size();
-        let _gate = self.io.quiesce();
+        let _gate = self.quiesce();
         let mut m = self.lock_meta();
         let mut pos = GuestOffset::new(old).cluster_start(&geo);
         // Bound: one step per cluster of the grown area.

@@ -346,7 +346,7 @@ impl Image {
         if self.is_read_only() || self.io.is_fenced() {
             return Ok(());
         }
-        let _gate = self.io.quiesce();
+        let _gate = self.quiesce();
         let mut m = self.lock_meta();
         self.store_bitmaps(&mut m)?;
         m.writeback_and_mark_clean(&self.file)
@@ -355,6 +355,18 @@ impl Image {
     /// Whether the image is currently open read-only.
     pub fn is_read_only(&self) -> bool {
         self.mode.read_only()
+    }
+
+    /// Waits for every writer in flight, synchronous ones (the gate) and asynchronous ones
+    /// on an io_uring (the data file's ring writes), and keeps new ones out until the guard
+    /// is dropped.
+    fn quiesce(&self) -> Quiesced<'_> {
+        let gate = self.io.quiesce();
+        let ring = self.data_file().ring_writes().exclude();
+        Quiesced {
+            _gate: gate,
+            _ring: ring,
+        }
     }
 
     /// Enters the shared side of the write gate (see the `gate` field).
@@ -594,6 +606,13 @@ impl Drop for Image {
             }
         }
     }
+}
+
+/// Writers kept out (see [`Image::quiesce`]); fields drop in order: the ring writes are
+/// let in again no earlier than the synchronous writers.
+struct Quiesced<'a> {
+    _gate: crossbeam_utils::sync::ShardedLockWriteGuard<'a, ()>,
+    _ring: crate::storage::Excluded<'a>,
 }
 
 /// The lock mode an open with `opts` takes.

@@ -152,7 +152,7 @@ impl Image {
         // Bound: every step advances by the extent's length (at least one byte).
         while off < size {
             let _pin = self.file.grace().pin();
-            let _gate = self.io.quiesce();
+            let _gate = self.quiesce();
             self.wait_rebase_claims();
             let ext = read::block_status(self, GuestOffset::new(off), (size - off).min(STEP))?;
             if ext.flags & EXTENT_ALLOCATED == 0 {
@@ -231,7 +231,7 @@ impl Image {
     /// Makes everything written durable, rewrites cluster 0 with the new backing fields
     /// and switches the handle's backing file, with writers quiesced throughout.
     fn switch_backing(&self, target: Option<(&[u8], &str)>, new: Option<Backing>) -> Result<()> {
-        let _gate = self.io.quiesce();
+        let _gate = self.quiesce();
         self.wait_rebase_claims();
         let mut m = self.lock_meta();
         m.writeback(&self.file)?;

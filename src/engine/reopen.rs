@@ -57,7 +57,7 @@ impl Image {
                 )));
             }
         }
-        let _gate = self.io.quiesce();
+        let _gate = self.quiesce();
         let mut m = self.lock_meta();
         let old_mode = self.current_lock_mode();
         let new_mode = lock_mode(opts);

@@ -71,7 +71,7 @@ impl Image {
     /// Grows the image from `old` to `new` bytes (see [`Self::resize`]).
     fn grow(&self, old: u64, new: u64) -> Result<()> {
         let zero_new = self.backing_shows_through(old)?;
-        let _gate = self.io.quiesce();
+        let _gate = self.quiesce();
         self.wait_claims_idle();
         {
             let mut m = self.lock_meta();
@@ -184,7 +184,7 @@ impl Image {
     /// Shrinks the image to `new` bytes (see [`Self::resize`]).
     fn shrink(&self, new: u64) -> Result<()> {
         {
-            let _gate = self.io.quiesce();
+            let _gate = self.quiesce();
             self.wait_claims_idle();
             let mut m = self.lock_meta();
             self.publish_size(&mut m, new)?;
@@ -192,7 +192,7 @@ impl Image {
         // Writers blocked on the gate above check against the new size once it opens;
         // readers that checked the old one finish before their mappings go.
         self.wait_for_older_requests();
-        let _gate = self.io.quiesce();
+        let _gate = self.quiesce();
         self.wait_claims_idle();
         let mut m = self.lock_meta();
         // The size in force now (a snapshot switch may have changed it meanwhile).

@@ -172,6 +172,47 @@ fn decide(
     })
 }
 
+/// Where `len` bytes at guest `pos` (byte `start` of its cluster; the range within the
+/// cluster) can be overwritten in place, from the lock-free view alone: the host offset
+/// when the cluster is data this image owns (COPIED) with every touched subcluster
+/// allocated; `None` when the full write path must
+/// decide (L2 not cached, shared, compressed, zero or unallocated subclusters). The caller
+/// holds the write gate (or a ring-write registration) and a grace pin from before the
+/// lookup until its write has completed.
+// Inlined: it is the synchronous overwrite's per-cluster step.
+#[inline(always)]
+pub(super) fn in_place_target(
+    img: &Image,
+    pos: GuestOffset,
+    start: u64,
+    len: u64,
+) -> Option<HostOffset> {
+    let geo = img.geo;
+    match img.view.lookup(&geo, img.version, pos) {
+        Some(Mapping::Data {
+            host,
+            copied: true,
+            alloc,
+            ..
+        }) if touched_mask(&geo, start, len) & !alloc == 0
+            && super::datafile::check_mapping(
+                &geo,
+                pos,
+                &Mapping::Data {
+                    host,
+                    copied: true,
+                    alloc,
+                    zero: 0,
+                },
+            )
+            .is_ok() =>
+        {
+            Some(host + start)
+        }
+        _ => None,
+    }
+}
+
 /// The lock-free fast path: while the clusters from `offset` on are data this image owns
 /// (COPIED) with every touched subcluster allocated, the bytes go in place with no metadata
 /// mutex and nothing to link; host-contiguous clusters are written with one call. Returns how
@@ -186,28 +227,8 @@ fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset
     while pos < end {
         let start = pos.in_cluster(&geo);
         let len = (cs - start).min(end.since(pos));
-        let host = match img.view.lookup(&geo, img.version, pos) {
-            Some(Mapping::Data {
-                host,
-                copied: true,
-                alloc,
-                ..
-            }) if touched_mask(&geo, start, len) & !alloc == 0
-                && super::datafile::check_mapping(
-                    &geo,
-                    pos,
-                    &Mapping::Data {
-                        host,
-                        copied: true,
-                        alloc,
-                        zero: 0,
-                    },
-                )
-                .is_ok() =>
-            {
-                host + start
-            }
-            _ => break,
+        let Some(host) = in_place_target(img, pos, start, len) else {
+            break;
         };
         // Within the request, so it fits the buffer.
         let b = pos.since(offset) as usize;

@@ -13,6 +13,7 @@ pub mod guard;
 pub mod lock;
 pub mod notify;
 mod posix;
+pub mod ringwrites;
 #[cfg(test)]
 pub mod sim;
 #[cfg(target_os = "linux")]
@@ -23,6 +24,7 @@ pub use grace::{Grace, Pin, PinToken};
 pub use guard::{MetaKind, OverlapCheck, OverlapGuard, OverlapHit};
 pub use lock::{ImageLock, LockMode};
 pub use posix::PosixFile;
+pub use ringwrites::{Drain, Excluded, RingWrites};
 
 use crate::error::{Error, Result};
 use crate::format::HostOffset;
@@ -66,6 +68,13 @@ pub trait Backend: Send + Sync {
     /// descriptor of its own (simulated files), which keeps such I/O on the backend.
     fn uring_target(&self) -> Option<(std::os::fd::RawFd, usize)> {
         None
+    }
+    /// Whether a write of `[offset, offset+len)` reads and rewrites blocks around it
+    /// (O_DIRECT with an unaligned range), so it must not run beside a ring write. Only
+    /// asked for ranges not aligned to [`posix::DIRECT_ALIGN`].
+    fn rewrites_around(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
     }
     /// Reopens the same file with new access and lock mode, atomically for concurrent I/O
     /// (see [`PosixFile::reopen_in_place`]). Backends that cannot do that refuse.
@@ -120,6 +129,8 @@ pub struct HostFile {
     /// Keeps freed clusters from reuse while requests that may touch them run (boxed: its
     /// cache-padded shards are large).
     grace: Box<Grace>,
+    /// Data writes on an asynchronous queue's io_uring, in flight on this file.
+    ring_writes: RingWrites,
     /// Set when a sync failed. The kernel may have dropped the failed dirty pages and
     /// marked them clean, so a later successful fsync would prove nothing: every later sync
     /// fails too (the PostgreSQL/QEMU lesson), and the caller must treat unflushed data as lost.
@@ -143,6 +154,7 @@ impl HostFile {
             name: name.into(),
             guard: Arc::new(OverlapGuard::default()),
             grace: Box::default(),
+            ring_writes: RingWrites::default(),
             sync_failed: AtomicBool::new(false),
             written_end: AtomicU64::new(end),
             no_zero_range: AtomicBool::new(false),
@@ -179,6 +191,21 @@ impl HostFile {
     /// Grace periods of this file's clusters: requests pin, the allocator waits for them.
     pub fn grace(&self) -> &Grace {
         &self.grace
+    }
+
+    /// The io_uring data writes in flight on this file.
+    pub fn ring_writes(&self) -> &RingWrites {
+        &self.ring_writes
+    }
+
+    /// What [`Self::write`] does before the bytes go to the device, for a data write that
+    /// goes to it through io_uring instead: the overlap guard's check and the written-end
+    /// mark. The caller has registered the write in [`Self::ring_writes`].
+    pub fn prepare_ring_write(&self, offset: HostOffset, len: u64) -> Result<()> {
+        let offset = offset.get();
+        self.guard.check_write(offset, len, None)?;
+        self.raise_written_end(offset.saturating_add(len));
+        Ok(())
     }
 
     /// The name used in messages (normally the path).
@@ -232,6 +259,22 @@ impl HostFile {
         self.guard
             .check_write(offset, buf.len() as u64, kind.updates())?;
         self.raise_written_end(offset.saturating_add(buf.len() as u64));
+        // Ring writes go only to data clusters of at least one O_DIRECT block, so only a
+        // data write can rewrite a block one of them is changing. Aligned writes (the
+        // common case) skip the backend's check: no backend rewrites around a range
+        // aligned to its largest block.
+        if matches!(kind, WriteKind::Data)
+            && (offset | buf.len() as u64) % posix::DIRECT_ALIGN != 0
+            && self.backend.rewrites_around(offset, buf.len() as u64)
+        {
+            let _excluded = self.ring_writes.exclude();
+            return self.write_to_backend(buf, offset, kind);
+        }
+        self.write_to_backend(buf, offset, kind)
+    }
+
+    #[inline]
+    fn write_to_backend(&self, buf: &[u8], offset: u64, kind: WriteKind) -> Result<()> {
         self.backend.write_at(buf, offset).map_err(|e| {
             Error::io(
                 format!(

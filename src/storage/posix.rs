@@ -313,6 +313,10 @@ impl Backend for PosixFile {
         Some((self.file.as_raw_fd(), align))
     }
 
+    fn rewrites_around(&self, offset: u64, len: u64) -> bool {
+        self.direct.is_some() && (offset | len) % DIRECT_ALIGN != 0
+    }
+
     fn reopen(&self, name: &str, writable: bool, mode: LockMode) -> Result<()> {
         self.reopen_in_place(name, writable, mode)
     }

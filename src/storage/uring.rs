@@ -146,6 +146,18 @@ impl<T> Ring<T> {
         self.ring.submit_and_wait(want)
     }
 
+    /// Entries queued and not yet submitted to the kernel.
+    pub fn unsubmitted(&mut self) -> usize {
+        self.ring.submission().len()
+    }
+
+    /// Whether [`Self::submit`] has anything to do: entries to submit, or completions the
+    /// kernel holds back because the completion queue overflowed (an enter flushes them).
+    pub fn needs_enter(&mut self) -> bool {
+        let sq = self.ring.submission();
+        !sq.is_empty() || sq.cq_overflow()
+    }
+
     /// Whether completions are ready to reap.
     pub fn has_completions(&mut self) -> bool {
         !self.ring.completion().is_empty()

@@ -1,8 +1,11 @@
-//! The hot path of asynchronous reads: a request inside one cluster whose L2 entry the
-//! lock-free view holds is mapped here, with the same grace pin as a synchronous read, and
-//! either filled with zeros at once or handed to io_uring; everything else (L2 miss,
-//! compressed cluster, backing file, several clusters, unaligned O_DIRECT buffer, fenced
-//! handle) goes to the worker pool, which runs the synchronous engine.
+//! The hot path of asynchronous reads and overwrites: a request inside one cluster whose L2
+//! entry the lock-free view holds is mapped here, with the same grace pin as a synchronous
+//! request. A read is filled with zeros at once or handed to io_uring; an overwrite of data
+//! the image owns, every touched subcluster allocated, goes to io_uring in place. Everything
+//! else (L2 miss, allocation, copy-on-write, compressed cluster, backing file, several
+//! clusters, unaligned O_DIRECT buffer, writethrough or fenced handle) goes to the worker
+//! pool, which runs the synchronous engine (and publishes the L2 slice it looked up, so the
+//! next request of that slice finds it here).
 
 use super::super::Image;
 use crate::format::entry::SubclusterState;
@@ -60,4 +63,41 @@ pub(super) fn plan_read(img: &Image, offset: u64, addr: usize, len: usize) -> Re
         }
         _ => ReadPlan::Slow,
     }
+}
+
+/// Plans an in-place overwrite of `len` bytes from memory at `addr` at guest `offset`:
+/// the descriptor and host offset for io_uring, or `None` for the worker pool. Exactly the
+/// synchronous engine's in-place rule (`write::in_place_target`) plus what only a request
+/// outliving its call needs: no writethrough (the pool makes those durable before they
+/// complete), O_DIRECT alignment, and the overlap guard's check and written-end mark done
+/// here (`HostFile::prepare_ring_write`) since the bytes bypass `HostFile::write`.
+///
+/// The caller holds, from before this call until the write has completed, a grace pin and
+/// a registration in the data file's ring writes (which stands for the write gate: control
+/// operations exclude it), and marks the dirty bitmaps when this returns a target.
+pub(super) fn plan_overwrite(
+    img: &Image,
+    offset: u64,
+    addr: usize,
+    len: usize,
+) -> Option<(RawFd, u64)> {
+    if len == 0 || img.check_writable().is_err() || img.mode.writethrough() {
+        return None;
+    }
+    let geo = &img.geo;
+    let end = offset.checked_add(len as u64)?;
+    if end > img.virtual_size() || geo.cluster_start(offset) != geo.cluster_start(end - 1) {
+        return None;
+    }
+    let pos = GuestOffset::new(offset);
+    let host = super::super::write::in_place_target(img, pos, pos.in_cluster(geo), len as u64)?;
+    let file = img.data_file();
+    let fd = match file.uring_target() {
+        Some((fd, 0)) => fd,
+        Some((fd, a)) if (addr | len | host.get() as usize) % a == 0 => fd,
+        _ => return None,
+    };
+    // A refusal is reported by the synchronous engine, which runs the same check.
+    file.prepare_ring_write(host, len as u64).ok()?;
+    Some((fd, host.get()))
 }

@@ -11,11 +11,18 @@
 //! ([`AioBackend::Threads`]); every ordering rule of the synchronous path holds because it is
 //! the synchronous path. With [`AioBackend::IoUring`], reads inside one cluster whose mapping
 //! is cached go to an io_uring instead (or are zero-filled at once), holding the same grace
-//! pin as a synchronous read until their completion; everything else still runs on the pool.
+//! pin as a synchronous read until their completion, and so do in-place overwrites of data
+//! the image owns (one cluster, every touched subcluster allocated, not writethrough,
+//! O_DIRECT-aligned), which also hold a registration in the data file's ring writes until
+//! their completion: control operations that quiesce writers and O_DIRECT read-modify-write
+//! cycles wait for those as they wait for synchronous writers (see `storage::ringwrites`).
+//! Everything else still runs on the pool. Ring requests start at once, or, inside a
+//! plugged section ([`AioQueue::plug`]), together when it ends (one system call for all).
 //! io_uring is used where the kernel allows it (not: ENOSYS, EPERM from seccomp or
 //! kernel.io_uring_disabled), unless [`AioOptions::force_threads`] or
-//! `OXCOW_AIO_BACKEND=threads` asks for the pool. Requests in flight are not ordered against each other (as in
-//! io_uring and NBD): a flush covers the writes that completed before it runs.
+//! `OXCOW_AIO_BACKEND=threads` asks for the pool. Requests in flight are not ordered
+//! against each other (as in io_uring and NBD): a flush covers the writes that completed
+//! before it runs.
 
 mod hot;
 mod op;
@@ -28,7 +35,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::storage::notify::EventFd;
 use crate::Image;
 use pool::{Pool, Shared};
-use ring::RingPath;
+use ring::{RingDrain, RingPath};
 use std::ops::Deref;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -90,7 +97,9 @@ where
 {
     shared: Arc<Shared<I, B, T>>,
     pool: Pool,
-    ring: Option<RingPath<B, T>>,
+    ring: Option<Arc<RingPath<B, T>>>,
+    /// The ring's drain hook, registered (weakly) with the data file's ring writes.
+    _drain: Option<Arc<dyn crate::storage::Drain>>,
     depth: usize,
     next_cookie: AtomicU64,
     /// Submitted and not yet returned by poll.
@@ -125,11 +134,21 @@ where
         // Where io_uring is unavailable the pool serves everything: same API, same results.
         let ring = (!threads_only)
             .then(|| RingPath::new(shared.efd.as_raw_fd(), depth).ok())
-            .flatten();
+            .flatten()
+            .map(Arc::new);
+        let drain = ring.as_ref().map(|ring| {
+            let d: Arc<dyn crate::storage::Drain> = Arc::new(RingDrain {
+                shared: Arc::clone(&shared),
+                ring: Arc::clone(ring),
+            });
+            shared.image.data_file().ring_writes().register(&d);
+            d
+        });
         Ok(AioQueue {
             shared,
             pool,
             ring,
+            _drain: drain,
             depth: depth as usize,
             next_cookie: AtomicU64::new(1),
             outstanding: AtomicUsize::new(0),
@@ -154,8 +173,9 @@ where
         self.depth
     }
 
-    /// A descriptor that is readable while completions wait to be polled (level-triggered:
-    /// poll drains it). Valid as long as the queue.
+    /// A descriptor that is readable while completions wait to be polled, or while requests
+    /// queued for io_uring wait for a poll to submit them as one batch (a poll may then
+    /// return nothing yet). Level-triggered: poll drains it. Valid as long as the queue.
     pub fn fd(&self) -> RawFd {
         self.shared.efd.as_raw_fd()
     }
@@ -194,6 +214,20 @@ where
             self.shared.push_job(cookie, op, user);
         }
         Ok(cookie)
+    }
+
+    /// Opens a plugged section, which ends when the guard is dropped: requests for io_uring
+    /// submitted meanwhile are queued and handed to the kernel together, with one system
+    /// call, when the last open section ends (or earlier: by a poll, or when the submission
+    /// queue is full). Do not wait on [`Self::fd`] inside a section: its requests may not
+    /// have started. Without io_uring it changes nothing.
+    pub fn plug(&self) -> AioPlug<'_, B, T> {
+        if let Some(r) = &self.ring {
+            r.plug();
+        }
+        AioPlug {
+            ring: self.ring.as_deref(),
+        }
     }
 
     /// Returns up to `max` finished requests, in completion order. Waits for the first one
@@ -238,6 +272,20 @@ where
     }
 }
 
+/// An open plugged section of a queue (see [`AioQueue::plug`]).
+#[must_use = "the section ends (and its requests are submitted) when the guard is dropped"]
+pub struct AioPlug<'a, B: AioBuf, T: Send + 'static> {
+    ring: Option<&'a RingPath<B, T>>,
+}
+
+impl<B: AioBuf, T: Send + 'static> Drop for AioPlug<'_, B, T> {
+    fn drop(&mut self) {
+        if let Some(r) = self.ring {
+            r.unplug();
+        }
+    }
+}
+
 impl<I, B, T> Drop for AioQueue<I, B, T>
 where
     I: Deref<Target = Image> + Send + Sync + 'static,
@@ -254,3 +302,6 @@ where
         self.pool.join();
     }
 }
+
+#[cfg(test)]
+mod tests;

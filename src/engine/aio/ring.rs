@@ -1,20 +1,23 @@
-//! The io_uring backend of the queue: hot-path reads (see `hot`) go to a ring whose
-//! completions signal the queue's eventfd; their completions join the worker pool's in the
-//! queue's completion list when the owner polls.
+//! The io_uring backend of the queue: hot-path reads and in-place overwrites (see `hot`)
+//! go to a ring whose completions signal the queue's eventfd; their completions join the
+//! worker pool's in the queue's completion list when the owner polls (or when a thread that
+//! excludes ring writes drains the ring, see `storage::ringwrites`).
 
-use super::hot::{plan_read, ReadPlan};
+use super::hot::{plan_overwrite, plan_read, ReadPlan};
 use super::pool::Shared;
 use super::{AioBuf, AioCompletion, AioOp};
 use crate::error::Error;
 use crate::storage::uring::Ring;
-use crate::storage::PinToken;
+use crate::storage::{Drain, PinToken};
 use crate::Image;
 use std::io;
 use std::ops::Deref;
 use std::os::fd::RawFd;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// A request on the ring, with the grace pin it holds until its completion.
+/// A request on the ring, with the grace pin it holds until its completion (and, for a
+/// write, its registration in the data file's ring writes).
 struct HotReq<B, T> {
     cookie: u64,
     op: AioOp<B>,
@@ -23,9 +26,25 @@ struct HotReq<B, T> {
     len: usize,
 }
 
+impl<B: AioBuf, T> HotReq<B, T> {
+    fn is_write(&self) -> bool {
+        matches!(self.op, AioOp::Write { .. })
+    }
+}
+
 /// The ring and what runs on it.
 pub(super) struct RingPath<B, T> {
     ring: Mutex<Ring<HotReq<B, T>>>,
+    /// Open plugged sections (entries queued meanwhile are submitted when the last ends).
+    plugs: AtomicUsize,
+}
+
+/// The first buffer of a write request (empty for anything else).
+fn write_buf<B: AioBuf>(op: &AioOp<B>) -> &[u8] {
+    match op {
+        AioOp::Write { bufs, .. } => bufs.first().map_or(&[], |b| b.bytes()),
+        _ => &[],
+    }
 }
 
 /// The first buffer of a read request (empty for anything else).
@@ -43,6 +62,7 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         ring.register_eventfd(efd)?;
         Ok(RingPath {
             ring: Mutex::new(ring),
+            plugs: AtomicUsize::new(0),
         })
     }
 
@@ -64,6 +84,10 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
     {
         let offset = match &op {
             AioOp::Read { bufs, offset } if bufs.len() == 1 => *offset,
+            AioOp::Write { bufs, offset } if bufs.len() == 1 => {
+                let offset = *offset;
+                return self.try_overwrite(shared, cookie, op, user, offset);
+            }
             _ => return Some((op, user)),
         };
         let img: &Image = &shared.image;
@@ -98,8 +122,7 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
                 let mut ring = self.lock();
                 match ring.read(fd, host, req, |r| read_buf(&mut r.op)) {
                     Ok(()) => {
-                        // A failed submit leaves the entry queued; the next poll retries.
-                        let _ = ring.submit();
+                        self.submit_unless_plugged(&mut ring);
                         None
                     }
                     Err(refused) => {
@@ -112,24 +135,97 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         }
     }
 
+    /// An overwrite in place on the ring when `hot::plan_overwrite` finds one; otherwise
+    /// the request comes back for the worker pool. The pin and the ring-write registration
+    /// are taken before the mapping is looked up, so neither a free and reuse of the cluster
+    /// nor a snapshot, resize or reopen can come between the lookup and the write.
+    fn try_overwrite<I>(
+        &self,
+        shared: &Shared<I, B, T>,
+        cookie: u64,
+        op: AioOp<B>,
+        user: T,
+        offset: u64,
+    ) -> Option<(AioOp<B>, T)>
+    where
+        I: Deref<Target = Image> + Send + Sync + 'static,
+    {
+        let img: &Image = &shared.image;
+        let writes = img.data_file().ring_writes();
+        if !writes.try_enter() {
+            return Some((op, user));
+        }
+        let grace = img.file.grace();
+        let pin = grace.pin_detached();
+        let buf = write_buf(&op);
+        let (addr, len) = (buf.as_ptr() as usize, buf.len());
+        let Some((fd, host)) = plan_overwrite(img, offset, addr, len) else {
+            grace.unpin(pin);
+            writes.leave();
+            return Some((op, user));
+        };
+        img.bitmaps.mark(offset, len as u64);
+        let req = HotReq {
+            cookie,
+            op,
+            user,
+            pin,
+            len,
+        };
+        let mut ring = self.lock();
+        match ring.write(fd, host, req, |r| write_buf(&r.op)) {
+            Ok(()) => {
+                self.submit_unless_plugged(&mut ring);
+                None
+            }
+            Err(refused) => {
+                drop(ring);
+                let r = refused.req;
+                grace.unpin(r.pin);
+                writes.leave();
+                Some((r.op, r.user))
+            }
+        }
+    }
+
     /// Moves the ring's completions to the queue's list; a short read (end of the host
-    /// file) or a transient error goes to the worker pool, whose synchronous engine pads
-    /// and retries exactly as a synchronous read does.
+    /// file), a short write or a transient error goes to the worker pool, whose synchronous
+    /// engine pads, retries and reports exactly as a synchronous request does.
     pub(super) fn reap<I>(&self, shared: &Shared<I, B, T>)
     where
         I: Deref<Target = Image> + Send + Sync + 'static,
     {
-        let mut out = Vec::new();
-        {
-            let mut ring = self.lock();
-            if ring.in_flight() == 0 {
-                return;
-            }
-            let _ = ring.submit();
-            ring.reap(&mut out);
+        self.reap_from(shared, self.lock());
+    }
+
+    /// [`Self::reap`] from a thread that must not wait for the ring's lock (a thread
+    /// excluding ring writes while the owner may be reaping: the owner then finishes them).
+    fn reap_if_free<I>(&self, shared: &Shared<I, B, T>)
+    where
+        I: Deref<Target = Image> + Send + Sync + 'static,
+    {
+        if let Ok(ring) = self.ring.try_lock() {
+            self.reap_from(shared, ring);
         }
+    }
+
+    fn reap_from<I>(&self, shared: &Shared<I, B, T>, mut ring: MutexGuard<'_, Ring<HotReq<B, T>>>)
+    where
+        I: Deref<Target = Image> + Send + Sync + 'static,
+    {
+        let mut out = Vec::new();
+        if ring.in_flight() == 0 {
+            return;
+        }
+        // Entering with nothing to submit would cost a system call per poll for nothing.
+        if ring.needs_enter() {
+            let _ = ring.submit();
+        }
+        ring.reap(&mut out);
+        drop(ring);
         let img: &Image = &shared.image;
         for (req, r) in out {
+            let write = req.is_write();
             let HotReq {
                 cookie,
                 op,
@@ -138,6 +234,12 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
                 len,
             } = req;
             img.file.grace().unpin(pin);
+            if write {
+                // Before any re-run on the pool: its synchronous write takes the gate, which
+                // a control operation waiting for this registration may hold.
+                img.data_file().ring_writes().leave();
+            }
+            let what = if write { "writing" } else { "reading" };
             let result = match r {
                 Ok(n) if n == len => Ok(()),
                 Ok(_) => {
@@ -149,7 +251,7 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
                     continue;
                 }
                 Err(e) => img.finish(Err(Error::io(
-                    format!("{}: reading guest data", img.data_file().name()),
+                    format!("{}: {what} guest data", img.data_file().name()),
                     e,
                 ))),
             };
@@ -162,9 +264,41 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         }
     }
 
+    /// Entries queued and not yet handed to the kernel.
+    #[cfg(test)]
+    pub(super) fn unsubmitted(&self) -> usize {
+        self.lock().unsubmitted()
+    }
+
     /// Whether the kernel has posted completions not reaped yet.
     pub(super) fn has_completions(&self) -> bool {
         self.lock().has_completions()
+    }
+
+    /// Starts a plugged section (see [`super::AioQueue::plug`]).
+    pub(super) fn plug(&self) {
+        self.plugs.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Ends a plugged section; the last one submits what was queued meanwhile.
+    pub(super) fn unplug(&self) {
+        if self.plugs.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut ring = self.lock();
+            if ring.unsubmitted() > 0 {
+                // A failed submit leaves the entries queued; the next poll retries.
+                let _ = ring.submit();
+            }
+        }
+    }
+
+    /// Starts a queued entry now, unless a plugged section is open: then it waits for the
+    /// end of the section (or a poll, or a full submission queue) to go in one
+    /// io_uring_enter with the others.
+    fn submit_unless_plugged(&self, ring: &mut Ring<HotReq<B, T>>) {
+        if self.plugs.load(Ordering::Acquire) == 0 {
+            // A failed submit leaves the entry queued; the next poll retries.
+            let _ = ring.submit();
+        }
     }
 
     /// Waits for every request on the ring (queue shutdown), releasing their pins.
@@ -187,5 +321,24 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
             }
             self.reap(shared);
         }
+    }
+}
+
+/// A queue's ring as a drain hook of the data file's ring writes (see
+/// `storage::ringwrites`): a thread excluding ring writes reaps their completions through
+/// it when the queue's owner is not polling.
+pub(super) struct RingDrain<S, B, T> {
+    pub(super) shared: Arc<S>,
+    pub(super) ring: Arc<RingPath<B, T>>,
+}
+
+impl<I, B, T> Drain for RingDrain<Shared<I, B, T>, B, T>
+where
+    I: Deref<Target = Image> + Send + Sync + 'static,
+    B: AioBuf,
+    T: Send + 'static,
+{
+    fn drain_ready(&self) {
+        self.ring.reap_if_free(&self.shared);
     }
 }

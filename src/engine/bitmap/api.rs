@@ -143,7 +143,7 @@ impl Image {
                 "Too much space will be occupied by the bitmap. Use larger granularity",
             ));
         }
-        let _gate = self.io.quiesce();
+        let _gate = self.quiesce();
         let mut s = self.bitmaps.lock();
         if s.find(name.as_bytes()).is_some() {
             return Err(Error::new(
@@ -172,7 +172,7 @@ impl Image {
 
     pub(super) fn bitmap_remove_impl(&self, name: &str) -> Result<()> {
         self.check_writable()?;
-        let _gate = self.io.quiesce();
+        let _gate = self.quiesce();
         let mut m = self.lock_meta();
         let mut s = self.bitmaps.lock();
         let i = s.find(name.as_bytes()).ok_or_else(|| not_found(name))?;
@@ -197,7 +197,7 @@ impl Image {
 
     pub(super) fn bitmap_control(&self, name: &str, op: Control) -> Result<()> {
         self.check_writable()?;
-        let _gate = self.io.quiesce();
+        let _gate = self.quiesce();
         let mut s = self.bitmaps.lock();
         let i = s.find(name.as_bytes()).ok_or_else(|| not_found(name))?;
         if s.list[i].inconsistent {
@@ -237,7 +237,7 @@ impl Image {
         } else {
             Some(src_image.bitmap_bits(src)?)
         };
-        let _gate = self.io.quiesce();
+        let _gate = self.quiesce();
         let mut s = self.bitmaps.lock();
         let d = s.find(dst.as_bytes()).ok_or_else(|| not_found(dst))?;
         let src_bits = match src_bits {

@@ -102,7 +102,7 @@ impl Image {
         }
         // Quiesce writers: in-place overwrites do not take the metadata mutex, and a repair
         // must not change COPIED flags or free clusters under a running write. Reads go on.
-        let _gate = self.io.quiesce();
+        let _gate = self.quiesce();
         let mut m = self.lock_meta();
         // Allocated-but-unlinked clusters would look like leaks: let those writers finish.
         // New claims are made under the metadata mutex, so none starts once we hold it idle.

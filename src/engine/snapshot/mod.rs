@@ -113,7 +113,7 @@ impl Image {
                 "snapshot name must be 1 to {MAX_NAME_LEN} bytes long, without NUL bytes"
             )));
         }
-        let _quiet = self.io.quiesce();
+        let _quiet = self.quiesce();
         let r = {
             let mut m = self.lock_meta();
             let mut snaps = self.snapshots_mut();
@@ -145,7 +145,7 @@ impl Image {
         if let Some(disk) = s.disk_size.filter(|&d| d != self.virtual_size()) {
             self.resize(disk, true)?;
         }
-        let _quiet = self.io.quiesce();
+        let _quiet = self.quiesce();
         self.refuse_apply_with_bitmaps()?;
         let mut m = self.lock_meta();
         let mut snaps = self.snapshots_mut();

@@ -59,6 +59,8 @@ fn drive(p: &Params, q: &Queue, slots: u64) -> Result<(), String> {
         .collect();
     let (mut next, mut done) = (0u64, 0u64);
     while done < p.count {
+        // The requests of one refill go to the kernel together (as qemu-img bench's do).
+        let plug = q.plug();
         while next < p.count && !free.is_empty() {
             let Some(buf) = free.pop() else { break };
             let offset = offset_of(p, slots, next);
@@ -86,6 +88,7 @@ fn drive(p: &Params, q: &Queue, slots: u64) -> Result<(), String> {
                 }
             }
         }
+        drop(plug);
         done += reap(q, &mut free, 1)?;
     }
     Ok(())
