@@ -21,7 +21,7 @@
 
 use super::cache::CacheConfig;
 use super::slicedir::SliceDir;
-use crate::format::entry::{decode_l2, L1Entry, Mapping};
+use crate::format::entry::{decode_l2, L1Entry, L2Entry, Mapping, COMPRESSED, ZERO};
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crossbeam_utils::sync::ShardedLock;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -413,29 +413,65 @@ impl MapView {
     /// the L2 table is not cached or the entry does not decode (the caller then takes the
     /// metadata mutex, which also produces the proper error).
     pub fn lookup(&self, geo: &Geometry, version: u32, guest: GuestOffset) -> Option<Mapping> {
-        let l1 = guest.l1_index(geo);
-        let e = self.l1_entry(l1)?;
-        let off = L1Entry(e).l2_offset();
-        if off == HostOffset::ZERO {
+        let (l1, table) = self.l2_table(geo, guest)?;
+        if table == HostOffset::ZERO {
             return Some(Mapping::Unallocated { zero: 0 });
         }
-        if !off.is_cluster_aligned(geo) {
+        let (w0, w1) = self.cached_entry(geo, l1, table, guest)?;
+        decode_l2(geo, version, w0, w1).ok()
+    }
+
+    /// The host cluster of the guest cluster containing `guest` when the view maps it to
+    /// ordinary data (allocated, neither compressed nor zero, cluster-aligned) of an image
+    /// with standard L2 entries and no external data file: what [`Self::lookup`] returns as
+    /// [`Mapping::Data`], found without decoding anything else (the common cached read).
+    /// `None` for everything else, which the caller maps with [`Self::lookup`].
+    #[inline]
+    pub fn lookup_data(&self, geo: &Geometry, guest: GuestOffset) -> Option<HostOffset> {
+        if geo.extended_l2 || geo.external_data {
             return None;
         }
+        let (l1, table) = self.l2_table(geo, guest)?;
+        if table == HostOffset::ZERO {
+            return None;
+        }
+        let (w0, _) = self.cached_entry(geo, l1, table, guest)?;
+        // The kind test of `L2Entry::kind` for a standard entry: no flag, some offset.
+        let host = L2Entry::new(w0, 0).host();
+        let plain = w0 & (COMPRESSED | ZERO) == 0;
+        (plain && host != HostOffset::ZERO && host.is_cluster_aligned(geo)).then_some(host)
+    }
+
+    /// The L1 index of `guest` and the L2 table its entry points at (zero: none); None past
+    /// the L1 table or for an unaligned table offset (left to the metadata mutex's path).
+    #[inline]
+    fn l2_table(&self, geo: &Geometry, guest: GuestOffset) -> Option<(usize, HostOffset)> {
+        let l1 = guest.l1_index(geo);
+        let off = L1Entry(self.l1_entry(l1)?).l2_offset();
+        (off == HostOffset::ZERO || off.is_cluster_aligned(geo)).then_some((l1, off))
+    }
+
+    /// The raw words of the L2 entry of `guest` in the table at `table` (under L1 entry
+    /// `l1`), if its slice is published.
+    #[inline]
+    fn cached_entry(
+        &self,
+        geo: &Geometry,
+        l1: usize,
+        table: HostOffset,
+        guest: GuestOffset,
+    ) -> Option<(u64, u64)> {
         let index = guest.l2_index(geo);
         let slice = self.slice_index(index);
-        let key = self.slice_key(off, slice);
+        let key = self.slice_key(table, slice);
         let within = index & ((1usize << self.per_slice_shift) - 1);
         // Read the entry under the (thread-local shard of the) read lock rather than cloning
         // the Arc, whose count all readers of the slice would share. The slot may hold a
         // slice of the table this L1 entry pointed at before: the key tells.
-        let (w0, w1) = {
-            let dir = self.dir.read().unwrap_or_else(|p| p.into_inner());
-            let t = dir.get(l1, slice).filter(|t| t.key == key)?;
-            t.touch();
-            t.entry(within, geo.extended_l2)
-        };
-        decode_l2(geo, version, w0, w1).ok()
+        let dir = self.dir.read().unwrap_or_else(|p| p.into_inner());
+        let t = dir.get(l1, slice).filter(|t| t.key == key)?;
+        t.touch();
+        Some(t.entry(within, geo.extended_l2))
     }
 }
 

@@ -379,28 +379,38 @@ impl Image {
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    #[inline]
     fn check_usable(&self) -> Result<()> {
-        self.idle_tick();
+        if cache::tick() {
+            self.idle_tick();
+        }
         if self.io.is_fenced() {
-            return Err(Error::new(
-                ErrorKind::Fenced,
-                format!(
-                    "{}: image was fenced after a fatal error; no further I/O is accepted",
-                    self.path.display()
-                ),
-            ));
+            return Err(self.fenced_error());
         }
         Ok(())
     }
 
-    /// Every few hundred requests of a thread: drops the cache entries (and the in-flight
-    /// tracker's pages) nobody used for the clean interval, if it has passed, so an idle
-    /// handle gives its memory back at its next requests without a timer thread. Never waits
-    /// for the metadata mutex (a busy one is tried again later).
+    /// The error of every request on a fenced handle (out of line: the per-request check
+    /// stays small enough to inline).
+    #[cold]
+    #[inline(never)]
+    fn fenced_error(&self) -> Error {
+        Error::new(
+            ErrorKind::Fenced,
+            format!(
+                "{}: image was fenced after a fatal error; no further I/O is accepted",
+                self.path.display()
+            ),
+        )
+    }
+
+    /// Every few hundred requests of a thread ([`cache::tick`]): drops the cache entries (and
+    /// the in-flight tracker's pages) nobody used for the clean interval, if it has passed, so
+    /// an idle handle gives its memory back at its next requests without a timer thread.
+    /// Never waits for the metadata mutex (a busy one is tried again later).
+    #[cold]
+    #[inline(never)]
     fn idle_tick(&self) {
-        if !cache::tick() {
-            return;
-        }
         let Ok(mut m) = self.meta.try_lock() else {
             return;
         };
