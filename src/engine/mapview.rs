@@ -89,8 +89,10 @@ impl L2Table {
     pub fn from_be_bytes(key: HostOffset, raw: &[u8]) -> Arc<L2Table> {
         Self::from_words(
             key,
-            raw.chunks_exact(8)
-                .map(|c| AtomicU64::new(u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]))))
+            raw.as_chunks::<8>()
+                .0
+                .iter()
+                .map(|c| AtomicU64::new(u64::from_ne_bytes(*c)))
                 .collect(),
         )
     }
@@ -126,8 +128,8 @@ impl L2Table {
         *self.referenced.get_mut() = false;
         *self.home.get_mut() = NOWHERE;
         // Plain stores into words nobody else sees: a copy the compiler vectorises.
-        for (w, c) in self.words.iter_mut().zip(raw.chunks_exact(8)) {
-            *w.get_mut() = u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
+        for (w, c) in self.words.iter_mut().zip(raw.as_chunks::<8>().0) {
+            *w.get_mut() = u64::from_ne_bytes(*c);
         }
         true
     }
