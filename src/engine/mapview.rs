@@ -89,10 +89,8 @@ impl L2Table {
     pub fn from_be_bytes(key: HostOffset, raw: &[u8]) -> Arc<L2Table> {
         Self::from_words(
             key,
-            raw.as_chunks::<8>()
-                .0
-                .iter()
-                .map(|c| AtomicU64::new(u64::from_ne_bytes(*c)))
+            raw.chunks_exact(8)
+                .map(|c| AtomicU64::new(u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]))))
                 .collect(),
         )
     }
@@ -128,8 +126,8 @@ impl L2Table {
         *self.referenced.get_mut() = false;
         *self.home.get_mut() = NOWHERE;
         // Plain stores into words nobody else sees: a copy the compiler vectorises.
-        for (w, c) in self.words.iter_mut().zip(raw.as_chunks::<8>().0) {
-            *w.get_mut() = u64::from_ne_bytes(*c);
+        for (w, c) in self.words.iter_mut().zip(raw.chunks_exact(8)) {
+            *w.get_mut() = u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
         }
         true
     }
