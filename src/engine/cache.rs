@@ -33,6 +33,7 @@ const TICK_REQUESTS: u32 = 256;
 
 /// Counts a request of the calling thread; true every [`TICK_REQUESTS`] requests, when the
 /// caller checks whether an idle clean is due.
+#[inline]
 pub fn tick() -> bool {
     thread_local! {
         static REQUESTS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
@@ -290,7 +291,10 @@ impl<T> TableCache<T> {
         let mut keep = Vec::with_capacity(self.slots.len());
         let mut idle = Vec::new();
         for s in self.slots.drain(..) {
-            if s.dirty || s.last_use > mark || used(&s.data) {
+            // Ask about every entry, so that a lock-free reader's use before this clean is
+            // consumed now and does not spare the entry at the next one too.
+            let referenced = used(&s.data);
+            if s.dirty || s.last_use > mark || referenced {
                 keep.push(s);
             } else {
                 idle.push(s.data);
@@ -449,6 +453,26 @@ mod tests {
         assert!(c.clean_idle(|&v| v == 3).is_empty());
         assert_eq!(c.clean_idle(|_| false), vec![3]);
         assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn idle_clean_drops_entries_a_reader_last_used_before_the_previous_clean() {
+        let mut c = TableCache::new(8);
+        c.insert(h(1), 1u32, false);
+        c.insert(h(2), 2u32, false);
+        // Both were read lock-free right after loading (reference bits set), then entry 2
+        // kept being read; entry 1 was never read again.
+        let referenced = std::cell::RefCell::new(vec![1u32, 2]);
+        let take = |v: &u32| {
+            let mut r = referenced.borrow_mut();
+            let hit = r.contains(v);
+            r.retain(|x| x != v);
+            hit
+        };
+        assert!(c.clean_idle(take).is_empty(), "both used since the open");
+        referenced.borrow_mut().push(2);
+        assert_eq!(c.clean_idle(take), vec![1], "idle for a whole interval");
+        assert!(c.contains(h(2)));
     }
 
     #[test]

@@ -21,14 +21,32 @@
 
 use super::cache::CacheConfig;
 use super::slicedir::SliceDir;
-use crate::format::entry::{decode_l2, L1Entry, Mapping};
+use crate::format::entry::{decode_l2, L1Entry, L2Entry, Mapping, COMPRESSED, ZERO};
 use crate::format::{Geometry, GuestOffset, HostOffset};
-use crossbeam_utils::sync::ShardedLock;
+#[cfg(loom)]
+use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+#[cfg(not(loom))]
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-/// L1 entries per chunk (32 KiB of atomics).
+/// The directory's lock: sharded (each reader locks its own thread's shard) in production,
+/// loom's model of a reader-writer lock under loom.
+#[cfg(not(loom))]
+type DirLock<T> = crossbeam_utils::sync::ShardedLock<T>;
+#[cfg(loom)]
+type DirLock<T> = loom::sync::RwLock<T>;
+
+/// L1 entries per chunk (32 KiB of atomics; a few under loom, where every atomic is a
+/// modelled object).
+#[cfg(not(loom))]
 const L1_CHUNK: usize = 4096;
+#[cfg(loom)]
+const L1_CHUNK: usize = 4;
+/// Chunks: enough for the largest L1 table (a few entries under loom).
+#[cfg(not(loom))]
+const L1_CHUNKS: usize = MAX_L1_ENTRIES.div_ceil(L1_CHUNK);
+#[cfg(loom)]
+const L1_CHUNKS: usize = 4;
 /// Most L1 entries any image may have (QEMU's 32 MiB L1 limit).
 pub const MAX_L1_ENTRIES: usize = (crate::format::header::MAX_L1_BYTES / 8) as usize;
 
@@ -98,6 +116,7 @@ impl L2Table {
     }
 
     /// Refills this slice in place; false (nothing changed) when the sizes differ.
+    #[cfg(not(loom))]
     fn refill(&mut self, key: HostOffset, raw: &[u8]) -> bool {
         if raw.len() != self.words.len() * 8 {
             return false;
@@ -111,6 +130,12 @@ impl L2Table {
             *w.get_mut() = u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
         }
         true
+    }
+
+    /// Under loom (whose atomics have no `get_mut`) a miss always allocates.
+    #[cfg(loom)]
+    fn refill(&mut self, _key: HostOffset, _raw: &[u8]) -> bool {
+        false
     }
 
     /// Where the slice is published: (L1 index, slice index).
@@ -134,7 +159,7 @@ impl L2Table {
         loop {
             let s1 = self.seq.load(Ordering::Acquire);
             if s1 & 1 == 1 {
-                std::hint::spin_loop();
+                spin();
                 continue;
             }
             let w0 = u64::from_be(self.words[a].load(Ordering::Relaxed));
@@ -195,6 +220,15 @@ impl L2Table {
     }
 }
 
+/// Waits a moment for a writer in the middle of an update (under loom: lets it run).
+#[inline]
+fn spin() {
+    #[cfg(loom)]
+    loom::thread::yield_now();
+    #[cfg(not(loom))]
+    std::hint::spin_loop();
+}
+
 /// The active L1 table and the cached L2 tables, readable without the metadata mutex.
 #[derive(Debug)]
 pub struct MapView {
@@ -209,7 +243,7 @@ pub struct MapView {
     /// Published slices by L1 index and slice index. A sharded lock: readers lock only their
     /// own thread's shard (no shared cache line), the rarer publications and evictions lock
     /// all of them.
-    dir: ShardedLock<SliceDir>,
+    dir: DirLock<SliceDir>,
     /// Bumped whenever a table's on-disk contents change (write-back), so that a table read
     /// from disk without the mutex can be checked for staleness before it is installed.
     generation: AtomicU64,
@@ -235,12 +269,10 @@ impl MapView {
         // Slices per table (a table is one cluster; a slice at most one).
         let per_table = 1usize << geo.cluster_bits.saturating_sub(slice_shift).min(31);
         let v = MapView {
-            l1: (0..MAX_L1_ENTRIES.div_ceil(L1_CHUNK))
-                .map(|_| OnceLock::new())
-                .collect(),
+            l1: (0..L1_CHUNKS).map(|_| OnceLock::new()).collect(),
             l1_len: AtomicUsize::new(0),
             resizing: Mutex::new(()),
-            dir: ShardedLock::new(SliceDir::new(per_table, max_blocks(&cache, per_table))),
+            dir: DirLock::new(SliceDir::new(per_table, max_blocks(&cache, per_table))),
             generation: AtomicU64::new(0),
             cache,
             l2_slices: AtomicUsize::new(cache.l2_slices),
@@ -413,29 +445,65 @@ impl MapView {
     /// the L2 table is not cached or the entry does not decode (the caller then takes the
     /// metadata mutex, which also produces the proper error).
     pub fn lookup(&self, geo: &Geometry, version: u32, guest: GuestOffset) -> Option<Mapping> {
-        let l1 = guest.l1_index(geo);
-        let e = self.l1_entry(l1)?;
-        let off = L1Entry(e).l2_offset();
-        if off == HostOffset::ZERO {
+        let (l1, table) = self.l2_table(geo, guest)?;
+        if table == HostOffset::ZERO {
             return Some(Mapping::Unallocated { zero: 0 });
         }
-        if !off.is_cluster_aligned(geo) {
+        let (w0, w1) = self.cached_entry(geo, l1, table, guest)?;
+        decode_l2(geo, version, w0, w1).ok()
+    }
+
+    /// The host cluster of the guest cluster containing `guest` when the view maps it to
+    /// ordinary data (allocated, neither compressed nor zero, cluster-aligned) of an image
+    /// with standard L2 entries and no external data file: what [`Self::lookup`] returns as
+    /// [`Mapping::Data`], found without decoding anything else (the common cached read).
+    /// `None` for everything else, which the caller maps with [`Self::lookup`].
+    #[inline]
+    pub fn lookup_data(&self, geo: &Geometry, guest: GuestOffset) -> Option<HostOffset> {
+        if geo.extended_l2 || geo.external_data {
             return None;
         }
+        let (l1, table) = self.l2_table(geo, guest)?;
+        if table == HostOffset::ZERO {
+            return None;
+        }
+        let (w0, _) = self.cached_entry(geo, l1, table, guest)?;
+        // The kind test of `L2Entry::kind` for a standard entry: no flag, some offset.
+        let host = L2Entry::new(w0, 0).host();
+        let plain = w0 & (COMPRESSED | ZERO) == 0;
+        (plain && host != HostOffset::ZERO && host.is_cluster_aligned(geo)).then_some(host)
+    }
+
+    /// The L1 index of `guest` and the L2 table its entry points at (zero: none); None past
+    /// the L1 table or for an unaligned table offset (left to the metadata mutex's path).
+    #[inline]
+    fn l2_table(&self, geo: &Geometry, guest: GuestOffset) -> Option<(usize, HostOffset)> {
+        let l1 = guest.l1_index(geo);
+        let off = L1Entry(self.l1_entry(l1)?).l2_offset();
+        (off == HostOffset::ZERO || off.is_cluster_aligned(geo)).then_some((l1, off))
+    }
+
+    /// The raw words of the L2 entry of `guest` in the table at `table` (under L1 entry
+    /// `l1`), if its slice is published.
+    #[inline]
+    fn cached_entry(
+        &self,
+        geo: &Geometry,
+        l1: usize,
+        table: HostOffset,
+        guest: GuestOffset,
+    ) -> Option<(u64, u64)> {
         let index = guest.l2_index(geo);
         let slice = self.slice_index(index);
-        let key = self.slice_key(off, slice);
+        let key = self.slice_key(table, slice);
         let within = index & ((1usize << self.per_slice_shift) - 1);
         // Read the entry under the (thread-local shard of the) read lock rather than cloning
         // the Arc, whose count all readers of the slice would share. The slot may hold a
         // slice of the table this L1 entry pointed at before: the key tells.
-        let (w0, w1) = {
-            let dir = self.dir.read().unwrap_or_else(|p| p.into_inner());
-            let t = dir.get(l1, slice).filter(|t| t.key == key)?;
-            t.touch();
-            t.entry(within, geo.extended_l2)
-        };
-        decode_l2(geo, version, w0, w1).ok()
+        let dir = self.dir.read().unwrap_or_else(|p| p.into_inner());
+        let t = dir.get(l1, slice).filter(|t| t.key == key)?;
+        t.touch();
+        Some(t.entry(within, geo.extended_l2))
     }
 }
 
@@ -448,7 +516,7 @@ fn max_blocks(cache: &CacheConfig, per_table: usize) -> usize {
     cache.l2_slices.min(budget.max(64) as usize)
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
@@ -586,5 +654,166 @@ mod tests {
         }
         stop.store(true, Ordering::Relaxed);
         reader.join().expect("reader");
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    //! Exhaustive interleavings (loom) of lock-free lookups against what the metadata mutex
+    //! holder does to the view meanwhile: move an L1 entry to another table and publish its
+    //! slice (copy-on-write of a shared table), evict a slice and publish another table's,
+    //! update an entry in place. Run with
+    //! `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_`.
+    use super::*;
+    use crate::format::entry::COPIED;
+    use loom::thread;
+
+    /// 4 KiB clusters, 512-byte slices: 64 entries per slice, 8 slices per table (few
+    /// modelled atomics per slice).
+    fn geo() -> Geometry {
+        Geometry {
+            cluster_bits: 12,
+            extended_l2: false,
+            refcount_order: 4,
+            external_data: false,
+        }
+    }
+
+    fn view(l1_len: usize) -> Arc<MapView> {
+        let cache = CacheConfig {
+            slice_bytes: 512,
+            l2_slices: 4,
+            refcount_slices: 2,
+            clean_interval: None,
+            l2_cover: false,
+        };
+        Arc::new(MapView::new(l1_len, cache, &geo()))
+    }
+
+    /// Slice 0 of the table at `table`, mapping its first guest cluster to `data`.
+    fn slice(table: u64, data: u64) -> Arc<L2Table> {
+        let mut words = vec![0u64; 64];
+        words[0] = data | COPIED;
+        L2Table::new(HostOffset::new(table), words)
+    }
+
+    const A: u64 = 0x1_0000;
+    const B: u64 = 0x5_0000;
+    const DATA_A: u64 = 0x20_0000;
+    const DATA_B: u64 = 0x30_0000;
+    /// First guest byte of L1 entry 1 (2 MiB per table).
+    const SECOND: u64 = 2 << 20;
+
+    /// The L1 entry moves from table A to its copy B while a reader maps guest 0: whatever
+    /// the interleaving, the reader maps through the table its L1 entry pointed at, never
+    /// through a slice of the other one left in (or not yet in) the directory slot.
+    fn l1_move(publish_first: bool) {
+        loom::model(move || {
+            let g = geo();
+            let v = view(1);
+            v.set_l1(0, A | COPIED);
+            assert!(v.publish(0, 0, &slice(A, DATA_A)));
+            let writer = {
+                let v = Arc::clone(&v);
+                thread::spawn(move || {
+                    let b = slice(B, DATA_B);
+                    if publish_first {
+                        assert!(v.publish(0, 0, &b));
+                        v.set_l1(0, B | COPIED);
+                    } else {
+                        v.set_l1(0, B | COPIED);
+                        assert!(v.publish(0, 0, &b));
+                    }
+                })
+            };
+            let before = v.l1_entry(0);
+            let m = v.lookup_data(&g, GuestOffset::new(0));
+            let after = v.l1_entry(0);
+            if before == Some(B | COPIED) {
+                assert_ne!(m, Some(HostOffset::new(DATA_A)), "the old table's slice");
+            }
+            if after == Some(A | COPIED) {
+                assert_ne!(
+                    m,
+                    Some(HostOffset::new(DATA_B)),
+                    "the new table before its L1 entry"
+                );
+            }
+            writer.join().expect("writer");
+            assert_eq!(
+                v.lookup_data(&g, GuestOffset::new(0)),
+                Some(HostOffset::new(DATA_B))
+            );
+        });
+    }
+
+    #[test]
+    fn loom_an_l1_entry_moving_to_a_published_copy_never_maps_through_the_other_table() {
+        l1_move(true);
+    }
+
+    #[test]
+    fn loom_an_l1_entry_moving_before_its_copy_is_published_never_maps_the_old_slice() {
+        l1_move(false);
+    }
+
+    /// Slice A is evicted (and freed) and table B's slice published while a reader maps
+    /// through both tables: it finds each table's own entry or nothing (then the mutex).
+    #[test]
+    fn loom_an_evicted_slice_is_never_found_and_a_new_one_only_for_its_table() {
+        loom::model(|| {
+            let g = geo();
+            let v = view(2);
+            v.set_l1(0, A | COPIED);
+            v.set_l1(1, B | COPIED);
+            let a = slice(A, DATA_A);
+            assert!(v.publish(0, 0, &a));
+            // Another slice of table A keeps its directory block in use.
+            assert!(v.publish(0, 1, &slice(A + 512, DATA_A + 4096)));
+            let writer = {
+                let v = Arc::clone(&v);
+                thread::spawn(move || {
+                    v.unpublish(&a);
+                    drop(a);
+                    assert!(v.publish(1, 0, &slice(B, DATA_B)));
+                })
+            };
+            let first = v.lookup_data(&g, GuestOffset::new(0));
+            let second = v.lookup_data(&g, GuestOffset::new(SECOND));
+            assert!(
+                first.is_none() || first == Some(HostOffset::new(DATA_A)),
+                "{first:?}"
+            );
+            assert!(
+                second.is_none() || second == Some(HostOffset::new(DATA_B)),
+                "{second:?}"
+            );
+            writer.join().expect("writer");
+            assert_eq!(v.lookup_data(&g, GuestOffset::new(0)), None);
+            assert_eq!(
+                v.lookup_data(&g, GuestOffset::new(SECOND)),
+                Some(HostOffset::new(DATA_B))
+            );
+        });
+    }
+
+    /// An extended entry (descriptor and bitmap) updated twice in place while a reader reads
+    /// it: the reader gets one update's pair, never halves of two.
+    #[test]
+    fn loom_in_place_entry_updates_are_never_seen_torn() {
+        loom::model(|| {
+            let t = L2Table::new(HostOffset::new(A), vec![0; 8]);
+            let writer = {
+                let t = Arc::clone(&t);
+                thread::spawn(move || {
+                    t.set_entry(1, true, 5, 15);
+                    t.set_entry(1, true, 7, 21);
+                })
+            };
+            let (w0, w1) = t.entry(1, true);
+            assert_eq!(w1, w0 * 3, "torn entry {w0}/{w1}");
+            writer.join().expect("writer");
+            assert_eq!(t.entry(1, true), (7, 21));
+        });
     }
 }

@@ -255,8 +255,8 @@ impl Meta {
     }
 
     /// Makes room for one more L2 slice: evicts a clean one (second chance for slices that
-    /// lock-free readers use), writing dirty ones back first when all are dirty. Returns the
-    /// evicted slice (withdrawn from the view), for reuse.
+    /// lock-free readers use) and withdraws it from the view, writing dirty ones back first
+    /// when all are dirty. Returns the evicted slice, for its memory to be reused.
     fn make_room_l2(&mut self, file: &HostFile) -> Result<Option<Arc<L2Table>>> {
         // Bound: two rounds. A successful write-back leaves every cached table clean, and a
         // clean table can always be evicted.
@@ -402,40 +402,38 @@ impl Meta {
         std::mem::take(&mut self.tracker_idle)
     }
 
-    /// Installs and publishes the L2 slice at `key` that a reader read from disk as `raw`
-    /// without the mutex (slice index `s` of the table under L1 entry `l1`, which the caller
-    /// checked still points at it), unless the on-disk tables changed since `generation`
-    /// (the read may be stale); a slice cached already is published instead. The slice
-    /// evicted to make room is reused for it when nobody else holds it. Returns whether the
-    /// slice is cached now.
+    /// Installs and publishes the L2 slice `t` at `key` that a reader read from disk and
+    /// filled without the mutex (slice index `s` of the table under L1 entry `l1`, which the
+    /// caller checked still points at it), unless the on-disk tables changed since
+    /// `generation` (the read may be stale); a slice cached already is published instead.
+    /// Returns whether the slice is cached now, and a slice nobody needs any more (the one
+    /// evicted to make room, or `t` when it was not installed) for the caller to refill at
+    /// its next miss. The mutex is held only to evict and link: with several threads
+    /// missing at once it is the point they queue on.
     pub fn install_l2(
         &mut self,
         file: &HostFile,
         at: (usize, usize),
         key: HostOffset,
-        raw: &[u8],
+        t: Arc<L2Table>,
         generation: u64,
-    ) -> Result<bool> {
+    ) -> Result<(bool, Option<Arc<L2Table>>)> {
         let (l1, s) = at;
         if self.l2.contains(key) {
             self.publish_l2(l1, s, key);
-            return Ok(true);
+            return Ok((true, Some(t)));
         }
         if self.view.generation() != generation {
-            return Ok(false);
+            return Ok((false, Some(t)));
         }
         let evicted = self.make_room_l2(file)?;
         if self.view.generation() != generation {
             // make_room_l2 may have written tables back.
-            return Ok(false);
+            return Ok((false, Some(t)));
         }
-        let t = match evicted {
-            Some(t) => L2Table::reuse(t, key, raw),
-            None => L2Table::from_be_bytes(key, raw),
-        };
         self.view.publish(l1, s, &t);
         self.cache_l2(key, t, false);
-        Ok(true)
+        Ok((true, evicted))
     }
 
     /// The L2 slot of a guest offset (table zero when the L1 entry is empty).

@@ -391,28 +391,38 @@ impl Image {
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    #[inline]
     fn check_usable(&self) -> Result<()> {
-        self.idle_tick();
+        if cache::tick() {
+            self.idle_tick();
+        }
         if self.io.is_fenced() {
-            return Err(Error::new(
-                ErrorKind::Fenced,
-                format!(
-                    "{}: image was fenced after a fatal error; no further I/O is accepted",
-                    self.path.display()
-                ),
-            ));
+            return Err(self.fenced_error());
         }
         Ok(())
     }
 
-    /// Every few hundred requests of a thread: drops the cache entries (and the in-flight
-    /// tracker's pages) nobody used for the clean interval, if it has passed, so an idle
-    /// handle gives its memory back at its next requests without a timer thread. Never waits
-    /// for the metadata mutex (a busy one is tried again later).
+    /// The error of every request on a fenced handle (out of line: the per-request check
+    /// stays small enough to inline).
+    #[cold]
+    #[inline(never)]
+    fn fenced_error(&self) -> Error {
+        Error::new(
+            ErrorKind::Fenced,
+            format!(
+                "{}: image was fenced after a fatal error; no further I/O is accepted",
+                self.path.display()
+            ),
+        )
+    }
+
+    /// Every few hundred requests of a thread ([`cache::tick`]): drops the cache entries (and
+    /// the in-flight tracker's pages) nobody used for the clean interval, if it has passed, so
+    /// an idle handle gives its memory back at its next requests without a timer thread.
+    /// Never waits for the metadata mutex (a busy one is tried again later).
+    #[cold]
+    #[inline(never)]
     fn idle_tick(&self) {
-        if !cache::tick() {
-            return;
-        }
         let Ok(mut m) = self.meta.try_lock() else {
             return;
         };
@@ -472,13 +482,34 @@ impl Image {
         }
         let generation = self.view.generation();
         let (slice, _) = self.view.slice_of(off, guest.l2_index(&self.geo));
+        /// Largest spare slice kept per thread.
+        const KEEP_SPARE: u64 = 16 << 10;
+        thread_local! {
+            /// A slice this thread's last miss evicted: the next miss refills it (no
+            /// allocation) before taking the mutex. At most one slice per thread.
+            static SPARE: std::cell::RefCell<Option<Arc<mapview::L2Table>>> =
+                const { std::cell::RefCell::new(None) };
+        }
         read::with_l2_slice(self, slice, |raw| {
-            let mut m = self.lock_meta();
-            // The L1 entry may have moved on (copy-on-write of a shared table) meanwhile.
-            if self.view.l1_entry(l1_index) != Some(e) {
-                return Ok(false);
+            // Filled before the mutex is taken, so that its holder only evicts and links.
+            let t = match SPARE.with(|sp| sp.borrow_mut().take()) {
+                Some(old) => mapview::L2Table::reuse(old, slice, raw),
+                None => mapview::L2Table::from_be_bytes(slice, raw),
+            };
+            let (cached, spare) = {
+                let mut m = self.lock_meta();
+                // The L1 entry may have moved on (copy-on-write of a shared table) meanwhile.
+                if self.view.l1_entry(l1_index) != Some(e) {
+                    return Ok(false);
+                }
+                m.install_l2(&self.file, (l1_index, s), slice, t, generation)?
+            };
+            // Like the raw slice buffer, larger slices (whole tables of large clusters) are
+            // not kept per thread.
+            if self.view.cache().slice_bytes <= KEEP_SPARE {
+                SPARE.with(|sp| *sp.borrow_mut() = spare);
             }
-            m.install_l2(&self.file, (l1_index, s), slice, raw, generation)
+            Ok(cached)
         })
     }
 

@@ -165,10 +165,18 @@ fn map_segments(
 }
 
 /// Reads `buf.len()` guest bytes at `offset` (range already checked).
+#[inline]
 pub fn read(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
     if read_one_data_cluster(img, buf, offset)? {
         return Ok(());
     }
+    read_mapped(img, buf, offset)
+}
+
+/// [`read`] in general: segment by segment (out of line, so that the one-step path above
+/// inlines into its caller without this one's stack frame).
+#[inline(never)]
+fn read_mapped(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
     let mut segments = SegBuf::new();
     let mut done = 0usize;
     let request_end = offset + buf.len() as u64;
@@ -194,19 +202,18 @@ pub fn read(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
 /// The common small request in one step: inside one cluster that the lock-free view maps to
 /// host data of the image file (no subclusters, no data file), read with one call and no
 /// segment list. False (nothing read) for anything else, which takes the general path.
+#[inline]
 fn read_one_data_cluster(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<bool> {
     let geo = &img.geo;
     let start = offset.in_cluster(geo);
     if geo.extended_l2 || geo.external_data || start + buf.len() as u64 > geo.cluster_size() {
         return Ok(false);
     }
-    match img.view.lookup(geo, img.version, offset) {
-        Some(Mapping::Data { host, .. }) => {
-            img.file.read_zero_padded(buf, host + start, "guest data")?;
-            Ok(true)
-        }
-        _ => Ok(false),
-    }
+    let Some(host) = img.view.lookup_data(geo, offset) else {
+        return Ok(false);
+    };
+    img.file.read_zero_padded(buf, host + start, "guest data")?;
+    Ok(true)
 }
 
 fn read_segment(img: &Image, out: &mut [u8], guest: GuestOffset, source: Source) -> Result<()> {

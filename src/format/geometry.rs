@@ -43,12 +43,24 @@ impl Geometry {
 
     /// Number of entries in one L2 table (one cluster).
     pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / self.l2_entry_size()
+        1u64 << self.l2_bits()
+    }
+
+    /// log2 of [`Self::l2_entries`]: shifts and masks rather than divisions on the per-request
+    /// path (the divisor is not a constant, so `/` and `%` would compile to `div`).
+    pub fn l2_bits(&self) -> u32 {
+        self.cluster_bits
+            .saturating_sub(self.l2_entry_size().trailing_zeros())
+    }
+
+    /// log2 of [`Self::l2_coverage`].
+    pub fn l2_coverage_bits(&self) -> u32 {
+        self.cluster_bits + self.l2_bits()
     }
 
     /// Guest bytes covered by one L2 table.
     pub fn l2_coverage(&self) -> u64 {
-        self.l2_entries() << self.cluster_bits
+        1u64 << self.l2_coverage_bits()
     }
 
     /// Subcluster size in bytes (the cluster size without extended L2).
@@ -67,12 +79,12 @@ impl Geometry {
 
     /// L1 index of a guest offset.
     pub fn l1_index(&self, guest: u64) -> u64 {
-        guest / self.l2_coverage()
+        guest >> self.l2_coverage_bits()
     }
 
     /// L2 index of a guest offset within its table.
     pub fn l2_index(&self, guest: u64) -> u64 {
-        (guest >> self.cluster_bits) % self.l2_entries()
+        (guest >> self.cluster_bits) & (self.l2_entries() - 1)
     }
 
     /// Offset of a guest byte within its cluster.

@@ -118,19 +118,19 @@ impl GuestOffset {
     /// Index of the L1 entry whose L2 table maps this byte.
     pub fn l1_index(self, geo: &Geometry) -> usize {
         // The L1 table holds at most 4 Mi entries (32 MiB), so the index fits.
-        (self.0 / geo.l2_coverage()) as usize
+        (self.0 >> geo.l2_coverage_bits()) as usize
     }
 
     /// Index of the L2 entry that maps this byte, within its table.
     pub fn l2_index(self, geo: &Geometry) -> usize {
         // Below the number of entries of one table (at most 256 Ki).
-        ((self.0 >> geo.cluster_bits) % geo.l2_entries()) as usize
+        ((self.0 >> geo.cluster_bits) & (geo.l2_entries() - 1)) as usize
     }
 
     /// The first guest byte past the range of the L2 table that maps this byte.
     pub fn l2_range_end(self, geo: &Geometry) -> GuestOffset {
-        let coverage = geo.l2_coverage();
-        GuestOffset((self.0 / coverage + 1) * coverage)
+        let bits = geo.l2_coverage_bits();
+        GuestOffset(((self.0 >> bits) + 1) << bits)
     }
 
     /// Subcluster index (0..32) of this byte in its cluster.

@@ -217,7 +217,10 @@ impl HostFile {
     /// zeros, like a sparse file.
     pub fn read_zero_padded(&self, buf: &mut [u8], offset: HostOffset, what: &str) -> Result<()> {
         let n = self.read_some(buf, offset, what)?;
-        buf[n..].fill(0);
+        // A full read is the rule: skip the (out-of-line) fill call for it.
+        if n < buf.len() {
+            buf[n..].fill(0);
+        }
         Ok(())
     }
 
@@ -230,16 +233,23 @@ impl HostFile {
         let mut done = 0;
         while done < readable {
             let at = offset + done as u64;
-            let n = self
-                .backend
-                .read_at(&mut buf[done..readable], at)
-                .map_err(|e| Error::io(format!("reading {what} at {at:#x} of {}", self.name), e))?;
+            let n = match self.backend.read_at(&mut buf[done..readable], at) {
+                Ok(n) => n,
+                Err(e) => return Err(self.read_error(what, at, e)),
+            };
             if n == 0 {
                 break;
             }
             done += n;
         }
         Ok(done)
+    }
+
+    /// The error of a failed read (out of line: formatting stays off the read path).
+    #[cold]
+    #[inline(never)]
+    fn read_error(&self, what: &str, at: u64, e: std::io::Error) -> Error {
+        Error::io(format!("reading {what} at {at:#x} of {}", self.name), e)
     }
 
     /// Writes an in-place header field update (its version check already passed when the
