@@ -237,3 +237,43 @@ fn snap_as_qcow2(dir: &TempDir, raw: &Path) -> std::path::PathBuf {
     ]);
     q
 }
+
+/// An image whose data lives in `dir/d.raw`, its first 8 MiB written by qemu-io.
+fn written_data_file_image(dir: &TempDir, raw: bool) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (img, data) = (dir.join("img.qcow2"), dir.join("d.raw"));
+    let raw_opt = if raw { ",data_file_raw=on" } else { "" };
+    qemu_create_with_data(
+        &img,
+        16 * MIB,
+        &format!("data_file={}{raw_opt}", data.display()),
+        0x5a,
+        8 * MIB,
+    );
+    (img, data)
+}
+
+#[test]
+fn discard_unmap_punches_the_data_file_like_qemu() {
+    for raw in [false, true] {
+        let (q, o) = (TempDir::new("dfq"), TempDir::new("dfo"));
+        let (q_img, q_data) = written_data_file_image(&q, raw);
+        let (o_img, o_data) = written_data_file_image(&o, raw);
+        let full = host_blocks(&o_data);
+        let opts = format!(
+            "driver=qcow2,file.filename={},discard=unmap",
+            q_img.display()
+        );
+        run_ok("qemu-io", &["--image-opts", "-c", "discard 0 4M", &opts]);
+        let img = open_with(&o_img, true);
+        img.discard(0, 4 * MIB).expect("discard");
+        img.close().expect("close");
+        let (qb, ob) = (host_blocks(&q_data), host_blocks(&o_data));
+        assert!(
+            ob + 4 * MIB / 512 * 95 / 100 <= full,
+            "raw={raw}: data file kept its blocks ({full} before, {ob} after; qemu: {qb})"
+        );
+        assert!(ob <= qb + 64, "raw={raw}: oxcow {ob} blocks, qemu {qb}");
+        assert_check_clean(&o_img);
+        assert_same_guest(&o_img, &q_img);
+    }
+}

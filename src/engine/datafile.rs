@@ -210,6 +210,24 @@ impl Image {
         Ok(())
     }
 
+    /// discard=unmap on an image with an external data file: gives the host blocks of
+    /// `[offset, offset+len)` of the data file back to the file system, as QEMU passes a
+    /// guest discard through to its data file (data-file clusters have no refcounts, so the
+    /// punch of freed clusters never sees them). Done before the metadata changes, like
+    /// [`Self::zero_raw_data`]: a concurrent write to these clusters is ordered by the
+    /// in-flight claims the metadata update waits for. True when the range was punched (it
+    /// then reads as zeros); false without a data file, without discard=unmap, or where
+    /// the file system cannot punch.
+    pub(super) fn unmap_data(&self, offset: GuestOffset, len: u64) -> Result<bool> {
+        let Some(d) = &self.data else {
+            return Ok(false);
+        };
+        if !self.lock_meta().rc.punches_freed() {
+            return Ok(false);
+        }
+        d.punch_hole(HostOffset::new(offset.get()), len)
+    }
+
     /// Refuses what QEMU refuses on images with an external data file (compressed clusters,
     /// internal snapshots): `-ENOTSUP` naming `what`.
     pub(super) fn refuse_with_data_file(&self, what: &str) -> Result<()> {

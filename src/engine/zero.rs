@@ -225,7 +225,9 @@ pub fn discard(img: &Image, offset: GuestOffset, count: u64) -> Result<()> {
         return Ok(());
     }
     // A raw data file must read as the guest disk does: zeros first, then the metadata.
-    img.zero_raw_data(start, end.since(start))?;
+    if !img.unmap_data(start, end.since(start))? {
+        img.zero_raw_data(start, end.since(start))?;
+    }
     let has_backing = img.has_backing();
     let target = if has_backing && img.version >= 3 {
         if geo.extended_l2 {
