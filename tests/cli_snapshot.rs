@@ -201,3 +201,36 @@ fn apply_on_an_image_with_bitmaps_fails_with_qemu_img_s_message() {
     }
     assert_check_clean(&o);
 }
+
+fn host_blocks(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).expect("stat").blocks()
+}
+
+#[test]
+fn delete_gives_the_freed_clusters_back_to_the_file_system_like_qemu_img() {
+    let dir = TempDir::new("cli-snap-punch");
+    let q = dir.join("q.qcow2");
+    qemu_create_with_data(&q, 64 * MIB, "", 0x11, 16 * MIB);
+    assert_eq!(
+        run("qemu-img", &["snapshot", "-c", "s1", path_str(&q)]).code,
+        0
+    );
+    qemu_io(&q, &["write -P 0x22 0 16M".to_string()]);
+    let o = dir.join("o.qcow2");
+    std::fs::copy(&q, &o).expect("copy");
+    let before = host_blocks(&o);
+    let (qo, oo) = both(&["-d", "s1"], &q, &o);
+    assert_eq!((qo.code, oo.code), (0, 0), "{} / {}", qo.all(), oo.all());
+    let (qb, ob) = (host_blocks(&q), host_blocks(&o));
+    assert!(
+        qb + 16 * MIB / 512 * 9 / 10 <= before,
+        "qemu-img no longer punches: {before} -> {qb} blocks"
+    );
+    assert!(
+        ob <= qb + 1024,
+        "oxcow kept {ob} blocks, qemu-img {qb} (from {before})"
+    );
+    assert_check_clean(&o);
+    assert_same_guest(&o, &q);
+}

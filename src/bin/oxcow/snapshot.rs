@@ -111,6 +111,9 @@ pub fn run(args: &[String]) -> CliResult<()> {
         &OpenOptions {
             writable,
             force_share: a.force_share,
+            // qemu-img snapshot -d gives the clusters it frees back to the file system
+            // (QEMU's pass-discard-snapshot defaults to on).
+            discard_unmap: matches!(a.op, Op::Delete(_)),
             ..OpenOptions::default()
         },
     )
