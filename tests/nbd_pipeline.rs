@@ -14,41 +14,14 @@ use std::thread;
 use std::time::Duration;
 
 use common::nbd::{NbdServer, Server};
+use common::nbd_wire::{request, transmission, SIMPLE_MAGIC};
 use common::*;
 
-const REQ_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_MAGIC: u32 = 0x6744_6698;
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_FLUSH: u16 = 3;
 const FLAG_FUA: u16 = 1;
 const SIZE: u64 = 8 * MIB;
-
-/// A connection in transmission with simple replies (fixed newstyle, NBD_OPT_GO).
-fn transmission(path: &Path) -> UnixStream {
-    let mut s = UnixStream::connect(path).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut g = [0u8; 18];
-    s.read_exact(&mut g).expect("greeting");
-    assert_eq!(&g[..8], b"NBDMAGIC");
-    s.write_all(&3u32.to_be_bytes()).unwrap();
-    let mut go = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
-    go.extend_from_slice(&7u32.to_be_bytes());
-    go.extend_from_slice(&6u32.to_be_bytes());
-    go.extend_from_slice(&[0; 6]);
-    s.write_all(&go).unwrap();
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).expect("option reply");
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-        s.read_exact(&mut vec![0u8; len as usize]).unwrap();
-        match u32::from_be_bytes(h[12..16].try_into().unwrap()) {
-            1 => return s,
-            3 => continue, // NBD_REP_INFO
-            t => panic!("option reply type {t:#x}"),
-        }
-    }
-}
 
 /// One request as the client sends it.
 struct Req {
@@ -62,12 +35,7 @@ struct Req {
 
 impl Req {
     fn encode(&self, cookie: u64, out: &mut Vec<u8>) {
-        out.extend_from_slice(&REQ_MAGIC.to_be_bytes());
-        out.extend_from_slice(&self.flags.to_be_bytes());
-        out.extend_from_slice(&self.cmd.to_be_bytes());
-        out.extend_from_slice(&cookie.to_be_bytes());
-        out.extend_from_slice(&self.off.to_be_bytes());
-        out.extend_from_slice(&self.len.to_be_bytes());
+        out.extend(request(self.cmd, self.flags, cookie, self.off, self.len));
         if self.cmd == CMD_WRITE {
             out.resize(out.len() + self.len as usize, self.fill);
         }
@@ -248,6 +216,7 @@ fn pipelined_rounds(args: &[&str]) {
     qemu_create(&img, SIZE, "");
     let mut srv = NbdServer::unix(Server::Oxcow, &dir, &img, args);
     let mut s = transmission(srv.socket.as_ref().unwrap());
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut model = vec![0u8; SIZE as usize];
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for round in 0..4u8 {
@@ -302,6 +271,7 @@ fn a_pipeline_of_tiny_interleaved_writes_and_reads_of_one_sector_keeps_reply_dat
     qemu_create_with_data(&img, SIZE, "", 0x11, SIZE);
     let mut srv = NbdServer::unix(Server::Oxcow, &dir, &img, &["-t"]);
     let mut s = transmission(srv.socket.as_ref().unwrap());
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let writes: Vec<Req> = (0..2000u64)
         .map(|i| Req {
             cmd: CMD_WRITE,

@@ -15,6 +15,7 @@ mod qemu;
 pub mod bitmaps;
 pub mod malformed;
 pub mod nbd;
+pub mod nbd_wire;
 pub mod stress;
 pub mod stress_model;
 pub mod stress_run;
