@@ -7,7 +7,7 @@ use super::hot::{plan_overwrite, plan_read, ReadPlan};
 use super::pool::Shared;
 use super::{AioBuf, AioCompletion, AioOp};
 use crate::error::Error;
-use crate::storage::uring::Ring;
+use crate::storage::uring::{Refused, Ring};
 use crate::storage::{Drain, PinToken};
 use crate::Image;
 use std::io;
@@ -70,6 +70,23 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         self.ring.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Puts `req` on the ring with `push` and submits it unless a plugged section is open;
+    /// a request the ring refuses comes back untouched (its pin and registration still held).
+    fn queue(
+        &self,
+        req: HotReq<B, T>,
+        push: impl FnOnce(&mut Ring<HotReq<B, T>>, HotReq<B, T>) -> Result<(), Refused<HotReq<B, T>>>,
+    ) -> Result<(), HotReq<B, T>> {
+        let mut ring = self.lock();
+        match push(&mut ring, req) {
+            Ok(()) => {
+                self.submit_unless_plugged(&mut ring);
+                Ok(())
+            }
+            Err(refused) => Err(refused.req),
+        }
+    }
+
     /// Runs `op` on the hot path when it can (zero fill at once, or a read on the ring);
     /// otherwise hands it back for the worker pool.
     pub(super) fn try_submit<I>(
@@ -119,14 +136,11 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
                     pin,
                     len,
                 };
-                let mut ring = self.lock();
-                match ring.read(fd, host, req, |r| read_buf(&mut r.op)) {
-                    Ok(()) => {
-                        self.submit_unless_plugged(&mut ring);
-                        None
-                    }
-                    Err(refused) => {
-                        let r = refused.req;
+                match self.queue(req, |ring, r| {
+                    ring.read(fd, host, r, |r| read_buf(&mut r.op))
+                }) {
+                    Ok(()) => None,
+                    Err(r) => {
                         grace.unpin(r.pin);
                         Some((r.op, r.user))
                     }
@@ -172,15 +186,9 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
             pin,
             len,
         };
-        let mut ring = self.lock();
-        match ring.write(fd, host, req, |r| write_buf(&r.op)) {
-            Ok(()) => {
-                self.submit_unless_plugged(&mut ring);
-                None
-            }
-            Err(refused) => {
-                drop(ring);
-                let r = refused.req;
+        match self.queue(req, |ring, r| ring.write(fd, host, r, |r| write_buf(&r.op))) {
+            Ok(()) => None,
+            Err(r) => {
                 grace.unpin(r.pin);
                 writes.leave();
                 Some((r.op, r.user))
