@@ -360,3 +360,96 @@ fn unknown_header_extensions_survive_oxcow_writes() {
     model.write(0, &data);
     assert_compare_model(&p, &model, &dir);
 }
+
+// --- discard leaves what QEMU's discard leaves ----------------------------------------------
+
+/// `qemu-img map` without host offsets (allocation order may differ), merged so that equal
+/// neighbours compare equal however each tool split them.
+fn map_shape(p: &Path) -> Vec<(u64, u64, u64, bool, bool, bool, bool)> {
+    let mut out: Vec<(u64, u64, u64, bool, bool, bool, bool)> = Vec::new();
+    for e in qemu_map(p) {
+        let row = (
+            e.start,
+            e.length,
+            e.depth,
+            e.present,
+            e.zero,
+            e.data,
+            e.offset.is_some(),
+        );
+        match out.last_mut() {
+            Some(last)
+                if last.0 + last.1 == row.0
+                    && (last.2, last.3, last.4, last.5, last.6)
+                        == (row.2, row.3, row.4, row.5, row.6) =>
+            {
+                last.1 += row.1
+            }
+            _ => out.push(row),
+        }
+    }
+    out
+}
+
+/// One image of each kind QEMU discards differently: v3 (zero flag), v2 (no zero flag),
+/// extended L2 (zero bits), an overlay (backing data must not show through), an external
+/// data file. Both copies get the same qemu-io history; then qemu-io discards on one copy and
+/// oxcow on the other, and `qemu-img map` and `qemu-img compare` must agree.
+#[test]
+fn discard_leaves_the_same_map_as_qemu_io_discard() {
+    let k = 64 * KIB;
+    let cases: [(&str, &str, bool); 5] = [
+        ("v3", "cluster_size=65536", false),
+        ("v2", "compat=0.10,cluster_size=65536", false),
+        ("extended", "extended_l2=on,cluster_size=65536", false),
+        ("overlay", "cluster_size=65536", true),
+        ("data-file", "cluster_size=65536,data_file=DATA", false),
+    ];
+    for (name, opts, overlay) in cases {
+        let dir = TempDir::new("discard-like-qemu");
+        let mut paths = Vec::new();
+        for who in ["qemu", "oxcow"] {
+            let p = dir.join(&format!("{who}.qcow2"));
+            let data = dir.join(&format!("{who}.data"));
+            let opts = opts.replace("DATA", path_str(&data));
+            if overlay {
+                let base = dir.join(&format!("{who}-base.qcow2"));
+                qemu_create_with_data(&base, 16 * k, "cluster_size=65536", 0x42, 16 * k);
+                qemu_create_overlay(&p, None, &opts, path_str(&base), "qcow2");
+            } else {
+                qemu_create(&p, 16 * k, &opts);
+            }
+            // Data in 0..6, a kept zero cluster at 6 (v3), an unmapped zero cluster at 7,
+            // data again in 10..12; 8, 9 and 12.. never written.
+            let mut cmds = vec![
+                format!("write -P 0x61 0 {}", 6 * k),
+                format!("write -P 0x62 {} {}", 10 * k, 2 * k),
+            ];
+            if name != "v2" {
+                cmds.push(format!("write -z {} {k}", 6 * k));
+                cmds.push(format!("write -z -u {} {k}", 7 * k));
+            }
+            qemu_io(&p, &cmds);
+            paths.push(p);
+        }
+        // Whole clusters 1..11 (partial edges around them), and one more whole cluster at 14.
+        let discards = [(k + 100, 10 * k - 200), (k, 10 * k), (14 * k, k)];
+        let cmds: Vec<String> = discards
+            .iter()
+            .map(|(o, l)| format!("discard {o} {l}"))
+            .collect();
+        qemu_io(&paths[0], &cmds);
+        let img = open_rw(&paths[1]);
+        for (o, l) in discards {
+            img.discard(o, l).unwrap();
+        }
+        img.close().unwrap();
+        assert_check_clean(&paths[1]);
+        assert_eq!(
+            map_shape(&paths[1]),
+            map_shape(&paths[0]),
+            "{name}: qemu-img map after discard"
+        );
+        qemu_img(&["compare", "-q", path_str(&paths[0]), path_str(&paths[1])]);
+    }
+}

@@ -215,7 +215,12 @@ pub fn write_zeroes_as(
     write_explicit_zeros(img, &explicit)
 }
 
-/// Releases every cluster fully inside `[offset, offset+count)`.
+/// Releases every cluster fully inside `[offset, offset+count)`, leaving what QEMU's guest
+/// discard leaves: on version 3 a zero marker (zero flag, or all subclusters zero with extended
+/// L2) wherever something was allocated or a backing file could show through, so that the
+/// range keeps reading as zeros even if a backing file is attached later; on version 2, where
+/// no zero marker exists, an unallocated entry. Clusters that already read as zeros from this
+/// image alone (unallocated or plain zero, no backing file) stay as they are.
 pub fn discard(img: &Image, offset: GuestOffset, count: u64) -> Result<()> {
     let geo = img.geo;
     let cs = geo.cluster_size();
@@ -229,20 +234,9 @@ pub fn discard(img: &Image, offset: GuestOffset, count: u64) -> Result<()> {
         img.zero_raw_data(start, end.since(start))?;
     }
     let has_backing = img.has_backing();
-    let target = if has_backing && img.version >= 3 {
-        if geo.extended_l2 {
-            Mapping::Unallocated { zero: u32::MAX }
-        } else {
-            Mapping::Zero {
-                host: HostOffset::ZERO,
-                copied: false,
-            }
-        }
-    } else {
-        Mapping::Unallocated { zero: 0 }
-    };
+    let target = discarded_mapping(img.version, geo.extended_l2);
     let mut decide = |old: Mapping, _a: u64, _b: u64| -> Decision {
-        if old == target || (!has_backing && matches!(old, Mapping::Unallocated { .. })) {
+        if old == target || (!has_backing && !owns_host_space(old)) {
             Decision::Skip
         } else {
             Decision::Set {
@@ -254,4 +248,26 @@ pub fn discard(img: &Image, offset: GuestOffset, count: u64) -> Result<()> {
     let explicit = update_clusters(img, start, end, &mut decide)?;
     debug_assert!(explicit.is_empty());
     Ok(())
+}
+
+/// The entry a discarded cluster gets: a zero marker where the version has one.
+fn discarded_mapping(version: u32, extended_l2: bool) -> Mapping {
+    match (version >= 3, extended_l2) {
+        (true, true) => Mapping::Unallocated { zero: u32::MAX },
+        (true, false) => Mapping::Zero {
+            host: HostOffset::ZERO,
+            copied: false,
+        },
+        (false, _) => Mapping::Unallocated { zero: 0 },
+    }
+}
+
+/// Whether the entry points at host space (data, compressed data or a preallocated zero
+/// cluster): what QEMU calls an allocated cluster.
+fn owns_host_space(m: Mapping) -> bool {
+    match m {
+        Mapping::Unallocated { .. } => false,
+        Mapping::Zero { host, .. } => host != HostOffset::ZERO,
+        _ => true,
+    }
 }
