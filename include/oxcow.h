@@ -801,8 +801,9 @@ void oxcow_aio_options_init(struct oxcow_aio_options *opts);
 /**
  * Creates an asynchronous I/O queue on `img`; `opts` may be NULL (defaults). On success
  * `*out` receives the queue, to be released with oxcow_aio_queue_free() before `img` is
- * closed. The queue is the object of one event-loop thread: its calls must not race each
- * other (other threads may keep using `img` with the synchronous calls or their own queues).
+ * closed (oxcow_close() returns -EBUSY while a queue on it lives). The queue is the object
+ * of one event-loop thread: its calls must not race each other (other threads may keep
+ * using `img` with the synchronous calls or their own queues).
  *
  * Returns 0, or -EINVAL (NULL handle or out, short struct_size, unknown flags, depth or
  * workers out of range), -EIO/-EMFILE (eventfd or thread creation failed).
@@ -819,7 +820,9 @@ int oxcow_aio_queue_new(struct oxcow_image *img,
 /**
  * Waits for every request in flight to finish, then frees the queue. Callbacks of requests
  * not yet polled are NOT called (their buffers belong to the caller again when this
- * returns). NULL is a no-op.
+ * returns). NULL is a no-op. (A process killed with io_uring writes in flight frees nothing:
+ * the kernel tears its rings down after it died, and until then, a few milliseconds, the
+ * image's lock still reads as held; a supervisor reopening the image retries briefly.)
  *
  * # Safety
  * `q` is NULL or a live queue, not used after this call nor from inside its callbacks.
@@ -1273,7 +1276,9 @@ int oxcow_open(const char *path,
 
 /**
  * Flushes and closes the image and frees the handle. The handle is freed even when the flush
- * fails (the error is returned). NULL is a no-op returning 0.
+ * fails (the error is returned). NULL is a no-op returning 0. While an asynchronous queue
+ * created on the handle is not yet freed (oxcow_aio_queue_free()), returns -EBUSY and
+ * changes nothing: the handle stays open and usable.
  *
  * # Safety
  * `img` is NULL or a live handle from oxcow_open() that no other thread is using; it must not

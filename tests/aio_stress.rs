@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::aio::Buf;
 use common::stress::seed_override;
 use common::*;
 use oxcow::{
@@ -18,35 +19,6 @@ use std::sync::Arc;
 type Queue = AioQueue<Arc<Image>, Buf, (u64, u64)>;
 /// What `Queue::submit` returns.
 type Submitted = Result<u64, (oxcow::Error, AioOp<Buf>, (u64, u64))>;
-
-/// A request buffer aligned to 4 KiB (as O_DIRECT needs for the io_uring path).
-struct Buf {
-    v: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Buf {
-    fn new(len: usize, fill: u8) -> Buf {
-        let mut v = vec![fill; len + 4096];
-        let start = (4096 - v.as_mut_ptr() as usize % 4096) % 4096;
-        Buf { v, start, len }
-    }
-    fn from(data: &[u8]) -> Buf {
-        let mut b = Buf::new(data.len(), 0);
-        b.bytes_mut().copy_from_slice(data);
-        b
-    }
-}
-
-impl AioBuf for Buf {
-    fn bytes(&self) -> &[u8] {
-        &self.v[self.start..self.start + self.len]
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.v[self.start..self.start + self.len]
-    }
-}
 
 fn queue(img: &Arc<Image>, depth: u32, force_threads: bool) -> Queue {
     let opts = AioOptions {

@@ -9,6 +9,7 @@ use crate::{Error, Image, ZeroFlags};
 use std::ffi::{c_int, c_void};
 use std::ops::Deref;
 use std::ptr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// oxcow_aio_options.flags: use the worker-pool backend even where io_uring is available
@@ -105,6 +106,8 @@ unsafe impl Send for Callback {}
 /// the event loop's object); several queues may share an image.
 pub struct oxcow_aio_queue {
     q: AioQueue<ImageRef, CBuf, Callback>,
+    /// The handle whose count of live queues this queue holds (see oxcow_close()).
+    owner: *const oxcow_image,
 }
 
 /// Resolves a queue pointer (None for NULL).
@@ -134,8 +137,9 @@ pub unsafe extern "C" fn oxcow_aio_options_init(opts: *mut oxcow_aio_options) {
 
 /// Creates an asynchronous I/O queue on `img`; `opts` may be NULL (defaults). On success
 /// `*out` receives the queue, to be released with oxcow_aio_queue_free() before `img` is
-/// closed. The queue is the object of one event-loop thread: its calls must not race each
-/// other (other threads may keep using `img` with the synchronous calls or their own queues).
+/// closed (oxcow_close() returns -EBUSY while a queue on it lives). The queue is the object
+/// of one event-loop thread: its calls must not race each other (other threads may keep
+/// using `img` with the synchronous calls or their own queues).
 ///
 /// Returns 0, or -EINVAL (NULL handle or out, short struct_size, unknown flags, depth or
 /// workers out of range), -EIO/-EMFILE (eventfd or thread creation failed).
@@ -153,7 +157,9 @@ pub unsafe extern "C" fn oxcow_aio_queue_new(
     // SAFETY: NULL or live per the contract.
     let image = unsafe { resolve(img) };
     let body = || {
-        let Some(image) = image else {
+        // SAFETY: NULL or a live handle per the contract (checked with `image` below).
+        let owner = unsafe { img.as_ref() };
+        let (Some(image), Some(owner)) = (image, owner) else {
             return einval("image handle is NULL");
         };
         if out.is_null() {
@@ -174,7 +180,8 @@ pub unsafe extern "C" fn oxcow_aio_queue_new(
             force_threads: o.flags & OXCOW_AIO_FORCE_THREADS != 0,
         };
         let q = AioQueue::new(ImageRef(image as *const Image), &ropts)?;
-        let handle = Box::into_raw(Box::new(oxcow_aio_queue { q }));
+        owner.queues.fetch_add(1, Ordering::AcqRel);
+        let handle = Box::into_raw(Box::new(oxcow_aio_queue { q, owner: img }));
         // SAFETY: `out` is non-NULL (checked) and writable per the contract.
         unsafe { out.write(handle) };
         Ok(())
@@ -185,7 +192,9 @@ pub unsafe extern "C" fn oxcow_aio_queue_new(
 
 /// Waits for every request in flight to finish, then frees the queue. Callbacks of requests
 /// not yet polled are NOT called (their buffers belong to the caller again when this
-/// returns). NULL is a no-op.
+/// returns). NULL is a no-op. (A process killed with io_uring writes in flight frees nothing:
+/// the kernel tears its rings down after it died, and until then, a few milliseconds, the
+/// image's lock still reads as held; a supervisor reopening the image retries briefly.)
 ///
 /// # Safety
 /// `q` is NULL or a live queue, not used after this call nor from inside its callbacks.
@@ -196,7 +205,10 @@ pub unsafe extern "C" fn oxcow_aio_queue_free(q: *mut oxcow_aio_queue) {
     }
     // SAFETY: from Box::into_raw in oxcow_aio_queue_new, freed once per the contract.
     let q = unsafe { Box::from_raw(q) };
+    let owner = q.owner;
     boundary(None, move || drop(q), |_| ());
+    // SAFETY: the handle outlives its queues (oxcow_close() refuses while this one lives).
+    unsafe { &*owner }.queues.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// The queue's eventfd: readable while completions wait for oxcow_aio_poll()

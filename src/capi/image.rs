@@ -9,6 +9,7 @@ use super::util::{copy_c_string, write_extent};
 use crate::{CorruptionEvent, EventHandler, Image, OpenOptions, OverlapCheck, ZeroFlags};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::ptr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The most buffers one vectored call accepts (Linux's IOV_MAX / UIO_MAXIOV).
@@ -56,6 +57,8 @@ fn overlap_mode(v: u32) -> CResult<OverlapCheck> {
 /// threads may use one handle at once, except that oxcow_close() must not race other calls.
 pub struct oxcow_image {
     inner: Image,
+    /// Asynchronous queues on this handle not yet freed: oxcow_close() refuses while any is.
+    pub(super) queues: AtomicUsize,
 }
 
 /// Resolves a caller's handle to the image (`None` for NULL), before the panic boundary so
@@ -204,7 +207,10 @@ pub unsafe extern "C" fn oxcow_open(
             return einval("OXCOW_OPEN_KEEP_READ_ONLY is for read-only opens");
         }
         let image = Image::open(path, &ropts)?;
-        let handle = Box::into_raw(Box::new(oxcow_image { inner: image }));
+        let handle = Box::into_raw(Box::new(oxcow_image {
+            inner: image,
+            queues: AtomicUsize::new(0),
+        }));
         // SAFETY: `out` is non-NULL (checked) and writable per the contract.
         unsafe { out.write(handle) };
         Ok(())
@@ -214,7 +220,9 @@ pub unsafe extern "C" fn oxcow_open(
 }
 
 /// Flushes and closes the image and frees the handle. The handle is freed even when the flush
-/// fails (the error is returned). NULL is a no-op returning 0.
+/// fails (the error is returned). NULL is a no-op returning 0. While an asynchronous queue
+/// created on the handle is not yet freed (oxcow_aio_queue_free()), returns -EBUSY and
+/// changes nothing: the handle stays open and usable.
 ///
 /// # Safety
 /// `img` is NULL or a live handle from oxcow_open() that no other thread is using; it must not
@@ -223,6 +231,10 @@ pub unsafe extern "C" fn oxcow_open(
 pub unsafe extern "C" fn oxcow_close(img: *mut oxcow_image) -> c_int {
     if img.is_null() {
         return 0;
+    }
+    // SAFETY: a live handle per the contract (non-NULL, checked); shared access only.
+    if unsafe { &*img }.queues.load(Ordering::Acquire) > 0 {
+        return -libc::EBUSY;
     }
     // SAFETY: `img` came from Box::into_raw in oxcow_open and is closed only once, with no
     // concurrent users, per the contract.

@@ -45,12 +45,12 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
 
-const SIZE: u64 = 4 << 20;
+pub(super) const SIZE: u64 = 4 << 20;
 
 /// Read-write open options.
 pub(super) fn rw() -> OpenOptions {
@@ -96,20 +96,20 @@ pub(super) fn read_guest(img: &Image, len: u64) -> Vec<u8> {
 }
 
 /// Guest contents plus which bytes the second phase touched.
-struct Model {
-    data: Vec<u8>,
-    touched: Vec<bool>,
+pub(super) struct Model {
+    pub(super) data: Vec<u8>,
+    pub(super) touched: Vec<bool>,
 }
 
 impl Model {
-    fn write(&mut self, off: u64, buf: &[u8], phase2: bool) {
+    pub(super) fn write(&mut self, off: u64, buf: &[u8], phase2: bool) {
         let r = off as usize..off as usize + buf.len();
         self.data[r.clone()].copy_from_slice(buf);
         if phase2 {
             self.touched[r].fill(true);
         }
     }
-    fn zero(&mut self, off: u64, len: u64, phase2: bool) {
+    pub(super) fn zero(&mut self, off: u64, len: u64, phase2: bool) {
         let r = off as usize..(off + len) as usize;
         self.data[r.clone()].fill(0);
         if phase2 {
@@ -196,7 +196,7 @@ pub(crate) fn assert_qemu_check(p: &Path, allowed: &[i32], what: &str) {
 
 /// Checks one crash state: qemu-img finds at worst leaks (after the repairing open for lazy
 /// refcounts), and every byte flushed in phase one and untouched since reads back.
-fn check_state(dir: &Path, bytes: &[u8], flushed: &Model, lazy: bool, what: &str) {
+pub(super) fn check_state(dir: &Path, bytes: &[u8], flushed: &Model, lazy: bool, what: &str) {
     let p = dir.join("state.qcow2");
     std::fs::write(&p, bytes).expect("write state");
     if lazy {

@@ -1,6 +1,8 @@
 //! The live image: open, the read and write paths, zeroing and discard, flush, backing chain.
 
 pub mod aio;
+#[cfg(test)]
+mod aio_crash_tests;
 pub mod amend;
 #[cfg(test)]
 mod amend_crash_tests;

@@ -12,7 +12,11 @@
 //! very thread that now excludes; so an excluding thread drives the queues itself through
 //! their drain hooks while it waits, instead of waiting for a poll that may never come.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+#[cfg(loom)]
+use loom::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Weak};
+#[cfg(not(loom))]
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Reaps whatever completions a queue's ring has ready, without blocking on a lock another
@@ -163,3 +167,7 @@ mod tests {
         w.leave();
     }
 }
+
+#[cfg(all(test, loom))]
+#[path = "ringwrites_loom.rs"]
+mod loom_tests;

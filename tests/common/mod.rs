@@ -12,6 +12,7 @@ mod model;
 mod oxcow_io;
 mod qemu;
 
+pub mod aio;
 pub mod bitmaps;
 pub mod malformed;
 pub mod nbd;
