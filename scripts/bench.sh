@@ -199,6 +199,15 @@ measure() {
     echo "$fs $name $depth $tool $secs $((count * size))" >>"$RESULTS"
 }
 
+# Prints the words after the first, rotated left by $1 (mod their number).
+rotate() {
+    local n=$1
+    shift
+    local a=("$@")
+    n=$((n % ${#a[@]}))
+    echo "${a[@]:n}" "${a[@]:0:n}"
+}
+
 echo "oxcow bench: $(nproc) CPUs, image ${SIZE_MB} MiB, $REPS repetition(s), dirs: $DIRS"
 echo "  load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other processes skew the numbers)"
 start=$(date +%s)
@@ -240,8 +249,10 @@ for rep in $(seq "$REPS"); do
             IFS='|' read -r name opts kind <<<"$wl"
             case " ${ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
             for depth in 1 2; do
-                # Interleave the tools so drift (thermal, page cache) hits all of them alike.
-                for tool in oxcow raw qemu; do
+                # Interleave the tools so drift (thermal, page cache) hits all of them alike,
+                # and rotate their order every repetition so that no tool always runs first
+                # (right after a change of file, workload or depth).
+                for tool in $(rotate "$((rep - 1))" oxcow raw qemu); do
                     measure "$w" "$fs" "$name" "$opts" "$kind" "$depth" "$tool"
                 done
             done
