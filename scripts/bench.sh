@@ -107,10 +107,20 @@ prepare() {
     qemu-img convert -f raw -O qcow2 "$d/data.raw" "$d/data.qcow2"
     cp "$d/data.qcow2" "$d/databm.qcow2"
     qemu-img bitmap --add "$d/databm.qcow2" bench
-    # Put both files in the same page-cache state: on ext4 the cost of a buffered 4 KiB write
-    # depends on the size of the folios caching the file, which depends on how it was last
-    # written. Write back, drop the cached pages (dd's nocache, no root needed; tmpfs keeps
-    # them), then read both files the same way.
+    settle "$d"
+}
+
+# Puts the shared files of $1 in the same page-cache state: on ext4 the cost of a 4 KiB
+# request depends on the size of the folios caching the file (measured: 4 KiB random reads
+# of a file cached in 2 MiB folios run ~25 % faster than of one whose pages were reclaimed
+# and read back by 4 KiB random reads, which caches them in 4 KiB folios), and that depends
+# on how the file was last written or read. Write back, drop the cached pages (dd's nocache,
+# no root needed; tmpfs keeps them), then read every file the same way (sequentially: large
+# folios). Run before the first repetition and again before each of the others, so that
+# reclaim during a run (other processes, the 1 TiB rows) cannot leave data.raw and
+# data.qcow2 in different states for the rest of the benchmark.
+settle() {
+    local d=$1 f
     sync
     for f in "$d/data.raw" "$d/data.qcow2" "$d/databm.qcow2"; do
         dd if="$f" iflag=nocache count=0 status=none 2>/dev/null || true
@@ -199,6 +209,22 @@ measure() {
     echo "$fs $name $depth $tool $secs $((count * size))" >>"$RESULTS"
 }
 
+# Warms the page cache for the large image like the other rows (again before every
+# repetition, in case it was reclaimed): the metadata (L1, L2, refcounts) sits in the first
+# ~160 MiB of the file.
+warm_large() {
+    dd if="$LARGE_DIR/large.qcow2" of=/dev/null bs=1M count=256 status=none
+}
+
+# Prints the words after the first, rotated left by $1 (mod their number).
+rotate() {
+    local n=$1
+    shift
+    local a=("$@")
+    n=$((n % ${#a[@]}))
+    echo "${a[@]:n}" "${a[@]:0:n}"
+}
+
 echo "oxcow bench: $(nproc) CPUs, image ${SIZE_MB} MiB, $REPS repetition(s), dirs: $DIRS"
 echo "  load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other processes skew the numbers)"
 start=$(date +%s)
@@ -223,9 +249,7 @@ if [ "$LARGE" = 1 ]; then
         echo "  creating the 1 TiB metadata-preallocated image in $LARGE_DIR"
         qemu-img create -q -f qcow2 -o preallocation=metadata "$LARGE_DIR/large.qcow2" 1T
         truncate -s 1T "$LARGE_DIR/large.raw"
-        # Warm page cache like the other rows: the metadata (L1, L2, refcounts) sits in
-        # the first ~160 MiB of the file.
-        dd if="$LARGE_DIR/large.qcow2" of=/dev/null bs=1M count=256 status=none
+        warm_large
     fi
 fi
 for rep in $(seq "$REPS"); do
@@ -234,14 +258,18 @@ for rep in $(seq "$REPS"); do
         w=${WORKDIRS[$i]}
         i=$((i + 1))
         fs=$(fs_name "$w" "$dir")
+        [ "$rep" = 1 ] || settle "$w"
+        [ "$rep" = 1 ] || [ "$w" != "$LARGE_DIR" ] || [ "$LARGE" != 1 ] || warm_large
         # cow overlays name their backing file relatively.
         pushd "$w" >/dev/null
         for wl in "${WORKLOADS[@]}"; do
             IFS='|' read -r name opts kind <<<"$wl"
             case " ${ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
             for depth in 1 2; do
-                # Interleave the tools so drift (thermal, page cache) hits all of them alike.
-                for tool in oxcow raw qemu; do
+                # Interleave the tools so drift (thermal, page cache) hits all of them alike,
+                # and rotate their order every repetition so that no tool always runs first
+                # (right after a change of file, workload or depth).
+                for tool in $(rotate "$((rep - 1))" oxcow raw qemu); do
                     measure "$w" "$fs" "$name" "$opts" "$kind" "$depth" "$tool"
                 done
             done

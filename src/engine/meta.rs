@@ -258,6 +258,16 @@ impl Meta {
     /// lock-free readers use) and withdraws it from the view, writing dirty ones back first
     /// when all are dirty. Returns the evicted slice, for its memory to be reused.
     fn make_room_l2(&mut self, file: &HostFile) -> Result<Option<Arc<L2Table>>> {
+        let evicted = self.make_room_l2_published(file)?;
+        if let Some(t) = &evicted {
+            self.view.unpublish(t);
+        }
+        Ok(evicted)
+    }
+
+    /// [`Self::make_room_l2`], but the evicted slice (out of the cache, clean) is left
+    /// published: the caller withdraws it, before it next releases the metadata mutex.
+    fn make_room_l2_published(&mut self, file: &HostFile) -> Result<Option<Arc<L2Table>>> {
         // Bound: two rounds. A successful write-back leaves every cached table clean, and a
         // clean table can always be evicted.
         for _ in 0..2 {
@@ -281,11 +291,10 @@ impl Meta {
         Ok(None)
     }
 
-    /// Evicts a clean L2 slice by CLOCK and withdraws it from the view; None when all are
-    /// dirty.
+    /// Evicts a clean L2 slice by CLOCK (still published: the caller withdraws it from the
+    /// view); None when all are dirty.
     fn evict_l2(&mut self) -> Option<Arc<L2Table>> {
         let (_, t) = self.l2.evict_clean_second_chance(|t| t.take_referenced())?;
-        self.view.unpublish(&t);
         Some(t)
     }
 
@@ -426,12 +435,18 @@ impl Meta {
         if self.view.generation() != generation {
             return Ok((false, Some(t)));
         }
-        let evicted = self.make_room_l2(file)?;
+        // The evicted slice leaves the directory together with the new one's publication
+        // (one write lock of the directory per miss instead of two). Until then readers may
+        // still find it: it is clean and nothing changes it while the mutex is held.
+        let evicted = self.make_room_l2_published(file)?;
         if self.view.generation() != generation {
             // make_room_l2 may have written tables back.
+            if let Some(e) = &evicted {
+                self.view.unpublish(e);
+            }
             return Ok((false, Some(t)));
         }
-        self.view.publish(l1, s, &t);
+        self.view.replace(evicted.as_ref(), l1, s, &t);
         self.cache_l2(key, t, false);
         Ok((true, evicted))
     }
