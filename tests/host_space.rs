@@ -277,3 +277,108 @@ fn discard_unmap_punches_the_data_file_like_qemu() {
         assert_same_guest(&o_img, &q_img);
     }
 }
+
+/// Writes `writes` (offset, length) into a fresh 64 MiB image opened with or without O_DIRECT,
+/// then closes it; returns the file's length while the image was open (after the writes) and
+/// after the close. The image is checked and compared with the model.
+fn lengths_of_writes(tag: &str, direct: bool, writes: &[(u64, usize)]) -> (u64, u64) {
+    let dir = TempDir::new(tag);
+    let path = dir.join("img.qcow2");
+    let size = 64 * MIB;
+    qemu_create(&path, size, "");
+    let img = Image::open(
+        &path,
+        &OpenOptions {
+            writable: true,
+            direct,
+            ..Default::default()
+        },
+    )
+    .expect("open");
+    let mut model = RawModel::new(size, CS);
+    for (i, &(at, len)) in writes.iter().enumerate() {
+        let data = tagged_data(i as u8 | 1, at, len);
+        img.write_at(&data, at).expect("write");
+        model.write(at, &data);
+    }
+    img.flush().expect("flush");
+    let open_len = std::fs::metadata(&path).expect("stat").len();
+    assert!(
+        img.info().expect("info").file_size <= open_len,
+        "{tag}: the reported size counts more than the file"
+    );
+    img.close().expect("close");
+    let closed_len = std::fs::metadata(&path).expect("stat").len();
+    assert_check_clean(&path);
+    assert_compare_model(&path, &model, &dir);
+    (open_len, closed_len)
+}
+
+/// Whether O_DIRECT opens work where the tests' temporary files live (tmpfs before 6.6 not).
+fn direct_io_supported() -> bool {
+    let dir = TempDir::new("direct-probe");
+    let path = dir.join("probe.qcow2");
+    qemu_create(&path, MIB, "");
+    Image::open(
+        &path,
+        &OpenOptions {
+            direct: true,
+            ..Default::default()
+        },
+    )
+    .is_ok()
+}
+
+#[test]
+fn direct_io_grows_the_file_ahead_of_allocation_and_cuts_the_growth_off_at_close() {
+    if !direct_io_supported() {
+        eprintln!("no O_DIRECT for temporary files: skipped");
+        return;
+    }
+    // Strided 4 KiB writes (one per cluster), a sequential run, an unaligned write (the
+    // O_DIRECT read-modify-write path) and a last write that ends inside its cluster.
+    let mut writes: Vec<(u64, usize)> = (0..200).map(|i| (i * CS, 4096)).collect();
+    writes.extend((0..64).map(|i| (20 * MIB + i * 4096, 4096)));
+    writes.push((30 * MIB + 1000, 3000));
+    writes.push((40 * MIB + 8192, 4096));
+    let (buffered_open, buffered) = lengths_of_writes("grow-buffered", false, &writes);
+    let (direct_open, direct) = lengths_of_writes("grow-direct", true, &writes);
+    assert_eq!(
+        buffered_open, buffered,
+        "buffered handles do not grow ahead"
+    );
+    assert!(
+        direct_open > direct,
+        "the O_DIRECT handle never grew the file ahead ({direct_open} bytes open, {direct} closed)"
+    );
+    assert_eq!(
+        direct, buffered,
+        "O_DIRECT and buffered writes leave different lengths"
+    );
+}
+
+#[test]
+fn direct_io_whole_cluster_writes_leave_the_file_as_long_as_qemus() {
+    if !direct_io_supported() {
+        eprintln!("no O_DIRECT for temporary files: skipped");
+        return;
+    }
+    let writes: Vec<(u64, usize)> = (0..150).map(|i| (i * 3 * CS, CS as usize)).collect();
+    let (_, ours) = lengths_of_writes("grow-vs-qemu", true, &writes);
+    let dir = TempDir::new("grow-qemu");
+    let path = dir.join("q.qcow2");
+    qemu_create(&path, 64 * MIB, "");
+    let cmds: Vec<String> = writes
+        .iter()
+        .map(|&(at, len)| format!("write -P 0x11 {at} {len}"))
+        .collect();
+    let mut args: Vec<String> = ["-f", "qcow2", "-t", "none"].map(String::from).to_vec();
+    for c in &cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    args.push(path_str(&path).to_string());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok("qemu-io", &argv);
+    assert_eq!(ours, std::fs::metadata(&path).expect("stat").len());
+}

@@ -347,7 +347,10 @@ fn plan_cluster(
     if let Action::Link { host, zeroed, .. } = &mut action {
         // Decided under the metadata lock for a cluster only this batch may write (freshly
         // allocated, or owned and claimed in flight): it stays true until the batch writes it.
-        *zeroed = img.data_file().reads_as_zeros_from(*host);
+        let data = img.data_file();
+        *zeroed = data.reads_as_zeros_from(*host);
+        // The data write then fills a hole inside the file's length (no extending write).
+        data.grow_ahead(*host + img.geo.cluster_size());
     }
     not_metadata(img, &img.geo, action)
 }

@@ -76,6 +76,22 @@ pub trait Backend: Send + Sync {
         let _ = (offset, len);
         false
     }
+    /// Whether the file should be kept longer than its data ([`HostFile::grow_ahead`]):
+    /// an O_DIRECT write past the end of a regular file runs with the inode locked and
+    /// waits for the device (ext4, xfs), so writes of new clusters there go one at a time,
+    /// while writes into a hole inside the file's length run in parallel.
+    fn grows_ahead(&self) -> bool {
+        false
+    }
+    /// Grows the file from `len` to `target` bytes for [`HostFile::grow_ahead`]; the new
+    /// range reads as zeros. Devices that can reserve the blocks (as unwritten extents) do:
+    /// a write into reserved blocks is an overwrite to the file system, which runs beside
+    /// others (ext4 takes the inode lock shared), where a write into a hole allocates under
+    /// the exclusive lock.
+    fn grow(&self, len: u64, target: u64) -> io::Result<()> {
+        let _ = len;
+        self.set_len(target)
+    }
     /// Reopens the same file with new access and lock mode, atomically for concurrent I/O
     /// (see [`PosixFile::reopen_in_place`]). Backends that cannot do that refuse.
     fn reopen(&self, name: &str, writable: bool, mode: LockMode) -> Result<()> {
@@ -120,6 +136,23 @@ impl WriteKind {
 /// The largest offset a file can have (off_t is signed 64-bit).
 const MAX_FILE_OFFSET: u64 = i64::MAX as u64;
 
+/// [`HostFile::grow_ahead`] grows to a multiple of this (a multiple of every cluster size
+/// up to 2 MiB and of every O_DIRECT block).
+const GROW_ALIGN: u64 = 2 << 20;
+
+/// How far past `end` [`HostFile::grow_ahead`] grows: an eighth of the file (so the number
+/// of grows grows with the log of the size), at least 2 MiB, at most 64 MiB (the blocks it
+/// reserves are unused until written, and until the handle is dropped after a crash).
+fn grow_chunk(end: u64) -> u64 {
+    (end / 8).clamp(GROW_ALIGN, 64 << 20)
+}
+
+impl Drop for HostFile {
+    fn drop(&mut self) {
+        self.trim_growth();
+    }
+}
+
 /// One image file: a backend plus its name, with every write funnelled through [`Self::write`].
 pub struct HostFile {
     backend: Arc<dyn Backend>,
@@ -141,6 +174,10 @@ pub struct HostFile {
     written_end: AtomicU64,
     /// Set once the backend refused `zero_range`, so the allocating write path stops asking.
     no_zero_range: AtomicBool,
+    /// The device length [`Self::grow_ahead`] last saw or set (0: never grown); the mutex
+    /// orders growth against [`Self::set_len`] so that no grow can shrink the file.
+    grown_to: AtomicU64,
+    grow_lock: std::sync::Mutex<()>,
 }
 
 impl HostFile {
@@ -158,7 +195,66 @@ impl HostFile {
             sync_failed: AtomicBool::new(false),
             written_end: AtomicU64::new(end),
             no_zero_range: AtomicBool::new(false),
+            grown_to: AtomicU64::new(0),
+            grow_lock: std::sync::Mutex::new(()),
         }
+    }
+
+    /// Keeps the device's length ahead of the allocator: called (under the allocator's lock)
+    /// with the end of a cluster just handed out for data; when that end reaches past the
+    /// length, grows the file by a chunk in one call ([`Backend::grow`]: reserved blocks where
+    /// the device can), so the coming data writes land inside the file's length instead of
+    /// extending it (see [`Backend::grows_ahead`]). The chunk reads as zeros and nobody wrote
+    /// it: the written end is not raised (so [`Self::reads_as_zeros_from`] still holds there
+    /// and the allocating write skips the zero fill), [`Self::len`] does not count it, and
+    /// dropping the handle (or reopening it read-only) cuts it off again. A crash leaves the
+    /// longer file: zeros past the last cluster, which no metadata references and qemu-img
+    /// check accepts. Best effort: a failed grow leaves the writes to extend the file.
+    pub fn grow_ahead(&self, end: HostOffset) {
+        let end = end.get();
+        if end <= self.grown_to.load(Ordering::Acquire) || !self.backend.grows_ahead() {
+            return;
+        }
+        let Ok(_held) = self.grow_lock.lock() else {
+            return;
+        };
+        if end <= self.grown_to.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(len) = self.backend.len() else {
+            return;
+        };
+        // Past `end` only when grown; otherwise the coming write takes the file to about
+        // `end`, and the next cluster past that asks again (not every one before it).
+        let mut reached = len.max(end);
+        // A cluster far past the end (an external data file written at a high guest
+        // offset) is left to extend the file: reserving the gap would cost its blocks.
+        if end > len && end - len <= grow_chunk(end) {
+            let target = (end + grow_chunk(end)).next_multiple_of(GROW_ALIGN);
+            if target <= MAX_FILE_OFFSET && self.backend.grow(len, target).is_ok() {
+                reached = target;
+            }
+        }
+        self.grown_to.store(reached, Ordering::Release);
+    }
+
+    /// Cuts off what [`Self::grow_ahead`] added past the written end, so the file ends
+    /// where the same writes without growing would have left it (QEMU's length). Callers
+    /// hold no writer (drop, reopen, quiesced operations).
+    fn trim_growth(&self) {
+        if self.grown_to.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let Ok(_held) = self.grow_lock.lock() else {
+            return;
+        };
+        let written = self.written_end.load(Ordering::Acquire);
+        if let Ok(len) = self.backend.len() {
+            if len > written {
+                let _ = self.backend.set_len(written);
+            }
+        }
+        self.grown_to.store(0, Ordering::Release);
     }
 
     /// Whether `[offset, ..)` is known to read as zeros: nothing was ever written at or past
@@ -315,11 +411,17 @@ impl HostFile {
         })
     }
 
-    /// Size of the file.
+    /// Size of the file, not counting a tail [`Self::grow_ahead`] added that nothing was
+    /// written to yet: the length the file has after the handle is dropped.
     pub fn len(&self) -> Result<u64> {
-        self.backend
+        let len = self
+            .backend
             .len()
-            .map_err(|e| Error::io(format!("getting the size of {}", self.name), e))
+            .map_err(|e| Error::io(format!("getting the size of {}", self.name), e))?;
+        if self.grown_to.load(Ordering::Acquire) == 0 {
+            return Ok(len);
+        }
+        Ok(len.min(self.written_end.load(Ordering::Acquire)))
     }
 
     /// Whether the file is empty.
@@ -329,6 +431,9 @@ impl HostFile {
 
     /// Reopens the file in place with new access and lock mode (see [`Backend::reopen`]).
     pub fn reopen(&self, writable: bool, mode: LockMode) -> Result<()> {
+        // Quiesced: the reopened handle starts from the file's real end (a read-only one
+        // could not cut it off later, and a read-write one would count it as written).
+        self.trim_growth();
         self.backend.reopen(&self.name, writable, mode)?;
         // Another writer may have grown the file while this handle was read-only.
         self.raise_written_end(self.backend.len().unwrap_or(u64::MAX));
@@ -337,6 +442,9 @@ impl HostFile {
 
     /// Truncates or extends the file. Callers quiesce writers first (resize, create, repair).
     pub fn set_len(&self, len: u64) -> Result<()> {
+        let _held = self.grow_lock.lock();
+        // The file now ends where the caller says; growing ahead starts over from there.
+        self.grown_to.store(0, Ordering::Release);
         // Conservative while the size changes: a failed resize leaves the old bytes.
         self.raise_written_end(len);
         self.backend
@@ -456,5 +564,78 @@ mod tests {
             .expect_err("a later sync must not pretend durability");
         assert_eq!(e.errno(), libc::EIO);
         assert!(e.to_string().contains("earlier sync failed"), "{e}");
+    }
+
+    /// A simulated file that asks to be grown ahead, as an O_DIRECT regular file does.
+    struct Growing(sim::SimFile);
+
+    impl Backend for Growing {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.0.write_at(buf, offset)
+        }
+        fn sync(&self) -> io::Result<()> {
+            self.0.sync()
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.0.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.0.set_len(len)
+        }
+        fn grows_ahead(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn growing_ahead_keeps_the_tail_zero_uncounted_and_cut_off_at_drop() {
+        let sim = Arc::new(Growing(sim::SimFile::new(vec![1u8; 65536])));
+        let f = HostFile::new(sim.clone() as Arc<dyn Backend>, "grow");
+        f.grow_ahead(HostOffset::new(131072));
+        let grown = sim.len().unwrap();
+        assert!(grown >= 131072 + GROW_ALIGN, "grown to {grown}");
+        // Nothing was written there: it still reads as zeros and is not counted.
+        assert!(f.reads_as_zeros_from(HostOffset::new(65536)));
+        assert_eq!(f.len().unwrap(), 65536);
+        // A write inside the grown range moves the counted end, nothing else.
+        f.write(&[2u8; 4096], HostOffset::new(65536), WriteKind::Data)
+            .unwrap();
+        assert_eq!(f.len().unwrap(), 69632);
+        assert_eq!(sim.len().unwrap(), grown);
+        // Clusters inside the grown length ask for nothing more.
+        f.grow_ahead(HostOffset::new(131072 + 65536));
+        assert_eq!(sim.len().unwrap(), grown);
+        drop(f);
+        assert_eq!(
+            sim.len().unwrap(),
+            69632,
+            "the unwritten tail outlived the handle"
+        );
+    }
+
+    #[test]
+    fn set_len_ends_the_growth_where_the_caller_says() {
+        let sim = Arc::new(Growing(sim::SimFile::new(vec![1u8; 65536])));
+        let f = HostFile::new(sim.clone() as Arc<dyn Backend>, "grow");
+        f.grow_ahead(HostOffset::new(131072));
+        f.set_len(32768).unwrap();
+        assert_eq!(sim.len().unwrap(), 32768);
+        assert_eq!(f.len().unwrap(), 32768);
+        // Growth starts over from the new end.
+        f.grow_ahead(HostOffset::new(98304));
+        assert!(sim.len().unwrap() > 98304);
+        drop(f);
+        assert_eq!(sim.len().unwrap(), 32768);
+    }
+
+    #[test]
+    fn a_cluster_far_past_the_end_is_not_grown_to() {
+        let sim = Arc::new(Growing(sim::SimFile::new(vec![1u8; 65536])));
+        let f = HostFile::new(sim.clone() as Arc<dyn Backend>, "grow");
+        f.grow_ahead(HostOffset::new(1 << 30));
+        assert_eq!(sim.len().unwrap(), 65536);
     }
 }

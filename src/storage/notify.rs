@@ -69,6 +69,19 @@ impl EventFd {
     }
 }
 
+/// Whether `fd` is readable at this moment (a zero-timeout poll; tests of the queues'
+/// readiness contract).
+#[cfg(test)]
+pub fn readable_now(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 }
+}
+
 impl AsRawFd for EventFd {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()

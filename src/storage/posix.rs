@@ -313,6 +313,21 @@ impl Backend for PosixFile {
         Some((self.file.as_raw_fd(), align))
     }
 
+    fn grows_ahead(&self) -> bool {
+        // Block devices have a fixed length; buffered writes past the end do not wait for
+        // the device under the inode lock.
+        self.direct.is_some() && self.file.metadata().is_ok_and(|m| m.is_file())
+    }
+
+    fn grow(&self, len: u64, target: u64) -> io::Result<()> {
+        // Mode 0 reserves unwritten extents and moves the end of the file. Where it cannot
+        // (no support, or no space to reserve), a truncate still makes the writes hole fills.
+        if target > len && matches!(self.fallocate(0, len, target - len), Ok(true)) {
+            return Ok(());
+        }
+        self.file.set_len(target)
+    }
+
     fn rewrites_around(&self, offset: u64, len: u64) -> bool {
         self.direct.is_some() && (offset | len) % DIRECT_ALIGN != 0
     }

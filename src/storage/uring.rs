@@ -146,6 +146,25 @@ impl<T> Ring<T> {
         self.ring.submit_and_wait(want)
     }
 
+    /// Starts queued requests and waits until a completion is ready or `timeout` passes
+    /// (`None`: no limit), in one io_uring_enter. Err on kernels without timed waits
+    /// (before 5.11: EINVAL) or an interrupted wait (EINTR): the caller waits another way.
+    pub fn wait(&mut self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        let r = match timeout {
+            None => self.ring.submit_and_wait(1),
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Entries queued and not yet submitted to the kernel.
     pub fn unsubmitted(&mut self) -> usize {
         self.ring.submission().len()

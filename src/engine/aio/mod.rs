@@ -247,9 +247,11 @@ where
         done
     }
 
-    /// [`Self::poll`] with a ring: both the ring and the pool signal the eventfd, so the
-    /// wait is on it; a completion the kernel posts while the list is being emptied
-    /// re-signals it, so it never reads as quiet with completions pending.
+    /// [`Self::poll`] with a ring: both the ring and the pool signal the eventfd; a
+    /// completion the kernel posts while the list is being emptied re-signals it, so it
+    /// never reads as quiet with completions pending. While no request is on the pool, only
+    /// the ring can complete one: the wait is then in the kernel on the ring itself (one
+    /// io_uring_enter instead of a poll(2) on the eventfd and a submit).
     fn poll_ring(
         &self,
         ring: &RingPath<B, T>,
@@ -267,7 +269,9 @@ where
             if !done.is_empty() || left == Some(Duration::ZERO) {
                 return done;
             }
-            self.shared.efd.wait(left);
+            if !(self.shared.pool_idle() && ring.wait(left)) {
+                self.shared.efd.wait(left);
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ use crate::Image;
 use std::collections::VecDeque;
 use std::ops::Deref;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -35,6 +36,8 @@ pub(super) struct Shared<I, B, T> {
     /// Readable while `done` is not empty; written and cleared under the `done` lock so the
     /// two never disagree for an observer that polls after reading it.
     pub(super) efd: EventFd,
+    /// Requests handed to the workers and not yet completed.
+    pool_pending: AtomicUsize,
 }
 
 /// Locks a mutex, ignoring poison (a worker panics only inside catch_unwind, and the lists
@@ -60,10 +63,12 @@ where
             done: Mutex::new(VecDeque::new()),
             done_ready: Condvar::new(),
             efd,
+            pool_pending: AtomicUsize::new(0),
         }
     }
 
     pub(super) fn push_job(&self, cookie: u64, op: AioOp<B>, user: T) {
+        self.pool_pending.fetch_add(1, Ordering::AcqRel);
         lock(&self.jobs).list.push_back(Job { cookie, op, user });
         self.job_ready.notify_one();
     }
@@ -86,6 +91,19 @@ where
             }
             jobs = self.job_ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// Whether no request waits for or runs on a worker (so only the ring can complete one).
+    pub(super) fn pool_idle(&self) -> bool {
+        self.pool_pending.load(Ordering::Acquire) == 0
+    }
+
+    /// Queues completions of ring requests reaped by the owner's poll, without signalling:
+    /// the kernel signalled the eventfd for each of them when it posted its completion (the
+    /// poll clears it only once the list is empty), and nobody waits on the condition
+    /// variable (a queue with a ring polls its list without waiting on it).
+    pub(super) fn complete_reaped(&self, cs: impl Iterator<Item = AioCompletion<B, T>>) {
+        lock(&self.done).extend(cs);
     }
 
     /// Queues a completion and signals the owner.
@@ -155,6 +173,7 @@ where
             op,
             user,
         });
+        self.pool_pending.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -203,7 +203,7 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
     where
         I: Deref<Target = Image> + Send + Sync + 'static,
     {
-        self.reap_from(shared, self.lock());
+        self.reap_from(shared, self.lock(), true);
     }
 
     /// [`Self::reap`] from a thread that must not wait for the ring's lock (a thread
@@ -213,12 +213,18 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         I: Deref<Target = Image> + Send + Sync + 'static,
     {
         if let Ok(ring) = self.ring.try_lock() {
-            self.reap_from(shared, ring);
+            self.reap_from(shared, ring, false);
         }
     }
 
-    fn reap_from<I>(&self, shared: &Shared<I, B, T>, mut ring: MutexGuard<'_, Ring<HotReq<B, T>>>)
-    where
+    /// `owner`: called by the queue's owner, which takes the completions right after (see
+    /// [`Shared::complete_reaped`]); other threads signal the eventfd for them.
+    fn reap_from<I>(
+        &self,
+        shared: &Shared<I, B, T>,
+        mut ring: MutexGuard<'_, Ring<HotReq<B, T>>>,
+        owner: bool,
+    ) where
         I: Deref<Target = Image> + Send + Sync + 'static,
     {
         let mut out = Vec::new();
@@ -232,6 +238,7 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         ring.reap(&mut out);
         drop(ring);
         let img: &Image = &shared.image;
+        let mut finished = Vec::with_capacity(if owner { out.len() } else { 0 });
         for (req, r) in out {
             let write = req.is_write();
             let HotReq {
@@ -263,13 +270,35 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
                     e,
                 ))),
             };
-            shared.complete(AioCompletion {
+            let c = AioCompletion {
                 cookie,
                 result,
                 op,
                 user,
-            });
+            };
+            if owner {
+                finished.push(c);
+            } else {
+                shared.complete(c);
+            }
         }
+        shared.complete_reaped(finished.into_iter());
+    }
+
+    /// Waits in the kernel (one io_uring_enter, which also submits what is queued) until
+    /// a ring request completes or `timeout` passes. Returns false without waiting when
+    /// nothing is in flight on the ring or the kernel cannot wait so: the caller then waits
+    /// on the eventfd. Only the owner calls it, holding the ring while it waits, so no
+    /// other thread reaps the completion it waits for (drain hooks only try the lock).
+    pub(super) fn wait(&self, timeout: Option<std::time::Duration>) -> bool {
+        let mut ring = self.lock();
+        if ring.in_flight() == 0 {
+            return false;
+        }
+        if ring.has_completions() {
+            return true;
+        }
+        ring.wait(timeout).is_ok()
     }
 
     /// Entries queued and not yet handed to the kernel.

@@ -160,3 +160,43 @@ fn a_plugged_section_submits_its_ring_requests_together_at_its_end_or_at_a_poll(
     assert!(buf[8192..12288].iter().all(|&b| b == 6));
     assert!(buf[12288..].iter().all(|&b| b == 9));
 }
+
+/// Whether `fd` is readable now.
+fn readable(fd: std::os::fd::RawFd) -> bool {
+    crate::storage::notify::readable_now(fd)
+}
+
+#[test]
+fn polls_that_wait_on_the_ring_keep_the_eventfd_readable_exactly_while_completions_wait() {
+    let (_d, img) = image("efd", OpenOptions::default());
+    let Some(q) = ring_queue(&img) else { return };
+    for round in 0..20u64 {
+        // Only ring requests in flight: the poll waits in io_uring_enter, not on the fd.
+        for i in 0..8u64 {
+            write(&q, (round * 8 + i) % 256 * 4096, vec![round as u8; 4096]);
+        }
+        let mut got = 0;
+        while got < 8 {
+            got += q.poll(3, None).len();
+            // What is left finishes and then makes the fd readable (bounded: 5 s).
+            let mut waited = 0;
+            while q.in_flight() > 0 && !readable(q.fd()) {
+                assert!(
+                    waited < 100_000,
+                    "round {round}: completions never signalled"
+                );
+                std::thread::sleep(std::time::Duration::from_micros(50));
+                waited += 1;
+            }
+        }
+        assert_eq!(q.in_flight(), 0);
+        assert!(
+            !readable(q.fd()),
+            "round {round}: readable with nothing to poll"
+        );
+    }
+    // A timed poll with nothing finishing returns when its time is up.
+    assert!(q
+        .poll(1, Some(std::time::Duration::from_millis(1)))
+        .is_empty());
+}
