@@ -87,7 +87,8 @@ pub trait Backend: Send + Sync {
     /// range reads as zeros. Devices that can reserve the blocks (as unwritten extents) do:
     /// a write into reserved blocks is an overwrite to the file system, which runs beside
     /// others (ext4 takes the inode lock shared), where a write into a hole allocates under
-    /// the exclusive lock.
+    /// the exclusive lock. A device that cannot reserve refuses, and the writes extend the
+    /// file as before.
     fn grow(&self, len: u64, target: u64) -> io::Result<()> {
         let _ = len;
         self.set_len(target)

@@ -320,12 +320,14 @@ impl Backend for PosixFile {
     }
 
     fn grow(&self, len: u64, target: u64) -> io::Result<()> {
-        // Mode 0 reserves unwritten extents and moves the end of the file. Where it cannot
-        // (no support, or no space to reserve), a truncate still makes the writes hole fills.
+        // Mode 0 reserves unwritten extents and moves the end of the file without touching
+        // what a concurrent write put past `len`. Where it cannot (no support, no space to
+        // reserve) nothing is grown: a truncate would turn the writes into hole fills, which
+        // wait under the same exclusive lock, and could cut off a write that just landed.
         if target > len && matches!(self.fallocate(0, len, target - len), Ok(true)) {
             return Ok(());
         }
-        self.file.set_len(target)
+        Err(io::Error::from(io::ErrorKind::Unsupported))
     }
 
     fn rewrites_around(&self, offset: u64, len: u64) -> bool {
