@@ -70,6 +70,17 @@ impl Drain for OneWrite {
     }
 }
 
+/// A thread that writes the block under a ring-write registration when one is granted.
+fn spawn_submitter(w: &Arc<RingWrites>, block: &Arc<Block>) -> thread::JoinHandle<()> {
+    let (w, block) = (Arc::clone(w), Arc::clone(block));
+    thread::spawn(move || {
+        if w.try_enter() {
+            block.write(1);
+            w.leave();
+        }
+    })
+}
+
 /// A ring write submitted on another thread runs wholly before or wholly after an
 /// excluding operation: refused while it excludes, waited for (woken by `leave`) when
 /// already in flight. Covers: try_enter's refusal while excluded, exclude's count of
@@ -79,15 +90,7 @@ fn loom_a_ring_write_never_overlaps_an_operation_that_excludes_ring_writes() {
     loom::model(|| {
         let w = Arc::new(RingWrites::default());
         let block = Block::new();
-        let submitter = {
-            let (w, block) = (Arc::clone(&w), Arc::clone(&block));
-            thread::spawn(move || {
-                if w.try_enter() {
-                    block.write(1);
-                    w.leave();
-                }
-            })
-        };
+        let submitter = spawn_submitter(&w, &block);
         {
             let _g = w.exclude();
             block.write(2);
@@ -144,15 +147,7 @@ fn loom_ring_writes_stay_refused_until_the_last_excluding_operation_ends() {
                 block.read()
             })
         };
-        let submitter = {
-            let (w, block) = (Arc::clone(&w), Arc::clone(&block));
-            thread::spawn(move || {
-                if w.try_enter() {
-                    block.write(1);
-                    w.leave();
-                }
-            })
-        };
+        let submitter = spawn_submitter(&w, &block);
         {
             let _g = w.exclude();
             block.read();
