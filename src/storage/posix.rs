@@ -40,6 +40,9 @@ pub struct PosixFile {
 /// write back their own copy. Aligned writes share the lock, so they still run in parallel.
 struct DirectState {
     rmw: RwLock<()>,
+    /// A regular file (not a block device, whose length is fixed): see `grows_ahead`.
+    /// Decided once at open, so the allocating write path never asks the kernel again.
+    regular: bool,
 }
 
 impl PosixFile {
@@ -51,11 +54,13 @@ impl PosixFile {
             .write(writable)
             .custom_flags(flags)
             .open(path)?;
+        let regular = direct && file.metadata().is_ok_and(|m| m.is_file());
         Ok(PosixFile {
             lock: Mutex::new(None),
             file,
-            direct: direct.then(|| DirectState {
+            direct: direct.then_some(DirectState {
                 rmw: RwLock::new(()),
+                regular,
             }),
             path: path.to_path_buf(),
         })
@@ -316,7 +321,7 @@ impl Backend for PosixFile {
     fn grows_ahead(&self) -> bool {
         // Block devices have a fixed length; buffered writes past the end do not wait for
         // the device under the inode lock.
-        self.direct.is_some() && self.file.metadata().is_ok_and(|m| m.is_file())
+        self.direct.as_ref().is_some_and(|d| d.regular)
     }
 
     fn grow(&self, len: u64, target: u64) -> io::Result<()> {
