@@ -263,3 +263,34 @@ fn a_handshake_trickling_in_byte_by_byte_is_cut_at_the_handshake_limit() {
         "not cut within the limit"
     );
 }
+
+#[test]
+fn a_client_past_the_shared_limit_waits_and_is_served_when_a_place_frees() {
+    let dir = TempDir::new("nbd-shared-limit");
+    let img = dir.join("a.qcow2");
+    qemu_create_with_data(&img, SIZE, "", 0x21, SIZE);
+    let srv = NbdServer::unix(Server::Oxcow, &dir, &img, &["-t", "-e", "1"]);
+    let sock = srv.socket.clone().unwrap();
+    let first = transmission(&sock);
+    // Accepted by the kernel's backlog, not by the server: no greeting while the place is taken.
+    let mut second = connect(&sock);
+    second
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut g = [0u8; 18];
+    let early = second.read(&mut g);
+    assert!(
+        matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "greeted past the -e 1 limit: {early:?}"
+    );
+    drop(first);
+    second
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    second
+        .read_exact(&mut g)
+        .expect("greeting once the first client left");
+    assert_eq!(&g[..8], b"NBDMAGIC");
+    drop(second);
+    qemu_io_nbd(&srv.uri, &["read -P 0x21 0 64k".into()]);
+}

@@ -4,10 +4,10 @@
 //! whose client stopped reading after [`DRAIN_LIMIT`]), and leaves the image to the caller
 //! to close (which flushes it and stores its bitmaps).
 
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,21 +79,36 @@ pub struct Policy {
 type Registry = Arc<Mutex<Vec<(u64, Stream)>>>;
 
 /// Serves `ex` on `l` until a stop signal, or (without `-t`) until the last client left.
+///
+/// A connection that ends removes itself from the registry and then writes a byte to a wake
+/// socket the accept loop polls beside the listener, so a client waiting for a free place
+/// (`-e`) is admitted, and the server without `-t` exits, as soon as one leaves.
 pub fn serve(l: &Listener, ex: &Arc<Export>, p: &Policy) -> io::Result<()> {
     let live: Registry = Arc::default();
+    let (wake_rx, wake_tx) = UnixStream::pair()?;
+    wake_rx.set_nonblocking(true)?;
+    // A full wake socket already wakes the loop: the byte that did not fit is not needed.
+    wake_tx.set_nonblocking(true)?;
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     let mut served = false;
     let mut next_id = 0u64;
     while !sys::stop_requested() {
         conns.retain(|h| !h.is_finished());
-        if !p.persistent && served && conns.is_empty() {
+        let active = lock(&live).len();
+        if !p.persistent && served && active == 0 {
             break;
         }
-        if conns.len() >= p.shared.max(1) {
-            thread::sleep(Duration::from_millis(10));
-            continue;
+        // poll(2) skips a negative descriptor: at the limit only the wake socket is watched.
+        let listen = if active >= p.shared.max(1) {
+            -1
+        } else {
+            l.fd()
+        };
+        let [pending, woken] = sys::wait_readable([listen, wake_rx.as_raw_fd()], 100)?;
+        if woken {
+            drain_wakes(&wake_rx);
         }
-        if !sys::wait_readable(l.fd(), 100)? {
+        if !pending {
             continue;
         }
         let s = match l.accept() {
@@ -103,16 +118,23 @@ pub fn serve(l: &Listener, ex: &Arc<Export>, p: &Policy) -> io::Result<()> {
         };
         served = true;
         next_id += 1;
+        let wake = wake_tx.try_clone()?;
         conns.push(spawn_connection(
             s,
             next_id,
             ex.clone(),
-            &live,
+            (&live, wake),
             p.handshake_limit,
         )?);
     }
     wind_down(&live, conns);
     Ok(())
+}
+
+/// Empties the wake socket (non-blocking; its bytes carry no data).
+fn drain_wakes(mut s: &UnixStream) {
+    let mut buf = [0u8; 64];
+    while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
 }
 
 /// Time connections get to answer what they already read before their sockets are closed
@@ -144,7 +166,7 @@ fn spawn_connection(
     s: Stream,
     id: u64,
     ex: Arc<Export>,
-    live: &Registry,
+    (live, mut wake): (&Registry, UnixStream),
     limit: Duration,
 ) -> io::Result<JoinHandle<()>> {
     lock(live).push((id, s.try_clone()?));
@@ -156,6 +178,8 @@ fn spawn_connection(
         }
         let _ = connection(s, &ex, limit);
         lock(&live).retain(|(i, _)| *i != id);
+        // After leaving the registry, which is what the accept loop counts.
+        let _ = wake.write(&[1]);
     }))
 }
 

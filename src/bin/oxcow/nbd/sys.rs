@@ -42,24 +42,25 @@ pub fn install_stop_handlers() -> io::Result<()> {
     Ok(())
 }
 
-/// Waits up to `timeout_ms` for `fd` to become readable (a pending connection).
-pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
-    let mut p = libc::pollfd {
+/// Waits up to `timeout_ms` for any of `fds` to become readable; returns which are (all
+/// false on timeout or on a signal, whose stop request the caller then sees).
+pub fn wait_readable<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> io::Result<[bool; N]> {
+    let mut p = fds.map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
-    };
-    // SAFETY: `p` is one valid pollfd that outlives the call; nfds is 1.
-    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    });
+    // SAFETY: `p` is an array of N valid pollfds that outlives the call; nfds is N.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
     if r < 0 {
         let e = io::Error::last_os_error();
         return if e.kind() == io::ErrorKind::Interrupted {
-            Ok(false)
+            Ok([false; N])
         } else {
             Err(e)
         };
     }
-    Ok(r > 0)
+    Ok(p.map(|p| p.revents != 0))
 }
 
 /// The child's end of the `--fork` handshake: it tells the waiting parent whether the server
