@@ -40,8 +40,9 @@ pub struct PosixFile {
 /// write back their own copy. Aligned writes share the lock, so they still run in parallel.
 struct DirectState {
     rmw: RwLock<()>,
-    /// A regular file (not a block device, whose length is fixed): see `grows_ahead`.
-    /// Decided once at open, so the allocating write path never asks the kernel again.
+    /// A regular file on a disk-backed file system (not a block device, whose length is
+    /// fixed, nor tmpfs, whose reserved blocks would be memory): see `grows_ahead`. Decided
+    /// once at open, so the allocating write path never asks the kernel again.
     regular: bool,
 }
 
@@ -54,7 +55,7 @@ impl PosixFile {
             .write(writable)
             .custom_flags(flags)
             .open(path)?;
-        let regular = direct && file.metadata().is_ok_and(|m| m.is_file());
+        let regular = direct && file.metadata().is_ok_and(|m| m.is_file()) && !memory_backed(&file);
         Ok(PosixFile {
             lock: Mutex::new(None),
             file,
@@ -276,6 +277,23 @@ impl PosixFile {
     }
 }
 
+/// Whether `file` lives on tmpfs or ramfs: their writes past the end never wait for a
+/// device, and a reservation there would hold memory until the file is closed.
+fn memory_backed(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs writes one statfs into `st`, which is valid for writes and outlives the
+    // call; the descriptor is owned by `file`, open for the whole call.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs returned 0, so it initialised `st`.
+    let magic = i64::from(unsafe { st.assume_init() }.f_type);
+    magic == TMPFS_MAGIC || magic == RAMFS_MAGIC
+}
+
 impl Backend for PosixFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         match self.direct {
@@ -385,6 +403,24 @@ mod tests {
             .find(|l| l.starts_with("flags:"))
             .expect("flags line");
         u32::from_str_radix(line["flags:".len()..].trim(), 8).expect("octal flags")
+    }
+
+    #[test]
+    fn direct_files_on_tmpfs_do_not_grow_ahead() {
+        let shm = std::path::Path::new("/dev/shm");
+        if !shm.is_dir() {
+            eprintln!("skipped: no /dev/shm");
+            return;
+        }
+        let p = shm.join(format!("posix-shm-{}", std::process::id()));
+        std::fs::write(&p, b"").expect("create file on tmpfs");
+        let direct = PosixFile::open(&p, true, true);
+        let buffered = PosixFile::open(&p, true, false).expect("open on tmpfs");
+        assert!(memory_backed(&buffered.file), "/dev/shm is tmpfs");
+        if let Ok(f) = direct {
+            assert!(!f.grows_ahead(), "a tmpfs file reserved memory ahead");
+        }
+        let _ = std::fs::remove_file(&p);
     }
 
     #[test]
