@@ -290,7 +290,10 @@ fn memory_backed(file: &File) -> bool {
         return false;
     }
     // SAFETY: fstatfs returned 0, so it initialised `st`.
-    let magic = i64::from(unsafe { st.assume_init() }.f_type);
+    let f_type = unsafe { st.assume_init() }.f_type;
+    // f_type is i64 on x86_64 and narrower on some other targets.
+    #[allow(clippy::useless_conversion)]
+    let magic = i64::from(f_type);
     magic == TMPFS_MAGIC || magic == RAMFS_MAGIC
 }
 
