@@ -311,7 +311,8 @@ impl SingleAlloc {
 /// not fenced; the metadata mutex is free (`try_lock`); no other writer has the cluster in
 /// flight; its L2 table is owned and its slice cached ([`super::meta::Meta::maps_from_cache`]);
 /// the plan is exactly step 1 of the synchronous path (the same `plan_cluster`: allocation,
-/// `reads_as_zeros_from`, `grow_ahead`, metadata refusal) and yields one Link whose host
+/// `reads_as_zeros_from`, metadata refusal; but a target past the file's grown length is
+/// left to the pool, which grows the file) and yields one Link whose host
 /// write is only the request's bytes (no copy-on-write read, no backing data, no explicit
 /// zero fill: [`writes_only_request`]), at a host offset that is a multiple of `align`
 /// (O_DIRECT; 0: any).
@@ -339,7 +340,7 @@ pub(super) fn plan_single_alloc(
         return None;
     }
     // An error is left for the synchronous engine to meet again and report.
-    let action = plan_cluster(img, &mut m, offset, start, len).ok()?;
+    let action = plan_cluster(img, &mut m, offset, start, len, Grow::Never).ok()?;
     let ops = [Op {
         guest: offset.cluster_start(&geo),
         start,
@@ -352,7 +353,9 @@ pub(super) fn plan_single_alloc(
     }
     let planned = SingleAlloc { ops };
     let aligned = align == 0 || planned.host().get() % align as u64 == 0;
-    if !aligned || !writes_only_request(img, &planned.ops[0]) {
+    let cluster_end = HostOffset::new(planned.host().get() - start) + geo.cluster_size();
+    let must_grow = img.data_file().grow_ahead_pending(cluster_end);
+    if !aligned || must_grow || !writes_only_request(img, &planned.ops[0]) {
         // Not claimed yet: this gives the fresh cluster back.
         abandon(img, &mut m, &planned.ops);
         return None;
@@ -449,7 +452,7 @@ fn plan(img: &Image, offset: GuestOffset, end: GuestOffset) -> Result<Vec<Op>> {
         }
         let start = pos.since(cluster);
         let len = (cs - start).min(end.since(pos));
-        let action = match plan_cluster(img, &mut m, pos, start, len) {
+        let action = match plan_cluster(img, &mut m, pos, start, len, Grow::Now) {
             Ok(a) => a,
             Err(e) => {
                 abandon(img, &mut m, &ops);
@@ -474,6 +477,15 @@ fn plan(img: &Image, offset: GuestOffset, end: GuestOffset) -> Result<Vec<Op>> {
     Ok(ops)
 }
 
+/// Whether planning a cluster may grow the host file ahead of the allocator.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Grow {
+    /// Yes (`HostFile::grow_ahead`).
+    Now,
+    /// No: the caller must not wait for the device, and refuses a target that needs it.
+    Never,
+}
+
 /// The action for the cluster holding `pos`, request bytes `[start, start+len)` of it.
 fn plan_cluster(
     img: &Image,
@@ -481,6 +493,7 @@ fn plan_cluster(
     pos: GuestOffset,
     start: u64,
     len: u64,
+    grow: Grow,
 ) -> Result<Action> {
     let old = m.lookup(&img.file, pos)?;
     super::datafile::check_mapping(&img.geo, pos, &old)?;
@@ -500,7 +513,9 @@ fn plan_cluster(
         let data = img.data_file();
         *zeroed = data.reads_as_zeros_from(*host);
         // The data write then fills a hole inside the file's length (no extending write).
-        data.grow_ahead(*host + img.geo.cluster_size());
+        if grow == Grow::Now {
+            data.grow_ahead(*host + img.geo.cluster_size());
+        }
     }
     not_metadata(img, &img.geo, action)
 }
