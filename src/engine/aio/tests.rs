@@ -441,3 +441,47 @@ fn quiescing_operations_racing_a_polling_owner_of_ring_allocations_finish_consis
     }
     assert_clean(&img);
 }
+
+#[test]
+fn extended_l2_subcluster_allocations_go_on_the_ring_only_when_no_fill_is_needed() {
+    let dir = std::env::temp_dir().join(format!("oxcow-aio-xl2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let _d = Scratch(dir.clone());
+    let path = dir.join("x.qcow2");
+    let create = CreateOptions {
+        extended_l2: true,
+        ..CreateOptions::default()
+    };
+    crate::create(&path, 4 << 20, &create).expect("create");
+    let opts = OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    };
+    let img = Arc::new(Image::open(&path, &opts).expect("open"));
+    // An owned table with its slice cached (64 KiB clusters: 2 KiB subclusters).
+    img.write_at(&[1u8; 65536], 0).expect("fill");
+    let Some(q) = ring_queue(&img) else { return };
+    let at = 1u64 << 20;
+    // A fresh cluster, two whole subclusters: ring.
+    write(&q, at + 4096, vec![2u8; 4096]);
+    assert_eq!(ring_allocs(&q), 1);
+    poll_all(&q);
+    // The same cluster, now owned: one more whole subcluster is just the request (ring);
+    // half a subcluster needs the rest of it filled (the host there was written): pool.
+    write(&q, at + 16384, vec![3u8; 2048]);
+    assert_eq!(ring_allocs(&q), 2);
+    poll_all(&q);
+    write(&q, at + 32768, vec![4u8; 1024]);
+    assert_eq!(
+        ring_allocs(&q),
+        2,
+        "a write needing a zero fill went on the ring"
+    );
+    poll_all(&q);
+    let c = read(&img, at, 65536);
+    let expect = |r: std::ops::Range<usize>, v: u8| c[r].iter().all(|&b| b == v);
+    assert!(expect(0..4096, 0) && expect(4096..8192, 2) && expect(8192..16384, 0));
+    assert!(expect(16384..18432, 3) && expect(18432..32768, 0));
+    assert!(expect(32768..33792, 4) && expect(33792..65536, 0));
+    assert_clean(&img);
+}
