@@ -227,12 +227,22 @@ impl Inflight {
 
     /// Sleeps until `done()` holds. `done` must become true only through releases.
     fn wait_until(&self, done: impl Fn() -> bool) {
+        self.wait_until_deadline(done, None);
+    }
+
+    /// [`Self::wait_until`], giving up at `deadline` (`None`: never); returns whether
+    /// `done()` held.
+    fn wait_until_deadline(
+        &self,
+        done: impl Fn() -> bool,
+        deadline: Option<std::time::Instant>,
+    ) -> bool {
         // A claim is usually held for one cluster write: spin and yield briefly before paying
         // for a sleep and a wake-up (which costs more than the wait itself on a busy core).
         #[cfg(not(loom))]
         for i in 0..256 {
             if done() {
-                return;
+                return true;
             }
             if i < 192 {
                 std::hint::spin_loop();
@@ -247,16 +257,40 @@ impl Inflight {
             // Re-check after announcing ourselves: a release that cleared the state before
             // our announcement is seen here; one after it sees the waiter and notifies.
             while !done() {
-                g = self.wake.wait(g).unwrap_or_else(|p| p.into_inner());
+                g = match deadline {
+                    None => self.wake.wait(g).unwrap_or_else(|p| p.into_inner()),
+                    Some(d) => {
+                        let now = std::time::Instant::now();
+                        if now >= d {
+                            self.waiters.fetch_sub(1, Ordering::SeqCst);
+                            return false;
+                        }
+                        self.wake
+                            .wait_timeout(g, d - now)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    }
+                };
             }
             self.waiters.fetch_sub(1, Ordering::SeqCst);
             drop(g);
         }
+        true
     }
 
-    /// Sleeps until `cluster` is not claimed.
+    /// Sleeps until `cluster` is not claimed (the engine waits with
+    /// [`Self::wait_released_for`], driving ring queues in between).
+    #[cfg(test)]
     pub fn wait_released(&self, cluster: GuestCluster) {
         self.wait_until(|| !self.is_claimed(cluster));
+    }
+
+    /// Sleeps until `cluster` is not claimed or `timeout` has passed; returns whether it is
+    /// released. For waiters that must do something else now and then (drive the rings
+    /// whose reaping releases a claim, see `Image::wait_claim_released`).
+    pub fn wait_released_for(&self, cluster: GuestCluster, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        self.wait_until_deadline(|| !self.is_claimed(cluster), Some(deadline))
     }
 
     /// Sleeps until no cluster is claimed.

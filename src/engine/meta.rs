@@ -459,6 +459,23 @@ impl Meta {
         })
     }
 
+    /// Whether the cluster holding `guest` can be looked up and then linked with no disk
+    /// I/O: its L2 table is this image's own (COPIED: linking allocates or copies no table)
+    /// and the slice holding its entry is cached. The ring path of the asynchronous queue
+    /// plans allocating writes only then, on a thread that must not wait for the disk.
+    pub fn maps_from_cache(&self, guest: GuestOffset) -> bool {
+        let l1 = guest.l1_index(&self.geo);
+        let Some(e) = self.view.l1_entry(l1) else {
+            return false;
+        };
+        let table = match self.l2_offset(l1) {
+            Ok(t) if t != HostOffset::ZERO && L1Entry(e).copied() => t,
+            _ => return false,
+        };
+        let (slice, _) = self.view.slice_of(table, guest.l2_index(&self.geo));
+        self.l2.contains(slice)
+    }
+
     /// Decoded mapping of the guest cluster containing `guest`.
     /// The slice it was found in is published for lock-free readers (so later reads and
     /// overwrites of the cluster need no mutex).

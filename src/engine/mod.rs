@@ -371,6 +371,21 @@ impl Image {
         }
     }
 
+    /// Waits until no writer holds guest cluster `gidx` in flight; called without the
+    /// metadata mutex. The claim may be a ring allocating write's (see `aio::ring`), released
+    /// only when its completion is reaped: by its queue's owner polling, which may be this
+    /// very thread (a synchronous call between a submit and its poll), so the wait drives
+    /// the queues itself between short sleeps, as a thread excluding ring writes does.
+    fn wait_claim_released(&self, gidx: crate::format::GuestCluster) {
+        let writes = self.data_file().ring_writes();
+        while !self
+            .inflight
+            .wait_released_for(gidx, std::time::Duration::from_micros(200))
+        {
+            writes.drive();
+        }
+    }
+
     /// Enters the shared side of the write gate (see the `gate` field).
     fn enter_write_gate(&self) -> ShardedLockReadGuard<'_, ()> {
         self.io.enter_write()

@@ -256,22 +256,175 @@ fn write_batch(img: &Image, buf: &[u8], offset: GuestOffset) -> Result<usize> {
     }
     let ops = plan(img, offset, end)?;
     let written: u64 = ops.iter().map(|o| o.len).sum();
-    if let Err(e) = do_io(img, buf, &ops) {
+    let io = do_io(img, buf, &ops);
+    complete(img, &ops, io)?;
+    // The batch lies within the request, so its length fits the buffer.
+    Ok(written as usize)
+}
+
+/// After a planned batch's I/O (`io`, its outcome): on success step 3, then the claims
+/// are released; on an I/O or link error the batch is abandoned (fresh clusters given
+/// back, claims released) and the error returned. Shared by the synchronous path and the
+/// asynchronous queue's ring path ([`finish_single_alloc`]), which do the I/O in between
+/// differently.
+fn complete(img: &Image, ops: &[Op], io: Result<()>) -> Result<()> {
+    if let Err(e) = io {
         let mut m = img.lock_meta();
-        abandon(img, &mut m, &ops);
+        abandon(img, &mut m, ops);
         return Err(e);
     }
     if ops.iter().any(|o| matches!(o.action, Action::Link { .. })) {
         let mut m = img.lock_meta();
-        if let Err(e) = link(img, &mut m, &ops) {
-            abandon(img, &mut m, &ops);
+        if let Err(e) = link(img, &mut m, ops) {
+            abandon(img, &mut m, ops);
             return Err(img.on_error(e));
         }
         drop(m);
-        release_claims(img, &ops);
+        release_claims(img, ops);
     }
-    // The batch lies within the request, so its length fits the buffer.
-    Ok(written as usize)
+    Ok(())
+}
+
+/// An allocating write of one cluster planned so that its only host write is the caller's
+/// bytes, at [`SingleAlloc::host`] (see [`plan_single_alloc`]). Its target cluster is
+/// allocated (or, for a subcluster allocation, owned) and the guest cluster claimed in
+/// flight until it is passed to [`finish_single_alloc`] or [`abandon_single_alloc`].
+#[must_use = "a planned allocation holds a cluster and a claim until finished or abandoned"]
+pub(super) struct SingleAlloc {
+    ops: [Op; 1],
+}
+
+impl SingleAlloc {
+    /// Where the caller's bytes go on the host.
+    pub(super) fn host(&self) -> HostOffset {
+        let op = &self.ops[0];
+        match op.action {
+            Action::InPlace { host } | Action::Link { host, .. } => host + op.start,
+        }
+    }
+}
+
+/// Plans an allocating write of `len` bytes at guest `offset`, all inside one cluster, for
+/// a thread that must neither wait for the disk nor for another writer (the asynchronous
+/// queue's owner submitting to io_uring): `None` (nothing allocated, nothing claimed) unless
+/// every step is cheap and the result simple. The handle is writable, not writethrough,
+/// not fenced; the metadata mutex is free (`try_lock`); no other writer has the cluster in
+/// flight; its L2 table is owned and its slice cached ([`super::meta::Meta::maps_from_cache`]);
+/// the plan is exactly step 1 of the synchronous path (the same `plan_cluster`: allocation,
+/// `reads_as_zeros_from`, metadata refusal; but a target past the file's grown length is
+/// left to the pool, which grows the file) and yields one Link whose host
+/// write is only the request's bytes (no copy-on-write read, no backing data, no explicit
+/// zero fill: [`writes_only_request`]), at a host offset that is a multiple of `align`
+/// (O_DIRECT; 0: any).
+///
+/// The caller holds, from before this call until [`finish_single_alloc`] returns, what a
+/// synchronous writer holds for its call: a grace pin and (standing for the write gate) a
+/// registration in the data file's ring writes; it marks the dirty bitmaps.
+pub(super) fn plan_single_alloc(
+    img: &Image,
+    offset: GuestOffset,
+    len: u64,
+    align: usize,
+) -> Option<SingleAlloc> {
+    if len == 0 || img.check_writable().is_err() || img.mode.writethrough() {
+        return None;
+    }
+    let geo = img.geo;
+    let start = offset.in_cluster(&geo);
+    if start + len > geo.cluster_size() {
+        return None;
+    }
+    let gidx = offset.cluster(&geo);
+    let mut m = img.meta.try_lock().ok()?;
+    if img.inflight.is_claimed(gidx) || !m.maps_from_cache(offset) {
+        return None;
+    }
+    // An error is left for the synchronous engine to meet again and report.
+    let action = plan_cluster(img, &mut m, offset, start, len, Grow::Never).ok()?;
+    let ops = [Op {
+        guest: offset.cluster_start(&geo),
+        start,
+        len,
+        buf_off: 0,
+        action,
+    }];
+    if matches!(action, Action::InPlace { .. }) {
+        return None;
+    }
+    let planned = SingleAlloc { ops };
+    let aligned = align == 0 || planned.host().get() % align as u64 == 0;
+    let cluster_end = HostOffset::new(planned.host().get() - start) + geo.cluster_size();
+    let must_grow = img.data_file().grow_ahead_pending(cluster_end);
+    if !aligned || must_grow || !writes_only_request(img, &planned.ops[0]) {
+        // Not claimed yet: this gives the fresh cluster back.
+        abandon(img, &mut m, &planned.ops);
+        return None;
+    }
+    // Claimed under the metadata mutex after the check above: cannot find it busy.
+    let _ = img.inflight.try_claim(gidx);
+    Some(planned)
+}
+
+/// Finishes an allocation from [`plan_single_alloc`] whose host write had outcome `io`:
+/// links it (metadata mutex) and releases its claim, or, on an error, gives its cluster
+/// back and releases the claim; returns the error as the synchronous write would (before
+/// `Image::finish`).
+pub(super) fn finish_single_alloc(img: &Image, planned: SingleAlloc, io: Result<()>) -> Result<()> {
+    complete(img, &planned.ops, io)
+}
+
+/// Gives back an allocation from [`plan_single_alloc`] whose write did not happen or must
+/// be redone from scratch (a short write re-run on the synchronous engine, which plans
+/// again): cluster given back, claim released.
+pub(super) fn abandon_single_alloc(img: &Image, planned: SingleAlloc) {
+    let mut m = img.lock_meta();
+    abandon(img, &mut m, &planned.ops);
+}
+
+/// The last subcluster of the run of subclusters of `fill_mask` that starts at `first`
+/// (of `n` subclusters).
+fn run_end(fill_mask: u32, n: u32, first: u32) -> u32 {
+    let mut last = first;
+    while last + 1 < n && fill_mask & (1u32 << (last + 1)) != 0 {
+        last += 1;
+    }
+    last
+}
+
+/// Whether the host writes [`cluster_pieces`] produces for `op` are exactly the request's
+/// bytes at their place in the target cluster, decided without I/O: every run of
+/// subclusters written in full is covered by the request, or needs a fill of zeros where
+/// the host already reads as zeros (`zeroed`), so `cluster_pieces` would neither read,
+/// nor zero, nor write anything but the request.
+fn writes_only_request(img: &Image, op: &Op) -> bool {
+    let Action::Link {
+        zeroed,
+        old,
+        fill_mask,
+        ..
+    } = op.action
+    else {
+        return false;
+    };
+    let geo = img.geo;
+    let sub = geo.subcluster_size();
+    let n = if geo.extended_l2 { SUBCLUSTERS } else { 1 };
+    let (rs, re) = (op.start, op.start + op.len);
+    let mut sc = 0;
+    while sc < n {
+        if fill_mask & (1u32 << sc) == 0 {
+            sc += 1;
+            continue;
+        }
+        let last = run_end(fill_mask, n, sc);
+        let (a, b) = (u64::from(sc) * sub, u64::from(last + 1) * sub);
+        let covered = rs <= a && b <= re;
+        if !(covered || zeroed && fill_is_zero(img, old, sc, last)) {
+            return false;
+        }
+        sc = last + 1;
+    }
+    true
 }
 
 /// Step 1, under the metadata mutex: an action per cluster of `[offset, end)` (stopping
@@ -293,13 +446,13 @@ fn plan(img: &Image, offset: GuestOffset, end: GuestOffset) -> Result<Vec<Op>> {
             // Another writer is allocating this cluster: wait (without the mutex) until it is
             // linked, then find it allocated.
             drop(m);
-            img.inflight.wait_released(gidx);
+            img.wait_claim_released(gidx);
             m = img.lock_meta();
             continue;
         }
         let start = pos.since(cluster);
         let len = (cs - start).min(end.since(pos));
-        let action = match plan_cluster(img, &mut m, pos, start, len) {
+        let action = match plan_cluster(img, &mut m, pos, start, len, Grow::Now) {
             Ok(a) => a,
             Err(e) => {
                 abandon(img, &mut m, &ops);
@@ -324,6 +477,15 @@ fn plan(img: &Image, offset: GuestOffset, end: GuestOffset) -> Result<Vec<Op>> {
     Ok(ops)
 }
 
+/// Whether planning a cluster may grow the host file ahead of the allocator.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Grow {
+    /// Yes (`HostFile::grow_ahead`).
+    Now,
+    /// No: the caller must not wait for the device, and refuses a target that needs it.
+    Never,
+}
+
 /// The action for the cluster holding `pos`, request bytes `[start, start+len)` of it.
 fn plan_cluster(
     img: &Image,
@@ -331,6 +493,7 @@ fn plan_cluster(
     pos: GuestOffset,
     start: u64,
     len: u64,
+    grow: Grow,
 ) -> Result<Action> {
     let old = m.lookup(&img.file, pos)?;
     super::datafile::check_mapping(&img.geo, pos, &old)?;
@@ -350,7 +513,9 @@ fn plan_cluster(
         let data = img.data_file();
         *zeroed = data.reads_as_zeros_from(*host);
         // The data write then fills a hole inside the file's length (no extending write).
-        data.grow_ahead(*host + img.geo.cluster_size());
+        if grow == Grow::Now {
+            data.grow_ahead(*host + img.geo.cluster_size());
+        }
     }
     not_metadata(img, &img.geo, action)
 }
@@ -552,10 +717,7 @@ fn cluster_pieces<'a>(
             continue;
         }
         // A run of subclusters written in full.
-        let mut last = sc;
-        while last + 1 < n && fill_mask & (1u32 << (last + 1)) != 0 {
-            last += 1;
-        }
+        let last = run_end(fill_mask, n, sc);
         let a = u64::from(sc) * sub;
         let b = u64::from(last + 1) * sub;
         if rs <= a && b <= re {

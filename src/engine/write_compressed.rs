@@ -157,7 +157,7 @@ impl Image {
         let mut m = self.lock_meta();
         while self.inflight.is_claimed(gidx) {
             drop(m);
-            self.inflight.wait_released(gidx);
+            self.wait_claim_released(gidx);
             m = self.lock_meta();
         }
         if let Err(e) = m.l2_for_write(&self.file, offset.l1_index(&self.geo)) {

@@ -34,7 +34,7 @@ fn update_clusters(
         let gidx = pos.cluster(&geo);
         if img.inflight.is_claimed(gidx) {
             drop(m);
-            img.inflight.wait_released(gidx);
+            img.wait_claim_released(gidx);
             m = img.lock_meta();
             continue;
         }

@@ -239,6 +239,13 @@ impl HostFile {
         self.grown_to.store(reached, Ordering::Release);
     }
 
+    /// Whether [`Self::grow_ahead`] with `end` would ask the device (its length, or a
+    /// grow): false when the file is known to be grown past `end` or is not grown ahead.
+    /// A thread that must not wait for the device plans an allocation only when false.
+    pub fn grow_ahead_pending(&self, end: HostOffset) -> bool {
+        end.get() > self.grown_to.load(Ordering::Acquire) && self.backend.grows_ahead()
+    }
+
     /// Cuts off what [`Self::grow_ahead`] added past the written end, so the file ends
     /// where the same writes without growing would have left it (QEMU's length). Callers
     /// hold no writer (drop, reopen, quiesced operations).

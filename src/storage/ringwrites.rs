@@ -110,6 +110,15 @@ impl RingWrites {
         Excluded { writes: self }
     }
 
+    /// Drives every registered queue once (submits what is queued, reaps what is ready),
+    /// for a thread waiting for something a ring write's reaping releases (the in-flight
+    /// claim of a ring allocating write) whose queue's owner may be that very thread.
+    /// Must not be called with the image's metadata mutex held: reaping links allocating
+    /// writes, which takes it.
+    pub fn drive(&self) {
+        self.drain_all();
+    }
+
     /// Registers a queue's drain hook (kept weakly: a dropped queue drops out).
     pub fn register(&self, d: &Arc<dyn Drain>) {
         let mut v = self.drains.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,4 +1,5 @@
-//! Exhaustive interleavings (loom) of the ring-write registration protocol: ring writes
+//! Exhaustive interleavings (loom) of the ring-write registration protocol (and of the
+//! link of a ring allocating write before its registration ends): ring writes
 //! registered with [`RingWrites::try_enter`] / [`RingWrites::leave`] against operations that
 //! [`RingWrites::exclude`] them, and the drain hook through which an excluding thread reaps
 //! the writes of a queue nobody polls. A shared host block is a loom `UnsafeCell`: loom
@@ -159,5 +160,77 @@ fn loom_ring_writes_stay_refused_until_the_last_excluding_operation_ends() {
             "ring writes refused after every exclusion ended"
         );
         w.leave();
+    });
+}
+
+/// A queue's ring holding one allocating write: whoever reaps it first links it (sets the
+/// L2 entry, under the mutex standing for the metadata mutex) and only then ends its
+/// registration, as `engine::aio::ring` does.
+struct AllocWrite {
+    writes: Arc<RingWrites>,
+    /// The metadata mutex, guarding whether the allocation's L2 entry is linked.
+    meta: Arc<Mutex<bool>>,
+    done: AtomicBool,
+    reaped: AtomicBool,
+}
+
+impl AllocWrite {
+    fn reap_if_done(&self) -> bool {
+        if !self.done.load(Ordering::Acquire) {
+            return false;
+        }
+        if !self.reaped.swap(true, Ordering::AcqRel) {
+            *self.meta.lock().expect("meta") = true;
+            self.writes.leave();
+        }
+        true
+    }
+}
+
+impl Drain for AllocWrite {
+    fn drain_ready(&self) {
+        while !self.reap_if_done() {
+            thread::yield_now();
+        }
+    }
+}
+
+/// An allocating ring write completes while an operation quiesces (exclude, then the
+/// metadata mutex, as `Image::quiesce` callers do); the owner polls concurrently, so
+/// either the owner or the excluder (through the drain hook) reaps and links it. The
+/// excluder must find it linked once it holds the metadata mutex, and neither thread may
+/// wait for the other forever (the reaper takes the metadata mutex, which the excluder
+/// takes only after its exclusion). Covers: link before leave, the quiesce order.
+#[test]
+fn loom_an_allocating_ring_write_is_linked_before_a_quiescing_operation_reads_the_metadata() {
+    loom::model(|| {
+        let w = Arc::new(RingWrites::default());
+        let meta = Arc::new(Mutex::new(false));
+        assert!(w.try_enter());
+        let ring = Arc::new(AllocWrite {
+            writes: Arc::clone(&w),
+            meta: Arc::clone(&meta),
+            done: AtomicBool::new(false),
+            reaped: AtomicBool::new(false),
+        });
+        let hook: Arc<dyn Drain> = ring.clone();
+        w.register(&hook);
+        // The kernel completes the write, then the owner polls and reaps it if still there.
+        let owner = {
+            let ring = Arc::clone(&ring);
+            thread::spawn(move || {
+                ring.done.store(true, Ordering::Release);
+                ring.reap_if_done();
+            })
+        };
+        {
+            let _g = w.exclude();
+            assert!(
+                *meta.lock().expect("meta"),
+                "a quiescing operation saw the allocation unlinked"
+            );
+        }
+        owner.join().expect("owner");
+        assert_eq!(w.in_flight(), 0);
     });
 }

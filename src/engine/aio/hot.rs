@@ -1,12 +1,17 @@
-//! The hot path of asynchronous reads and overwrites: a request inside one cluster whose L2
-//! entry the lock-free view holds is mapped here, with the same grace pin as a synchronous
-//! request. A read is filled with zeros at once or handed to io_uring; an overwrite of data
-//! the image owns, every touched subcluster allocated, goes to io_uring in place. Everything
-//! else (L2 miss, allocation, copy-on-write, compressed cluster, backing file, several
-//! clusters, unaligned O_DIRECT buffer, writethrough or fenced handle) goes to the worker
-//! pool, which runs the synchronous engine (and publishes the L2 slice it looked up, so the
-//! next request of that slice finds it here).
+//! The hot path of asynchronous requests: a request inside one cluster is mapped here, with
+//! the same grace pin as a synchronous request. A read whose L2 entry the lock-free view
+//! holds is filled with zeros at once or handed to io_uring; an overwrite of data the image
+//! owns, every touched subcluster allocated, goes to io_uring in place; an allocating write
+//! whose plan is cheap and simple (metadata mutex free, L2 slice cached and owned, cluster
+//! not in flight, no copy-on-write or zero fill: `write::plan_single_alloc`) gets its
+//! cluster allocated and claimed here, on the submitting thread, and its data write goes to
+//! io_uring (linked when reaped, see `ring`). Everything else (L2 miss, copy-on-write,
+//! compressed cluster, backing data, several clusters, unaligned O_DIRECT buffer,
+//! writethrough or fenced handle, a busy metadata mutex) goes to the worker pool, which
+//! runs the synchronous engine (and publishes the L2 slice it looked up, so the next
+//! request of that slice finds it here).
 
+use super::super::write::{abandon_single_alloc, plan_single_alloc, SingleAlloc};
 use super::super::Image;
 use crate::format::entry::SubclusterState;
 use crate::format::GuestOffset;
@@ -100,4 +105,35 @@ pub(super) fn plan_overwrite(
     // A refusal is reported by the synchronous engine, which runs the same check.
     file.prepare_ring_write(host, len as u64).ok()?;
     Some((fd, host.get()))
+}
+
+/// Plans an allocating write of `len` bytes from memory at `addr` at guest `offset` (one
+/// cluster, refused by [`plan_overwrite`]) whose data write can go to io_uring: the
+/// descriptor, the host offset and the planned allocation (cluster allocated and claimed in
+/// flight, see `write::plan_single_alloc`), or `None` for the worker pool with nothing
+/// allocated. The overlap guard's check and written-end mark are done here, as for an
+/// overwrite.
+///
+/// The caller holds, from before this call until the allocation is finished (linked or
+/// abandoned), a grace pin and a ring-write registration, and marks the dirty bitmaps.
+pub(super) fn plan_alloc(
+    img: &Image,
+    offset: u64,
+    addr: usize,
+    len: usize,
+) -> Option<(RawFd, u64, SingleAlloc)> {
+    let file = img.data_file();
+    let (fd, align) = file.uring_target()?;
+    if align != 0 && (addr | len) % align != 0 {
+        return None;
+    }
+    let planned = plan_single_alloc(img, GuestOffset::new(offset), len as u64, align)?;
+    let host = planned.host();
+    // The plan refused metadata clusters already: a refusal here is not expected, and the
+    // synchronous engine reports it.
+    if file.prepare_ring_write(host, len as u64).is_err() {
+        abandon_single_alloc(img, planned);
+        return None;
+    }
+    Some((fd, host.get(), planned))
 }

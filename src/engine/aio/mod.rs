@@ -16,7 +16,13 @@
 //! O_DIRECT-aligned), which also hold a registration in the data file's ring writes until
 //! their completion: control operations that quiesce writers and O_DIRECT read-modify-write
 //! cycles wait for those as they wait for synchronous writers (see `storage::ringwrites`).
-//! Everything else still runs on the pool. Ring requests start at once, or, inside a
+//! An allocating write inside one cluster whose plan needs no disk I/O and no waiting
+//! (metadata mutex free, L2 slice owned and cached, cluster not being allocated by another
+//! writer, nothing to copy or zero-fill) is planned on the submitting thread with the
+//! synchronous engine's own plan step, its data write goes to the ring under the same pin
+//! and registration, and the thread that reaps its completion links it (or gives the
+//! cluster back on an error; a short write is redone on the pool). Everything else (L2
+//! misses, copy-on-write, several clusters, metadata write-back) still runs on the pool. Ring requests start at once, or, inside a
 //! plugged section ([`AioQueue::plug`]), together when it ends (one system call for all).
 //! io_uring is used where the kernel allows it (not: ENOSYS, EPERM from seccomp or
 //! kernel.io_uring_disabled), unless [`AioOptions::force_threads`] or

@@ -1,9 +1,21 @@
-//! The io_uring backend of the queue: hot-path reads and in-place overwrites (see `hot`)
-//! go to a ring whose completions signal the queue's eventfd; their completions join the
-//! worker pool's in the queue's completion list when the owner polls (or when a thread that
-//! excludes ring writes drains the ring, see `storage::ringwrites`).
+//! The io_uring backend of the queue: hot-path reads, in-place overwrites and the data
+//! writes of simple allocating writes (see `hot`) go to a ring whose completions signal the
+//! queue's eventfd; their completions join the worker pool's in the queue's completion list
+//! when the owner polls (or when a thread that excludes ring writes, or waits for a claim
+//! a ring allocation holds, drains the ring: see `storage::ringwrites`).
+//!
+//! An allocating write is planned on the submitting thread (cluster allocated, guest
+//! cluster claimed in flight) and linked when its completion is reaped, by whichever
+//! thread reaps it: the order of the synchronous path holds (data written before the L2
+//! entry that points at it; the claim held until linked; the grace pin and the ring-write
+//! registration, which stands for the write gate, held until after the link, so a
+//! quiesce finds it linked or given back). Reaping threads hold neither the metadata mutex
+//! nor anything a link waits for: the owner reaps after dropping the ring's lock, drain
+//! hooks run in threads that take the metadata mutex only after excluding ring writes
+//! (quiesce) or not at all (claim waiters drop it first).
 
-use super::hot::{plan_overwrite, plan_read, ReadPlan};
+use super::super::write::{abandon_single_alloc, finish_single_alloc, SingleAlloc};
+use super::hot::{plan_alloc, plan_overwrite, plan_read, ReadPlan};
 use super::pool::Shared;
 use super::{AioBuf, AioCompletion, AioOp};
 use crate::error::Error;
@@ -13,17 +25,41 @@ use crate::Image;
 use std::io;
 use std::ops::Deref;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A request on the ring, with the grace pin it holds until its completion (and, for a
-/// write, its registration in the data file's ring writes).
+/// write, its registration in the data file's ring writes; for an allocating write, its
+/// planned allocation, linked or given back when reaped).
 struct HotReq<B, T> {
     cookie: u64,
     op: AioOp<B>,
     user: T,
     pin: PinToken,
     len: usize,
+    /// Boxed: most requests have none, and the ring's slots hold the request.
+    alloc: Option<Box<SingleAlloc>>,
+}
+
+/// What a ring request's completion means for it.
+enum Outcome {
+    /// Done in full.
+    Done,
+    /// Short, or a transient error: the synchronous engine redoes the whole request.
+    Redo,
+    /// Failed.
+    Failed(io::Error),
+}
+
+impl Outcome {
+    fn of(r: io::Result<usize>, len: usize) -> Outcome {
+        match r {
+            Ok(n) if n == len => Outcome::Done,
+            Ok(_) => Outcome::Redo,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => Outcome::Redo,
+            Err(e) => Outcome::Failed(e),
+        }
+    }
 }
 
 impl<B: AioBuf, T> HotReq<B, T> {
@@ -37,6 +73,13 @@ pub(super) struct RingPath<B, T> {
     ring: Mutex<Ring<HotReq<B, T>>>,
     /// Open plugged sections (entries queued meanwhile are submitted when the last ends).
     plugs: AtomicUsize,
+    /// Allocating writes whose data went on the ring (linked or not), for tests and
+    /// diagnosis.
+    allocs: AtomicU64,
+    /// Test seam: completions of this many next ring allocating writes are replaced by
+    /// this outcome (error or short write), to drive the reap path's abandon.
+    #[cfg(test)]
+    pub(super) inject: Mutex<(usize, Option<i32>)>,
 }
 
 /// The first buffer of a write request (empty for anything else).
@@ -63,6 +106,9 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         Ok(RingPath {
             ring: Mutex::new(ring),
             plugs: AtomicUsize::new(0),
+            allocs: AtomicU64::new(0),
+            #[cfg(test)]
+            inject: Mutex::new((0, None)),
         })
     }
 
@@ -103,7 +149,7 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
             AioOp::Read { bufs, offset } if bufs.len() == 1 => *offset,
             AioOp::Write { bufs, offset } if bufs.len() == 1 => {
                 let offset = *offset;
-                return self.try_overwrite(shared, cookie, op, user, offset);
+                return self.try_write(shared, cookie, op, user, offset);
             }
             _ => return Some((op, user)),
         };
@@ -135,6 +181,7 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
                     user,
                     pin,
                     len,
+                    alloc: None,
                 };
                 match self.queue(req, |ring, r| {
                     ring.read(fd, host, r, |r| read_buf(&mut r.op))
@@ -149,11 +196,13 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         }
     }
 
-    /// An overwrite in place on the ring when `hot::plan_overwrite` finds one; otherwise
-    /// the request comes back for the worker pool. The pin and the ring-write registration
-    /// are taken before the mapping is looked up, so neither a free and reuse of the cluster
-    /// nor a snapshot, resize or reopen can come between the lookup and the write.
-    fn try_overwrite<I>(
+    /// An overwrite in place on the ring when `hot::plan_overwrite` finds one, else an
+    /// allocating write with its data on the ring when `hot::plan_alloc` can plan it;
+    /// otherwise the request comes back for the worker pool. The pin and the ring-write
+    /// registration are taken before the mapping is looked up, so neither a free and reuse
+    /// of the cluster nor a snapshot, resize or reopen can come between the lookup and the
+    /// write (and, for an allocation, its link).
+    fn try_write<I>(
         &self,
         shared: &Shared<I, B, T>,
         cookie: u64,
@@ -173,22 +222,38 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         let pin = grace.pin_detached();
         let buf = write_buf(&op);
         let (addr, len) = (buf.as_ptr() as usize, buf.len());
-        let Some((fd, host)) = plan_overwrite(img, offset, addr, len) else {
+        let planned = match plan_overwrite(img, offset, addr, len) {
+            Some((fd, host)) => Some((fd, host, None)),
+            None => plan_alloc(img, offset, addr, len)
+                .map(|(fd, host, a)| (fd, host, Some(Box::new(a)))),
+        };
+        let Some((fd, host, alloc)) = planned else {
             grace.unpin(pin);
             writes.leave();
             return Some((op, user));
         };
         img.bitmaps.mark(offset, len as u64);
+        let is_alloc = alloc.is_some();
         let req = HotReq {
             cookie,
             op,
             user,
             pin,
             len,
+            alloc,
         };
         match self.queue(req, |ring, r| ring.write(fd, host, r, |r| write_buf(&r.op))) {
-            Ok(()) => None,
+            Ok(()) => {
+                if is_alloc {
+                    self.allocs.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
             Err(r) => {
+                // Given back before the registration ends, as after a failed write.
+                if let Some(a) = r.alloc {
+                    abandon_single_alloc(img, *a);
+                }
                 grace.unpin(r.pin);
                 writes.leave();
                 Some((r.op, r.user))
@@ -196,9 +261,38 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         }
     }
 
+    /// Allocating writes whose data went on the ring so far.
+    #[cfg(test)]
+    pub(super) fn allocs(&self) -> u64 {
+        self.allocs.load(Ordering::Relaxed)
+    }
+
+    /// The completion `r` of a ring allocating write, or the one a test injects.
+    #[cfg(test)]
+    fn injected(&self, r: io::Result<usize>) -> io::Result<usize> {
+        let mut inj = self.inject.lock().unwrap_or_else(|p| p.into_inner());
+        if inj.0 == 0 {
+            return r;
+        }
+        inj.0 -= 1;
+        match inj.1 {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Ok(0),
+        }
+    }
+
     /// Moves the ring's completions to the queue's list; a short read (end of the host
     /// file), a short write or a transient error goes to the worker pool, whose synchronous
-    /// engine pads, retries and reports exactly as a synchronous request does.
+    /// engine pads, retries and reports exactly as a synchronous request does. An
+    /// allocating write is linked here (or, when its write failed or must be redone, its
+    /// cluster given back) before its registration and pin end.
+    ///
+    /// The link takes the metadata mutex, waiting if a worker holds it: handing the link to
+    /// the pool instead would hold the claim, registration and pin longer and cost a
+    /// wake-up per allocation, while a worker holds the mutex only for bounded work (no
+    /// holder of it waits for a poll: claim waiters and excluders drop it first). Measured
+    /// (`scripts/bench-aio.sh` alloc workload, O_DIRECT): at most 36 of about 8100 links
+    /// found it held (depths 1, 4, 16).
     pub(super) fn reap<I>(&self, shared: &Shared<I, B, T>)
     where
         I: Deref<Target = Image> + Send + Sync + 'static,
@@ -247,28 +341,45 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
                 user,
                 pin,
                 len,
+                alloc,
             } = req;
-            img.file.grace().unpin(pin);
+            #[cfg(test)]
+            let r = if alloc.is_some() { self.injected(r) } else { r };
+            let what = if write { "writing" } else { "reading" };
+            // None: redone from scratch on the pool.
+            let result = match Outcome::of(r, len) {
+                Outcome::Done => Some(Ok(())),
+                Outcome::Redo => None,
+                Outcome::Failed(e) => Some(Err(Error::io(
+                    format!("{}: {what} guest data", img.data_file().name()),
+                    e,
+                ))),
+            };
+            // The allocation is linked (or given back: before any re-run, which plans
+            // afresh) while its registration still keeps quiesce out and its pin keeps
+            // the cluster from reuse.
+            let result = match (alloc, result) {
+                (Some(a), Some(r)) => Some(finish_single_alloc(img, *a, r)),
+                (Some(a), None) => {
+                    abandon_single_alloc(img, *a);
+                    None
+                }
+                (None, r) => r,
+            };
             if write {
                 // Before any re-run on the pool: its synchronous write takes the gate, which
                 // a control operation waiting for this registration may hold.
                 img.data_file().ring_writes().leave();
             }
-            let what = if write { "writing" } else { "reading" };
-            let result = match r {
-                Ok(n) if n == len => Ok(()),
-                Ok(_) => {
+            // Last, as a synchronous writer's pin outlives its gate.
+            img.file.grace().unpin(pin);
+            let result = match result {
+                Some(Ok(())) => Ok(()),
+                Some(Err(e)) => img.finish(Err(e)),
+                None => {
                     shared.push_job(cookie, op, user);
                     continue;
                 }
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
-                    shared.push_job(cookie, op, user);
-                    continue;
-                }
-                Err(e) => img.finish(Err(Error::io(
-                    format!("{}: {what} guest data", img.data_file().name()),
-                    e,
-                ))),
             };
             let c = AioCompletion {
                 cookie,
