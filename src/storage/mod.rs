@@ -321,6 +321,29 @@ impl HostFile {
         Ok(())
     }
 
+    /// Reads `words.len() * 8` bytes at `offset` straight into `words` (in file byte order)
+    /// and returns how many the file had; the bytes past those read as zeros. Lets a table
+    /// that lock-free readers will share as atomics be filled from disk without a bounce
+    /// buffer and a copy: the exclusive borrow means nobody can observe it yet.
+    pub fn read_words_zero_padded(
+        &self,
+        words: &mut [AtomicU64],
+        offset: HostOffset,
+        what: &str,
+    ) -> Result<usize> {
+        let len = std::mem::size_of_val(words);
+        // SAFETY: `AtomicU64` has the same size and bit validity as `u64` (std documents
+        // it), so the slice covers exactly `len` initialised bytes, any byte pattern written
+        // into them is a valid value, and `u8` needs no alignment. The `&mut` borrow excludes
+        // every other access, atomic or not, for as long as `bytes` lives.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) };
+        let n = self.read_some(bytes, offset, what)?;
+        if n < len {
+            bytes[n..].fill(0);
+        }
+        Ok(n)
+    }
+
     /// Reads up to `buf.len()` bytes and returns how many the file had.
     pub fn read_some(&self, buf: &mut [u8], offset: HostOffset, what: &str) -> Result<usize> {
         let offset = offset.get();
