@@ -213,6 +213,7 @@ impl L2Table {
     }
 
     /// Entry `i` as (descriptor, bitmap word); the bitmap is 0 without extended L2.
+    #[inline]
     pub fn entry(&self, i: usize, ext: bool) -> (u64, u64) {
         let (a, b) = if ext { (2 * i, 2 * i + 1) } else { (i, i) };
         loop {

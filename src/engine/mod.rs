@@ -454,9 +454,7 @@ impl Image {
         let size = self.virtual_size();
         match offset.checked_add(count) {
             Some(end) if end <= size => Ok(GuestOffset::new(offset)),
-            _ => {
-                invalid!("request [{offset:#x}, +{count:#x}) is beyond the virtual size {size:#x}")
-            }
+            _ => Err(range_error(offset, count, size)),
         }
     }
 
@@ -660,6 +658,16 @@ impl Drop for Image {
 struct Quiesced<'a> {
     _gate: crossbeam_utils::sync::ShardedLockWriteGuard<'a, ()>,
     _ring: crate::storage::Excluded<'a>,
+}
+
+/// The error of a request past the virtual size (out of line: the check inlines into every
+/// request without the formatting).
+#[cold]
+#[inline(never)]
+fn range_error(offset: u64, count: u64, size: u64) -> Error {
+    Error::invalid(format!(
+        "request [{offset:#x}, +{count:#x}) is beyond the virtual size {size:#x}"
+    ))
 }
 
 /// The lock mode an open with `opts` takes.
