@@ -318,6 +318,10 @@ pub struct MapView {
     per_slice_shift: u32,
     /// log2 of the slice size.
     slice_shift: u32,
+    /// log2 of the guest bytes one L1 entry maps, and the mask of an L2 index (the
+    /// geometry's, computed once rather than per lookup).
+    l1_shift: u32,
+    l2_mask: u64,
 }
 
 impl MapView {
@@ -339,6 +343,8 @@ impl MapView {
             per_table,
             per_slice_shift,
             slice_shift,
+            l1_shift: geo.l2_coverage_bits(),
+            l2_mask: geo.l2_entries() - 1,
         };
         v.set_l1_len(l1_len);
         v
@@ -574,7 +580,8 @@ impl MapView {
     /// the L1 table or for an unaligned table offset (left to the metadata mutex's path).
     #[inline]
     fn l2_table(&self, geo: &Geometry, guest: GuestOffset) -> Option<(usize, HostOffset)> {
-        let l1 = guest.l1_index(geo);
+        // `guest.l1_index(geo)`, for the geometry the view was made for.
+        let l1 = (guest.get() >> self.l1_shift) as usize;
         let off = L1Entry(self.l1_entry(l1)?).l2_offset();
         (off == HostOffset::ZERO || off.is_cluster_aligned(geo)).then_some((l1, off))
     }
@@ -589,7 +596,8 @@ impl MapView {
         table: HostOffset,
         guest: GuestOffset,
     ) -> Option<(u64, u64)> {
-        let index = guest.l2_index(geo);
+        // `guest.l2_index(geo)`, for the geometry the view was made for.
+        let index = ((guest.get() >> geo.cluster_bits) & self.l2_mask) as usize;
         let slice = self.slice_index(index);
         let key = self.slice_key(table, slice);
         let within = index & ((1usize << self.per_slice_shift) - 1);
