@@ -245,8 +245,44 @@ impl<T> TableCache<T> {
     /// is dirty.
     pub fn evict_clean_second_chance(
         &mut self,
-        mut used: impl FnMut(&T) -> bool,
+        used: impl FnMut(&T) -> bool,
     ) -> Option<(HostOffset, T)> {
+        let i = self.clock_victim(used)?;
+        Some(self.remove_at(i))
+    }
+
+    /// Evicts a clean slice chosen as [`Self::evict_clean_second_chance`] does and caches
+    /// `data` (clean) at `offset` (not cached) in its slot, with the hand moved past it as
+    /// CLOCK does: a miss in a full cache moves no other slot and rehashes only the two
+    /// keys. Returns the evicted slice, or gives `data` back when every slice is dirty.
+    pub fn replace_clean_second_chance(
+        &mut self,
+        used: impl FnMut(&T) -> bool,
+        offset: HostOffset,
+        data: T,
+    ) -> Result<(HostOffset, T), T> {
+        let Some(i) = self.clock_victim(used) else {
+            return Err(data);
+        };
+        self.clock += 1;
+        let new = Slot {
+            key: offset,
+            data,
+            dirty: false,
+            recent: false,
+            last_use: self.clock,
+        };
+        let old = std::mem::replace(&mut self.slots[i], new);
+        self.index.remove(&old.key);
+        self.index.insert(offset, i);
+        self.hand = i + 1;
+        Ok((old.key, old.data))
+    }
+
+    /// The slot of the clean slice CLOCK evicts next: a candidate used since the hand last
+    /// passed (through this cache, or as `used(data)` reports; `used` may clear that mark) is
+    /// kept this time. None if every slice is dirty.
+    fn clock_victim(&mut self, mut used: impl FnMut(&T) -> bool) -> Option<usize> {
         if self.dirty >= self.slots.len() {
             return None;
         }
@@ -261,13 +297,12 @@ impl<T> TableCache<T> {
             if !s.dirty {
                 let referenced = std::mem::take(&mut s.recent) | used(&s.data);
                 if !referenced {
-                    return Some(self.remove_at(self.hand));
+                    return Some(self.hand);
                 }
             }
             self.hand += 1;
         }
-        let i = self.slots.iter().position(|s| !s.dirty)?;
-        Some(self.remove_at(i))
+        self.slots.iter().position(|s| !s.dirty)
     }
 
     /// Removes slot `i` (moving the last slot into its place) and returns its key and data.
@@ -408,6 +443,40 @@ mod tests {
         assert_eq!(c.evict_clean_second_chance(|_| true), Some((h(1), 1)));
         // Only a dirty table is left.
         assert_eq!(c.evict_clean_second_chance(|_| false), None);
+    }
+
+    #[test]
+    fn a_replacement_takes_the_victims_slot_and_is_the_last_the_hand_reaches() {
+        let mut c = TableCache::new(3);
+        c.insert(h(1), 1u32, false);
+        c.insert(h(2), 2u32, true);
+        c.insert(h(3), 3u32, false);
+        // Table 1 is the clean victim; 4 takes its slot and is clean.
+        assert_eq!(
+            c.replace_clean_second_chance(|_| false, h(4), 4),
+            Ok((h(1), 1))
+        );
+        assert!(!c.contains(h(1)));
+        assert_eq!(c.peek(h(4)), Some(&4));
+        assert_eq!((c.len(), c.dirty_offsets()), (3, vec![h(2)]));
+        // The hand moved past the newcomer: 3 goes before it, then 4 (2 is dirty).
+        assert_eq!(
+            c.replace_clean_second_chance(|_| false, h(5), 5),
+            Ok((h(3), 3))
+        );
+        assert_eq!(
+            c.replace_clean_second_chance(|_| false, h(6), 6),
+            Ok((h(4), 4))
+        );
+        assert_eq!(
+            [h(2), h(5), h(6)].map(|k| c.peek(k).copied()),
+            [Some(2), Some(5), Some(6)]
+        );
+        // Only dirty tables: the new one is handed back.
+        c.get_mut(h(5));
+        c.get_mut(h(6));
+        assert_eq!(c.replace_clean_second_chance(|_| false, h(7), 7), Err(7));
+        assert!(!c.contains(h(7)));
     }
 
     #[test]

@@ -21,8 +21,10 @@
 
 use super::cache::CacheConfig;
 use super::slicedir::SliceDir;
+use crate::error::Result;
 use crate::format::entry::{decode_l2, L1Entry, L2Entry, Mapping, COMPRESSED, ZERO};
 use crate::format::{Geometry, GuestOffset, HostOffset};
+use crate::storage::HostFile;
 #[cfg(loom)]
 use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 #[cfg(not(loom))]
@@ -66,6 +68,17 @@ pub struct L2Table {
     /// The entries as stored on disk (big-endian): filling a slice from disk is a plain copy,
     /// and the byte swap happens per entry read.
     words: Box<[AtomicU64]>,
+}
+
+/// What [`MapView::probe_data`] found for a guest cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataProbe {
+    /// Plain data at this host cluster.
+    Data(HostOffset),
+    /// The L2 slice that maps it is not cached (or not published).
+    Uncached,
+    /// Anything else (zero, unallocated, compressed, an entry the slow path must judge).
+    Other,
 }
 
 /// [`L2Table::home`] of a slice that is not published.
@@ -124,34 +137,64 @@ impl L2Table {
         })
     }
 
-    /// The slice at `key` read from disk as `raw`, in the memory of `old` (an evicted
-    /// slice) when nobody else holds it: a cache miss then allocates nothing.
-    pub fn reuse(mut old: Arc<L2Table>, key: HostOffset, raw: &[u8]) -> Arc<L2Table> {
-        if Arc::get_mut(&mut old).is_some_and(|t| t.refill(key, raw)) {
-            old
-        } else {
-            Self::from_be_bytes(key, raw)
+    /// The slice of `bytes` bytes at host offset `key` of `file`, read straight into the
+    /// memory of `spare` (a slice an earlier miss evicted) when nobody else holds it and it
+    /// has the size, else into a new one: a cache miss then allocates and copies nothing.
+    /// Bytes past the end of the file read as zeros; None when the slice lies wholly past it.
+    #[cfg(not(loom))]
+    pub fn read_from(
+        file: &HostFile,
+        key: HostOffset,
+        bytes: usize,
+        spare: Option<Arc<L2Table>>,
+    ) -> Result<Option<Arc<L2Table>>> {
+        let mut t = match spare {
+            Some(old) if old.words.len() * 8 == bytes => old,
+            _ => Self::zeroed(key, bytes),
+        };
+        if Arc::get_mut(&mut t).is_none() {
+            t = Self::zeroed(key, bytes); // the spare is still held elsewhere
         }
+        let n = match Arc::get_mut(&mut t) {
+            Some(fresh) => fresh.refill_from(file, key)?,
+            None => return Ok(None), // a new Arc is unique: never taken
+        };
+        Ok((n > 0).then_some(t))
     }
 
-    /// Refills this slice in place; false (nothing changed) when the sizes differ.
+    /// A slice of `bytes` zero bytes at `key`.
     #[cfg(not(loom))]
-    fn refill(&mut self, key: HostOffset, raw: &[u8]) -> bool {
-        if raw.len() != self.words.len() * 8 {
-            return false;
-        }
+    fn zeroed(key: HostOffset, bytes: usize) -> Arc<L2Table> {
+        Self::from_words(key, (0..bytes / 8).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// Makes this (unshared) slice the one at `key` of `file`, as read from disk; returns
+    /// the bytes the file had (the rest read as zeros).
+    #[cfg(not(loom))]
+    fn refill_from(&mut self, file: &HostFile, key: HostOffset) -> Result<usize> {
         self.key = key;
         *self.seq.get_mut() = 0;
         *self.referenced.get_mut() = false;
         *self.home.get_mut() = NOWHERE;
-        fill_words(&mut self.words, raw);
-        true
+        file.read_words_zero_padded(&mut self.words, key, "L2 table")
     }
 
-    /// Under loom (whose atomics have no `get_mut`) a miss always allocates.
+    /// Under loom (whose atomics are not plain words) the slice goes through a buffer.
     #[cfg(loom)]
-    fn refill(&mut self, _key: HostOffset, _raw: &[u8]) -> bool {
-        false
+    pub fn read_from(
+        file: &HostFile,
+        key: HostOffset,
+        bytes: usize,
+        _spare: Option<Arc<L2Table>>,
+    ) -> Result<Option<Arc<L2Table>>> {
+        let mut raw = vec![0u8; bytes];
+        let n = file.read_some(&mut raw, key, "L2 table")?;
+        Ok((n > 0).then(|| Self::from_be_bytes(key, &raw)))
+    }
+
+    /// The slice's host offset (its cache key).
+    pub fn key(&self) -> HostOffset {
+        self.key
     }
 
     /// Where the slice is published: (L1 index, slice index).
@@ -170,6 +213,7 @@ impl L2Table {
     }
 
     /// Entry `i` as (descriptor, bitmap word); the bitmap is 0 without extended L2.
+    #[inline]
     pub fn entry(&self, i: usize, ext: bool) -> (u64, u64) {
         let (a, b) = if ext { (2 * i, 2 * i + 1) } else { (i, i) };
         loop {
@@ -274,6 +318,10 @@ pub struct MapView {
     per_slice_shift: u32,
     /// log2 of the slice size.
     slice_shift: u32,
+    /// log2 of the guest bytes one L1 entry maps, and the mask of an L2 index (the
+    /// geometry's, computed once rather than per lookup).
+    l1_shift: u32,
+    l2_mask: u64,
 }
 
 impl MapView {
@@ -295,6 +343,8 @@ impl MapView {
             per_table,
             per_slice_shift,
             slice_shift,
+            l1_shift: geo.l2_coverage_bits(),
+            l2_mask: geo.l2_entries() - 1,
         };
         v.set_l1_len(l1_len);
         v
@@ -490,28 +540,48 @@ impl MapView {
     /// ordinary data (allocated, neither compressed nor zero, cluster-aligned) of an image
     /// with standard L2 entries and no external data file: what [`Self::lookup`] returns as
     /// [`Mapping::Data`], found without decoding anything else (the common cached read).
-    /// `None` for everything else, which the caller maps with [`Self::lookup`].
-    #[inline]
+    /// `None` for everything else, which the caller maps with [`Self::lookup`]. (The read
+    /// path uses [`Self::probe_data`]; the loom models check this view of it.)
+    #[cfg(all(test, loom))]
     pub fn lookup_data(&self, geo: &Geometry, guest: GuestOffset) -> Option<HostOffset> {
+        match self.probe_data(geo, guest) {
+            DataProbe::Data(host) => Some(host),
+            DataProbe::Uncached | DataProbe::Other => None,
+        }
+    }
+
+    /// [`Self::lookup_data`], telling apart a slice that is not cached (the caller may load
+    /// it and probe again) from a mapping that is not plain data.
+    #[inline]
+    pub fn probe_data(&self, geo: &Geometry, guest: GuestOffset) -> DataProbe {
         if geo.extended_l2 || geo.external_data {
-            return None;
+            return DataProbe::Other;
         }
-        let (l1, table) = self.l2_table(geo, guest)?;
+        let Some((l1, table)) = self.l2_table(geo, guest) else {
+            return DataProbe::Other;
+        };
         if table == HostOffset::ZERO {
-            return None;
+            return DataProbe::Other;
         }
-        let (w0, _) = self.cached_entry(geo, l1, table, guest)?;
+        let Some((w0, _)) = self.cached_entry(geo, l1, table, guest) else {
+            return DataProbe::Uncached;
+        };
         // The kind test of `L2Entry::kind` for a standard entry: no flag, some offset.
         let host = L2Entry::new(w0, 0).host();
         let plain = w0 & (COMPRESSED | ZERO) == 0;
-        (plain && host != HostOffset::ZERO && host.is_cluster_aligned(geo)).then_some(host)
+        if plain && host != HostOffset::ZERO && host.is_cluster_aligned(geo) {
+            DataProbe::Data(host)
+        } else {
+            DataProbe::Other
+        }
     }
 
     /// The L1 index of `guest` and the L2 table its entry points at (zero: none); None past
     /// the L1 table or for an unaligned table offset (left to the metadata mutex's path).
     #[inline]
     fn l2_table(&self, geo: &Geometry, guest: GuestOffset) -> Option<(usize, HostOffset)> {
-        let l1 = guest.l1_index(geo);
+        // `guest.l1_index(geo)`, for the geometry the view was made for.
+        let l1 = (guest.get() >> self.l1_shift) as usize;
         let off = L1Entry(self.l1_entry(l1)?).l2_offset();
         (off == HostOffset::ZERO || off.is_cluster_aligned(geo)).then_some((l1, off))
     }
@@ -526,7 +596,8 @@ impl MapView {
         table: HostOffset,
         guest: GuestOffset,
     ) -> Option<(u64, u64)> {
-        let index = guest.l2_index(geo);
+        // `guest.l2_index(geo)`, for the geometry the view was made for.
+        let index = ((guest.get() >> geo.cluster_bits) & self.l2_mask) as usize;
         let slice = self.slice_index(index);
         let key = self.slice_key(table, slice);
         let within = index & ((1usize << self.per_slice_shift) - 1);
@@ -610,6 +681,50 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         reader.join().expect("reader saw a torn entry");
         assert!(reads.load(Ordering::Relaxed) > 0, "the reader never ran");
+    }
+
+    #[test]
+    fn a_slice_read_into_a_spare_holds_the_file_bytes_and_zeros_past_its_end() {
+        // 4 KiB slice at 0x1000 of a file ending 12 bytes into it: one whole word, half of
+        // the next, the rest past the end.
+        let mut bytes = vec![0u8; 0x1000 + 12];
+        bytes[0x1000..0x1008].copy_from_slice(&0x1122_3344_5566_7788u64.to_be_bytes());
+        bytes[0x1008..].copy_from_slice(&[0xaa; 4]);
+        let sim = Arc::new(crate::storage::sim::SimFile::new(bytes));
+        let file = HostFile::new(sim, String::from("sim"));
+        // A spare full of another slice's entries, published elsewhere before.
+        let spare = L2Table::new(HostOffset::new(0x9000), vec![u64::MAX; 512]);
+        spare.set_home(Some((3, 1)));
+        let spare_words = spare.words.as_ptr();
+        let key = HostOffset::new(0x1000);
+        let t = L2Table::read_from(&file, key, 4096, Some(spare))
+            .expect("read")
+            .expect("within the file");
+        assert_eq!(
+            t.words.as_ptr(),
+            spare_words,
+            "the spare's memory is reused"
+        );
+        assert_eq!((t.key(), t.home()), (key, None));
+        assert_eq!(t.entry(0, false).0, 0x1122_3344_5566_7788);
+        assert_eq!(t.entry(1, false).0, 0xaaaa_aaaa_0000_0000);
+        assert!(
+            (2..512).all(|i| t.entry(i, false).0 == 0),
+            "zeros past the end"
+        );
+        // A spare somebody else still holds is left alone.
+        let held = Arc::clone(&t);
+        let u = L2Table::read_from(&file, key, 4096, Some(Arc::clone(&t)))
+            .expect("read")
+            .expect("within the file");
+        assert!(!Arc::ptr_eq(&u, &held));
+        assert_eq!(u.to_vec(), held.to_vec());
+        // Wholly past the end of the file: nothing to install.
+        assert!(
+            L2Table::read_from(&file, HostOffset::new(0x2000), 4096, None)
+                .expect("read")
+                .is_none()
+        );
     }
 
     #[test]

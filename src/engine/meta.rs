@@ -435,6 +435,25 @@ impl Meta {
         if self.view.generation() != generation {
             return Ok((false, Some(t)));
         }
+        // A full cache with a clean slice to evict (the rule under a steady miss load): the
+        // new slice takes its slot, and the directory swaps them under one write lock.
+        // Until then readers may still find the evicted one: it is clean and nothing
+        // changes it while the mutex is held.
+        let t = if self.l2.is_full() {
+            match self.l2.replace_clean_second_chance(
+                |old| old.take_referenced(),
+                key,
+                Arc::clone(&t),
+            ) {
+                Ok((_, evicted)) => {
+                    self.view.replace(Some(&evicted), l1, s, &t);
+                    return Ok((true, Some(evicted)));
+                }
+                Err(t) => t,
+            }
+        } else {
+            t
+        };
         // The evicted slice leaves the directory together with the new one's publication
         // (one write lock of the directory per miss instead of two). Until then readers may
         // still find it: it is clean and nothing changes it while the mutex is held.

@@ -469,9 +469,7 @@ impl Image {
         let size = self.virtual_size();
         match offset.checked_add(count) {
             Some(end) if end <= size => Ok(GuestOffset::new(offset)),
-            _ => {
-                invalid!("request [{offset:#x}, +{count:#x}) is beyond the virtual size {size:#x}")
-            }
+            _ => Err(range_error(offset, count, size)),
         }
     }
 
@@ -484,7 +482,9 @@ impl Image {
     /// Loads the L2 slice that maps `guest` into the cache without holding the metadata
     /// mutex during the disk read, so that a cache miss does not stall other requests.
     /// Returns whether the slice is cached now (false: the caller takes the slow path).
-    fn prefetch_l2(&self, guest: GuestOffset) -> Result<bool> {
+    /// `check_first`: see first whether it is published already (the caller's lock-free
+    /// lookup failed for another reason than a miss, or long enough ago for a race).
+    fn prefetch_l2(&self, guest: GuestOffset, check_first: bool) -> Result<bool> {
         let l1_index = guest.l1_index(&self.geo);
         let Some(e) = self.view.l1_entry(l1_index) else {
             return Ok(false);
@@ -494,40 +494,52 @@ impl Image {
             return Ok(false); // nothing to load, or the slow path reports the corruption
         }
         let s = self.view.slice_index(guest.l2_index(&self.geo));
-        if self.view.published(l1_index, off, s) {
+        if check_first && self.view.published(l1_index, off, s) {
             return Ok(true);
         }
         let generation = self.view.generation();
         let (slice, _) = self.view.slice_of(off, guest.l2_index(&self.geo));
-        /// Largest spare slice kept per thread.
+        /// Largest slice read without the mutex and kept as a thread's spare: larger ones
+        /// (whole tables of large clusters) are not pinned to every reading thread.
         const KEEP_SPARE: u64 = 16 << 10;
+        let bytes = self.view.cache().slice_bytes;
+        if bytes > KEEP_SPARE {
+            let t = mapview::L2Table::read_from(&self.file, slice, bytes as usize, None)?;
+            return Ok(self.install_l2_slice(t, (l1_index, e, s), generation)?.0);
+        }
         thread_local! {
-            /// A slice this thread's last miss evicted: the next miss refills it (no
-            /// allocation) before taking the mutex. At most one slice per thread.
+            /// A slice this thread's last miss evicted: the next miss reads into it (no
+            /// allocation, no copy) before taking the mutex. At most one slice per thread.
             static SPARE: std::cell::RefCell<Option<Arc<mapview::L2Table>>> =
                 const { std::cell::RefCell::new(None) };
         }
-        read::with_l2_slice(self, slice, |raw| {
-            // Filled before the mutex is taken, so that its holder only evicts and links.
-            let t = match SPARE.with(|sp| sp.borrow_mut().take()) {
-                Some(old) => mapview::L2Table::reuse(old, slice, raw),
-                None => mapview::L2Table::from_be_bytes(slice, raw),
-            };
-            let (cached, spare) = {
-                let mut m = self.lock_meta();
-                // The L1 entry may have moved on (copy-on-write of a shared table) meanwhile.
-                if self.view.l1_entry(l1_index) != Some(e) {
-                    return Ok(false);
-                }
-                m.install_l2(&self.file, (l1_index, s), slice, t, generation)?
-            };
-            // Like the raw slice buffer, larger slices (whole tables of large clusters) are
-            // not kept per thread.
-            if self.view.cache().slice_bytes <= KEEP_SPARE {
-                SPARE.with(|sp| *sp.borrow_mut() = spare);
-            }
-            Ok(cached)
-        })
+        let spare = SPARE.with(|sp| sp.borrow_mut().take());
+        let t = mapview::L2Table::read_from(&self.file, slice, bytes as usize, spare)?;
+        let (cached, spare) = self.install_l2_slice(t, (l1_index, e, s), generation)?;
+        SPARE.with(|sp| *sp.borrow_mut() = spare);
+        Ok(cached)
+    }
+
+    /// Installs `t` (a slice read without the mutex; None: nothing to install) as slice `s`
+    /// of the table under L1 entry `l1` (whose value was `e` when the read started), unless
+    /// the entry or the on-disk tables changed meanwhile. Returns whether the slice is cached
+    /// now and a slice the caller may refill at its next miss.
+    fn install_l2_slice(
+        &self,
+        t: Option<Arc<mapview::L2Table>>,
+        (l1, e, s): (usize, u64, usize),
+        generation: u64,
+    ) -> Result<(bool, Option<Arc<mapview::L2Table>>)> {
+        let Some(t) = t else {
+            return Ok((false, None)); // wholly past the end of the file: the slow path
+        };
+        let mut m = self.lock_meta();
+        // The L1 entry may have moved on (copy-on-write of a shared table) meanwhile.
+        if self.view.l1_entry(l1) != Some(e) {
+            return Ok((false, Some(t)));
+        }
+        let key = t.key();
+        m.install_l2(&self.file, (l1, s), key, t, generation)
     }
 
     /// The current overlap-check mode.
@@ -661,6 +673,16 @@ impl Drop for Image {
 struct Quiesced<'a> {
     _gate: crossbeam_utils::sync::ShardedLockWriteGuard<'a, ()>,
     _ring: crate::storage::Excluded<'a>,
+}
+
+/// The error of a request past the virtual size (out of line: the check inlines into every
+/// request without the formatting).
+#[cold]
+#[inline(never)]
+fn range_error(offset: u64, count: u64, size: u64) -> Error {
+    Error::invalid(format!(
+        "request [{offset:#x}, +{count:#x}) is beyond the virtual size {size:#x}"
+    ))
 }
 
 /// The lock mode an open with `opts` takes.

@@ -1,12 +1,12 @@
 //! The read path: map a guest range to host segments (lock-free when the L2 table is cached,
 //! under the metadata lock otherwise), then do the I/O with no lock held.
 
+use super::mapview::DataProbe;
 use super::{compress, Image};
 use crate::error::Result;
 use crate::format::entry::{Mapping, SubclusterState};
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crate::options::{Extent, EXTENT_ALLOCATED, EXTENT_BACKING, EXTENT_COMPRESSED, EXTENT_ZERO};
-use std::cell::RefCell;
 
 /// Where the bytes of one guest segment come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +151,7 @@ fn map_segments(
     if reached > pos {
         return Ok(reached);
     }
-    if img.prefetch_l2(pos)? {
+    if img.prefetch_l2(pos, true)? {
         let reached = fast(out)?;
         if reached > pos {
             return Ok(reached);
@@ -201,7 +201,8 @@ fn read_mapped(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
 
 /// The common small request in one step: inside one cluster that the lock-free view maps to
 /// host data of the image file (no subclusters, no data file), read with one call and no
-/// segment list. False (nothing read) for anything else, which takes the general path.
+/// segment list; a miss of the L2 cache loads the slice and looks again. False (nothing
+/// read) for anything else, which takes the general path.
 #[inline]
 fn read_one_data_cluster(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<bool> {
     let geo = &img.geo;
@@ -209,11 +210,29 @@ fn read_one_data_cluster(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Re
     if geo.extended_l2 || geo.external_data || start + buf.len() as u64 > geo.cluster_size() {
         return Ok(false);
     }
-    let Some(host) = img.view.lookup_data(geo, offset) else {
-        return Ok(false);
+    let host = match img.view.probe_data(geo, offset) {
+        DataProbe::Data(host) => host,
+        DataProbe::Other => return Ok(false),
+        DataProbe::Uncached => match load_and_probe(img, offset)? {
+            Some(host) => host,
+            None => return Ok(false),
+        },
     };
     img.file.read_zero_padded(buf, host + start, "guest data")?;
     Ok(true)
+}
+
+/// A miss of [`read_one_data_cluster`]: loads the slice (out of line: the hit stays small)
+/// and returns the data cluster the view maps `offset` to now, if any.
+#[inline(never)]
+fn load_and_probe(img: &Image, offset: GuestOffset) -> Result<Option<HostOffset>> {
+    if !img.prefetch_l2(offset, false)? {
+        return Ok(None);
+    }
+    Ok(match img.view.probe_data(&img.geo, offset) {
+        DataProbe::Data(host) => Some(host),
+        DataProbe::Uncached | DataProbe::Other => None,
+    })
 }
 
 fn read_segment(img: &Image, out: &mut [u8], guest: GuestOffset, source: Source) -> Result<()> {
@@ -236,38 +255,6 @@ fn read_segment(img: &Image, out: &mut [u8], guest: GuestOffset, source: Source)
             Ok(())
         }
     }
-}
-
-/// Reads the L2 slice at host offset `slice` for the lock-free view (no lock held) and hands
-/// its bytes to `install`; false without calling it when the slice lies wholly past the end
-/// of the file (the caller leaves it to the slow path). A slice that straddles the end reads
-/// as zeros past it, as in QEMU.
-pub(super) fn with_l2_slice(
-    img: &Image,
-    slice: HostOffset,
-    install: impl FnOnce(&[u8]) -> Result<bool>,
-) -> Result<bool> {
-    thread_local! {
-        /// One slice buffer per thread: a miss then costs no allocation for the raw bytes.
-        static RAW: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    }
-    /// Larger slices (whole tables of large clusters) get a buffer of their own rather than
-    /// pinning that much memory to every reading thread.
-    const KEEP: usize = 16 << 10;
-    let len = img.view.cache().slice_bytes as usize;
-    let read = |raw: &mut Vec<u8>| {
-        raw.resize(len, 0);
-        let n = img.file.read_some(raw, slice, "L2 table")?;
-        if n == 0 {
-            return Ok(false);
-        }
-        raw[n..].fill(0);
-        install(raw)
-    };
-    if len > KEEP {
-        return read(&mut Vec::new());
-    }
-    RAW.with(|raw| read(&mut raw.borrow_mut()))
 }
 
 /// Reads and decompresses one compressed cluster.

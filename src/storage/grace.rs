@@ -12,6 +12,7 @@
 //! by all threads); nothing blocks.
 
 use crossbeam_utils::CachePadded;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Counter shards: threads spread over them so that concurrent requests do not all bounce
@@ -19,10 +20,26 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 const SHARDS: usize = 16;
 
 thread_local! {
-    static SHARD: usize = {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS
-    };
+    /// This thread's shard; [`UNASSIGNED`] until its first pin. Constant-initialised, so that
+    /// reading it is one load (a lazily initialised thread-local costs a call per access).
+    static SHARD: Cell<usize> = const { Cell::new(UNASSIGNED) };
+}
+
+/// [`SHARD`] before the thread's first pin.
+const UNASSIGNED: usize = usize::MAX;
+
+/// The calling thread's shard: threads take shards round-robin on their first pin.
+#[inline]
+fn my_shard() -> usize {
+    SHARD.with(|s| match s.get() {
+        UNASSIGNED => {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let shard = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+            s.set(shard);
+            shard
+        }
+        shard => shard,
+    })
 }
 
 /// Epoch counter plus, per shard, the number of pinned requests in the current and previous
@@ -58,7 +75,7 @@ impl Drop for Pin<'_> {
 impl Grace {
     /// Pins the calling request in the current epoch.
     pub fn pin(&self) -> Pin<'_> {
-        let shard = SHARD.with(|s| *s);
+        let shard = my_shard();
         loop {
             let e = self.epoch.load(Ordering::SeqCst);
             let slot = (e & 1) as usize;

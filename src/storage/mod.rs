@@ -319,13 +319,62 @@ impl HostFile {
 
     /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the file read as
     /// zeros, like a sparse file.
+    #[inline]
     pub fn read_zero_padded(&self, buf: &mut [u8], offset: HostOffset, what: &str) -> Result<()> {
-        let n = self.read_some(buf, offset, what)?;
-        // A full read is the rule: skip the (out-of-line) fill call for it.
-        if n < buf.len() {
-            buf[n..].fill(0);
-        }
+        // The rule is one backend call that fills the buffer: only that stays inline, in
+        // the caller's frame; anything else continues out of line.
+        let first = if offset.get() <= MAX_FILE_OFFSET.saturating_sub(buf.len() as u64) {
+            match self.backend.read_at(buf, offset.get()) {
+                Ok(n) if n == buf.len() => return Ok(()),
+                r => Some(r),
+            }
+        } else {
+            None
+        };
+        self.finish_zero_padded(buf, offset, what, first)
+    }
+
+    /// The rest of [`Self::read_zero_padded`] after the backend's `first` answer (None: not
+    /// asked yet).
+    #[inline(never)]
+    fn finish_zero_padded(
+        &self,
+        buf: &mut [u8],
+        offset: HostOffset,
+        what: &str,
+        first: Option<io::Result<usize>>,
+    ) -> Result<()> {
+        let done = match first {
+            Some(Ok(0)) => 0,
+            Some(Ok(n)) => n + self.read_some(&mut buf[n..], offset + n as u64, what)?,
+            Some(Err(e)) => return Err(self.read_error(what, offset.get(), e)),
+            None => self.read_some(buf, offset, what)?,
+        };
+        buf[done..].fill(0);
         Ok(())
+    }
+
+    /// Reads `words.len() * 8` bytes at `offset` straight into `words` (in file byte order)
+    /// and returns how many the file had; the bytes past those read as zeros. Lets a table
+    /// that lock-free readers will share as atomics be filled from disk without a bounce
+    /// buffer and a copy: the exclusive borrow means nobody can observe it yet.
+    pub fn read_words_zero_padded(
+        &self,
+        words: &mut [AtomicU64],
+        offset: HostOffset,
+        what: &str,
+    ) -> Result<usize> {
+        let len = std::mem::size_of_val(words);
+        // SAFETY: `AtomicU64` has the same size and bit validity as `u64` (std documents
+        // it), so the slice covers exactly `len` initialised bytes, any byte pattern written
+        // into them is a valid value, and `u8` needs no alignment. The `&mut` borrow excludes
+        // every other access, atomic or not, for as long as `bytes` lives.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) };
+        let n = self.read_some(bytes, offset, what)?;
+        if n < len {
+            bytes[n..].fill(0);
+        }
+        Ok(n)
     }
 
     /// Reads up to `buf.len()` bytes and returns how many the file had.
@@ -530,6 +579,68 @@ mod tests {
         }
         fn set_len(&self, _len: u64) -> io::Result<()> {
             Ok(())
+        }
+    }
+
+    /// Reads at most `chunk` bytes per call from `bytes`; fails reads at `bad`.
+    struct Dribble {
+        bytes: Vec<u8>,
+        chunk: usize,
+        bad: u64,
+    }
+
+    impl Backend for Dribble {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            if offset == self.bad {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let start = (offset as usize).min(self.bytes.len());
+            let n = buf.len().min(self.chunk).min(self.bytes.len() - start);
+            buf[..n].copy_from_slice(&self.bytes[start..start + n]);
+            Ok(n)
+        }
+        fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn sync(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn len(&self) -> io::Result<u64> {
+            Ok(self.bytes.len() as u64)
+        }
+        fn set_len(&self, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn zero_padded_reads_gather_short_reads_and_pad_past_the_end_of_the_file() {
+        let bytes: Vec<u8> = (0..100u8).collect();
+        let dribble = |chunk, bad| Dribble {
+            bytes: bytes.clone(),
+            chunk,
+            bad,
+        };
+        let f = HostFile::new(Arc::new(dribble(7, u64::MAX)), "dribble");
+        let mut buf = [0xffu8; 40];
+        f.read_zero_padded(&mut buf, HostOffset::new(80), "t")
+            .expect("read");
+        assert_eq!(&buf[..20], &bytes[80..], "gathered from short reads");
+        assert_eq!(buf[20..], [0u8; 20], "zeros past the end");
+        let mut buf = [0xffu8; 8];
+        f.read_zero_padded(&mut buf, HostOffset::new(1 << 40), "t")
+            .expect("read");
+        assert_eq!(buf, [0u8; 8], "wholly past the end");
+        f.read_zero_padded(&mut buf, HostOffset::new(u64::MAX - 3), "t")
+            .expect("read");
+        assert_eq!(buf, [0u8; 8], "past the largest file offset");
+        // An error on the first call or on a later one is reported, with its offset.
+        for (chunk, bad) in [(64, 10), (4, 14)] {
+            let f = HostFile::new(Arc::new(dribble(chunk, bad)), "dribble");
+            let e = f
+                .read_zero_padded(&mut [0u8; 16], HostOffset::new(10), "t")
+                .expect_err("EIO");
+            assert!(e.to_string().contains(&format!("{bad:#x}")), "{e}");
         }
     }
 

@@ -189,6 +189,17 @@ impl PosixFile {
 }
 
 impl PosixFile {
+    /// A buffered read whose first pread failed with `e`: retried if it was interrupted.
+    #[cold]
+    #[inline(never)]
+    fn pread_after(&self, e: io::Error, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if e.kind() == io::ErrorKind::Interrupted {
+            self.pread(buf, offset)
+        } else {
+            Err(e)
+        }
+    }
+
     fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         loop {
             match self.file.read_at(buf, offset) {
@@ -216,6 +227,8 @@ impl PosixFile {
         Ok(done)
     }
 
+    /// Out of line: buffered reads, the common case, then need no stack frame of their own.
+    #[inline(never)]
     fn direct_read(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let start = offset & !(DIRECT_ALIGN - 1);
         let end = (offset + buf.len() as u64).next_multiple_of(DIRECT_ALIGN);
@@ -299,9 +312,13 @@ fn memory_backed(file: &File) -> bool {
 
 impl Backend for PosixFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        match self.direct {
-            Some(_) => self.direct_read(buf, offset),
-            None => self.pread(buf, offset),
+        if self.direct.is_some() {
+            return self.direct_read(buf, offset);
+        }
+        // One pread is the rule; an interrupted one is retried out of line.
+        match self.file.read_at(buf, offset) {
+            Err(e) => self.pread_after(e, buf, offset),
+            r => r,
         }
     }
 
