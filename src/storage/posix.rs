@@ -90,7 +90,38 @@ impl PosixFile {
         let slot = self.lock.get_mut().unwrap_or_else(|p| p.into_inner());
         *slot = None;
         *slot = Some(ImageLock::acquire(&self.file, name, mode)?);
+        if mode == LockMode::ReadWrite {
+            self.forget_cached_pages();
+        }
         Ok(())
+    }
+
+    /// Drops the clean page-cache pages of an O_DIRECT file on disk that this handle now
+    /// writes alone (after the write lock is held, so no other writer's cache is touched).
+    ///
+    /// Why: pages left by whoever wrote the file through the cache (`qemu-img create` leaves
+    /// the header, L1 and refcount clusters) make the kernel invalidate the written range
+    /// before every O_DIRECT write and complete every such write on a workqueue instead of
+    /// inline: measured on ext4, 16 cached pages of a 128 MiB image cost 35 % more CPU per
+    /// io_uring overwrite at depth 16. Our own O_DIRECT I/O never brings pages back. Dirty
+    /// pages (a file created a moment ago) are written out first, without a device flush,
+    /// since the advice drops only clean ones; the kernel would write them before the first
+    /// O_DIRECT request touching them anyway. Advice only: an error leaves the cache as it was
+    /// and costs nothing but that time.
+    fn forget_cached_pages(&self) {
+        if !self.direct.as_ref().is_some_and(|d| d.regular) {
+            return;
+        }
+        let fd = self.file.as_raw_fd();
+        let wait_and_write = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: sync_file_range and posix_fadvise only read their integer arguments; the
+        // descriptor is owned by `self.file` and open for the whole call.
+        unsafe {
+            libc::sync_file_range(fd, 0, 0, wait_and_write);
+            libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
     }
 
     /// Reopens the same file in place with new access (`writable`) and lock `mode`; the
@@ -155,6 +186,9 @@ impl PosixFile {
             l
         });
         drop(new); // closes only the temporary fd; the description lives on in self.file
+        if writable && mode == LockMode::ReadWrite {
+            self.forget_cached_pages();
+        }
         Ok(())
     }
 
@@ -441,6 +475,62 @@ mod tests {
             assert!(!f.grows_ahead(), "a tmpfs file reserved memory ahead");
         }
         let _ = std::fs::remove_file(&p);
+    }
+
+    /// Whether the page at `offset` of `path` is in the page cache: a buffered read with
+    /// RWF_NOWAIT fails with EAGAIN instead of going to the disk.
+    fn page_is_cached(path: &std::path::Path, offset: u64) -> bool {
+        let f = File::open(path).expect("open buffered");
+        let mut buf = [0u8; 4096];
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, valid for writes for the whole call; the descriptor
+        // is owned by `f`, open for the whole call.
+        let n = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, offset as i64, libc::RWF_NOWAIT) };
+        n > 0
+    }
+
+    #[test]
+    fn a_direct_writer_drops_the_page_cache_that_would_slow_its_writes_and_readers_keep_it() {
+        let p = scratch("cached");
+        std::fs::write(&p, vec![7u8; 64 << 10]).expect("buffered write");
+        std::fs::read(&p).expect("buffered read");
+        assert!(
+            page_is_cached(&p, 0),
+            "the scratch file's pages were never cached"
+        );
+        let mut reader = PosixFile::open(&p, false, true).expect("open O_DIRECT read-only");
+        reader.lock("r", LockMode::ReadOnly).expect("read lock");
+        assert!(
+            page_is_cached(&p, 0),
+            "a read-only handle dropped the cache"
+        );
+        drop(reader);
+        let mut writer = PosixFile::open(&p, true, true).expect("open O_DIRECT");
+        if !writer.direct.as_ref().is_some_and(|d| d.regular) {
+            eprintln!("skipped: the temporary directory is not on a disk file system");
+            std::fs::remove_file(&p).ok();
+            return;
+        }
+        writer.lock("w", LockMode::ReadWrite).expect("write lock");
+        assert!(
+            !page_is_cached(&p, 0),
+            "the writer left the first page cached"
+        );
+        assert!(
+            !page_is_cached(&p, 60 << 10),
+            "the writer left the last page cached"
+        );
+        drop(writer);
+        let back = std::fs::read(&p).expect("read back");
+        assert_eq!(
+            back,
+            vec![7u8; 64 << 10],
+            "dirty pages were dropped unwritten"
+        );
+        std::fs::remove_file(&p).ok();
     }
 
     #[test]
