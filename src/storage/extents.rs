@@ -98,5 +98,7 @@ mod tests {
             .iter()
             .any(|&(s, l)| s <= 8 << 20 && s + l >= (8 << 20) + 4096));
         assert!(r.iter().map(|&(_, l)| l).sum::<u64>() <= 16 << 20);
+        drop(f);
+        let _ = std::fs::remove_file(&dir);
     }
 }
