@@ -77,7 +77,9 @@ impl RingWrites {
     pub fn leave(&self) {
         let mut s = self.lock();
         s.writes -= 1;
-        if s.writes == 0 {
+        // Only excluders wait on `changed`, and they count themselves under this lock first:
+        // without one, a notify would be a futex system call per drained batch for nobody.
+        if s.writes == 0 && s.excluders > 0 {
             self.changed.notify_all();
         }
     }
