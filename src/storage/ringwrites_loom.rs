@@ -43,19 +43,35 @@ impl Block {
 }
 
 /// A queue's ring holding one write: the kernel finishes it (`done`), and whoever drains or
-/// polls first reaps it, which ends its registration exactly once.
+/// polls first reaps it, which ends its registration exactly once. An allocating write
+/// (`link` present) is linked first: its L2 entry set under the mutex standing for the
+/// metadata mutex, then its registration ended, as `engine::aio::ring` does.
 struct OneWrite {
     writes: Arc<RingWrites>,
+    /// The metadata mutex of an allocating write, guarding whether its L2 entry is linked.
+    link: Option<Arc<Mutex<bool>>>,
     done: AtomicBool,
     reaped: AtomicBool,
 }
 
 impl OneWrite {
+    fn new(writes: &Arc<RingWrites>, link: Option<&Arc<Mutex<bool>>>) -> Arc<OneWrite> {
+        Arc::new(OneWrite {
+            writes: Arc::clone(writes),
+            link: link.cloned(),
+            done: AtomicBool::new(false),
+            reaped: AtomicBool::new(false),
+        })
+    }
+
     fn reap_if_done(&self) -> bool {
         if !self.done.load(Ordering::Acquire) {
             return false;
         }
         if !self.reaped.swap(true, Ordering::AcqRel) {
+            if let Some(meta) = &self.link {
+                *meta.lock().expect("meta") = true;
+            }
             self.writes.leave();
         }
         true
@@ -110,11 +126,7 @@ fn loom_an_excluding_owner_reaps_its_own_ring_write_through_the_drain_hook() {
         let w = Arc::new(RingWrites::default());
         let block = Block::new();
         assert!(w.try_enter());
-        let ring = Arc::new(OneWrite {
-            writes: Arc::clone(&w),
-            done: AtomicBool::new(false),
-            reaped: AtomicBool::new(false),
-        });
+        let ring = OneWrite::new(&w, None);
         let hook: Arc<dyn Drain> = ring.clone();
         w.register(&hook);
         let kernel = {
@@ -163,38 +175,6 @@ fn loom_ring_writes_stay_refused_until_the_last_excluding_operation_ends() {
     });
 }
 
-/// A queue's ring holding one allocating write: whoever reaps it first links it (sets the
-/// L2 entry, under the mutex standing for the metadata mutex) and only then ends its
-/// registration, as `engine::aio::ring` does.
-struct AllocWrite {
-    writes: Arc<RingWrites>,
-    /// The metadata mutex, guarding whether the allocation's L2 entry is linked.
-    meta: Arc<Mutex<bool>>,
-    done: AtomicBool,
-    reaped: AtomicBool,
-}
-
-impl AllocWrite {
-    fn reap_if_done(&self) -> bool {
-        if !self.done.load(Ordering::Acquire) {
-            return false;
-        }
-        if !self.reaped.swap(true, Ordering::AcqRel) {
-            *self.meta.lock().expect("meta") = true;
-            self.writes.leave();
-        }
-        true
-    }
-}
-
-impl Drain for AllocWrite {
-    fn drain_ready(&self) {
-        while !self.reap_if_done() {
-            thread::yield_now();
-        }
-    }
-}
-
 /// An allocating ring write completes while an operation quiesces (exclude, then the
 /// metadata mutex, as `Image::quiesce` callers do); the owner polls concurrently, so
 /// either the owner or the excluder (through the drain hook) reaps and links it. The
@@ -207,12 +187,7 @@ fn loom_an_allocating_ring_write_is_linked_before_a_quiescing_operation_reads_th
         let w = Arc::new(RingWrites::default());
         let meta = Arc::new(Mutex::new(false));
         assert!(w.try_enter());
-        let ring = Arc::new(AllocWrite {
-            writes: Arc::clone(&w),
-            meta: Arc::clone(&meta),
-            done: AtomicBool::new(false),
-            reaped: AtomicBool::new(false),
-        });
+        let ring = OneWrite::new(&w, Some(&meta));
         let hook: Arc<dyn Drain> = ring.clone();
         w.register(&hook);
         // The kernel completes the write, then the owner polls and reaps it if still there.
