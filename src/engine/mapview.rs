@@ -128,13 +128,17 @@ impl L2Table {
     }
 
     fn from_words(key: HostOffset, words: Box<[AtomicU64]>) -> Arc<L2Table> {
-        Arc::new(L2Table {
+        Arc::new(Self::unpublished(key, words))
+    }
+
+    fn unpublished(key: HostOffset, words: Box<[AtomicU64]>) -> L2Table {
+        L2Table {
             key,
             seq: AtomicU64::new(0),
             referenced: AtomicBool::new(false),
             home: AtomicU64::new(NOWHERE),
             words,
-        })
+        }
     }
 
     /// The slice of `bytes` bytes at host offset `key` of `file`, read straight into the
@@ -148,24 +152,16 @@ impl L2Table {
         bytes: usize,
         spare: Option<Arc<L2Table>>,
     ) -> Result<Option<Arc<L2Table>>> {
-        let mut t = match spare {
-            Some(old) if old.words.len() * 8 == bytes => old,
-            _ => Self::zeroed(key, bytes),
-        };
-        if Arc::get_mut(&mut t).is_none() {
-            t = Self::zeroed(key, bytes); // the spare is still held elsewhere
+        let mut spare = spare.filter(|old| old.words.len() * 8 == bytes);
+        if let Some(t) = spare.as_mut().and_then(Arc::get_mut) {
+            let n = t.refill_from(file, key)?;
+            return Ok(spare.filter(|_| n > 0));
         }
-        let n = match Arc::get_mut(&mut t) {
-            Some(fresh) => fresh.refill_from(file, key)?,
-            None => return Ok(None), // a new Arc is unique: never taken
-        };
-        Ok((n > 0).then_some(t))
-    }
-
-    /// A slice of `bytes` zero bytes at `key`.
-    #[cfg(not(loom))]
-    fn zeroed(key: HostOffset, bytes: usize) -> Arc<L2Table> {
-        Self::from_words(key, (0..bytes / 8).map(|_| AtomicU64::new(0)).collect())
+        // No spare of this size, or somebody still holds it.
+        let words = (0..bytes / 8).map(|_| AtomicU64::new(0)).collect();
+        let mut t = Self::unpublished(key, words);
+        let n = t.refill_from(file, key)?;
+        Ok((n > 0).then(|| Arc::new(t)))
     }
 
     /// Makes this (unshared) slice the one at `key` of `file`, as read from disk; returns

@@ -439,24 +439,18 @@ impl Meta {
         // new slice takes its slot, and the directory swaps them under one write lock.
         // Until then readers may still find the evicted one: it is clean and nothing
         // changes it while the mutex is held.
-        let t = if self.l2.is_full() {
-            match self.l2.replace_clean_second_chance(
-                |old| old.take_referenced(),
-                key,
-                Arc::clone(&t),
-            ) {
-                Ok((_, evicted)) => {
-                    self.view.replace(Some(&evicted), l1, s, &t);
-                    return Ok((true, Some(evicted)));
-                }
-                Err(t) => t,
+        if self.l2.is_full() {
+            let new = Arc::clone(&t);
+            if let Ok((_, evicted)) =
+                self.l2
+                    .replace_clean_second_chance(|old| old.take_referenced(), key, new)
+            {
+                self.view.replace(Some(&evicted), l1, s, &t);
+                return Ok((true, Some(evicted)));
             }
-        } else {
-            t
-        };
-        // The evicted slice leaves the directory together with the new one's publication
-        // (one write lock of the directory per miss instead of two). Until then readers may
-        // still find it: it is clean and nothing changes it while the mutex is held.
+        }
+        // Otherwise (room left, or only dirty slices: one is written back first) the evicted
+        // slice, if any, leaves the directory together with the new one's publication.
         let evicted = self.make_room_l2_published(file)?;
         if self.view.generation() != generation {
             // make_room_l2 may have written tables back.

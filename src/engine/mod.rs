@@ -502,21 +502,22 @@ impl Image {
         /// Largest slice read without the mutex and kept as a thread's spare: larger ones
         /// (whole tables of large clusters) are not pinned to every reading thread.
         const KEEP_SPARE: u64 = 16 << 10;
-        let bytes = self.view.cache().slice_bytes;
-        if bytes > KEEP_SPARE {
-            let t = mapview::L2Table::read_from(&self.file, slice, bytes as usize, None)?;
-            return Ok(self.install_l2_slice(t, (l1_index, e, s), generation)?.0);
-        }
         thread_local! {
             /// A slice this thread's last miss evicted: the next miss reads into it (no
             /// allocation, no copy) before taking the mutex. At most one slice per thread.
             static SPARE: std::cell::RefCell<Option<Arc<mapview::L2Table>>> =
                 const { std::cell::RefCell::new(None) };
         }
-        let spare = SPARE.with(|sp| sp.borrow_mut().take());
+        let bytes = self.view.cache().slice_bytes;
+        let keep = bytes <= KEEP_SPARE;
+        let spare = keep
+            .then(|| SPARE.with(|sp| sp.borrow_mut().take()))
+            .flatten();
         let t = mapview::L2Table::read_from(&self.file, slice, bytes as usize, spare)?;
         let (cached, spare) = self.install_l2_slice(t, (l1_index, e, s), generation)?;
-        SPARE.with(|sp| *sp.borrow_mut() = spare);
+        if keep {
+            SPARE.with(|sp| *sp.borrow_mut() = spare);
+        }
         Ok(cached)
     }
 

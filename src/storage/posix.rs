@@ -186,7 +186,7 @@ impl PosixFile {
             l
         });
         drop(new); // closes only the temporary fd; the description lives on in self.file
-        if writable && mode == LockMode::ReadWrite {
+        if mode == LockMode::ReadWrite {
             self.forget_cached_pages();
         }
         Ok(())
