@@ -72,6 +72,49 @@ fn idle_slices_are_dropped_at_later_requests_without_a_miss_or_flush() {
 }
 
 #[test]
+fn slice_memory_goes_back_to_the_allocator_once_its_slices_are_dropped() {
+    let dir = Scratch::new("idle-slab");
+    let path = dir.0.join("i.qcow2");
+    let size = 4096 * MIB;
+    crate::create(&path, size, &CreateOptions::default()).expect("create");
+    {
+        let img = Image::open(&path, &rw()).expect("open");
+        // One L2 table per 512 MiB, so every slice of the image can be read.
+        for t in 0..size / (512 * MIB) {
+            img.write_at(&[1u8; 512], t * 512 * MIB).expect("write");
+        }
+        img.close().expect("close");
+    }
+    let opts = OpenOptions {
+        cache_clean_interval: Some(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    let img = Image::open(&path, &opts).expect("open");
+    let cache = img.view.cache();
+    let covered = cache.slice_bytes / 8 * img.geo.cluster_size();
+    let mut b = [0u8; 512];
+    let mut at = 0;
+    while at < size {
+        img.read_at(&mut b, at).expect("read");
+        at += covered;
+    }
+    let slices = (size / covered) as usize;
+    let all = img.view.slab().held_bytes();
+    assert!(all >= slices.min(cache.l2_slices) * cache.slice_bytes as usize);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(120));
+        requests(&img, 0);
+    }
+    // What stays: the chunk of the slice in use, and at most one more for a slice a
+    // thread keeps to refill at its next miss.
+    let chunk = (64 << 10).max(cache.slice_bytes as usize);
+    let left = img.view.slab().held_bytes();
+    assert!(left <= 2 * chunk, "{left} of {all} bytes kept");
+    img.read_at(&mut b, 2048 * MIB).expect("read again");
+    assert_eq!(b, [1u8; 512]);
+}
+
+#[test]
 fn the_tracker_gives_its_pages_back_once_idle() {
     let dir = Scratch::new("idle-tracker");
     let path = dir.0.join("t.qcow2");

@@ -49,6 +49,53 @@ const L1_CHUNK: usize = 4;
 const L1_CHUNKS: usize = MAX_L1_ENTRIES.div_ceil(L1_CHUNK);
 #[cfg(loom)]
 const L1_CHUNKS: usize = 4;
+/// Where slices' words come from: a slab of chunks in production; under loom (whose atomics
+/// are modelled objects) each slice has its own.
+#[cfg(not(loom))]
+pub type Slab = crate::storage::WordSlab;
+/// Where slices' words come from (loom: each slice has its own).
+#[cfg(loom)]
+#[derive(Debug, Clone)]
+pub struct Slab(usize);
+#[cfg(not(loom))]
+type Words = crate::storage::SlabWords;
+#[cfg(loom)]
+type Words = Box<[AtomicU64]>;
+
+/// Bytes of slice memory carved at once: one arena growth for this many bytes of slices
+/// instead of one per slice (see [`crate::storage::slab`]).
+const SLAB_CHUNK_BYTES: u64 = 64 << 10;
+
+/// The slab of slices of `cache`'s size: chunks of [`SLAB_CHUNK_BYTES`], but no more slices
+/// to a chunk than the cache holds.
+#[cfg(not(loom))]
+fn new_slab(cache: &CacheConfig) -> Slab {
+    let per_chunk = (SLAB_CHUNK_BYTES / cache.slice_bytes.max(8)).max(1) as usize;
+    Slab::new(
+        (cache.slice_bytes / 8) as usize,
+        per_chunk.min(cache.l2_slices),
+    )
+}
+
+/// Loom: no slab.
+#[cfg(loom)]
+fn new_slab(cache: &CacheConfig) -> Slab {
+    Slab(cache.slice_bytes as usize)
+}
+
+#[cfg(loom)]
+impl Slab {
+    /// Words per slice.
+    pub fn words(&self) -> usize {
+        self.0 / 8
+    }
+
+    /// Bytes per slice.
+    pub fn bytes(&self) -> usize {
+        self.0
+    }
+}
+
 /// Most L1 entries any image may have (QEMU's 32 MiB L1 limit).
 pub const MAX_L1_ENTRIES: usize = (crate::format::header::MAX_L1_BYTES / 8) as usize;
 
@@ -67,7 +114,7 @@ pub struct L2Table {
     home: AtomicU64,
     /// The entries as stored on disk (big-endian): filling a slice from disk is a plain copy,
     /// and the byte swap happens per entry read.
-    words: Box<[AtomicU64]>,
+    words: Words,
 }
 
 /// What [`MapView::probe_data`] found for a guest cluster.
@@ -85,20 +132,10 @@ pub enum DataProbe {
 const NOWHERE: u64 = u64::MAX;
 
 /// Copies `raw` (whole words; a trailing partial word is ignored) into `words` nobody else
-/// sees. Out of line on purpose: on its own the loop compiles to one `memcpy`, inlined into
-/// its callers it stayed a per-word loop (about 700 instructions per 4 KiB slice).
-#[cfg(not(loom))]
-#[inline(never)]
-fn fill_words(words: &mut [AtomicU64], raw: &[u8]) {
-    for (w, c) in words.iter_mut().zip(raw.chunks_exact(8)) {
-        *w.get_mut() = u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
-    }
-}
-
-/// Loom's atomics have no `get_mut`: stores nobody else can observe yet.
+/// sees (loom's atomics have no byte view: stores nobody can observe yet).
 #[cfg(loom)]
-fn fill_words(words: &mut [AtomicU64], raw: &[u8]) {
-    for (w, c) in words.iter_mut().zip(raw.chunks_exact(8)) {
+fn fill_words(words: &[AtomicU64], raw: &[u8]) {
+    for (w, c) in words.iter().zip(raw.chunks_exact(8)) {
         w.store(
             u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])),
             Ordering::Relaxed,
@@ -110,28 +147,37 @@ impl L2Table {
     /// The slice at host offset `key` holding `words` (decoded big-endian L2 words).
     #[cfg(test)]
     pub fn new(key: HostOffset, words: Vec<u64>) -> Arc<L2Table> {
-        Self::from_words(
-            key,
-            words
-                .into_iter()
-                .map(|w| AtomicU64::new(w.to_be()))
-                .collect(),
-        )
+        let raw: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
+        Arc::new(Self::unpublished(key, Self::filled(None, &raw)))
     }
 
     /// The slice at host offset `key` as read from disk (big-endian words; a trailing
-    /// partial word is ignored), without an intermediate copy.
-    pub fn from_be_bytes(key: HostOffset, raw: &[u8]) -> Arc<L2Table> {
-        let mut words: Box<[AtomicU64]> = (0..raw.len() / 8).map(|_| AtomicU64::new(0)).collect();
-        fill_words(&mut words, raw);
-        Self::from_words(key, words)
+    /// partial word is ignored), in memory from `slab` when it has the size.
+    pub fn from_be_bytes(slab: &Slab, key: HostOffset, raw: &[u8]) -> Arc<L2Table> {
+        Arc::new(Self::unpublished(key, Self::filled(Some(slab), raw)))
     }
 
-    fn from_words(key: HostOffset, words: Box<[AtomicU64]>) -> Arc<L2Table> {
-        Arc::new(Self::unpublished(key, words))
+    /// Words holding `raw`'s whole words, from `slab` when it has the size.
+    #[cfg(not(loom))]
+    fn filled(slab: Option<&Slab>, raw: &[u8]) -> Words {
+        let n = raw.len() / 8;
+        let mut words = match slab {
+            Some(slab) if slab.words() == n => slab.take(),
+            _ => Words::standalone(n),
+        };
+        words.as_mut_bytes().copy_from_slice(&raw[..n * 8]);
+        words
     }
 
-    fn unpublished(key: HostOffset, words: Box<[AtomicU64]>) -> L2Table {
+    /// Words holding `raw`'s whole words (loom: always their own).
+    #[cfg(loom)]
+    fn filled(_slab: Option<&Slab>, raw: &[u8]) -> Words {
+        let words: Words = (0..raw.len() / 8).map(|_| AtomicU64::new(0)).collect();
+        fill_words(&words, raw);
+        words
+    }
+
+    fn unpublished(key: HostOffset, words: Words) -> L2Table {
         L2Table {
             key,
             seq: AtomicU64::new(0),
@@ -149,17 +195,16 @@ impl L2Table {
     pub fn read_from(
         file: &HostFile,
         key: HostOffset,
-        bytes: usize,
+        slab: &Slab,
         spare: Option<Arc<L2Table>>,
     ) -> Result<Option<Arc<L2Table>>> {
-        let mut spare = spare.filter(|old| old.words.len() * 8 == bytes);
+        let mut spare = spare.filter(|old| old.words.len() == slab.words());
         if let Some(t) = spare.as_mut().and_then(Arc::get_mut) {
             let n = t.refill_from(file, key)?;
             return Ok(spare.filter(|_| n > 0));
         }
         // No spare of this size, or somebody still holds it.
-        let words = (0..bytes / 8).map(|_| AtomicU64::new(0)).collect();
-        let mut t = Self::unpublished(key, words);
+        let mut t = Self::unpublished(key, slab.take());
         let n = t.refill_from(file, key)?;
         Ok((n > 0).then(|| Arc::new(t)))
     }
@@ -180,12 +225,12 @@ impl L2Table {
     pub fn read_from(
         file: &HostFile,
         key: HostOffset,
-        bytes: usize,
+        slab: &Slab,
         _spare: Option<Arc<L2Table>>,
     ) -> Result<Option<Arc<L2Table>>> {
-        let mut raw = vec![0u8; bytes];
+        let mut raw = vec![0u8; slab.bytes()];
         let n = file.read_some(&mut raw, key, "L2 table")?;
-        Ok((n > 0).then(|| Self::from_be_bytes(key, &raw)))
+        Ok((n > 0).then(|| Self::from_be_bytes(slab, key, &raw)))
     }
 
     /// The slice's host offset (its cache key).
@@ -318,6 +363,8 @@ pub struct MapView {
     /// geometry's, computed once rather than per lookup).
     l1_shift: u32,
     l2_mask: u64,
+    /// The memory of the slices this view's cache reads.
+    slab: Slab,
 }
 
 impl MapView {
@@ -341,6 +388,7 @@ impl MapView {
             slice_shift,
             l1_shift: geo.l2_coverage_bits(),
             l2_mask: geo.l2_entries() - 1,
+            slab: new_slab(&cache),
         };
         v.set_l1_len(l1_len);
         v
@@ -352,6 +400,11 @@ impl MapView {
             l2_slices: self.l2_slices.load(Ordering::Relaxed),
             ..self.cache
         }
+    }
+
+    /// Where the cache's slices take their memory.
+    pub fn slab(&self) -> &Slab {
+        &self.slab
     }
 
     /// Records a larger L2 cache (a grown image; callers hold the metadata mutex) and lets
@@ -693,7 +746,8 @@ mod tests {
         spare.set_home(Some((3, 1)));
         let spare_words = spare.words.as_ptr();
         let key = HostOffset::new(0x1000);
-        let t = L2Table::read_from(&file, key, 4096, Some(spare))
+        let slab = Slab::new(512, 4);
+        let t = L2Table::read_from(&file, key, &slab, Some(spare))
             .expect("read")
             .expect("within the file");
         assert_eq!(
@@ -710,14 +764,19 @@ mod tests {
         );
         // A spare somebody else still holds is left alone.
         let held = Arc::clone(&t);
-        let u = L2Table::read_from(&file, key, 4096, Some(Arc::clone(&t)))
+        let u = L2Table::read_from(&file, key, &slab, Some(Arc::clone(&t)))
             .expect("read")
             .expect("within the file");
         assert!(!Arc::ptr_eq(&u, &held));
         assert_eq!(u.to_vec(), held.to_vec());
+        assert_eq!(
+            slab.held_bytes(),
+            4 * 4096,
+            "a new slice's memory is the slab's"
+        );
         // Wholly past the end of the file: nothing to install.
         assert!(
-            L2Table::read_from(&file, HostOffset::new(0x2000), 4096, None)
+            L2Table::read_from(&file, HostOffset::new(0x2000), &slab, None)
                 .expect("read")
                 .is_none()
         );

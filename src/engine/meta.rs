@@ -345,7 +345,11 @@ impl Meta {
         // reports the entry.
         let mut raw = vec![0u8; self.view.cache().slice_bytes as usize];
         file.read_zero_padded(&mut raw, slice, "L2 table")?;
-        self.cache_l2(slice, L2Table::from_be_bytes(slice, &raw), false);
+        self.cache_l2(
+            slice,
+            L2Table::from_be_bytes(self.view.slab(), slice, &raw),
+            false,
+        );
         Ok((slice, i))
     }
 

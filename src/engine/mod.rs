@@ -513,7 +513,7 @@ impl Image {
         let spare = keep
             .then(|| SPARE.with(|sp| sp.borrow_mut().take()))
             .flatten();
-        let t = mapview::L2Table::read_from(&self.file, slice, bytes as usize, spare)?;
+        let t = mapview::L2Table::read_from(&self.file, slice, self.view.slab(), spare)?;
         let (cached, spare) = self.install_l2_slice(t, (l1_index, e, s), generation)?;
         if keep {
             SPARE.with(|sp| *sp.borrow_mut() = spare);

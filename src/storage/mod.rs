@@ -16,6 +16,7 @@ mod posix;
 pub mod ringwrites;
 #[cfg(test)]
 pub mod sim;
+pub mod slab;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
@@ -25,6 +26,7 @@ pub use guard::{MetaKind, OverlapCheck, OverlapGuard, OverlapHit};
 pub use lock::{ImageLock, LockMode};
 pub use posix::PosixFile;
 pub use ringwrites::{Drain, Excluded, RingWrites};
+pub use slab::{SlabWords, WordSlab};
 
 use crate::error::{Error, Result};
 use crate::format::HostOffset;
@@ -360,18 +362,13 @@ impl HostFile {
     /// buffer and a copy: the exclusive borrow means nobody can observe it yet.
     pub fn read_words_zero_padded(
         &self,
-        words: &mut [AtomicU64],
+        words: &mut SlabWords,
         offset: HostOffset,
         what: &str,
     ) -> Result<usize> {
-        let len = std::mem::size_of_val(words);
-        // SAFETY: `AtomicU64` has the same size and bit validity as `u64` (std documents
-        // it), so the slice covers exactly `len` initialised bytes, any byte pattern written
-        // into them is a valid value, and `u8` needs no alignment. The `&mut` borrow excludes
-        // every other access, atomic or not, for as long as `bytes` lives.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) };
+        let bytes = words.as_mut_bytes();
         let n = self.read_some(bytes, offset, what)?;
-        if n < len {
+        if n < bytes.len() {
             bytes[n..].fill(0);
         }
         Ok(n)

@@ -1,0 +1,320 @@
+//! Word memory for cached metadata slices, carved out of chunks of several slices.
+//!
+//! A cold cache takes new memory at every miss. Asked for one 4 KiB slice at a time, glibc
+//! grows a thread's arena one page at a time, with an `mprotect` per page: measured as a
+//! quarter of a cold miss on a 1 TiB image (BENCHMARKS.md, session 12). A chunk of several
+//! slices costs one growth. A slot its slice gives up goes back to the slab for the next
+//! slice, and a chunk whose slots are all free goes back to the allocator, so a cache the
+//! idle clean empties still gives its memory back.
+//!
+//! The memory lives here, beside the host file's reads, because filling a slot straight from
+//! the file needs the one `unsafe` step: a mutable view of a slot inside a shared chunk.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// Hands out [`SlabWords`] of one length, carved out of chunks of `per_chunk` slots.
+/// Cloning shares the slab.
+#[derive(Debug, Clone)]
+pub struct WordSlab {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Words per slot.
+    words: usize,
+    /// Slots per chunk.
+    per_chunk: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Chunks by index; None once given back (the index is reused by the next chunk).
+    chunks: Vec<Option<Chunk>>,
+    /// Indices of the chunks that have a free slot, each listed once.
+    open: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct Chunk {
+    mem: Arc<[AtomicU64]>,
+    /// First words of the free slots.
+    free: Vec<usize>,
+    /// Slots handed out and not yet given back.
+    live: usize,
+}
+
+/// One slot's words: readable by anyone who holds it, writable in place through
+/// [`SlabWords::as_mut_bytes`] by its only holder. Dropping it gives the slot back.
+#[derive(Debug)]
+pub struct SlabWords {
+    mem: Arc<[AtomicU64]>,
+    start: usize,
+    len: usize,
+    /// The slab and chunk index to give the slot back to (None: memory of its own).
+    home: Option<(Arc<Shared>, usize)>,
+}
+
+fn zeroed(words: usize) -> Arc<[AtomicU64]> {
+    (0..words).map(|_| AtomicU64::new(0)).collect()
+}
+
+impl WordSlab {
+    /// A slab of slots of `words` words, `per_chunk` (at least 1) to a chunk.
+    pub fn new(words: usize, per_chunk: usize) -> WordSlab {
+        WordSlab {
+            shared: Arc::new(Shared {
+                words,
+                per_chunk: per_chunk.max(1),
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// Words per slot.
+    pub fn words(&self) -> usize {
+        self.shared.words
+    }
+
+    /// A slot: a freed one if any (its words hold what its last holder left), else one of
+    /// a new chunk (zeros).
+    pub fn take(&self) -> SlabWords {
+        let shared = &self.shared;
+        let mut st = shared.lock();
+        loop {
+            let c = match st.open.last() {
+                Some(&c) => c,
+                None => st.add_chunk(shared.words, shared.per_chunk),
+            };
+            // Every listed chunk has a free slot; one that does not is dropped from the list.
+            let Some(chunk) = st.chunks.get_mut(c).and_then(Option::as_mut) else {
+                st.open.pop();
+                continue;
+            };
+            let Some(start) = chunk.free.pop() else {
+                st.open.pop();
+                continue;
+            };
+            chunk.live += 1;
+            let mem = Arc::clone(&chunk.mem);
+            if chunk.free.is_empty() {
+                st.open.pop();
+            }
+            return SlabWords {
+                mem,
+                start,
+                len: shared.words,
+                home: Some((Arc::clone(shared), c)),
+            };
+        }
+    }
+
+    /// Bytes of chunk memory held (slots in use and free ones of live chunks).
+    pub fn held_bytes(&self) -> usize {
+        let st = self.shared.lock();
+        let chunks = st.chunks.iter().flatten().count();
+        chunks * self.shared.per_chunk * self.shared.words * 8
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is consistent between statements: a panic elsewhere leaves it usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl State {
+    /// Adds a chunk with all its slots free and lists it open; returns its index.
+    fn add_chunk(&mut self, words: usize, per_chunk: usize) -> usize {
+        let chunk = Chunk {
+            mem: zeroed(words * per_chunk),
+            // Popped from the end: slots are handed out in address order.
+            free: (0..per_chunk).rev().map(|i| i * words).collect(),
+            live: 0,
+        };
+        let c = match self.chunks.iter().position(Option::is_none) {
+            Some(c) => {
+                self.chunks[c] = Some(chunk);
+                c
+            }
+            None => {
+                self.chunks.push(Some(chunk));
+                self.chunks.len() - 1
+            }
+        };
+        self.open.push(c);
+        c
+    }
+
+    fn give_back(&mut self, c: usize, start: usize) {
+        let Some(chunk) = self.chunks.get_mut(c).and_then(Option::as_mut) else {
+            return;
+        };
+        chunk.live -= 1;
+        if chunk.live == 0 {
+            self.chunks[c] = None;
+            self.open.retain(|&o| o != c);
+            return;
+        }
+        if chunk.free.is_empty() {
+            self.open.push(c);
+        }
+        chunk.free.push(start);
+    }
+}
+
+impl SlabWords {
+    /// `len` zeroed words of their own, outside any slab.
+    pub fn standalone(len: usize) -> SlabWords {
+        SlabWords {
+            mem: zeroed(len),
+            start: 0,
+            len,
+            home: None,
+        }
+    }
+
+    /// The words as bytes (in memory order), to fill in place: the exclusive borrow of the
+    /// only handle to this slot means nobody can read or write them meanwhile.
+    pub fn as_mut_bytes(&mut self) -> &mut [u8] {
+        let words = &self.mem[self.start..self.start + self.len];
+        let len = std::mem::size_of_val(words);
+        let ptr = words.as_ptr().cast_mut().cast::<u8>();
+        // SAFETY: `AtomicU64` has the size and bit validity of `u64` (std documents it) and
+        // sits in an `UnsafeCell`, so writing its bytes through a pointer derived from a
+        // shared reference is allowed, any byte pattern is a valid value, and `u8` needs no
+        // alignment; `len` bytes from `ptr` are this slot's initialised words. No other
+        // access can overlap: the slab hands each slot to one `SlabWords` at a time
+        // (slots are disjoint ranges of the chunk), other holders of the chunk touch only
+        // their own slots, and the `&mut self` borrow excludes every reader of this one for
+        // as long as the returned slice lives.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
+}
+
+impl std::ops::Deref for SlabWords {
+    type Target = [AtomicU64];
+
+    #[inline]
+    fn deref(&self) -> &[AtomicU64] {
+        &self.mem[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::Index<usize> for SlabWords {
+    type Output = AtomicU64;
+
+    /// Word `i` of the slot (panics past its end, as a slice does), without building the
+    /// slot's slice first: the lookup on every cached read.
+    #[inline]
+    fn index(&self, i: usize) -> &AtomicU64 {
+        assert!(i < self.len, "word {i} of a {}-word slot", self.len);
+        &self.mem[self.start + i]
+    }
+}
+
+impl Drop for SlabWords {
+    fn drop(&mut self) {
+        if let Some((shared, c)) = self.home.take() {
+            shared.lock().give_back(c, self.start);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn slots_of_one_chunk_are_disjoint_and_a_new_chunk_comes_only_when_it_is_full() {
+        let slab = WordSlab::new(4, 3);
+        let mut a = slab.take();
+        let mut b = slab.take();
+        let c = slab.take();
+        assert_eq!(slab.held_bytes(), 3 * 4 * 8, "one chunk for three slots");
+        a.as_mut_bytes().fill(0xaa);
+        b.as_mut_bytes().fill(0xbb);
+        assert!(a
+            .iter()
+            .all(|w| w.load(Ordering::Relaxed) == u64::from_ne_bytes([0xaa; 8])));
+        assert!(b
+            .iter()
+            .all(|w| w.load(Ordering::Relaxed) == u64::from_ne_bytes([0xbb; 8])));
+        assert!(
+            c.iter().all(|w| w.load(Ordering::Relaxed) == 0),
+            "a new slot is zeros"
+        );
+        let d = slab.take();
+        assert_eq!(
+            slab.held_bytes(),
+            2 * 3 * 4 * 8,
+            "the fourth slot opens a chunk"
+        );
+        assert_eq!(d.len(), 4);
+    }
+
+    #[test]
+    fn a_freed_slot_is_reused_before_any_new_chunk() {
+        let slab = WordSlab::new(2, 2);
+        let a = slab.take();
+        let mut b = slab.take();
+        b.as_mut_bytes().fill(1);
+        let b_at = b.as_ptr();
+        drop(b);
+        let again = slab.take();
+        assert_eq!(again.as_ptr(), b_at, "the freed slot comes back");
+        assert_eq!(slab.held_bytes(), 2 * 2 * 8, "no second chunk");
+        drop((a, again));
+    }
+
+    #[test]
+    fn a_chunk_whose_slots_are_all_free_is_given_back() {
+        let slab = WordSlab::new(512, 4);
+        let held: Vec<_> = (0..8).map(|_| slab.take()).collect();
+        assert_eq!(slab.held_bytes(), 2 * 4 * 512 * 8);
+        // Free the whole first chunk and half the second.
+        let mut held = held.into_iter();
+        for w in held.by_ref().take(6) {
+            drop(w);
+        }
+        assert_eq!(slab.held_bytes(), 4 * 512 * 8, "the empty chunk is gone");
+        let rest: Vec<_> = held.collect();
+        // The two free slots of the live chunk serve the next two takes.
+        let more = [slab.take(), slab.take()];
+        assert_eq!(slab.held_bytes(), 4 * 512 * 8);
+        drop((rest, more));
+        assert_eq!(slab.held_bytes(), 0, "an emptied slab holds nothing");
+    }
+
+    #[test]
+    fn standalone_words_are_zeroed_and_belong_to_no_slab() {
+        let mut w = SlabWords::standalone(3);
+        assert!(w.iter().all(|x| x.load(Ordering::Relaxed) == 0));
+        w.as_mut_bytes()[..8].copy_from_slice(&7u64.to_ne_bytes());
+        assert_eq!(w[0].load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
+    fn slots_are_taken_and_given_back_from_many_threads() {
+        let slab = WordSlab::new(8, 5);
+        std::thread::scope(|s| {
+            for t in 0..4u8 {
+                let slab = slab.clone();
+                s.spawn(move || {
+                    for _ in 0..500 {
+                        let mut w = slab.take();
+                        w.as_mut_bytes().fill(t);
+                        std::thread::yield_now();
+                        let want = u64::from_ne_bytes([t; 8]);
+                        assert!(w.iter().all(|x| x.load(Ordering::Relaxed) == want));
+                    }
+                });
+            }
+        });
+        assert_eq!(slab.held_bytes(), 0);
+    }
+}
