@@ -9,6 +9,7 @@
 
 use crate::format::{Geometry, HostOffset};
 use crate::storage::guard::U64BuildHasher;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -169,6 +170,10 @@ pub struct TableCache<T> {
     clean_mark: u64,
     /// Number of dirty slots.
     dirty: usize,
+    /// The key and slot of the last lookup: an allocating write looks the same L2 and
+    /// refcount slices up several times in a row, and a compare is cheaper than a hash
+    /// probe. Checked against the slot's own key, so it never needs invalidating.
+    last: Cell<(HostOffset, usize)>,
 }
 
 impl<T> TableCache<T> {
@@ -183,7 +188,20 @@ impl<T> TableCache<T> {
             clock: 0,
             clean_mark: 0,
             dirty: 0,
+            last: Cell::new((HostOffset::ZERO, usize::MAX)),
         }
+    }
+
+    /// The slot of the slice at `offset`, if cached.
+    #[inline]
+    fn find(&self, offset: HostOffset) -> Option<usize> {
+        let (key, i) = self.last.get();
+        if key == offset && self.slots.get(i).is_some_and(|s| s.key == offset) {
+            return Some(i);
+        }
+        let i = *self.index.get(&offset)?;
+        self.last.set((offset, i));
+        Some(i)
     }
 
     /// Number of cached slices.
@@ -194,17 +212,22 @@ impl<T> TableCache<T> {
 
     /// Whether the slice at `offset` is cached.
     pub fn contains(&self, offset: HostOffset) -> bool {
-        self.index.contains_key(&offset)
+        self.find(offset).is_some()
     }
 
     fn slot_mut(&mut self, offset: HostOffset) -> Option<&mut Slot<T>> {
+        let i = self.find(offset)?;
+        Some(self.use_slot(i))
+    }
+
+    /// Slot `i`, marked as used now.
+    fn use_slot(&mut self, i: usize) -> &mut Slot<T> {
         self.clock += 1;
         let clock = self.clock;
-        let i = *self.index.get(&offset)?;
         let s = &mut self.slots[i];
         s.recent = true;
         s.last_use = clock;
-        Some(s)
+        s
     }
 
     /// The cached slice, marked as recently used.
@@ -214,11 +237,11 @@ impl<T> TableCache<T> {
 
     /// The cached slice for modification; marks it dirty.
     pub fn get_mut(&mut self, offset: HostOffset) -> Option<&mut T> {
-        let i = *self.index.get(&offset)?;
+        let i = self.find(offset)?;
         if !self.slots[i].dirty {
             self.dirty += 1;
         }
-        let s = self.slot_mut(offset)?;
+        let s = self.use_slot(i);
         s.dirty = true;
         Some(&mut s.data)
     }
@@ -360,8 +383,8 @@ impl<T> TableCache<T> {
         if dirty {
             self.dirty += 1;
         }
-        match self.index.get(&offset) {
-            Some(&i) => {
+        match self.find(offset) {
+            Some(i) => {
                 if self.slots[i].dirty {
                     self.dirty -= 1;
                 }
@@ -384,7 +407,7 @@ impl<T> TableCache<T> {
 
     /// Drops a slice from the cache without writing it; returns it.
     pub fn remove(&mut self, offset: HostOffset) -> Option<T> {
-        let i = *self.index.get(&offset)?;
+        let i = self.find(offset)?;
         Some(self.remove_at(i).1)
     }
 
@@ -410,12 +433,12 @@ impl<T> TableCache<T> {
 
     /// The slice at `offset` without touching the use marks or dirtiness.
     pub fn peek(&self, offset: HostOffset) -> Option<&T> {
-        self.index.get(&offset).map(|&i| &self.slots[i].data)
+        self.find(offset).map(|i| &self.slots[i].data)
     }
 
     /// Marks a slice clean after it was written.
     pub fn mark_clean(&mut self, offset: HostOffset) {
-        if let Some(&i) = self.index.get(&offset) {
+        if let Some(i) = self.find(offset) {
             if std::mem::take(&mut self.slots[i].dirty) {
                 self.dirty -= 1;
             }
