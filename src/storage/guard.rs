@@ -17,7 +17,7 @@ pub use crate::format::MetaKind;
 use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 /// The bit of `kind` in the index's per-cluster masks.
@@ -116,6 +116,19 @@ pub struct OverlapHit {
     pub kind: MetaKind,
 }
 
+/// log2 of the clusters per region of the negative filter (64: 4 MiB at 64 KiB clusters).
+const REGION_BITS: u32 = 6;
+/// Words of the negative filter: 65,536 bits, 8 KiB per image.
+const FILTER_WORDS: usize = 1024;
+/// Bits of the negative filter.
+const FILTER_BITS: u64 = FILTER_WORDS as u64 * 64;
+
+/// The filter bit of the region holding `cluster`: word index and mask.
+fn filter_bit(cluster: u64) -> (usize, u64) {
+    let h = (cluster >> REGION_BITS).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48;
+    ((h >> 6) as usize, 1 << (h & 63))
+}
+
 /// The index of metadata clusters plus the check mode; shared by the engine (which
 /// maintains it) and the host file (which consults it on every write).
 #[derive(Debug)]
@@ -124,6 +137,12 @@ pub struct OverlapGuard {
     mode: AtomicU8,
     /// Sharded: every host write reads it, from any thread; only table allocation writes it.
     clusters: ShardedLock<U64Map<u16>>,
+    /// A negative filter in front of the index: regions of 2^[`REGION_BITS`] clusters
+    /// hashed to bits, set for every region where a cluster was inserted. A clear bit
+    /// answers "no metadata here" without the lock and the hash probe (most data writes:
+    /// the guard was a tenth of an allocating write's instructions); a set bit, also one a
+    /// removal or a hash collision left, only means the index decides. Cleared by `reset`.
+    filter: Box<[AtomicU64]>,
     last_hit: Mutex<Option<OverlapHit>>,
 }
 
@@ -133,6 +152,7 @@ impl Default for OverlapGuard {
             cluster_bits: AtomicU8::new(16),
             mode: AtomicU8::new(OverlapCheck::All.to_u8()),
             clusters: ShardedLock::new(U64Map::default()),
+            filter: (0..FILTER_WORDS).map(|_| AtomicU64::new(0)).collect(),
             last_hit: Mutex::new(None),
         }
     }
@@ -143,7 +163,25 @@ impl OverlapGuard {
     pub fn reset(&self, cluster_bits: u32) {
         self.cluster_bits
             .store(cluster_bits as u8, Ordering::Release);
-        self.write_index().clear();
+        let mut ix = self.write_index();
+        ix.clear();
+        for w in self.filter.iter() {
+            w.store(0, Ordering::Relaxed);
+        }
+        drop(ix);
+    }
+
+    /// Whether any cluster of `[first, last]` may hold metadata (false: none does).
+    #[inline]
+    fn may_hold(&self, first: u64, last: u64) -> bool {
+        let (r0, r1) = (first >> REGION_BITS, last >> REGION_BITS);
+        if r1 - r0 >= FILTER_BITS {
+            return true;
+        }
+        (r0..=r1).any(|r| {
+            let (w, m) = filter_bit(r << REGION_BITS);
+            self.filter[w].load(Ordering::Acquire) & m != 0
+        })
     }
 
     /// Selects how much is checked.
@@ -159,7 +197,16 @@ impl OverlapGuard {
     /// Records clusters `[first, first+count)` as (also) holding `kind`.
     pub fn insert(&self, first: u64, count: u64, kind: MetaKind) {
         let mut ix = self.write_index();
-        for c in first..first.saturating_add(count) {
+        let end = first.saturating_add(count);
+        if count > 0 {
+            // Set before the index holds them, so no check can skip a registered cluster.
+            let (r0, r1) = (first >> REGION_BITS, (end - 1) >> REGION_BITS);
+            for r in r0..=r1.min(r0 + FILTER_BITS) {
+                let (w, m) = filter_bit(r << REGION_BITS);
+                self.filter[w].fetch_or(m, Ordering::Release);
+            }
+        }
+        for c in first..end {
             *ix.entry(c).or_insert(0) |= bit(kind);
         }
     }
@@ -179,6 +226,9 @@ impl OverlapGuard {
 
     /// The first structure (in a fixed order) a host cluster belongs to, whatever the mode.
     pub fn kind_of(&self, cluster: u64) -> Option<MetaKind> {
+        if !self.may_hold(cluster, cluster) {
+            return None;
+        }
         let bits = *self.read_index().get(&cluster)?;
         MetaKind::ALL.into_iter().find(|&k| bits & bit(k) != 0)
     }
@@ -194,6 +244,9 @@ impl OverlapGuard {
         let cb = self.cluster_bits.load(Ordering::Acquire) as u32;
         let first = offset >> cb;
         let last = (offset + len - 1) >> cb;
+        if !self.may_hold(first, last) {
+            return Ok(());
+        }
         let ix = self.read_index();
         if ix.is_empty() {
             return Ok(());
@@ -318,5 +371,33 @@ mod tests {
         assert!(g.check_write(0, 1, None).is_ok());
         g.remove(9, 1, MetaKind::InactiveL2);
         assert_eq!(g.kind_of(9), None);
+    }
+
+    #[test]
+    fn the_filter_never_hides_a_registered_cluster_and_passes_far_ones() {
+        let g = guard();
+        let cs = 1u64 << 16;
+        // Scattered tables, as a large image allocates them; some regions collide in the
+        // filter, which must only send the check to the index.
+        let tables: Vec<u64> = (0..5000u64).map(|i| i * 8191 + 7).collect();
+        for &t in &tables {
+            g.insert(t, 1, MetaKind::ActiveL2);
+        }
+        for &t in &tables {
+            assert!(g.check_write(t * cs + 512, 4096, None).is_err());
+            assert_eq!(g.kind_of(t), Some(MetaKind::ActiveL2));
+            assert!(g.check_write((t + 1) * cs, 4096, None).is_ok());
+        }
+        // A region nobody registered anything in answers from the filter alone.
+        let far = 1u64 << 40;
+        assert!(!g.may_hold(far, far + 10));
+        assert!(g.check_write(far * cs, cs, None).is_ok());
+        // A write spanning more regions than the filter has bits still meets the index.
+        assert!(g
+            .check_write(0, (FILTER_BITS + 2) << (REGION_BITS + 16), None)
+            .is_err());
+        g.reset(16);
+        assert!(!g.may_hold(7, 7), "reset clears the filter");
+        assert!(g.check_write(7 * cs, cs, None).is_ok());
     }
 }
