@@ -13,7 +13,8 @@
 #             requests at a 513 MiB stride (every request in another L2 table) and at random
 #   --reps N  repetitions per measurement (default 5; the median is reported)
 #   --dirs    where the image files live (default: /dev/shm and ${TMPDIR:-/var/tmp})
-#   --only    run only the named workloads (e.g. "alloc-4k-seq alloc-4k-strided")
+#   --only    run only the named workloads (e.g. "alloc-4k-seq alloc-4k-strided"; "compress"
+#             for the compression row)
 #   --keep    keep the raw measurements file (its path is printed)
 #   OXCOW_BIN=path in the environment benchmarks that binary instead of building one
 #
@@ -345,5 +346,8 @@ echo
 echo "total time: $(($(date +%s) - start)) s; load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 
-# Compression row (issue 18): oxcow convert -c against qemu-img convert -c, in its own script.
-OXCOW_BIN="$OX" scripts/bench-compress.sh --reps "$REPS" --size "$SIZE_MB"
+# Compression row (issue 18): oxcow convert -c against qemu-img convert -c, in its own script
+# (with --only, when the list names "compress").
+case " ${ONLY:-compress} " in
+    *" compress "*) OXCOW_BIN="$OX" scripts/bench-compress.sh --reps "$REPS" --size "$SIZE_MB" ;;
+esac
