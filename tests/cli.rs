@@ -690,3 +690,43 @@ fn bad_command_lines_fail_with_a_message() {
     }
     oxcow_ok(d, &["--help"]);
 }
+
+/// Runs `oxcow` with its standard output a pipe whose reader has gone before the command
+/// starts (bash runs it after `true`, the pipe's only reader, has exited; the status is
+/// oxcow's, from PIPESTATUS).
+fn oxcow_into_closed_pipe(dir: &Path, args: &[&str]) -> CmdOut {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#"(sleep 0.2; exec "$0" "$@") | true; exit "${PIPESTATUS[0]}""#)
+        .arg(env!("CARGO_BIN_EXE_oxcow"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run bash");
+    CmdOut {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn a_closed_output_pipe_ends_the_command_quietly_as_sigpipe_would() {
+    let dir = TempDir::new("cli-epipe");
+    qemu_in(
+        dir.path(),
+        "qemu-img",
+        &["create", "-f", "qcow2", "i.qcow2", "64M"],
+    );
+    for args in [
+        &["info", "i.qcow2"][..],
+        &["info", "--output", "json", "i.qcow2"],
+        &["map", "i.qcow2"],
+        &["bench", "-c", "10", "i.qcow2"],
+        &["info", "--help"],
+    ] {
+        let o = oxcow_into_closed_pipe(dir.path(), args);
+        assert_eq!(o.code, 141, "oxcow {args:?}: {}", o.stderr);
+        assert!(o.stderr.is_empty(), "oxcow {args:?} said: {}", o.stderr);
+    }
+}

@@ -61,7 +61,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
         .iter()
         .any(|o| o.split(',').any(|kv| kv == "help" || kv == "?"))
     {
-        print!("{OPTIONS_HELP}");
+        out!("{OPTIONS_HELP}");
         return Ok(());
     }
     if options.is_empty() {

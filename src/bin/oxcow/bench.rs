@@ -415,7 +415,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
         .checked_div(step)
         .map_or(1, |n| n + 1);
     if !p.quiet && !p.json {
-        println!(
+        outln!(
             "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {}{})",
             p.count,
             if p.write { "write" } else { "read" },
@@ -426,7 +426,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
             if p.random { ", random order" } else { "" }
         );
         if p.flush_interval > 0 {
-            println!("Sending flush every {} requests", p.flush_interval);
+            outln!("Sending flush every {} requests", p.flush_interval);
         }
     }
     let secs = if p.aio {
@@ -438,7 +438,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
     let mibs = bytes / (1u64 << 20) as f64 / secs.max(1e-9);
     let iops = p.count as f64 / secs.max(1e-9);
     if p.json {
-        println!(
+        outln!(
             "{{\"format\": \"{}\", \"op\": \"{}\", \"pattern\": \"{}\", \"count\": {}, \"bufsize\": {}, \"depth\": {}, \"seconds\": {:.6}, \"mib_per_s\": {:.2}, \"iops\": {:.0}}}",
             if p.raw { "raw" } else { "qcow2" },
             if p.write { "write" } else { "read" },
@@ -451,8 +451,8 @@ pub fn run(args: &[String]) -> CliResult<()> {
             iops
         );
     } else {
-        println!("Run completed in {secs:.3} seconds.");
-        println!("Throughput: {mibs:.2} MiB/s, {iops:.0} IOPS");
+        outln!("Run completed in {secs:.3} seconds.");
+        outln!("Throughput: {mibs:.2} MiB/s, {iops:.0} IOPS");
     }
     Ok(())
 }

@@ -337,11 +337,11 @@ pub fn map_dirty(
             .iter()
             .map(|&(s, l, d)| format!("{{ \"start\": {s}, \"length\": {l}, \"dirty\": {d}}}"))
             .collect();
-        println!("[{}]", lines.join(",\n"));
+        outln!("[{}]", lines.join(",\n"));
     } else {
-        println!("{:<16}Length", "Offset");
+        outln!("{:<16}Length", "Offset");
         for &(s, l, _) in rows.iter().filter(|r| r.2) {
-            println!(
+            outln!(
                 "{}{}",
                 crate::map::hex16(s),
                 crate::map::hex16(l).trim_end()

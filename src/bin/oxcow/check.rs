@@ -59,7 +59,7 @@ fn print_report(report: &CheckReport, a: &CheckArgs) {
         eprintln!("{m}");
     }
     if report.rechecked && a.output == Output::Human && !a.quiet {
-        print!(
+        out!(
             "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
             report.leaks_fixed, report.corruptions_fixed
         );
@@ -68,9 +68,9 @@ fn print_report(report: &CheckReport, a: &CheckArgs) {
         eprintln!("{m}");
     }
     match a.output {
-        Output::Human if !a.quiet => print!("{}", human(report)),
+        Output::Human if !a.quiet => out!("{}", human(report)),
         Output::Human => {}
-        Output::Json => print!("{}", json(report, a.file)),
+        Output::Json => out!("{}", json(report, a.file)),
     }
 }
 
@@ -97,7 +97,7 @@ fn parse(args: &[String]) -> Result<Option<CheckArgs<'_>>, String> {
         };
         match flag {
             "-h" | "--help" => {
-                print!("{HELP}");
+                out!("{HELP}");
                 return Ok(None);
             }
             "-r" | "--repair" => {

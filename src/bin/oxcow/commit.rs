@@ -75,7 +75,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
     img.close()?;
     shown.borrow_mut().finish();
     if !quiet {
-        println!("Image committed.");
+        outln!("Image committed.");
     }
     Ok(())
 }

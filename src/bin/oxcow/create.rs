@@ -118,7 +118,7 @@ pub fn apply_create_options(o: &mut CreateOptions, list: &str) -> CliResult<bool
     if list == "help" || list == "?" {
         let start = HELP.find("  -o OPTIONS").unwrap_or(0);
         let end = HELP.find("  -b BACKING").unwrap_or(HELP.len());
-        print!("Supported qcow2 options:\n{}", &HELP[start..end]);
+        out!("Supported qcow2 options:\n{}", &HELP[start..end]);
         return Ok(true);
     }
     for kv in list.split(',').filter(|s| !s.is_empty()) {
@@ -241,7 +241,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
             size
         };
         let line = formatting_line(file, size, &o);
-        println!("{}", echo_explicit_raw_off(line, &lists, &o));
+        outln!("{}", echo_explicit_raw_off(line, &lists, &o));
     }
     Ok(())
 }

@@ -85,14 +85,14 @@ pub fn run(args: &[String]) -> CliResult<()> {
     if json {
         let objs: Vec<String> = list.iter().map(|d| to_json(d).render(1)).collect();
         if chain {
-            println!("[\n    {}\n]", objs.join(",\n    "));
+            outln!("[\n    {}\n]", objs.join(",\n    "));
         } else {
-            println!("{}", to_json(&list[0]).render(0));
+            outln!("{}", to_json(&list[0]).render(0));
         }
     } else {
         for (i, d) in list.iter().enumerate() {
             if i > 0 {
-                println!();
+                outln!();
             }
             print_human(d);
         }
@@ -303,13 +303,18 @@ fn utc_date(secs: u64) -> String {
 
 /// The "Snapshot list:" table of `qemu-img info` and `qemu-img snapshot -l`.
 pub fn print_snapshot_list(snapshots: &[snap::Snapshot]) {
-    println!("Snapshot list:");
-    println!(
+    outln!("Snapshot list:");
+    outln!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        "ID",
+        "TAG",
+        "VM_SIZE",
+        "DATE",
+        "VM_CLOCK",
+        "ICOUNT"
     );
     for s in snapshots {
-        println!(
+        outln!(
             "{:<7} {:<16} {:>8} {} {:>15} {:>10}",
             s.id,
             s.name,
@@ -323,66 +328,66 @@ pub fn print_snapshot_list(snapshots: &[snap::Snapshot]) {
 
 fn print_human(d: &Described) {
     let i = &d.info;
-    println!("image: {}", d.filename);
-    println!("file format: qcow2");
-    println!(
+    outln!("image: {}", d.filename);
+    outln!("file format: qcow2");
+    outln!(
         "virtual size: {} ({} bytes)",
         human_size(i.virtual_size),
         i.virtual_size
     );
-    println!("disk size: {}", human_size(d.actual_size));
-    println!("cluster_size: {}", i.cluster_size);
+    outln!("disk size: {}", human_size(d.actual_size));
+    outln!("cluster_size: {}", i.cluster_size);
     if let Some(b) = &i.backing_file {
         match &d.full_backing {
-            Some(full) if full != b => println!("backing file: {b} (actual path: {full})"),
-            _ => println!("backing file: {b}"),
+            Some(full) if full != b => outln!("backing file: {b} (actual path: {full})"),
+            _ => outln!("backing file: {b}"),
         }
     }
     if let Some(f) = &i.backing_format {
-        println!("backing file format: {f}");
+        outln!("backing file format: {f}");
     }
     if i.dirty {
-        println!("cleanly shut down: no");
+        outln!("cleanly shut down: no");
     }
     if !d.snapshots.is_empty() {
         print_snapshot_list(&d.snapshots);
     }
-    println!("Format specific information:");
-    println!("    compat: {}", compat(i));
-    println!("    compression type: {}", ctype(i));
+    outln!("Format specific information:");
+    outln!("    compat: {}", compat(i));
+    outln!("    compression type: {}", ctype(i));
     if i.version >= 3 {
-        println!("    lazy refcounts: {}", i.lazy_refcounts);
+        outln!("    lazy refcounts: {}", i.lazy_refcounts);
     }
     if !d.bitmaps.is_empty() {
-        println!("    bitmaps:");
+        outln!("    bitmaps:");
         for (n, b) in d.bitmaps.iter().enumerate() {
-            println!("        [{n}]:");
-            println!("            flags:");
+            outln!("        [{n}]:");
+            outln!("            flags:");
             for (k, f) in bitmap_flags(b).iter().enumerate() {
-                println!("                [{k}]: {f}");
+                outln!("                [{k}]: {f}");
             }
-            println!("            name: {}", b.display_name());
-            println!("            granularity: {}", 1u64 << b.granularity_bits);
+            outln!("            name: {}", b.display_name());
+            outln!("            granularity: {}", 1u64 << b.granularity_bits);
         }
     }
-    println!("    refcount bits: {}", i.refcount_bits);
+    outln!("    refcount bits: {}", i.refcount_bits);
     if let Some(f) = &i.data_file {
-        println!("    data file: {f}");
-        println!("    data file raw: {}", i.data_file_raw);
+        outln!("    data file: {f}");
+        outln!("    data file raw: {}", i.data_file_raw);
     }
     if i.version >= 3 {
-        println!("    corrupt: {}", i.corrupt);
-        println!("    extended l2: {}", i.extended_l2);
+        outln!("    corrupt: {}", i.corrupt);
+        outln!("    extended l2: {}", i.extended_l2);
     }
-    println!("Child node '/file':");
-    println!("    filename: {}", d.filename);
-    println!("    protocol type: file");
-    println!(
+    outln!("Child node '/file':");
+    outln!("    filename: {}", d.filename);
+    outln!("    protocol type: file");
+    outln!(
         "    file length: {} ({} bytes)",
         human_size(d.file_length),
         d.file_length
     );
-    println!("    disk size: {}", human_size(d.actual_size));
+    outln!("    disk size: {}", human_size(d.actual_size));
 }
 
 #[cfg(test)]

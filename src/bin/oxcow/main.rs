@@ -6,6 +6,9 @@
 
 use std::process::ExitCode;
 
+#[macro_use]
+mod out;
+
 mod amend;
 mod args;
 mod bench;
@@ -80,7 +83,7 @@ fn main() -> ExitCode {
         _ => None,
     };
     if let (true, Some(h)) = (wants_help, help) {
-        print!("{h}");
+        out!("{h}");
         return ExitCode::SUCCESS;
     }
     let result: CliResult<u8> = match cmd.as_str() {
@@ -99,11 +102,11 @@ fn main() -> ExitCode {
         "nbd" => nbd::run(rest).map(|()| 0),
         "check" => check::run(rest).map_err(CliError::op),
         "-h" | "--help" | "help" => {
-            print!("{USAGE}");
+            out!("{USAGE}");
             Ok(0)
         }
         "-V" | "--version" | "version" => {
-            println!("oxcow version {}", env!("CARGO_PKG_VERSION"));
+            outln!("oxcow version {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
         }
         other => Err(CliError::usage(format!(

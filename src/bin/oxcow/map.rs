@@ -281,9 +281,9 @@ pub fn run(args: &[String]) -> CliResult<()> {
                 s
             })
             .collect();
-        println!("[{}]", lines.join(",\n"));
+        outln!("[{}]", lines.join(",\n"));
     } else {
-        println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+        outln!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
         for r in rows.iter().filter(|r| r.data) {
             if r.compressed {
                 // The human format has no column for a compressed location; qemu-img stops
@@ -293,7 +293,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
                 ));
             }
             if let Some(o) = r.offset {
-                println!(
+                outln!(
                     "{}{}{}{}",
                     hex16(r.start),
                     hex16(r.length),

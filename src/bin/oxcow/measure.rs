@@ -83,7 +83,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
             )))
         }
     };
-    print!("{}", render(&m, req.json));
+    out!("{}", render(&m, req.json));
     Ok(())
 }
 

@@ -64,7 +64,7 @@ pub fn run(args: &[String]) -> CliResult<()> {
     img.resize(total, a.shrink)?;
     img.close()?;
     if !a.quiet {
-        println!("Image resized.");
+        outln!("Image resized.");
     }
     Ok(())
 }
