@@ -771,8 +771,8 @@ mod tests {
         assert_eq!(u.to_vec(), held.to_vec());
         assert_eq!(
             slab.held_bytes(),
-            4 * 4096,
-            "a new slice's memory is the slab's"
+            4096,
+            "a new slice's memory is the slab's (its first chunk: one slice)"
         );
         // Wholly past the end of the file: nothing to install.
         assert!(

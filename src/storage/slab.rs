@@ -13,8 +13,11 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-/// Hands out [`SlabWords`] of one length, carved out of chunks of `per_chunk` slots.
-/// Cloning shares the slab.
+/// Hands out [`SlabWords`] of one length, carved out of chunks of at most `per_chunk`
+/// slots. A new chunk has as many slots as the live chunks together (1, 1, 2, 4, ... up to
+/// `per_chunk`), so a cache that holds a few slices holds little more, and the first
+/// slices, which a handle often keeps using, sit in small chunks an idle clean can free
+/// around them. Cloning shares the slab.
 #[derive(Debug, Clone)]
 pub struct WordSlab {
     shared: Arc<Shared>,
@@ -24,7 +27,7 @@ pub struct WordSlab {
 struct Shared {
     /// Words per slot.
     words: usize,
-    /// Slots per chunk.
+    /// Most slots per chunk.
     per_chunk: usize,
     state: Mutex<State>,
 }
@@ -44,6 +47,8 @@ struct Chunk {
     free: Vec<usize>,
     /// Slots handed out and not yet given back.
     live: usize,
+    /// Slots of the chunk.
+    slots: usize,
 }
 
 /// One slot's words: readable by anyone who holds it, writable in place through
@@ -86,7 +91,10 @@ impl WordSlab {
         loop {
             let c = match st.open.last() {
                 Some(&c) => c,
-                None => st.add_chunk(shared.words, shared.per_chunk),
+                None => {
+                    let slots = st.slots().clamp(1, shared.per_chunk);
+                    st.add_chunk(shared.words, slots)
+                }
             };
             // Every listed chunk has a free slot; one that does not is dropped from the list.
             let Some(chunk) = st.chunks.get_mut(c).and_then(Option::as_mut) else {
@@ -113,9 +121,7 @@ impl WordSlab {
 
     /// Bytes of chunk memory held (slots in use and free ones of live chunks).
     pub fn held_bytes(&self) -> usize {
-        let st = self.shared.lock();
-        let chunks = st.chunks.iter().flatten().count();
-        chunks * self.shared.per_chunk * self.shared.words * 8
+        self.shared.lock().slots() * self.shared.words * 8
     }
 }
 
@@ -127,13 +133,19 @@ impl Shared {
 }
 
 impl State {
-    /// Adds a chunk with all its slots free and lists it open; returns its index.
-    fn add_chunk(&mut self, words: usize, per_chunk: usize) -> usize {
+    /// Slots of the live chunks.
+    fn slots(&self) -> usize {
+        self.chunks.iter().flatten().map(|c| c.slots).sum()
+    }
+
+    /// Adds a chunk of `slots` slots, all free, and lists it open; returns its index.
+    fn add_chunk(&mut self, words: usize, slots: usize) -> usize {
         let chunk = Chunk {
-            mem: zeroed(words * per_chunk),
+            mem: zeroed(words * slots),
             // Popped from the end: slots are handed out in address order.
-            free: (0..per_chunk).rev().map(|i| i * words).collect(),
+            free: (0..slots).rev().map(|i| i * words).collect(),
             live: 0,
+            slots,
         };
         let c = match self.chunks.iter().position(Option::is_none) {
             Some(c) => {
@@ -230,59 +242,61 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     #[test]
-    fn slots_of_one_chunk_are_disjoint_and_a_new_chunk_comes_only_when_it_is_full() {
-        let slab = WordSlab::new(4, 3);
-        let mut a = slab.take();
-        let mut b = slab.take();
-        let c = slab.take();
-        assert_eq!(slab.held_bytes(), 3 * 4 * 8, "one chunk for three slots");
-        a.as_mut_bytes().fill(0xaa);
-        b.as_mut_bytes().fill(0xbb);
-        assert!(a
-            .iter()
-            .all(|w| w.load(Ordering::Relaxed) == u64::from_ne_bytes([0xaa; 8])));
-        assert!(b
-            .iter()
-            .all(|w| w.load(Ordering::Relaxed) == u64::from_ne_bytes([0xbb; 8])));
-        assert!(
-            c.iter().all(|w| w.load(Ordering::Relaxed) == 0),
-            "a new slot is zeros"
-        );
-        let d = slab.take();
-        assert_eq!(
-            slab.held_bytes(),
-            2 * 3 * 4 * 8,
-            "the fourth slot opens a chunk"
-        );
-        assert_eq!(d.len(), 4);
+    fn chunks_double_up_to_the_largest_and_their_slots_are_disjoint() {
+        let slab = WordSlab::new(4, 4);
+        let mut held = Vec::new();
+        let mut sizes = Vec::new();
+        for i in 0..12u8 {
+            let mut w = slab.take();
+            assert!(
+                w.iter().all(|x| x.load(Ordering::Relaxed) == 0),
+                "a new slot is zeros"
+            );
+            w.as_mut_bytes().fill(i);
+            held.push(w);
+            sizes.push(slab.held_bytes() / (4 * 8));
+        }
+        // Chunks of 1, 1, 2, 4, then 4 slots (the largest) each.
+        assert_eq!(sizes, [1, 2, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12]);
+        for (i, w) in held.iter().enumerate() {
+            let want = u64::from_ne_bytes([i as u8; 8]);
+            assert!(
+                w.iter().all(|x| x.load(Ordering::Relaxed) == want),
+                "slot {i}"
+            );
+        }
     }
 
     #[test]
     fn a_freed_slot_is_reused_before_any_new_chunk() {
-        let slab = WordSlab::new(2, 2);
-        let a = slab.take();
-        let mut b = slab.take();
-        b.as_mut_bytes().fill(1);
-        let b_at = b.as_ptr();
-        drop(b);
+        let slab = WordSlab::new(2, 4);
+        // Chunks of 1, 1 and 2 slots: c and d share the third.
+        let [a, b, c, d] = [slab.take(), slab.take(), slab.take(), slab.take()];
+        let c_at = c.as_ptr();
+        drop(c);
         let again = slab.take();
-        assert_eq!(again.as_ptr(), b_at, "the freed slot comes back");
-        assert_eq!(slab.held_bytes(), 2 * 2 * 8, "no second chunk");
-        drop((a, again));
+        assert_eq!(again.as_ptr(), c_at, "the freed slot comes back");
+        assert_eq!(slab.held_bytes(), 4 * 2 * 8, "no new chunk");
+        drop((a, b, d, again));
     }
 
     #[test]
     fn a_chunk_whose_slots_are_all_free_is_given_back() {
         let slab = WordSlab::new(512, 4);
+        // Chunks of 1, 1, 2 and 4 slots.
         let held: Vec<_> = (0..8).map(|_| slab.take()).collect();
-        assert_eq!(slab.held_bytes(), 2 * 4 * 512 * 8);
-        // Free the whole first chunk and half the second.
+        assert_eq!(slab.held_bytes(), 8 * 512 * 8);
         let mut held = held.into_iter();
-        for w in held.by_ref().take(6) {
+        for w in held.by_ref().take(4) {
             drop(w);
         }
-        assert_eq!(slab.held_bytes(), 4 * 512 * 8, "the empty chunk is gone");
-        let rest: Vec<_> = held.collect();
+        assert_eq!(
+            slab.held_bytes(),
+            4 * 512 * 8,
+            "the emptied chunks are gone"
+        );
+        let mut rest: Vec<_> = held.collect();
+        rest.truncate(2);
         // The two free slots of the live chunk serve the next two takes.
         let more = [slab.take(), slab.take()];
         assert_eq!(slab.held_bytes(), 4 * 512 * 8);
