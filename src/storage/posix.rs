@@ -346,7 +346,9 @@ fn memory_backed(file: &File) -> bool {
 /// One `pread(2)` as a plain system call. glibc's wrapper is a thread cancellation point:
 /// a `pthread_cancel` of the caller's thread would end it inside the library, holding the
 /// metadata mutex, a claim or a grace pin; and its cancellation bookkeeping was ~30 of the
-/// ~480 instructions of a cached 4 KiB read (callgrind).
+/// ~480 instructions of a cached 4 KiB read (callgrind). 64-bit Linux only, where the offset
+/// is one register.
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
 fn pread(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let len = buf.len().min(isize::MAX as usize);
     let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -369,6 +371,7 @@ fn pread(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 }
 
 /// One `pwrite(2)` as a plain system call (not a cancellation point, as [`pread`]).
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
 fn pwrite(file: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
     let len = buf.len().min(isize::MAX as usize);
     let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -380,6 +383,18 @@ fn pwrite(file: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
     } else {
         Ok(n as usize)
     }
+}
+
+/// Elsewhere: std's positioned read (glibc's wrapper).
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+fn pread(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    std::os::unix::fs::FileExt::read_at(file, buf, offset)
+}
+
+/// Elsewhere: std's positioned write (glibc's wrapper).
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+fn pwrite(file: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
+    std::os::unix::fs::FileExt::write_at(file, buf, offset)
 }
 
 /// Writes all of `buf` at `offset` ([`pwrite`] until done; interrupted calls are retried, a
