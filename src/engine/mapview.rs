@@ -64,6 +64,7 @@ type Words = Box<[AtomicU64]>;
 
 /// Bytes of slice memory carved at once: one arena growth for this many bytes of slices
 /// instead of one per slice (see [`crate::storage::slab`]).
+#[cfg(not(loom))]
 const SLAB_CHUNK_BYTES: u64 = 64 << 10;
 
 /// The slab of slices of `cache`'s size: chunks of [`SLAB_CHUNK_BYTES`], but no more slices
@@ -148,30 +149,21 @@ impl L2Table {
     #[cfg(test)]
     pub fn new(key: HostOffset, words: Vec<u64>) -> Arc<L2Table> {
         let raw: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
-        Arc::new(Self::unpublished(key, Self::filled(None, &raw)))
+        Arc::new(Self::unpublished(key, Self::filled(&raw)))
     }
 
-    /// The slice at host offset `key` as read from disk (big-endian words; a trailing
-    /// partial word is ignored), in memory from `slab` when it has the size.
-    pub fn from_be_bytes(slab: &Slab, key: HostOffset, raw: &[u8]) -> Arc<L2Table> {
-        Arc::new(Self::unpublished(key, Self::filled(Some(slab), raw)))
-    }
-
-    /// Words holding `raw`'s whole words, from `slab` when it has the size.
-    #[cfg(not(loom))]
-    fn filled(slab: Option<&Slab>, raw: &[u8]) -> Words {
+    /// Words of their own holding `raw`'s whole words.
+    #[cfg(all(test, not(loom)))]
+    fn filled(raw: &[u8]) -> Words {
         let n = raw.len() / 8;
-        let mut words = match slab {
-            Some(slab) if slab.words() == n => slab.take(),
-            _ => Words::standalone(n),
-        };
+        let mut words = Words::standalone(n);
         words.as_mut_bytes().copy_from_slice(&raw[..n * 8]);
         words
     }
 
-    /// Words holding `raw`'s whole words (loom: always their own).
+    /// Words of their own holding `raw`'s whole words.
     #[cfg(loom)]
-    fn filled(_slab: Option<&Slab>, raw: &[u8]) -> Words {
+    fn filled(raw: &[u8]) -> Words {
         let words: Words = (0..raw.len() / 8).map(|_| AtomicU64::new(0)).collect();
         fill_words(&words, raw);
         words
@@ -187,11 +179,16 @@ impl L2Table {
         }
     }
 
-    /// The slice of `bytes` bytes at host offset `key` of `file`, read straight into the
+    /// The slice at host offset `key` of `file` (bytes past the end of the file read as
+    /// zeros, as QEMU reads a table there), read straight into memory from `slab`.
+    pub fn read_zero_padded(file: &HostFile, key: HostOffset, slab: &Slab) -> Result<Arc<L2Table>> {
+        Ok(Arc::new(Self::read_new(file, key, slab)?.0))
+    }
+
+    /// The slice of `slab`'s size at host offset `key` of `file`, read straight into the
     /// memory of `spare` (a slice an earlier miss evicted) when nobody else holds it and it
     /// has the size, else into a new one: a cache miss then allocates and copies nothing.
     /// Bytes past the end of the file read as zeros; None when the slice lies wholly past it.
-    #[cfg(not(loom))]
     pub fn read_from(
         file: &HostFile,
         key: HostOffset,
@@ -204,9 +201,25 @@ impl L2Table {
             return Ok(spare.filter(|_| n > 0));
         }
         // No spare of this size, or somebody still holds it.
+        let (t, n) = Self::read_new(file, key, slab)?;
+        Ok((n > 0).then(|| Arc::new(t)))
+    }
+
+    /// A new unpublished slice at `key` of `file`, in memory from `slab`, and the bytes the
+    /// file had (the rest read as zeros).
+    #[cfg(not(loom))]
+    fn read_new(file: &HostFile, key: HostOffset, slab: &Slab) -> Result<(L2Table, usize)> {
         let mut t = Self::unpublished(key, slab.take());
         let n = t.refill_from(file, key)?;
-        Ok((n > 0).then(|| Arc::new(t)))
+        Ok((t, n))
+    }
+
+    /// Under loom (whose atomics are not plain words) the slice goes through a buffer.
+    #[cfg(loom)]
+    fn read_new(file: &HostFile, key: HostOffset, slab: &Slab) -> Result<(L2Table, usize)> {
+        let mut raw = vec![0u8; slab.bytes()];
+        let n = file.read_some(&mut raw, key, "L2 table")?;
+        Ok((Self::unpublished(key, Self::filled(&raw)), n))
     }
 
     /// Makes this (unshared) slice the one at `key` of `file`, as read from disk; returns
@@ -220,17 +233,12 @@ impl L2Table {
         file.read_words_zero_padded(&mut self.words, key, "L2 table")
     }
 
-    /// Under loom (whose atomics are not plain words) the slice goes through a buffer.
+    /// Under loom a spare is never refilled (its atomics have no byte view).
     #[cfg(loom)]
-    pub fn read_from(
-        file: &HostFile,
-        key: HostOffset,
-        slab: &Slab,
-        _spare: Option<Arc<L2Table>>,
-    ) -> Result<Option<Arc<L2Table>>> {
-        let mut raw = vec![0u8; slab.bytes()];
-        let n = file.read_some(&mut raw, key, "L2 table")?;
-        Ok((n > 0).then(|| Self::from_be_bytes(slab, key, &raw)))
+    fn refill_from(&mut self, file: &HostFile, key: HostOffset) -> Result<usize> {
+        let (t, n) = Self::read_new(file, key, &Slab(self.words.len() * 8))?;
+        *self = t;
+        Ok(n)
     }
 
     /// The slice's host offset (its cache key).

@@ -343,13 +343,8 @@ impl Meta {
         self.make_room_l2(file)?;
         // A table past the end of the file reads as zeros (unallocated), as in QEMU; `check`
         // reports the entry.
-        let mut raw = vec![0u8; self.view.cache().slice_bytes as usize];
-        file.read_zero_padded(&mut raw, slice, "L2 table")?;
-        self.cache_l2(
-            slice,
-            L2Table::from_be_bytes(self.view.slab(), slice, &raw),
-            false,
-        );
+        let t = L2Table::read_zero_padded(file, slice, self.view.slab())?;
+        self.cache_l2(slice, t, false);
         Ok((slice, i))
     }
 

@@ -235,7 +235,7 @@ impl PosixFile {
 
     fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         loop {
-            match pread(&self.file, buf, offset) {
+            match sys_pread(&self.file, buf, offset) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => return r,
             }
@@ -294,7 +294,7 @@ impl PosixFile {
         }
         let skip = (offset - start) as usize;
         bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
-        pwrite_all(&self.file, bounce.as_slice(), start)
+        sys_pwrite_all(&self.file, bounce.as_slice(), start)
     }
 }
 
@@ -349,7 +349,7 @@ fn memory_backed(file: &File) -> bool {
 /// ~480 instructions of a cached 4 KiB read (callgrind). 64-bit Linux only, where the offset
 /// is one register.
 #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
-fn pread(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+fn sys_pread(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let len = buf.len().min(isize::MAX as usize);
     let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: `buf` is valid for writes of `len` bytes for the whole call and the kernel
@@ -370,9 +370,9 @@ fn pread(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     }
 }
 
-/// One `pwrite(2)` as a plain system call (not a cancellation point, as [`pread`]).
+/// One `pwrite(2)` as a plain system call (not a cancellation point, as [`sys_pread`]).
 #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
-fn pwrite(file: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
+fn sys_pwrite(file: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
     let len = buf.len().min(isize::MAX as usize);
     let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: `buf` is valid for reads of `len` bytes for the whole call; the descriptor is
@@ -387,21 +387,21 @@ fn pwrite(file: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
 
 /// Elsewhere: std's positioned read (glibc's wrapper).
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
-fn pread(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+fn sys_pread(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     std::os::unix::fs::FileExt::read_at(file, buf, offset)
 }
 
 /// Elsewhere: std's positioned write (glibc's wrapper).
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
-fn pwrite(file: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
+fn sys_pwrite(file: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
     std::os::unix::fs::FileExt::write_at(file, buf, offset)
 }
 
-/// Writes all of `buf` at `offset` ([`pwrite`] until done; interrupted calls are retried, a
+/// Writes all of `buf` at `offset` ([`sys_pwrite`] until done; interrupted calls are retried, a
 /// write of 0 bytes is an error), as `FileExt::write_all_at` does.
-fn pwrite_all(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+fn sys_pwrite_all(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
     while !buf.is_empty() {
-        match pwrite(file, buf, offset) {
+        match sys_pwrite(file, buf, offset) {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
             Ok(n) => {
                 buf = &buf[n..];
@@ -420,7 +420,7 @@ impl Backend for PosixFile {
             return self.direct_read(buf, offset);
         }
         // One pread is the rule; an interrupted one is retried out of line.
-        match pread(&self.file, buf, offset) {
+        match sys_pread(&self.file, buf, offset) {
             Err(e) => self.pread_after(e, buf, offset),
             r => r,
         }
@@ -429,7 +429,7 @@ impl Backend for PosixFile {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         match &self.direct {
             Some(d) => self.direct_write(d, buf, offset),
-            None => pwrite_all(&self.file, buf, offset),
+            None => sys_pwrite_all(&self.file, buf, offset),
         }
     }
 

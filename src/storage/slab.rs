@@ -120,6 +120,7 @@ impl WordSlab {
     }
 
     /// Bytes of chunk memory held (slots in use and free ones of live chunks).
+    #[cfg(test)]
     pub fn held_bytes(&self) -> usize {
         self.shared.lock().slots() * self.shared.words * 8
     }
