@@ -15,11 +15,15 @@
 #   --only      workloads among: read overwrite alloc (default all)
 #   OXCOW_BIN=path benchmarks that binary instead of building one
 #
-# read: sequential 4 KiB reads of a written 128 MiB region (-c 20000). overwrite: the same
-# region rewritten (-w). alloc: 4 KiB writes one cluster apart (-S 64k) into a fresh 512 MiB
-# image, so every write allocates a cluster (-c 8192); raw-uring writes the same offsets of a
-# fresh sparse raw file. Load from other processes skews absolute figures: the load average
-# is printed with the results.
+# read: sequential 4 KiB reads of a written 128 MiB region (-c 20000 at depth 1, 60000 deeper:
+# every run lasts about a second, so a hiccup of the host moves it little; the region wraps).
+# overwrite: the same region rewritten (-w). alloc: 4 KiB writes one cluster apart (-S 64k)
+# into a fresh 2 GiB image, so every write allocates a cluster (-c 8192 at depth 1, 32768
+# deeper); raw-uring writes the same offsets of a fresh sparse raw file. Two ratios are
+# printed for each pair of tools: of the medians, and the median of the ratios within each
+# repetition (the tools of one repetition run back to back, so the second cancels the
+# disk's drift across repetitions). Load from other processes skews absolute figures: the
+# load average is printed with the results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=5
@@ -32,7 +36,7 @@ while [ $# -gt 0 ]; do
         --dir) DIR="$2"; shift ;;
         --depths) DEPTHS="$2"; shift ;;
         --only) ONLY="$2"; shift ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-aio.sh: unknown argument '$1' (try --help)" >&2; exit 1 ;;
     esac
     shift
@@ -60,8 +64,8 @@ prep() {
             fi ;;
         alloc)
             rm -f "$DIR/a.qcow2" "$DIR/a.raw"
-            qemu-img create -q -f qcow2 "$DIR/a.qcow2" 512M
-            truncate -s 512M "$DIR/a.raw" ;;
+            qemu-img create -q -f qcow2 "$DIR/a.qcow2" 2G
+            truncate -s 2G "$DIR/a.raw" ;;
     esac
 }
 
@@ -73,6 +77,8 @@ one() {
         overwrite) img=$DIR/w.qcow2; raw=$DIR/w.raw; args="-w"; count=20000 ;;
         alloc) img=$DIR/a.qcow2; raw=$DIR/a.raw; args="-w -S 64k"; count=8192 ;;
     esac
+    [ "$d" = 1 ] || count=$((count * 3)) # deeper runs are faster: about a second each
+    [ "$d" = 1 ] || [ "$wl" != alloc ] || count=32768
     local out
     case "$tool" in
         oxcow-aio) out=$("$OX" bench -f qcow2 --aio -t none -d "$d" -c $count $args "$img") ;;
@@ -91,7 +97,7 @@ for rep in $(seq "$REPS"); do
         for d in $DEPTHS; do
             for tool in $TOOLS; do
                 prep "$wl"
-                echo "$wl $d $tool $(one "$tool" "$wl" "$d")" >> "$RES"
+                echo "$wl $d $tool $(one "$tool" "$wl" "$d") $rep" >> "$RES"
             done
         done
     done
@@ -100,16 +106,25 @@ done
 median() { sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 echo "# direct I/O on $(df -T "$DIR" | awk 'NR==2 {print $2" ("$1")"}'), 4 KiB, medians of $REPS interleaved runs (IOPS)"
 echo "# load average: $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) cores"
-printf "%-10s %3s %10s %10s %10s %10s %9s %9s\n" workload d oxcow-aio oxcow-thr raw-uring qemu-img aio/qemu aio/raw
+# paired A B WL D: the median over repetitions of A's IOPS / B's IOPS in the same repetition.
+paired() {
+    awk -v a="$1" -v b="$2" -v w="$3" -v d="$4" '$1==w && $2==d && $3==a {x[$5]=$4}
+        $1==w && $2==d && $3==b {y[$5]=$4}
+        END { for (r in x) if (r in y && y[r] > 0) print x[r] / y[r] }' "$RES" |
+        sort -g | awk '{ v[NR] = $1 } END { if (!NR) print "n/a"; else if (NR % 2) printf "%.2fx\n", v[(NR + 1) / 2]; else printf "%.2fx\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+printf "%-10s %3s %10s %10s %10s %10s %9s %9s %10s %10s\n" workload d oxcow-aio oxcow-thr raw-uring qemu-img \
+    aio/qemu aio/raw "paired/q" "paired/raw"
 for wl in $ONLY; do
     for d in $DEPTHS; do
         declare -A m
         for tool in $TOOLS; do
             m[$tool]=$(awk -v w=$wl -v d=$d -v t=$tool '$1==w && $2==d && $3==t {print $4}' "$RES" | median)
         done
-        printf "%-10s %3s %10s %10s %10s %10s %9s %9s\n" "$wl" "$d" "${m[oxcow-aio]}" "${m[oxcow-thr]}" \
+        printf "%-10s %3s %10s %10s %10s %10s %9s %9s %10s %10s\n" "$wl" "$d" "${m[oxcow-aio]}" "${m[oxcow-thr]}" \
             "${m[raw-uring]}" "${m[qemu-img]}" \
             "$(awk -v a=${m[oxcow-aio]} -v b=${m[qemu-img]} 'BEGIN{printf "%.2fx", a/b}')" \
-            "$(awk -v a=${m[oxcow-aio]} -v b=${m[raw-uring]} 'BEGIN{printf "%.2fx", a/b}')"
+            "$(awk -v a=${m[oxcow-aio]} -v b=${m[raw-uring]} 'BEGIN{printf "%.2fx", a/b}')" \
+            "$(paired oxcow-aio qemu-img "$wl" "$d")" "$(paired oxcow-aio raw-uring "$wl" "$d")"
     done
 done
