@@ -311,17 +311,28 @@ def med(key, tool):
     v = runs.get(key + (tool,))
     return statistics.median(v) if v else None
 
+def paired(key, a="oxcow", b="raw"):
+    """Median over repetitions of a's throughput / b's in the same repetition: the tools of
+    one repetition run back to back, so this cancels drift between repetitions."""
+    x, y = runs.get(key + (a,)), runs.get(key + (b,))
+    if not x or not y:
+        return None
+    return statistics.median(p / q for p, q in zip(x, y))
+
 def f(x, fmt="{:9.0f}"):
     return fmt.format(x) if x is not None else "      n/a"
 
 print()
-print("Throughput in MiB/s (median); qcow2/raw and oxcow/qemu-img are ratios of throughput.")
-print(f"{'fs':<14}{'workload':<20}{'d':>2} {'oxcow':>9} {'raw':>9} {'qemu-img':>9} {'qcow2/raw':>10} {'ox/qemu':>8}")
+print("Throughput in MiB/s (median); qcow2/raw and oxcow/qemu-img are ratios of throughput;")
+print("paired is the median of the per-repetition qcow2/raw ratios.")
+print(f"{'fs':<14}{'workload':<20}{'d':>2} {'oxcow':>9} {'raw':>9} {'qemu-img':>9} {'qcow2/raw':>10} {'ox/qemu':>8} {'paired':>7}")
 for key in order:
     ox, raw, qm = med(key, "oxcow"), med(key, "raw"), med(key, "qemu")
     r1 = f"{ox / raw:10.2f}" if ox and raw else "       n/a"
     r2 = f"{ox / qm:8.2f}" if ox and qm else "     n/a"
-    print(f"{key[0]:<14}{key[1]:<20}{key[2]:>2} {f(ox)} {f(raw)} {f(qm)} {r1} {r2}")
+    pr = paired(key)
+    r3 = f"{pr:7.2f}" if pr else "    n/a"
+    print(f"{key[0]:<14}{key[1]:<20}{key[2]:>2} {f(ox)} {f(raw)} {f(qm)} {r1} {r2} {r3}")
 
 large = [k for k in order if k[1].startswith("large-")]
 if large:
@@ -333,7 +344,8 @@ if large:
     for key in large:
         ox, raw, qm = med(key, "oxcow"), med(key, "raw"), med(key, "qemu")
         iops = lambda x: f"{x * 256:9.0f}" if x else "      n/a"
-        r1 = f"{ox / raw:.2f}x raw" if ox and raw else ""
+        pr = paired(key)
+        r1 = f"{ox / raw:.2f}x raw (paired {pr:.2f}x)" if ox and raw and pr else ""
         r2 = f", {ox / qm:.1f}x qemu-img" if ox and qm else ""
         print(f"{key[1]:<20} d={key[2]}  IOPS oxcow {iops(ox)} raw {iops(raw)} qemu-img {iops(qm)}  {r1}{r2}")
 
