@@ -66,7 +66,7 @@ else
 fi
 NCOW=$((SIZE_MB * 16)) # one 4 KiB write into every 64 KiB cluster
 NLARGE=$((N4 / 2))     # requests per large-image run
-NSTEADY=$((N4 * 4))    # random requests of the steady row: 32 per slice the 32 MiB L2 cache holds
+NSTEADY=$((N4 * 4))    # random requests of the steady row: 32 per slice the L2 cache holds
 
 RESULTS=$(mktemp "${TMPDIR:-/tmp}/oxcow-bench.XXXXXX")
 WORKDIRS=()
@@ -338,9 +338,9 @@ large = [k for k in order if k[1].startswith("large-")]
 if large:
     print()
     print("Large image (1 TiB, metadata preallocated): targets stride >= 0.5x raw and >= 5x")
-    print("qemu-img bench; random >= 0.3x raw (qemu-img bench has no random mode). The cold random")
-    print("row fills the 32 MiB L2 cache (8,192 misses into fresh memory) within its 32,768")
-    print("requests; the steady row runs 262,144.")
+    print("qemu-img bench; random >= 0.3x raw (qemu-img bench has no random mode). Each run is a")
+    print("new process whose 32 MiB L2 cache starts empty: the random row's 32,768 requests fill")
+    print("it (8,192 misses into fresh memory), the steady row runs 262,144.")
     for key in large:
         ox, raw, qm = med(key, "oxcow"), med(key, "raw"), med(key, "qemu")
         iops = lambda x: f"{x * 256:9.0f}" if x else "      n/a"
