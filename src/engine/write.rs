@@ -221,8 +221,7 @@ pub(super) fn in_place_target(
 fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset) -> Result<usize> {
     let geo = img.geo;
     let cs = geo.cluster_size();
-    // The pending run: host offset and the buffer range it covers.
-    let mut run: Option<(HostOffset, usize, usize)> = None;
+    let mut out = HostWrites::new(img, buf);
     let mut pos = offset;
     while pos < end {
         let start = pos.in_cluster(&geo);
@@ -232,19 +231,10 @@ fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset
         };
         // Within the request, so it fits the buffer.
         let b = pos.since(offset) as usize;
-        run = match run {
-            Some((h, a, e)) if h + (e - a) as u64 == host => Some((h, a, e + len as usize)),
-            Some((h, a, e)) => {
-                img.data_file().write(&buf[a..e], h, WriteKind::Data)?;
-                Some((host, b, b + len as usize))
-            }
-            None => Some((host, b, b + len as usize)),
-        };
+        out.range(host, b, len as usize)?;
         pos += len;
     }
-    if let Some((h, a, e)) = run {
-        img.data_file().write(&buf[a..e], h, WriteKind::Data)?;
-    }
+    out.flush()?;
     Ok(pos.since(offset) as usize)
 }
 
@@ -598,9 +588,10 @@ fn abandon(img: &Image, m: &mut super::meta::Meta, ops: &[Op]) {
     release_claims(img, ops);
 }
 
-/// A batch's host writes, issued in order as they are produced: consecutive pieces of the
-/// caller's buffer that are contiguous on the host too go out as one write (a request
-/// spanning clusters allocated back to back is one write), without collecting them first.
+/// The host writes of a batch or of the in-place path, issued in order as they are
+/// produced: consecutive pieces of the caller's buffer that are contiguous on the host too
+/// go out as one write (a request spanning clusters allocated back to back is one write),
+/// without collecting them first.
 struct HostWrites<'a> {
     img: &'a Image,
     buf: &'a [u8],
@@ -609,17 +600,32 @@ struct HostWrites<'a> {
 }
 
 impl<'a> HostWrites<'a> {
+    /// Nothing written yet of `buf`, the caller's buffer.
+    fn new(img: &'a Image, buf: &'a [u8]) -> Self {
+        HostWrites {
+            img,
+            buf,
+            run: None,
+        }
+    }
+
     /// Bytes `piece` (a sub-slice of the caller's buffer) go to `host`.
     fn borrowed(&mut self, host: HostOffset, piece: &'a [u8]) -> Result<()> {
         let at = piece.as_ptr() as usize - self.buf.as_ptr() as usize;
-        if let Some((h, s, len)) = self.run {
-            if h + len as u64 == host && s + len == at {
-                self.run = Some((h, s, len + piece.len()));
+        self.range(host, at, piece.len())
+    }
+
+    /// Bytes `[at, at+len)` of the caller's buffer go to `host`.
+    #[inline]
+    fn range(&mut self, host: HostOffset, at: usize, len: usize) -> Result<()> {
+        if let Some((h, s, n)) = self.run {
+            if h + n as u64 == host && s + n == at {
+                self.run = Some((h, s, n + len));
                 return Ok(());
             }
             self.flush()?;
         }
-        self.run = Some((host, at, piece.len()));
+        self.run = Some((host, at, len));
         Ok(())
     }
 
@@ -643,11 +649,7 @@ impl<'a> HostWrites<'a> {
 }
 
 fn do_io(img: &Image, buf: &[u8], ops: &[Op]) -> Result<()> {
-    let mut out = HostWrites {
-        img,
-        buf,
-        run: None,
-    };
+    let mut out = HostWrites::new(img, buf);
     for op in ops {
         let req = &buf[op.buf_off..op.buf_off + op.len as usize];
         match op.action {

@@ -123,9 +123,10 @@ const FILTER_WORDS: usize = 1024;
 /// Bits of the negative filter.
 const FILTER_BITS: u64 = FILTER_WORDS as u64 * 64;
 
-/// The filter bit of the region holding `cluster`: word index and mask.
-fn filter_bit(cluster: u64) -> (usize, u64) {
-    let h = (cluster >> REGION_BITS).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48;
+/// The filter bit of region `region` (clusters `region << REGION_BITS` on): word index and
+/// mask.
+fn filter_bit(region: u64) -> (usize, u64) {
+    let h = region.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48;
     ((h >> 6) as usize, 1 << (h & 63))
 }
 
@@ -179,7 +180,7 @@ impl OverlapGuard {
             return true;
         }
         (r0..=r1).any(|r| {
-            let (w, m) = filter_bit(r << REGION_BITS);
+            let (w, m) = filter_bit(r);
             self.filter[w].load(Ordering::Acquire) & m != 0
         })
     }
@@ -202,7 +203,7 @@ impl OverlapGuard {
             // Set before the index holds them, so no check can skip a registered cluster.
             let (r0, r1) = (first >> REGION_BITS, (end - 1) >> REGION_BITS);
             for r in r0..=r1.min(r0 + FILTER_BITS) {
-                let (w, m) = filter_bit(r << REGION_BITS);
+                let (w, m) = filter_bit(r);
                 self.filter[w].fetch_or(m, Ordering::Release);
             }
         }
