@@ -22,7 +22,7 @@
 use super::cache::CacheConfig;
 use super::slicedir::SliceDir;
 use crate::error::Result;
-use crate::format::entry::{decode_l2, L1Entry, L2Entry, Mapping, COMPRESSED, ZERO};
+use crate::format::entry::{decode_l2, L1Entry, L2Entry, Mapping, COMPRESSED, COPIED, ZERO};
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crate::storage::HostFile;
 #[cfg(loom)]
@@ -611,6 +611,21 @@ impl MapView {
     /// it and probe again) from a mapping that is not plain data.
     #[inline]
     pub fn probe_data(&self, geo: &Geometry, guest: GuestOffset) -> DataProbe {
+        self.probe(geo, guest, 0)
+    }
+
+    /// [`Self::probe_data`] for a write in place: `Data` only for a cluster the image also
+    /// owns (COPIED), i.e. exactly where [`Self::lookup`] returns `Mapping::Data` with
+    /// `copied` set (every subcluster of a standard entry is allocated).
+    #[inline]
+    pub fn probe_owned_data(&self, geo: &Geometry, guest: GuestOffset) -> DataProbe {
+        self.probe(geo, guest, COPIED)
+    }
+
+    /// The probe of [`Self::probe_data`], `Data` only where the entry also has every flag
+    /// of `required`.
+    #[inline(always)]
+    fn probe(&self, geo: &Geometry, guest: GuestOffset, required: u64) -> DataProbe {
         if geo.extended_l2 || geo.external_data {
             return DataProbe::Other;
         }
@@ -625,7 +640,7 @@ impl MapView {
         };
         // The kind test of `L2Entry::kind` for a standard entry: no flag, some offset.
         let host = L2Entry::new(w0, 0).host();
-        let plain = w0 & (COMPRESSED | ZERO) == 0;
+        let plain = w0 & (COMPRESSED | ZERO | required) == required;
         if plain && host != HostOffset::ZERO && host.is_cluster_aligned(geo) {
             DataProbe::Data(host)
         } else {

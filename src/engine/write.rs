@@ -11,6 +11,7 @@
 //!
 //! On an I/O error before linking, newly allocated clusters are given back.
 
+use super::mapview::DataProbe;
 use super::{read, Image};
 use crate::error::Result;
 use crate::format::entry::{Mapping, SubclusterState};
@@ -188,6 +189,13 @@ pub(super) fn in_place_target(
     len: u64,
 ) -> Option<HostOffset> {
     let geo = img.geo;
+    if !geo.extended_l2 && !geo.external_data {
+        // The common geometry: the raw entry answers (no decoding, nothing to check).
+        return match img.view.probe_owned_data(&geo, pos) {
+            DataProbe::Data(host) => Some(host + start),
+            DataProbe::Uncached | DataProbe::Other => None,
+        };
+    }
     match img.view.lookup(&geo, img.version, pos) {
         Some(Mapping::Data {
             host,

@@ -400,6 +400,8 @@ fn sys_pwrite(file: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
 /// Writes all of `buf` at `offset` ([`sys_pwrite`] until done; interrupted calls are retried, a
 /// write of 0 bytes is an error), as `FileExt::write_all_at` does.
 fn sys_pwrite_all(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+    // Bound: every iteration writes at least one byte or fails (0 bytes is an error); an
+    // interrupted call retries, as write_all_at does.
     while !buf.is_empty() {
         match sys_pwrite(file, buf, offset) {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
@@ -412,6 +414,19 @@ fn sys_pwrite_all(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()
         }
     }
     Ok(())
+}
+
+/// A buffered write whose first `pwrite` had outcome `first` (short, interrupted or failed):
+/// the rest as [`sys_pwrite_all`] writes it.
+#[cold]
+#[inline(never)]
+fn pwrite_rest(file: &File, buf: &[u8], offset: u64, first: io::Result<usize>) -> io::Result<()> {
+    match first {
+        Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
+        Ok(n) => sys_pwrite_all(file, &buf[n..], offset + n as u64),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => sys_pwrite_all(file, buf, offset),
+        Err(e) => Err(e),
+    }
 }
 
 impl Backend for PosixFile {
@@ -429,7 +444,11 @@ impl Backend for PosixFile {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         match &self.direct {
             Some(d) => self.direct_write(d, buf, offset),
-            None => sys_pwrite_all(&self.file, buf, offset),
+            // One pwrite is the rule; a short or interrupted one continues out of line.
+            None => match sys_pwrite(&self.file, buf, offset) {
+                Ok(n) if n == buf.len() => Ok(()),
+                first => pwrite_rest(&self.file, buf, offset, first),
+            },
         }
     }
 
