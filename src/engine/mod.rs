@@ -450,15 +450,23 @@ impl Image {
         }
     }
 
+    #[inline]
     fn check_writable(&self) -> Result<()> {
         self.check_usable()?;
         if self.is_read_only() {
-            return Err(Error::new(
-                ErrorKind::ReadOnly,
-                format!("{}: image is open read-only", self.path.display()),
-            ));
+            return Err(self.read_only_error());
         }
         Ok(())
+    }
+
+    /// The error of a write request on a read-only handle (out of line, as `fenced_error`).
+    #[cold]
+    #[inline(never)]
+    fn read_only_error(&self) -> Error {
+        Error::new(
+            ErrorKind::ReadOnly,
+            format!("{}: image is open read-only", self.path.display()),
+        )
     }
 
     /// Checks a caller's guest range against the virtual size and returns its start as a
@@ -646,13 +654,21 @@ impl Image {
 
     /// Writethrough: makes the write just done durable before it returns. Called with the
     /// gate held, so it flushes directly rather than through [`Self::flush`].
+    #[inline]
     fn after_write(&self) -> Result<()> {
         if self.mode.writethrough() {
-            let mut m = self.lock_meta();
-            m.writeback(&self.file)
+            self.write_metadata_through()
         } else {
             Ok(())
         }
+    }
+
+    /// Writethrough mode's step after every write: the metadata it changed goes to disk
+    /// (out of line: the writeback handles' check stays inlined).
+    #[inline(never)]
+    fn write_metadata_through(&self) -> Result<()> {
+        let mut m = self.lock_meta();
+        m.writeback(&self.file)
     }
 }
 

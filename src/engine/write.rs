@@ -57,12 +57,24 @@ struct Op {
 
 /// Writes `buf` at guest `offset` (range already checked).
 pub fn write(img: &Image, buf: &[u8], offset: GuestOffset) -> Result<()> {
+    // The common request: within one cluster the image owns, mapped by a cached slice. One
+    // host write, without the batch machinery (a sixth of a 4 KiB overwrite's instructions).
+    let start = offset.in_cluster(&img.geo);
+    let single = start + buf.len() as u64 <= img.geo.cluster_size();
+    if single && !buf.is_empty() {
+        if let Some(host) = in_place_target(img, offset, start, buf.len() as u64) {
+            return img.data_file().write(buf, host, WriteKind::Data);
+        }
+    }
+    // The probe above just failed for the first cluster: its batch goes straight to step 1.
+    let mut probe = !single;
     let mut done = 0usize;
     // Bound: every batch writes at least one byte (one cluster's share, or what the in-place
     // path managed), so this runs at most once per cluster of the request. The check turns
     // a batch that made no progress into an error instead of a spin.
     while done < buf.len() {
-        let n = write_batch(img, &buf[done..], offset + done as u64)?;
+        let n = write_batch(img, &buf[done..], offset + done as u64, probe)?;
+        probe = true;
         if n == 0 {
             return Err(crate::error::Error::corrupt(format!(
                 "write at {:#x} made no progress",
@@ -246,11 +258,15 @@ fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset
     Ok(pos.since(offset) as usize)
 }
 
-fn write_batch(img: &Image, buf: &[u8], offset: GuestOffset) -> Result<usize> {
+/// One batch of [`write`] from `offset`: the in-place path first (unless `probe` is false:
+/// the caller just found the first cluster needs step 1), then steps 1-3.
+fn write_batch(img: &Image, buf: &[u8], offset: GuestOffset, probe: bool) -> Result<usize> {
     let end = offset.l2_range_end(&img.geo).min(offset + buf.len() as u64);
-    let n = write_in_place(img, buf, offset, end)?;
-    if n > 0 {
-        return Ok(n);
+    if probe {
+        let n = write_in_place(img, buf, offset, end)?;
+        if n > 0 {
+            return Ok(n);
+        }
     }
     let mut ops = SPARE_OPS.take();
     let done = plan(img, offset, end, &mut ops).and_then(|()| {
