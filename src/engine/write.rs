@@ -11,6 +11,7 @@
 //!
 //! On an I/O error before linking, newly allocated clusters are given back.
 
+use super::inflight::Claim;
 use super::mapview::DataProbe;
 use super::{read, Image};
 use crate::error::Result;
@@ -468,7 +469,10 @@ fn plan(img: &Image, offset: GuestOffset, end: GuestOffset, ops: &mut Vec<Op>) -
     while pos < end {
         let cluster = pos.cluster_start(&geo);
         let gidx = pos.cluster(&geo);
-        if img.inflight.is_claimed(gidx) {
+        // Claimed before it is planned (claims are made under the metadata mutex, so a busy
+        // cluster is one an earlier batch is still writing); given back below if it turns
+        // out to be an overwrite in place, which needs no claim.
+        if img.inflight.try_claim(gidx) == Claim::Busy {
             if !ops.is_empty() {
                 break;
             }
@@ -484,14 +488,13 @@ fn plan(img: &Image, offset: GuestOffset, end: GuestOffset, ops: &mut Vec<Op>) -
         let action = match plan_cluster(img, &mut m, pos, start, len, Grow::Now) {
             Ok(a) => a,
             Err(e) => {
+                img.inflight.release(gidx);
                 abandon(img, &mut m, ops);
                 return Err(img.on_error(e));
             }
         };
-        if let Action::Link { .. } = action {
-            // Claims are made under the metadata mutex after the check above, so this cannot
-            // find the cluster busy.
-            let _ = img.inflight.try_claim(gidx);
+        if let Action::InPlace { .. } = action {
+            img.inflight.release(gidx);
         }
         ops.push(Op {
             guest: cluster,
