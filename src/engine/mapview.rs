@@ -856,6 +856,57 @@ mod tests {
     }
 
     #[test]
+    fn the_owned_data_probe_answers_exactly_where_lookup_finds_copied_data() {
+        let g = geo(false);
+        let v = MapView::new(1, test_cache(), &g);
+        let table = HostOffset::new(0x1_0000);
+        let copied = 1u64 << 63;
+        v.reset(&[table.get() | copied]);
+        let entries = [
+            0x20_0000 | copied,              // data the image owns: in place
+            0x20_0000,                       // shared data (a snapshot's): copy on write
+            0x20_0000 | copied | ZERO,       // preallocated zero cluster
+            0x20_0000 | ZERO,                // zero cluster without COPIED
+            ZERO,                            // plain zero
+            0,                               // unallocated
+            copied,                          // COPIED without an offset
+            0x20_0200 | copied,              // unaligned host offset
+            COMPRESSED | 0x20_0000,          // compressed
+            COMPRESSED | copied | (5 << 54), // compressed with stray bits
+            0x20_0000 | copied | (1 << 60),  // reserved bit 60 with data
+            0x20_0000 | copied | 0x1fe,      // reserved low bits with data
+        ];
+        let mut words = vec![0u64; 512];
+        words[..entries.len()].copy_from_slice(&entries);
+        let t = L2Table::new(table, words);
+        assert!(v.publish(0, 0, &t));
+        for (i, &e) in entries.iter().enumerate() {
+            let guest = GuestOffset::new((i as u64) << 16);
+            let owned = matches!(
+                v.lookup(&g, 3, guest),
+                Some(Mapping::Data { copied: true, .. })
+            );
+            let probe = v.probe_owned_data(&g, guest);
+            assert_eq!(
+                matches!(probe, DataProbe::Data(_)),
+                owned,
+                "entry {e:#x}: probe {probe:?}"
+            );
+            if let DataProbe::Data(host) = probe {
+                assert_eq!(host, HostOffset::new(0x20_0000), "entry {e:#x}");
+            }
+        }
+        let past = GuestOffset::new(1 << 40);
+        assert_eq!(
+            v.probe_owned_data(&g, past),
+            DataProbe::Other,
+            "past the L1"
+        );
+        let uncached = GuestOffset::new(600 << 16);
+        assert_eq!(v.probe_owned_data(&g, uncached), DataProbe::Uncached);
+    }
+
+    #[test]
     fn the_l1_grows_and_shrinks_keeping_entries_and_zeroing_new_ones() {
         let v = MapView::new(3, test_cache(), &geo(false));
         v.set_l1(2, 0x3_0000);
