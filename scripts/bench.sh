@@ -165,7 +165,7 @@ baseline() {
 # Runs one measurement and appends "fs workload depth tool seconds bytes" to $RESULTS.
 measure() {
     local dir=$1 fs=$2 name=$3 opts=$4 kind=$5 depth=$6 tool=$7
-    local img fmt out secs
+    local img fmt secs
     case "$tool" in
         raw) fmt=raw ;;
         *) fmt=qcow2 ;;
@@ -176,14 +176,7 @@ measure() {
             [ "$dir" = "$LARGE_DIR" ] || return 0
             img="$dir/large.$fmt" ;;
         databm) img="$dir/data.$fmt"; [ "$fmt" = qcow2 ] && img="$dir/databm.qcow2" ;;
-        fresh)
-            img="$dir/fresh.$fmt"
-            rm -f "$img"
-            if [ "$fmt" = raw ]; then truncate -s "${SIZE_MB}M" "$img"; else qemu-img create -q -f qcow2 "$img" "${SIZE_MB}M"; fi ;;
-        cow)
-            img="$dir/cow.$fmt"
-            rm -f "$img"
-            if [ "$fmt" = raw ]; then truncate -s "${SIZE_MB}M" "$img"; else qemu-img create -q -f qcow2 -b data.qcow2 -F qcow2 "$img"; fi ;;
+        fresh | cow) img="$dir/$kind.$fmt" ;;
     esac
     case "$tool$opts" in qemu*--random*) return 0 ;; esac # qemu-img bench has no random mode
     if [ "$tool" != qemu ] && { [ "$kind" = data ] || [ "$kind" = databm ]; }; then
@@ -191,6 +184,39 @@ measure() {
         listed=$(sed -n 's/.*-c \([0-9]*\).*/\1/p' <<<"$opts")
         opts=${opts/-c $listed/-c $((listed * LONG))}
     fi
+    # Allocating runs of oxcow and raw (0.1-0.3 s) are timed twice, each on a new image, and
+    # the faster counts: on this VM a run now and then takes two to five times as long for
+    # either tool alike (fresh memory the host must fault in again; measured: 9 repetitions
+    # of tmpfs alloc-4k-seq, 8 of 36 runs at 0.23-0.61 s against 0.11-0.17 s for the rest),
+    # and interference only ever adds time. qemu-img's runs last seconds: once.
+    local tries=1 best=""
+    if [ "$tool" != qemu ] && { [ "$kind" = fresh ] || [ "$kind" = cow ]; }; then
+        tries=2
+    fi
+    for _ in $(seq "$tries"); do
+        time_run "$dir" "$fs" "$name" "$opts" "$kind" "$depth" "$tool" "$img" "$fmt"
+        best=$(awk -v a="$secs" -v b="$best" 'BEGIN { print (b == "" || a + 0 < b + 0) ? a : b }')
+    done
+    secs=$best
+    local count size
+    count=$(sed -n 's/.*-c \([0-9]*\).*/\1/p' <<<"$opts")
+    size=$(sed -n 's/.*-s \([0-9]*[kM]\).*/\1/p' <<<"$opts")
+    case "$size" in *k) size=$((${size%k} << 10)) ;; *M) size=$((${size%M} << 20)) ;; esac
+    echo "$fs $name $depth $tool $secs $((count * size))" >>"$RESULTS"
+}
+
+# One timed run of measure(): makes the new image of a fresh or cow row, runs the tool and
+# sets secs (the caller's variable).
+time_run() {
+    local dir=$1 fs=$2 name=$3 opts=$4 kind=$5 depth=$6 tool=$7 img=$8 fmt=$9 out
+    case "$kind" in
+        fresh)
+            rm -f "$img"
+            if [ "$fmt" = raw ]; then truncate -s "${SIZE_MB}M" "$img"; else qemu-img create -q -f qcow2 "$img" "${SIZE_MB}M"; fi ;;
+        cow)
+            rm -f "$img"
+            if [ "$fmt" = raw ]; then truncate -s "${SIZE_MB}M" "$img"; else qemu-img create -q -f qcow2 -b data.qcow2 -F qcow2 "$img"; fi ;;
+    esac
     # Write runs start with no dirty pages left over from the previous run, so one tool's
     # write-back does not land in the next tool's timing.
     case "$opts" in -w*) sync ;; esac
@@ -219,11 +245,6 @@ measure() {
             fi ;;
     esac
     [ -n "$secs" ] || { echo "bench.sh: no timing from $tool $name: $out" >&2; exit 1; }
-    local count size
-    count=$(sed -n 's/.*-c \([0-9]*\).*/\1/p' <<<"$opts")
-    size=$(sed -n 's/.*-s \([0-9]*[kM]\).*/\1/p' <<<"$opts")
-    case "$size" in *k) size=$((${size%k} << 10)) ;; *M) size=$((${size%M} << 20)) ;; esac
-    echo "$fs $name $depth $tool $secs $((count * size))" >>"$RESULTS"
 }
 
 # Warms the page cache for the large image like the other rows (again before every
