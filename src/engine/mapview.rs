@@ -262,7 +262,7 @@ impl L2Table {
     }
 
     /// Entry `i` as (descriptor, bitmap word); the bitmap is 0 without extended L2.
-    #[inline]
+    #[inline(always)]
     pub fn entry(&self, i: usize, ext: bool) -> (u64, u64) {
         let (a, b) = if ext { (2 * i, 2 * i + 1) } else { (i, i) };
         loop {
@@ -660,7 +660,8 @@ impl MapView {
 
     /// The raw words of the L2 entry of `guest` in the table at `table` (under L1 entry
     /// `l1`), if its slice is published.
-    #[inline]
+    // Always inlined: as a call it cost a cached 4 KiB overwrite 24 of its 581 instructions.
+    #[inline(always)]
     fn cached_entry(
         &self,
         geo: &Geometry,

@@ -57,6 +57,8 @@ struct Op {
 }
 
 /// Writes `buf` at guest `offset` (range already checked).
+// Inlined into the request entry points: only the common case is here.
+#[inline(always)]
 pub fn write(img: &Image, buf: &[u8], offset: GuestOffset) -> Result<()> {
     // The common request: within one cluster the image owns, mapped by a cached slice. One
     // host write, without the batch machinery (a sixth of a 4 KiB overwrite's instructions).
@@ -68,7 +70,13 @@ pub fn write(img: &Image, buf: &[u8], offset: GuestOffset) -> Result<()> {
         }
     }
     // The probe above just failed for the first cluster: its batch goes straight to step 1.
-    let mut probe = !single;
+    write_batches(img, buf, offset, !single)
+}
+
+/// [`write`] past its fast path: batch after batch, the first one probing the in-place
+/// path only if `probe`.
+#[inline(never)]
+fn write_batches(img: &Image, buf: &[u8], offset: GuestOffset, mut probe: bool) -> Result<()> {
     let mut done = 0usize;
     // Bound: every batch writes at least one byte (one cluster's share, or what the in-place
     // path managed), so this runs at most once per cluster of the request. The check turns

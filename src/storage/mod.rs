@@ -414,6 +414,7 @@ impl HostFile {
     /// The choke point for every write to the image file: the metadata-overlap guard checks
     /// the target range first (a write may overlap only the structure its `kind` updates),
     /// then the bytes go to the backend.
+    #[inline]
     pub fn write(&self, buf: &[u8], offset: HostOffset, kind: WriteKind) -> Result<()> {
         let offset = offset.get();
         self.guard
@@ -435,16 +436,23 @@ impl HostFile {
 
     #[inline]
     fn write_to_backend(&self, buf: &[u8], offset: u64, kind: WriteKind) -> Result<()> {
-        self.backend.write_at(buf, offset).map_err(|e| {
-            Error::io(
-                format!(
-                    "writing {} bytes of {kind:?} at {offset:#x} of {}",
-                    buf.len(),
-                    self.name
-                ),
-                e,
-            )
-        })
+        match self.backend.write_at(buf, offset) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.write_error(e, buf.len(), offset, kind)),
+        }
+    }
+
+    /// The error of a failed write (out of line: every write's path stays small).
+    #[cold]
+    #[inline(never)]
+    fn write_error(&self, e: io::Error, len: usize, offset: u64, kind: WriteKind) -> Error {
+        Error::io(
+            format!(
+                "writing {len} bytes of {kind:?} at {offset:#x} of {}",
+                self.name
+            ),
+            e,
+        )
     }
 
     /// Makes every completed write durable. Once a sync has failed, every later sync fails
