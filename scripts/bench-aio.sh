@@ -103,15 +103,18 @@ for rep in $(seq "$REPS"); do
     done
 done
 
-median() { sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# median [FORMAT]: the median of the numbers on stdin, printed with FORMAT (default %.0f).
+median() {
+    sort -g | awk -v f="${1:-%.0f}" '{ v[NR] = $1 }
+        END { if (!NR) print "n/a"; else printf f "\n", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 echo "# direct I/O on $(df -T "$DIR" | awk 'NR==2 {print $2" ("$1")"}'), 4 KiB, medians of $REPS interleaved runs (IOPS)"
 echo "# load average: $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) cores"
 # paired A B WL D: the median over repetitions of A's IOPS / B's IOPS in the same repetition.
 paired() {
     awk -v a="$1" -v b="$2" -v w="$3" -v d="$4" '$1==w && $2==d && $3==a {x[$5]=$4}
         $1==w && $2==d && $3==b {y[$5]=$4}
-        END { for (r in x) if (r in y && y[r] > 0) print x[r] / y[r] }' "$RES" |
-        sort -g | awk '{ v[NR] = $1 } END { if (!NR) print "n/a"; else if (NR % 2) printf "%.2fx\n", v[(NR + 1) / 2]; else printf "%.2fx\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+        END { for (r in x) if (r in y && y[r] > 0) print x[r] / y[r] }' "$RES" | median "%.2fx"
 }
 printf "%-10s %3s %10s %10s %10s %10s %9s %9s %10s %10s\n" workload d oxcow-aio oxcow-thr raw-uring qemu-img \
     aio/qemu aio/raw "paired/q" "paired/raw"

@@ -861,21 +861,20 @@ mod tests {
         let g = geo(false);
         let v = MapView::new(1, test_cache(), &g);
         let table = HostOffset::new(0x1_0000);
-        let copied = 1u64 << 63;
-        v.reset(&[table.get() | copied]);
+        v.reset(&[table.get() | COPIED]);
         let entries = [
-            0x20_0000 | copied,              // data the image owns: in place
+            0x20_0000 | COPIED,              // data the image owns: in place
             0x20_0000,                       // shared data (a snapshot's): copy on write
-            0x20_0000 | copied | ZERO,       // preallocated zero cluster
+            0x20_0000 | COPIED | ZERO,       // preallocated zero cluster
             0x20_0000 | ZERO,                // zero cluster without COPIED
             ZERO,                            // plain zero
             0,                               // unallocated
-            copied,                          // COPIED without an offset
-            0x20_0200 | copied,              // unaligned host offset
+            COPIED,                          // COPIED without an offset
+            0x20_0200 | COPIED,              // unaligned host offset
             COMPRESSED | 0x20_0000,          // compressed
-            COMPRESSED | copied | (5 << 54), // compressed with stray bits
-            0x20_0000 | copied | (1 << 60),  // reserved bit 60 with data
-            0x20_0000 | copied | 0x1fe,      // reserved low bits with data
+            COMPRESSED | COPIED | (5 << 54), // compressed with stray bits
+            0x20_0000 | COPIED | (1 << 60),  // reserved bit 60 with data
+            0x20_0000 | COPIED | 0x1fe,      // reserved low bits with data
         ];
         let mut words = vec![0u64; 512];
         words[..entries.len()].copy_from_slice(&entries);

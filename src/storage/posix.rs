@@ -416,13 +416,13 @@ fn sys_pwrite_all(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()
     Ok(())
 }
 
-/// A buffered write whose first `pwrite` had outcome `first` (short, interrupted or failed):
-/// the rest as [`sys_pwrite_all`] writes it.
+/// A buffered write whose first `pwrite` had outcome `first` (short, interrupted, empty or
+/// failed): what it wrote is kept and [`sys_pwrite_all`] does the rest, with its rules for
+/// retries and for a write of 0 bytes.
 #[cold]
 #[inline(never)]
 fn pwrite_rest(file: &File, buf: &[u8], offset: u64, first: io::Result<usize>) -> io::Result<()> {
     match first {
-        Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
         Ok(n) => sys_pwrite_all(file, &buf[n..], offset + n as u64),
         Err(e) if e.kind() == io::ErrorKind::Interrupted => sys_pwrite_all(file, buf, offset),
         Err(e) => Err(e),
