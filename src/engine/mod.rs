@@ -51,7 +51,6 @@ use crate::format::{Geometry, GuestOffset, HostOffset};
 use crate::options::{CompressionType, Extent, ImageInfo, OpenOptions};
 use crate::storage::{HostFile, LockMode, PosixFile};
 use backing::Backing;
-use crossbeam_utils::sync::ShardedLockReadGuard;
 use meta::Meta;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -73,7 +72,7 @@ pub struct Image {
     compression: CompressionType,
     /// How the handle is open (read-only, writethrough, ...).
     mode: mode::OpenMode,
-    /// The write gate and the fence.
+    /// The fence (the write gate is the host file's grace periods: see `gate`).
     io: gate::IoGate,
     /// The backing file, replaceable while the image is open (rebase, commit): readers take
     /// a reference under the read lock only when a read falls through to it.
@@ -363,7 +362,7 @@ impl Image {
     /// on an io_uring (the data file's ring writes), and keeps new ones out until the guard
     /// is dropped.
     fn quiesce(&self) -> Quiesced<'_> {
-        let gate = self.io.quiesce();
+        let gate = self.file.grace().exclude_writers();
         let ring = self.data_file().ring_writes().exclude();
         Quiesced {
             _gate: gate,
@@ -386,9 +385,11 @@ impl Image {
         }
     }
 
-    /// Enters the shared side of the write gate (see the `gate` field).
-    fn enter_write_gate(&self) -> ShardedLockReadGuard<'_, ()> {
-        self.io.enter_write()
+    /// Enters the write gate (see `gate`) with a grace pin: until the pin is dropped, host
+    /// clusters the request maps stay reserved for it and no control operation runs.
+    #[inline]
+    fn enter_write_gate(&self) -> crate::storage::Pin<'_> {
+        self.file.grace().pin_writer()
     }
 
     /// Allocation status of the guest range starting at `offset`: the returned extent starts
@@ -563,34 +564,39 @@ impl Image {
 
     /// Reads exactly `buf.len()` bytes of guest data at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        // Mapped host clusters stay reserved for this request until it returns.
-        let _pin = self.file.grace().pin();
-        self.check_usable()?;
-        let offset = self.check_range(offset, buf.len() as u64)?;
-        self.finish(read::read(self, buf, offset))
+        let r = {
+            // Mapped host clusters stay reserved for this request until its I/O is done
+            // (not while `finish` runs the event callbacks, which may wait for grace periods).
+            let _pin = self.file.grace().pin();
+            self.check_usable()?;
+            let offset = self.check_range(offset, buf.len() as u64)?;
+            read::read(self, buf, offset)
+        };
+        self.finish(r)
     }
 
     /// Reads guest data into several buffers, filled in order starting at `offset`.
     pub fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> Result<()> {
-        // Mapped host clusters stay reserved for this request until it returns.
-        let _pin = self.file.grace().pin();
         let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
-        self.check_usable()?;
-        let mut off = self.check_range(offset, total)?;
-        let r = bufs.iter_mut().try_for_each(|b| {
-            read::read(self, b, off)?;
-            off += b.len() as u64;
-            Ok(())
-        });
+        let r = {
+            // As in `read_at`.
+            let _pin = self.file.grace().pin();
+            self.check_usable()?;
+            let mut off = self.check_range(offset, total)?;
+            bufs.iter_mut().try_for_each(|b| {
+                read::read(self, b, off)?;
+                off += b.len() as u64;
+                Ok(())
+            })
+        };
         self.finish(r)
     }
 
     /// Writes all of `buf` at guest `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        // Mapped host clusters stay reserved for this request until it returns.
-        let _pin = self.file.grace().pin();
         let r = {
-            let _gate = self.enter_write_gate();
+            // Mapped host clusters stay reserved for this request until its I/O is done.
+            let _writer = self.enter_write_gate();
             self.check_writable()?;
             let offset = self.check_range(offset, buf.len() as u64)?;
             self.bitmaps.mark(offset.get(), buf.len() as u64);
@@ -601,11 +607,10 @@ impl Image {
 
     /// Writes several buffers, in order, starting at guest `offset`.
     pub fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
-        // Mapped host clusters stay reserved for this request until it returns.
-        let _pin = self.file.grace().pin();
         let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
         let r = {
-            let _gate = self.enter_write_gate();
+            // Mapped host clusters stay reserved for this request until its I/O is done.
+            let _writer = self.enter_write_gate();
             self.check_writable()?;
             let mut off = self.check_range(offset, total)?;
             self.bitmaps.mark(offset, total);
@@ -623,10 +628,9 @@ impl Image {
     /// Makes `[offset, offset+count)` read as zeros. With `may_unmap` the clusters may be
     /// deallocated; otherwise fully covered allocated clusters stay allocated.
     pub fn write_zeroes(&self, offset: u64, count: u64, flags: crate::ZeroFlags) -> Result<()> {
-        // Mapped host clusters stay reserved for this request until it returns.
-        let _pin = self.file.grace().pin();
         let r = {
-            let _gate = self.enter_write_gate();
+            // Mapped host clusters stay reserved for this request until its I/O is done.
+            let _writer = self.enter_write_gate();
             self.check_writable()?;
             let offset = self.check_range(offset, count)?;
             self.bitmaps.mark(offset.get(), count);
@@ -640,10 +644,9 @@ impl Image {
     /// zeros, except in v2 images with a backing file, where they read the backing data.
     /// Partial clusters at the edges are left unchanged.
     pub fn discard(&self, offset: u64, count: u64) -> Result<()> {
-        // Mapped host clusters stay reserved for this request until it returns.
-        let _pin = self.file.grace().pin();
         let r = {
-            let _gate = self.enter_write_gate();
+            // Mapped host clusters stay reserved for this request until its I/O is done.
+            let _writer = self.enter_write_gate();
             self.check_writable()?;
             let offset = self.check_range(offset, count)?;
             self.bitmaps.mark(offset.get(), count);
@@ -688,7 +691,7 @@ impl Drop for Image {
 /// Writers kept out (see [`Image::quiesce`]); fields drop in order: the ring writes are
 /// let in again no earlier than the synchronous writers.
 struct Quiesced<'a> {
-    _gate: crossbeam_utils::sync::ShardedLockWriteGuard<'a, ()>,
+    _gate: crate::storage::WritersExcluded<'a>,
     _ring: crate::storage::Excluded<'a>,
 }
 

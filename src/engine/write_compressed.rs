@@ -87,8 +87,7 @@ impl Image {
     /// gives the same file, byte for byte, whatever thread prepared them.
     pub fn write_compressed_cluster(&self, c: &CompressedCluster) -> Result<()> {
         let r = {
-            let _pin = self.file.grace().pin();
-            let _gate = self.enter_write_gate();
+            let _writer = self.enter_write_gate();
             self.write_prepared_gated(c)
         };
         self.finish(r)

@@ -10,14 +10,29 @@
 //!
 //! Pinning is an increment and a decrement of a per-thread-shard counter (no cache line shared
 //! by all threads); nothing blocks.
+//!
+//! The same counters are the handle's write gate: a writer's pin ([`Grace::pin_writer`])
+//! also counts it in the high half of its slot, and a control operation that must see no
+//! write in flight ([`Grace::exclude_writers`]) closes the gate and waits until no slot counts
+//! a writer. A synchronous write thus pays for one pin (two atomic read-modify-writes on its
+//! shard's line) instead of a pin plus a reader-writer lock.
 
 use crossbeam_utils::CachePadded;
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicBool, AtomicU64};
+#[cfg(loom)]
+use loom::sync::{Condvar, Mutex, MutexGuard};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicBool, AtomicU64};
+#[cfg(not(loom))]
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// Counter shards: threads spread over them so that concurrent requests do not all bounce
-/// one cache line.
-const SHARDS: usize = 16;
+/// one cache line. (Two under loom, whose models need not scan sixteen.)
+const SHARDS: usize = if cfg!(loom) { 2 } else { 16 };
 
 thread_local! {
     /// This thread's shard; [`UNASSIGNED`] until its first pin. Constant-initialised, so that
@@ -42,20 +57,65 @@ fn my_shard() -> usize {
     })
 }
 
+/// Where a thread's SeqCst write must be ordered before its next SeqCst read of another
+/// location (a pin's increment before its read of the epoch or the gate; closing the gate
+/// before reading the counts). The SeqCst accesses already order it: all SeqCst operations
+/// form one total order. Loom models SeqCst accesses as AcqRel only, so under loom the
+/// SeqCst fence it does model stands in for that order.
+#[inline(always)]
+fn seqcst_point() {
+    #[cfg(loom)]
+    loom::sync::atomic::fence(Ordering::SeqCst);
+}
+
+/// What a reader's pin adds to its slot.
+const READER: u64 = 1;
+/// What a writer's pin adds to its slot: one pin (low half) and one writer (high half).
+const WRITER: u64 = (1 << 32) | 1;
+/// The low half of a slot: the pins it counts.
+const PINS: u64 = (1 << 32) - 1;
+
 /// Epoch counter plus, per shard, the number of pinned requests in the current and previous
-/// epoch.
+/// epoch (low half of each slot) and how many of them are writers (high half); and the write
+/// gate those writer counts answer to.
 #[derive(Debug, Default)]
 pub struct Grace {
     epoch: AtomicU64,
     active: [CachePadded<[AtomicU64; 2]>; SHARDS],
+    /// Set while an operation excludes writers (new writers wait until it is cleared).
+    closed: AtomicBool,
+    /// Held by the operation excluding writers (one at a time).
+    exclusion: Mutex<()>,
+    /// Where a closing operation waits for writers to leave and writers wait for the gate to
+    /// open again (guarding nothing: waiters re-check the atomics under it).
+    gate: Mutex<()>,
+    changed: Condvar,
 }
 
-/// A pinned request; unpins on drop.
+/// A pinned request; unpins on drop. A writer's pin also holds the write gate open.
 #[derive(Debug)]
 pub struct Pin<'a> {
     grace: &'a Grace,
     shard: usize,
     slot: usize,
+    weight: u64,
+}
+
+/// Keeps writers out until dropped (see [`Grace::exclude_writers`]).
+#[must_use = "writers are excluded only while the guard lives"]
+pub struct WritersExcluded<'a> {
+    grace: &'a Grace,
+    _exclusive: MutexGuard<'a, ()>,
+}
+
+impl Drop for WritersExcluded<'_> {
+    fn drop(&mut self) {
+        self.grace.closed.store(false, Ordering::SeqCst);
+        // Under the gate mutex: a writer that saw the gate closed re-checks it under that
+        // mutex before waiting, so it cannot miss this wake-up.
+        let _g = self.grace.lock_gate();
+        self.grace.changed.notify_all();
+    }
 }
 
 /// A detached pin (see [`Grace::pin_detached`]): not tied to a borrow, released explicitly.
@@ -68,29 +128,108 @@ pub struct PinToken {
 
 impl Drop for Pin<'_> {
     fn drop(&mut self) {
-        self.grace.active[self.shard][self.slot].fetch_sub(1, Ordering::SeqCst);
+        self.grace.active[self.shard][self.slot].fetch_sub(self.weight, Ordering::SeqCst);
+        seqcst_point();
+        if self.weight == WRITER && self.grace.closed.load(Ordering::SeqCst) {
+            self.grace.writer_left();
+        }
     }
 }
 
 impl Grace {
     /// Pins the calling request in the current epoch.
+    #[inline]
     pub fn pin(&self) -> Pin<'_> {
+        self.pin_as(READER)
+    }
+
+    /// Pins a request that writes (or flushes), entering the write gate: waits while an
+    /// operation excludes writers, and keeps the next one waiting until the pin is dropped.
+    /// Must not be called by a thread that excludes writers (it would wait for itself).
+    #[inline]
+    pub fn pin_writer(&self) -> Pin<'_> {
+        self.pin_as(WRITER)
+    }
+
+    #[inline]
+    fn pin_as(&self, weight: u64) -> Pin<'_> {
         let shard = my_shard();
+        // Bound: a retry follows an epoch advance (serialised, each needing the older slot
+        // drained) or a closed gate, which the writer waits out before trying again.
         loop {
             let e = self.epoch.load(Ordering::SeqCst);
             let slot = (e & 1) as usize;
-            self.active[shard][slot].fetch_add(1, Ordering::SeqCst);
+            self.active[shard][slot].fetch_add(weight, Ordering::SeqCst);
+            seqcst_point();
             // If the epoch moved between the load and the increment, the advance may not
-            // have seen us in the slot it checked: retry in the new epoch.
-            if self.epoch.load(Ordering::SeqCst) == e {
+            // have seen us in the slot it checked: retry in the new epoch. A writer counted
+            // before the gate closed is seen by the closing operation's wait; one counted
+            // after sees the gate closed here (both sides are SeqCst), and backs out.
+            let closed = weight == WRITER && self.closed.load(Ordering::SeqCst);
+            if self.epoch.load(Ordering::SeqCst) == e && !closed {
                 return Pin {
                     grace: self,
                     shard,
                     slot,
+                    weight,
                 };
             }
-            self.active[shard][slot].fetch_sub(1, Ordering::SeqCst);
+            self.active[shard][slot].fetch_sub(weight, Ordering::SeqCst);
+            if closed {
+                self.writer_left();
+                self.wait_gate_open();
+            }
         }
+    }
+
+    /// Closes the write gate and waits until no writer is pinned: until the guard is dropped,
+    /// no write runs (new writers wait in [`Self::pin_writer`]). Operations excluding writers
+    /// run one at a time. Must not be called while holding a writer's pin.
+    pub fn exclude_writers(&self) -> WritersExcluded<'_> {
+        let exclusive = self.exclusion.lock().unwrap_or_else(|p| p.into_inner());
+        self.closed.store(true, Ordering::SeqCst);
+        seqcst_point();
+        let mut g = self.lock_gate();
+        // Bound: writers already pinned finish their requests; new ones back out.
+        while self.writers() > 0 {
+            g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(g);
+        WritersExcluded {
+            grace: self,
+            _exclusive: exclusive,
+        }
+    }
+
+    /// Writers pinned now, over all shards and both slots.
+    fn writers(&self) -> u64 {
+        self.active
+            .iter()
+            .flat_map(|s| s.iter())
+            .map(|c| c.load(Ordering::SeqCst) >> 32)
+            .sum()
+    }
+
+    /// Wakes the closing operation after a writer left a closed gate (under the gate mutex:
+    /// it re-checks the writer counts under that mutex before waiting).
+    #[cold]
+    fn writer_left(&self) {
+        let _g = self.lock_gate();
+        self.changed.notify_all();
+    }
+
+    /// Waits until the write gate is open again.
+    #[cold]
+    fn wait_gate_open(&self) {
+        let mut g = self.lock_gate();
+        while self.closed.load(Ordering::SeqCst) {
+            g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn lock_gate(&self) -> MutexGuard<'_, ()> {
+        // The mutex guards no data (waiters re-check the atomics), so poisoning is harmless.
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Pins a request whose I/O outlives the call that started it (an asynchronous queue's
@@ -98,7 +237,7 @@ impl Grace {
     /// once. A token never released keeps freed clusters from reuse (a leak, never a
     /// corruption).
     pub fn pin_detached(&self) -> PinToken {
-        let p = self.pin();
+        let p = self.pin_as(READER);
         let t = PinToken {
             shard: p.shard,
             slot: p.slot,
@@ -109,7 +248,7 @@ impl Grace {
 
     /// Releases a pin taken with [`Self::pin_detached`] on this `Grace`.
     pub fn unpin(&self, t: PinToken) {
-        self.active[t.shard][t.slot].fetch_sub(1, Ordering::SeqCst);
+        self.active[t.shard][t.slot].fetch_sub(READER, Ordering::SeqCst);
     }
 
     /// Requests pinned in `slot`, over all shards. A request pinned for good is counted; one
@@ -117,7 +256,7 @@ impl Grace {
     fn pinned(&self, slot: usize) -> u64 {
         self.active
             .iter()
-            .map(|s| s[slot].load(Ordering::SeqCst))
+            .map(|s| s[slot].load(Ordering::SeqCst) & PINS)
             .sum()
     }
 
@@ -150,9 +289,74 @@ impl Grace {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    /// Whether `done` is still unset after a while (a thread that should be waiting).
+    fn still_waiting(done: &AtomicBool) -> bool {
+        std::thread::sleep(Duration::from_millis(50));
+        !done.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn excluding_writers_waits_for_the_writer_in_flight_and_keeps_new_ones_out() {
+        let g = Grace::default();
+        let excluded = AtomicBool::new(false);
+        let second_writer_in = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let writer = g.pin_writer(); // a write in flight
+            let excluder = s.spawn(|| {
+                let guard = g.exclude_writers();
+                excluded.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(100));
+                assert!(
+                    !second_writer_in.load(Ordering::SeqCst),
+                    "a writer entered while writers were excluded"
+                );
+                drop(guard);
+            });
+            assert!(
+                still_waiting(&excluded),
+                "exclusion did not wait for the writer"
+            );
+            drop(writer);
+            while !excluded.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            let late = s.spawn(|| {
+                let _w = g.pin_writer();
+                second_writer_in.store(true, Ordering::SeqCst);
+            });
+            excluder.join().expect("excluder");
+            late.join().expect("late writer");
+        });
+        assert!(
+            second_writer_in.load(Ordering::SeqCst),
+            "the gate opened again"
+        );
+        assert_eq!(g.writers(), 0);
+    }
+
+    #[test]
+    fn readers_pass_a_closed_gate_and_writers_count_as_pinned() {
+        let g = Grace::default();
+        let tag = g.current();
+        let w = g.pin_writer();
+        assert!(g.try_advance());
+        assert!(
+            !g.drained(tag),
+            "a writer's pin holds the grace period like a reader's"
+        );
+        drop(w);
+        assert!(g.drained(tag));
+        let _closed = g.exclude_writers();
+        let r = g.pin(); // must not wait
+        assert_eq!(g.writers(), 0);
+        drop(r);
+    }
 
     #[test]
     fn a_freed_cluster_waits_for_requests_pinned_before_the_free() {
@@ -221,3 +425,7 @@ mod tests {
         assert_eq!(g.pinned(0) + g.pinned(1), 0);
     }
 }
+
+#[cfg(all(test, loom))]
+#[path = "grace_loom.rs"]
+mod loom_tests;

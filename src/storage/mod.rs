@@ -21,7 +21,7 @@ pub mod slab;
 pub mod uring;
 
 pub use absent::Absent;
-pub use grace::{Grace, Pin, PinToken};
+pub use grace::{Grace, Pin, PinToken, WritersExcluded};
 pub use guard::{MetaKind, OverlapCheck, OverlapGuard, OverlapHit};
 pub use lock::{ImageLock, LockMode};
 pub use posix::PosixFile;
