@@ -4,7 +4,8 @@
 //! Tracking costs one atomic load when no bitmap records, and otherwise a read of a sharded
 //! lock (per-thread shard: no cache line shared by all writers) and one `fetch_or` per touched
 //! word. The recording list only changes with writers quiesced (control operations hold
-//! `Image::quiesce`, which closes the write gate), so no write can slip between a bitmap's enable and its first bit.
+//! `Image::quiesce`, which closes the write gate), so no write can slip between a bitmap's
+//! enable and its first bit.
 
 use super::bits::DirtyBits;
 use crate::format::bitmap::BitmapEntry;
