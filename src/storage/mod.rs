@@ -414,7 +414,7 @@ impl HostFile {
     /// The choke point for every write to the image file: the metadata-overlap guard checks
     /// the target range first (a write may overlap only the structure its `kind` updates),
     /// then the bytes go to the backend.
-    #[inline]
+    #[inline(always)]
     pub fn write(&self, buf: &[u8], offset: HostOffset, kind: WriteKind) -> Result<()> {
         let offset = offset.get();
         self.guard
@@ -434,7 +434,7 @@ impl HostFile {
         self.write_to_backend(buf, offset, kind)
     }
 
-    #[inline]
+    #[inline(always)]
     fn write_to_backend(&self, buf: &[u8], offset: u64, kind: WriteKind) -> Result<()> {
         match self.backend.write_at(buf, offset) {
             Ok(()) => Ok(()),
