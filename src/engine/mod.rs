@@ -332,7 +332,9 @@ impl Image {
     pub fn flush(&self) -> Result<()> {
         self.check_usable()?;
         let r = {
-            let _gate = self.enter_write_gate();
+            // A flush maps no cluster: it holds the gate unpinned, or its own pin would keep
+            // back the grace periods (and the discard=unmap punches) its write-back ends.
+            let _gate = self.file.grace().enter_writer_unpinned();
             if self.is_read_only() {
                 return Ok(());
             }

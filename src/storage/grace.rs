@@ -70,8 +70,10 @@ fn seqcst_point() {
 
 /// What a reader's pin adds to its slot.
 const READER: u64 = 1;
+/// What a writer adds to its slot's high half.
+const GATE: u64 = 1 << 32;
 /// What a writer's pin adds to its slot: one pin (low half) and one writer (high half).
-const WRITER: u64 = (1 << 32) | 1;
+const WRITER: u64 = GATE | READER;
 /// The low half of a slot: the pins it counts.
 const PINS: u64 = (1 << 32) - 1;
 
@@ -130,7 +132,7 @@ impl Drop for Pin<'_> {
     fn drop(&mut self) {
         self.grace.active[self.shard][self.slot].fetch_sub(self.weight, Ordering::SeqCst);
         seqcst_point();
-        if self.weight == WRITER && self.grace.closed.load(Ordering::SeqCst) {
+        if self.weight >= GATE && self.grace.closed.load(Ordering::SeqCst) {
             self.grace.writer_left();
         }
     }
@@ -151,6 +153,14 @@ impl Grace {
         self.pin_as(WRITER)
     }
 
+    /// Enters the write gate as [`Self::pin_writer`] does, without pinning the grace period:
+    /// for a writer that maps no host cluster itself (a flush), whose pin would only hold
+    /// back the grace periods its own write-back ends.
+    #[inline]
+    pub fn enter_writer_unpinned(&self) -> Pin<'_> {
+        self.pin_as(GATE)
+    }
+
     #[inline]
     fn pin_as(&self, weight: u64) -> Pin<'_> {
         let shard = my_shard();
@@ -165,7 +175,7 @@ impl Grace {
             // have seen us in the slot it checked: retry in the new epoch. A writer counted
             // before the gate closed is seen by the closing operation's wait; one counted
             // after sees the gate closed here (both sides are SeqCst), and backs out.
-            let closed = weight == WRITER && self.closed.load(Ordering::SeqCst);
+            let closed = weight >= GATE && self.closed.load(Ordering::SeqCst);
             if self.epoch.load(Ordering::SeqCst) == e && !closed {
                 return Pin {
                     grace: self,
@@ -352,6 +362,13 @@ mod tests {
         );
         drop(w);
         assert!(g.drained(tag));
+        let unpinned = g.enter_writer_unpinned();
+        assert!(
+            g.try_advance() && g.try_advance(),
+            "a flush does not hold grace periods"
+        );
+        assert_eq!(g.writers(), 1);
+        drop(unpinned);
         let _closed = g.exclude_writers();
         let r = g.pin(); // must not wait
         assert_eq!(g.writers(), 0);
