@@ -552,6 +552,7 @@ fn plan_cluster(
         // allocated, or owned and claimed in flight): it stays true until the batch writes it.
         let data = img.data_file();
         *zeroed = data.reads_as_zeros_from(*host);
+        data.count_as_written(*host + img.geo.cluster_size());
         // The data write then fills a hole inside the file's length (no extending write).
         if grow == Grow::Now {
             data.grow_ahead(*host + img.geo.cluster_size());

@@ -171,7 +171,8 @@ pub struct HostFile {
     /// marked them clean, so a later successful fsync would prove nothing: every later sync
     /// fails too (the PostgreSQL/QEMU lesson), and the caller must treat unflushed data as lost.
     sync_failed: AtomicBool,
-    /// No byte at or past this offset has ever been written through this handle, and the file
+    /// No byte at or past this offset has ever been written through this handle (or belongs
+    /// to a data cluster handed out for writing, see [`Self::count_as_written`]), and the file
     /// held none there when it was opened (or last resized): host ranges from here on read as
     /// zeros. Raised before every write starts, so it never lags a write in progress.
     written_end: AtomicU64,
@@ -249,8 +250,9 @@ impl HostFile {
     }
 
     /// Cuts off what [`Self::grow_ahead`] added past the written end, so the file ends
-    /// where the same writes without growing would have left it (QEMU's length). Callers
-    /// hold no writer (drop, reopen, quiesced operations).
+    /// where the same writes without growing would have left it, or at the end of the last
+    /// data cluster handed out (where QEMU's files end too: it zeroes a new cluster's tail).
+    /// Callers hold no writer (drop, reopen, quiesced operations).
     fn trim_growth(&self) {
         if self.grown_to.load(Ordering::Acquire) == 0 {
             return;
@@ -273,6 +275,17 @@ impl HostFile {
     /// allocated, under the allocator's lock), so the answer stays true until they write it.
     pub fn reads_as_zeros_from(&self, offset: HostOffset) -> bool {
         offset.get() >= self.written_end.load(Ordering::Acquire)
+    }
+
+    /// Counts `[.., end)` as possibly written from now on: called (under the allocator's
+    /// lock, before any write to it) with the end of a data cluster just handed out, so that
+    /// the writes filling that cluster find the mark raised already (sequential 4 KiB writes
+    /// raised it fifteen times per 64 KiB cluster, each a read-modify-write of a cache line
+    /// every writer reads). Only the rest of that cluster, which nobody else may be given,
+    /// stops counting as zeros; and a file grown ahead is cut at the cluster's end when the
+    /// handle goes ([`Self::trim_growth`]), where QEMU's files end too.
+    pub fn count_as_written(&self, end: HostOffset) {
+        self.raise_written_end(end.get());
     }
 
     fn raise_written_end(&self, end: u64) {
@@ -738,6 +751,23 @@ mod tests {
             69632,
             "the unwritten tail outlived the handle"
         );
+    }
+
+    #[test]
+    fn a_cluster_counted_as_written_stops_reading_as_zeros_and_bounds_the_trim() {
+        let sim = Arc::new(Growing(sim::SimFile::new(vec![1u8; 65536])));
+        let f = HostFile::new(sim.clone() as Arc<dyn Backend>, "grow");
+        f.grow_ahead(HostOffset::new(131072));
+        // A data cluster at 64 KiB handed out, then its first 4 KiB written.
+        assert!(f.reads_as_zeros_from(HostOffset::new(65536)));
+        f.count_as_written(HostOffset::new(131072));
+        assert!(!f.reads_as_zeros_from(HostOffset::new(65536 + 4096)));
+        assert!(f.reads_as_zeros_from(HostOffset::new(131072)), "the next cluster");
+        f.write(&[2u8; 4096], HostOffset::new(65536), WriteKind::Data)
+            .unwrap();
+        assert_eq!(f.len().unwrap(), 131072);
+        drop(f);
+        assert_eq!(sim.len().unwrap(), 131072, "cut at the cluster's end");
     }
 
     #[test]
