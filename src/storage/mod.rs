@@ -762,7 +762,10 @@ mod tests {
         assert!(f.reads_as_zeros_from(HostOffset::new(65536)));
         f.count_as_written(HostOffset::new(131072));
         assert!(!f.reads_as_zeros_from(HostOffset::new(65536 + 4096)));
-        assert!(f.reads_as_zeros_from(HostOffset::new(131072)), "the next cluster");
+        assert!(
+            f.reads_as_zeros_from(HostOffset::new(131072)),
+            "the next cluster"
+        );
         f.write(&[2u8; 4096], HostOffset::new(65536), WriteKind::Data)
             .unwrap();
         assert_eq!(f.len().unwrap(), 131072);
