@@ -176,6 +176,13 @@ pub struct HostFile {
     /// held none there when it was opened (or last resized): host ranges from here on read as
     /// zeros. Raised before every write starts, so it never lags a write in progress.
     written_end: AtomicU64,
+    /// The same mark without whole clusters counted ahead: where the bytes written end.
+    /// Kept only by a file that grows ahead ([`Backend::grows_ahead`], see `exact_end`),
+    /// whose length ([`Self::len`]) and cut-off ([`Self::trim_growth`]) follow it, so that
+    /// the file ends where the same writes leave a file that does not grow.
+    data_end: AtomicU64,
+    /// Whether `data_end` is kept (the backend grows ahead).
+    exact_end: bool,
     /// Set once the backend refused `zero_range`, so the allocating write path stops asking.
     no_zero_range: AtomicBool,
     /// The device length [`Self::grow_ahead`] last saw or set (0: never grown); the mutex
@@ -184,12 +191,23 @@ pub struct HostFile {
     grow_lock: std::sync::Mutex<()>,
 }
 
+/// Raises `mark` to `end` if below. Most writes (overwrites, metadata) end below the mark: a
+/// load keeps the shared cache line clean for them; only a write past it pays the
+/// read-modify-write.
+#[inline(always)]
+fn raise(mark: &AtomicU64, end: u64) {
+    if end > mark.load(Ordering::Acquire) {
+        mark.fetch_max(end, Ordering::AcqRel);
+    }
+}
+
 impl HostFile {
     /// Wraps a backend; `name` appears in error messages.
     pub fn new(backend: Arc<dyn Backend>, name: impl Into<String>) -> HostFile {
         // A size we cannot learn is taken as "everything may hold data": no range is then
         // assumed to read as zeros.
         let end = backend.len().unwrap_or(u64::MAX);
+        let backend_grows = backend.grows_ahead();
         HostFile {
             backend,
             name: name.into(),
@@ -198,6 +216,8 @@ impl HostFile {
             ring_writes: RingWrites::default(),
             sync_failed: AtomicBool::new(false),
             written_end: AtomicU64::new(end),
+            data_end: AtomicU64::new(end),
+            exact_end: backend_grows,
             no_zero_range: AtomicBool::new(false),
             grown_to: AtomicU64::new(0),
             grow_lock: std::sync::Mutex::new(()),
@@ -250,9 +270,8 @@ impl HostFile {
     }
 
     /// Cuts off what [`Self::grow_ahead`] added past the written end, so the file ends
-    /// where the same writes without growing would have left it, or at the end of the last
-    /// data cluster handed out (where QEMU's files end too: it zeroes a new cluster's tail).
-    /// Callers hold no writer (drop, reopen, quiesced operations).
+    /// where the same writes without growing would have left it. Callers hold no writer
+    /// (drop, reopen, quiesced operations).
     fn trim_growth(&self) {
         if self.grown_to.load(Ordering::Acquire) == 0 {
             return;
@@ -260,7 +279,7 @@ impl HostFile {
         let Ok(_held) = self.grow_lock.lock() else {
             return;
         };
-        let written = self.written_end.load(Ordering::Acquire);
+        let written = self.data_end.load(Ordering::Acquire);
         if let Ok(len) = self.backend.len() {
             if len > written {
                 let _ = self.backend.set_len(written);
@@ -282,17 +301,15 @@ impl HostFile {
     /// the writes filling that cluster find the mark raised already (sequential 4 KiB writes
     /// raised it fifteen times per 64 KiB cluster, each a read-modify-write of a cache line
     /// every writer reads). Only the rest of that cluster, which nobody else may be given,
-    /// stops counting as zeros; and a file grown ahead is cut at the cluster's end when the
-    /// handle goes ([`Self::trim_growth`]), where QEMU's files end too.
+    /// stops counting as zeros; the file's length still follows the bytes written.
     pub fn count_as_written(&self, end: HostOffset) {
-        self.raise_written_end(end.get());
+        raise(&self.written_end, end.get());
     }
 
     fn raise_written_end(&self, end: u64) {
-        // Most writes (overwrites, metadata) end below the mark: a load keeps the shared
-        // cache line clean for them; only a write past it pays the read-modify-write.
-        if end > self.written_end.load(Ordering::Acquire) {
-            self.written_end.fetch_max(end, Ordering::AcqRel);
+        raise(&self.written_end, end);
+        if self.exact_end {
+            raise(&self.data_end, end);
         }
     }
 
@@ -496,7 +513,7 @@ impl HostFile {
         if self.grown_to.load(Ordering::Acquire) == 0 {
             return Ok(len);
         }
-        Ok(len.min(self.written_end.load(Ordering::Acquire)))
+        Ok(len.min(self.data_end.load(Ordering::Acquire)))
     }
 
     /// Whether the file is empty.
@@ -527,6 +544,7 @@ impl HostFile {
             .map_err(|e| Error::io(format!("resizing {} to {len}", self.name), e))?;
         // Bytes past the new length are gone; an extension reads as zeros.
         self.written_end.store(len, Ordering::Release);
+        self.data_end.store(len, Ordering::Release);
         Ok(())
     }
 
@@ -754,7 +772,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cluster_counted_as_written_stops_reading_as_zeros_and_bounds_the_trim() {
+    fn a_cluster_counted_as_written_stops_reading_as_zeros_but_not_the_files_length() {
         let sim = Arc::new(Growing(sim::SimFile::new(vec![1u8; 65536])));
         let f = HostFile::new(sim.clone() as Arc<dyn Backend>, "grow");
         f.grow_ahead(HostOffset::new(131072));
@@ -768,9 +786,13 @@ mod tests {
         );
         f.write(&[2u8; 4096], HostOffset::new(65536), WriteKind::Data)
             .unwrap();
-        assert_eq!(f.len().unwrap(), 131072);
+        assert_eq!(f.len().unwrap(), 69632);
         drop(f);
-        assert_eq!(sim.len().unwrap(), 131072, "cut at the cluster's end");
+        assert_eq!(
+            sim.len().unwrap(),
+            69632,
+            "cut where the bytes written end, as without growing"
+        );
     }
 
     #[test]
