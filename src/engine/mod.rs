@@ -25,7 +25,7 @@ mod datafile;
 #[cfg(test)]
 mod datafile_crash_tests;
 pub mod events;
-mod gate;
+mod fence;
 #[cfg(test)]
 mod host_space_crash_tests;
 mod inflight;
@@ -72,8 +72,9 @@ pub struct Image {
     compression: CompressionType,
     /// How the handle is open (read-only, writethrough, ...).
     mode: mode::OpenMode,
-    /// The fence (the write gate is the host file's grace periods: see `gate`).
-    io: gate::IoGate,
+    /// Whether the handle still accepts I/O (the write gate is in the host file's grace
+    /// counters: see `fence`).
+    fence: fence::Fence,
     /// The backing file, replaceable while the image is open (rebase, commit): readers take
     /// a reference under the read lock only when a read falls through to it.
     backing: std::sync::RwLock<Option<Arc<Backing>>>,
@@ -218,7 +219,7 @@ impl Image {
                 keep_read_only: opts.keep_read_only || opts.snapshot.is_some(),
                 ..opts.clone()
             }),
-            io: gate::IoGate::default(),
+            fence: fence::Fence::default(),
             backing: std::sync::RwLock::new(backing.map(Arc::new)),
             snapshots: std::sync::RwLock::new(snapshot::Snapshots {
                 list: snapshots,
@@ -346,7 +347,7 @@ impl Image {
 
     /// Flushes and closes the image. Resources are released even when the flush fails.
     pub fn close(self) -> Result<()> {
-        if self.is_read_only() || self.io.is_fenced() {
+        if self.is_read_only() || self.fence.is_fenced() {
             return Ok(());
         }
         let _gate = self.quiesce();
@@ -387,7 +388,7 @@ impl Image {
         }
     }
 
-    /// Enters the write gate (see `gate`) with a grace pin: until the pin is dropped, host
+    /// Enters the write gate (`Grace::pin_writer`) with a grace pin: until the pin is dropped, host
     /// clusters the request maps stay reserved for it and no control operation runs.
     #[inline]
     fn enter_write_gate(&self) -> crate::storage::Pin<'_> {
@@ -416,7 +417,7 @@ impl Image {
         if cache::tick() {
             self.idle_tick();
         }
-        if self.io.is_fenced() {
+        if self.fence.is_fenced() {
             return Err(self.fenced_error());
         }
         Ok(())
@@ -561,7 +562,7 @@ impl Image {
 
     /// Marks the handle unusable; used by the C ABI when a panic was caught.
     pub fn fence(&self) {
-        self.io.fence();
+        self.fence.fence();
     }
 
     /// Reads exactly `buf.len()` bytes of guest data at `offset`.
@@ -679,7 +680,7 @@ impl Image {
 
 impl Drop for Image {
     fn drop(&mut self) {
-        if !self.is_read_only() && !self.io.is_fenced() {
+        if !self.is_read_only() && !self.fence.is_fenced() {
             let mut m = self.lock_meta();
             // A failed store leaves the bitmaps in use on disk: inconsistent, never wrong.
             let _ = self.store_bitmaps(&mut m);

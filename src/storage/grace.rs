@@ -303,56 +303,79 @@ impl Grace {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
     use std::time::Duration;
 
-    /// Whether `done` is still unset after a while (a thread that should be waiting).
-    fn still_waiting(done: &AtomicBool) -> bool {
+    /// Whether `flag` is still unset after a while (a thread that should be waiting).
+    fn still_waiting(flag: &AtomicBool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
-        !done.load(Ordering::SeqCst)
+        !flag.load(Ordering::SeqCst)
+    }
+
+    /// Whether `flag` gets set within ten seconds (a thread that should get through). The
+    /// threads of these tests are detached, so that a thread stuck at the gate fails the
+    /// test instead of hanging it.
+    fn gets_set(flag: &AtomicBool) -> bool {
+        let t0 = std::time::Instant::now();
+        while !flag.load(Ordering::SeqCst) {
+            if t0.elapsed() > Duration::from_secs(10) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     #[test]
     fn excluding_writers_waits_for_the_writer_in_flight_and_keeps_new_ones_out() {
-        let g = Grace::default();
-        let excluded = AtomicBool::new(false);
-        let second_writer_in = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            let writer = g.pin_writer(); // a write in flight
-            let excluder = s.spawn(|| {
+        let g = Arc::new(Grace::default());
+        let excluded = Arc::new(AtomicBool::new(false));
+        let end_exclusion = Arc::new(AtomicBool::new(false));
+        let excluder_done = Arc::new(AtomicBool::new(false));
+        let second_writer_in = Arc::new(AtomicBool::new(false));
+        let writer = g.pin_writer(); // a write in flight
+        {
+            let (g, excluded, end, done) = (
+                Arc::clone(&g),
+                Arc::clone(&excluded),
+                Arc::clone(&end_exclusion),
+                Arc::clone(&excluder_done),
+            );
+            std::thread::spawn(move || {
                 let guard = g.exclude_writers();
                 excluded.store(true, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(100));
-                assert!(
-                    !second_writer_in.load(Ordering::SeqCst),
-                    "a writer entered while writers were excluded"
-                );
+                while !end.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 drop(guard);
+                done.store(true, Ordering::SeqCst);
             });
-            assert!(
-                still_waiting(&excluded),
-                "exclusion did not wait for the writer"
-            );
-            drop(writer);
-            while !excluded.load(Ordering::SeqCst) {
-                std::thread::yield_now();
-            }
-            let late = s.spawn(|| {
-                let _w = g.pin_writer();
-                second_writer_in.store(true, Ordering::SeqCst);
-            });
-            excluder.join().expect("excluder");
-            late.join().expect("late writer");
-        });
+        }
         assert!(
-            second_writer_in.load(Ordering::SeqCst),
-            "the gate opened again"
+            still_waiting(&excluded),
+            "exclusion did not wait for the writer"
         );
-        assert_eq!(g.writers(), 0);
+        drop(writer);
+        assert!(gets_set(&excluded), "the writer's exit was missed");
+        {
+            let (g, inside) = (Arc::clone(&g), Arc::clone(&second_writer_in));
+            std::thread::spawn(move || {
+                let _w = g.pin_writer();
+                inside.store(true, Ordering::SeqCst);
+            });
+        }
+        assert!(
+            still_waiting(&second_writer_in),
+            "a writer entered while writers were excluded"
+        );
+        end_exclusion.store(true, Ordering::SeqCst);
+        assert!(gets_set(&excluder_done));
+        assert!(gets_set(&second_writer_in), "the gate never opened again");
     }
 
     #[test]
     fn readers_pass_a_closed_gate_and_writers_count_as_pinned() {
-        let g = Grace::default();
+        let g = Arc::new(Grace::default());
         let tag = g.current();
         let w = g.pin_writer();
         assert!(g.try_advance());
@@ -370,9 +393,16 @@ mod tests {
         assert_eq!(g.writers(), 1);
         drop(unpinned);
         let _closed = g.exclude_writers();
-        let r = g.pin(); // must not wait
+        let read = Arc::new(AtomicBool::new(false));
+        {
+            let (g, read) = (Arc::clone(&g), Arc::clone(&read));
+            std::thread::spawn(move || {
+                drop(g.pin());
+                read.store(true, Ordering::SeqCst);
+            });
+        }
+        assert!(gets_set(&read), "a reader waited at the closed gate");
         assert_eq!(g.writers(), 0);
-        drop(r);
     }
 
     #[test]

@@ -47,7 +47,7 @@ impl Image {
         let mut s = self.bitmaps.lock();
         match super::store::mark_in_use(&self.file, m, &mut s) {
             Ok(marked) => s.needs_store |= marked,
-            Err(_) => self.io.fence(),
+            Err(_) => self.fence.fence(),
         }
     }
 

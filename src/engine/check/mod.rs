@@ -132,7 +132,7 @@ impl Image {
             match reloaded {
                 Ok(fresh) => *m = fresh,
                 Err(e) => {
-                    self.io.fence();
+                    self.fence.fence();
                     return Err(Error::corrupt(format!(
                         "{}: reloading the metadata after the repair failed: {e}",
                         self.path.display()

@@ -77,7 +77,7 @@ pub(super) fn switch_header(img: &Image, update: &layout::FieldUpdate) -> Result
         .write_header_fields(update)
         .and_then(|()| img.file.sync());
     if r.is_err() {
-        img.io.fence();
+        img.fence.fence();
     }
     r
 }

@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The fence of one handle.
 #[derive(Default)]
-pub struct IoGate {
+pub struct Fence {
     fenced: AtomicBool,
 }
 
-impl IoGate {
+impl Fence {
     /// Stops all further I/O on the handle.
     pub fn fence(&self) {
         self.fenced.store(true, Ordering::Release);
