@@ -38,6 +38,11 @@ struct State {
     chunks: Vec<Option<Chunk>>,
     /// Indices of the chunks that have a free slot, each listed once.
     open: Vec<usize>,
+    /// Indices of `chunks` that hold no chunk (reused before the vector grows).
+    vacant: Vec<usize>,
+    /// Slots of the live chunks (kept, not summed: a cache of thousands of chunks adds one
+    /// at every sixteenth miss).
+    slots: usize,
 }
 
 #[derive(Debug)]
@@ -62,8 +67,21 @@ pub struct SlabWords {
     home: Option<(Arc<Shared>, usize)>,
 }
 
+/// `words` zeroed words, cleared with one `memset`: building the slice word by word (a
+/// collected iterator) cost a cold cache miss on a 1 TiB image 65,000 instructions per
+/// 64 KiB chunk, a fifth of the miss.
 fn zeroed(words: usize) -> Arc<[AtomicU64]> {
-    (0..words).map(|_| AtomicU64::new(0)).collect()
+    let mut mem = Arc::<[AtomicU64]>::new_uninit_slice(words);
+    let Some(m) = Arc::get_mut(&mut mem) else {
+        // A new allocation has one owner; should that ever not hold, build it word by word.
+        return (0..words).map(|_| AtomicU64::new(0)).collect();
+    };
+    // SAFETY: `m` is the whole uninitialised slice (the only reference to the new
+    // allocation), valid for writes of `m.len()` elements.
+    unsafe { std::ptr::write_bytes(m.as_mut_ptr(), 0, m.len()) };
+    // SAFETY: every byte was zeroed above, and all-zero bytes are a valid `AtomicU64` (it
+    // has the size and bit validity of `u64`, as std documents).
+    unsafe { mem.assume_init() }
 }
 
 impl WordSlab {
@@ -136,7 +154,7 @@ impl Shared {
 impl State {
     /// Slots of the live chunks.
     fn slots(&self) -> usize {
-        self.chunks.iter().flatten().map(|c| c.slots).sum()
+        self.slots
     }
 
     /// Adds a chunk of `slots` slots, all free, and lists it open; returns its index.
@@ -148,7 +166,8 @@ impl State {
             live: 0,
             slots,
         };
-        let c = match self.chunks.iter().position(Option::is_none) {
+        self.slots += slots;
+        let c = match self.vacant.pop() {
             Some(c) => {
                 self.chunks[c] = Some(chunk);
                 c
@@ -168,7 +187,9 @@ impl State {
         };
         chunk.live -= 1;
         if chunk.live == 0 {
+            self.slots -= chunk.slots;
             self.chunks[c] = None;
+            self.vacant.push(c);
             self.open.retain(|&o| o != c);
             return;
         }
