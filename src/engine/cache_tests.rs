@@ -64,7 +64,8 @@ fn idle_slices_are_dropped_at_later_requests_without_a_miss_or_flush() {
         "the slice in use was dropped"
     );
     assert_eq!(
-        img.view.lookup(&img.geo, img.version, GuestOffset::new(0)),
+        img.view
+            .lookup_now(&img.geo, img.version, GuestOffset::new(0)),
         None
     );
     img.read_at(&mut b, 0).expect("read again");

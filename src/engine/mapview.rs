@@ -24,19 +24,12 @@ use super::slicedir::SliceDir;
 use crate::error::Result;
 use crate::format::entry::{decode_l2, L1Entry, L2Entry, Mapping, COMPRESSED, COPIED, ZERO};
 use crate::format::{Geometry, GuestOffset, HostOffset};
-use crate::storage::HostFile;
+use crate::storage::{Grace, HostFile, Pinned};
 #[cfg(loom)]
 use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 #[cfg(not(loom))]
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-
-/// The directory's lock: sharded (each reader locks its own thread's shard) in production,
-/// loom's model of a reader-writer lock under loom.
-#[cfg(not(loom))]
-type DirLock<T> = crossbeam_utils::sync::ShardedLock<T>;
-#[cfg(loom)]
-type DirLock<T> = loom::sync::RwLock<T>;
 
 /// L1 entries per chunk (32 KiB of atomics; a few under loom, where every atomic is a
 /// modelled object).
@@ -349,10 +342,8 @@ pub struct MapView {
     /// Serialises the control operations that change the guest extent (resize): each runs
     /// in phases with the write gate released in between.
     resizing: Mutex<()>,
-    /// Published slices by L1 index and slice index. A sharded lock: readers lock only their
-    /// own thread's shard (no shared cache line), the rarer publications and evictions lock
-    /// all of them.
-    dir: DirLock<SliceDir>,
+    /// Published slices by L1 index and slice index, read by pinned readers without a lock.
+    dir: SliceDir,
     /// Bumped whenever a table's on-disk contents change (write-back), so that a table read
     /// from disk without the mutex can be checked for staleness before it is installed.
     generation: AtomicU64,
@@ -377,8 +368,9 @@ pub struct MapView {
 
 impl MapView {
     /// An empty view for an L1 table of `l1_len` entries (at most [`MAX_L1_ENTRIES`]; the
-    /// header parser enforces it), caching slices as `cache` says for the L2 tables of `geo`.
-    pub fn new(l1_len: usize, cache: CacheConfig, geo: &Geometry) -> MapView {
+    /// header parser enforces it), caching slices as `cache` says for the L2 tables of `geo`,
+    /// for readers pinned in `grace` (the image file's: the pins of its requests).
+    pub fn new(l1_len: usize, cache: CacheConfig, geo: &Geometry, grace: Arc<Grace>) -> MapView {
         let slice_shift = cache.slice_bytes.trailing_zeros();
         let per_slice_shift = slice_shift - geo.l2_entry_size().trailing_zeros();
         // Slices per table (a table is one cluster; a slice at most one).
@@ -387,7 +379,7 @@ impl MapView {
             l1: (0..L1_CHUNKS).map(|_| OnceLock::new()).collect(),
             l1_len: AtomicUsize::new(0),
             resizing: Mutex::new(()),
-            dir: DirLock::new(SliceDir::new(per_table, max_blocks(&cache, per_table))),
+            dir: SliceDir::new(grace, per_table, max_blocks(&cache, per_table)),
             generation: AtomicU64::new(0),
             cache,
             l2_slices: AtomicUsize::new(cache.l2_slices),
@@ -420,10 +412,7 @@ impl MapView {
     pub fn grow_l2_slices(&self, n: usize) {
         self.l2_slices.store(n, Ordering::Relaxed);
         let max = max_blocks(&self.cache(), self.per_table);
-        self.dir
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .grow_max_blocks(max);
+        self.dir.grow_max_blocks(max);
     }
 
     /// Where entry `index` of the L2 table at `table` is cached: the slice's host offset
@@ -505,9 +494,7 @@ impl MapView {
 
     /// Whether slice `slice` of the table at `table` is published under L1 entry `l1`.
     pub fn published(&self, l1: usize, table: HostOffset, slice: usize) -> bool {
-        let key = self.slice_key(table, slice);
-        let dir = self.dir.read().unwrap_or_else(|p| p.into_inner());
-        dir.get(l1, slice).is_some_and(|t| t.key == key)
+        self.dir.key_at(l1, slice) == Some(self.slice_key(table, slice))
     }
 
     /// Publishes a cached slice for lock-free readers: slice `slice` of the table under L1
@@ -515,15 +502,11 @@ impl MapView {
     /// slice's table). Returns false when the directory is full (readers of that table then
     /// take the metadata mutex).
     pub fn publish(&self, l1: usize, slice: usize, t: &Arc<L2Table>) -> bool {
-        self.dir
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .publish(l1, slice, t)
+        self.dir.publish(l1, slice, t)
     }
 
     /// Withdraws `evicted` (if given and published) and publishes `t` as [`Self::publish`]
-    /// does, under one hold of the directory's write lock: a cache miss that evicts pays
-    /// for locking every shard once, not twice. Readers see both changes or neither.
+    /// does, as one writer of the directory (a cache miss that evicts takes its mutex once).
     pub fn replace(
         &self,
         evicted: Option<&Arc<L2Table>>,
@@ -531,11 +514,7 @@ impl MapView {
         slice: usize,
         t: &Arc<L2Table>,
     ) -> bool {
-        let mut dir = self.dir.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = evicted {
-            dir.unpublish(e);
-        }
-        dir.publish(l1, slice, t)
+        self.dir.replace(evicted, l1, slice, t)
     }
 
     /// Withdraws a slice (evicted from or dropped by the cache), if published.
@@ -543,15 +522,18 @@ impl MapView {
         if t.home().is_none() {
             return;
         }
-        self.dir
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .unpublish(t);
+        self.dir.unpublish(t);
+    }
+
+    /// Drops what the slice directory withdrew once no request can still read it (never
+    /// waits; see [`crate::storage::PinnedGrid`]).
+    pub fn collect(&self) {
+        self.dir.collect();
     }
 
     /// Forgets every table and loads `l1` (a metadata reload), taking its length.
     pub fn reset(&self, l1: &[u64]) {
-        self.dir.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.dir.clear();
         self.set_l1_len(l1.len());
         for (i, &v) in l1.iter().enumerate().take(MAX_L1_ENTRIES) {
             self.set_l1(i, v);
@@ -581,15 +563,22 @@ impl MapView {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The mapping of the guest cluster containing `guest`, without any lock: `None` when
-    /// the L2 table is not cached or the entry does not decode (the caller then takes the
-    /// metadata mutex, which also produces the proper error).
-    pub fn lookup(&self, geo: &Geometry, version: u32, guest: GuestOffset) -> Option<Mapping> {
+    /// The mapping of the guest cluster containing `guest`, without any lock, for a reader
+    /// pinned in the image file's grace periods (`pinned`; a pin of any other `Grace` finds
+    /// nothing): `None` when the L2 table is not cached or the entry does not decode (the
+    /// caller then takes the metadata mutex, which also produces the proper error).
+    pub fn lookup(
+        &self,
+        pinned: &Pinned<'_>,
+        geo: &Geometry,
+        version: u32,
+        guest: GuestOffset,
+    ) -> Option<Mapping> {
         let (l1, table) = self.l2_table(geo, guest)?;
         if table == HostOffset::ZERO {
             return Some(Mapping::Unallocated { zero: 0 });
         }
-        let (w0, w1) = self.cached_entry(geo, l1, table, guest)?;
+        let (w0, w1) = self.cached_entry(pinned, geo, l1, table, guest)?;
         decode_l2(geo, version, w0, w1).ok()
     }
 
@@ -601,7 +590,8 @@ impl MapView {
     /// path uses [`Self::probe_data`]; the loom models check this view of it.)
     #[cfg(all(test, loom))]
     pub fn lookup_data(&self, geo: &Geometry, guest: GuestOffset) -> Option<HostOffset> {
-        match self.probe_data(geo, guest) {
+        let pin = self.dir.grace().pin();
+        match self.probe_data(&pin.pinned(), geo, guest) {
             DataProbe::Data(host) => Some(host),
             DataProbe::Uncached | DataProbe::Other => None,
         }
@@ -610,22 +600,33 @@ impl MapView {
     /// [`Self::lookup_data`], telling apart a slice that is not cached (the caller may load
     /// it and probe again) from a mapping that is not plain data.
     #[inline]
-    pub fn probe_data(&self, geo: &Geometry, guest: GuestOffset) -> DataProbe {
-        self.probe(geo, guest, 0)
+    pub fn probe_data(&self, pinned: &Pinned<'_>, geo: &Geometry, guest: GuestOffset) -> DataProbe {
+        self.probe(pinned, geo, guest, 0)
     }
 
     /// [`Self::probe_data`] for a write in place: `Data` only for a cluster the image also
     /// owns (COPIED), i.e. exactly where [`Self::lookup`] returns `Mapping::Data` with
     /// `copied` set (every subcluster of a standard entry is allocated).
     #[inline]
-    pub fn probe_owned_data(&self, geo: &Geometry, guest: GuestOffset) -> DataProbe {
-        self.probe(geo, guest, COPIED)
+    pub fn probe_owned_data(
+        &self,
+        pinned: &Pinned<'_>,
+        geo: &Geometry,
+        guest: GuestOffset,
+    ) -> DataProbe {
+        self.probe(pinned, geo, guest, COPIED)
     }
 
     /// The probe of [`Self::probe_data`], `Data` only where the entry also has every flag
     /// of `required`.
     #[inline(always)]
-    fn probe(&self, geo: &Geometry, guest: GuestOffset, required: u64) -> DataProbe {
+    fn probe(
+        &self,
+        pinned: &Pinned<'_>,
+        geo: &Geometry,
+        guest: GuestOffset,
+        required: u64,
+    ) -> DataProbe {
         if geo.extended_l2 || geo.external_data {
             return DataProbe::Other;
         }
@@ -635,7 +636,7 @@ impl MapView {
         if table == HostOffset::ZERO {
             return DataProbe::Other;
         }
-        let Some((w0, _)) = self.cached_entry(geo, l1, table, guest) else {
+        let Some((w0, _)) = self.cached_entry(pinned, geo, l1, table, guest) else {
             return DataProbe::Uncached;
         };
         // The kind test of `L2Entry::kind` for a standard entry: no flag, some offset.
@@ -646,6 +647,20 @@ impl MapView {
         } else {
             DataProbe::Other
         }
+    }
+
+    /// [`Self::lookup`] under a pin of its own (tests).
+    #[cfg(all(test, not(loom)))]
+    pub fn lookup_now(&self, geo: &Geometry, version: u32, guest: GuestOffset) -> Option<Mapping> {
+        let pin = self.dir.grace().pin();
+        self.lookup(&pin.pinned(), geo, version, guest)
+    }
+
+    /// [`Self::probe_owned_data`] under a pin of its own (tests).
+    #[cfg(all(test, not(loom)))]
+    pub fn probe_owned_now(&self, geo: &Geometry, guest: GuestOffset) -> DataProbe {
+        let pin = self.dir.grace().pin();
+        self.probe_owned_data(&pin.pinned(), geo, guest)
     }
 
     /// The L1 index of `guest` and the L2 table its entry points at (zero: none); None past
@@ -664,6 +679,7 @@ impl MapView {
     #[inline(always)]
     fn cached_entry(
         &self,
+        pinned: &Pinned<'_>,
         geo: &Geometry,
         l1: usize,
         table: HostOffset,
@@ -674,11 +690,9 @@ impl MapView {
         let slice = self.slice_index(index);
         let key = self.slice_key(table, slice);
         let within = index & ((1usize << self.per_slice_shift) - 1);
-        // Read the entry under the (thread-local shard of the) read lock rather than cloning
-        // the Arc, whose count all readers of the slice would share. The slot may hold a
-        // slice of the table this L1 entry pointed at before: the key tells.
-        let dir = self.dir.read().unwrap_or_else(|p| p.into_inner());
-        let t = dir.get(l1, slice).filter(|t| t.key == key)?;
+        // The slot may hold a slice of the table this L1 entry pointed at before: the key
+        // tells.
+        let t = self.dir.get(pinned, l1, slice).filter(|t| t.key == key)?;
         t.touch();
         Some(t.entry(within, geo.extended_l2))
     }
@@ -718,13 +732,13 @@ mod tests {
 
     #[test]
     fn entries_map_to_their_slice_and_index_within_it() {
-        let v = MapView::new(1, test_cache(), &geo(false));
+        let v = MapView::new(1, test_cache(), &geo(false), Arc::default());
         let t = HostOffset::new(0x5_0000);
         assert_eq!(v.slice_of(t, 0), (t, 0));
         assert_eq!(v.slice_of(t, 511), (t, 511));
         assert_eq!(v.slice_of(t, 512), (t + 4096, 0));
         assert_eq!(v.slice_of(t, 8191), (t + 15 * 4096, 511));
-        let ext = MapView::new(1, test_cache(), &geo(true));
+        let ext = MapView::new(1, test_cache(), &geo(true), Arc::default());
         assert_eq!(ext.slice_of(t, 256), (t + 4096, 0));
     }
 
@@ -808,7 +822,7 @@ mod tests {
 
     #[test]
     fn a_replacement_withdraws_the_evicted_slice_and_publishes_the_new_one() {
-        let v = MapView::new(4, test_cache(), &geo(false));
+        let v = MapView::new(4, test_cache(), &geo(false), Arc::default());
         let a = L2Table::new(HostOffset::new(0x5_0000), vec![0; 512]);
         let b = L2Table::new(HostOffset::new(0x9_1000), vec![0; 512]);
         assert!(v.publish(1, 0, &a));
@@ -827,7 +841,7 @@ mod tests {
     #[test]
     fn lookups_find_published_slices_by_l1_and_slice_index_checking_their_key() {
         let g = geo(false);
-        let v = MapView::new(4, test_cache(), &g);
+        let v = MapView::new(4, test_cache(), &g, Arc::default());
         let table = HostOffset::new(0x1_0000);
         let copied = 1u64 << 63;
         v.reset(&[0, table.get() | copied, 0, 0]);
@@ -835,7 +849,7 @@ mod tests {
         assert_eq!(v.l1_entry(4), None);
         // Entry 600 of the table under L1 entry 1: slice 1, entry 88 in it.
         let guest = GuestOffset::new((8192 + 600) << 16);
-        assert_eq!(v.lookup(&g, 3, guest), None, "nothing published");
+        assert_eq!(v.lookup_now(&g, 3, guest), None, "nothing published");
         let mut words = vec![0u64; 512];
         words[88] = 0x20_0000 | copied;
         let t = L2Table::new(table + 4096, words);
@@ -844,22 +858,22 @@ mod tests {
         assert!(v.published(1, table, 1));
         let data =
             |m| matches!(m, Some(Mapping::Data { host, .. }) if host == HostOffset::new(0x20_0000));
-        assert!(data(v.lookup(&g, 3, guest)));
+        assert!(data(v.lookup_now(&g, 3, guest)));
         // The L1 entry moves to another table: the slot's slice is not used for it.
         v.set_l1(1, 0x9_0000 | copied);
-        assert_eq!(v.lookup(&g, 3, guest), None);
+        assert_eq!(v.lookup_now(&g, 3, guest), None);
         assert!(!v.published(1, HostOffset::new(0x9_0000), 1));
         v.set_l1(1, table.get() | copied);
-        assert!(data(v.lookup(&g, 3, guest)));
+        assert!(data(v.lookup_now(&g, 3, guest)));
         v.unpublish(&t);
-        assert_eq!(v.lookup(&g, 3, guest), None);
+        assert_eq!(v.lookup_now(&g, 3, guest), None);
         assert_eq!(t.home(), None);
     }
 
     #[test]
     fn the_owned_data_probe_answers_exactly_where_lookup_finds_copied_data() {
         let g = geo(false);
-        let v = MapView::new(1, test_cache(), &g);
+        let v = MapView::new(1, test_cache(), &g, Arc::default());
         let table = HostOffset::new(0x1_0000);
         v.reset(&[table.get() | COPIED]);
         let entries = [
@@ -883,10 +897,10 @@ mod tests {
         for (i, &e) in entries.iter().enumerate() {
             let guest = GuestOffset::new((i as u64) << 16);
             let owned = matches!(
-                v.lookup(&g, 3, guest),
+                v.lookup_now(&g, 3, guest),
                 Some(Mapping::Data { copied: true, .. })
             );
-            let probe = v.probe_owned_data(&g, guest);
+            let probe = v.probe_owned_now(&g, guest);
             assert_eq!(
                 matches!(probe, DataProbe::Data(_)),
                 owned,
@@ -897,18 +911,14 @@ mod tests {
             }
         }
         let past = GuestOffset::new(1 << 40);
-        assert_eq!(
-            v.probe_owned_data(&g, past),
-            DataProbe::Other,
-            "past the L1"
-        );
+        assert_eq!(v.probe_owned_now(&g, past), DataProbe::Other, "past the L1");
         let uncached = GuestOffset::new(600 << 16);
-        assert_eq!(v.probe_owned_data(&g, uncached), DataProbe::Uncached);
+        assert_eq!(v.probe_owned_now(&g, uncached), DataProbe::Uncached);
     }
 
     #[test]
     fn the_l1_grows_and_shrinks_keeping_entries_and_zeroing_new_ones() {
-        let v = MapView::new(3, test_cache(), &geo(false));
+        let v = MapView::new(3, test_cache(), &geo(false), Arc::default());
         v.set_l1(2, 0x3_0000);
         v.set_l1_len(L1_CHUNK * 2 + 5);
         assert_eq!(v.l1_len(), L1_CHUNK * 2 + 5);
@@ -931,7 +941,7 @@ mod tests {
 
     #[test]
     fn readers_see_old_entries_while_the_l1_grows() {
-        let v = Arc::new(MapView::new(1, test_cache(), &geo(false)));
+        let v = Arc::new(MapView::new(1, test_cache(), &geo(false), Arc::default()));
         v.set_l1(0, 0x7_0000);
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
@@ -982,7 +992,7 @@ mod loom_tests {
             clean_interval: None,
             l2_cover: false,
         };
-        Arc::new(MapView::new(l1_len, cache, &geo()))
+        Arc::new(MapView::new(l1_len, cache, &geo(), Arc::default()))
     }
 
     /// Slice 0 of the table at `table`, mapping its first guest cluster to `data`.

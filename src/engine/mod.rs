@@ -186,7 +186,12 @@ impl Image {
             ),
         )
         .map_err(|e| e.with_file(&name))?;
-        let view = Arc::new(mapview::MapView::new(header.l1_size as usize, cache, &geo));
+        let view = Arc::new(mapview::MapView::new(
+            header.l1_size as usize,
+            cache,
+            &geo,
+            file.shared_grace(),
+        ));
         let mut meta = Meta::load(
             &file,
             header.clone(),
@@ -403,7 +408,12 @@ impl Image {
         if count == 0 {
             return invalid!("block_status of 0 bytes");
         }
-        self.finish(read::block_status(self, offset, count))
+        let r = {
+            // The lock-free view's slices stay valid for the lookup.
+            let pin = self.file.grace().pin();
+            read::block_status(self, &pin.pinned(), offset, count)
+        };
+        self.finish(r)
     }
 
     fn lock_meta(&self) -> MutexGuard<'_, Meta> {
@@ -449,6 +459,10 @@ impl Image {
         };
         let cleaned = m.clean_if_due() | m.take_tracker_idle();
         drop(m);
+        // Slices the clean (or a miss) withdrew are dropped once the requests that could
+        // still read them are done: this request's own pin holds them back now, a later
+        // tick frees them.
+        self.view.collect();
         if cleaned {
             self.inflight.release_idle_pages();
         }
@@ -570,10 +584,10 @@ impl Image {
         let r = {
             // Mapped host clusters stay reserved for this request until its I/O is done
             // (not while `finish` runs the event callbacks, which may wait for grace periods).
-            let _pin = self.file.grace().pin();
+            let pin = self.file.grace().pin();
             self.check_usable()?;
             let offset = self.check_range(offset, buf.len() as u64)?;
-            read::read(self, buf, offset)
+            read::read(self, &pin.pinned(), buf, offset)
         };
         self.finish(r)
     }
@@ -583,11 +597,11 @@ impl Image {
         let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
         let r = {
             // As in `read_at`.
-            let _pin = self.file.grace().pin();
+            let pin = self.file.grace().pin();
             self.check_usable()?;
             let mut off = self.check_range(offset, total)?;
             bufs.iter_mut().try_for_each(|b| {
-                read::read(self, b, off)?;
+                read::read(self, &pin.pinned(), b, off)?;
                 off += b.len() as u64;
                 Ok(())
             })
@@ -599,11 +613,11 @@ impl Image {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let r = {
             // Mapped host clusters stay reserved for this request until its I/O is done.
-            let _writer = self.enter_write_gate();
+            let writer = self.enter_write_gate();
             self.check_writable()?;
             let offset = self.check_range(offset, buf.len() as u64)?;
             self.bitmaps.mark(offset.get(), buf.len() as u64);
-            write::write(self, buf, offset).and_then(|()| self.after_write())
+            write::write(self, &writer.pinned(), buf, offset).and_then(|()| self.after_write())
         };
         self.finish(r)
     }
@@ -613,13 +627,13 @@ impl Image {
         let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
         let r = {
             // Mapped host clusters stay reserved for this request until its I/O is done.
-            let _writer = self.enter_write_gate();
+            let writer = self.enter_write_gate();
             self.check_writable()?;
             let mut off = self.check_range(offset, total)?;
             self.bitmaps.mark(offset, total);
             bufs.iter()
                 .try_for_each(|b| {
-                    write::write(self, b, off)?;
+                    write::write(self, &writer.pinned(), b, off)?;
                     off += b.len() as u64;
                     Ok(())
                 })

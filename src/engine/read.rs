@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::format::entry::{Mapping, SubclusterState};
 use crate::format::{Geometry, GuestOffset, HostOffset};
 use crate::options::{Extent, EXTENT_ALLOCATED, EXTENT_BACKING, EXTENT_COMPRESSED, EXTENT_ZERO};
+use crate::storage::Pinned;
 
 /// Where the bytes of one guest segment come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +137,7 @@ fn map_range(
 /// does not stall other readers), with the metadata mutex as the last resort.
 fn map_segments(
     img: &Image,
+    pinned: &Pinned<'_>,
     pos: GuestOffset,
     end: GuestOffset,
     out: &mut SegBuf,
@@ -144,7 +146,7 @@ fn map_segments(
     let fast = |out: &mut SegBuf| {
         out.clear();
         map_range(&geo, pos, end, out, &mut |g| {
-            Ok(img.view.lookup(&geo, img.version, g))
+            Ok(img.view.lookup(pinned, &geo, img.version, g))
         })
     };
     let reached = fast(out)?;
@@ -164,26 +166,32 @@ fn map_segments(
     })
 }
 
-/// Reads `buf.len()` guest bytes at `offset` (range already checked).
+/// Reads `buf.len()` guest bytes at `offset` (range already checked), for a request pinned
+/// in the image file's grace periods (`pinned`) until its reads are done.
 #[inline]
-pub fn read(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
-    if read_one_data_cluster(img, buf, offset)? {
+pub fn read(img: &Image, pinned: &Pinned<'_>, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+    if read_one_data_cluster(img, pinned, buf, offset)? {
         return Ok(());
     }
-    read_mapped(img, buf, offset)
+    read_mapped(img, pinned, buf, offset)
 }
 
 /// [`read`] in general: segment by segment (out of line, so that the one-step path above
 /// inlines into its caller without this one's stack frame).
 #[inline(never)]
-fn read_mapped(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+fn read_mapped(
+    img: &Image,
+    pinned: &Pinned<'_>,
+    buf: &mut [u8],
+    offset: GuestOffset,
+) -> Result<()> {
     let mut segments = SegBuf::new();
     let mut done = 0usize;
     let request_end = offset + buf.len() as u64;
     while done < buf.len() {
         let pos = offset + done as u64;
         let end = pos.l2_range_end(&img.geo).min(request_end);
-        map_segments(img, pos, end, &mut segments)?;
+        map_segments(img, pinned, pos, end, &mut segments)?;
         for seg in segments.as_slice() {
             // A segment lies within the request, so its length fits the buffer.
             let len = seg.len as usize;
@@ -204,16 +212,21 @@ fn read_mapped(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
 /// segment list; a miss of the L2 cache loads the slice and looks again. False (nothing
 /// read) for anything else, which takes the general path.
 #[inline]
-fn read_one_data_cluster(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Result<bool> {
+fn read_one_data_cluster(
+    img: &Image,
+    pinned: &Pinned<'_>,
+    buf: &mut [u8],
+    offset: GuestOffset,
+) -> Result<bool> {
     let geo = &img.geo;
     let start = offset.in_cluster(geo);
     if geo.extended_l2 || geo.external_data || start + buf.len() as u64 > geo.cluster_size() {
         return Ok(false);
     }
-    let host = match img.view.probe_data(geo, offset) {
+    let host = match img.view.probe_data(pinned, geo, offset) {
         DataProbe::Data(host) => host,
         DataProbe::Other => return Ok(false),
-        DataProbe::Uncached => match load_and_probe(img, offset)? {
+        DataProbe::Uncached => match load_and_probe(img, pinned, offset)? {
             Some(host) => host,
             None => return Ok(false),
         },
@@ -225,11 +238,15 @@ fn read_one_data_cluster(img: &Image, buf: &mut [u8], offset: GuestOffset) -> Re
 /// A miss of [`read_one_data_cluster`]: loads the slice (out of line: the hit stays small)
 /// and returns the data cluster the view maps `offset` to now, if any.
 #[inline(never)]
-fn load_and_probe(img: &Image, offset: GuestOffset) -> Result<Option<HostOffset>> {
+fn load_and_probe(
+    img: &Image,
+    pinned: &Pinned<'_>,
+    offset: GuestOffset,
+) -> Result<Option<HostOffset>> {
     if !img.prefetch_l2(offset, false)? {
         return Ok(None);
     }
-    Ok(match img.view.probe_data(&img.geo, offset) {
+    Ok(match img.view.probe_data(pinned, &img.geo, offset) {
         DataProbe::Data(host) => Some(host),
         DataProbe::Uncached | DataProbe::Other => None,
     })
@@ -284,8 +301,14 @@ fn status_of(source: Source, has_backing: bool) -> (u32, u64) {
     }
 }
 
-/// Allocation status from `offset`, as far as it stays the same (at most `count` bytes).
-pub fn block_status(img: &Image, offset: GuestOffset, count: u64) -> Result<Extent> {
+/// Allocation status from `offset`, as far as it stays the same (at most `count` bytes), for
+/// a request pinned in the image file's grace periods.
+pub fn block_status(
+    img: &Image,
+    pinned: &Pinned<'_>,
+    offset: GuestOffset,
+    count: u64,
+) -> Result<Extent> {
     let has_backing = img.has_backing();
     let mut first: Option<(u32, u64)> = None;
     let mut len = 0u64;
@@ -293,7 +316,7 @@ pub fn block_status(img: &Image, offset: GuestOffset, count: u64) -> Result<Exte
     while len < count {
         let pos = offset + len;
         let end = pos.l2_range_end(&img.geo).min(offset + count);
-        map_segments(img, pos, end, &mut segments)?;
+        map_segments(img, pinned, pos, end, &mut segments)?;
         for seg in segments.as_slice() {
             let (flags, host) = status_of(seg.source, has_backing);
             match first {

@@ -151,10 +151,15 @@ impl Image {
         let mut off = 0u64;
         // Bound: every step advances by the extent's length (at least one byte).
         while off < size {
-            let _pin = self.file.grace().pin();
+            let pin = self.file.grace().pin();
             let _gate = self.quiesce();
             self.wait_rebase_claims();
-            let ext = read::block_status(self, GuestOffset::new(off), (size - off).min(STEP))?;
+            let ext = read::block_status(
+                self,
+                &pin.pinned(),
+                GuestOffset::new(off),
+                (size - off).min(STEP),
+            )?;
             if ext.flags & EXTENT_ALLOCATED == 0 {
                 self.copy_run(off, ext.length, old, new)?;
             }
@@ -217,7 +222,8 @@ impl Image {
             zero::write_zeroes_as(self, GuestOffset::new(s), e - s, false, true)
         } else {
             let bytes = &old[(s - base) as usize..(e - base) as usize];
-            write::write(self, bytes, GuestOffset::new(s))
+            let pin = self.file.grace().pin();
+            write::write(self, &pin.pinned(), bytes, GuestOffset::new(s))
         }
     }
 

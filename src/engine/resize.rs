@@ -113,7 +113,8 @@ impl Image {
         let head_end = aligned.get().min(new);
         if head_end > old {
             let zeros = vec![0u8; (head_end - old) as usize];
-            write::write(self, &zeros, start)?;
+            let pin = self.file.grace().pin();
+            write::write(self, &pin.pinned(), &zeros, start)?;
         }
         let end = GuestOffset::new(new).align_up(gran);
         if end > aligned {

@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::format::entry::{Mapping, SubclusterState};
 use crate::format::geometry::SUBCLUSTERS;
 use crate::format::{Geometry, GuestOffset, HostOffset};
-use crate::storage::WriteKind;
+use crate::storage::{Pinned, WriteKind};
 
 /// What to do for one guest cluster of a batch.
 #[derive(Debug, Clone, Copy)]
@@ -56,33 +56,40 @@ struct Op {
     action: Action,
 }
 
-/// Writes `buf` at guest `offset` (range already checked).
+/// Writes `buf` at guest `offset` (range already checked), for a request inside the write
+/// gate and pinned in the image file's grace periods (`pinned`) until its writes are done.
 // Inlined into the request entry points: only the common case is here.
 #[inline(always)]
-pub fn write(img: &Image, buf: &[u8], offset: GuestOffset) -> Result<()> {
+pub fn write(img: &Image, pinned: &Pinned<'_>, buf: &[u8], offset: GuestOffset) -> Result<()> {
     // The common request: within one cluster the image owns, mapped by a cached slice. One
     // host write, without the batch machinery (a sixth of a 4 KiB overwrite's instructions).
     let start = offset.in_cluster(&img.geo);
     let single = start + buf.len() as u64 <= img.geo.cluster_size();
     if single && !buf.is_empty() {
-        if let Some(host) = in_place_target(img, offset, start, buf.len() as u64) {
+        if let Some(host) = in_place_target(img, pinned, offset, start, buf.len() as u64) {
             return img.data_file().write(buf, host, WriteKind::Data);
         }
     }
     // The probe above just failed for the first cluster: its batch goes straight to step 1.
-    write_batches(img, buf, offset, !single)
+    write_batches(img, pinned, buf, offset, !single)
 }
 
 /// [`write`] past its fast path: batch after batch, the first one probing the in-place
 /// path only if `probe`.
 #[inline(never)]
-fn write_batches(img: &Image, buf: &[u8], offset: GuestOffset, mut probe: bool) -> Result<()> {
+fn write_batches(
+    img: &Image,
+    pinned: &Pinned<'_>,
+    buf: &[u8],
+    offset: GuestOffset,
+    mut probe: bool,
+) -> Result<()> {
     let mut done = 0usize;
     // Bound: every batch writes at least one byte (one cluster's share, or what the in-place
     // path managed), so this runs at most once per cluster of the request. The check turns
     // a batch that made no progress into an error instead of a spin.
     while done < buf.len() {
-        let n = write_batch(img, &buf[done..], offset + done as u64, probe)?;
+        let n = write_batch(img, pinned, &buf[done..], offset + done as u64, probe)?;
         probe = true;
         if n == 0 {
             return Err(crate::error::Error::corrupt(format!(
@@ -205,6 +212,7 @@ fn decide(
 #[inline(always)]
 pub(super) fn in_place_target(
     img: &Image,
+    pinned: &Pinned<'_>,
     pos: GuestOffset,
     start: u64,
     len: u64,
@@ -212,12 +220,12 @@ pub(super) fn in_place_target(
     let geo = img.geo;
     if !geo.extended_l2 && !geo.external_data {
         // The common geometry: the raw entry answers (no decoding, nothing to check).
-        return match img.view.probe_owned_data(&geo, pos) {
+        return match img.view.probe_owned_data(pinned, &geo, pos) {
             DataProbe::Data(host) => Some(host + start),
             DataProbe::Uncached | DataProbe::Other => None,
         };
     }
-    match img.view.lookup(&geo, img.version, pos) {
+    match img.view.lookup(pinned, &geo, img.version, pos) {
         Some(Mapping::Data {
             host,
             copied: true,
@@ -247,7 +255,13 @@ pub(super) fn in_place_target(
 /// mutex and nothing to link; host-contiguous clusters are written with one call. Returns how
 /// many bytes it wrote (0 when the first cluster needs the full path); the caller handles the
 /// rest, so stopping early is fine.
-fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset) -> Result<usize> {
+fn write_in_place(
+    img: &Image,
+    pinned: &Pinned<'_>,
+    buf: &[u8],
+    offset: GuestOffset,
+    end: GuestOffset,
+) -> Result<usize> {
     let geo = img.geo;
     let cs = geo.cluster_size();
     let mut out = HostWrites::new(img, buf);
@@ -255,7 +269,7 @@ fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset
     while pos < end {
         let start = pos.in_cluster(&geo);
         let len = (cs - start).min(end.since(pos));
-        let Some(host) = in_place_target(img, pos, start, len) else {
+        let Some(host) = in_place_target(img, pinned, pos, start, len) else {
             break;
         };
         // Within the request, so it fits the buffer.
@@ -269,10 +283,16 @@ fn write_in_place(img: &Image, buf: &[u8], offset: GuestOffset, end: GuestOffset
 
 /// One batch of [`write`] from `offset`: the in-place path first (unless `probe` is false:
 /// the caller just found the first cluster needs step 1), then steps 1-3.
-fn write_batch(img: &Image, buf: &[u8], offset: GuestOffset, probe: bool) -> Result<usize> {
+fn write_batch(
+    img: &Image,
+    pinned: &Pinned<'_>,
+    buf: &[u8],
+    offset: GuestOffset,
+    probe: bool,
+) -> Result<usize> {
     let end = offset.l2_range_end(&img.geo).min(offset + buf.len() as u64);
     if probe {
-        let n = write_in_place(img, buf, offset, end)?;
+        let n = write_in_place(img, pinned, buf, offset, end)?;
         if n > 0 {
             return Ok(n);
         }

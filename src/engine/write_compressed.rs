@@ -111,7 +111,8 @@ impl Image {
         self.bitmaps.mark(offset.get(), len);
         if let Some(raw) = &c.raw {
             // Not compressible: store as a normal cluster (the gate is already held).
-            super::write::write(self, raw, offset)?;
+            let pin = self.file.grace().pin();
+            super::write::write(self, &pin.pinned(), raw, offset)?;
             return self.after_write();
         }
         let data = &c.compressed;

@@ -69,10 +69,11 @@ fn update_clusters(
 fn write_explicit_zeros(img: &Image, ranges: &[(GuestOffset, u64)]) -> Result<()> {
     const CHUNK: u64 = 1 << 20;
     let zeros = vec![0u8; CHUNK.min(ranges.iter().map(|r| r.1).max().unwrap_or(0)) as usize];
+    let pin = img.file.grace().pin();
     for &(mut off, mut len) in ranges {
         while len > 0 {
             let n = len.min(CHUNK);
-            write::write(img, &zeros[..n as usize], off)?;
+            write::write(img, &pin.pinned(), &zeros[..n as usize], off)?;
             off += n;
             len -= n;
         }

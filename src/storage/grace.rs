@@ -63,7 +63,7 @@ fn my_shard() -> usize {
 /// form one total order. Loom models SeqCst accesses as AcqRel only, so under loom the
 /// SeqCst fence it does model stands in for that order.
 #[inline(always)]
-fn seqcst_point() {
+pub(crate) fn seqcst_point() {
     #[cfg(loom)]
     loom::sync::atomic::fence(Ordering::SeqCst);
 }
@@ -126,6 +126,41 @@ impl Drop for WritersExcluded<'_> {
 pub struct PinToken {
     shard: usize,
     slot: usize,
+    /// The address of the `Grace` it pins (identity only, never dereferenced).
+    grace: usize,
+}
+
+/// Proof that a request is pinned in a `Grace` for `'a` (from [`Pin::pinned`] or
+/// [`Grace::pinned_by`]): what lets it read memory that writers free a grace period after
+/// unlinking it ([`super::PinnedGrid`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Pinned<'a> {
+    grace: &'a Grace,
+}
+
+impl Pinned<'_> {
+    /// Whether the pin is one of `grace`'s.
+    #[inline(always)]
+    pub fn is_of(&self, grace: &Grace) -> bool {
+        std::ptr::eq(self.grace, grace)
+    }
+}
+
+impl Pin<'_> {
+    /// The proof that this pin holds back grace periods.
+    #[inline(always)]
+    pub fn pinned(&self) -> Pinned<'_> {
+        Pinned { grace: self.grace }
+    }
+}
+
+/// A writer inside the write gate without a grace pin (see
+/// [`Grace::enter_writer_unpinned`]); leaves the gate on drop. Unlike a [`Pin`] it proves
+/// nothing about grace periods.
+#[derive(Debug)]
+#[must_use = "the writer is inside the gate only while this lives"]
+pub struct GateEntry<'a> {
+    _entry: Pin<'a>,
 }
 
 impl Drop for Pin<'_> {
@@ -157,8 +192,10 @@ impl Grace {
     /// for a writer that maps no host cluster itself (a flush), whose pin would only hold
     /// back the grace periods its own write-back ends.
     #[inline]
-    pub fn enter_writer_unpinned(&self) -> Pin<'_> {
-        self.pin_as(GATE)
+    pub fn enter_writer_unpinned(&self) -> GateEntry<'_> {
+        GateEntry {
+            _entry: self.pin_as(GATE),
+        }
     }
 
     #[inline]
@@ -251,9 +288,15 @@ impl Grace {
         let t = PinToken {
             shard: p.shard,
             slot: p.slot,
+            grace: self as *const Grace as usize,
         };
         std::mem::forget(p);
         t
+    }
+
+    /// The proof of pinning that detached pin `t` gives, if it is one of this `Grace`'s.
+    pub fn pinned_by<'a>(&'a self, t: &'a PinToken) -> Option<Pinned<'a>> {
+        (t.grace == self as *const Grace as usize).then_some(Pinned { grace: self })
     }
 
     /// Releases a pin taken with [`Self::pin_detached`] on this `Grace`.
@@ -275,16 +318,23 @@ impl Grace {
         self.epoch.load(Ordering::SeqCst)
     }
 
-    /// Starts a new epoch if the previous one has drained (callers serialise advances, e.g.
-    /// under the metadata lock). Returns whether the epoch advanced.
+    /// Starts a new epoch if the previous one has drained. Returns whether the epoch
+    /// advanced (here or, concurrently, by another caller).
     pub fn try_advance(&self) -> bool {
         let e = self.epoch.load(Ordering::SeqCst);
         // Slot (e+1)&1 holds requests of epoch e-1; it is reused by epoch e+1.
-        if self.pinned(((e + 1) & 1) as usize) == 0 {
-            self.epoch.store(e + 1, Ordering::SeqCst);
-            true
-        } else {
-            false
+        if self.pinned(((e + 1) & 1) as usize) != 0 {
+            return false;
+        }
+        // A compare-exchange, not a store: two callers that both found epoch e drained move
+        // it to e+1 once, never back from e+2 to e+1 (the refcount allocator advances under
+        // the metadata mutex, the pinned grid's writers under their own).
+        match self
+            .epoch
+            .compare_exchange(e, e + 1, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => true,
+            Err(now) => now > e,
         }
     }
 

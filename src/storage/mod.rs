@@ -12,6 +12,7 @@ pub mod grace;
 pub mod guard;
 pub mod lock;
 pub mod notify;
+pub mod pinned;
 mod posix;
 pub mod ringwrites;
 #[cfg(test)]
@@ -21,9 +22,10 @@ pub mod slab;
 pub mod uring;
 
 pub use absent::Absent;
-pub use grace::{Grace, Pin, PinToken, WritersExcluded};
+pub use grace::{GateEntry, Grace, Pin, PinToken, Pinned, WritersExcluded};
 pub use guard::{MetaKind, OverlapCheck, OverlapGuard, OverlapHit};
 pub use lock::{ImageLock, LockMode};
+pub use pinned::{GridWriter, PinnedGrid, RowsExhausted};
 pub use posix::PosixFile;
 pub use ringwrites::{Drain, Excluded, RingWrites};
 pub use slab::{SlabWords, WordSlab};
@@ -164,7 +166,7 @@ pub struct HostFile {
     guard: Arc<OverlapGuard>,
     /// Keeps freed clusters from reuse while requests that may touch them run (boxed: its
     /// cache-padded shards are large).
-    grace: Box<Grace>,
+    grace: Arc<Grace>,
     /// Data writes on an asynchronous queue's io_uring, in flight on this file.
     ring_writes: RingWrites,
     /// Set when a sync failed. The kernel may have dropped the failed dirty pages and
@@ -212,7 +214,7 @@ impl HostFile {
             backend,
             name: name.into(),
             guard: Arc::new(OverlapGuard::default()),
-            grace: Box::default(),
+            grace: Arc::default(),
             ring_writes: RingWrites::default(),
             sync_failed: AtomicBool::new(false),
             written_end: AtomicU64::new(end),
@@ -327,6 +329,11 @@ impl HostFile {
     /// Grace periods of this file's clusters: requests pin, the allocator waits for them.
     pub fn grace(&self) -> &Grace {
         &self.grace
+    }
+
+    /// The grace periods, shared (for structures readers reach under these pins).
+    pub fn shared_grace(&self) -> Arc<Grace> {
+        Arc::clone(&self.grace)
     }
 
     /// The io_uring data writes in flight on this file.

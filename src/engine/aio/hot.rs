@@ -15,6 +15,7 @@ use super::super::write::{abandon_single_alloc, plan_single_alloc, SingleAlloc};
 use super::super::Image;
 use crate::format::entry::SubclusterState;
 use crate::format::GuestOffset;
+use crate::storage::Pinned;
 use std::os::fd::RawFd;
 
 /// What a read needs.
@@ -31,7 +32,13 @@ pub(super) enum ReadPlan {
 /// Plans a read of `len` bytes into memory at `addr` from guest `offset`. The caller holds
 /// a grace pin taken before this call until the I/O has completed (as `Image::read_at`
 /// holds one), so the host cluster cannot be reused under the read.
-pub(super) fn plan_read(img: &Image, offset: u64, addr: usize, len: usize) -> ReadPlan {
+pub(super) fn plan_read(
+    img: &Image,
+    pinned: &Pinned<'_>,
+    offset: u64,
+    addr: usize,
+    len: usize,
+) -> ReadPlan {
     if len == 0 || img.check_usable().is_err() {
         return ReadPlan::Slow;
     }
@@ -43,7 +50,7 @@ pub(super) fn plan_read(img: &Image, offset: u64, addr: usize, len: usize) -> Re
         return ReadPlan::Slow;
     }
     let pos = GuestOffset::new(offset);
-    let Some(mapping) = img.view.lookup(geo, img.version, pos) else {
+    let Some(mapping) = img.view.lookup(pinned, geo, img.version, pos) else {
         return ReadPlan::Slow;
     };
     if super::super::datafile::check_mapping(geo, pos, &mapping).is_err() {
@@ -82,6 +89,7 @@ pub(super) fn plan_read(img: &Image, offset: u64, addr: usize, len: usize) -> Re
 /// operations exclude it), and marks the dirty bitmaps when this returns a target.
 pub(super) fn plan_overwrite(
     img: &Image,
+    pinned: &Pinned<'_>,
     offset: u64,
     addr: usize,
     len: usize,
@@ -95,7 +103,8 @@ pub(super) fn plan_overwrite(
         return None;
     }
     let pos = GuestOffset::new(offset);
-    let host = super::super::write::in_place_target(img, pos, pos.in_cluster(geo), len as u64)?;
+    let host =
+        super::super::write::in_place_target(img, pinned, pos, pos.in_cluster(geo), len as u64)?;
     let file = img.data_file();
     let fd = match file.uring_target() {
         Some((fd, 0)) => fd,

@@ -158,7 +158,11 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         let pin = grace.pin_detached();
         let buf = read_buf(&mut op);
         let (addr, len) = (buf.as_ptr() as usize, buf.len());
-        match plan_read(img, offset, addr, len) {
+        let plan = match grace.pinned_by(&pin) {
+            Some(pinned) => plan_read(img, &pinned, offset, addr, len),
+            None => ReadPlan::Slow,
+        };
+        match plan {
             ReadPlan::Slow => {
                 grace.unpin(pin);
                 Some((op, user))
@@ -222,7 +226,10 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         let pin = grace.pin_detached();
         let buf = write_buf(&op);
         let (addr, len) = (buf.as_ptr() as usize, buf.len());
-        let planned = match plan_overwrite(img, offset, addr, len) {
+        let overwrite = grace
+            .pinned_by(&pin)
+            .and_then(|pinned| plan_overwrite(img, &pinned, offset, addr, len));
+        let planned = match overwrite {
             Some((fd, host)) => Some((fd, host, None)),
             None => plan_alloc(img, offset, addr, len)
                 .map(|(fd, host, a)| (fd, host, Some(Box::new(a)))),
