@@ -4,8 +4,9 @@
 //! The L1 table is an array of atomics. Cached L2 slices (a power-of-two part of a table,
 //! keyed by its own host offset) are shared (`Arc`) between the metadata cache, which owns
 //! and mutates them under the metadata mutex, and this view, where readers find them by L1
-//! index and slice index in a directory of arrays ([`super::slicedir`]: no hash probe) under
-//! a sharded lock. Each slice is a seqlock: the single writer (the metadata mutex holder)
+//! index and slice index in a directory of pointer arrays ([`super::slicedir`]: no hash
+//! probe, no lock; the request's grace pin keeps what it reaches alive). Each slice is a
+//! seqlock: the single writer (the metadata mutex holder)
 //! bumps the sequence around every entry update, and readers retry until they read a pair of
 //! words that no update overlapped, so an extended-L2 entry (descriptor plus subcluster
 //! bitmap) is never torn.
@@ -15,9 +16,10 @@
 //! lookup is one extra load and never sees an entry migrate.
 //!
 //! A reader that finds no table falls back to the metadata mutex; a reader holding a table
-//! that was evicted meanwhile sees the mapping as it was when its request started, which is
-//! what a request overlapping a concurrent write may see. Host clusters it maps stay valid
-//! for the request's duration thanks to [`crate::storage::Grace`].
+//! that was evicted meanwhile sees the mapping as it was when it found the slice, which is
+//! what a request overlapping a concurrent write may see. Host clusters it maps, and the
+//! slice itself, stay valid for the request's duration thanks to [`crate::storage::Grace`]:
+//! every lookup takes the request's proof of pinning ([`crate::storage::Pinned`]).
 
 use super::cache::CacheConfig;
 use super::slicedir::SliceDir;
@@ -1062,21 +1064,22 @@ mod loom_tests {
         l1_move(false);
     }
 
-    /// Slice A is evicted (and freed) and table B's slice published while a reader maps
-    /// through both tables: it finds each table's own entry or nothing (then the mutex).
+    /// Slice A is evicted (and dropped by the cache) and table B's slice published while a
+    /// reader maps through both tables: it finds each table's own entry or nothing (then the
+    /// mutex).
     #[test]
     fn loom_an_evicted_slice_is_never_found_and_a_new_one_only_for_its_table() {
         evict_and_publish(false);
     }
 
-    /// The same with the withdrawal and the publication under one directory write lock
+    /// The same with the withdrawal and the publication by one writer of the directory
     /// ([`MapView::replace`], what a cache miss does).
     #[test]
-    fn loom_a_slice_replaced_under_one_lock_is_never_found_and_the_new_one_only_for_its_table() {
+    fn loom_a_slice_replaced_by_one_writer_is_never_found_and_the_new_one_only_for_its_table() {
         evict_and_publish(true);
     }
 
-    fn evict_and_publish(one_lock: bool) {
+    fn evict_and_publish(one_writer: bool) {
         loom::model(move || {
             let g = geo();
             let v = view(2);
@@ -1090,7 +1093,7 @@ mod loom_tests {
                 let v = Arc::clone(&v);
                 thread::spawn(move || {
                     let b = slice(B, DATA_B);
-                    if one_lock {
+                    if one_writer {
                         assert!(v.replace(Some(&a), 1, 0, &b));
                         drop(a);
                     } else {

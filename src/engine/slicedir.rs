@@ -20,7 +20,7 @@
 //! published and its readers take the metadata mutex), and everything is given back when
 //! the last slice is unpublished.
 
-use super::mapview::L2Table;
+use super::mapview::{L2Table, MAX_L1_ENTRIES};
 use crate::storage::{Grace, GridWriter, Pinned, PinnedGrid};
 use std::sync::Arc;
 
@@ -39,7 +39,8 @@ impl SliceDir {
         // Home indices must fit 32 bits each (see `L2Table::set_home`).
         let per_table = per_table.clamp(1, u32::MAX as usize);
         SliceDir {
-            grid: PinnedGrid::new(grace, per_table, max_blocks),
+            // A row per L1 entry: no image has more than QEMU's limit.
+            grid: PinnedGrid::new(grace, per_table, MAX_L1_ENTRIES, max_blocks),
             per_table,
         }
     }

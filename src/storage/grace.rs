@@ -82,6 +82,8 @@ const PINS: u64 = (1 << 32) - 1;
 /// gate those writer counts answer to.
 #[derive(Debug, Default)]
 pub struct Grace {
+    /// Names this `Grace` in its detached pins.
+    id: GraceId,
     epoch: AtomicU64,
     active: [CachePadded<[AtomicU64; 2]>; SHARDS],
     /// Set while an operation excludes writers (new writers wait until it is cleared).
@@ -120,14 +122,26 @@ impl Drop for WritersExcluded<'_> {
     }
 }
 
+/// A process-unique number naming a [`Grace`]: a detached pin carries it, so that it proves
+/// nothing to another `Grace`, not even one later allocated at the same address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GraceId(u64);
+
+impl Default for GraceId {
+    fn default() -> GraceId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        GraceId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
 /// A detached pin (see [`Grace::pin_detached`]): not tied to a borrow, released explicitly.
 #[derive(Debug)]
 #[must_use = "a detached pin must be released with Grace::unpin"]
 pub struct PinToken {
     shard: usize,
     slot: usize,
-    /// The address of the `Grace` it pins (identity only, never dereferenced).
-    grace: usize,
+    /// The `Grace` it pins.
+    grace: GraceId,
 }
 
 /// Proof that a request is pinned in a `Grace` for `'a` (from [`Pin::pinned`] or
@@ -288,7 +302,7 @@ impl Grace {
         let t = PinToken {
             shard: p.shard,
             slot: p.slot,
-            grace: self as *const Grace as usize,
+            grace: self.id,
         };
         std::mem::forget(p);
         t
@@ -296,7 +310,7 @@ impl Grace {
 
     /// The proof of pinning that detached pin `t` gives, if it is one of this `Grace`'s.
     pub fn pinned_by<'a>(&'a self, t: &'a PinToken) -> Option<Pinned<'a>> {
-        (t.grace == self as *const Grace as usize).then_some(Pinned { grace: self })
+        (t.grace == self.id).then_some(Pinned { grace: self })
     }
 
     /// Releases a pin taken with [`Self::pin_detached`] on this `Grace`.
@@ -355,6 +369,16 @@ mod tests {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
     use std::time::Duration;
+
+    #[test]
+    fn a_detached_pin_proves_pinning_to_its_own_grace_only() {
+        let (a, b) = (Grace::default(), Grace::default());
+        let t = a.pin_detached();
+        assert!(a.pinned_by(&t).is_some_and(|p| p.is_of(&a)));
+        assert!(b.pinned_by(&t).is_none(), "another grace");
+        assert!(!a.pin().pinned().is_of(&b));
+        a.unpin(t);
+    }
 
     /// Whether `flag` is still unset after a while (a thread that should be waiting).
     fn still_waiting(flag: &AtomicBool) -> bool {

@@ -4,13 +4,13 @@
 //! Values sit in rows of `cols` slots; a row is allocated when its first value lands and
 //! given back when its last one leaves, and the array of row pointers grows by copying. A
 //! reader holding a pin of the grid's [`Grace`] follows three pointers (row array, row,
-//! value) with plain loads: no read-modify-write, no cache line shared with other readers.
+//! value) with plain loads: no read-modify-write, nothing a reader writes.
 //! Writers run one at a time (the grid's mutex); whatever they unlink (a value, an emptied
 //! row, an outgrown row array) waits in a queue and is dropped once every request pinned at
 //! the time has finished, so a reader never holds a reference into freed memory.
 //!
 //! Memory: a pointer per row up to the highest row in use (twice that at most, as the array
-//! doubles), a pointer per slot of each row in use, and what is unlinked while requests that
+//! doubles, and never past the grid's row limit), a pointer per slot of each row in use, and what is unlinked while requests that
 //! could still see it are in flight (at most what writers unlink during one request's life).
 
 use super::grace::{seqcst_point, Grace, Pinned};
@@ -35,6 +35,8 @@ pub struct PinnedGrid<T> {
     grace: Arc<Grace>,
     /// Slots per row.
     cols: usize,
+    /// Rows are numbered below this.
+    row_limit: usize,
     /// The current row array (null: no row in use). Owns its rows.
     rows: AtomicPtr<RowArray<T>>,
     writer: Mutex<Writer<T>>,
@@ -124,12 +126,13 @@ impl<T> Drop for Row<T> {
 }
 
 impl<T> PinnedGrid<T> {
-    /// An empty grid of rows of `cols` slots (at least 1), holding at most `max_rows` rows at
-    /// once (at least 1), for readers pinned in `grace`.
-    pub fn new(grace: Arc<Grace>, cols: usize, max_rows: usize) -> PinnedGrid<T> {
+    /// An empty grid of rows of `cols` slots (at least 1) numbered below `row_limit`, holding
+    /// at most `max_rows` rows at once (at least 1), for readers pinned in `grace`.
+    pub fn new(grace: Arc<Grace>, cols: usize, row_limit: usize, max_rows: usize) -> PinnedGrid<T> {
         PinnedGrid {
             grace,
             cols: cols.max(1),
+            row_limit,
             rows: AtomicPtr::new(ptr::null_mut()),
             writer: Mutex::new(Writer {
                 counts: Vec::new(),
@@ -263,14 +266,15 @@ impl<T> GridWriter<'_, T> {
 
     /// Puts `v` at (`row`, `col`); returns what was there (its grid reference waits for its
     /// grace period; the returned one is the caller's). Fails, changing nothing, when the
-    /// value needs a new row and the grid has its most rows in use, or `col` is past a row.
+    /// value needs a new row and the grid has its most rows in use, or (`row`, `col`) lies
+    /// outside the grid.
     pub fn set(
         &mut self,
         row: usize,
         col: usize,
         v: Arc<T>,
     ) -> Result<Option<Arc<T>>, RowsExhausted> {
-        if col >= self.grid.cols {
+        if col >= self.grid.cols || row >= self.grid.row_limit {
             return Err(RowsExhausted);
         }
         let r = self.row_for(row)?;
@@ -370,7 +374,7 @@ impl<T> GridWriter<'_, T> {
         if cur >= len {
             return;
         }
-        let new = RowArray::new(len.max(2 * cur).max(4));
+        let new = RowArray::new(len.max(2 * cur).max(4).min(self.grid.row_limit.max(len)));
         if let Some(old) = self.rows() {
             for (n, o) in new.rows.iter().zip(old.rows.iter()) {
                 n.store(o.load(Ordering::SeqCst), Ordering::SeqCst);
@@ -439,7 +443,7 @@ mod tests {
     use super::*;
 
     fn grid(cols: usize, max_rows: usize) -> PinnedGrid<u64> {
-        PinnedGrid::new(Arc::new(Grace::default()), cols, max_rows)
+        PinnedGrid::new(Arc::new(Grace::default()), cols, 1 << 20, max_rows)
     }
 
     #[test]
@@ -463,6 +467,21 @@ mod tests {
         assert_eq!(g.get(&p, 8, 1), None);
         assert_eq!(g.get(&p, 7, 9), None, "past a row");
         assert_eq!(g.get(&p, 100_000, 0), None, "past the rows");
+    }
+
+    #[test]
+    fn rows_past_the_limit_are_refused_and_the_row_array_stops_there() {
+        let g = PinnedGrid::new(Arc::new(Grace::default()), 1, 6, 8);
+        let mut w = g.write();
+        assert_eq!(w.set(6, 0, Arc::new(1u64)), Err(RowsExhausted));
+        w.set(4, 0, Arc::new(2)).expect("row 4");
+        w.set(5, 0, Arc::new(3))
+            .expect("row 5, past the first array of 5");
+        assert_eq!(
+            w.rows().map(|a| a.rows.len()),
+            Some(6),
+            "doubling stops at the limit"
+        );
     }
 
     #[test]

@@ -36,7 +36,7 @@ impl Drop for Probe {
 fn unlink_while_read(replace: bool) {
     loom::model(move || {
         let grace = Arc::new(Grace::default());
-        let grid = Arc::new(PinnedGrid::new(Arc::clone(&grace), 1, 1));
+        let grid = Arc::new(PinnedGrid::new(Arc::clone(&grace), 1, 1, 1));
         grid.write()
             .set(0, 0, Arc::new(Probe(UnsafeCell::new(7))))
             .expect("set");
