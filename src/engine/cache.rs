@@ -30,7 +30,7 @@ const MAX_SLICES: u64 = 1 << 20;
 
 /// Requests of one thread between two checks of whether an idle clean is due: reading the
 /// clock costs about as much as a small request's whole engine overhead, so it is sampled.
-const TICK_REQUESTS: u32 = 256;
+pub(super) const TICK_REQUESTS: u32 = 256;
 
 /// Counts a request of the calling thread; true every [`TICK_REQUESTS`] requests, when the
 /// caller checks whether an idle clean is due.

@@ -422,11 +422,27 @@ impl Image {
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Counts a request of the calling thread; every 256th runs the idle clean. Request
+    /// entry points call it before taking their grace pin: a slice the clean withdraws is
+    /// freed once no request pinned at that moment is left, which a clean inside a pinned
+    /// request would itself hold back until later ticks.
     #[inline]
-    fn check_usable(&self) -> Result<()> {
+    fn count_request(&self) {
         if cache::tick() {
             self.idle_tick();
         }
+    }
+
+    /// [`Self::count_request`], then [`Self::check_not_fenced`].
+    #[inline]
+    fn check_usable(&self) -> Result<()> {
+        self.count_request();
+        self.check_not_fenced()
+    }
+
+    /// Fails on a fenced handle.
+    #[inline]
+    fn check_not_fenced(&self) -> Result<()> {
         if self.fence.is_fenced() {
             return Err(self.fenced_error());
         }
@@ -470,7 +486,14 @@ impl Image {
 
     #[inline]
     fn check_writable(&self) -> Result<()> {
-        self.check_usable()?;
+        self.count_request();
+        self.check_open_for_writes()
+    }
+
+    /// [`Self::check_writable`] for a request counted already (before entering the gate).
+    #[inline]
+    fn check_open_for_writes(&self) -> Result<()> {
+        self.check_not_fenced()?;
         if self.is_read_only() {
             return Err(self.read_only_error());
         }
@@ -584,8 +607,9 @@ impl Image {
         let r = {
             // Mapped host clusters stay reserved for this request until its I/O is done
             // (not while `finish` runs the event callbacks, which may wait for grace periods).
+            self.count_request();
             let pin = self.file.grace().pin();
-            self.check_usable()?;
+            self.check_not_fenced()?;
             let offset = self.check_range(offset, buf.len() as u64)?;
             read::read(self, &pin.pinned(), buf, offset)
         };
@@ -597,8 +621,9 @@ impl Image {
         let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
         let r = {
             // As in `read_at`.
+            self.count_request();
             let pin = self.file.grace().pin();
-            self.check_usable()?;
+            self.check_not_fenced()?;
             let mut off = self.check_range(offset, total)?;
             bufs.iter_mut().try_for_each(|b| {
                 read::read(self, &pin.pinned(), b, off)?;
@@ -613,8 +638,9 @@ impl Image {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let r = {
             // Mapped host clusters stay reserved for this request until its I/O is done.
+            self.count_request();
             let writer = self.enter_write_gate();
-            self.check_writable()?;
+            self.check_open_for_writes()?;
             let offset = self.check_range(offset, buf.len() as u64)?;
             self.bitmaps.mark(offset.get(), buf.len() as u64);
             write::write(self, &writer.pinned(), buf, offset).and_then(|()| self.after_write())
@@ -627,8 +653,9 @@ impl Image {
         let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
         let r = {
             // Mapped host clusters stay reserved for this request until its I/O is done.
+            self.count_request();
             let writer = self.enter_write_gate();
-            self.check_writable()?;
+            self.check_open_for_writes()?;
             let mut off = self.check_range(offset, total)?;
             self.bitmaps.mark(offset, total);
             bufs.iter()
@@ -647,8 +674,9 @@ impl Image {
     pub fn write_zeroes(&self, offset: u64, count: u64, flags: crate::ZeroFlags) -> Result<()> {
         let r = {
             // Mapped host clusters stay reserved for this request until its I/O is done.
+            self.count_request();
             let _writer = self.enter_write_gate();
-            self.check_writable()?;
+            self.check_open_for_writes()?;
             let offset = self.check_range(offset, count)?;
             self.bitmaps.mark(offset.get(), count);
             zero::write_zeroes(self, offset, count, flags.may_unmap)
@@ -663,8 +691,9 @@ impl Image {
     pub fn discard(&self, offset: u64, count: u64) -> Result<()> {
         let r = {
             // Mapped host clusters stay reserved for this request until its I/O is done.
+            self.count_request();
             let _writer = self.enter_write_gate();
-            self.check_writable()?;
+            self.check_open_for_writes()?;
             let offset = self.check_range(offset, count)?;
             self.bitmaps.mark(offset.get(), count);
             zero::discard(self, offset, count).and_then(|()| self.after_write())

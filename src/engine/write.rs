@@ -385,7 +385,7 @@ pub(super) fn plan_single_alloc(
     len: u64,
     align: usize,
 ) -> Option<SingleAlloc> {
-    if len == 0 || img.check_writable().is_err() || img.mode.writethrough() {
+    if len == 0 || img.check_open_for_writes().is_err() || img.mode.writethrough() {
         return None;
     }
     let geo = img.geo;

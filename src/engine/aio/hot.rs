@@ -39,7 +39,7 @@ pub(super) fn plan_read(
     addr: usize,
     len: usize,
 ) -> ReadPlan {
-    if len == 0 || img.check_usable().is_err() {
+    if len == 0 || img.check_not_fenced().is_err() {
         return ReadPlan::Slow;
     }
     let geo = &img.geo;
@@ -94,7 +94,7 @@ pub(super) fn plan_overwrite(
     addr: usize,
     len: usize,
 ) -> Option<(RawFd, u64)> {
-    if len == 0 || img.check_writable().is_err() || img.mode.writethrough() {
+    if len == 0 || img.check_open_for_writes().is_err() || img.mode.writethrough() {
         return None;
     }
     let geo = &img.geo;

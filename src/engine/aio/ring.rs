@@ -154,6 +154,8 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
             _ => return Some((op, user)),
         };
         let img: &Image = &shared.image;
+        // Counted before pinning, as the synchronous requests are (`Image::count_request`).
+        img.count_request();
         let grace = img.file.grace();
         let pin = grace.pin_detached();
         let buf = read_buf(&mut op);
@@ -218,6 +220,7 @@ impl<B: AioBuf, T: Send + 'static> RingPath<B, T> {
         I: Deref<Target = Image> + Send + Sync + 'static,
     {
         let img: &Image = &shared.image;
+        img.count_request();
         let writes = img.data_file().ring_writes();
         if !writes.try_enter() {
             return Some((op, user));
