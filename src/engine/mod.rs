@@ -475,9 +475,9 @@ impl Image {
         };
         let cleaned = m.clean_if_due() | m.take_tracker_idle();
         drop(m);
-        // Slices the clean (or a miss) withdrew are dropped once the requests that could
-        // still read them are done: this request's own pin holds them back now, a later
-        // tick frees them.
+        // Slices the clean (or a miss) withdrew are dropped once no request pinned when they
+        // were withdrawn is left: request entry points tick before pinning, so the clean's
+        // own are usually freed here.
         self.view.collect();
         if cleaned {
             self.inflight.release_idle_pages();

@@ -26,7 +26,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::{Header, MAX_BACKING_NAME};
 use crate::format::{GuestOffset, HostOffset};
 use crate::options::{BackingFormat, OpenOptions, EXTENT_ALLOCATED};
-use crate::storage::{HostFile, WriteKind};
+use crate::storage::{HostFile, Pinned, WriteKind};
 
 /// Guest bytes examined per step of the copy: bounds the buffers (two of this size) and
 /// how long guest writers wait at the gate.
@@ -161,7 +161,7 @@ impl Image {
                 (size - off).min(STEP),
             )?;
             if ext.flags & EXTENT_ALLOCATED == 0 {
-                self.copy_run(off, ext.length, old, new)?;
+                self.copy_run(&pin.pinned(), off, ext.length, old, new)?;
             }
             off += ext.length.max(1);
         }
@@ -172,6 +172,7 @@ impl Image {
     /// differing granules, merged into runs of the same kind.
     fn copy_run(
         &self,
+        pinned: &Pinned<'_>,
         start: u64,
         len: u64,
         old: Option<&Backing>,
@@ -200,7 +201,7 @@ impl Image {
                 pending = match pending {
                     Some((s, e, z)) if e == pos && z == zeros => Some((s, end, z)),
                     Some(p) => {
-                        self.write_copy(p, start, &a)?;
+                        self.write_copy(pinned, p, start, &a)?;
                         Some((pos, end, zeros))
                     }
                     None => Some((pos, end, zeros)),
@@ -209,21 +210,26 @@ impl Image {
             pos = end;
         }
         if let Some(p) = pending {
-            self.write_copy(p, start, &a)?;
+            self.write_copy(pinned, p, start, &a)?;
         }
         Ok(())
     }
 
     /// Writes one run found by [`Self::copy_run`]: zeros past the old backing's end, the old
     /// bytes (`old` holds them from `base` on) elsewhere.
-    fn write_copy(&self, (s, e, zeros): (u64, u64, bool), base: u64, old: &[u8]) -> Result<()> {
+    fn write_copy(
+        &self,
+        pinned: &Pinned<'_>,
+        (s, e, zeros): (u64, u64, bool),
+        base: u64,
+        old: &[u8],
+    ) -> Result<()> {
         if zeros {
             // Zero clusters even when no backing file is open yet: one is about to be.
             zero::write_zeroes_as(self, GuestOffset::new(s), e - s, false, true)
         } else {
             let bytes = &old[(s - base) as usize..(e - base) as usize];
-            let pin = self.file.grace().pin();
-            write::write(self, &pin.pinned(), bytes, GuestOffset::new(s))
+            write::write(self, pinned, bytes, GuestOffset::new(s))
         }
     }
 

@@ -12,7 +12,7 @@ use super::Image;
 use crate::error::{invalid, Result};
 use crate::format::entry::Mapping;
 use crate::format::{GuestOffset, HostOffset};
-use crate::storage::WriteKind;
+use crate::storage::{Pinned, WriteKind};
 use std::borrow::Cow;
 
 /// One guest cluster made ready for [`Image::write_compressed_cluster`] by
@@ -87,14 +87,16 @@ impl Image {
     /// gives the same file, byte for byte, whatever thread prepared them.
     pub fn write_compressed_cluster(&self, c: &CompressedCluster) -> Result<()> {
         let r = {
-            let _writer = self.enter_write_gate();
-            self.write_prepared_gated(c)
+            // Counted before entering the gate, as the other write requests are.
+            self.count_request();
+            let writer = self.enter_write_gate();
+            self.write_prepared_gated(&writer.pinned(), c)
         };
         self.finish(r)
     }
 
-    fn write_prepared_gated(&self, c: &CompressedCluster) -> Result<()> {
-        self.check_writable()?;
+    fn write_prepared_gated(&self, pinned: &Pinned<'_>, c: &CompressedCluster) -> Result<()> {
+        self.check_open_for_writes()?;
         self.refuse_with_data_file("a compressed write")?;
         if c.cluster_size != self.geo.cluster_size() || c.kind != self.compression {
             return invalid!(
@@ -111,8 +113,7 @@ impl Image {
         self.bitmaps.mark(offset.get(), len);
         if let Some(raw) = &c.raw {
             // Not compressible: store as a normal cluster (the gate is already held).
-            let pin = self.file.grace().pin();
-            super::write::write(self, &pin.pinned(), raw, offset)?;
+            super::write::write(self, pinned, raw, offset)?;
             return self.after_write();
         }
         let data = &c.compressed;

@@ -164,8 +164,9 @@ pub struct HostFile {
     name: String,
     /// Checked before every write; the engine keeps its index current.
     guard: Arc<OverlapGuard>,
-    /// Keeps freed clusters from reuse while requests that may touch them run (boxed: its
-    /// cache-padded shards are large).
+    /// Keeps freed clusters from reuse while requests that may touch them run (shared: the
+    /// mapping view's slice directory frees what it withdraws by the same grace periods;
+    /// on the heap either way, its cache-padded shards are large).
     grace: Arc<Grace>,
     /// Data writes on an asynchronous queue's io_uring, in flight on this file.
     ring_writes: RingWrites,
