@@ -33,6 +33,12 @@ done
 OX=${OXCOW_BIN:-target/release/oxcow}
 [ -x "$OX" ] || { echo "$0: $OX not built (cargo build --release)" >&2; exit 1; }
 COUNT=$((SIZE_MB * 256)) # 4 KiB writes covering the image once
+for mode in $MODES; do
+    case "$mode" in
+        alloc | inplace | grown | raw) ;;
+        *) echo "$0: unknown mode $mode (alloc, inplace, grown, raw)" >&2; exit 2 ;;
+    esac
+done
 
 W=$(mktemp -d "$DIR/oxcow-split.XXXXXX")
 trap 'rm -rf "$W"' EXIT
@@ -55,7 +61,6 @@ make_file() {
             rm -f "$f"
             truncate -s "${SIZE_MB}M" "$f"
             echo "raw $f" ;;
-        *) echo "$0: unknown mode $1" >&2; exit 2 ;;
     esac
 }
 
