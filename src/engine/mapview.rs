@@ -6,10 +6,9 @@
 //! and mutates them under the metadata mutex, and this view, where readers find them by L1
 //! index and slice index in a directory of pointer arrays ([`super::slicedir`]: no hash
 //! probe, no lock; the request's grace pin keeps what it reaches alive). Each slice is a
-//! seqlock: the single writer (the metadata mutex holder)
-//! bumps the sequence around every entry update, and readers retry until they read a pair of
-//! words that no update overlapped, so an extended-L2 entry (descriptor plus subcluster
-//! bitmap) is never torn.
+//! seqlock: the single writer (the metadata mutex holder) bumps the sequence around every
+//! entry update, and readers retry until they read a pair of words that no update
+//! overlapped, so an extended-L2 entry (descriptor plus subcluster bitmap) is never torn.
 //!
 //! The L1 table can grow and shrink on a live handle (resize): its entries live in fixed-size
 //! chunks that never move once allocated, behind a length that readers load first, so a
@@ -499,16 +498,13 @@ impl MapView {
         self.dir.key_at(l1, slice) == Some(self.slice_key(table, slice))
     }
 
-    /// Publishes a cached slice for lock-free readers: slice `slice` of the table under L1
-    /// entry `l1` (the caller holds the metadata mutex, under which the entry points at the
-    /// slice's table). Returns false when the directory is full (readers of that table then
-    /// take the metadata mutex).
+    /// Publishes a cached slice for lock-free readers ([`SliceDir::publish`]); the caller
+    /// holds the metadata mutex, under which L1 entry `l1` points at the slice's table.
     pub fn publish(&self, l1: usize, slice: usize, t: &Arc<L2Table>) -> bool {
         self.dir.publish(l1, slice, t)
     }
 
-    /// Withdraws `evicted` (if given and published) and publishes `t` as [`Self::publish`]
-    /// does, as one writer of the directory (a cache miss that evicts takes its mutex once).
+    /// [`SliceDir::replace`]: withdraws `evicted` and publishes `t`, as one writer.
     pub fn replace(
         &self,
         evicted: Option<&Arc<L2Table>>,
@@ -521,9 +517,6 @@ impl MapView {
 
     /// Withdraws a slice (evicted from or dropped by the cache), if published.
     pub fn unpublish(&self, t: &Arc<L2Table>) {
-        if t.home().is_none() {
-            return;
-        }
         self.dir.unpublish(t);
     }
 

@@ -282,7 +282,8 @@ fn write_in_place(
 }
 
 /// One batch of [`write`] from `offset`: the in-place path first (unless `probe` is false:
-/// the caller just found the first cluster needs step 1), then steps 1-3.
+/// the caller just found the first cluster needs step 1), then steps 1-3; back to the
+/// in-place path when step 1 waited out another writer's allocation of the first cluster.
 fn write_batch(
     img: &Image,
     pinned: &Pinned<'_>,

@@ -10,8 +10,9 @@
 //! the time has finished, so a reader never holds a reference into freed memory.
 //!
 //! Memory: a pointer per row up to the highest row in use (twice that at most, as the array
-//! doubles, and never past the grid's row limit), a pointer per slot of each row in use, and what is unlinked while requests that
-//! could still see it are in flight (at most what writers unlink during one request's life).
+//! doubles, and never past the grid's row limit), a pointer per slot of each row in use,
+//! and what is unlinked while requests that could still see it are in flight (at most what
+//! writers unlink during one request's life).
 
 use super::grace::{seqcst_point, Grace, Pinned};
 #[cfg(loom)]
