@@ -56,6 +56,19 @@ struct Chunk {
     slots: usize,
 }
 
+impl Chunk {
+    /// A chunk of `slots` zeroed slots of `words` words, all free.
+    fn new(words: usize, slots: usize) -> Chunk {
+        Chunk {
+            mem: zeroed(words * slots),
+            // Popped from the end: slots are handed out in address order.
+            free: (0..slots).rev().map(|i| i * words).collect(),
+            live: 0,
+            slots,
+        }
+    }
+}
+
 /// One slot's words: readable by anyone who holds it, writable in place through
 /// [`SlabWords::as_mut_bytes`] by its only holder. Dropping it gives the slot back.
 #[derive(Debug)]
@@ -102,38 +115,33 @@ impl WordSlab {
     }
 
     /// A slot: a freed one if any (its words hold what its last holder left), else one of
-    /// a new chunk (zeros).
+    /// a new chunk (zeros). A new chunk is allocated and zeroed without the slab's lock: its
+    /// first-touch page faults took the lock long enough that a second thread missing the
+    /// cache at the same time slept on it (measured on a cold 1 TiB cache at two threads,
+    /// BENCHMARKS.md, session 18).
     pub fn take(&self) -> SlabWords {
         let shared = &self.shared;
-        let mut st = shared.lock();
+        let mut fresh: Option<Chunk> = None;
+        // Two rounds at most: the second lists the chunk the first allocated, which has a
+        // free slot, under the same lock as the take.
         loop {
-            let c = match st.open.last() {
-                Some(&c) => c,
-                None => {
-                    let slots = st.slots().clamp(1, shared.per_chunk);
-                    st.add_chunk(shared.words, slots)
-                }
-            };
-            // Every listed chunk has a free slot; one that does not is dropped from the list.
-            let Some(chunk) = st.chunks.get_mut(c).and_then(Option::as_mut) else {
-                st.open.pop();
-                continue;
-            };
-            let Some(start) = chunk.free.pop() else {
-                st.open.pop();
-                continue;
-            };
-            chunk.live += 1;
-            let mem = Arc::clone(&chunk.mem);
-            if chunk.free.is_empty() {
-                st.open.pop();
+            let mut st = shared.lock();
+            if let Some(chunk) = fresh.take() {
+                // Even when another thread listed one meanwhile: a cache that is growing
+                // soon uses its slots, and an unused chunk goes back when its last slot does.
+                st.add_chunk(chunk);
             }
-            return SlabWords {
-                mem,
-                start,
-                len: shared.words,
-                home: Some((Arc::clone(shared), c)),
-            };
+            if let Some((c, start, mem)) = st.take_open() {
+                return SlabWords {
+                    mem,
+                    start,
+                    len: shared.words,
+                    home: Some((Arc::clone(shared), c)),
+                };
+            }
+            let slots = st.slots().clamp(1, shared.per_chunk);
+            drop(st);
+            fresh = Some(Chunk::new(shared.words, slots));
         }
     }
 
@@ -157,16 +165,30 @@ impl State {
         self.slots
     }
 
-    /// Adds a chunk of `slots` slots, all free, and lists it open; returns its index.
-    fn add_chunk(&mut self, words: usize, slots: usize) -> usize {
-        let chunk = Chunk {
-            mem: zeroed(words * slots),
-            // Popped from the end: slots are handed out in address order.
-            free: (0..slots).rev().map(|i| i * words).collect(),
-            live: 0,
-            slots,
-        };
-        self.slots += slots;
+    /// A free slot of a listed chunk, if any: its chunk's index, first word and memory.
+    /// Every listed chunk should have a free slot; one that does not is dropped from the list.
+    fn take_open(&mut self) -> Option<(usize, usize, Arc<[AtomicU64]>)> {
+        while let Some(&c) = self.open.last() {
+            let Some(chunk) = self.chunks.get_mut(c).and_then(Option::as_mut) else {
+                self.open.pop();
+                continue;
+            };
+            let Some(start) = chunk.free.pop() else {
+                self.open.pop();
+                continue;
+            };
+            chunk.live += 1;
+            if chunk.free.is_empty() {
+                self.open.pop();
+            }
+            return Some((c, start, Arc::clone(&chunk.mem)));
+        }
+        None
+    }
+
+    /// Lists `chunk` (all its slots free) as open, in a vacant index if there is one.
+    fn add_chunk(&mut self, chunk: Chunk) {
+        self.slots += chunk.slots;
         let c = match self.vacant.pop() {
             Some(c) => {
                 self.chunks[c] = Some(chunk);
@@ -178,7 +200,6 @@ impl State {
             }
         };
         self.open.push(c);
-        c
     }
 
     fn give_back(&mut self, c: usize, start: usize) {
