@@ -198,27 +198,39 @@ measure() {
     echo "$fs $name $depth $tool $secs $((count * size)) $try" >>"$RESULTS"
 }
 
-# Measures every tool of a workload once, in the order given. Allocating runs of oxcow and
-# raw (0.1-0.3 s, each on a new image) are timed twice, in the order A B B A, and the faster
-# of a tool's two counts (the report keeps it): on this VM a run now and then takes two to
-# five times as long for either tool alike (fresh memory the host must fault in again: in
-# `perf`, the extra time is all in the kernel's first copy into each new page-cache page;
-# measured: 9 repetitions of tmpfs alloc-4k-seq, 8 of 36 runs at 0.23-0.61 s against
-# 0.11-0.17 s for the rest), and interference only ever adds time. Mirroring the second
-# try keeps each tool's two runs around the other's, so drift within a repetition hits
-# both alike. qemu-img's runs last seconds: once.
+# Measures every tool of a workload in repetition $7. Reading rows: each tool once, their
+# order rotated every repetition so that no tool always runs first (right after a change of
+# file, workload or depth). Allocating rows (fresh, cow): oxcow and raw (0.1-0.3 s, each
+# on a new image) are timed twice, in the order A B B A, and the faster of a tool's two
+# counts (the report keeps it): on this VM a run now and then takes two to five times as
+# long for either tool alike (fresh memory the host must fault in again: in `perf`, the
+# extra time is all in the kernel's first copy into each new page-cache page; measured: 9
+# repetitions of tmpfs alloc-4k-seq, 8 of 36 runs at 0.23-0.61 s against 0.11-0.17 s for
+# the rest), and interference only ever adds time. Mirroring the second try keeps each
+# tool's two runs around the other's, so drift within a repetition hits both alike. Which
+# of the two goes first alternates with the repetition and the depth. qemu-img's runs last
+# seconds: once, after both, because the run right after a qemu-img run is the one that
+# takes longest (measured, session 18: a raw run right after a qemu-img run 0.55-1.48 s in
+# 5 of 8 rounds, against 0.12-0.17 s after an oxcow or raw run); in the middle of the
+# group it fell on oxcow in two repetitions of three and on raw in one.
 measure_tools() {
-    local dir=$1 fs=$2 name=$3 opts=$4 kind=$5 depth=$6 tool
-    shift 6
-    for tool in "$@"; do
-        measure "$dir" "$fs" "$name" "$opts" "$kind" "$depth" "$tool" 1
-    done
-    case "$kind" in fresh | cow) ;; *) return 0 ;; esac
-    local reversed=()
-    for tool in "$@"; do reversed=("$tool" "${reversed[@]}"); done
-    for tool in "${reversed[@]}"; do
-        [ "$tool" = qemu ] || measure "$dir" "$fs" "$name" "$opts" "$kind" "$depth" "$tool" 2
-    done
+    local dir=$1 fs=$2 name=$3 opts=$4 kind=$5 depth=$6 rep=$7 tool
+    local args=("$dir" "$fs" "$name" "$opts" "$kind" "$depth")
+    case "$kind" in
+        fresh | cow) ;;
+        *)
+            for tool in $(rotate "$((rep - 1))" oxcow raw qemu); do
+                measure "${args[@]}" "$tool" 1
+            done
+            return 0 ;;
+    esac
+    local a b
+    read -r a b <<<"$(rotate "$((rep + depth))" oxcow raw)"
+    measure "${args[@]}" "$a" 1
+    measure "${args[@]}" "$b" 1
+    measure "${args[@]}" "$b" 2
+    measure "${args[@]}" "$a" 2
+    measure "${args[@]}" qemu 1
 }
 
 # One timed run of measure(): makes the new image of a fresh or cow row, runs the tool and
@@ -333,12 +345,8 @@ for rep in $(seq "$REPS"); do
             IFS='|' read -r name opts kind <<<"$wl"
             case " ${ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
             for depth in 1 2; do
-                # Interleave the tools so drift (thermal, page cache) hits all of them alike,
-                # and rotate their order every repetition so that no tool always runs first
-                # (right after a change of file, workload or depth).
-                # shellcheck disable=SC2046
-                measure_tools "$w" "$fs" "$name" "$opts" "$kind" "$depth" \
-                    $(rotate "$((rep - 1))" oxcow raw qemu)
+                # Interleave the tools so drift (thermal, page cache) hits all of them alike.
+                measure_tools "$w" "$fs" "$name" "$opts" "$kind" "$depth" "$rep"
             done
         done
         popd >/dev/null
