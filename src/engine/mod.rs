@@ -31,6 +31,8 @@ mod host_space_crash_tests;
 mod inflight;
 mod mapview;
 mod meta;
+#[cfg(all(test, not(loom)))]
+mod meta_lock_tests;
 mod mode;
 mod read;
 pub mod rebase;
