@@ -211,8 +211,8 @@ measure() {
 # of the two goes first alternates with the repetition and the depth. qemu-img's runs last
 # seconds: once, after both, because the first run or two after a qemu-img run take
 # longest (measured, session 18: a raw run right after one 0.55-1.48 s in 5 of 8 rounds,
-# two runs later 0.13-0.63 s; BENCHMARKS.md); in the middle of the group that fell on
-# oxcow in two repetitions of three and on raw in one.
+# the third and later runs after it 0.12-0.63 s; BENCHMARKS.md); in the middle of the
+# group that fell on oxcow in two repetitions of three and on raw in one.
 measure_tools() {
     local dir=$1 fs=$2 name=$3 opts=$4 kind=$5 depth=$6 rep=$7 tool
     local args=("$dir" "$fs" "$name" "$opts" "$kind" "$depth")
