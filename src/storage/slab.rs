@@ -127,8 +127,9 @@ impl WordSlab {
         loop {
             let mut st = shared.lock();
             if let Some(chunk) = fresh.take() {
-                // Even when another thread listed one meanwhile: a cache that is growing
-                // soon uses its slots, and an unused chunk goes back when its last slot does.
+                // Even when another thread listed one meanwhile: the list is taken from its
+                // end, so this take uses the new chunk, which goes back with its last slot
+                // like any other (a growing cache soon fills both).
                 st.add_chunk(chunk);
             }
             if let Some((c, start, mem)) = st.take_open() {
@@ -345,6 +346,22 @@ mod tests {
         assert_eq!(slab.held_bytes(), 4 * 512 * 8);
         drop((rest, more));
         assert_eq!(slab.held_bytes(), 0, "an emptied slab holds nothing");
+    }
+
+    #[test]
+    fn a_chunk_listed_while_another_is_open_serves_the_next_take() {
+        // The race of two takes that each allocated a chunk: the second to list its chunk
+        // takes its slot from that chunk, so no listed chunk sits unused.
+        let mut st = State::default();
+        st.add_chunk(Chunk::new(2, 2));
+        st.add_chunk(Chunk::new(2, 2));
+        let (c, start, _) = st.take_open().expect("a free slot");
+        assert_eq!(c, 1, "the chunk listed last");
+        // Given back, the emptied chunk leaves; the other stays listed.
+        st.give_back(c, start);
+        assert_eq!(st.slots(), 2);
+        assert!(st.chunks[1].is_none());
+        assert_eq!(st.take_open().map(|(c, _, _)| c), Some(0));
     }
 
     #[test]
