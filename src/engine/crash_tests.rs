@@ -60,6 +60,16 @@ pub(super) fn rw() -> OpenOptions {
     }
 }
 
+/// A fresh 4 MiB image on a real file, opened read-write, in the scratch directory `tag`
+/// names (unique in the process; removed when the returned [`Scratch`] is dropped).
+pub(super) fn scratch_image(tag: &str) -> (Scratch, Image) {
+    let dir = Scratch::new(tag);
+    let path = dir.0.join("image.qcow2");
+    crate::create(&path, SIZE, &CreateOptions::default()).expect("create");
+    let img = Image::open(&path, &rw()).expect("open");
+    (dir, img)
+}
+
 /// Opens `bytes` read-write as an image on a simulated host file named `path`.
 pub(super) fn open_sim(bytes: Vec<u8>, path: &Path) -> (Arc<SimFile>, Image) {
     open_sim_with(bytes, path, &rw())

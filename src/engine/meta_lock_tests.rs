@@ -1,25 +1,14 @@
 //! The metadata mutex's entry (`Image::lock_meta`): a waiter that spins and then sleeps
 //! still excludes the holder, and a panic while holding it does not lock the image out.
 
-use super::crash_tests::{rw, Scratch};
-use super::Image;
-use crate::CreateOptions;
+use super::crash_tests::scratch_image;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
 use std::time::Duration;
 
-/// A fresh 4 MiB image opened read-write in a scratch directory (removed when dropped).
-fn scratch_image(tag: &str) -> (Scratch, Image) {
-    let dir = Scratch::new(&format!("metalock-{tag}"));
-    let path = dir.0.join("m.qcow2");
-    crate::create(&path, 4 << 20, &CreateOptions::default()).expect("create");
-    let img = Image::open(&path, &rw()).expect("open");
-    (dir, img)
-}
-
 #[test]
 fn a_waiter_gets_the_metadata_mutex_only_after_a_long_holder_releases_it() {
-    let (_dir, img) = scratch_image("exclusion");
+    let (_dir, img) = scratch_image("metalock-exclusion");
     let released = AtomicBool::new(false);
     let held = Barrier::new(2);
     std::thread::scope(|s| {
@@ -42,7 +31,7 @@ fn a_waiter_gets_the_metadata_mutex_only_after_a_long_holder_releases_it() {
 
 #[test]
 fn many_threads_taking_the_metadata_mutex_never_overlap() {
-    let (_dir, img) = scratch_image("overlap");
+    let (_dir, img) = scratch_image("metalock-overlap");
     let inside = AtomicBool::new(false);
     std::thread::scope(|s| {
         for _ in 0..4 {
@@ -63,7 +52,7 @@ fn many_threads_taking_the_metadata_mutex_never_overlap() {
 
 #[test]
 fn a_panic_while_holding_the_metadata_mutex_does_not_lock_the_image_out() {
-    let (_dir, img) = scratch_image("poison");
+    let (_dir, img) = scratch_image("metalock-poison");
     let r = std::thread::scope(|s| {
         s.spawn(|| {
             let _m = img.lock_meta();

@@ -420,12 +420,19 @@ impl Image {
 
     #[inline]
     fn lock_meta(&self) -> MutexGuard<'_, Meta> {
+        self.try_lock_meta()
+            .unwrap_or_else(|| self.lock_meta_contended())
+    }
+
+    /// The metadata mutex if it is free now. A panic while holding the lock fences the image
+    /// (see capi), so a poisoned lock only guards state nobody will write again; reading it
+    /// is still sound.
+    #[inline]
+    fn try_lock_meta(&self) -> Option<MutexGuard<'_, Meta>> {
         match self.meta.try_lock() {
-            Ok(g) => g,
-            // A panic while holding the lock fences the image (see capi), so a poisoned lock
-            // only guards state nobody will write again; reading it is still sound.
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => self.lock_meta_contended(),
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
         }
     }
 
@@ -449,10 +456,8 @@ impl Image {
                 std::hint::spin_loop();
             }
             round += 1;
-            match self.meta.try_lock() {
-                Ok(g) => return g,
-                Err(TryLockError::Poisoned(p)) => return p.into_inner(),
-                Err(TryLockError::WouldBlock) => {}
+            if let Some(g) = self.try_lock_meta() {
+                return g;
             }
         }
         self.meta.lock().unwrap_or_else(|p| p.into_inner())

@@ -3,19 +3,9 @@
 //! the on-disk one.
 
 use super::super::Image;
-use crate::engine::crash_tests::{rw, Scratch};
+use crate::engine::crash_tests::scratch_image;
 use crate::format::HostOffset;
 use crate::storage::MetaKind;
-use crate::CreateOptions;
-
-/// A fresh 4 MiB image opened read-write in a scratch directory (removed when dropped).
-fn scratch_image(tag: &str) -> (Scratch, Image) {
-    let dir = Scratch::new(&format!("snapguard-{tag}"));
-    let path = dir.0.join("g.qcow2");
-    crate::create(&path, 4 << 20, &CreateOptions::default()).expect("create");
-    let img = Image::open(&path, &rw()).expect("open");
-    (dir, img)
-}
 
 fn kind(img: &Image, off: u64) -> Option<MetaKind> {
     img.file.guard().kind_of(off >> img.geo.cluster_bits)
@@ -23,7 +13,7 @@ fn kind(img: &Image, off: u64) -> Option<MetaKind> {
 
 #[test]
 fn the_guard_protects_new_snapshot_tables_and_forgets_freed_ones() {
-    let (dir, img) = scratch_image("guard");
+    let (dir, img) = scratch_image("snapguard-guard");
     img.write_at(&[7u8; 65536], 0).expect("write");
     let s = img.snapshot_create("a").expect("create");
     let table = img.lock_meta().header.snapshots_offset;
@@ -60,7 +50,7 @@ fn the_guard_protects_new_snapshot_tables_and_forgets_freed_ones() {
 
 #[test]
 fn apply_moves_the_active_l1_and_the_guard_with_it() {
-    let (dir, img) = scratch_image("apply");
+    let (dir, img) = scratch_image("snapguard-apply");
     img.write_at(&[1u8; 4096], 0).expect("write");
     img.snapshot_create("a").expect("create");
     img.write_at(&[2u8; 4096], 0).expect("write");
