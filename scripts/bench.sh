@@ -44,7 +44,7 @@ while [ $# -gt 0 ]; do
         --keep) KEEP=1 ;;
         --large) LARGE=1 ;;
         --no-large) LARGE=0 ;;
-        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench.sh: unknown argument '$1' (try --help)" >&2; exit 1 ;;
     esac
     shift
