@@ -458,10 +458,10 @@ for name, other, line in TARGETS:
         continue
     cells += len(got)
     low_key, low = min(got, key=lambda kr: kr[1])
-    short = [f"{k[0]} d={k[2]} {r:.2f}" for k, r in got if r < line]
+    short = [f"{k[0]} d={k[2]} {r:.3f}" for k, r in got if r < line]
     missed += [f"{name} vs {other} {s}" for s in short]
     verdict = "met" if not short else "MISSED: " + ", ".join(short)
-    print(f"  {name:<20} vs {other:<5} >= {line:<4}  lowest {low:6.2f} ({low_key[0]} d={low_key[2]})  {verdict}")
+    print(f"  {name:<20} vs {other:<5} >= {line:<4}  lowest {low:6.3f} ({low_key[0]} d={low_key[2]})  {verdict}")
 print(f"  {cells - len(missed)} of {cells} cells met" + ("" if not missed else "; missed: " + "; ".join(missed)))
 EOF
 echo

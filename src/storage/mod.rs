@@ -83,7 +83,9 @@ pub trait Backend: Send + Sync {
     /// Whether the file should be kept longer than its data ([`HostFile::grow_ahead`]):
     /// an O_DIRECT write past the end of a regular file runs with the inode locked and
     /// waits for the device (ext4, xfs), so writes of new clusters there go one at a time,
-    /// while writes into a hole inside the file's length run in parallel.
+    /// while writes into a hole inside the file's length run in parallel; a buffered write
+    /// into reserved blocks skips the delayed allocation ext4 otherwise books for every new
+    /// page and does at write-back.
     fn grows_ahead(&self) -> bool {
         false
     }
