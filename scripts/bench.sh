@@ -401,11 +401,11 @@ for key in order:
 large = [k for k in order if k[1].startswith("large-")]
 if large:
     print()
-    print("Large image (1 TiB, metadata preallocated): targets stride >= 0.5x raw and >= 5x")
-    print("qemu-img bench; random >= 0.3x raw (qemu-img bench has no random mode). Each run is a")
-    print("new process whose 32 MiB L2 cache starts empty: the random row's 32,768 requests fill")
-    print("it (8,192 misses into fresh memory), the steady row runs 262,144; oxcow and raw run")
-    print("the strided row's 32,768 requests four times over (about 4,100 of them miss).")
+    print("Large image (1 TiB, metadata preallocated; its targets are judged at the end;")
+    print("qemu-img bench has no random mode). Each run is a new process whose 32 MiB L2 cache")
+    print("starts empty: the random row's 32,768 requests fill it (8,192 misses into fresh")
+    print("memory), the steady row runs 262,144; oxcow and raw run the strided row's 32,768")
+    print("requests four times over (about 4,100 of them miss).")
     for key in large:
         ox, raw, qm = med(key, "oxcow"), med(key, "raw"), med(key, "qemu")
         iops = lambda x: f"{x * 256:9.0f}" if x else "      n/a"
